@@ -1,0 +1,155 @@
+//! Per-metric verdicts. A judge looks at one metric's reading for both versions and says
+//! pass, fail, hold (wants more data), no data, or unavailable — with the numbers behind it.
+//!
+//! Judges are pure. Those that accumulate evidence across analyses (the sequential tests) keep
+//! it in a [`JudgeMemory`] that lives in the rollout state, so it is persisted with it.
+
+pub mod threshold;
+
+use crate::observation::MetricReading;
+use crate::policy::{Method, MetricSpec};
+use serde::{Deserialize, Serialize};
+
+/// One metric's verdict in one analysis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Within bounds (or no evidence of harm): the rollout may go on.
+    Pass,
+    /// Out of bounds (or evidence of harm).
+    Fail,
+    /// Data is arriving but does not yet suffice to judge; neither pass nor fail.
+    Hold,
+    /// No data for the canary (or for stable where a comparison needs it).
+    NoData,
+    /// The source could not be asked; says nothing about the canary.
+    Unavailable,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Hold => "hold",
+            Verdict::NoData => "no-data",
+            Verdict::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Which bound a check is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoundKind {
+    Min,
+    Max,
+    MaxIncrease,
+    MaxDecrease,
+}
+
+impl BoundKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BoundKind::Min => "min",
+            BoundKind::Max => "max",
+            BoundKind::MaxIncrease => "max_increase",
+            BoundKind::MaxDecrease => "max_decrease",
+        }
+    }
+}
+
+/// One bound of a metric, evaluated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BoundCheck {
+    pub kind: BoundKind,
+    /// The bound as the user wrote it (`1%`, `10%`, `20ms`).
+    pub written: String,
+    /// The limit on the canary's value this analysis, when it could be computed.
+    pub limit: Option<f64>,
+    /// Whether the canary is within it; `None` when it could not be checked.
+    pub ok: Option<bool>,
+}
+
+/// Statistical evidence of a sequential or fixed-horizon judge.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// Name of the statistic (`e-value`, `mann-whitney`).
+    pub test: String,
+    /// Natural log of the e-value against "the canary is within its tolerance".
+    pub log_e_value: Option<f64>,
+    /// The log e-value at which the test rejects: ln(1/α) for this metric.
+    pub log_threshold: Option<f64>,
+    /// Natural log of the e-value for "the canary is good", when the judge runs one.
+    pub log_e_value_good: Option<f64>,
+    /// Point estimate of the canary-vs-stable effect (difference or ratio, per `test`).
+    pub estimate: Option<f64>,
+    pub ci_low: Option<f64>,
+    pub ci_high: Option<f64>,
+    /// Whether the router's realised share differs from the configured weight.
+    #[serde(default)]
+    pub share_mismatch: bool,
+}
+
+/// One metric's verdict and everything it was based on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricReport {
+    pub metric: String,
+    pub method: Method,
+    /// Stable's value over the window (or the recorded baseline where stable is gone).
+    pub stable: Option<f64>,
+    pub canary: Option<f64>,
+    pub stable_events: f64,
+    pub canary_events: f64,
+    pub bounds: Vec<BoundCheck>,
+    pub verdict: Verdict,
+    /// Whether the evidence suffices to promote (not just to go on).
+    pub promotable: bool,
+    pub evidence: Option<Evidence>,
+    /// One line for people saying why.
+    pub note: String,
+}
+
+/// What a judge may remember between analyses of one metric in one rollout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JudgeMemory {
+    /// Raw per-analysis values seen so far, for distribution judges; bounded in length.
+    #[serde(default)]
+    pub history_stable: Vec<f64>,
+    #[serde(default)]
+    pub history_canary: Vec<f64>,
+    /// Accumulated log e-value and the counts it was last updated with (sequential judges).
+    #[serde(default)]
+    pub sequential: Option<serde_json::Value>,
+}
+
+/// What a judge needs besides the reading.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JudgeContext {
+    pub method: Method,
+    pub confidence: f64,
+    /// Number of metrics in the policy, for splitting the error budget.
+    pub metric_count: usize,
+    /// Stable's value recorded earlier, used for relative bounds where stable has no traffic
+    /// now (blue-green after the switch, the post-promotion watch).
+    pub baseline: Option<f64>,
+    /// The canary weight configured on the router now, in percent.
+    pub configured_weight: f64,
+}
+
+/// Judges one metric.
+pub fn evaluate(
+    ctx: &JudgeContext,
+    spec: &MetricSpec,
+    reading: &MetricReading,
+    memory: &mut JudgeMemory,
+) -> MetricReport {
+    let _ = memory;
+    match ctx.method {
+        // The sequential and Mann–Whitney judges plug in here; until they exist the policy
+        // validator refuses those methods, so this arm is only reached by direct callers.
+        Method::Threshold | Method::Sequential | Method::MannWhitney => {
+            threshold::judge(ctx, spec, reading)
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The threshold judge: Flagger's and Argo Rollouts' fixed bounds, checked on the values over
+//! the analysis window, with canary-vs-stable comparison built in.
+
+use super::{BoundCheck, BoundKind, JudgeContext, MetricReport, Verdict};
+use crate::observation::{MetricReading, Reading};
+use crate::policy::MetricSpec;
+
+/// Where the reference (stable) value for relative bounds comes from.
+enum Reference {
+    Value(f64),
+    NoData,
+    Unavailable,
+}
+
+pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> MetricReport {
+    let mut report = MetricReport {
+        metric: spec.name.clone(),
+        method: ctx.method,
+        stable: reading.stable.sample().and_then(|s| s.value),
+        canary: reading.canary.sample().and_then(|s| s.value),
+        stable_events: reading.stable.sample().map_or(0.0, |s| s.window_events),
+        canary_events: reading.canary.sample().map_or(0.0, |s| s.window_events),
+        bounds: Vec::new(),
+        verdict: Verdict::Hold,
+        promotable: false,
+        evidence: None,
+        note: String::new(),
+    };
+    let min = spec.min_samples as f64;
+    let canary = match &reading.canary {
+        Reading::Unavailable { error } => {
+            report.verdict = Verdict::Unavailable;
+            report.note = format!("canary unavailable: {error}");
+            return report;
+        }
+        Reading::NoData => {
+            report.verdict = Verdict::NoData;
+            report.note = "no data for the canary".into();
+            return report;
+        }
+        Reading::Data(s) => match s.value {
+            Some(v) if s.window_events >= min => v,
+            _ => {
+                report.verdict = Verdict::NoData;
+                report.note = format!(
+                    "canary has {} events, needs {}",
+                    s.window_events, spec.min_samples
+                );
+                return report;
+            }
+        },
+    };
+    let reference = if let Some(b) = ctx.baseline {
+        report.stable = Some(b);
+        Reference::Value(b)
+    } else {
+        match &reading.stable {
+            Reading::Unavailable { .. } => Reference::Unavailable,
+            Reading::NoData => Reference::NoData,
+            Reading::Data(s) => match s.value {
+                Some(v) if s.window_events >= min => Reference::Value(v),
+                _ => Reference::NoData,
+            },
+        }
+    };
+
+    let b = &spec.bounds;
+    if let Some(max) = &b.max {
+        report
+            .bounds
+            .push(check(BoundKind::Max, &max.written, Some(max.value), canary));
+    }
+    if let Some(minb) = &b.min {
+        report
+            .bounds
+            .push(check(BoundKind::Min, &minb.written, Some(minb.value), canary));
+    }
+    let stable_value = match reference {
+        Reference::Value(v) => Some(v),
+        _ => None,
+    };
+    if let Some(t) = &b.max_increase {
+        let limit = stable_value.map(|s| t.upper(s));
+        report
+            .bounds
+            .push(check(BoundKind::MaxIncrease, &t.written, limit, canary));
+    }
+    if let Some(t) = &b.max_decrease {
+        let limit = stable_value.map(|s| t.lower(s));
+        report
+            .bounds
+            .push(check(BoundKind::MaxDecrease, &t.written, limit, canary));
+    }
+
+    let broken: Vec<String> = report
+        .bounds
+        .iter()
+        .filter(|c| c.ok == Some(false))
+        .map(|c| format!("{} {}", c.kind.as_str(), c.written))
+        .collect();
+    if !broken.is_empty() {
+        report.verdict = Verdict::Fail;
+        report.note = format!("canary {} breaks {}", fmt_value(canary), broken.join(", "));
+    } else if report.bounds.iter().any(|c| c.ok.is_none()) {
+        match reference {
+            Reference::Unavailable => {
+                report.verdict = Verdict::Unavailable;
+                report.note = "stable unavailable for the comparison".into();
+            }
+            _ => {
+                report.verdict = Verdict::NoData;
+                report.note = "no data for stable to compare with".into();
+            }
+        }
+    } else {
+        report.verdict = Verdict::Pass;
+        report.promotable = true;
+        report.note = format!("canary {} within bounds", fmt_value(canary));
+    }
+    report
+}
+
+fn check(kind: BoundKind, written: &str, limit: Option<f64>, canary: f64) -> BoundCheck {
+    let ok = limit.map(|l| match kind {
+        BoundKind::Max | BoundKind::MaxIncrease => canary <= l,
+        BoundKind::Min | BoundKind::MaxDecrease => canary >= l,
+    });
+    BoundCheck {
+        kind,
+        written: written.to_owned(),
+        limit,
+        ok,
+    }
+}
+
+fn fmt_value(v: f64) -> String {
+    format!("{v:.6}")
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_owned()
+}

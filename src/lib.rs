@@ -1,0 +1,12 @@
+//! canaryd: a metrics-driven rollout controller for machine-learning models.
+//!
+//! See ARCHITECTURE.md for the map of this crate and its invariants.
+
+pub mod judge;
+pub mod observation;
+pub mod policy;
+pub mod rollout;
+pub mod time;
+pub mod router;
+pub mod source;
+pub mod bench;

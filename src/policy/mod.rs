@@ -1,0 +1,398 @@
+//! Rollout policies: the validated domain types the rest of canaryd works with.
+//!
+//! `tree.rs` parses YAML into a positioned tree, `raw.rs` is the only file that knows the YAML
+//! field names and turns the tree into these types, `validate.rs` checks what the values mean.
+//! Both passes collect every problem before reporting, so a user fixes a file in one go.
+
+pub mod raw;
+pub mod tree;
+pub mod validate;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::{PolicyError, load_file, load_str};
+
+/// A validated rollout policy: one model, one candidate version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Unique name of the rollout, `[a-z0-9-]+`.
+    pub name: String,
+    /// Value of the `model` label on the model server's series.
+    pub model: String,
+    /// Version label of the version in production.
+    pub stable: String,
+    /// Version label of the candidate; a new value starts a new rollout.
+    pub canary: String,
+    pub strategy: Strategy,
+    pub analysis: Analysis,
+    pub metrics: Vec<MetricSpec>,
+    pub router: RouterConfig,
+    pub webhooks: Vec<Webhook>,
+    /// A Prometheus for this policy only; the daemon's default otherwise.
+    pub prometheus: Option<PrometheusConfig>,
+    /// Series and label names of the model-server convention, overridable per policy.
+    pub convention: Convention,
+}
+
+/// How traffic moves to the canary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// Step through canary weights (percent of traffic), then promote.
+    Canary { steps: Vec<f64> },
+    /// Switch all traffic at once, watch the new version for `bake`, switch back on failure.
+    BlueGreen {
+        #[serde(with = "duration_ms")]
+        bake: Duration,
+    },
+}
+
+/// The `strategy` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Strategy {
+    pub kind: StrategyKind,
+    /// How often the canary is analysed.
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// No step is left sooner than this after it began.
+    #[serde(with = "duration_ms")]
+    pub min_step_duration: Duration,
+    /// Consecutive failed analyses that trigger a rollback.
+    pub failure_limit: u32,
+    /// A rollout not promoted this long after it started is rolled back.
+    #[serde(with = "duration_ms")]
+    pub progress_deadline: Duration,
+    /// What an analysis without enough data counts as.
+    pub on_no_data: OnNoData,
+    /// Wait at the last step for an operator's `promote`.
+    pub manual_promotion: bool,
+    /// Keep judging the new version this long after promotion; zero disables the watch.
+    #[serde(with = "duration_ms")]
+    pub post_promotion_watch: Duration,
+    /// How long the router may fail its calls before the rollout enters `failed`.
+    #[serde(with = "duration_ms")]
+    pub router_deadline: Duration,
+}
+
+impl Strategy {
+    /// The canary weights of the steps; blue-green has a single step at 100 %.
+    pub fn steps(&self) -> Vec<f64> {
+        match &self.kind {
+            StrategyKind::Canary { steps } => steps.clone(),
+            StrategyKind::BlueGreen { .. } => vec![100.0],
+        }
+    }
+
+    /// The least time a step lasts: `min_step_duration`, or the bake of blue-green.
+    pub fn step_duration(&self) -> Duration {
+        match &self.kind {
+            StrategyKind::Canary { .. } => self.min_step_duration,
+            StrategyKind::BlueGreen { bake } => *bake,
+        }
+    }
+
+    pub fn is_blue_green(&self) -> bool {
+        matches!(self.kind, StrategyKind::BlueGreen { .. })
+    }
+}
+
+/// What an analysis that lacks data for a metric counts as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoData {
+    /// Neither pass nor fail: the rollout waits for data.
+    Hold,
+    /// A failed check, counted towards `failure_limit`.
+    Fail,
+    /// A passed check for advancing between steps; promotion still needs data (see ARCHITECTURE.md).
+    Pass,
+}
+
+/// How metrics are judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Anytime-valid sequential tests on counts (the default).
+    Sequential,
+    /// Fixed bounds checked every interval (Flagger / Argo Rollouts).
+    Threshold,
+    /// Kayenta's fixed-horizon Mann–Whitney judge.
+    MannWhitney,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Sequential => "sequential",
+            Method::Threshold => "threshold",
+            Method::MannWhitney => "mann-whitney",
+        }
+    }
+}
+
+/// The `analysis` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    pub method: Method,
+    /// 1 − the largest acceptable false-rollback probability.
+    pub confidence: f64,
+}
+
+/// What a metric measures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum MetricKind {
+    /// Share of requests with `outcome="error"`.
+    ErrorRate,
+    /// A latency quantile in seconds from the duration histogram.
+    Latency { quantile: f64 },
+    /// Share of scored predictions that were correct.
+    Accuracy,
+    /// A raw PromQL template with `{{version}}`, `{{model}}`, `{{window}}`.
+    Query { template: String },
+}
+
+impl MetricKind {
+    /// Whether larger values are worse (error rate, latency) or better (accuracy).
+    pub fn unit(&self) -> Unit {
+        match self {
+            MetricKind::ErrorRate | MetricKind::Accuracy => Unit::Ratio,
+            MetricKind::Latency { .. } => Unit::Seconds,
+            MetricKind::Query { .. } => Unit::Number,
+        }
+    }
+
+    /// The builtin's name, or `query`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            MetricKind::ErrorRate => "error_rate",
+            MetricKind::Latency { .. } => "latency",
+            MetricKind::Accuracy => "accuracy",
+            MetricKind::Query { .. } => "query",
+        }
+    }
+}
+
+/// The unit a metric's values are in, which decides what bounds make sense.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unit {
+    /// A fraction in [0, 1].
+    Ratio,
+    Seconds,
+    /// A raw query's value: any number.
+    Number,
+}
+
+/// An absolute bound, with the text the user wrote.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Bound {
+    pub value: f64,
+    pub written: String,
+}
+
+/// How far the canary may be from stable.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tolerance {
+    pub kind: ToleranceKind,
+    /// The magnitude: a fraction for `Relative`, an absolute amount otherwise.
+    pub amount: f64,
+    pub written: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ToleranceKind {
+    /// `10%`: stable × (1 ± amount).
+    Relative,
+    /// `0.5pp`, `20ms` or a bare number: stable ± amount.
+    Absolute,
+}
+
+impl Tolerance {
+    /// The largest canary value allowed for a stable value, for `max_increase`.
+    pub fn upper(&self, stable: f64) -> f64 {
+        match self.kind {
+            ToleranceKind::Relative => stable * (1.0 + self.amount),
+            ToleranceKind::Absolute => stable + self.amount,
+        }
+    }
+
+    /// The smallest canary value allowed for a stable value, for `max_decrease`.
+    pub fn lower(&self, stable: f64) -> f64 {
+        match self.kind {
+            ToleranceKind::Relative => stable * (1.0 - self.amount),
+            ToleranceKind::Absolute => stable - self.amount,
+        }
+    }
+}
+
+/// The bounds of one metric. At least one is set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bounds {
+    pub min: Option<Bound>,
+    pub max: Option<Bound>,
+    pub max_increase: Option<Tolerance>,
+    pub max_decrease: Option<Tolerance>,
+}
+
+impl Bounds {
+    /// Whether a bound compares with stable.
+    pub fn is_relative(&self) -> bool {
+        self.max_increase.is_some() || self.max_decrease.is_some()
+    }
+}
+
+/// One metric of a policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricSpec {
+    /// Unique within the policy.
+    pub name: String,
+    pub kind: MetricKind,
+    pub bounds: Bounds,
+    /// Events (requests or scored predictions) per version before the metric counts.
+    pub min_samples: u64,
+    /// A failure of this metric alone rolls back at once.
+    pub critical: bool,
+}
+
+/// The routing backend, configuration only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum RouterConfig {
+    Haproxy {
+        /// A unix socket path, or `tcp://host:port` / `host:port` for a TCP runtime API.
+        socket: String,
+        backend: String,
+        /// Version label to HAProxy server name.
+        servers: BTreeMap<String, String>,
+    },
+    Nginx {
+        weights_file: PathBuf,
+        /// Command and arguments run after the file is written; must exit 0.
+        reload: Vec<String>,
+        /// Upstream block name written to the file.
+        upstream: String,
+        /// Version label to `host:port` of that version's servers.
+        servers: BTreeMap<String, String>,
+    },
+    Webhook {
+        url: String,
+        #[serde(with = "duration_ms")]
+        timeout: Duration,
+    },
+    File {
+        path: PathBuf,
+    },
+}
+
+impl RouterConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RouterConfig::Haproxy { .. } => "haproxy",
+            RouterConfig::Nginx { .. } => "nginx",
+            RouterConfig::Webhook { .. } => "webhook",
+            RouterConfig::File { .. } => "file",
+        }
+    }
+}
+
+/// When a webhook is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WebhookEvent {
+    /// A gate before promotion: 2xx means go; anything else, or no answer, holds.
+    ConfirmPromotion,
+    Rollout,
+    Advance,
+    Promote,
+    Rollback,
+    Failed,
+}
+
+impl WebhookEvent {
+    pub const ALL: [(&'static str, WebhookEvent); 6] = [
+        ("confirm-promotion", WebhookEvent::ConfirmPromotion),
+        ("rollout", WebhookEvent::Rollout),
+        ("advance", WebhookEvent::Advance),
+        ("promote", WebhookEvent::Promote),
+        ("rollback", WebhookEvent::Rollback),
+        ("failed", WebhookEvent::Failed),
+    ];
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Webhook {
+    pub on: WebhookEvent,
+    pub url: String,
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+}
+
+/// A policy's own Prometheus.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrometheusConfig {
+    pub url: String,
+}
+
+/// Series and label names of the model-server convention.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Convention {
+    pub requests: String,
+    pub duration: String,
+    pub scored: String,
+    pub model_label: String,
+    pub version_label: String,
+    pub outcome_label: String,
+    pub error_value: String,
+    pub correct_label: String,
+    pub correct_value: String,
+}
+
+impl Default for Convention {
+    fn default() -> Self {
+        Convention {
+            requests: "model_requests_total".into(),
+            duration: "model_request_duration_seconds".into(),
+            scored: "model_predictions_scored_total".into(),
+            model_label: "model".into(),
+            version_label: "version".into(),
+            outcome_label: "outcome".into(),
+            error_value: "error".into(),
+            correct_label: "correct".into(),
+            correct_value: "true".into(),
+        }
+    }
+}
+
+impl Policy {
+    /// Whether the policy describes a rollout to run (a candidate that differs from stable).
+    pub fn has_candidate(&self) -> bool {
+        self.canary != self.stable
+    }
+
+    pub fn metric(&self, name: &str) -> Option<&MetricSpec> {
+        self.metrics.iter().find(|m| m.name == name)
+    }
+}
+
+/// A policy file's path shown in messages: relative paths as given.
+pub fn display_path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Durations stored as milliseconds in JSON (state, API).
+pub mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}

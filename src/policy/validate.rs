@@ -1,0 +1,807 @@
+//! What a policy's values mean: units, ranges, and rules across fields. Collects every
+//! problem of a file before reporting.
+
+use super::raw::{self, At, Problem, RawMetric, RawPolicy, Scalar};
+use super::tree::{self, Pos};
+use super::*;
+use std::fmt;
+use std::path::Path;
+
+/// The method used when a policy names none.
+pub const DEFAULT_METHOD: Method = Method::Threshold;
+
+/// Methods whose judges exist in this build.
+pub fn method_available(m: Method) -> bool {
+    matches!(m, Method::Threshold)
+}
+
+/// Every problem of one policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    /// The file as the user named it.
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: ", self.file, p.pos.line, p.pos.column)?;
+            if !p.path.is_empty() {
+                write!(f, "{}: ", p.path)?;
+            }
+            write!(f, "{}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// Reads and validates a policy file.
+pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
+    let file = display_path(path);
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(&file, &text),
+        Err(e) => Err(PolicyError {
+            file,
+            problems: vec![Problem {
+                pos: Pos { line: 1, column: 1 },
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        }),
+    }
+}
+
+/// Validates a policy's text; `file` names it in messages.
+pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
+    let doc = tree::parse(text).map_err(|e| PolicyError {
+        file: file.to_owned(),
+        problems: vec![Problem {
+            pos: e.pos.unwrap_or(Pos { line: 1, column: 1 }),
+            path: String::new(),
+            message: format!("invalid YAML: {}", first_line(&e.message)),
+        }],
+    })?;
+    let (raw, mut problems) = raw::read(&doc);
+    let mut v = Validator {
+        problems: Vec::new(),
+        doc_pos: doc.pos,
+    };
+    let policy = v.policy(&raw);
+    problems.append(&mut v.problems);
+    problems.sort_by_key(|p| (p.pos.line, p.pos.column));
+    match policy {
+        Some(p) if problems.is_empty() => Ok(p),
+        _ => Err(PolicyError {
+            file: file.to_owned(),
+            problems,
+        }),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+struct Validator {
+    problems: Vec<Problem>,
+    doc_pos: Pos,
+}
+
+/// A parsed duration and whether it was valid.
+fn parse_duration(s: &str) -> Option<Duration> {
+    humantime::parse_duration(s.trim()).ok()
+}
+
+impl Validator {
+    fn err<T>(&mut self, at: &At<T>, message: String) {
+        self.problems.push(Problem {
+            pos: at.pos,
+            path: at.path.clone(),
+            message,
+        });
+    }
+
+    fn missing(&mut self, pos: Pos, path: &str, what: &str) {
+        self.problems.push(Problem {
+            pos,
+            path: path.to_owned(),
+            message: format!("missing; expected {what}"),
+        });
+    }
+
+    fn required<'a, T>(
+        &mut self,
+        v: &'a Option<At<T>>,
+        parent: Pos,
+        path: &str,
+        what: &str,
+    ) -> Option<&'a At<T>> {
+        if v.is_none() {
+            self.missing(parent, path, what);
+        }
+        v.as_ref()
+    }
+
+    /// A positive duration, or the default when absent.
+    fn duration(&mut self, v: &Option<At<String>>, default: Duration) -> Duration {
+        let Some(at) = v else { return default };
+        match parse_duration(&at.value) {
+            Some(d) if d.is_zero() => {
+                self.err(at, format!("expected a duration above zero, found {:?}", at.value));
+                default
+            }
+            Some(d) => d,
+            None => {
+                self.err(at, format!("expected a duration like 30s or 1m30s, found {:?}", at.value));
+                default
+            }
+        }
+    }
+
+    fn identifier(&mut self, at: &At<String>, what: &str) {
+        let ok = !at.value.is_empty()
+            && at.value.len() <= 63
+            && at
+                .value
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            self.err(at, format!("expected {what} of [a-z0-9-]+ (at most 63), found {:?}", at.value));
+        }
+    }
+
+    fn label_value(&mut self, at: &At<String>) {
+        if at.value.trim().is_empty() || at.value.contains(['"', '\\', '\n']) {
+            self.err(at, format!("expected a label value without quotes or backslashes, found {:?}", at.value));
+        }
+    }
+
+    fn url(&mut self, at: &At<String>) {
+        let v = &at.value;
+        let rest = v.strip_prefix("http://").or_else(|| v.strip_prefix("https://"));
+        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+            self.err(at, format!("expected an http:// or https:// URL, found {v:?}"));
+        }
+    }
+
+    fn policy(&mut self, raw: &RawPolicy) -> Option<Policy> {
+        let top = self.doc_pos;
+        let name = self.required(&raw.name, top, "name", "the rollout's name");
+        if let Some(n) = name {
+            self.identifier(n, "a name");
+        }
+        if let Some(m) = &raw.model {
+            self.label_value(m);
+        }
+        let stable = self.required(&raw.stable, top, "stable", "the stable version's label value");
+        let canary = self.required(&raw.canary, top, "canary", "the canary version's label value");
+        for v in [stable, canary].into_iter().flatten() {
+            self.label_value(v);
+        }
+        if let (Some(s), Some(c)) = (stable, canary) {
+            if s.value == c.value {
+                self.err(c, format!("expected a version different from stable, found {:?} for both", c.value));
+            }
+        }
+        let strategy = self.strategy(raw);
+        let analysis = self.analysis(raw);
+        let metrics = self.metrics(raw);
+        let router = self.router(raw, stable, canary, name);
+        let webhooks = self.webhooks(raw);
+        let prometheus = raw.prometheus.as_ref().and_then(|p| {
+            let url = self.required(&p.value.url, p.pos, &format!("{}.url", p.path), "Prometheus's URL")?;
+            self.url(url);
+            Some(PrometheusConfig {
+                url: url.value.trim_end_matches('/').to_owned(),
+            })
+        });
+        let convention = self.series(raw);
+        Some(Policy {
+            name: name?.value.clone(),
+            model: raw.model.as_ref().or(name)?.value.clone(),
+            stable: stable?.value.clone(),
+            canary: canary?.value.clone(),
+            strategy: strategy?,
+            analysis: analysis?,
+            metrics: metrics?,
+            router: router?,
+            webhooks,
+            prometheus,
+            convention,
+        })
+    }
+
+    fn strategy(&mut self, raw: &RawPolicy) -> Option<Strategy> {
+        let Some(s) = self.required(&raw.strategy, self.doc_pos, "strategy", "a strategy section") else {
+            return None;
+        };
+        let r = &s.value;
+        let kind_name = r.kind.as_ref().map_or("canary", |k| k.value.as_str());
+        let interval = self.duration(&r.interval, Duration::from_secs(30));
+        let min_step_duration = self.duration(&r.min_step_duration, Duration::from_secs(60));
+        let progress_deadline = self.duration(&r.progress_deadline, Duration::from_secs(2 * 3600));
+        let post_promotion_watch = self.duration(&r.post_promotion_watch, Duration::ZERO);
+        let router_deadline = self.duration(&r.router_deadline, Duration::from_secs(300));
+        let failure_limit = match &r.failure_limit {
+            None => 2,
+            Some(f) if f.value >= 1 && f.value <= 1000 => f.value as u32,
+            Some(f) => {
+                self.err(f, format!("expected a whole number from 1 to 1000, found {}", f.value));
+                2
+            }
+        };
+        let on_no_data = match r.on_no_data.as_ref().map(|o| (o, o.value.as_str())) {
+            None | Some((_, "hold")) => OnNoData::Hold,
+            Some((_, "fail")) => OnNoData::Fail,
+            Some((_, "pass")) => OnNoData::Pass,
+            Some((o, other)) => {
+                self.err(o, format!("expected hold, fail or pass, found {other:?}"));
+                OnNoData::Hold
+            }
+        };
+        let kind = match kind_name {
+            "canary" => {
+                if let Some(b) = &r.bake {
+                    self.err(b, "expected no bake in a canary strategy (bake is for blue-green; canary steps use min_step_duration)".into());
+                }
+                let steps = self.steps(r, s);
+                steps.map(|steps| StrategyKind::Canary { steps })
+            }
+            "blue-green" => {
+                if let Some(st) = &r.steps {
+                    self.err(st, "expected no steps in a blue-green strategy, which switches all traffic at once".into());
+                }
+                if let Some(m) = &r.min_step_duration {
+                    self.err(m, "expected no min_step_duration in a blue-green strategy; use bake".into());
+                }
+                let path = format!("{}.bake", s.path);
+                if r.bake.is_none() {
+                    self.missing(s.pos, &path, "how long to watch the new version, like 10m");
+                }
+                let bake = self.duration(&r.bake, Duration::from_secs(600));
+                Some(StrategyKind::BlueGreen { bake })
+            }
+            other => {
+                if let Some(k) = &r.kind {
+                    self.err(k, format!("expected canary or blue-green, found {other:?}"));
+                }
+                None
+            }
+        }?;
+        let strategy = Strategy {
+            kind,
+            interval,
+            min_step_duration,
+            failure_limit,
+            progress_deadline,
+            on_no_data,
+            manual_promotion: r.manual_promotion.as_ref().is_some_and(|m| m.value),
+            post_promotion_watch,
+            router_deadline,
+        };
+        // A deadline shorter than the steps themselves can never be met.
+        let needed = strategy.step_duration() * strategy.steps().len() as u32;
+        if let Some(pd) = &r.progress_deadline {
+            if progress_deadline < needed {
+                self.err(pd, format!(
+                    "expected at least {} (the steps take that long), found {:?}",
+                    humantime::format_duration(needed),
+                    pd.value
+                ));
+            }
+        }
+        if let Some(iv) = &r.interval {
+            if interval > progress_deadline {
+                self.err(iv, format!("expected an interval shorter than progress_deadline, found {:?}", iv.value));
+            }
+        }
+        Some(strategy)
+    }
+
+    fn steps(&mut self, r: &raw::RawStrategy, s: &At<raw::RawStrategy>) -> Option<Vec<f64>> {
+        let path = format!("{}.steps", s.path);
+        let Some(steps) = self.required(&r.steps, s.pos, &path, "a list of canary weights in percent, like [1, 5, 25]") else {
+            return None;
+        };
+        if steps.value.is_empty() {
+            self.err(steps, "expected at least one step, found an empty list".into());
+            return None;
+        }
+        let mut ok = true;
+        let mut prev = 0.0;
+        for st in &steps.value {
+            if !(st.value > 0.0 && st.value <= 100.0) {
+                self.err(st, format!("expected a percentage above 0 and at most 100, found {}", st.value));
+                ok = false;
+            } else if st.value <= prev {
+                self.err(st, format!("expected steps strictly increasing, found {} after {}", st.value, prev));
+                ok = false;
+            }
+            prev = prev.max(st.value);
+        }
+        ok.then(|| steps.value.iter().map(|s| s.value).collect())
+    }
+
+    fn analysis(&mut self, raw: &RawPolicy) -> Option<Analysis> {
+        let mut a = Analysis {
+            method: DEFAULT_METHOD,
+            confidence: 0.95,
+        };
+        let Some(r) = &raw.analysis else { return Some(a) };
+        if let Some(m) = &r.value.method {
+            let method = match m.value.as_str() {
+                "sequential" => Some(Method::Sequential),
+                "threshold" => Some(Method::Threshold),
+                "mann-whitney" => Some(Method::MannWhitney),
+                _ => None,
+            };
+            match method {
+                Some(mm) if method_available(mm) => a.method = mm,
+                Some(_) => self.err(m, format!("expected threshold ({:?} is not available in this build)", m.value)),
+                None => self.err(m, format!("expected sequential, threshold or mann-whitney, found {:?}", m.value)),
+            }
+        }
+        if let Some(c) = &r.value.confidence {
+            let v = match &c.value {
+                Scalar::Num(n) => Some(*n),
+                Scalar::Text(t) => t.trim().strip_suffix('%').and_then(|p| p.trim().parse::<f64>().ok()).map(|p| p / 100.0),
+            };
+            match v {
+                Some(v) if v >= 0.5 && v < 1.0 => a.confidence = v,
+                _ => self.err(c, format!("expected a confidence from 0.5 up to (not including) 1, like 0.95 or 95%, found {}", show(&c.value))),
+            }
+        }
+        Some(a)
+    }
+
+    fn metrics(&mut self, raw: &RawPolicy) -> Option<Vec<MetricSpec>> {
+        let Some(list) = self.required(&raw.metrics, self.doc_pos, "metrics", "a list of metrics to judge") else {
+            return None;
+        };
+        if list.value.is_empty() {
+            self.err(list, "expected at least one metric, found an empty list".into());
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        let mut ok = true;
+        for m in &list.value {
+            if let Some(n) = &m.value.name {
+                if seen.contains(&n.value.as_str()) {
+                    self.err(n, format!("expected a unique metric name, found {:?} twice", n.value));
+                    ok = false;
+                }
+                seen.push(&n.value);
+            }
+            match self.metric(m) {
+                Some(spec) => out.push(spec),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn metric(&mut self, m: &At<RawMetric>) -> Option<MetricSpec> {
+        let r = &m.value;
+        let name = self.required(&r.name, m.pos, &format!("{}.name", m.path), "the metric's name");
+        if let Some(n) = name {
+            let ok = !n.value.is_empty()
+                && n.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !ok {
+                self.err(n, format!("expected a name of [a-z0-9_-]+, found {:?}", n.value));
+            }
+        }
+        let kind = match (&r.builtin, &r.query) {
+            (Some(b), Some(q)) => {
+                self.err(q, format!("expected either builtin or query, found both (builtin {:?})", b.value));
+                None
+            }
+            (None, None) => {
+                self.missing(m.pos, &format!("{}.builtin", m.path), "builtin (error_rate, latency, accuracy) or query");
+                None
+            }
+            (Some(b), None) => match b.value.as_str() {
+                "error_rate" => Some(MetricKind::ErrorRate),
+                "accuracy" => Some(MetricKind::Accuracy),
+                "latency" => {
+                    let q = match &r.quantile {
+                        None => Some(0.99),
+                        Some(q) if q.value > 0.0 && q.value < 1.0 => Some(q.value),
+                        Some(q) => {
+                            self.err(q, format!("expected a quantile between 0 and 1, like 0.99, found {}", q.value));
+                            None
+                        }
+                    };
+                    q.map(|quantile| MetricKind::Latency { quantile })
+                }
+                other => {
+                    self.err(b, format!("expected error_rate, latency or accuracy, found {other:?}"));
+                    None
+                }
+            },
+            (None, Some(q)) => self.template(q).then(|| MetricKind::Query {
+                template: q.value.trim().to_owned(),
+            }),
+        };
+        if let (Some(q), Some(k)) = (&r.quantile, &kind) {
+            if !matches!(k, MetricKind::Latency { .. }) {
+                self.err(q, format!("expected no quantile on a {} metric (quantile is for latency)", k.label()));
+            }
+        }
+        let min_samples = match &r.min_samples {
+            None => match kind {
+                Some(MetricKind::Query { .. }) => 0,
+                _ => 100,
+            },
+            Some(s) if s.value >= 0 => s.value as u64,
+            Some(s) => {
+                self.err(s, format!("expected a whole number of at least 0, found {}", s.value));
+                0
+            }
+        };
+        let kind = kind?;
+        let bounds = self.bounds(r, m, &kind)?;
+        Some(MetricSpec {
+            name: name?.value.clone(),
+            kind,
+            bounds,
+            min_samples,
+            critical: r.critical.as_ref().is_some_and(|c| c.value),
+        })
+    }
+
+    /// Checks a raw PromQL template's `{{...}}` variables.
+    fn template(&mut self, q: &At<String>) -> bool {
+        let text = &q.value;
+        let mut rest = text.as_str();
+        let mut ok = true;
+        let mut has_version = false;
+        while let Some(start) = rest.find("{{") {
+            let after = &rest[start + 2..];
+            let Some(end) = after.find("}}") else {
+                self.err(q, "expected `}}` closing a template variable, found an unclosed `{{`".into());
+                return false;
+            };
+            let var = after[..end].trim();
+            match var {
+                "version" => has_version = true,
+                "model" | "window" => {}
+                other => {
+                    self.err(q, format!("expected template variables {{{{version}}}}, {{{{model}}}} or {{{{window}}}}, found {{{{{other}}}}}"));
+                    ok = false;
+                }
+            }
+            rest = &after[end + 2..];
+        }
+        if text.trim().is_empty() {
+            self.err(q, "expected a PromQL query, found empty text".into());
+            return false;
+        }
+        if !has_version {
+            self.err(q, "expected the query to select a version with {{version}}, found none".into());
+            ok = false;
+        }
+        ok
+    }
+
+    fn bounds(&mut self, r: &RawMetric, m: &At<RawMetric>, kind: &MetricKind) -> Option<Bounds> {
+        let unit = kind.unit();
+        let mut ok = true;
+        let mut abs = |v: &mut Self, b: &Option<At<Scalar>>| -> Option<Bound> {
+            let at = b.as_ref()?;
+            match absolute(&at.value, unit) {
+                Ok(value) => Some(Bound {
+                    value,
+                    written: show(&at.value),
+                }),
+                Err(msg) => {
+                    v.err(at, msg);
+                    ok = false;
+                    None
+                }
+            }
+        };
+        let max = abs(self, &r.max);
+        let min = abs(self, &r.min);
+        let mut tol = |v: &mut Self, b: &Option<At<Scalar>>, decrease: bool| -> Option<Tolerance> {
+            let at = b.as_ref()?;
+            match tolerance(&at.value, unit, decrease) {
+                Ok(t) => Some(t),
+                Err(msg) => {
+                    v.err(at, msg);
+                    ok = false;
+                    None
+                }
+            }
+        };
+        let max_increase = tol(self, &r.max_increase, false);
+        let max_decrease = tol(self, &r.max_decrease, true);
+        // Direction: for an error rate or a latency only going up hurts; for accuracy only down.
+        let direction = |v: &mut Self, b: &Option<At<Scalar>>, field: &str, better: &str| {
+            if let Some(at) = b {
+                v.err(at, format!("expected no {field} on a {} metric: a {better} value is better, use the other direction", kind.label()));
+            }
+        };
+        match kind {
+            MetricKind::ErrorRate | MetricKind::Latency { .. } => {
+                direction(self, &r.max_decrease, "max_decrease", "lower");
+                direction(self, &r.min, "min", "lower");
+            }
+            MetricKind::Accuracy => {
+                direction(self, &r.max_increase, "max_increase", "higher");
+                direction(self, &r.max, "max", "higher");
+            }
+            MetricKind::Query { .. } => {}
+        }
+        if let (Some(lo), Some(hi), Some(at)) = (&min, &max, &r.min) {
+            if lo.value > hi.value {
+                self.err(at, format!("expected min at most max ({}), found {}", hi.written, lo.written));
+                ok = false;
+            }
+        }
+        if r.max.is_none() && r.min.is_none() && r.max_increase.is_none() && r.max_decrease.is_none() {
+            self.missing(m.pos, &format!("{}.max", m.path), "at least one bound: max, min, max_increase or max_decrease");
+            ok = false;
+        }
+        ok.then_some(Bounds {
+            min,
+            max,
+            max_increase,
+            max_decrease,
+        })
+    }
+
+    fn router(
+        &mut self,
+        raw: &RawPolicy,
+        stable: Option<&At<String>>,
+        canary: Option<&At<String>>,
+        name: Option<&At<String>>,
+    ) -> Option<RouterConfig> {
+        let r = self.required(&raw.router, self.doc_pos, "router", "one of haproxy, nginx, webhook, file")?;
+        let v = &r.value;
+        let count = [v.haproxy.is_some(), v.nginx.is_some(), v.webhook.is_some(), v.file.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if count != 1 {
+            self.err(r, format!("expected exactly one of haproxy, nginx, webhook, file, found {count}"));
+            return None;
+        }
+        let versions: Vec<&At<String>> = [stable, canary].into_iter().flatten().collect();
+        if let Some(h) = &v.haproxy {
+            let p = &h.path;
+            let socket = self.required(&h.value.socket, h.pos, &format!("{p}.socket"), "the runtime API socket path or host:port");
+            let backend = self.required(&h.value.backend, h.pos, &format!("{p}.backend"), "the backend's name");
+            let servers = self.servers(&h.value.servers, h, &versions, "HAProxy server names");
+            return Some(RouterConfig::Haproxy {
+                socket: socket?.value.clone(),
+                backend: backend?.value.clone(),
+                servers: servers?,
+            });
+        }
+        if let Some(g) = &v.nginx {
+            let p = &g.path;
+            let file = self.required(&g.value.weights_file, g.pos, &format!("{p}.weights_file"), "the path of the upstream include file");
+            let reload = self.required(&g.value.reload, g.pos, &format!("{p}.reload"), "the reload command, like [nginx, -s, reload]");
+            if let Some(rl) = reload {
+                if rl.value.is_empty() {
+                    self.err(rl, "expected a command and its arguments, found an empty list".into());
+                }
+            }
+            let servers = self.servers(&g.value.servers, g, &versions, "host:port addresses");
+            let upstream = match &g.value.upstream {
+                Some(u) => u.value.clone(),
+                None => name.map(|n| n.value.clone()).unwrap_or_default(),
+            };
+            return Some(RouterConfig::Nginx {
+                weights_file: PathBuf::from(&file?.value),
+                reload: reload?.value.iter().map(|a| a.value.clone()).collect(),
+                upstream,
+                servers: servers?,
+            });
+        }
+        if let Some(wh) = &v.webhook {
+            let url = self.required(&wh.value.url, wh.pos, &format!("{}.url", wh.path), "the router's URL");
+            if let Some(u) = url {
+                self.url(u);
+            }
+            let timeout = self.duration(&wh.value.timeout, Duration::from_secs(5));
+            return Some(RouterConfig::Webhook {
+                url: url?.value.clone(),
+                timeout,
+            });
+        }
+        let f = v.file.as_ref()?;
+        let path = self.required(&f.value.path, f.pos, &format!("{}.path", f.path), "the weights file's path")?;
+        Some(RouterConfig::File {
+            path: PathBuf::from(&path.value),
+        })
+    }
+
+    fn servers<T>(
+        &mut self,
+        servers: &Option<At<BTreeMap<String, At<String>>>>,
+        parent: &At<T>,
+        versions: &[&At<String>],
+        what: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        let path = format!("{}.servers", parent.path);
+        let s = self.required(servers, parent.pos, &path, &format!("a mapping of version to {what}"))?;
+        let mut ok = true;
+        for v in versions {
+            if !s.value.contains_key(&v.value) {
+                self.err(s, format!("expected an entry for version {:?}, found none", v.value));
+                ok = false;
+            }
+        }
+        ok.then(|| s.value.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect())
+    }
+
+    fn webhooks(&mut self, raw: &RawPolicy) -> Vec<Webhook> {
+        let mut out = Vec::new();
+        let Some(list) = &raw.webhooks else { return out };
+        for h in &list.value {
+            let on = self.required(&h.value.on, h.pos, &format!("{}.on", h.path), "an event");
+            let event = on.and_then(|o| {
+                let e = WebhookEvent::ALL.iter().find(|(n, _)| *n == o.value).map(|(_, e)| *e);
+                if e.is_none() {
+                    let names: Vec<&str> = WebhookEvent::ALL.iter().map(|(n, _)| *n).collect();
+                    self.err(o, format!("expected one of {}, found {:?}", names.join(", "), o.value));
+                }
+                e
+            });
+            let url = self.required(&h.value.url, h.pos, &format!("{}.url", h.path), "the URL to POST to");
+            if let Some(u) = url {
+                self.url(u);
+            }
+            let timeout = self.duration(&h.value.timeout, Duration::from_secs(10));
+            if let (Some(on), Some(url)) = (event, url) {
+                out.push(Webhook {
+                    on,
+                    url: url.value.clone(),
+                    timeout,
+                });
+            }
+        }
+        out
+    }
+
+    fn series(&mut self, raw: &RawPolicy) -> Convention {
+        let mut c = Convention::default();
+        let Some(s) = &raw.series else { return c };
+        for (key, at) in &s.value {
+            let v = at.value.clone();
+            let is_name = !v.is_empty()
+                && v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+                && !v.starts_with(|ch: char| ch.is_ascii_digit());
+            let is_value_key = key.ends_with("_value");
+            if !is_value_key && !is_name {
+                self.err(at, format!("expected a Prometheus name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {v:?}"));
+                continue;
+            }
+            if is_value_key {
+                self.label_value(at);
+            }
+            match key.as_str() {
+                "requests" => c.requests = v,
+                "duration" => c.duration = v,
+                "scored" => c.scored = v,
+                "model_label" => c.model_label = v,
+                "version_label" => c.version_label = v,
+                "outcome_label" => c.outcome_label = v,
+                "error_value" => c.error_value = v,
+                "correct_label" => c.correct_label = v,
+                _ => c.correct_value = v,
+            }
+        }
+        c
+    }
+}
+
+/// A scalar shown back the way the user wrote it.
+fn show(s: &Scalar) -> String {
+    match s {
+        Scalar::Num(n) => format!("{n}"),
+        Scalar::Text(t) => t.clone(),
+    }
+}
+
+/// What a bound's text says.
+enum Amount {
+    Number(f64),
+    Percent(f64),
+    Points(f64),
+    Seconds(f64),
+}
+
+fn amount(s: &Scalar) -> Option<Amount> {
+    match s {
+        Scalar::Num(n) => Some(Amount::Number(*n)),
+        Scalar::Text(t) => {
+            let t = t.trim();
+            if let Some(p) = t.strip_suffix("pp") {
+                return p.trim().parse().ok().map(Amount::Points);
+            }
+            if let Some(p) = t.strip_suffix('%') {
+                return p.trim().parse().ok().map(Amount::Percent);
+            }
+            if let Ok(n) = t.parse::<f64>() {
+                return Some(Amount::Number(n));
+            }
+            parse_duration(t).map(|d| Amount::Seconds(d.as_secs_f64()))
+        }
+    }
+}
+
+fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
+    let found = show(s);
+    let value = match (amount(s), unit) {
+        (None, Unit::Seconds) => return Err(format!("expected a duration like 250ms, found {found:?}")),
+        (None, _) => return Err(format!("expected a number or a percentage like 1%, found {found:?}")),
+        (Some(Amount::Points(_)), _) => {
+            return Err(format!("expected an absolute bound (pp is for max_increase/max_decrease), found {found:?}"));
+        }
+        (Some(Amount::Seconds(_)), Unit::Ratio) => {
+            return Err(format!("expected a rate like 1% or 0.01 (a duration makes no sense here), found {found:?}"));
+        }
+        (Some(Amount::Percent(_)), Unit::Seconds) => {
+            return Err(format!("expected a duration like 250ms (a percentage makes no sense for latency), found {found:?}"));
+        }
+        (Some(Amount::Seconds(v)), _) => v,
+        (Some(Amount::Percent(p)), _) => p / 100.0,
+        (Some(Amount::Number(n)), _) => n,
+    };
+    if !value.is_finite() {
+        return Err(format!("expected a finite number, found {found:?}"));
+    }
+    match unit {
+        Unit::Ratio if !(0.0..=1.0).contains(&value) => {
+            Err(format!("expected a rate from 0% to 100%, found {found:?}"))
+        }
+        Unit::Seconds if value <= 0.0 => Err(format!("expected a duration above zero, found {found:?}")),
+        _ => Ok(value),
+    }
+}
+
+fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String> {
+    let found = show(s);
+    let (kind, amount) = match (amount(s), unit) {
+        (None, _) => {
+            return Err(format!(
+                "expected a relative bound like 10%, {} found {found:?}",
+                if unit == Unit::Seconds { "or a duration like 20ms," } else { "or points like 0.5pp," }
+            ));
+        }
+        (Some(Amount::Percent(p)), _) => (ToleranceKind::Relative, p / 100.0),
+        (Some(Amount::Points(_)), Unit::Seconds) => {
+            return Err(format!("expected 10% or a duration like 20ms (percentage points make no sense for latency), found {found:?}"));
+        }
+        (Some(Amount::Points(p)), _) => (ToleranceKind::Absolute, p / 100.0),
+        (Some(Amount::Seconds(_)), Unit::Ratio) => {
+            return Err(format!("expected 10% or 0.5pp (a duration makes no sense for a rate), found {found:?}"));
+        }
+        (Some(Amount::Seconds(v)), _) => (ToleranceKind::Absolute, v),
+        (Some(Amount::Number(n)), _) => (ToleranceKind::Absolute, n),
+    };
+    if !amount.is_finite() || amount < 0.0 {
+        return Err(format!("expected a tolerance of at least zero, found {found:?}"));
+    }
+    if decrease && kind == ToleranceKind::Relative && amount >= 1.0 {
+        return Err(format!("expected a relative decrease below 100%, found {found:?}"));
+    }
+    if unit == Unit::Ratio && kind == ToleranceKind::Absolute && amount > 1.0 {
+        return Err(format!("expected at most 100pp, found {found:?}"));
+    }
+    Ok(Tolerance {
+        kind,
+        amount,
+        written: found,
+    })
+}

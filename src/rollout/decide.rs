@@ -1,0 +1,523 @@
+//! `decide(policy, state, input, now) -> Decision`: every rule of a rollout in one place.
+
+use super::state::{Phase, RolloutState};
+use crate::judge::{self, JudgeContext, MetricReport, Verdict};
+use crate::observation::{Gate, Input, Observation, OperatorAction, RouterStatus};
+use crate::policy::{OnNoData, Policy};
+use crate::time::Time;
+use serde::{Deserialize, Serialize};
+
+/// What the rollout does as a result of a decision. The router is told `Decision::weight`
+/// after every decision, whatever the action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// A rollout begins at its first step.
+    Start,
+    /// To the next step's weight.
+    Advance,
+    /// Stay where it is.
+    Hold,
+    /// Wait for an operator.
+    Wait,
+    /// All traffic to the canary.
+    Promote,
+    /// The router confirmed a promotion or a rollback (after any watch): the rollout is done.
+    Settle,
+    /// All traffic back to stable.
+    Rollback,
+    /// The router could not be driven: leave traffic where it was last known to be safe.
+    Fail,
+    Pause,
+    Resume,
+    Retry,
+    /// An operator action that does not apply in the current phase; nothing changes.
+    Reject,
+}
+
+impl Action {
+    pub const ALL: [Action; 12] = [
+        Action::Start,
+        Action::Advance,
+        Action::Hold,
+        Action::Wait,
+        Action::Promote,
+        Action::Settle,
+        Action::Rollback,
+        Action::Fail,
+        Action::Pause,
+        Action::Resume,
+        Action::Retry,
+        Action::Reject,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Advance => "advance",
+            Action::Hold => "hold",
+            Action::Wait => "wait",
+            Action::Promote => "promote",
+            Action::Settle => "settle",
+            Action::Rollback => "rollback",
+            Action::Fail => "fail",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Retry => "retry",
+            Action::Reject => "reject",
+        }
+    }
+}
+
+/// The outcome of one call of [`decide`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub action: Action,
+    /// The canary weight (percent) the router must have after this decision.
+    pub weight: f64,
+    /// The state after the decision.
+    pub state: RolloutState,
+    /// Per-metric verdicts of this analysis; empty for operator actions and final phases.
+    pub reports: Vec<MetricReport>,
+    /// One line for people.
+    pub reason: String,
+    /// For operator actions: who asked and why.
+    pub who: Option<String>,
+    pub why: Option<String>,
+}
+
+/// Decides what a rollout does next. Pure: no I/O, no clock, never fails.
+pub fn decide(policy: &Policy, state: &RolloutState, input: &Input, now: Time) -> Decision {
+    // A policy whose candidate changed starts over; the old rollout is forgotten here and
+    // kept in the decision log.
+    let state = if state.matches(policy) {
+        state.clone()
+    } else {
+        RolloutState::new(policy)
+    };
+    match input {
+        Input::Tick(obs) => tick(policy, state, obs, now),
+        Input::Operator { action, who, why } => {
+            let mut d = operator(policy, state, *action, now);
+            d.who = Some(who.clone());
+            d.why = Some(why.clone());
+            d
+        }
+    }
+}
+
+fn decision(
+    action: Action,
+    mut state: RolloutState,
+    reports: Vec<MetricReport>,
+    reason: String,
+) -> Decision {
+    state.message = reason.clone();
+    Decision {
+        action,
+        weight: state.weight,
+        state,
+        reports,
+        reason,
+        who: None,
+        why: None,
+    }
+}
+
+/// The weight of step `i`; 100 once past the last step.
+fn step_weight(policy: &Policy, i: usize) -> f64 {
+    policy.strategy.steps().get(i).copied().unwrap_or(100.0)
+}
+
+fn start(policy: &Policy, mut state: RolloutState, now: Time) -> RolloutState {
+    state.attempt += 1;
+    state.step = 0;
+    state.started_at = Some(now);
+    state.step_started_at = Some(now);
+    state.promoted_at = None;
+    state.consecutive_failures = 0;
+    state.seen_data.clear();
+    state.memory.clear();
+    state.paused_from = None;
+    state.set_phase(Phase::Progressing, now);
+    state.set_weight(step_weight(policy, 0), now);
+    state
+}
+
+fn rollback(mut state: RolloutState, reports: Vec<MetricReport>, reason: String, now: Time) -> Decision {
+    state.set_phase(Phase::RollingBack, now);
+    state.paused_from = None;
+    state.set_weight(0.0, now);
+    decision(Action::Rollback, state, reports, reason)
+}
+
+fn promote(mut state: RolloutState, policy: &Policy, reports: Vec<MetricReport>, reason: String, now: Time) -> Decision {
+    state.set_phase(Phase::Promoting, now);
+    state.paused_from = None;
+    state.step = policy.strategy.steps().len();
+    state.promoted_at = Some(now);
+    state.consecutive_failures = 0;
+    state.set_weight(100.0, now);
+    decision(Action::Promote, state, reports, reason)
+}
+
+fn router_confirms(obs: &Observation, weight: f64) -> bool {
+    matches!(obs.router, RouterStatus::Ok { canary_weight } if (canary_weight - weight).abs() < 0.01)
+}
+
+/// Judges every metric of the policy against the observation.
+fn analyse(policy: &Policy, state: &mut RolloutState, obs: &Observation) -> Vec<MetricReport> {
+    // Stable loses its traffic after a blue-green switch and after a promotion; from then on
+    // the relative bounds compare with what stable did before.
+    let use_baseline = state.weight >= 100.0;
+    let mut reports = Vec::with_capacity(policy.metrics.len());
+    for spec in &policy.metrics {
+        let ctx = JudgeContext {
+            method: policy.analysis.method,
+            confidence: policy.analysis.confidence,
+            metric_count: policy.metrics.len(),
+            baseline: if use_baseline {
+                state.baseline.get(&spec.name).copied()
+            } else {
+                None
+            },
+            configured_weight: state.weight,
+        };
+        let reading = obs.metrics.get(&spec.name).cloned().unwrap_or_else(|| {
+            crate::observation::MetricReading::unavailable("metric not queried")
+        });
+        let memory = state.memory.entry(spec.name.clone()).or_default();
+        let report = judge::evaluate(&ctx, spec, &reading, memory);
+        if report.canary.is_some() && report.verdict != Verdict::NoData {
+            state.seen_data.insert(spec.name.clone());
+        }
+        if !use_baseline {
+            if let Some(v) = reading.stable.sample().and_then(|s| s.value) {
+                if v.is_finite() {
+                    state.baseline.insert(spec.name.clone(), v);
+                }
+            }
+        }
+        reports.push(report);
+    }
+    state.analyses += 1;
+    reports
+}
+
+/// What the verdicts of one analysis add up to.
+enum Outcome {
+    /// Roll back now, with the reason.
+    Rollback(String),
+    /// Hold without counting a failure, with the reason.
+    Hold(String),
+    /// A failed check that did not reach the limit.
+    Failed(String),
+    /// Every metric passed (or counts as passed).
+    Pass,
+}
+
+fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) -> Outcome {
+    let names = |pred: &dyn Fn(&MetricReport) -> bool| -> Vec<String> {
+        reports.iter().filter(|r| pred(r)).map(|r| r.metric.clone()).collect()
+    };
+    let critical = names(&|r| {
+        r.verdict == Verdict::Fail && policy.metric(&r.metric).is_some_and(|m| m.critical)
+    });
+    if !critical.is_empty() {
+        return Outcome::Rollback(format!("critical metric failed: {}", critical.join(", ")));
+    }
+    let unavailable = names(&|r| r.verdict == Verdict::Unavailable);
+    if !unavailable.is_empty() {
+        // The source says nothing about the canary: neither a failure nor progress.
+        return Outcome::Hold(format!("metrics unavailable: {}", unavailable.join(", ")));
+    }
+    let no_data = names(&|r| r.verdict == Verdict::NoData);
+    let failed = names(&|r| {
+        r.verdict == Verdict::Fail
+            || (r.verdict == Verdict::NoData && policy.strategy.on_no_data == OnNoData::Fail)
+    });
+    if !failed.is_empty() {
+        state.consecutive_failures += 1;
+        let limit = policy.strategy.failure_limit;
+        let what = format!(
+            "failed: {} ({} of {} consecutive)",
+            failed.join(", "),
+            state.consecutive_failures,
+            limit
+        );
+        return if state.consecutive_failures >= limit {
+            Outcome::Rollback(what)
+        } else {
+            Outcome::Failed(what)
+        };
+    }
+    if !no_data.is_empty() && policy.strategy.on_no_data == OnNoData::Hold {
+        return Outcome::Hold(format!("waiting for data: {}", no_data.join(", ")));
+    }
+    let holding = names(&|r| r.verdict == Verdict::Hold);
+    if !holding.is_empty() {
+        return Outcome::Hold(format!("gathering evidence: {}", holding.join(", ")));
+    }
+    state.consecutive_failures = 0;
+    Outcome::Pass
+}
+
+fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+    if let RouterStatus::Ok { canary_weight } = obs.router {
+        if (canary_weight - state.weight).abs() < 0.01 {
+            state.safe_weight = state.weight;
+        }
+    }
+    match state.phase {
+        Phase::Idle => tick_idle(policy, state, obs, now),
+        Phase::Progressing | Phase::Paused | Phase::WaitingPromotion => {
+            tick_progressing(policy, state, obs, now)
+        }
+        Phase::Promoting => tick_promoting(policy, state, obs, now),
+        Phase::RollingBack => {
+            if router_confirms(obs, 0.0) {
+                state.set_phase(Phase::RolledBack, now);
+                decision(Action::Settle, state, Vec::new(), "rolled back: all traffic on stable".into())
+            } else {
+                let why = match &obs.router {
+                    RouterStatus::Failing { error, .. } => format!("rolling back; router failing: {error}"),
+                    RouterStatus::Ok { canary_weight } => {
+                        format!("rolling back; router still sends {canary_weight}% to the canary")
+                    }
+                };
+                decision(Action::Hold, state, Vec::new(), why)
+            }
+        }
+        Phase::Promoted | Phase::RolledBack | Phase::Failed => {
+            let reason = state.message.clone();
+            decision(Action::Hold, state, Vec::new(), reason)
+        }
+    }
+}
+
+fn router_failed_too_long(policy: &Policy, obs: &Observation, now: Time) -> Option<String> {
+    match &obs.router {
+        RouterStatus::Failing { since, error } if now.since(*since) >= policy.strategy.router_deadline => {
+            Some(format!(
+                "router failing for {} (deadline {}): {error}",
+                humantime::format_duration(now.since(*since)),
+                humantime::format_duration(policy.strategy.router_deadline)
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn fail(mut state: RolloutState, reason: String, now: Time) -> Decision {
+    state.set_phase(Phase::Failed, now);
+    state.paused_from = None;
+    let safe = state.safe_weight;
+    state.set_weight(safe, now);
+    decision(Action::Fail, state, Vec::new(), reason)
+}
+
+fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+    if !policy.has_candidate() {
+        return decision(Action::Hold, state, Vec::new(), "no candidate: canary equals stable".into());
+    }
+    if let RouterStatus::Failing { error, .. } = &obs.router {
+        return decision(Action::Hold, state, Vec::new(), format!("not started: router failing: {error}"));
+    }
+    // Record stable's values before any traffic moves: blue-green compares with them.
+    let reports = analyse(policy, &mut state, obs);
+    state.analyses = 0;
+    state.seen_data.clear();
+    state.memory.clear();
+    if policy.strategy.is_blue_green() {
+        let missing: Vec<&str> = policy
+            .metrics
+            .iter()
+            .filter(|m| m.bounds.is_relative() && !state.baseline.contains_key(&m.name))
+            .map(|m| m.name.as_str())
+            .collect();
+        if !missing.is_empty() && policy.strategy.on_no_data != OnNoData::Pass {
+            return decision(
+                Action::Hold,
+                state,
+                reports,
+                format!("pre-check: no stable baseline yet for {}", missing.join(", ")),
+            );
+        }
+    }
+    let state = start(policy, state, now);
+    let reason = format!("rollout of {} started at {}%", state.canary, state.weight);
+    decision(Action::Start, state, reports, reason)
+}
+
+fn tick_progressing(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+    let reports = analyse(policy, &mut state, obs);
+    if let Some(why) = router_failed_too_long(policy, obs, now) {
+        return fail(state, why, now);
+    }
+    if state.phase == Phase::Progressing {
+        if let Some(started) = state.started_at {
+            if now.since(started) > policy.strategy.progress_deadline {
+                let why = format!(
+                    "progress deadline {} passed without promotion",
+                    humantime::format_duration(policy.strategy.progress_deadline)
+                );
+                return rollback(state, reports, why, now);
+            }
+        }
+    }
+    let pass = match outcome(policy, &mut state, &reports) {
+        Outcome::Rollback(why) => return rollback(state, reports, why, now),
+        Outcome::Failed(why) | Outcome::Hold(why) => {
+            let action = if state.phase == Phase::WaitingPromotion { Action::Wait } else { Action::Hold };
+            return decision(action, state, reports, why);
+        }
+        Outcome::Pass => true,
+    };
+    debug_assert!(pass);
+    if let RouterStatus::Failing { error, .. } = &obs.router {
+        return decision(Action::Hold, state, reports, format!("router failing: {error}"));
+    }
+    match state.phase {
+        Phase::Paused => return decision(Action::Hold, state, reports, "paused by an operator".into()),
+        Phase::WaitingPromotion => {
+            return decision(Action::Wait, state, reports, "waiting for an operator to promote".into());
+        }
+        _ => {}
+    }
+    if !router_confirms(obs, state.weight) {
+        let reason = format!("waiting for the router to apply {}%", fmt_pct(state.weight));
+        return decision(Action::Hold, state, reports, reason);
+    }
+    let step_started = state.step_started_at.unwrap_or(now);
+    let in_step = now.since(step_started);
+    let step_duration = policy.strategy.step_duration();
+    if in_step < step_duration {
+        let left = step_duration - in_step;
+        let reason = format!(
+            "step {} at {}%: {} left",
+            state.step + 1,
+            fmt_pct(state.weight),
+            humantime::format_duration(std::time::Duration::from_secs(left.as_secs()))
+        );
+        return decision(Action::Hold, state, reports, reason);
+    }
+    let steps = policy.strategy.steps();
+    if state.step + 1 < steps.len() {
+        state.step += 1;
+        state.step_started_at = Some(now);
+        state.seen_data.clear();
+        let w = step_weight(policy, state.step);
+        state.set_weight(w, now);
+        let reason = format!("advanced to step {} at {}%", state.step + 1, fmt_pct(w));
+        return decision(Action::Advance, state, reports, reason);
+    }
+    // The last step is done: promotion needs data for every metric in this step and enough
+    // evidence from every judge.
+    let blind: Vec<&str> = policy
+        .metrics
+        .iter()
+        .filter(|m| !state.seen_data.contains(&m.name))
+        .map(|m| m.name.as_str())
+        .collect();
+    if !blind.is_empty() {
+        let reason = format!("not promoting without data for {}", blind.join(", "));
+        return decision(Action::Hold, state, reports, reason);
+    }
+    let unproven: Vec<&str> = reports.iter().filter(|r| !r.promotable).map(|r| r.metric.as_str()).collect();
+    if !unproven.is_empty() {
+        let reason = format!("not enough evidence to promote: {}", unproven.join(", "));
+        return decision(Action::Hold, state, reports, reason);
+    }
+    if policy.strategy.manual_promotion {
+        state.set_phase(Phase::WaitingPromotion, now);
+        return decision(Action::Wait, state, reports, "last step passed; waiting for an operator to promote".into());
+    }
+    let gated = policy.webhooks.iter().any(|w| w.on == crate::policy::WebhookEvent::ConfirmPromotion);
+    if gated {
+        match &obs.gate {
+            Gate::Open => {}
+            Gate::NotAsked => {
+                return decision(Action::Hold, state, reports, "asking the confirm-promotion gate".into());
+            }
+            Gate::Closed { reason } => {
+                return decision(Action::Hold, state, reports, format!("promotion gate closed: {reason}"));
+            }
+        }
+    }
+    promote(state, policy, reports, "every step passed: promoting".into(), now)
+}
+
+fn tick_promoting(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+    let watch = policy.strategy.post_promotion_watch;
+    let promoted_at = state.promoted_at.unwrap_or(now);
+    let watching = now.since(promoted_at) < watch;
+    let mut reports = Vec::new();
+    if !watch.is_zero() {
+        reports = analyse(policy, &mut state, obs);
+        if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
+            return rollback(state, reports, format!("post-promotion watch: {why}"), now);
+        }
+    }
+    if !router_confirms(obs, 100.0) {
+        if let Some(why) = router_failed_too_long(policy, obs, now) {
+            return fail(state, why, now);
+        }
+        return decision(Action::Hold, state, reports, "waiting for the router to send all traffic to the canary".into());
+    }
+    if watching {
+        let left = watch - now.since(promoted_at);
+        let reason = format!(
+            "promoted; watching for {} more",
+            humantime::format_duration(std::time::Duration::from_secs(left.as_secs()))
+        );
+        return decision(Action::Hold, state, reports, reason);
+    }
+    state.set_phase(Phase::Promoted, now);
+    let reason = format!("promoted: {} serves all traffic", state.canary);
+    decision(Action::Settle, state, reports, reason)
+}
+
+fn reject(state: RolloutState, action: OperatorAction) -> Decision {
+    let reason = format!("cannot {} a rollout that is {}", action.as_str(), state.phase.as_str());
+    let mut d = decision(Action::Reject, state.clone(), Vec::new(), reason);
+    // A refused action leaves the rollout's own explanation untouched.
+    d.state.message = state.message;
+    d
+}
+
+fn operator(policy: &Policy, mut state: RolloutState, action: OperatorAction, now: Time) -> Decision {
+    use Phase::*;
+    match (action, state.phase) {
+        (OperatorAction::Promote, Progressing | Paused | WaitingPromotion) => {
+            promote(state, policy, Vec::new(), "promoted by an operator".into(), now)
+        }
+        (OperatorAction::Abort, Idle) if policy.has_candidate() => {
+            state.set_phase(RolledBack, now);
+            state.set_weight(0.0, now);
+            decision(Action::Rollback, state, Vec::new(), "aborted by an operator before it started".into())
+        }
+        (OperatorAction::Abort, Progressing | Paused | WaitingPromotion | Promoting | Promoted | Failed) => {
+            rollback(state, Vec::new(), "aborted by an operator".into(), now)
+        }
+        (OperatorAction::Pause, Progressing | WaitingPromotion) => {
+            state.paused_from = Some(state.phase);
+            state.set_phase(Paused, now);
+            decision(Action::Pause, state, Vec::new(), "paused by an operator".into())
+        }
+        (OperatorAction::Resume, Paused) => {
+            let back = state.paused_from.take().unwrap_or(Progressing);
+            state.set_phase(back, now);
+            decision(Action::Resume, state, Vec::new(), format!("resumed by an operator ({})", back.as_str()))
+        }
+        (OperatorAction::Retry, RolledBack | Failed) if policy.has_candidate() => {
+            let state = start(policy, state, now);
+            let reason = format!("retried by an operator: attempt {} at {}%", state.attempt, fmt_pct(state.weight));
+            decision(Action::Retry, state, Vec::new(), reason)
+        }
+        _ => reject(state, action),
+    }
+}
+
+fn fmt_pct(w: f64) -> String {
+    if w.fract() == 0.0 { format!("{w:.0}") } else { format!("{w}") }
+}

@@ -1,0 +1,9 @@
+//! The rollout engine: a state machine driven by one pure function, [`decide`].
+//!
+//! **This module performs no I/O, never awaits and never reads the clock.**
+
+mod decide;
+mod state;
+
+pub use decide::{Action, Decision, decide};
+pub use state::{Phase, RolloutState, WeightChange};

@@ -1,0 +1,202 @@
+//! The state of one rollout: serialisable, persisted by the store after every decision.
+
+use crate::judge::JudgeMemory;
+use crate::policy::{Policy, WebhookEvent};
+use crate::time::Time;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where a rollout is. Final phases stay final until a new canary or `retry`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// No rollout running: no candidate, or not started yet.
+    Idle,
+    /// Stepping through weights, analysing every interval.
+    Progressing,
+    /// An operator paused it: analyses go on and can still roll back, nothing advances.
+    Paused,
+    /// At the last step, waiting for an operator's `promote`.
+    WaitingPromotion,
+    /// All traffic to the canary; confirming with the router and watching it if configured.
+    Promoting,
+    /// Done: the canary is the new stable.
+    Promoted,
+    /// All traffic back to stable; waiting for the router to confirm.
+    RollingBack,
+    /// Done: the canary was rejected.
+    RolledBack,
+    /// The router could not be driven before its deadline; traffic left where it was last
+    /// known to be safe. An operator must act (`abort` or `retry`).
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 9] = [
+        Phase::Idle,
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::WaitingPromotion,
+        Phase::Promoting,
+        Phase::Promoted,
+        Phase::RollingBack,
+        Phase::RolledBack,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::WaitingPromotion => "waiting-promotion",
+            Phase::Promoting => "promoting",
+            Phase::Promoted => "promoted",
+            Phase::RollingBack => "rolling-back",
+            Phase::RolledBack => "rolled-back",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// Phases that stay until a new canary or an operator's `retry`.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Promoted | Phase::RolledBack | Phase::Failed)
+    }
+
+    /// Phases in which the canary is analysed.
+    pub fn analyses(self) -> bool {
+        matches!(
+            self,
+            Phase::Idle
+                | Phase::Progressing
+                | Phase::Paused
+                | Phase::WaitingPromotion
+                | Phase::Promoting
+        )
+    }
+}
+
+/// A change of the desired canary weight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightChange {
+    pub at: Time,
+    pub weight: f64,
+}
+
+/// The most weight changes kept in the state; older ones stay in the decision log.
+const WEIGHT_HISTORY_LIMIT: usize = 64;
+
+/// Everything the decision core remembers about one rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutState {
+    /// The policy's name.
+    pub name: String,
+    /// Stable and canary versions this rollout was started for.
+    pub stable: String,
+    pub canary: String,
+    pub phase: Phase,
+    /// The phase to return to on `resume`.
+    pub paused_from: Option<Phase>,
+    /// Index of the current step; the number of steps once promoting.
+    pub step: usize,
+    /// The canary weight (percent) the router must have.
+    pub weight: f64,
+    /// The last weight the router confirmed; where traffic is left if the router fails.
+    pub safe_weight: f64,
+    /// Attempts of this canary (1 on the first start, +1 per `retry`).
+    pub attempt: u32,
+    pub started_at: Option<Time>,
+    pub step_started_at: Option<Time>,
+    pub promoted_at: Option<Time>,
+    /// When the phase last changed.
+    pub phase_since: Option<Time>,
+    /// Consecutive failed analyses; reset by a passing one.
+    pub consecutive_failures: u32,
+    /// Metrics that have had data for the canary since the current step began.
+    pub seen_data: BTreeSet<String>,
+    /// Stable's last values per metric, recorded while stable still had traffic; the
+    /// reference for blue-green and the post-promotion watch.
+    pub baseline: BTreeMap<String, f64>,
+    /// Judges' memory per metric.
+    pub memory: BTreeMap<String, JudgeMemory>,
+    /// Recent weight changes, oldest first.
+    pub weight_history: Vec<WeightChange>,
+    /// Analyses run in this rollout.
+    pub analyses: u64,
+    /// Why the rollout is where it is, for people.
+    pub message: String,
+}
+
+impl RolloutState {
+    /// A rollout that has not started, for a policy.
+    pub fn new(policy: &Policy) -> Self {
+        RolloutState {
+            name: policy.name.clone(),
+            stable: policy.stable.clone(),
+            canary: policy.canary.clone(),
+            phase: Phase::Idle,
+            paused_from: None,
+            step: 0,
+            weight: 0.0,
+            safe_weight: 0.0,
+            attempt: 0,
+            started_at: None,
+            step_started_at: None,
+            promoted_at: None,
+            phase_since: None,
+            consecutive_failures: 0,
+            seen_data: BTreeSet::new(),
+            baseline: BTreeMap::new(),
+            memory: BTreeMap::new(),
+            weight_history: Vec::new(),
+            analyses: 0,
+            message: if policy.has_candidate() {
+                "not started".into()
+            } else {
+                "no candidate: canary equals stable".into()
+            },
+        }
+    }
+
+    /// Whether this state belongs to the policy's current candidate.
+    pub fn matches(&self, policy: &Policy) -> bool {
+        self.canary == policy.canary && self.stable == policy.stable && self.name == policy.name
+    }
+
+    /// Whether the shell should ask the `confirm-promotion` gate before the next tick.
+    pub fn wants_gate(&self, policy: &Policy) -> bool {
+        let steps = policy.strategy.steps().len();
+        policy
+            .webhooks
+            .iter()
+            .any(|w| w.on == WebhookEvent::ConfirmPromotion)
+            && self.phase == Phase::Progressing
+            && self.step + 1 >= steps
+            && !policy.strategy.manual_promotion
+    }
+
+    /// Whether the shell should query the metrics for the next tick.
+    pub fn wants_analysis(&self, policy: &Policy) -> bool {
+        self.phase.analyses()
+            && (self.phase != Phase::Idle || policy.has_candidate())
+            && self.matches(policy)
+    }
+
+    pub(crate) fn set_phase(&mut self, phase: Phase, now: Time) {
+        if self.phase != phase {
+            self.phase = phase;
+            self.phase_since = Some(now);
+        }
+    }
+
+    pub(crate) fn set_weight(&mut self, weight: f64, now: Time) {
+        if self.weight != weight {
+            self.weight = weight;
+            self.weight_history.push(WeightChange { at: now, weight });
+            if self.weight_history.len() > WEIGHT_HISTORY_LIMIT {
+                let excess = self.weight_history.len() - WEIGHT_HISTORY_LIMIT;
+                self.weight_history.drain(..excess);
+            }
+        }
+    }
+}
