@@ -170,7 +170,12 @@ pub struct SyntaxError {
 
 /// Parses one YAML document into a positioned tree.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
-    serde_saphyr::from_str::<Node>(text).map_err(|e| SyntaxError {
+    // YAML 1.2 booleans only: `on:` (the webhook event key) must stay the text "on".
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.duplicate_keys = serde_saphyr::options::DuplicateKeyPolicy::Error;
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options::<Node>(text, options).map_err(|e| SyntaxError {
         pos: e.location().map(|l| pos_of(&l)),
         message: e.to_string(),
     })
@@ -198,6 +203,23 @@ mod tests {
         };
         assert_eq!(steps[1].value, Value::Int(5));
         assert_eq!(steps[1].pos, Pos { line: 3, column: 14 });
+    }
+
+    #[test]
+    fn yaml11_booleans_are_text() {
+        let tree = parse("on: yes\nx: true\n").unwrap();
+        let Value::Map(top) = &tree.value else {
+            panic!("not a map")
+        };
+        assert_eq!(top[0].0.name, "on");
+        assert_eq!(top[0].1.value, Value::Str("yes".into()));
+        assert_eq!(top[1].1.value, Value::Bool(true));
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let err = parse("a: 1\na: 2\n").unwrap_err();
+        assert_eq!(err.pos.map(|p| p.line), Some(2), "{err:?}");
     }
 
     #[test]
