@@ -16,6 +16,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Run the judging benchmark in virtual time.
     Bench(canaryd::bench::BenchArgs),
+    /// Run a stand-in model server (or a load generator) for demos and tests.
+    Sim(canaryd::sim::SimArgs),
 }
 
 #[derive(Debug, clap::Args)]

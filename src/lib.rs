@@ -10,3 +10,4 @@ pub mod time;
 pub mod router;
 pub mod source;
 pub mod bench;
+pub mod sim;

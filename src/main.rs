@@ -12,13 +12,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(&args),
-        Command::Bench(args) => match canaryd::bench::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+        Command::Bench(args) => exit(canaryd::bench::run(&args)),
+        Command::Sim(args) => exit(canaryd::sim::run(&args)),
+    }
+}
+
+/// Prints a command's error as a chain and maps it to exit code 2.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }
 
