@@ -27,3 +27,31 @@ pub trait MetricSource: Send + Sync {
         window: Window,
     ) -> BoxFuture<'a, BTreeMap<String, MetricReading>>;
 }
+
+/// The source the daemon uses for each policy: its own Prometheus, or `default_url`.
+pub fn factory(default_url: String) -> crate::controller::SourceFactory {
+    let _ = default_url;
+    std::sync::Arc::new(|_policy: &Policy| -> std::sync::Arc<dyn MetricSource> {
+        std::sync::Arc::new(Unconfigured)
+    })
+}
+
+/// Placeholder until the Prometheus client is wired in: every metric reads unavailable, so
+/// rollouts hold and never advance.
+struct Unconfigured;
+
+impl MetricSource for Unconfigured {
+    fn observe<'a>(
+        &'a self,
+        policy: &'a Policy,
+        _window: Window,
+    ) -> BoxFuture<'a, BTreeMap<String, MetricReading>> {
+        Box::pin(async move {
+            policy
+                .metrics
+                .iter()
+                .map(|m| (m.name.clone(), MetricReading::unavailable("no metric source configured")))
+                .collect()
+        })
+    }
+}
