@@ -55,13 +55,20 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     if s.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "loading state and policies\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading state and policies\n",
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
         .into_response()
@@ -97,7 +104,11 @@ async fn list(State(s): State<ApiState>) -> Response {
     let invalid: Vec<serde_json::Value> = s
         .policy_errors
         .read()
-        .map(|e| e.iter().map(|(f, m)| json!({"file": f, "error": m})).collect())
+        .map(|e| {
+            e.iter()
+                .map(|(f, m)| json!({"file": f, "error": m}))
+                .collect()
+        })
         .unwrap_or_default();
     Json(json!({"rollouts": rollouts, "invalid_policies": invalid})).into_response()
 }
@@ -121,19 +132,31 @@ async fn decisions(
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(page)) = page else {
-        return error(StatusCode::BAD_REQUEST, "expected ?limit=N&before=ID with whole numbers");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected ?limit=N&before=ID with whole numbers",
+        );
     };
     let limit = page.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_PAGE {
-        return error(StatusCode::BAD_REQUEST, format!("expected limit from 1 to {MAX_PAGE}, found {limit}"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("expected limit from 1 to {MAX_PAGE}, found {limit}"),
+        );
     }
-    let known = s.views.read().map(|v| v.contains_key(&name)).unwrap_or(false);
+    let known = s
+        .views
+        .read()
+        .map(|v| v.contains_key(&name))
+        .unwrap_or(false);
     let store = s.store.clone();
     let n = name.clone();
     let res = tokio::task::spawn_blocking(move || store.decisions(&n, limit, page.before)).await;
     match res {
         Ok(Ok(list)) if !list.is_empty() || known => {
-            let next = (list.len() == limit).then(|| list.last().map(|d| d.id)).flatten();
+            let next = (list.len() == limit)
+                .then(|| list.last().map(|d| d.id))
+                .flatten();
             Json(json!({"decisions": list, "next_before": next})).into_response()
         }
         Ok(Ok(_)) => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
@@ -172,7 +195,12 @@ async fn assign(
 ) -> Response {
     let key = match q {
         Ok(Query(AssignQuery { key: Some(k) })) if !k.is_empty() && k.len() <= 1024 => k,
-        _ => return error(StatusCode::BAD_REQUEST, "expected ?key=USER (1 to 1024 characters)"),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "expected ?key=USER (1 to 1024 characters)",
+            );
+        }
     };
     let Some(view) = s.views.read().ok().and_then(|v| v.get(&name).cloned()) else {
         return error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"));
@@ -249,20 +277,39 @@ async fn act(
     } else {
         match serde_json::from_slice(&body) {
             Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected a JSON body like {{\"who\": \"alice\", \"reason\": \"...\"}}: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected a JSON body like {{\"who\": \"alice\", \"reason\": \"...\"}}: {e}"
+                    ),
+                );
+            }
         }
     };
     let who = parsed.who.unwrap_or_else(|| "api".into());
     let why = parsed.reason.unwrap_or_default();
     if who.len() > 200 || why.len() > 2000 {
-        return error(StatusCode::BAD_REQUEST, "who is limited to 200 and reason to 2000 characters");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "who is limited to 200 and reason to 2000 characters",
+        );
     }
-    let who = if s.token.is_some() { format!("{who} (token)") } else { who };
+    let who = if s.token.is_some() {
+        format!("{who} (token)")
+    } else {
+        who
+    };
     match controller::operate(&s.registry, &name, op, who, why).await {
         Ok(rec) => Json(rec).into_response(),
-        Err(OperateError::NotFound) => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+        Err(OperateError::NotFound) => {
+            error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"))
+        }
         Err(OperateError::Rejected(reason)) => error(StatusCode::CONFLICT, reason),
-        Err(OperateError::Unavailable) => error(StatusCode::SERVICE_UNAVAILABLE, "the rollout did not answer in time"),
+        Err(OperateError::Unavailable) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the rollout did not answer in time",
+        ),
     }
 }
 
@@ -274,9 +321,14 @@ mod tests {
     fn buckets_are_stable_and_spread() {
         assert_eq!(bucket("r", "alice"), bucket("r", "alice"));
         assert_ne!(bucket("r", "alice"), bucket("other", "alice"));
-        let on: usize = (0..10_000).filter(|i| on_canary(bucket("r", &format!("user-{i}")), 10.0)).count();
+        let on: usize = (0..10_000)
+            .filter(|i| on_canary(bucket("r", &format!("user-{i}")), 10.0))
+            .count();
         // 10 % of 10,000 keys, binomial sd 30: ±200 cannot flake.
-        assert!((800..=1200).contains(&on), "{on} keys on the canary at 10 %");
+        assert!(
+            (800..=1200).contains(&on),
+            "{on} keys on the canary at 10 %"
+        );
     }
 
     #[test]
@@ -286,7 +338,10 @@ mod tests {
             let mut was = false;
             for w in [0.0, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0] {
                 let now = on_canary(b, w);
-                assert!(!was || now, "key k{i} left the canary when the weight rose to {w}");
+                assert!(
+                    !was || now,
+                    "key k{i} left the canary when the weight rose to {w}"
+                );
                 was = now;
             }
             assert!(on_canary(b, 100.0) && !on_canary(b, 0.0));

@@ -34,14 +34,20 @@ pub async fn act(
     who: &str,
     reason: &str,
 ) -> anyhow::Result<Outcome> {
-    let url = format!("{}/api/v1/rollouts/{name}/{action}", server.trim_end_matches('/'));
+    let url = format!(
+        "{}/api/v1/rollouts/{name}/{action}",
+        server.trim_end_matches('/')
+    );
     let mut req = client()?
         .post(&url)
         .json(&serde_json::json!({"who": who, "reason": reason}));
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let resp = req.send().await.with_context(|| format!("cannot reach canaryd at {server}"))?;
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach canaryd at {server}"))?;
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     match status.as_u16() {
@@ -59,7 +65,10 @@ pub async fn act(
             eprintln!("{name}: {action} refused: {}", api_error(&body));
             Ok(Outcome::Refused)
         }
-        401 | 403 => anyhow::bail!("{action} not allowed: {} (give --api-token-file or CANARYD_API_TOKEN)", api_error(&body)),
+        401 | 403 => anyhow::bail!(
+            "{action} not allowed: {} (give --api-token-file or CANARYD_API_TOKEN)",
+            api_error(&body)
+        ),
         _ => anyhow::bail!("{action} failed: HTTP {status}: {}", api_error(&body)),
     }
 }
@@ -72,20 +81,28 @@ async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
         .await
         .with_context(|| format!("cannot reach canaryd at {server}"))?;
     let status = resp.status().as_u16();
-    let body = resp.json().await.context("canaryd answered something that is not JSON")?;
+    let body = resp
+        .json()
+        .await
+        .context("canaryd answered something that is not JSON")?;
     Ok((status, body))
 }
 
 fn num(v: &Value) -> String {
     match v.as_f64() {
         Some(f) if f.fract() == 0.0 => format!("{f:.0}"),
-        Some(f) => format!("{f:.4}").trim_end_matches('0').trim_end_matches('.').to_owned(),
+        Some(f) => format!("{f:.4}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned(),
         None => "-".into(),
     }
 }
 
 fn time(v: &Value) -> String {
-    v.as_i64().map(|t| Time(t).to_rfc3339()).unwrap_or_else(|| "-".into())
+    v.as_i64()
+        .map(|t| Time(t).to_rfc3339())
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Prints every rollout as a table, or one rollout's timeline.
@@ -112,7 +129,11 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
 /// The rollouts table.
 pub fn table(body: &Value) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<24} {:<18} {:<10} {:<10} {:>7} {:>6}  LAST DECISION", "NAME", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<18} {:<10} {:<10} {:>7} {:>6}  LAST DECISION",
+        "NAME", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP"
+    );
     for r in body["rollouts"].as_array().into_iter().flatten() {
         let steps = r["steps"].as_array().map_or(0, Vec::len);
         let last = &r["last_decision"];
@@ -128,15 +149,28 @@ pub fn table(body: &Value) -> String {
             if last.is_null() {
                 String::new()
             } else {
-                format!("{}: {}", last["action"].as_str().unwrap_or("?"), last["reason"].as_str().unwrap_or(""))
+                format!(
+                    "{}: {}",
+                    last["action"].as_str().unwrap_or("?"),
+                    last["reason"].as_str().unwrap_or("")
+                )
             }
         );
         if let Some(e) = r["policy_error"].as_str() {
-            let _ = writeln!(out, "  ! policy edit rejected, last good version running:\n    {}", e.replace('\n', "\n    "));
+            let _ = writeln!(
+                out,
+                "  ! policy edit rejected, last good version running:\n    {}",
+                e.replace('\n', "\n    ")
+            );
         }
     }
     for p in body["invalid_policies"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "! invalid policy {}:\n    {}", p["file"].as_str().unwrap_or("?"), p["error"].as_str().unwrap_or("").replace('\n', "\n    "));
+        let _ = writeln!(
+            out,
+            "! invalid policy {}:\n    {}",
+            p["file"].as_str().unwrap_or("?"),
+            p["error"].as_str().unwrap_or("").replace('\n', "\n    ")
+        );
     }
     out
 }
@@ -163,11 +197,17 @@ pub fn timeline(view: &Value, log: &Value) -> String {
         let _ = writeln!(out, "  router error: {e}");
     }
     if let Some(e) = view["policy_error"].as_str() {
-        let _ = writeln!(out, "  policy edit rejected (last good version running): {e}");
+        let _ = writeln!(
+            out,
+            "  policy edit rejected (last good version running): {e}"
+        );
     }
     let _ = writeln!(out, "\nDECISIONS (newest first)");
     for d in log["decisions"].as_array().into_iter().flatten() {
-        let who = d["who"].as_str().map(|w| format!(" by {w}")).unwrap_or_default();
+        let who = d["who"]
+            .as_str()
+            .map(|w| format!(" by {w}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
             "{}  {:<9} {:<18} {:>6}%  {}{}{}",
@@ -177,20 +217,35 @@ pub fn timeline(view: &Value, log: &Value) -> String {
             num(&d["weight"]),
             d["reason"].as_str().unwrap_or(""),
             who,
-            if d["applied"].as_bool() == Some(false) { "  (not yet applied)" } else { "" }
+            if d["applied"].as_bool() == Some(false) {
+                "  (not yet applied)"
+            } else {
+                ""
+            }
         );
         for r in d["reports"].as_array().into_iter().flatten() {
             let bounds: Vec<String> = r["bounds"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|b| format!("{} {} (limit {})", b["kind"].as_str().unwrap_or("?"), b["written"].as_str().unwrap_or("?"), num(&b["limit"])))
+                .map(|b| {
+                    format!(
+                        "{} {} (limit {})",
+                        b["kind"].as_str().unwrap_or("?"),
+                        b["written"].as_str().unwrap_or("?"),
+                        num(&b["limit"])
+                    )
+                })
                 .collect();
             let ev = &r["evidence"];
             let evidence = if ev.is_null() {
                 String::new()
             } else {
-                format!(" log-e {} / {}", num(&ev["log_e_value"]), num(&ev["log_threshold"]))
+                format!(
+                    " log-e {} / {}",
+                    num(&ev["log_e_value"]),
+                    num(&ev["log_threshold"])
+                )
             };
             let _ = writeln!(
                 out,

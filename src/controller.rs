@@ -126,7 +126,10 @@ impl Registry {
         self.inner.write().ok()?.remove(name)
     }
     fn names(&self) -> Vec<String> {
-        self.inner.read().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+        self.inner
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -140,9 +143,14 @@ pub async fn operate(
 ) -> Result<DecisionRecord, OperateError> {
     let tx = registry.get(name).ok_or(OperateError::NotFound)?;
     let (reply, rx) = oneshot::channel();
-    tx.send(Command::Operator { action, who, why, reply })
-        .await
-        .map_err(|_| OperateError::Unavailable)?;
+    tx.send(Command::Operator {
+        action,
+        who,
+        why,
+        reply,
+    })
+    .await
+    .map_err(|_| OperateError::Unavailable)?;
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
         Ok(Ok(Ok(rec))) => Ok(rec),
         Ok(Ok(Err(reason))) => Err(OperateError::Rejected(reason)),
@@ -184,10 +192,18 @@ fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView {
         canary: state.canary.clone(),
         phase: state.phase,
         weight: state.weight,
-        step: if state.phase == Phase::Idle { 0 } else { state.step + 1 },
+        step: if state.phase == Phase::Idle {
+            0
+        } else {
+            state.step + 1
+        },
         steps: policy.strategy.steps(),
         method: policy.analysis.method.as_str().to_owned(),
-        strategy: if policy.strategy.is_blue_green() { "blue-green".into() } else { "canary".into() },
+        strategy: if policy.strategy.is_blue_green() {
+            "blue-green".into()
+        } else {
+            "canary".into()
+        },
         router: policy.router.kind().to_owned(),
         state: state.clone(),
         last_decision: None,
@@ -215,7 +231,11 @@ impl Task {
         v.canary = self.state.canary.clone();
         v.phase = self.state.phase;
         v.weight = self.state.weight;
-        v.step = if self.state.phase == Phase::Idle { 0 } else { self.state.step + 1 };
+        v.step = if self.state.phase == Phase::Idle {
+            0
+        } else {
+            self.state.step + 1
+        };
         v.steps = self.policy.strategy.steps();
         v.method = self.policy.analysis.method.as_str().to_owned();
         v.state = self.state.clone();
@@ -228,7 +248,9 @@ impl Task {
     /// Reads the router's weight, tracking since when it has been failing.
     async fn read_router(&mut self, now: Time) -> RouterStatus {
         if self.shared.dry_run {
-            return RouterStatus::Ok { canary_weight: self.state.weight };
+            return RouterStatus::Ok {
+                canary_weight: self.state.weight,
+            };
         }
         let target = self.target();
         let result = match &self.router {
@@ -256,7 +278,10 @@ impl Task {
                 let since = *self.router_failing_since.get_or_insert(now);
                 self.view.router_error = Some(e.to_string());
                 tracing::warn!(rollout = %self.policy.name, error = %e, "router read failed");
-                RouterStatus::Failing { since, error: e.to_string() }
+                RouterStatus::Failing {
+                    since,
+                    error: e.to_string(),
+                }
             }
         }
     }
@@ -317,8 +342,12 @@ impl Task {
             let lookback = self.policy.strategy.interval.max(Duration::from_secs(60));
             let window = Window {
                 at: now,
-                since: state.step_started_at.unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
-                rollout_started: state.started_at.unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
+                since: state
+                    .step_started_at
+                    .unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
+                rollout_started: state
+                    .started_at
+                    .unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
             };
             let started = tokio::time::Instant::now();
             metrics = self.source.observe(&self.policy, window).await;
@@ -337,19 +366,39 @@ impl Task {
         } else {
             Gate::NotAsked
         };
-        Observation { metrics, router, gate }
+        Observation {
+            metrics,
+            router,
+            gate,
+        }
     }
 
     async fn ask_gate(&self) -> Gate {
-        let Some(hook) = self.policy.webhooks.iter().find(|w| w.on == WebhookEvent::ConfirmPromotion) else {
+        let Some(hook) = self
+            .policy
+            .webhooks
+            .iter()
+            .find(|w| w.on == WebhookEvent::ConfirmPromotion)
+        else {
             return Gate::NotAsked;
         };
         let body = self.event_body("confirm-promotion", "asking to promote");
-        let res = self.shared.http.post(&hook.url).timeout(hook.timeout).json(&body).send().await;
+        let res = self
+            .shared
+            .http
+            .post(&hook.url)
+            .timeout(hook.timeout)
+            .json(&body)
+            .send()
+            .await;
         match res {
             Ok(r) if r.status().is_success() => Gate::Open,
-            Ok(r) => Gate::Closed { reason: format!("{} answered {}", hook.url, r.status()) },
-            Err(e) => Gate::Closed { reason: format!("{} did not answer: {e}", hook.url) },
+            Ok(r) => Gate::Closed {
+                reason: format!("{} answered {}", hook.url, r.status()),
+            },
+            Err(e) => Gate::Closed {
+                reason: format!("{} did not answer: {e}", hook.url),
+            },
         }
     }
 
@@ -378,14 +427,24 @@ impl Task {
             _ => return,
         };
         for hook in self.policy.webhooks.iter().filter(|w| w.on == event) {
-            let name = WebhookEvent::ALL.iter().find(|(_, e)| *e == event).map_or("event", |(n, _)| n);
+            let name = WebhookEvent::ALL
+                .iter()
+                .find(|(_, e)| *e == event)
+                .map_or("event", |(n, _)| n);
             let body = self.event_body(name, &d.reason);
-            let req = self.shared.http.post(&hook.url).timeout(hook.timeout).json(&body);
+            let req = self
+                .shared
+                .http
+                .post(&hook.url)
+                .timeout(hook.timeout)
+                .json(&body);
             let url = hook.url.clone();
             tokio::spawn(async move {
                 match req.send().await {
                     Ok(r) if r.status().is_success() => {}
-                    Ok(r) => tracing::warn!(%url, status = %r.status(), "webhook refused the event"),
+                    Ok(r) => {
+                        tracing::warn!(%url, status = %r.status(), "webhook refused the event")
+                    }
                     Err(e) => tracing::warn!(%url, error = %e, "webhook failed"),
                 }
             });
@@ -393,10 +452,18 @@ impl Task {
     }
 
     /// Persists a decision, then applies it, then publishes it.
-    async fn commit(&mut self, d: Decision, now: Time, router_weight: Option<f64>) -> Option<DecisionRecord> {
+    async fn commit(
+        &mut self,
+        d: Decision,
+        now: Time,
+        router_weight: Option<f64>,
+    ) -> Option<DecisionRecord> {
         let prev = self.state.clone();
         // Final phases tick forever without news; only changes and analyses are logged.
-        let worth_logging = d.action != Action::Hold || !d.reports.is_empty() || d.state.phase != prev.phase || d.who.is_some();
+        let worth_logging = d.action != Action::Hold
+            || !d.reports.is_empty()
+            || d.state.phase != prev.phase
+            || d.who.is_some();
         let mut record = None;
         if worth_logging {
             let store = self.shared.store.clone();
@@ -440,7 +507,11 @@ impl Task {
                 who: d.who.clone(),
             });
             if !d.reports.is_empty() {
-                self.view.recent_analyses.push_front(AnalysisView { at: now, action: d.action, reports: d.reports.clone() });
+                self.view.recent_analyses.push_front(AnalysisView {
+                    at: now,
+                    action: d.action,
+                    reports: d.reports.clone(),
+                });
                 self.view.recent_analyses.truncate(RECENT_ANALYSES);
             }
         }
@@ -452,7 +523,9 @@ impl Task {
         }
         // Idle rollouts own no traffic yet; everything else converges on the desired weight.
         let needs_apply = self.state.phase != Phase::Idle
-            && router_weight.is_none_or(|w| (w - d.weight).abs() >= 0.01 || d.weight != prev.weight || !self.applied);
+            && router_weight.is_none_or(|w| {
+                (w - d.weight).abs() >= 0.01 || d.weight != prev.weight || !self.applied
+            });
         if needs_apply {
             self.applied = self.apply(now).await;
         } else if self.state.phase != Phase::Idle {
@@ -484,7 +557,12 @@ impl Task {
         self.commit(d, now, router_weight).await;
     }
 
-    async fn operator(&mut self, action: OperatorAction, who: String, why: String) -> Result<DecisionRecord, String> {
+    async fn operator(
+        &mut self,
+        action: OperatorAction,
+        who: String,
+        why: String,
+    ) -> Result<DecisionRecord, String> {
         let now = self.shared.clock.now();
         let input = Input::Operator { action, who, why };
         let d = decide(&self.policy, &self.state, &input, now);
@@ -497,7 +575,11 @@ impl Task {
         }
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         self.publish();
         loop {
             self.tick().await;
@@ -625,7 +707,16 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     let mut known: BTreeMap<PathBuf, Known> = BTreeMap::new();
     loop {
-        scan(&shared, &registry, &policy_errors, &dir, &mut known, &shutdown, &mut tasks).await;
+        scan(
+            &shared,
+            &registry,
+            &policy_errors,
+            &dir,
+            &mut known,
+            &shutdown,
+            &mut tasks,
+        )
+        .await;
         ready.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -649,10 +740,17 @@ async fn scan(
 ) {
     let files = policy_files(dir);
     // Deleted files stop their rollouts without touching traffic.
-    let gone: Vec<PathBuf> = known.keys().filter(|k| !files.contains(k)).cloned().collect();
+    let gone: Vec<PathBuf> = known
+        .keys()
+        .filter(|k| !files.contains(k))
+        .cloned()
+        .collect();
     for path in gone {
-        if let Some(k) = known.remove(&path) {
-            if let Some(name) = k.name {
+        if let Some(Known {
+            name: Some(name), ..
+        }) = known.remove(&path)
+        {
+            {
                 tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is");
                 if let Some(tx) = registry.remove(&name) {
                     let _ = tx.send(Command::Stop).await;
@@ -671,10 +769,11 @@ async fn scan(
         let meta = std::fs::metadata(&path).ok();
         let modified = meta.as_ref().and_then(|m| m.modified().ok());
         let len = meta.as_ref().map_or(0, |m| m.len());
-        if let Some(k) = known.get(&path) {
-            if k.modified == modified && k.len == len {
-                continue;
-            }
+        if known
+            .get(&path)
+            .is_some_and(|k| k.modified == modified && k.len == len)
+        {
+            continue;
         }
         let file = path.display().to_string();
         let previous = known.get(&path).and_then(|k| k.name.clone());
@@ -683,9 +782,13 @@ async fn scan(
                 if let Ok(mut e) = policy_errors.write() {
                     e.remove(&file);
                 }
-                let clash = registry.get(&p.name).is_some() && previous.as_deref() != Some(p.name.as_str());
+                let clash =
+                    registry.get(&p.name).is_some() && previous.as_deref() != Some(p.name.as_str());
                 if clash {
-                    let msg = format!("{file}: name: another policy file already runs rollout {:?}", p.name);
+                    let msg = format!(
+                        "{file}: name: another policy file already runs rollout {:?}",
+                        p.name
+                    );
                     tracing::error!("{msg}");
                     if let Ok(mut e) = policy_errors.write() {
                         e.insert(file.clone(), msg);
@@ -708,7 +811,15 @@ async fn scan(
                         }
                         None => {
                             tracing::info!(rollout = %name, file = %file, "policy loaded");
-                            spawn_rollout(shared, registry, p, file.clone(), shutdown.clone(), tasks).await;
+                            spawn_rollout(
+                                shared,
+                                registry,
+                                p,
+                                file.clone(),
+                                shutdown.clone(),
+                                tasks,
+                            )
+                            .await;
                         }
                     }
                     Some(name)
@@ -717,11 +828,8 @@ async fn scan(
             Err(e) => {
                 let msg = e.to_string();
                 tracing::error!(file = %file, "invalid policy; {}:\n{msg}", if previous.is_some() { "the last good version keeps running" } else { "not started" });
-                match previous.as_ref().and_then(|n| registry.get(n)) {
-                    Some(tx) => {
-                        let _ = tx.send(Command::PolicyError(msg.clone())).await;
-                    }
-                    None => {}
+                if let Some(tx) = previous.as_ref().and_then(|n| registry.get(n)) {
+                    let _ = tx.send(Command::PolicyError(msg.clone())).await;
                 }
                 if let Ok(mut errs) = policy_errors.write() {
                     errs.insert(file.clone(), msg);
@@ -729,7 +837,14 @@ async fn scan(
                 previous
             }
         };
-        known.insert(path, Known { modified, len, name });
+        known.insert(
+            path,
+            Known {
+                modified,
+                len,
+                name,
+            },
+        );
     }
     let _ = registry.names();
 }

@@ -2,18 +2,18 @@
 //!
 //! See ARCHITECTURE.md for the map of this crate and its invariants.
 
+pub mod api;
+pub mod bench;
+pub mod client;
+pub mod controller;
+pub mod daemon;
 pub mod judge;
+pub mod metrics;
 pub mod observation;
 pub mod policy;
 pub mod rollout;
-pub mod time;
 pub mod router;
-pub mod source;
-pub mod bench;
 pub mod sim;
+pub mod source;
 pub mod store;
-pub mod metrics;
-pub mod controller;
-pub mod api;
-pub mod daemon;
-pub mod client;
+pub mod time;

@@ -66,7 +66,11 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     let t = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the API token file {}", path.display()))?;
     let t = t.trim().to_owned();
-    anyhow::ensure!(!t.is_empty(), "the API token file {} is empty", path.display());
+    anyhow::ensure!(
+        !t.is_empty(),
+        "the API token file {} is empty",
+        path.display()
+    );
     Ok(t)
 }
 
@@ -74,7 +78,9 @@ fn action(name: &'static str, a: ActionArgs) -> ExitCode {
     outcome(with_runtime(async move {
         let token = match &a.api_token_file {
             Some(p) => Some(read_token(p)?),
-            None => std::env::var("CANARYD_API_TOKEN").ok().filter(|t| !t.is_empty()),
+            None => std::env::var("CANARYD_API_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
         };
         let who = a
             .who
@@ -110,18 +116,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read the config file {}", p.display()))?;
-            serde_saphyr::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
         }
         None => ConfigFile::default(),
     };
-    let policies = args.policies.or(file.policies).unwrap_or_else(|| "policies".into());
+    let policies = args
+        .policies
+        .or(file.policies)
+        .unwrap_or_else(|| "policies".into());
     let prometheus = args
         .prometheus
         .or(file.prometheus)
         .unwrap_or_else(|| "http://127.0.0.1:9090".into());
-    let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:9850".into());
-    let state = args.state.or(file.state).unwrap_or_else(|| "canaryd.db".into());
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:9850".into());
+    let state = args
+        .state
+        .or(file.state)
+        .unwrap_or_else(|| "canaryd.db".into());
     let token = match args.api_token_file.or(file.api_token_file) {
         Some(p) => Some(read_token(&p)?),
         None => None,
@@ -191,5 +205,9 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
         eprintln!("error: --live is not available in this build");
         return ExitCode::from(2);
     }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

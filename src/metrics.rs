@@ -38,20 +38,37 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::R
     Ok(g)
 }
 
-fn igauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+fn igauge(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
-    let buckets = vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let buckets = vec![
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
@@ -62,22 +79,102 @@ impl Metrics {
     pub fn new(registry: Registry) -> prometheus::Result<Metrics> {
         let r = &registry;
         Ok(Metrics {
-            phase: igauge(r, "canaryd_rollout_phase", "1 for the rollout's current phase, 0 for the others", &["rollout", "phase"])?,
-            weight: gauge(r, "canaryd_rollout_canary_weight", "Canary traffic weight in percent the router must have", &["rollout"])?,
-            step: igauge(r, "canaryd_rollout_step", "Current step of the rollout, counting from 1 (0 before it starts)", &["rollout"])?,
-            failures: igauge(r, "canaryd_rollout_consecutive_failures", "Consecutive failed analyses", &["rollout"])?,
-            value: gauge(r, "canaryd_analysis_value", "Metric value per version in the last analysis", &["rollout", "metric", "version"])?,
-            bound: gauge(r, "canaryd_analysis_bound", "Limit on the canary's value in the last analysis, per bound", &["rollout", "metric", "bound"])?,
-            log_evalue: gauge(r, "canaryd_analysis_log_evalue", "Natural log of the sequential judge's e-value against the canary", &["rollout", "metric"])?,
-            log_threshold: gauge(r, "canaryd_analysis_log_evalue_threshold", "Log e-value at which the judge rejects the canary", &["rollout", "metric"])?,
-            verdict: igauge(r, "canaryd_analysis_verdict", "1 for the metric's verdict in the last analysis, 0 for the others", &["rollout", "metric", "verdict"])?,
-            analyses: counter(r, "canaryd_analyses_total", "Analyses run, by metric verdict", &["rollout", "metric", "verdict"])?,
-            decisions: counter(r, "canaryd_decisions_total", "Decisions taken, by action", &["rollout", "action"])?,
-            query_seconds: histogram(r, "canaryd_prometheus_query_duration_seconds", "Latency of Prometheus queries", &["rollout"])?,
-            query_errors: counter(r, "canaryd_prometheus_query_errors_total", "Failed Prometheus queries, by kind", &["rollout", "kind"])?,
-            router_seconds: histogram(r, "canaryd_router_call_duration_seconds", "Latency of router calls", &["rollout", "router", "op"])?,
-            router_errors: counter(r, "canaryd_router_errors_total", "Failed router calls, by kind", &["rollout", "router", "kind"])?,
-            policy_invalid: igauge(r, "canaryd_policy_invalid", "1 when the policy file's latest edit failed validation (the last good version keeps running)", &["rollout"])?,
+            phase: igauge(
+                r,
+                "canaryd_rollout_phase",
+                "1 for the rollout's current phase, 0 for the others",
+                &["rollout", "phase"],
+            )?,
+            weight: gauge(
+                r,
+                "canaryd_rollout_canary_weight",
+                "Canary traffic weight in percent the router must have",
+                &["rollout"],
+            )?,
+            step: igauge(
+                r,
+                "canaryd_rollout_step",
+                "Current step of the rollout, counting from 1 (0 before it starts)",
+                &["rollout"],
+            )?,
+            failures: igauge(
+                r,
+                "canaryd_rollout_consecutive_failures",
+                "Consecutive failed analyses",
+                &["rollout"],
+            )?,
+            value: gauge(
+                r,
+                "canaryd_analysis_value",
+                "Metric value per version in the last analysis",
+                &["rollout", "metric", "version"],
+            )?,
+            bound: gauge(
+                r,
+                "canaryd_analysis_bound",
+                "Limit on the canary's value in the last analysis, per bound",
+                &["rollout", "metric", "bound"],
+            )?,
+            log_evalue: gauge(
+                r,
+                "canaryd_analysis_log_evalue",
+                "Natural log of the sequential judge's e-value against the canary",
+                &["rollout", "metric"],
+            )?,
+            log_threshold: gauge(
+                r,
+                "canaryd_analysis_log_evalue_threshold",
+                "Log e-value at which the judge rejects the canary",
+                &["rollout", "metric"],
+            )?,
+            verdict: igauge(
+                r,
+                "canaryd_analysis_verdict",
+                "1 for the metric's verdict in the last analysis, 0 for the others",
+                &["rollout", "metric", "verdict"],
+            )?,
+            analyses: counter(
+                r,
+                "canaryd_analyses_total",
+                "Analyses run, by metric verdict",
+                &["rollout", "metric", "verdict"],
+            )?,
+            decisions: counter(
+                r,
+                "canaryd_decisions_total",
+                "Decisions taken, by action",
+                &["rollout", "action"],
+            )?,
+            query_seconds: histogram(
+                r,
+                "canaryd_prometheus_query_duration_seconds",
+                "Latency of Prometheus queries",
+                &["rollout"],
+            )?,
+            query_errors: counter(
+                r,
+                "canaryd_prometheus_query_errors_total",
+                "Failed Prometheus queries, by kind",
+                &["rollout", "kind"],
+            )?,
+            router_seconds: histogram(
+                r,
+                "canaryd_router_call_duration_seconds",
+                "Latency of router calls",
+                &["rollout", "router", "op"],
+            )?,
+            router_errors: counter(
+                r,
+                "canaryd_router_errors_total",
+                "Failed router calls, by kind",
+                &["rollout", "router", "kind"],
+            )?,
+            policy_invalid: igauge(
+                r,
+                "canaryd_policy_invalid",
+                "1 when the policy file's latest edit failed validation (the last good version keeps running)",
+                &["rollout"],
+            )?,
             registry,
         })
     }
@@ -106,12 +203,18 @@ impl Metrics {
                 .set(i64::from(p == d.state.phase));
         }
         self.weight.with_label_values(&[name]).set(d.weight);
-        let step = if d.state.phase == Phase::Idle { 0 } else { d.state.step as i64 + 1 };
+        let step = if d.state.phase == Phase::Idle {
+            0
+        } else {
+            d.state.step as i64 + 1
+        };
         self.step.with_label_values(&[name]).set(step);
         self.failures
             .with_label_values(&[name])
             .set(i64::from(d.state.consecutive_failures));
-        self.decisions.with_label_values(&[name, d.action.as_str()]).inc();
+        self.decisions
+            .with_label_values(&[name, d.action.as_str()])
+            .inc();
         for r in &d.reports {
             self.report(name, r);
         }
@@ -121,7 +224,9 @@ impl Metrics {
         let m = r.metric.as_str();
         for (version, v) in [("stable", r.stable), ("canary", r.canary)] {
             match v {
-                Some(v) if v.is_finite() => self.value.with_label_values(&[rollout, m, version]).set(v),
+                Some(v) if v.is_finite() => {
+                    self.value.with_label_values(&[rollout, m, version]).set(v)
+                }
                 // A version without a value this time must not keep showing an old one.
                 _ => {
                     let _ = self.value.remove_label_values(&[rollout, m, version]);
@@ -130,7 +235,9 @@ impl Metrics {
         }
         for b in &r.bounds {
             if let Some(l) = b.limit.filter(|l| l.is_finite()) {
-                self.bound.with_label_values(&[rollout, m, b.kind.as_str()]).set(l);
+                self.bound
+                    .with_label_values(&[rollout, m, b.kind.as_str()])
+                    .set(l);
             }
         }
         if let Some(e) = &r.evidence {
@@ -141,12 +248,20 @@ impl Metrics {
                 self.log_threshold.with_label_values(&[rollout, m]).set(v);
             }
         }
-        for v in [Verdict::Pass, Verdict::Fail, Verdict::Hold, Verdict::NoData, Verdict::Unavailable] {
+        for v in [
+            Verdict::Pass,
+            Verdict::Fail,
+            Verdict::Hold,
+            Verdict::NoData,
+            Verdict::Unavailable,
+        ] {
             self.verdict
                 .with_label_values(&[rollout, m, v.as_str()])
                 .set(i64::from(v == r.verdict));
         }
-        self.analyses.with_label_values(&[rollout, m, r.verdict.as_str()]).inc();
+        self.analyses
+            .with_label_values(&[rollout, m, r.verdict.as_str()])
+            .inc();
     }
 
     /// Makes every action's counter exist at zero, so dashboards show the series at once.
@@ -155,22 +270,34 @@ impl Metrics {
             self.decisions.with_label_values(&[rollout, a.as_str()]);
         }
         self.policy_invalid.with_label_values(&[rollout]).set(0);
-        self.query_errors.with_label_values(&[rollout, "unreachable"]);
+        self.query_errors
+            .with_label_values(&[rollout, "unreachable"]);
     }
 
     pub fn query(&self, rollout: &str, seconds: f64, error_kind: Option<&str>) {
-        self.query_seconds.with_label_values(&[rollout]).observe(seconds);
+        self.query_seconds
+            .with_label_values(&[rollout])
+            .observe(seconds);
         if let Some(kind) = error_kind {
             self.query_errors.with_label_values(&[rollout, kind]).inc();
         }
     }
 
-    pub fn router_call(&self, rollout: &str, router: &str, op: &str, seconds: f64, error_kind: Option<&str>) {
+    pub fn router_call(
+        &self,
+        rollout: &str,
+        router: &str,
+        op: &str,
+        seconds: f64,
+        error_kind: Option<&str>,
+    ) {
         self.router_seconds
             .with_label_values(&[rollout, router, op])
             .observe(seconds);
         if let Some(kind) = error_kind {
-            self.router_errors.with_label_values(&[rollout, router, kind]).inc();
+            self.router_errors
+                .with_label_values(&[rollout, router, kind])
+                .inc();
         }
     }
 

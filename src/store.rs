@@ -99,9 +99,12 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(err)?;
         // WAL with synchronous=FULL: a committed decision survives a crash or power loss.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
@@ -167,8 +170,11 @@ impl Store {
     pub fn mark_applied(&self, rollout: &str, decision_id: i64) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        tx.execute("UPDATE decisions SET applied = 1 WHERE id = ?1", params![decision_id])
-            .map_err(|e| self.err(e))?;
+        tx.execute(
+            "UPDATE decisions SET applied = 1 WHERE id = ?1",
+            params![decision_id],
+        )
+        .map_err(|e| self.err(e))?;
         // Only the latest decision's application makes the stored state applied.
         tx.execute(
             "UPDATE rollouts SET applied = 1 WHERE name = ?1
@@ -307,9 +313,19 @@ mod tests {
         let path = dir.path().join("s.db");
         {
             let store = Store::open(&path).unwrap();
-            let id1 = store.record(&decision(state("a", Phase::Progressing, 0, 1.0), Action::Start), Time(10)).unwrap();
+            let id1 = store
+                .record(
+                    &decision(state("a", Phase::Progressing, 0, 1.0), Action::Start),
+                    Time(10),
+                )
+                .unwrap();
             store.mark_applied("a", id1).unwrap();
-            store.record(&decision(state("a", Phase::Progressing, 1, 5.0), Action::Advance), Time(20)).unwrap();
+            store
+                .record(
+                    &decision(state("a", Phase::Progressing, 1, 5.0), Action::Advance),
+                    Time(20),
+                )
+                .unwrap();
         }
         let store = Store::open(&path).unwrap();
         let got = store.load("a").unwrap().unwrap();
@@ -317,7 +333,10 @@ mod tests {
         assert_eq!(got.state.weight, 5.0);
         assert!(!got.applied, "the advance was never confirmed");
         let log = store.decisions("a", 10, None).unwrap();
-        assert_eq!(log.iter().map(|d| d.action.as_str()).collect::<Vec<_>>(), ["advance", "start"]);
+        assert_eq!(
+            log.iter().map(|d| d.action.as_str()).collect::<Vec<_>>(),
+            ["advance", "start"]
+        );
         assert!(log[1].applied && !log[0].applied);
         let older = store.decisions("a", 10, Some(log[0].id)).unwrap();
         assert_eq!(older.len(), 1);
@@ -328,8 +347,18 @@ mod tests {
     #[test]
     fn applying_an_old_decision_does_not_mark_a_newer_state_applied() {
         let store = Store::open(Path::new(":memory:")).unwrap();
-        let id1 = store.record(&decision(state("a", Phase::Progressing, 0, 1.0), Action::Start), Time(10)).unwrap();
-        store.record(&decision(state("a", Phase::Progressing, 1, 5.0), Action::Advance), Time(20)).unwrap();
+        let id1 = store
+            .record(
+                &decision(state("a", Phase::Progressing, 0, 1.0), Action::Start),
+                Time(10),
+            )
+            .unwrap();
+        store
+            .record(
+                &decision(state("a", Phase::Progressing, 1, 5.0), Action::Advance),
+                Time(20),
+            )
+            .unwrap();
         store.mark_applied("a", id1).unwrap();
         assert!(!store.load("a").unwrap().unwrap().applied);
     }

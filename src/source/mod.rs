@@ -50,7 +50,12 @@ impl MetricSource for Unconfigured {
             policy
                 .metrics
                 .iter()
-                .map(|m| (m.name.clone(), MetricReading::unavailable("no metric source configured")))
+                .map(|m| {
+                    (
+                        m.name.clone(),
+                        MetricReading::unavailable("no metric source configured"),
+                    )
+                })
                 .collect()
         })
     }
