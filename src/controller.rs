@@ -650,10 +650,12 @@ async fn spawn_rollout(
             return;
         }
     };
-    shared.metrics.init_rollout(&policy.name);
+    let router = (shared.routers)(&policy);
+    let router_kind = router.as_ref().map_or(policy.router.kind(), |r| r.kind());
+    shared.metrics.init_rollout(&policy.name, router_kind);
     let view = view_of(&policy, &file, &state);
     let task = Task {
-        router: (shared.routers)(&policy),
+        router,
         source: (shared.sources)(&policy),
         shared: shared.clone(),
         file,

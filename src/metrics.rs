@@ -265,7 +265,7 @@ impl Metrics {
     }
 
     /// Makes every action's counter exist at zero, so dashboards show the series at once.
-    pub fn init_rollout(&self, rollout: &str) {
+    pub fn init_rollout(&self, rollout: &str, router: &str) {
         for a in Action::ALL {
             self.decisions.with_label_values(&[rollout, a.as_str()]);
         }
