@@ -272,6 +272,8 @@ impl Metrics {
         self.policy_invalid.with_label_values(&[rollout]).set(0);
         self.query_errors
             .with_label_values(&[rollout, "unreachable"]);
+        self.router_errors
+            .with_label_values(&[rollout, router, "unreachable"]);
     }
 
     pub fn query(&self, rollout: &str, seconds: f64, error_kind: Option<&str>) {
