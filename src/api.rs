@@ -316,6 +316,160 @@ async fn act(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn state(ready: bool, token: Option<&str>) -> ApiState {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            "name: r\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50]}\nanalysis: {method: threshold}\nmetrics: [{name: e, builtin: error_rate, max: 1%}]\nrouter: {file: {path: /tmp/x}}\n",
+        )
+        .expect("valid test policy");
+        let mut st = crate::rollout::RolloutState::new(&policy);
+        st.weight = 10.0;
+        let view = crate::controller::view_of(&policy, "t.yaml", &st);
+        let views = Views::default();
+        views.write().expect("lock").insert("r".into(), view);
+        ApiState {
+            views,
+            registry: Registry::default(),
+            store: Store::open(std::path::Path::new(":memory:")).expect("store"),
+            metrics: Metrics::new(prometheus::Registry::new()).expect("metrics"),
+            policy_errors: PolicyErrors::default(),
+            ready: Arc::new(AtomicBool::new(ready)),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    async fn call(
+        s: ApiState,
+        method: &str,
+        uri: &str,
+        auth: Option<&str>,
+    ) -> (StatusCode, String) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = router(s)
+            .oneshot(req.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_flag() {
+        assert_eq!(
+            call(state(false, None), "GET", "/readyz", None).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            call(state(true, None), "GET", "/readyz", None).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(state(false, None), "GET", "/healthz", None).await.0,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_list_show_and_assign() {
+        let (s, body) = call(state(true, None), "GET", "/api/v1/rollouts", None).await;
+        assert_eq!(s, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["rollouts"][0]["name"], "r");
+        assert_eq!(v["rollouts"][0]["weight"], 10.0);
+        assert_eq!(
+            call(state(true, None), "GET", "/api/v1/rollouts/nope", None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        let (s, body) = call(
+            state(true, None),
+            "GET",
+            "/api/v1/rollouts/r/assign?key=bob",
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let expected = if on_canary(bucket("r", "bob"), 10.0) {
+            "v2"
+        } else {
+            "v1"
+        };
+        assert_eq!(v["version"], expected);
+        assert_eq!(
+            call(
+                state(true, None),
+                "GET",
+                "/api/v1/rollouts/r/assign?key=",
+                None
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[tokio::test]
+    async fn actions_check_the_token_before_anything_else() {
+        let s = state(true, Some("tok"));
+        assert_eq!(
+            call(s.clone(), "POST", "/api/v1/rollouts/r/abort", None)
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(
+                s.clone(),
+                "POST",
+                "/api/v1/rollouts/r/abort",
+                Some("Bearer nope")
+            )
+            .await
+            .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call(
+                s.clone(),
+                "POST",
+                "/api/v1/rollouts/r/abort",
+                Some("Basic tok")
+            )
+            .await
+            .0,
+            StatusCode::UNAUTHORIZED
+        );
+        // With the right token, a rollout without a running task is not found.
+        assert_eq!(
+            call(
+                s.clone(),
+                "POST",
+                "/api/v1/rollouts/r/abort",
+                Some("Bearer tok")
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            call(s, "GET", "/api/v1/rollouts/r/abort", Some("Bearer tok"))
+                .await
+                .0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
 
     #[test]
     fn buckets_are_stable_and_spread() {

@@ -183,7 +183,7 @@ struct Task {
     view: RolloutView,
 }
 
-fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView {
+pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView {
     RolloutView {
         name: policy.name.clone(),
         file: file.to_owned(),
