@@ -17,3 +17,4 @@ pub mod sim;
 pub mod source;
 pub mod store;
 pub mod time;
+pub mod demo;

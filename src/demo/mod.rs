@@ -1,0 +1,3 @@
+//! `canaryd demo`: the whole thing, live, on this machine.
+
+pub mod procs;
