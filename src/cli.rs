@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "canaryd", version, about = "Metrics-driven rollouts for machine-learning models")]
+#[command(
+    name = "canaryd",
+    version,
+    about = "Metrics-driven rollouts for machine-learning models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -29,6 +33,10 @@ pub struct CheckArgs {
     #[arg(long)]
     pub live: bool,
     /// Prometheus for --live.
-    #[arg(long, env = "CANARYD_PROMETHEUS", default_value = "http://127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "CANARYD_PROMETHEUS",
+        default_value = "http://127.0.0.1:9090"
+    )]
     pub prometheus: String,
 }

@@ -2,12 +2,12 @@
 //!
 //! See ARCHITECTURE.md for the map of this crate and its invariants.
 
+pub mod bench;
 pub mod judge;
 pub mod observation;
 pub mod policy;
 pub mod rollout;
-pub mod time;
 pub mod router;
-pub mod source;
-pub mod bench;
 pub mod sim;
+pub mod source;
+pub mod time;

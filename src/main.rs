@@ -68,5 +68,9 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
         eprintln!("error: --live is not available in this build");
         return ExitCode::from(2);
     }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -59,7 +59,9 @@ pub enum Reading {
     /// The series is absent or empty: the version served nothing measurable.
     NoData,
     /// The source could not answer (unreachable, timeout, error): says nothing of the canary.
-    Unavailable { error: String },
+    Unavailable {
+        error: String,
+    },
 }
 
 impl Reading {
@@ -109,7 +111,9 @@ pub enum Gate {
     NotAsked,
     Open,
     /// The gate answered, but not 2xx, or did not answer.
-    Closed { reason: String },
+    Closed {
+        reason: String,
+    },
 }
 
 /// Everything the shell learnt in one tick.

@@ -71,9 +71,12 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
             .push(check(BoundKind::Max, &max.written, Some(max.value), canary));
     }
     if let Some(minb) = &b.min {
-        report
-            .bounds
-            .push(check(BoundKind::Min, &minb.written, Some(minb.value), canary));
+        report.bounds.push(check(
+            BoundKind::Min,
+            &minb.written,
+            Some(minb.value),
+            canary,
+        ));
     }
     let stable_value = match reference {
         Reference::Value(v) => Some(v),

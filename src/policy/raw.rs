@@ -242,7 +242,11 @@ impl Walker {
             }),
             other => {
                 let found = other.describe();
-                self.problem(node.pos, &path, format!("expected a whole number, found {found}"));
+                self.problem(
+                    node.pos,
+                    &path,
+                    format!("expected a whole number, found {found}"),
+                );
                 None
             }
         }
@@ -257,7 +261,11 @@ impl Walker {
             }),
             other => {
                 let found = other.describe();
-                self.problem(node.pos, &path, format!("expected true or false, found {found}"));
+                self.problem(
+                    node.pos,
+                    &path,
+                    format!("expected true or false, found {found}"),
+                );
                 None
             }
         }
@@ -309,10 +317,18 @@ impl Walker {
         })
     }
 
-    fn string_map(&mut self, node: &Node, path: String) -> Option<At<BTreeMap<String, At<String>>>> {
+    fn string_map(
+        &mut self,
+        node: &Node,
+        path: String,
+    ) -> Option<At<BTreeMap<String, At<String>>>> {
         let Value::Map(entries) = &node.value else {
             let found = node.value.describe();
-            self.problem(node.pos, &path, format!("expected a mapping, found {found}"));
+            self.problem(
+                node.pos,
+                &path,
+                format!("expected a mapping, found {found}"),
+            );
             return None;
         };
         let mut out = BTreeMap::new();
@@ -371,14 +387,29 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Reads a policy document; returns what could be read and every problem met.
 pub fn read(doc: &Node) -> (RawPolicy, Vec<Problem>) {
-    let mut w = Walker { problems: Vec::new() };
+    let mut w = Walker {
+        problems: Vec::new(),
+    };
     let mut raw = RawPolicy::default();
     const TOP: [&str; 11] = [
-        "name", "model", "stable", "canary", "strategy", "analysis", "metrics", "router",
-        "webhooks", "prometheus", "series",
+        "name",
+        "model",
+        "stable",
+        "canary",
+        "strategy",
+        "analysis",
+        "metrics",
+        "router",
+        "webhooks",
+        "prometheus",
+        "series",
     ];
     if matches!(doc.value, Value::Null) {
-        w.problem(doc.pos, "", "the file is empty; expected a policy mapping".into());
+        w.problem(
+            doc.pos,
+            "",
+            "the file is empty; expected a policy mapping".into(),
+        );
         return (raw, w.problems);
     }
     w.map(doc, "", &TOP, |w, key, n, p| match key {
@@ -388,22 +419,30 @@ pub fn read(doc: &Node) -> (RawPolicy, Vec<Problem>) {
         "canary" => raw.canary = w.string(n, p),
         "strategy" => raw.strategy = strategy(w, n, p),
         "analysis" => {
-            raw.analysis = w.at(n, p, &["method", "confidence"], |w, a: &mut RawAnalysis, k, n, p| {
-                match k {
+            raw.analysis = w.at(
+                n,
+                p,
+                &["method", "confidence"],
+                |w, a: &mut RawAnalysis, k, n, p| match k {
                     "method" => a.method = w.string(n, p),
                     _ => a.confidence = w.scalar(n, p),
-                }
-            })
+                },
+            )
         }
         "metrics" => raw.metrics = w.seq(n, p, metric),
         "router" => raw.router = router(w, n, p),
         "webhooks" => {
             raw.webhooks = w.seq(n, p, |w, n, p| {
-                w.at(n, p, &["on", "url", "timeout"], |w, h: &mut RawWebhook, k, n, p| match k {
-                    "on" => h.on = w.string(n, p),
-                    "url" => h.url = w.string(n, p),
-                    _ => h.timeout = w.string(n, p),
-                })
+                w.at(
+                    n,
+                    p,
+                    &["on", "url", "timeout"],
+                    |w, h: &mut RawWebhook, k, n, p| match k {
+                        "on" => h.on = w.string(n, p),
+                        "url" => h.url = w.string(n, p),
+                        _ => h.timeout = w.string(n, p),
+                    },
+                )
             })
         }
         "prometheus" => {
@@ -487,37 +526,48 @@ fn metric(w: &mut Walker, n: &Node, p: String) -> Option<At<RawMetric>> {
 }
 
 fn router(w: &mut Walker, n: &Node, p: String) -> Option<At<RawRouter>> {
-    w.at(n, p, &["haproxy", "nginx", "webhook", "file"], |w, r: &mut RawRouter, k, n, p| match k {
-        "haproxy" => {
-            r.haproxy = w.at(n, p, &["socket", "backend", "servers"], |w, h: &mut RawHaproxy, k, n, p| {
-                match k {
-                    "socket" => h.socket = w.string(n, p),
-                    "backend" => h.backend = w.string(n, p),
-                    _ => h.servers = w.string_map(n, p),
-                }
-            })
-        }
-        "nginx" => {
-            const KEYS: [&str; 4] = ["weights_file", "reload", "upstream", "servers"];
-            r.nginx = w.at(n, p, &KEYS, |w, g: &mut RawNginx, k, n, p| match k {
-                "weights_file" => g.weights_file = w.string(n, p),
-                "reload" => g.reload = w.seq(n, p, |w, n, p| w.string(n, p)),
-                "upstream" => g.upstream = w.string(n, p),
-                _ => g.servers = w.string_map(n, p),
-            })
-        }
-        "webhook" => {
-            r.webhook = w.at(n, p, &["url", "timeout"], |w, h: &mut RawWebhookRouter, k, n, p| {
-                match k {
-                    "url" => h.url = w.string(n, p),
-                    _ => h.timeout = w.string(n, p),
-                }
-            })
-        }
-        _ => {
-            r.file = w.at(n, p, &["path"], |w, f: &mut RawFileRouter, _, n, p| {
-                f.path = w.string(n, p)
-            })
-        }
-    })
+    w.at(
+        n,
+        p,
+        &["haproxy", "nginx", "webhook", "file"],
+        |w, r: &mut RawRouter, k, n, p| match k {
+            "haproxy" => {
+                r.haproxy = w.at(
+                    n,
+                    p,
+                    &["socket", "backend", "servers"],
+                    |w, h: &mut RawHaproxy, k, n, p| match k {
+                        "socket" => h.socket = w.string(n, p),
+                        "backend" => h.backend = w.string(n, p),
+                        _ => h.servers = w.string_map(n, p),
+                    },
+                )
+            }
+            "nginx" => {
+                const KEYS: [&str; 4] = ["weights_file", "reload", "upstream", "servers"];
+                r.nginx = w.at(n, p, &KEYS, |w, g: &mut RawNginx, k, n, p| match k {
+                    "weights_file" => g.weights_file = w.string(n, p),
+                    "reload" => g.reload = w.seq(n, p, |w, n, p| w.string(n, p)),
+                    "upstream" => g.upstream = w.string(n, p),
+                    _ => g.servers = w.string_map(n, p),
+                })
+            }
+            "webhook" => {
+                r.webhook = w.at(
+                    n,
+                    p,
+                    &["url", "timeout"],
+                    |w, h: &mut RawWebhookRouter, k, n, p| match k {
+                        "url" => h.url = w.string(n, p),
+                        _ => h.timeout = w.string(n, p),
+                    },
+                )
+            }
+            _ => {
+                r.file = w.at(n, p, &["path"], |w, f: &mut RawFileRouter, _, n, p| {
+                    f.path = w.string(n, p)
+                })
+            }
+        },
+    )
 }

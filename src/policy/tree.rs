@@ -202,7 +202,13 @@ mod tests {
             panic!("steps not a seq")
         };
         assert_eq!(steps[1].value, Value::Int(5));
-        assert_eq!(steps[1].pos, Pos { line: 3, column: 14 });
+        assert_eq!(
+            steps[1].pos,
+            Pos {
+                line: 3,
+                column: 14
+            }
+        );
     }
 
     #[test]

@@ -133,12 +133,21 @@ impl Validator {
         let Some(at) = v else { return default };
         match parse_duration(&at.value) {
             Some(d) if d.is_zero() => {
-                self.err(at, format!("expected a duration above zero, found {:?}", at.value));
+                self.err(
+                    at,
+                    format!("expected a duration above zero, found {:?}", at.value),
+                );
                 default
             }
             Some(d) => d,
             None => {
-                self.err(at, format!("expected a duration like 30s or 1m30s, found {:?}", at.value));
+                self.err(
+                    at,
+                    format!(
+                        "expected a duration like 30s or 1m30s, found {:?}",
+                        at.value
+                    ),
+                );
                 default
             }
         }
@@ -152,21 +161,38 @@ impl Validator {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !ok {
-            self.err(at, format!("expected {what} of [a-z0-9-]+ (at most 63), found {:?}", at.value));
+            self.err(
+                at,
+                format!(
+                    "expected {what} of [a-z0-9-]+ (at most 63), found {:?}",
+                    at.value
+                ),
+            );
         }
     }
 
     fn label_value(&mut self, at: &At<String>) {
         if at.value.trim().is_empty() || at.value.contains(['"', '\\', '\n']) {
-            self.err(at, format!("expected a label value without quotes or backslashes, found {:?}", at.value));
+            self.err(
+                at,
+                format!(
+                    "expected a label value without quotes or backslashes, found {:?}",
+                    at.value
+                ),
+            );
         }
     }
 
     fn url(&mut self, at: &At<String>) {
         let v = &at.value;
-        let rest = v.strip_prefix("http://").or_else(|| v.strip_prefix("https://"));
+        let rest = v
+            .strip_prefix("http://")
+            .or_else(|| v.strip_prefix("https://"));
         if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
-            self.err(at, format!("expected an http:// or https:// URL, found {v:?}"));
+            self.err(
+                at,
+                format!("expected an http:// or https:// URL, found {v:?}"),
+            );
         }
     }
 
@@ -179,14 +205,30 @@ impl Validator {
         if let Some(m) = &raw.model {
             self.label_value(m);
         }
-        let stable = self.required(&raw.stable, top, "stable", "the stable version's label value");
-        let canary = self.required(&raw.canary, top, "canary", "the canary version's label value");
+        let stable = self.required(
+            &raw.stable,
+            top,
+            "stable",
+            "the stable version's label value",
+        );
+        let canary = self.required(
+            &raw.canary,
+            top,
+            "canary",
+            "the canary version's label value",
+        );
         for v in [stable, canary].into_iter().flatten() {
             self.label_value(v);
         }
         if let (Some(s), Some(c)) = (stable, canary) {
             if s.value == c.value {
-                self.err(c, format!("expected a version different from stable, found {:?} for both", c.value));
+                self.err(
+                    c,
+                    format!(
+                        "expected a version different from stable, found {:?} for both",
+                        c.value
+                    ),
+                );
             }
         }
         let strategy = self.strategy(raw);
@@ -195,7 +237,12 @@ impl Validator {
         let router = self.router(raw, stable, canary, name);
         let webhooks = self.webhooks(raw);
         let prometheus = raw.prometheus.as_ref().and_then(|p| {
-            let url = self.required(&p.value.url, p.pos, &format!("{}.url", p.path), "Prometheus's URL")?;
+            let url = self.required(
+                &p.value.url,
+                p.pos,
+                &format!("{}.url", p.path),
+                "Prometheus's URL",
+            )?;
             self.url(url);
             Some(PrometheusConfig {
                 url: url.value.trim_end_matches('/').to_owned(),
@@ -218,7 +265,12 @@ impl Validator {
     }
 
     fn strategy(&mut self, raw: &RawPolicy) -> Option<Strategy> {
-        let Some(s) = self.required(&raw.strategy, self.doc_pos, "strategy", "a strategy section") else {
+        let Some(s) = self.required(
+            &raw.strategy,
+            self.doc_pos,
+            "strategy",
+            "a strategy section",
+        ) else {
             return None;
         };
         let r = &s.value;
@@ -232,7 +284,10 @@ impl Validator {
             None => 2,
             Some(f) if f.value >= 1 && f.value <= 1000 => f.value as u32,
             Some(f) => {
-                self.err(f, format!("expected a whole number from 1 to 1000, found {}", f.value));
+                self.err(
+                    f,
+                    format!("expected a whole number from 1 to 1000, found {}", f.value),
+                );
                 2
             }
         };
@@ -258,7 +313,10 @@ impl Validator {
                     self.err(st, "expected no steps in a blue-green strategy, which switches all traffic at once".into());
                 }
                 if let Some(m) = &r.min_step_duration {
-                    self.err(m, "expected no min_step_duration in a blue-green strategy; use bake".into());
+                    self.err(
+                        m,
+                        "expected no min_step_duration in a blue-green strategy; use bake".into(),
+                    );
                 }
                 let path = format!("{}.bake", s.path);
                 if r.bake.is_none() {
@@ -289,16 +347,25 @@ impl Validator {
         let needed = strategy.step_duration() * strategy.steps().len() as u32;
         if let Some(pd) = &r.progress_deadline {
             if progress_deadline < needed {
-                self.err(pd, format!(
-                    "expected at least {} (the steps take that long), found {:?}",
-                    humantime::format_duration(needed),
-                    pd.value
-                ));
+                self.err(
+                    pd,
+                    format!(
+                        "expected at least {} (the steps take that long), found {:?}",
+                        humantime::format_duration(needed),
+                        pd.value
+                    ),
+                );
             }
         }
         if let Some(iv) = &r.interval {
             if interval > progress_deadline {
-                self.err(iv, format!("expected an interval shorter than progress_deadline, found {:?}", iv.value));
+                self.err(
+                    iv,
+                    format!(
+                        "expected an interval shorter than progress_deadline, found {:?}",
+                        iv.value
+                    ),
+                );
             }
         }
         Some(strategy)
@@ -306,21 +373,41 @@ impl Validator {
 
     fn steps(&mut self, r: &raw::RawStrategy, s: &At<raw::RawStrategy>) -> Option<Vec<f64>> {
         let path = format!("{}.steps", s.path);
-        let Some(steps) = self.required(&r.steps, s.pos, &path, "a list of canary weights in percent, like [1, 5, 25]") else {
+        let Some(steps) = self.required(
+            &r.steps,
+            s.pos,
+            &path,
+            "a list of canary weights in percent, like [1, 5, 25]",
+        ) else {
             return None;
         };
         if steps.value.is_empty() {
-            self.err(steps, "expected at least one step, found an empty list".into());
+            self.err(
+                steps,
+                "expected at least one step, found an empty list".into(),
+            );
             return None;
         }
         let mut ok = true;
         let mut prev = 0.0;
         for st in &steps.value {
             if !(st.value > 0.0 && st.value <= 100.0) {
-                self.err(st, format!("expected a percentage above 0 and at most 100, found {}", st.value));
+                self.err(
+                    st,
+                    format!(
+                        "expected a percentage above 0 and at most 100, found {}",
+                        st.value
+                    ),
+                );
                 ok = false;
             } else if st.value <= prev {
-                self.err(st, format!("expected steps strictly increasing, found {} after {}", st.value, prev));
+                self.err(
+                    st,
+                    format!(
+                        "expected steps strictly increasing, found {} after {}",
+                        st.value, prev
+                    ),
+                );
                 ok = false;
             }
             prev = prev.max(st.value);
@@ -333,7 +420,9 @@ impl Validator {
             method: DEFAULT_METHOD,
             confidence: 0.95,
         };
-        let Some(r) = &raw.analysis else { return Some(a) };
+        let Some(r) = &raw.analysis else {
+            return Some(a);
+        };
         if let Some(m) = &r.value.method {
             let method = match m.value.as_str() {
                 "sequential" => Some(Method::Sequential),
@@ -343,14 +432,30 @@ impl Validator {
             };
             match method {
                 Some(mm) if method_available(mm) => a.method = mm,
-                Some(_) => self.err(m, format!("expected threshold ({:?} is not available in this build)", m.value)),
-                None => self.err(m, format!("expected sequential, threshold or mann-whitney, found {:?}", m.value)),
+                Some(_) => self.err(
+                    m,
+                    format!(
+                        "expected threshold ({:?} is not available in this build)",
+                        m.value
+                    ),
+                ),
+                None => self.err(
+                    m,
+                    format!(
+                        "expected sequential, threshold or mann-whitney, found {:?}",
+                        m.value
+                    ),
+                ),
             }
         }
         if let Some(c) = &r.value.confidence {
             let v = match &c.value {
                 Scalar::Num(n) => Some(*n),
-                Scalar::Text(t) => t.trim().strip_suffix('%').and_then(|p| p.trim().parse::<f64>().ok()).map(|p| p / 100.0),
+                Scalar::Text(t) => t
+                    .trim()
+                    .strip_suffix('%')
+                    .and_then(|p| p.trim().parse::<f64>().ok())
+                    .map(|p| p / 100.0),
             };
             match v {
                 Some(v) if v >= 0.5 && v < 1.0 => a.confidence = v,
@@ -361,11 +466,19 @@ impl Validator {
     }
 
     fn metrics(&mut self, raw: &RawPolicy) -> Option<Vec<MetricSpec>> {
-        let Some(list) = self.required(&raw.metrics, self.doc_pos, "metrics", "a list of metrics to judge") else {
+        let Some(list) = self.required(
+            &raw.metrics,
+            self.doc_pos,
+            "metrics",
+            "a list of metrics to judge",
+        ) else {
             return None;
         };
         if list.value.is_empty() {
-            self.err(list, "expected at least one metric, found an empty list".into());
+            self.err(
+                list,
+                "expected at least one metric, found an empty list".into(),
+            );
             return None;
         }
         let mut out = Vec::new();
@@ -374,7 +487,10 @@ impl Validator {
         for m in &list.value {
             if let Some(n) = &m.value.name {
                 if seen.contains(&n.value.as_str()) {
-                    self.err(n, format!("expected a unique metric name, found {:?} twice", n.value));
+                    self.err(
+                        n,
+                        format!("expected a unique metric name, found {:?} twice", n.value),
+                    );
                     ok = false;
                 }
                 seen.push(&n.value);
@@ -389,21 +505,41 @@ impl Validator {
 
     fn metric(&mut self, m: &At<RawMetric>) -> Option<MetricSpec> {
         let r = &m.value;
-        let name = self.required(&r.name, m.pos, &format!("{}.name", m.path), "the metric's name");
+        let name = self.required(
+            &r.name,
+            m.pos,
+            &format!("{}.name", m.path),
+            "the metric's name",
+        );
         if let Some(n) = name {
             let ok = !n.value.is_empty()
-                && n.value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+                && n.value
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !ok {
-                self.err(n, format!("expected a name of [a-z0-9_-]+, found {:?}", n.value));
+                self.err(
+                    n,
+                    format!("expected a name of [a-z0-9_-]+, found {:?}", n.value),
+                );
             }
         }
         let kind = match (&r.builtin, &r.query) {
             (Some(b), Some(q)) => {
-                self.err(q, format!("expected either builtin or query, found both (builtin {:?})", b.value));
+                self.err(
+                    q,
+                    format!(
+                        "expected either builtin or query, found both (builtin {:?})",
+                        b.value
+                    ),
+                );
                 None
             }
             (None, None) => {
-                self.missing(m.pos, &format!("{}.builtin", m.path), "builtin (error_rate, latency, accuracy) or query");
+                self.missing(
+                    m.pos,
+                    &format!("{}.builtin", m.path),
+                    "builtin (error_rate, latency, accuracy) or query",
+                );
                 None
             }
             (Some(b), None) => match b.value.as_str() {
@@ -414,14 +550,23 @@ impl Validator {
                         None => Some(0.99),
                         Some(q) if q.value > 0.0 && q.value < 1.0 => Some(q.value),
                         Some(q) => {
-                            self.err(q, format!("expected a quantile between 0 and 1, like 0.99, found {}", q.value));
+                            self.err(
+                                q,
+                                format!(
+                                    "expected a quantile between 0 and 1, like 0.99, found {}",
+                                    q.value
+                                ),
+                            );
                             None
                         }
                     };
                     q.map(|quantile| MetricKind::Latency { quantile })
                 }
                 other => {
-                    self.err(b, format!("expected error_rate, latency or accuracy, found {other:?}"));
+                    self.err(
+                        b,
+                        format!("expected error_rate, latency or accuracy, found {other:?}"),
+                    );
                     None
                 }
             },
@@ -431,7 +576,13 @@ impl Validator {
         };
         if let (Some(q), Some(k)) = (&r.quantile, &kind) {
             if !matches!(k, MetricKind::Latency { .. }) {
-                self.err(q, format!("expected no quantile on a {} metric (quantile is for latency)", k.label()));
+                self.err(
+                    q,
+                    format!(
+                        "expected no quantile on a {} metric (quantile is for latency)",
+                        k.label()
+                    ),
+                );
             }
         }
         let min_samples = match &r.min_samples {
@@ -441,7 +592,10 @@ impl Validator {
             },
             Some(s) if s.value >= 0 => s.value as u64,
             Some(s) => {
-                self.err(s, format!("expected a whole number of at least 0, found {}", s.value));
+                self.err(
+                    s,
+                    format!("expected a whole number of at least 0, found {}", s.value),
+                );
                 0
             }
         };
@@ -465,7 +619,10 @@ impl Validator {
         while let Some(start) = rest.find("{{") {
             let after = &rest[start + 2..];
             let Some(end) = after.find("}}") else {
-                self.err(q, "expected `}}` closing a template variable, found an unclosed `{{`".into());
+                self.err(
+                    q,
+                    "expected `}}` closing a template variable, found an unclosed `{{`".into(),
+                );
                 return false;
             };
             let var = after[..end].trim();
@@ -484,7 +641,10 @@ impl Validator {
             return false;
         }
         if !has_version {
-            self.err(q, "expected the query to select a version with {{version}}, found none".into());
+            self.err(
+                q,
+                "expected the query to select a version with {{version}}, found none".into(),
+            );
             ok = false;
         }
         ok
@@ -541,12 +701,26 @@ impl Validator {
         }
         if let (Some(lo), Some(hi), Some(at)) = (&min, &max, &r.min) {
             if lo.value > hi.value {
-                self.err(at, format!("expected min at most max ({}), found {}", hi.written, lo.written));
+                self.err(
+                    at,
+                    format!(
+                        "expected min at most max ({}), found {}",
+                        hi.written, lo.written
+                    ),
+                );
                 ok = false;
             }
         }
-        if r.max.is_none() && r.min.is_none() && r.max_increase.is_none() && r.max_decrease.is_none() {
-            self.missing(m.pos, &format!("{}.max", m.path), "at least one bound: max, min, max_increase or max_decrease");
+        if r.max.is_none()
+            && r.min.is_none()
+            && r.max_increase.is_none()
+            && r.max_decrease.is_none()
+        {
+            self.missing(
+                m.pos,
+                &format!("{}.max", m.path),
+                "at least one bound: max, min, max_increase or max_decrease",
+            );
             ok = false;
         }
         ok.then_some(Bounds {
@@ -564,21 +738,44 @@ impl Validator {
         canary: Option<&At<String>>,
         name: Option<&At<String>>,
     ) -> Option<RouterConfig> {
-        let r = self.required(&raw.router, self.doc_pos, "router", "one of haproxy, nginx, webhook, file")?;
+        let r = self.required(
+            &raw.router,
+            self.doc_pos,
+            "router",
+            "one of haproxy, nginx, webhook, file",
+        )?;
         let v = &r.value;
-        let count = [v.haproxy.is_some(), v.nginx.is_some(), v.webhook.is_some(), v.file.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let count = [
+            v.haproxy.is_some(),
+            v.nginx.is_some(),
+            v.webhook.is_some(),
+            v.file.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if count != 1 {
-            self.err(r, format!("expected exactly one of haproxy, nginx, webhook, file, found {count}"));
+            self.err(
+                r,
+                format!("expected exactly one of haproxy, nginx, webhook, file, found {count}"),
+            );
             return None;
         }
         let versions: Vec<&At<String>> = [stable, canary].into_iter().flatten().collect();
         if let Some(h) = &v.haproxy {
             let p = &h.path;
-            let socket = self.required(&h.value.socket, h.pos, &format!("{p}.socket"), "the runtime API socket path or host:port");
-            let backend = self.required(&h.value.backend, h.pos, &format!("{p}.backend"), "the backend's name");
+            let socket = self.required(
+                &h.value.socket,
+                h.pos,
+                &format!("{p}.socket"),
+                "the runtime API socket path or host:port",
+            );
+            let backend = self.required(
+                &h.value.backend,
+                h.pos,
+                &format!("{p}.backend"),
+                "the backend's name",
+            );
             let servers = self.servers(&h.value.servers, h, &versions, "HAProxy server names");
             return Some(RouterConfig::Haproxy {
                 socket: socket?.value.clone(),
@@ -588,11 +785,24 @@ impl Validator {
         }
         if let Some(g) = &v.nginx {
             let p = &g.path;
-            let file = self.required(&g.value.weights_file, g.pos, &format!("{p}.weights_file"), "the path of the upstream include file");
-            let reload = self.required(&g.value.reload, g.pos, &format!("{p}.reload"), "the reload command, like [nginx, -s, reload]");
+            let file = self.required(
+                &g.value.weights_file,
+                g.pos,
+                &format!("{p}.weights_file"),
+                "the path of the upstream include file",
+            );
+            let reload = self.required(
+                &g.value.reload,
+                g.pos,
+                &format!("{p}.reload"),
+                "the reload command, like [nginx, -s, reload]",
+            );
             if let Some(rl) = reload {
                 if rl.value.is_empty() {
-                    self.err(rl, "expected a command and its arguments, found an empty list".into());
+                    self.err(
+                        rl,
+                        "expected a command and its arguments, found an empty list".into(),
+                    );
                 }
             }
             let servers = self.servers(&g.value.servers, g, &versions, "host:port addresses");
@@ -608,7 +818,12 @@ impl Validator {
             });
         }
         if let Some(wh) = &v.webhook {
-            let url = self.required(&wh.value.url, wh.pos, &format!("{}.url", wh.path), "the router's URL");
+            let url = self.required(
+                &wh.value.url,
+                wh.pos,
+                &format!("{}.url", wh.path),
+                "the router's URL",
+            );
             if let Some(u) = url {
                 self.url(u);
             }
@@ -619,7 +834,12 @@ impl Validator {
             });
         }
         let f = v.file.as_ref()?;
-        let path = self.required(&f.value.path, f.pos, &format!("{}.path", f.path), "the weights file's path")?;
+        let path = self.required(
+            &f.value.path,
+            f.pos,
+            &format!("{}.path", f.path),
+            "the weights file's path",
+        )?;
         Some(RouterConfig::File {
             path: PathBuf::from(&path.value),
         })
@@ -633,31 +853,57 @@ impl Validator {
         what: &str,
     ) -> Option<BTreeMap<String, String>> {
         let path = format!("{}.servers", parent.path);
-        let s = self.required(servers, parent.pos, &path, &format!("a mapping of version to {what}"))?;
+        let s = self.required(
+            servers,
+            parent.pos,
+            &path,
+            &format!("a mapping of version to {what}"),
+        )?;
         let mut ok = true;
         for v in versions {
             if !s.value.contains_key(&v.value) {
-                self.err(s, format!("expected an entry for version {:?}, found none", v.value));
+                self.err(
+                    s,
+                    format!("expected an entry for version {:?}, found none", v.value),
+                );
                 ok = false;
             }
         }
-        ok.then(|| s.value.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect())
+        ok.then(|| {
+            s.value
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect()
+        })
     }
 
     fn webhooks(&mut self, raw: &RawPolicy) -> Vec<Webhook> {
         let mut out = Vec::new();
-        let Some(list) = &raw.webhooks else { return out };
+        let Some(list) = &raw.webhooks else {
+            return out;
+        };
         for h in &list.value {
             let on = self.required(&h.value.on, h.pos, &format!("{}.on", h.path), "an event");
             let event = on.and_then(|o| {
-                let e = WebhookEvent::ALL.iter().find(|(n, _)| *n == o.value).map(|(_, e)| *e);
+                let e = WebhookEvent::ALL
+                    .iter()
+                    .find(|(n, _)| *n == o.value)
+                    .map(|(_, e)| *e);
                 if e.is_none() {
                     let names: Vec<&str> = WebhookEvent::ALL.iter().map(|(n, _)| *n).collect();
-                    self.err(o, format!("expected one of {}, found {:?}", names.join(", "), o.value));
+                    self.err(
+                        o,
+                        format!("expected one of {}, found {:?}", names.join(", "), o.value),
+                    );
                 }
                 e
             });
-            let url = self.required(&h.value.url, h.pos, &format!("{}.url", h.path), "the URL to POST to");
+            let url = self.required(
+                &h.value.url,
+                h.pos,
+                &format!("{}.url", h.path),
+                "the URL to POST to",
+            );
             if let Some(u) = url {
                 self.url(u);
             }
@@ -679,11 +925,15 @@ impl Validator {
         for (key, at) in &s.value {
             let v = at.value.clone();
             let is_name = !v.is_empty()
-                && v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+                && v.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
                 && !v.starts_with(|ch: char| ch.is_ascii_digit());
             let is_value_key = key.ends_with("_value");
             if !is_value_key && !is_name {
-                self.err(at, format!("expected a Prometheus name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {v:?}"));
+                self.err(
+                    at,
+                    format!("expected a Prometheus name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {v:?}"),
+                );
                 continue;
             }
             if is_value_key {
@@ -743,16 +993,28 @@ fn amount(s: &Scalar) -> Option<Amount> {
 fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
     let found = show(s);
     let value = match (amount(s), unit) {
-        (None, Unit::Seconds) => return Err(format!("expected a duration like 250ms, found {found:?}")),
-        (None, _) => return Err(format!("expected a number or a percentage like 1%, found {found:?}")),
+        (None, Unit::Seconds) => {
+            return Err(format!("expected a duration like 250ms, found {found:?}"));
+        }
+        (None, _) => {
+            return Err(format!(
+                "expected a number or a percentage like 1%, found {found:?}"
+            ));
+        }
         (Some(Amount::Points(_)), _) => {
-            return Err(format!("expected an absolute bound (pp is for max_increase/max_decrease), found {found:?}"));
+            return Err(format!(
+                "expected an absolute bound (pp is for max_increase/max_decrease), found {found:?}"
+            ));
         }
         (Some(Amount::Seconds(_)), Unit::Ratio) => {
-            return Err(format!("expected a rate like 1% or 0.01 (a duration makes no sense here), found {found:?}"));
+            return Err(format!(
+                "expected a rate like 1% or 0.01 (a duration makes no sense here), found {found:?}"
+            ));
         }
         (Some(Amount::Percent(_)), Unit::Seconds) => {
-            return Err(format!("expected a duration like 250ms (a percentage makes no sense for latency), found {found:?}"));
+            return Err(format!(
+                "expected a duration like 250ms (a percentage makes no sense for latency), found {found:?}"
+            ));
         }
         (Some(Amount::Seconds(v)), _) => v,
         (Some(Amount::Percent(p)), _) => p / 100.0,
@@ -765,7 +1027,9 @@ fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
         Unit::Ratio if !(0.0..=1.0).contains(&value) => {
             Err(format!("expected a rate from 0% to 100%, found {found:?}"))
         }
-        Unit::Seconds if value <= 0.0 => Err(format!("expected a duration above zero, found {found:?}")),
+        Unit::Seconds if value <= 0.0 => {
+            Err(format!("expected a duration above zero, found {found:?}"))
+        }
         _ => Ok(value),
     }
 }
@@ -776,25 +1040,37 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
         (None, _) => {
             return Err(format!(
                 "expected a relative bound like 10%, {} found {found:?}",
-                if unit == Unit::Seconds { "or a duration like 20ms," } else { "or points like 0.5pp," }
+                if unit == Unit::Seconds {
+                    "or a duration like 20ms,"
+                } else {
+                    "or points like 0.5pp,"
+                }
             ));
         }
         (Some(Amount::Percent(p)), _) => (ToleranceKind::Relative, p / 100.0),
         (Some(Amount::Points(_)), Unit::Seconds) => {
-            return Err(format!("expected 10% or a duration like 20ms (percentage points make no sense for latency), found {found:?}"));
+            return Err(format!(
+                "expected 10% or a duration like 20ms (percentage points make no sense for latency), found {found:?}"
+            ));
         }
         (Some(Amount::Points(p)), _) => (ToleranceKind::Absolute, p / 100.0),
         (Some(Amount::Seconds(_)), Unit::Ratio) => {
-            return Err(format!("expected 10% or 0.5pp (a duration makes no sense for a rate), found {found:?}"));
+            return Err(format!(
+                "expected 10% or 0.5pp (a duration makes no sense for a rate), found {found:?}"
+            ));
         }
         (Some(Amount::Seconds(v)), _) => (ToleranceKind::Absolute, v),
         (Some(Amount::Number(n)), _) => (ToleranceKind::Absolute, n),
     };
     if !amount.is_finite() || amount < 0.0 {
-        return Err(format!("expected a tolerance of at least zero, found {found:?}"));
+        return Err(format!(
+            "expected a tolerance of at least zero, found {found:?}"
+        ));
     }
     if decrease && kind == ToleranceKind::Relative && amount >= 1.0 {
-        return Err(format!("expected a relative decrease below 100%, found {found:?}"));
+        return Err(format!(
+            "expected a relative decrease below 100%, found {found:?}"
+        ));
     }
     if unit == Unit::Ratio && kind == ToleranceKind::Absolute && amount > 1.0 {
         return Err(format!("expected at most 100pp, found {found:?}"));

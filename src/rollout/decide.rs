@@ -144,14 +144,25 @@ fn start(policy: &Policy, mut state: RolloutState, now: Time) -> RolloutState {
     state
 }
 
-fn rollback(mut state: RolloutState, reports: Vec<MetricReport>, reason: String, now: Time) -> Decision {
+fn rollback(
+    mut state: RolloutState,
+    reports: Vec<MetricReport>,
+    reason: String,
+    now: Time,
+) -> Decision {
     state.set_phase(Phase::RollingBack, now);
     state.paused_from = None;
     state.set_weight(0.0, now);
     decision(Action::Rollback, state, reports, reason)
 }
 
-fn promote(mut state: RolloutState, policy: &Policy, reports: Vec<MetricReport>, reason: String, now: Time) -> Decision {
+fn promote(
+    mut state: RolloutState,
+    policy: &Policy,
+    reports: Vec<MetricReport>,
+    reason: String,
+    now: Time,
+) -> Decision {
     state.set_phase(Phase::Promoting, now);
     state.paused_from = None;
     state.step = policy.strategy.steps().len();
@@ -218,7 +229,11 @@ enum Outcome {
 
 fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) -> Outcome {
     let names = |pred: &dyn Fn(&MetricReport) -> bool| -> Vec<String> {
-        reports.iter().filter(|r| pred(r)).map(|r| r.metric.clone()).collect()
+        reports
+            .iter()
+            .filter(|r| pred(r))
+            .map(|r| r.metric.clone())
+            .collect()
     };
     let critical = names(&|r| {
         r.verdict == Verdict::Fail && policy.metric(&r.metric).is_some_and(|m| m.critical)
@@ -277,10 +292,17 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
         Phase::RollingBack => {
             if router_confirms(obs, 0.0) {
                 state.set_phase(Phase::RolledBack, now);
-                decision(Action::Settle, state, Vec::new(), "rolled back: all traffic on stable".into())
+                decision(
+                    Action::Settle,
+                    state,
+                    Vec::new(),
+                    "rolled back: all traffic on stable".into(),
+                )
             } else {
                 let why = match &obs.router {
-                    RouterStatus::Failing { error, .. } => format!("rolling back; router failing: {error}"),
+                    RouterStatus::Failing { error, .. } => {
+                        format!("rolling back; router failing: {error}")
+                    }
                     RouterStatus::Ok { canary_weight } => {
                         format!("rolling back; router still sends {canary_weight}% to the canary")
                     }
@@ -297,7 +319,9 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
 
 fn router_failed_too_long(policy: &Policy, obs: &Observation, now: Time) -> Option<String> {
     match &obs.router {
-        RouterStatus::Failing { since, error } if now.since(*since) >= policy.strategy.router_deadline => {
+        RouterStatus::Failing { since, error }
+            if now.since(*since) >= policy.strategy.router_deadline =>
+        {
             Some(format!(
                 "router failing for {} (deadline {}): {error}",
                 humantime::format_duration(now.since(*since)),
@@ -318,10 +342,20 @@ fn fail(mut state: RolloutState, reason: String, now: Time) -> Decision {
 
 fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
     if !policy.has_candidate() {
-        return decision(Action::Hold, state, Vec::new(), "no candidate: canary equals stable".into());
+        return decision(
+            Action::Hold,
+            state,
+            Vec::new(),
+            "no candidate: canary equals stable".into(),
+        );
     }
     if let RouterStatus::Failing { error, .. } = &obs.router {
-        return decision(Action::Hold, state, Vec::new(), format!("not started: router failing: {error}"));
+        return decision(
+            Action::Hold,
+            state,
+            Vec::new(),
+            format!("not started: router failing: {error}"),
+        );
     }
     // Record stable's values before any traffic moves: blue-green compares with them.
     let reports = analyse(policy, &mut state, obs);
@@ -340,7 +374,10 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
                 Action::Hold,
                 state,
                 reports,
-                format!("pre-check: no stable baseline yet for {}", missing.join(", ")),
+                format!(
+                    "pre-check: no stable baseline yet for {}",
+                    missing.join(", ")
+                ),
             );
         }
     }
@@ -349,7 +386,12 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
     decision(Action::Start, state, reports, reason)
 }
 
-fn tick_progressing(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+fn tick_progressing(
+    policy: &Policy,
+    mut state: RolloutState,
+    obs: &Observation,
+    now: Time,
+) -> Decision {
     let reports = analyse(policy, &mut state, obs);
     if let Some(why) = router_failed_too_long(policy, obs, now) {
         return fail(state, why, now);
@@ -368,19 +410,35 @@ fn tick_progressing(policy: &Policy, mut state: RolloutState, obs: &Observation,
     let pass = match outcome(policy, &mut state, &reports) {
         Outcome::Rollback(why) => return rollback(state, reports, why, now),
         Outcome::Failed(why) | Outcome::Hold(why) => {
-            let action = if state.phase == Phase::WaitingPromotion { Action::Wait } else { Action::Hold };
+            let action = if state.phase == Phase::WaitingPromotion {
+                Action::Wait
+            } else {
+                Action::Hold
+            };
             return decision(action, state, reports, why);
         }
         Outcome::Pass => true,
     };
     debug_assert!(pass);
     if let RouterStatus::Failing { error, .. } = &obs.router {
-        return decision(Action::Hold, state, reports, format!("router failing: {error}"));
+        return decision(
+            Action::Hold,
+            state,
+            reports,
+            format!("router failing: {error}"),
+        );
     }
     match state.phase {
-        Phase::Paused => return decision(Action::Hold, state, reports, "paused by an operator".into()),
+        Phase::Paused => {
+            return decision(Action::Hold, state, reports, "paused by an operator".into());
+        }
         Phase::WaitingPromotion => {
-            return decision(Action::Wait, state, reports, "waiting for an operator to promote".into());
+            return decision(
+                Action::Wait,
+                state,
+                reports,
+                "waiting for an operator to promote".into(),
+            );
         }
         _ => {}
     }
@@ -423,31 +481,64 @@ fn tick_progressing(policy: &Policy, mut state: RolloutState, obs: &Observation,
         let reason = format!("not promoting without data for {}", blind.join(", "));
         return decision(Action::Hold, state, reports, reason);
     }
-    let unproven: Vec<&str> = reports.iter().filter(|r| !r.promotable).map(|r| r.metric.as_str()).collect();
+    let unproven: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.promotable)
+        .map(|r| r.metric.as_str())
+        .collect();
     if !unproven.is_empty() {
         let reason = format!("not enough evidence to promote: {}", unproven.join(", "));
         return decision(Action::Hold, state, reports, reason);
     }
     if policy.strategy.manual_promotion {
         state.set_phase(Phase::WaitingPromotion, now);
-        return decision(Action::Wait, state, reports, "last step passed; waiting for an operator to promote".into());
+        return decision(
+            Action::Wait,
+            state,
+            reports,
+            "last step passed; waiting for an operator to promote".into(),
+        );
     }
-    let gated = policy.webhooks.iter().any(|w| w.on == crate::policy::WebhookEvent::ConfirmPromotion);
+    let gated = policy
+        .webhooks
+        .iter()
+        .any(|w| w.on == crate::policy::WebhookEvent::ConfirmPromotion);
     if gated {
         match &obs.gate {
             Gate::Open => {}
             Gate::NotAsked => {
-                return decision(Action::Hold, state, reports, "asking the confirm-promotion gate".into());
+                return decision(
+                    Action::Hold,
+                    state,
+                    reports,
+                    "asking the confirm-promotion gate".into(),
+                );
             }
             Gate::Closed { reason } => {
-                return decision(Action::Hold, state, reports, format!("promotion gate closed: {reason}"));
+                return decision(
+                    Action::Hold,
+                    state,
+                    reports,
+                    format!("promotion gate closed: {reason}"),
+                );
             }
         }
     }
-    promote(state, policy, reports, "every step passed: promoting".into(), now)
+    promote(
+        state,
+        policy,
+        reports,
+        "every step passed: promoting".into(),
+        now,
+    )
 }
 
-fn tick_promoting(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+fn tick_promoting(
+    policy: &Policy,
+    mut state: RolloutState,
+    obs: &Observation,
+    now: Time,
+) -> Decision {
     let watch = policy.strategy.post_promotion_watch;
     let promoted_at = state.promoted_at.unwrap_or(now);
     let watching = now.since(promoted_at) < watch;
@@ -462,7 +553,12 @@ fn tick_promoting(policy: &Policy, mut state: RolloutState, obs: &Observation, n
         if let Some(why) = router_failed_too_long(policy, obs, now) {
             return fail(state, why, now);
         }
-        return decision(Action::Hold, state, reports, "waiting for the router to send all traffic to the canary".into());
+        return decision(
+            Action::Hold,
+            state,
+            reports,
+            "waiting for the router to send all traffic to the canary".into(),
+        );
     }
     if watching {
         let left = watch - now.since(promoted_at);
@@ -478,40 +574,73 @@ fn tick_promoting(policy: &Policy, mut state: RolloutState, obs: &Observation, n
 }
 
 fn reject(state: RolloutState, action: OperatorAction) -> Decision {
-    let reason = format!("cannot {} a rollout that is {}", action.as_str(), state.phase.as_str());
+    let reason = format!(
+        "cannot {} a rollout that is {}",
+        action.as_str(),
+        state.phase.as_str()
+    );
     let mut d = decision(Action::Reject, state.clone(), Vec::new(), reason);
     // A refused action leaves the rollout's own explanation untouched.
     d.state.message = state.message;
     d
 }
 
-fn operator(policy: &Policy, mut state: RolloutState, action: OperatorAction, now: Time) -> Decision {
+fn operator(
+    policy: &Policy,
+    mut state: RolloutState,
+    action: OperatorAction,
+    now: Time,
+) -> Decision {
     use Phase::*;
     match (action, state.phase) {
-        (OperatorAction::Promote, Progressing | Paused | WaitingPromotion) => {
-            promote(state, policy, Vec::new(), "promoted by an operator".into(), now)
-        }
+        (OperatorAction::Promote, Progressing | Paused | WaitingPromotion) => promote(
+            state,
+            policy,
+            Vec::new(),
+            "promoted by an operator".into(),
+            now,
+        ),
         (OperatorAction::Abort, Idle) if policy.has_candidate() => {
             state.set_phase(RolledBack, now);
             state.set_weight(0.0, now);
-            decision(Action::Rollback, state, Vec::new(), "aborted by an operator before it started".into())
+            decision(
+                Action::Rollback,
+                state,
+                Vec::new(),
+                "aborted by an operator before it started".into(),
+            )
         }
-        (OperatorAction::Abort, Progressing | Paused | WaitingPromotion | Promoting | Promoted | Failed) => {
-            rollback(state, Vec::new(), "aborted by an operator".into(), now)
-        }
+        (
+            OperatorAction::Abort,
+            Progressing | Paused | WaitingPromotion | Promoting | Promoted | Failed,
+        ) => rollback(state, Vec::new(), "aborted by an operator".into(), now),
         (OperatorAction::Pause, Progressing | WaitingPromotion) => {
             state.paused_from = Some(state.phase);
             state.set_phase(Paused, now);
-            decision(Action::Pause, state, Vec::new(), "paused by an operator".into())
+            decision(
+                Action::Pause,
+                state,
+                Vec::new(),
+                "paused by an operator".into(),
+            )
         }
         (OperatorAction::Resume, Paused) => {
             let back = state.paused_from.take().unwrap_or(Progressing);
             state.set_phase(back, now);
-            decision(Action::Resume, state, Vec::new(), format!("resumed by an operator ({})", back.as_str()))
+            decision(
+                Action::Resume,
+                state,
+                Vec::new(),
+                format!("resumed by an operator ({})", back.as_str()),
+            )
         }
         (OperatorAction::Retry, RolledBack | Failed) if policy.has_candidate() => {
             let state = start(policy, state, now);
-            let reason = format!("retried by an operator: attempt {} at {}%", state.attempt, fmt_pct(state.weight));
+            let reason = format!(
+                "retried by an operator: attempt {} at {}%",
+                state.attempt,
+                fmt_pct(state.weight)
+            );
             decision(Action::Retry, state, Vec::new(), reason)
         }
         _ => reject(state, action),
@@ -519,5 +648,9 @@ fn operator(policy: &Policy, mut state: RolloutState, action: OperatorAction, no
 }
 
 fn fmt_pct(w: f64) -> String {
-    if w.fract() == 0.0 { format!("{w:.0}") } else { format!("{w}") }
+    if w.fract() == 0.0 {
+        format!("{w:.0}")
+    } else {
+        format!("{w}")
+    }
 }

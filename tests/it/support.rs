@@ -69,8 +69,15 @@ where
 
 /// Waits until something accepts TCP connections on 127.0.0.1:`port`.
 pub async fn wait_for_port(port: u16, limit: Duration) {
-    wait_for(&format!("127.0.0.1:{port} to accept connections"), limit, || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-    })
+    wait_for(
+        &format!("127.0.0.1:{port} to accept connections"),
+        limit,
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
     .await
 }
