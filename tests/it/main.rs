@@ -2,4 +2,5 @@
 //! on 127.0.0.1 and stopped when they end.
 
 mod daemon;
+mod dashboards;
 mod support;
