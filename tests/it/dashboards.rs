@@ -304,6 +304,44 @@ impl TestPrometheus {
         let body = r.json().await.unwrap_or(Value::Null);
         (status, body)
     }
+
+    /// Prometheus' own clock (`time()`), in Unix seconds, so tests need not read the system clock.
+    pub async fn now(&self, client: &reqwest::Client) -> f64 {
+        let (status, body) = self.query(client, "time()").await;
+        assert_eq!(status, 200, "time(): {body}");
+        body["data"]["result"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("time() returned {body}"))
+    }
+
+    /// Runs a range query over the last `span` (by Prometheus' clock) with `step`; returns the
+    /// HTTP status and the JSON body. For queries such as the decision annotations
+    /// (`changes(...[30s]) > 0`) that only have data around the moment something happened.
+    pub async fn query_range(
+        &self,
+        client: &reqwest::Client,
+        promql: &str,
+        span: Duration,
+        step: Duration,
+    ) -> (u16, Value) {
+        let end = self.now(client).await;
+        let start = end - span.as_secs_f64();
+        let r = client
+            .get(self.url("/api/v1/query_range"))
+            .query(&[
+                ("query", promql.to_string()),
+                ("start", format!("{start:.3}")),
+                ("end", format!("{end:.3}")),
+                ("step", format!("{}s", step.as_secs().max(1))),
+            ])
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("query_range {promql:?}: {e}"));
+        let status = r.status().as_u16();
+        let body = r.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
 }
 
 #[test]
@@ -462,5 +500,30 @@ async fn every_dashboard_query_and_recording_rule_parses_in_prometheus() {
     assert_eq!(
         (status, body["errorType"].as_str()),
         (400, Some("bad_data"))
+    );
+    let (status, body) = prom
+        .query_range(
+            &client,
+            "sum by (rollout) (canaryd_rollout_phase",
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(
+        (status, body["errorType"].as_str()),
+        (400, Some("bad_data"))
+    );
+    let (status, body) = prom
+        .query_range(
+            &client,
+            "vector(1)",
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("success")));
+    assert_eq!(
+        body["data"]["result"][0]["values"].as_array().map(Vec::len),
+        Some(13)
     );
 }
