@@ -166,7 +166,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             dry_run,
             poll: Duration::from_secs(2),
             clock: Arc::new(canaryd::time::SystemClock),
-            routers: Arc::new(|p| canaryd::router::from_policy(p)),
+            routers: Arc::new(canaryd::router::from_policy),
             sources: canaryd::source::factory(prometheus),
         };
         canaryd::daemon::serve(listener, config, canaryd::daemon::signals()).await

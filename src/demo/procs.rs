@@ -75,10 +75,10 @@ pub async fn wait_http(name: &str, url: &str, log: &Path, limit: Duration) -> an
         .build()?;
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Ok(r) = client.get(url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
