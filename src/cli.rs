@@ -33,6 +33,9 @@ pub enum Command {
     Resume(ActionArgs),
     /// Start a rolled-back or failed rollout again from its first step.
     Retry(ActionArgs),
+    /// The whole thing, live, on this machine: Prometheus, HAProxy, model versions, load and
+    /// the daemon; a good canary promoted and a bad one rolled back.
+    Demo(canaryd::demo::DemoArgs),
     /// Run the judging benchmark in virtual time.
     Bench(canaryd::bench::BenchArgs),
     /// Run a stand-in model server (or a load generator) for demos and tests.

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Command::Pause(a) => action("pause", a),
         Command::Resume(a) => action("resume", a),
         Command::Retry(a) => action("retry", a),
+        Command::Demo(args) => exit(canaryd::demo::run(&args)),
         Command::Bench(args) => exit(canaryd::bench::run(&args)),
         Command::Sim(args) => exit(canaryd::sim::run(&args)),
     }
