@@ -1,4 +1,19 @@
 //! Metric sources: ask Prometheus (or a fake, in tests) what both versions did.
+//!
+//! `query.rs` writes the PromQL, `prometheus.rs` sends it and parses the answer, `read.rs`
+//! turns answers into samples, and `observe.rs` ties them into [`PrometheusSource`].
+
+pub mod error;
+pub mod observe;
+pub mod prometheus;
+pub mod query;
+pub mod read;
+
+pub use error::SourceError;
+pub use observe::{
+    LiveMetric, LiveOutcome, LiveReport, LiveVersion, PrometheusSource, QueryObserver, QueryRecord,
+};
+pub use prometheus::{Auth, ClientOptions, PrometheusClient};
 
 use crate::observation::MetricReading;
 use crate::policy::Policy;
@@ -15,6 +30,19 @@ pub struct Window {
     pub since: Time,
     /// Start of the rollout: cumulative counts for count-based judges.
     pub rollout_started: Time,
+}
+
+impl Window {
+    /// A window ending at `at` that reaches `d` back, for one-off reads such as
+    /// `canaryd check --live`, where no step or rollout has begun.
+    pub fn lookback(at: Time, d: std::time::Duration) -> Window {
+        let start = Time(at.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+        Window {
+            at,
+            since: start,
+            rollout_started: start,
+        }
+    }
 }
 
 /// Where readings come from.
