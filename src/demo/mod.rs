@@ -243,6 +243,7 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
         "starting canaryd on 127.0.0.1:9850 with policy demo: v1 -> v2 in steps of 10, 25, 50 %",
     );
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", API_PORT)).await?;
+    let metrics = crate::metrics::Metrics::new(prometheus::Registry::new())?;
     let daemon_cfg = crate::daemon::DaemonConfig {
         policies: policies.clone(),
         state: dir.join("canaryd.db"),
@@ -251,7 +252,12 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
         poll: Duration::from_millis(500),
         clock: Arc::new(crate::time::SystemClock),
         routers: Arc::new(crate::router::from_policy),
-        sources: crate::source::factory(format!("http://127.0.0.1:{PROMETHEUS_PORT}")),
+        sources: crate::source::factory(
+            &format!("http://127.0.0.1:{PROMETHEUS_PORT}"),
+            crate::source::ClientOptions::default(),
+            Some(Arc::new(metrics.clone())),
+        )?,
+        metrics: Some(metrics),
     };
     let mut stop = stop_rx.clone();
     let daemon = tokio::spawn(crate::daemon::serve(listener, daemon_cfg, async move {

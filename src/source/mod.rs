@@ -56,35 +56,17 @@ pub trait MetricSource: Send + Sync {
     ) -> BoxFuture<'a, BTreeMap<String, MetricReading>>;
 }
 
-/// The source the daemon uses for each policy: its own Prometheus, or `default_url`.
-pub fn factory(default_url: String) -> crate::controller::SourceFactory {
-    let _ = default_url;
-    std::sync::Arc::new(|_policy: &Policy| -> std::sync::Arc<dyn MetricSource> {
-        std::sync::Arc::new(Unconfigured)
-    })
-}
-
-/// Placeholder until the Prometheus client is wired in: every metric reads unavailable, so
-/// rollouts hold and never advance.
-struct Unconfigured;
-
-impl MetricSource for Unconfigured {
-    fn observe<'a>(
-        &'a self,
-        policy: &'a Policy,
-        _window: Window,
-    ) -> BoxFuture<'a, BTreeMap<String, MetricReading>> {
-        Box::pin(async move {
-            policy
-                .metrics
-                .iter()
-                .map(|m| {
-                    (
-                        m.name.clone(),
-                        MetricReading::unavailable("no metric source configured"),
-                    )
-                })
-                .collect()
-        })
+/// The source the daemon uses for every policy: one Prometheus client (a policy's own
+/// `prometheus.url` is honoured per query), reporting each query to `observer`.
+pub fn factory(
+    default_url: &str,
+    options: ClientOptions,
+    observer: Option<std::sync::Arc<dyn QueryObserver>>,
+) -> Result<crate::controller::SourceFactory, SourceError> {
+    let mut source = PrometheusSource::new(PrometheusClient::new(default_url, options)?);
+    if let Some(o) = observer {
+        source = source.with_observer(o);
     }
+    let source: std::sync::Arc<dyn MetricSource> = std::sync::Arc::new(source);
+    Ok(std::sync::Arc::new(move |_policy: &Policy| source.clone()))
 }
