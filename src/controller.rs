@@ -183,6 +183,16 @@ struct Task {
     view: RolloutView,
 }
 
+/// The step people see: counting from 1, 0 before the start, never past the last step
+/// (a promoting rollout's state is one past it).
+pub fn shown_step(state: &RolloutState, steps: usize) -> usize {
+    if state.phase == Phase::Idle {
+        0
+    } else {
+        (state.step + 1).min(steps)
+    }
+}
+
 pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView {
     RolloutView {
         name: policy.name.clone(),
@@ -192,11 +202,7 @@ pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView
         canary: state.canary.clone(),
         phase: state.phase,
         weight: state.weight,
-        step: if state.phase == Phase::Idle {
-            0
-        } else {
-            state.step + 1
-        },
+        step: shown_step(state, policy.strategy.steps().len()),
         steps: policy.strategy.steps(),
         method: policy.analysis.method.as_str().to_owned(),
         strategy: if policy.strategy.is_blue_green() {
@@ -231,11 +237,7 @@ impl Task {
         v.canary = self.state.canary.clone();
         v.phase = self.state.phase;
         v.weight = self.state.weight;
-        v.step = if self.state.phase == Phase::Idle {
-            0
-        } else {
-            self.state.step + 1
-        };
+        v.step = shown_step(&self.state, self.policy.strategy.steps().len());
         v.steps = self.policy.strategy.steps();
         v.method = self.policy.analysis.method.as_str().to_owned();
         v.state = self.state.clone();
@@ -402,7 +404,7 @@ impl Task {
             "canary": self.state.canary,
             "phase": self.state.phase,
             "weight": self.state.weight,
-            "step": self.state.step + 1,
+            "step": shown_step(&self.state, self.policy.strategy.steps().len()),
             "reason": reason,
         })
     }
@@ -507,7 +509,9 @@ impl Task {
             }
         }
         self.state = d.state.clone();
-        self.shared.metrics.decision(&d);
+        self.shared
+            .metrics
+            .decision(&d, shown_step(&d.state, self.policy.strategy.steps().len()));
         if d.action != Action::Hold && d.action != Action::Reject {
             tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref().unwrap_or(""), "decision");
             self.notify(&d);

@@ -205,7 +205,7 @@ impl Metrics {
     }
 
     /// Records a decision: phase, weight, step, counters and each metric's evidence.
-    pub fn decision(&self, d: &Decision) {
+    pub fn decision(&self, d: &Decision, step: usize) {
         let name = d.state.name.as_str();
         for p in Phase::ALL {
             self.phase
@@ -213,12 +213,7 @@ impl Metrics {
                 .set(i64::from(p == d.state.phase));
         }
         self.weight.with_label_values(&[name]).set(d.weight);
-        let step = if d.state.phase == Phase::Idle {
-            0
-        } else {
-            d.state.step as i64 + 1
-        };
-        self.step.with_label_values(&[name]).set(step);
+        self.step.with_label_values(&[name]).set(step as i64);
         self.failures
             .with_label_values(&[name])
             .set(i64::from(d.state.consecutive_failures));

@@ -128,7 +128,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 Ok(r) => r,
                 Err(_) => Err(anyhow::anyhow!("the demo did not finish within {DEMO_LIMIT:?}")),
             },
-            _ = tokio::signal::ctrl_c() => {
+            _ = tokio::signal::ctrl_c(), if !keep => {
                 eprintln!("\ninterrupted: stopping everything the demo started");
                 Ok(())
             }
@@ -346,8 +346,18 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
     println!(
         "                 `canaryd status demo`, Prometheus at http://127.0.0.1:{PROMETHEUS_PORT}, dashboards in grafana/"
     );
+    let verdict = if good_ok && bad_ok {
+        println!("demo passed: the good canary was promoted and the bad one rolled back");
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "the demo did not go as it should: good canary {}, bad canary {}",
+            acts.first().map_or("?", |a| a.outcome.as_str()),
+            acts.get(1).map_or("?", |a| a.outcome.as_str())
+        ))
+    };
     if keep {
-        println!("\nstill running (--keep); Ctrl-C stops everything");
+        println!("still running (--keep); Ctrl-C stops everything");
         let _ = tokio::signal::ctrl_c().await;
     }
 
@@ -359,15 +369,7 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
     }
     prometheus.stop().await;
     haproxy.stop().await;
-    if !good_ok || !bad_ok {
-        bail!(
-            "the demo did not go as it should: good canary {}, bad canary {}",
-            acts.first().map_or("?", |a| a.outcome.as_str()),
-            acts.get(1).map_or("?", |a| a.outcome.as_str())
-        );
-    }
-    println!("demo passed: the good canary was promoted and the bad one rolled back");
-    Ok(())
+    verdict
 }
 
 /// Canary requests served between two load snapshots.

@@ -3,4 +3,5 @@
 
 mod daemon;
 mod dashboards;
+mod demo;
 mod support;
