@@ -108,8 +108,11 @@ enum Script {
 struct Fake {
     script: Script,
     /// Query parameters and the Authorization header of every request.
-    seen: Arc<Mutex<Vec<(HashMap<String, String>, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
+
+/// One request the fake received: its query parameters and Authorization header.
+type Seen = (HashMap<String, String>, Option<String>);
 
 const OK_BODY: &str = r#"{"status":"success","data":{"resultType":"vector","result":[
     {"metric":{"version":"v1","outcome":"error"},"value":[1,"1"]},
