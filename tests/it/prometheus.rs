@@ -276,13 +276,13 @@ async fn fake_faults_are_classified_and_never_no_data() {
         }
         let seen = fake.seen.lock().unwrap_or_else(|e| e.into_inner()).len();
         // Two versions of the template, each retried while the failure is transient. The
-        // accuracy metric is asked only when Prometheus is up (bad query or bad response);
-        // its second query may be cancelled before it is sent once the first one failed.
-        if matches!(kind, "http" | "timeout") {
+        // accuracy metric is asked too unless Prometheus timed out (it would time out again);
+        // its second query may be cancelled once the first one failed.
+        if kind == "timeout" {
             assert_eq!(seen, 2 * requests, "{kind}");
         } else {
             assert!(
-                (2 * requests + 1..=2 * requests + 2).contains(&seen),
+                seen > 2 * requests && seen <= 4 * requests,
                 "{kind}: {seen}"
             );
         }
