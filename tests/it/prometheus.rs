@@ -882,3 +882,77 @@ async fn real_prometheus_reads_both_versions() {
         "{sent:?}"
     );
 }
+
+/// A Prometheus behind TLS signed by a private CA is reachable with `ca_file`, and only so.
+#[tokio::test]
+async fn real_prometheus_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls");
+    let web = dir.path().join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            tls.join("server.pem").display(),
+            tls.join("server.key").display()
+        ),
+    )
+    .expect("write web.yml");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, "global: {scrape_interval: 1s}\n").expect("write prometheus.yml");
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("prometheus log");
+    let _prometheus = ChildGuard::spawn(
+        Command::new(find_binary("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--web.config.file={}", web.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log),
+    );
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let url = format!("https://127.0.0.1:{port}");
+    let trusting = PrometheusClient::new(
+        &url,
+        ClientOptions {
+            ca_file: Some(tls.join("ca.pem")),
+            ..options(2000, 0)
+        },
+    )
+    .expect("client with the test CA");
+    let answer = wait_for(
+        "prometheus to answer over tls",
+        Duration::from_secs(20),
+        || {
+            let client = &trusting;
+            async move {
+                client
+                    .query(None, "vector(1)", SystemClock.now())
+                    .await
+                    .result
+                    .ok()
+            }
+        },
+    )
+    .await;
+    assert!(
+        matches!(&answer, Answer::Vector(v) if v.len() == 1 && v[0].value == 1.0),
+        "{answer:?}"
+    );
+    let untrusting = PrometheusClient::new(&url, options(2000, 0)).expect("client");
+    match untrusting
+        .query(None, "vector(1)", SystemClock.now())
+        .await
+        .result
+    {
+        Err(e) => {
+            assert_eq!(e.kind(), "unreachable", "{e}");
+            assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+        }
+        Ok(a) => panic!("an unknown CA was trusted: {a:?}"),
+    }
+}
