@@ -193,7 +193,7 @@ impl PrometheusClient {
                 Auth::Basic { user, password } => req.basic_auth(user, password.as_ref()),
             };
         }
-        let transport = |e: reqwest::Error| self.transport_error(base, &e);
+        let transport = |e: reqwest::Error| self.transport_error(base, e);
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let mut body = Vec::new();
@@ -209,16 +209,17 @@ impl PrometheusClient {
         parse_answer(base, status, &body, promql)
     }
 
-    fn transport_error(&self, base: &str, e: &reqwest::Error) -> SourceError {
+    fn transport_error(&self, base: &str, e: reqwest::Error) -> SourceError {
         if e.is_timeout() {
             SourceError::Timeout {
                 url: base.to_owned(),
                 timeout: self.options.timeout,
             }
         } else {
+            // The URL is already in the message, and its query string is long.
             SourceError::Unreachable {
                 url: base.to_owned(),
-                reason: error_chain(e),
+                reason: error_chain(&e.without_url()),
             }
         }
     }
