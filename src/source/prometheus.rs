@@ -59,7 +59,8 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     /// At most 3 attempts of 10 s with 0.5 s and 1 s between them: about 32 s in the worst
-    /// case, which fits the shortest sensible analysis interval of the policies we ship.
+    /// case. An observation pays that at most once when Prometheus is down (see `observe.rs`),
+    /// so an analysis interval of 30 s or more is delayed by about one interval at worst.
     fn default() -> Self {
         ClientOptions {
             timeout: Duration::from_secs(10),
