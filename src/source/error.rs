@@ -66,12 +66,13 @@ impl SourceError {
     }
 
     /// Whether Prometheus itself could not be asked, so later queries of the same
-    /// observation would fail the same way and need not be sent.
+    /// observation would fail the same way, each after waiting out its retries. A 5xx answer
+    /// does not count: it comes back fast, and it can be one expensive query's own failure.
     pub fn is_prometheus_down(&self) -> bool {
         matches!(
             self,
-            SourceError::Unreachable { .. } | SourceError::Timeout { .. } | SourceError::Config(_)
-        ) || matches!(self, SourceError::Http { status, .. } if *status >= 500)
+            SourceError::Unreachable { .. } | SourceError::Timeout { .. }
+        )
     }
 }
 

@@ -3,8 +3,8 @@
 //!
 //! An observation asks Prometheus for every metric of a policy at one evaluation time. It
 //! never fails as a whole: each version of each metric reads as data, no data, or unavailable
-//! with a message that names the metric. Once Prometheus proves unreachable (or times out, or
-//! answers 5xx after the retries), the remaining metrics of that observation read unavailable
+//! with a message that names the metric. Once Prometheus proves unreachable or times out
+//! (after the retries), the remaining metrics of that observation read unavailable
 //! with the same error instead of waiting out the timeout again, so one observation costs
 //! at most about one query's retry budget when Prometheus is down.
 
@@ -14,7 +14,7 @@ use super::query::{self, DEFAULT_MIN_RANGE, Plan, Ranges};
 use super::read::{self, VersionResult, Versions};
 use super::{MetricSource, Window};
 use crate::observation::{MetricReading, Reading};
-use crate::policy::{MetricKind, MetricSpec, Policy};
+use crate::policy::{MetricSpec, Policy};
 use crate::router::BoxFuture;
 use crate::time::Time;
 use serde::Serialize;
@@ -115,11 +115,7 @@ impl PrometheusSource {
         let mut out = Vec::with_capacity(policy.metrics.len());
         for spec in &policy.metrics {
             let plan = query::plan(policy, spec, ranges);
-            let queries = plan
-                .queries()
-                .into_iter()
-                .map(|(_, q)| q.to_owned())
-                .collect();
+            let queries = plan.queries().into_iter().map(str::to_owned).collect();
             let versions = match &down {
                 Some(e) => [Err(e.clone()), Err(e.clone())],
                 None => self.read_metric(policy, spec, &plan, window.at).await,
@@ -165,22 +161,27 @@ impl PrometheusSource {
             },
             Plan::Latency {
                 quantile,
+                quantile_query,
                 window_total,
                 buckets,
             } => {
-                let q = match &spec.kind {
-                    MetricKind::Latency { quantile } => *quantile,
-                    _ => 0.5,
-                };
                 let max = spec.bounds.max.as_ref().map(|b| b.value);
                 match tokio::try_join!(
-                    self.ask(policy, spec, quantile, at),
+                    self.ask(policy, spec, quantile_query, at),
                     self.ask(policy, spec, window_total, at),
                     self.ask(policy, spec, buckets, at)
                 ) {
-                    Ok((qa, n, b)) => {
-                        read::latency(&v, q, max, &qa, quantile, &n, window_total, &b, buckets)
-                    }
+                    Ok((q, n, b)) => read::latency(
+                        &v,
+                        *quantile,
+                        max,
+                        &q,
+                        quantile_query,
+                        &n,
+                        window_total,
+                        &b,
+                        buckets,
+                    ),
                     Err(e) => both(e),
                 }
             }

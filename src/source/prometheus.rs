@@ -59,7 +59,8 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     /// At most 3 attempts of 10 s with 0.5 s and 1 s between them: about 32 s in the worst
-    /// case, which fits the shortest sensible analysis interval of the policies we ship.
+    /// case. An observation pays that at most once when Prometheus is down (see `observe.rs`),
+    /// so an analysis interval of 30 s or more is delayed by about one interval at worst.
     fn default() -> Self {
         ClientOptions {
             timeout: Duration::from_secs(10),
@@ -193,7 +194,7 @@ impl PrometheusClient {
                 Auth::Basic { user, password } => req.basic_auth(user, password.as_ref()),
             };
         }
-        let transport = |e: reqwest::Error| self.transport_error(base, &e);
+        let transport = |e: reqwest::Error| self.transport_error(base, e);
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let mut body = Vec::new();
@@ -209,16 +210,17 @@ impl PrometheusClient {
         parse_answer(base, status, &body, promql)
     }
 
-    fn transport_error(&self, base: &str, e: &reqwest::Error) -> SourceError {
+    fn transport_error(&self, base: &str, e: reqwest::Error) -> SourceError {
         if e.is_timeout() {
             SourceError::Timeout {
                 url: base.to_owned(),
                 timeout: self.options.timeout,
             }
         } else {
+            // The URL is already in the message, and its query string is long.
             SourceError::Unreachable {
                 url: base.to_owned(),
-                reason: error_chain(e),
+                reason: error_chain(&e.without_url()),
             }
         }
     }

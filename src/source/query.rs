@@ -106,21 +106,6 @@ fn matchers(c: &Convention, model: &str, versions: &[&str]) -> String {
     )
 }
 
-/// What one query of a builtin answers, which says how its result is read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// Counter increases in the window, by version and the metric's split label.
-    WindowCounts,
-    /// Counter increases since the rollout began, by version and the split label.
-    CumulativeCounts,
-    /// The latency quantile over the window, by version.
-    Quantile,
-    /// Requests in the window, by version.
-    WindowTotal,
-    /// Histogram bucket increases since the rollout began, by version and `le`.
-    CumulativeBuckets,
-}
-
 /// The queries of one metric, ready to send.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Plan {
@@ -140,7 +125,9 @@ pub enum Plan {
     },
     /// The latency quantile, the window's request count and the cumulative histogram.
     Latency {
-        quantile: String,
+        /// The quantile asked for, in (0, 1).
+        quantile: f64,
+        quantile_query: String,
         window_total: String,
         buckets: String,
     },
@@ -149,27 +136,19 @@ pub enum Plan {
 }
 
 impl Plan {
-    /// Every query with its role (templates are `None`), for reports and tests.
-    pub fn queries(&self) -> Vec<(Option<Role>, &str)> {
+    /// Every query, in the order they are listed in reports.
+    pub fn queries(&self) -> Vec<&str> {
         match self {
             Plan::Split {
                 window, cumulative, ..
-            } => vec![
-                (Some(Role::WindowCounts), window.as_str()),
-                (Some(Role::CumulativeCounts), cumulative.as_str()),
-            ],
+            } => vec![window, cumulative],
             Plan::Latency {
-                quantile,
+                quantile_query,
                 window_total,
                 buckets,
-            } => vec![
-                (Some(Role::Quantile), quantile.as_str()),
-                (Some(Role::WindowTotal), window_total.as_str()),
-                (Some(Role::CumulativeBuckets), buckets.as_str()),
-            ],
-            Plan::Template { stable, canary } => {
-                vec![(None, stable.as_str()), (None, canary.as_str())]
-            }
+                ..
+            } => vec![quantile_query, window_total, buckets],
+            Plan::Template { stable, canary } => vec![stable, canary],
         }
     }
 }
@@ -201,7 +180,8 @@ pub fn plan(policy: &Policy, spec: &MetricSpec, ranges: Ranges) -> Plan {
         MetricKind::Latency { quantile } => {
             let d = &c.duration;
             Plan::Latency {
-                quantile: format!(
+                quantile: *quantile,
+                quantile_query: format!(
                     "histogram_quantile({quantile}, sum by ({vl}, le) (increase({d}_bucket{{{m}}}[{w}])))"
                 ),
                 window_total: format!("sum by ({vl}) (increase({d}_count{{{m}}}[{w}]))"),
@@ -343,7 +323,7 @@ mod tests {
         ];
         for (kind, want) in cases {
             let plan = plan(&p, &spec(kind.clone()), R);
-            let got: Vec<&str> = plan.queries().into_iter().map(|(_, q)| q).collect();
+            let got: Vec<&str> = plan.queries();
             assert_eq!(got, want, "{kind:?}");
         }
     }
@@ -383,7 +363,7 @@ mod tests {
         // PromQL string literal (Go rejects `"\."`).
         let p = policy("1.0", "1.0+rc(2)");
         let q = plan(&p, &spec(MetricKind::ErrorRate), R);
-        let text = q.queries()[0].1.to_owned();
+        let text = q.queries()[0].to_owned();
         assert!(
             text.contains(r#"version=~"1\\.0|1\\.0\\+rc\\(2\\)""#),
             "{text}"
@@ -397,7 +377,7 @@ mod tests {
     fn equal_versions_are_listed_once() {
         let p = policy("v1", "v1");
         let q = plan(&p, &spec(MetricKind::ErrorRate), R);
-        assert!(q.queries()[0].1.contains(r#"version=~"v1"}"#), "{:?}", q);
+        assert!(q.queries()[0].contains(r#"version=~"v1"}"#), "{:?}", q);
     }
 
     #[test]
@@ -418,7 +398,7 @@ mod tests {
             plan(&p, &spec(kind), R)
                 .queries()
                 .into_iter()
-                .map(|(_, q)| q.to_owned())
+                .map(str::to_owned)
                 .collect::<Vec<_>>()
         };
         assert_eq!(

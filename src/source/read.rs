@@ -10,8 +10,6 @@
 use super::error::SourceError;
 use super::prometheus::{Answer, Series};
 use crate::observation::{Bucket, Counts, Sample};
-use std::collections::BTreeMap;
-
 /// One version's reading: a sample, no data (`None`), or why there is no answer.
 pub type VersionResult = Result<Option<Sample>, SourceError>;
 
@@ -342,17 +340,17 @@ pub fn template(answer: &Answer, query: &str, version: &str) -> VersionResult {
     }))
 }
 
-/// Labels of a series, for tests and fakes: `&[("version", "v1")]`.
-pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
 
     const V: Versions<'static> = Versions {
         label: "version",

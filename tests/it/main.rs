@@ -4,4 +4,5 @@
 mod daemon;
 mod dashboards;
 mod demo;
+mod prometheus;
 mod support;
