@@ -118,13 +118,16 @@ pub struct SimArgs {
     pub seed: Option<u64>,
 
     /// Generate load instead of serving.
+    // The load-only flags below conflict with --version rather than `requires = "load"`:
+    // a boolean flag always has a value (false), so clap considers any requirement on it met.
+    // Serving always needs --version, so the conflict rejects them outside --load.
     #[arg(long, help_heading = "Load generator")]
     pub load: bool,
     /// Base URL that predictions are posted to, normally the router.
     #[arg(
         long,
         required_if_eq("load", "true"),
-        requires = "load",
+        conflicts_with = "version",
         help_heading = "Load generator"
     )]
     pub target: Option<String>,
@@ -132,35 +135,35 @@ pub struct SimArgs {
     #[arg(
         long,
         default_value_t = 20.0,
-        requires = "load",
+        conflicts_with = "version",
         help_heading = "Load generator"
     )]
     pub rps: f64,
     /// Stop after this long (default: until Ctrl-C or --requests).
-    #[arg(long, value_parser = humantime::parse_duration, requires = "load", help_heading = "Load generator")]
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "version", help_heading = "Load generator")]
     pub duration: Option<Duration>,
     /// Stop after this many predictions.
-    #[arg(long, requires = "load", help_heading = "Load generator")]
+    #[arg(long, conflicts_with = "version", help_heading = "Load generator")]
     pub requests: Option<u64>,
     /// Most predictions in flight; ticks beyond it are skipped and counted.
     #[arg(
         long,
         default_value_t = 64,
-        requires = "load",
+        conflicts_with = "version",
         help_heading = "Load generator"
     )]
     pub concurrency: usize,
     /// Share of successful predictions that get feedback.
-    #[arg(long, default_value = "50%", value_parser = parse_rate, requires = "load", help_heading = "Load generator")]
+    #[arg(long, default_value = "50%", value_parser = parse_rate, conflicts_with = "version", help_heading = "Load generator")]
     pub feedback_share: f64,
     /// Delay between a prediction and its feedback.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, requires = "load", help_heading = "Load generator")]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, conflicts_with = "version", help_heading = "Load generator")]
     pub feedback_delay: Duration,
     /// Where a version's feedback goes, VERSION=URL; repeatable.
-    #[arg(long = "feedback", value_parser = parse_feedback_url, requires = "load", help_heading = "Load generator")]
+    #[arg(long = "feedback", value_parser = parse_feedback_url, conflicts_with = "version", help_heading = "Load generator")]
     pub feedback_urls: Vec<(String, String)>,
     /// Timeout of each request.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, requires = "load", help_heading = "Load generator")]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, conflicts_with = "version", help_heading = "Load generator")]
     pub timeout: Duration,
 }
 

@@ -346,12 +346,12 @@ struct PredictRequest {
     id: Option<String>,
 }
 
-fn parse_id(id: &str) -> Result<(), Response> {
+fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(bad_request(format!(
+        return Err(format!(
             "id: expected 1 to {MAX_ID_LEN} bytes, found {}",
             id.len()
-        )));
+        ));
     }
     Ok(())
 }
@@ -371,9 +371,9 @@ async fn predict(State(sim): State<Sim>, body: Bytes) -> Response {
         }
     };
     if let Some(id) = &req.id
-        && let Err(r) = parse_id(id)
+        && let Err(e) = check_id(id)
     {
-        return r;
+        return bad_request(e);
     }
     let draw = sim.draw();
     if sim.sleep_scale > 0.0 {
