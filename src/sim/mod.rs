@@ -20,6 +20,7 @@
 //! - `GET /healthz`; `GET /admin/config` shows the knobs; `PUT /admin/config` changes any of
 //!   them at once, JSON `{"error_rate": 0.05 or "5%", "latency_ms": 120, "latency_sigma": 0.3,
 //!   "tail_share": "2%", "tail_ms": 500, "accuracy": "90%"}`; a bad body (400) changes nothing.
+//!   The admin API has no authentication: the simulator is a test fixture, keep it on loopback.
 //!
 //! # Knobs
 //!
@@ -54,8 +55,9 @@
 //!
 //! # Embedding
 //!
-//! [`serve`] takes a bound listener and a shutdown future; [`load`] and
-//! [`load_with_progress`] run the generator until done or shut down and return [`LoadStats`].
+//! [`serve`] takes a bound listener and a shutdown future; [`update_knobs`] changes a running
+//! simulator's knobs over HTTP; [`load`] and [`load_with_progress`] run the generator until
+//! done or shut down and return [`LoadStats`].
 
 mod knobs;
 mod load;
@@ -66,7 +68,7 @@ pub use knobs::{
     parse_latency, parse_rate, parse_setting, parse_sigma, parse_tail,
 };
 pub use load::{LoadConfig, LoadStats, VersionStats, load, load_with_progress};
-pub use server::{SimConfig, router, serve};
+pub use server::{SimConfig, router, serve, update_knobs};
 
 use anyhow::Context as _;
 use std::time::Duration;

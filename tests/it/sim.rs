@@ -669,10 +669,25 @@ async fn round_robin(backends: Vec<String>) -> (String, oneshot::Sender<()>) {
 async fn load_generator_drives_two_versions_and_sends_feedback_to_each() {
     let mut stable = fast("v1");
     stable.knobs.accuracy = 1.0;
-    let mut canary = fast("v2");
-    canary.knobs.error_rate = 0.2;
-    canary.knobs.accuracy = 0.0;
-    let (v1, v2) = (start(stable).await, start(canary).await);
+    let (v1, v2) = (start(stable).await, start(fast("v2")).await);
+    // Turned bad while running, the way the demo does it.
+    let update = sim::KnobsUpdate {
+        error_rate: Some(0.2.into()),
+        accuracy: Some(sim::Rate::Text("0%".into())),
+        ..Default::default()
+    };
+    let now = sim::update_knobs(&client(), &v2.base, &update)
+        .await
+        .expect("update knobs");
+    assert_eq!((now.error_rate, now.accuracy), (0.2, 0.0));
+    let bad = sim::KnobsUpdate {
+        accuracy: Some(2.0.into()),
+        ..Default::default()
+    };
+    let err = sim::update_knobs(&client(), &v2.base, &bad)
+        .await
+        .expect_err("accuracy 2");
+    assert!(format!("{err:#}").contains("400"), "{err:#}");
     let (router, _stop) = round_robin(vec![v1.base.clone(), v2.base.clone()]).await;
 
     let mut config = LoadConfig::new(router);
@@ -754,6 +769,25 @@ async fn load_generator_paces_its_rate_and_stops_on_shutdown() {
         .expect("joins")
         .expect("load");
     assert!(stats.sent >= 25 && stats.failed == 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn load_generator_skips_ticks_instead_of_exceeding_its_concurrency() {
+    let mut config = SimConfig::new("fraud", "v1");
+    config.knobs.latency = Duration::from_millis(300);
+    config.knobs.latency_sigma = 0.0;
+    let s = start(config).await;
+    let mut config = LoadConfig::new(s.base.clone());
+    config.rps = 50.0;
+    config.concurrency = 1;
+    config.duration = Some(Duration::from_millis(700));
+    config.feedback_share = 0.0;
+    let stats = sim::load(config, std::future::pending::<()>())
+        .await
+        .expect("load");
+    // One at a time, 300 ms each: at most 3 sent in 700 ms; the other ~32 ticks are skipped.
+    assert!((1..=3).contains(&stats.sent), "{stats:?}");
+    assert!(stats.skipped >= 15, "{stats:?}");
 }
 
 #[tokio::test]
