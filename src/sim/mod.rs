@@ -20,6 +20,7 @@
 //! - `GET /healthz`; `GET /admin/config` shows the knobs; `PUT /admin/config` changes any of
 //!   them at once, JSON `{"error_rate": 0.05 or "5%", "latency_ms": 120, "latency_sigma": 0.3,
 //!   "tail_share": "2%", "tail_ms": 500, "accuracy": "90%"}`; a bad body (400) changes nothing.
+//!   The admin API has no authentication: the simulator is a test fixture, keep it on loopback.
 //!
 //! # Knobs
 //!
@@ -54,8 +55,9 @@
 //!
 //! # Embedding
 //!
-//! [`serve`] takes a bound listener and a shutdown future; [`load`] and
-//! [`load_with_progress`] run the generator until done or shut down and return [`LoadStats`].
+//! [`serve`] takes a bound listener and a shutdown future; [`update_knobs`] changes a running
+//! simulator's knobs over HTTP; [`load`] and [`load_with_progress`] run the generator until
+//! done or shut down and return [`LoadStats`].
 
 mod knobs;
 mod load;
@@ -66,7 +68,7 @@ pub use knobs::{
     parse_latency, parse_rate, parse_setting, parse_sigma, parse_tail,
 };
 pub use load::{LoadConfig, LoadStats, VersionStats, load, load_with_progress};
-pub use server::{SimConfig, router, serve};
+pub use server::{SimConfig, router, serve, update_knobs};
 
 use anyhow::Context as _;
 use std::time::Duration;
@@ -118,13 +120,16 @@ pub struct SimArgs {
     pub seed: Option<u64>,
 
     /// Generate load instead of serving.
+    // The load-only flags below conflict with --version rather than `requires = "load"`:
+    // a boolean flag always has a value (false), so clap considers any requirement on it met.
+    // Serving always needs --version, so the conflict rejects them outside --load.
     #[arg(long, help_heading = "Load generator")]
     pub load: bool,
     /// Base URL that predictions are posted to, normally the router.
     #[arg(
         long,
         required_if_eq("load", "true"),
-        requires = "load",
+        conflicts_with = "version",
         help_heading = "Load generator"
     )]
     pub target: Option<String>,
@@ -132,35 +137,35 @@ pub struct SimArgs {
     #[arg(
         long,
         default_value_t = 20.0,
-        requires = "load",
+        conflicts_with = "version",
         help_heading = "Load generator"
     )]
     pub rps: f64,
     /// Stop after this long (default: until Ctrl-C or --requests).
-    #[arg(long, value_parser = humantime::parse_duration, requires = "load", help_heading = "Load generator")]
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "version", help_heading = "Load generator")]
     pub duration: Option<Duration>,
     /// Stop after this many predictions.
-    #[arg(long, requires = "load", help_heading = "Load generator")]
+    #[arg(long, conflicts_with = "version", help_heading = "Load generator")]
     pub requests: Option<u64>,
     /// Most predictions in flight; ticks beyond it are skipped and counted.
     #[arg(
         long,
         default_value_t = 64,
-        requires = "load",
+        conflicts_with = "version",
         help_heading = "Load generator"
     )]
     pub concurrency: usize,
     /// Share of successful predictions that get feedback.
-    #[arg(long, default_value = "50%", value_parser = parse_rate, requires = "load", help_heading = "Load generator")]
+    #[arg(long, default_value = "50%", value_parser = parse_rate, conflicts_with = "version", help_heading = "Load generator")]
     pub feedback_share: f64,
     /// Delay between a prediction and its feedback.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, requires = "load", help_heading = "Load generator")]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, conflicts_with = "version", help_heading = "Load generator")]
     pub feedback_delay: Duration,
     /// Where a version's feedback goes, VERSION=URL; repeatable.
-    #[arg(long = "feedback", value_parser = parse_feedback_url, requires = "load", help_heading = "Load generator")]
+    #[arg(long = "feedback", value_parser = parse_feedback_url, conflicts_with = "version", help_heading = "Load generator")]
     pub feedback_urls: Vec<(String, String)>,
     /// Timeout of each request.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, requires = "load", help_heading = "Load generator")]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, conflicts_with = "version", help_heading = "Load generator")]
     pub timeout: Duration,
 }
 

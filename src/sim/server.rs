@@ -1,7 +1,7 @@
 //! The simulated model server: HTTP handlers, the random draws, the remembered predictions and
 //! the metrics in the model-server convention.
 
-use super::knobs::{Knobs, KnobsUpdate, ScheduleEntry};
+use super::knobs::{Knobs, KnobsUpdate, KnobsView, ScheduleEntry};
 use anyhow::Context as _;
 use axum::Router;
 use axum::body::Bytes;
@@ -103,6 +103,30 @@ where
         .await;
     scheduler.abort();
     result.context("serving the simulated model")
+}
+
+/// Changes the knobs of the simulator at `base` (like `http://127.0.0.1:9861`) through
+/// `PUT /admin/config`, and returns them as they are now. This is how a demo turns a canary bad.
+pub async fn update_knobs(
+    client: &reqwest::Client,
+    base: &str,
+    update: &KnobsUpdate,
+) -> anyhow::Result<KnobsView> {
+    let url = format!("{}/admin/config", base.trim_end_matches('/'));
+    let resp = client
+        .put(&url)
+        .json(update)
+        .send()
+        .await
+        .with_context(|| format!("PUT {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        anyhow::bail!("PUT {url}: {status}: {}", body.trim());
+    }
+    resp.json()
+        .await
+        .with_context(|| format!("PUT {url}: reading the knobs"))
 }
 
 /// The simulator's routes without a socket or schedule, for `Router::oneshot` tests.
@@ -346,12 +370,12 @@ struct PredictRequest {
     id: Option<String>,
 }
 
-fn parse_id(id: &str) -> Result<(), Response> {
+fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(bad_request(format!(
+        return Err(format!(
             "id: expected 1 to {MAX_ID_LEN} bytes, found {}",
             id.len()
-        )));
+        ));
     }
     Ok(())
 }
@@ -371,9 +395,9 @@ async fn predict(State(sim): State<Sim>, body: Bytes) -> Response {
         }
     };
     if let Some(id) = &req.id
-        && let Err(r) = parse_id(id)
+        && let Err(e) = check_id(id)
     {
-        return r;
+        return bad_request(e);
     }
     let draw = sim.draw();
     if sim.sleep_scale > 0.0 {

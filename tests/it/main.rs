@@ -5,4 +5,5 @@ mod daemon;
 mod dashboards;
 mod demo;
 mod prometheus;
+mod sim;
 mod support;
