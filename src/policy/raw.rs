@@ -361,12 +361,13 @@ impl Walker {
     }
 }
 
-/// The closest allowed key to a misspelt one, if it is close.
-fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
+/// The closest allowed word to a misspelt one, if it is close: at most one edit per three
+/// characters, so that short unrelated words (`id`, `on`) are not offered as corrections.
+pub(crate) fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
     allowed
         .iter()
         .map(|a| (edit_distance(key, a), *a))
-        .filter(|(d, a)| *d <= 2.max(a.len() / 4))
+        .filter(|(d, a)| *d > 0 && *d * 3 <= a.len().max(key.len()))
         .min_by_key(|(d, _)| *d)
         .map(|(_, a)| a)
 }

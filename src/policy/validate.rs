@@ -64,10 +64,24 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
         problems: vec![Problem {
             pos: e.pos.unwrap_or(Pos { line: 1, column: 1 }),
             path: String::new(),
-            message: format!("invalid YAML: {}", first_line(&e.message)),
+            message: format!("invalid YAML: {}", yaml_message(&e.message)),
         }],
     })?;
     let (raw, mut problems) = raw::read(&doc);
+    // A document that is not a mapping has no fields at all: reporting each required field
+    // as missing too would bury the one problem the user has to fix.
+    if !matches!(doc.value, tree::Value::Map(_)) {
+        if matches!(doc.value, tree::Value::Null) {
+            // An empty or comment-only file: point at its start, not at its end.
+            for p in &mut problems {
+                p.pos = Pos { line: 1, column: 1 };
+            }
+        }
+        return Err(PolicyError {
+            file: file.to_owned(),
+            problems,
+        });
+    }
     let mut v = Validator {
         problems: Vec::new(),
         doc_pos: doc.pos,
@@ -84,8 +98,28 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
     }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or(s)
+/// The parser's message in the user's terms: one line, without the position the message
+/// already starts with, and without advice meant for programmers using the parser.
+fn yaml_message(raw: &str) -> String {
+    let line = raw.lines().next().unwrap_or(raw).trim();
+    let line = match line.rfind(" at line ") {
+        Some(i) if line[i..].contains(", column ") => &line[..i],
+        _ => line,
+    };
+    if let Some(rest) = line.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        return format!(
+            "duplicate key `{}`; each key may appear once in a mapping",
+            key.trim()
+        );
+    }
+    if line.starts_with("multiple YAML documents detected") {
+        return "expected one policy per file, found a second YAML document (---)".into();
+    }
+    line.to_owned()
 }
 
 struct Validator {
@@ -111,7 +145,7 @@ impl Validator {
         self.problems.push(Problem {
             pos,
             path: path.to_owned(),
-            message: format!("missing; expected {what}"),
+            message: format!("expected {what}, found none (the field is missing)"),
         });
     }
 
@@ -188,7 +222,10 @@ impl Validator {
         let rest = v
             .strip_prefix("http://")
             .or_else(|| v.strip_prefix("https://"));
-        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+        // A URL with whitespace in it is a copy-paste accident, never a reachable endpoint.
+        if rest
+            .is_none_or(|r| r.is_empty() || r.starts_with('/') || r.contains(char::is_whitespace))
+        {
             self.err(
                 at,
                 format!("expected an http:// or https:// URL, found {v:?}"),
@@ -296,7 +333,11 @@ impl Validator {
             Some((_, "fail")) => OnNoData::Fail,
             Some((_, "pass")) => OnNoData::Pass,
             Some((o, other)) => {
-                self.err(o, format!("expected hold, fail or pass, found {other:?}"));
+                let hint = did_you_mean(other, &["hold", "fail", "pass"]);
+                self.err(
+                    o,
+                    format!("expected hold, fail or pass, found {other:?}{hint}"),
+                );
                 OnNoData::Hold
             }
         };
@@ -327,7 +368,11 @@ impl Validator {
             }
             other => {
                 if let Some(k) = &r.kind {
-                    self.err(k, format!("expected canary or blue-green, found {other:?}"));
+                    let hint = did_you_mean(other, &["canary", "blue-green"]);
+                    self.err(
+                        k,
+                        format!("expected canary or blue-green, found {other:?}{hint}"),
+                    );
                 }
                 None
             }
@@ -343,16 +388,51 @@ impl Validator {
             post_promotion_watch,
             router_deadline,
         };
-        // A deadline shorter than the steps themselves can never be met.
-        let needed = strategy.step_duration() * strategy.steps().len() as u32;
-        if let Some(pd) = &r.progress_deadline {
-            if progress_deadline < needed {
+        // A deadline shorter than the steps themselves can never be met: every rollout of
+        // the policy would be rolled back. The default deadline counts too, so the problem is
+        // reported where the user can see it: at the deadline if written, else at whatever
+        // made the steps long.
+        let n = strategy.steps().len();
+        let per_step = strategy.step_duration();
+        let needed = u32::try_from(n).ok().and_then(|n| per_step.checked_mul(n));
+        if needed.is_none_or(|needed| progress_deadline < needed) {
+            let total = needed.map_or("longer than any deadline".to_owned(), |d| {
+                humantime::format_duration(d).to_string()
+            });
+            let what = format!(
+                "{n} step{} of at least {} each ({total})",
+                if n == 1 { "" } else { "s" },
+                humantime::format_duration(per_step)
+            );
+            let length = if strategy.is_blue_green() {
+                &r.bake
+            } else {
+                &r.min_step_duration
+            };
+            if let Some(pd) = &r.progress_deadline {
                 self.err(
                     pd,
                     format!(
-                        "expected at least {} (the steps take that long), found {:?}",
-                        humantime::format_duration(needed),
+                        "expected a deadline the steps fit in, {what}, found {:?}",
                         pd.value
+                    ),
+                );
+            } else if let Some(at) = length.as_ref() {
+                self.err(
+                    at,
+                    format!(
+                        "expected steps that fit in the default progress_deadline of {}, found {what}; \
+                         set strategy.progress_deadline",
+                        humantime::format_duration(progress_deadline)
+                    ),
+                );
+            } else if let Some(st) = &r.steps {
+                self.err(
+                    st,
+                    format!(
+                        "expected steps that fit in the default progress_deadline of {}, found {what}; \
+                         set strategy.progress_deadline",
+                        humantime::format_duration(progress_deadline)
                     ),
                 );
             }
@@ -389,6 +469,8 @@ impl Validator {
             return None;
         }
         let mut ok = true;
+        // Only weights in range count as the previous step, so one bad number is reported
+        // once and does not make every later step look out of order.
         let mut prev = 0.0;
         for st in &steps.value {
             if !(st.value > 0.0 && st.value <= 100.0) {
@@ -409,8 +491,9 @@ impl Validator {
                     ),
                 );
                 ok = false;
+            } else {
+                prev = st.value;
             }
-            prev = prev.max(st.value);
         }
         ok.then(|| steps.value.iter().map(|s| s.value).collect())
     }
@@ -563,9 +646,10 @@ impl Validator {
                     q.map(|quantile| MetricKind::Latency { quantile })
                 }
                 other => {
+                    let hint = did_you_mean(other, &["error_rate", "latency", "accuracy"]);
                     self.err(
                         b,
-                        format!("expected error_rate, latency or accuracy, found {other:?}"),
+                        format!("expected error_rate, latency or accuracy, found {other:?}{hint}"),
                     );
                     None
                 }
@@ -685,7 +769,15 @@ impl Validator {
         // Direction: for an error rate or a latency only going up hurts; for accuracy only down.
         let direction = |v: &mut Self, b: &Option<At<Scalar>>, field: &str, better: &str| {
             if let Some(at) = b {
-                v.err(at, format!("expected no {field} on a {} metric: a {better} value is better, use the other direction", kind.label()));
+                v.err(
+                    at,
+                    format!(
+                        "expected no {field} on {} metric, where {better} is better, found {}; \
+                         bound it in the other direction",
+                        article(kind.label()),
+                        show(&at.value)
+                    ),
+                );
             }
         };
         match kind {
@@ -755,9 +847,24 @@ impl Validator {
         .filter(|b| **b)
         .count();
         if count != 1 {
+            let found: Vec<&str> = [
+                ("haproxy", v.haproxy.is_some()),
+                ("nginx", v.nginx.is_some()),
+                ("webhook", v.webhook.is_some()),
+                ("file", v.file.is_some()),
+            ]
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| *k)
+            .collect();
+            let found = if found.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("{count}: {}", found.join(" and "))
+            };
             self.err(
                 r,
-                format!("expected exactly one of haproxy, nginx, webhook, file, found {count}"),
+                format!("expected exactly one of haproxy, nginx, webhook, file, found {found}"),
             );
             return None;
         }
@@ -860,11 +967,20 @@ impl Validator {
             &format!("a mapping of version to {what}"),
         )?;
         let mut ok = true;
+        let present: Vec<String> = s.value.keys().map(|k| format!("{k:?}")).collect();
+        let present = if present.is_empty() {
+            "no entries".to_owned()
+        } else {
+            format!("entries for {} only", present.join(", "))
+        };
         for v in versions {
             if !s.value.contains_key(&v.value) {
                 self.err(
                     s,
-                    format!("expected an entry for version {:?}, found none", v.value),
+                    format!(
+                        "expected an entry for version {:?}, found {present}",
+                        v.value
+                    ),
                 );
                 ok = false;
             }
@@ -891,9 +1007,14 @@ impl Validator {
                     .map(|(_, e)| *e);
                 if e.is_none() {
                     let names: Vec<&str> = WebhookEvent::ALL.iter().map(|(n, _)| *n).collect();
+                    let hint = did_you_mean(&o.value, &names);
                     self.err(
                         o,
-                        format!("expected one of {}, found {:?}", names.join(", "), o.value),
+                        format!(
+                            "expected one of {}, found {:?}{hint}",
+                            names.join(", "),
+                            o.value
+                        ),
                     );
                 }
                 e
@@ -953,6 +1074,19 @@ impl Validator {
         }
         c
     }
+}
+
+/// ` (did you mean "x"?)` when a misspelt value is close to one of the allowed ones.
+fn did_you_mean(found: &str, allowed: &[&str]) -> String {
+    raw::closest(found, allowed)
+        .map(|c| format!(" (did you mean {c:?}?)"))
+        .unwrap_or_default()
+}
+
+/// "an error_rate", "a latency": the builtin's name with its article.
+fn article(label: &str) -> String {
+    let vowel = label.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {label}", if vowel { "an" } else { "a" })
 }
 
 /// A scalar shown back the way the user wrote it.

@@ -140,7 +140,11 @@ fn start(policy: &Policy, mut state: RolloutState, now: Time) -> RolloutState {
     state.memory.clear();
     state.paused_from = None;
     state.set_phase(Phase::Progressing, now);
-    state.set_weight(step_weight(policy, 0), now);
+    let first = step_weight(policy, 0);
+    state.set_weight(first, now);
+    // A weight confirmed in an earlier attempt is no longer a place to leave traffic: if the
+    // router fails now, the most the canary may keep is this attempt's first step.
+    state.safe_weight = state.safe_weight.min(first);
     state
 }
 
@@ -203,10 +207,13 @@ fn analyse(policy: &Policy, state: &mut RolloutState, obs: &Observation) -> Vec<
             state.seen_data.insert(spec.name.clone());
         }
         if !use_baseline {
-            if let Some(v) = reading.stable.sample().and_then(|s| s.value) {
-                if v.is_finite() {
-                    state.baseline.insert(spec.name.clone(), v);
-                }
+            // Only a value the judge would accept from stable becomes the reference: a
+            // handful of requests is no baseline to hold a blue-green switch against.
+            let stable = reading.stable.sample().filter(|s| {
+                s.window_events >= spec.min_samples as f64 && s.value.is_some_and(f64::is_finite)
+            });
+            if let Some(v) = stable.and_then(|s| s.value) {
+                state.baseline.insert(spec.name.clone(), v);
             }
         }
         reports.push(report);
@@ -242,10 +249,6 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
         return Outcome::Rollback(format!("critical metric failed: {}", critical.join(", ")));
     }
     let unavailable = names(&|r| r.verdict == Verdict::Unavailable);
-    if !unavailable.is_empty() {
-        // The source says nothing about the canary: neither a failure nor progress.
-        return Outcome::Hold(format!("metrics unavailable: {}", unavailable.join(", ")));
-    }
     let no_data = names(&|r| r.verdict == Verdict::NoData);
     let failed = names(&|r| {
         r.verdict == Verdict::Fail
@@ -265,6 +268,11 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
         } else {
             Outcome::Failed(what)
         };
+    }
+    // Checked after the failures: a metric the source cannot answer says nothing about the
+    // canary, so it neither counts as a failure nor hides the failure of another metric.
+    if !unavailable.is_empty() {
+        return Outcome::Hold(format!("metrics unavailable: {}", unavailable.join(", ")));
     }
     if !no_data.is_empty() && policy.strategy.on_no_data == OnNoData::Hold {
         return Outcome::Hold(format!("waiting for data: {}", no_data.join(", ")));
@@ -543,7 +551,8 @@ fn tick_promoting(
     let promoted_at = state.promoted_at.unwrap_or(now);
     let watching = now.since(promoted_at) < watch;
     let mut reports = Vec::new();
-    if !watch.is_zero() {
+    // Only within the watch: once it is over the promotion stands, whatever comes after.
+    if watching {
         reports = analyse(policy, &mut state, obs);
         if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
             return rollback(state, reports, format!("post-promotion watch: {why}"), now);
@@ -610,10 +619,11 @@ fn operator(
                 "aborted by an operator before it started".into(),
             )
         }
-        (
-            OperatorAction::Abort,
-            Progressing | Paused | WaitingPromotion | Promoting | Promoted | Failed,
-        ) => rollback(state, Vec::new(), "aborted by an operator".into(), now),
+        // Promoted is final: the canary is the version in production and the old one may be
+        // gone, so going back is a new rollout (swap the versions in the policy), not an abort.
+        (OperatorAction::Abort, Progressing | Paused | WaitingPromotion | Promoting | Failed) => {
+            rollback(state, Vec::new(), "aborted by an operator".into(), now)
+        }
         (OperatorAction::Pause, Progressing | WaitingPromotion) => {
             state.paused_from = Some(state.phase);
             state.set_phase(Paused, now);
