@@ -409,7 +409,21 @@ pub fn read(doc: &Node) -> (RawPolicy, Vec<Problem>) {
         w.problem(
             doc.pos,
             "",
-            "the file is empty; expected a policy mapping".into(),
+            "expected a policy (a mapping with name, stable, canary, strategy, metrics and \
+             router), found an empty file"
+                .into(),
+        );
+        return (raw, w.problems);
+    }
+    if !matches!(doc.value, Value::Map(_)) {
+        let found = doc.value.describe();
+        w.problem(
+            doc.pos,
+            "",
+            format!(
+                "expected a policy (a mapping with name, stable, canary, strategy, metrics \
+                 and router), found {found}"
+            ),
         );
         return (raw, w.problems);
     }

@@ -85,6 +85,7 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
     let mut v = Validator {
         problems: Vec::new(),
         doc_pos: doc.pos,
+        reported: problems.iter().map(|p| p.path.clone()).collect(),
     };
     let policy = v.policy(&raw);
     problems.append(&mut v.problems);
@@ -125,6 +126,9 @@ fn yaml_message(raw: &str) -> String {
 struct Validator {
     problems: Vec<Problem>,
     doc_pos: Pos,
+    /// Field paths the first pass already reported (wrong type, say): such a field is
+    /// present, so it must not be reported as missing too.
+    reported: Vec<String>,
 }
 
 /// A parsed duration and whether it was valid.
@@ -142,6 +146,9 @@ impl Validator {
     }
 
     fn missing(&mut self, pos: Pos, path: &str, what: &str) {
+        if self.reported.iter().any(|r| r == path) {
+            return;
+        }
         self.problems.push(Problem {
             pos,
             path: path.to_owned(),
@@ -174,6 +181,17 @@ impl Validator {
                 default
             }
             Some(d) => d,
+            // A bare number is the usual slip: say that the unit is what is missing.
+            None if at.value.trim().parse::<f64>().is_ok() => {
+                self.err(
+                    at,
+                    format!(
+                        "expected a duration with a unit, like 30s or 1m30s, found {}",
+                        at.value.trim()
+                    ),
+                );
+                default
+            }
             None => {
                 self.err(
                     at,
@@ -198,7 +216,7 @@ impl Validator {
             self.err(
                 at,
                 format!(
-                    "expected {what} of [a-z0-9-]+ (at most 63), found {:?}",
+                    "expected {what} of lowercase letters, digits and dashes (at most 63), found {:?}",
                     at.value
                 ),
             );
@@ -344,19 +362,38 @@ impl Validator {
         let kind = match kind_name {
             "canary" => {
                 if let Some(b) = &r.bake {
-                    self.err(b, "expected no bake in a canary strategy (bake is for blue-green; canary steps use min_step_duration)".into());
+                    self.err(
+                        b,
+                        format!(
+                            "expected no bake in a canary strategy (bake is for blue-green; \
+                             canary steps last min_step_duration), found {:?}",
+                            b.value
+                        ),
+                    );
                 }
                 let steps = self.steps(r, s);
                 steps.map(|steps| StrategyKind::Canary { steps })
             }
             "blue-green" => {
                 if let Some(st) = &r.steps {
-                    self.err(st, "expected no steps in a blue-green strategy, which switches all traffic at once".into());
+                    self.err(
+                        st,
+                        format!(
+                            "expected no steps in a blue-green strategy (it switches all traffic \
+                             at once), found {} step{}",
+                            st.value.len(),
+                            if st.value.len() == 1 { "" } else { "s" }
+                        ),
+                    );
                 }
                 if let Some(m) = &r.min_step_duration {
                     self.err(
                         m,
-                        "expected no min_step_duration in a blue-green strategy; use bake".into(),
+                        format!(
+                            "expected no min_step_duration in a blue-green strategy (use bake), \
+                             found {:?}",
+                            m.value
+                        ),
                     );
                 }
                 let path = format!("{}.bake", s.path);
@@ -413,7 +450,9 @@ impl Validator {
                 self.err(
                     pd,
                     format!(
-                        "expected a deadline the steps fit in, {what}, found {:?}",
+                        "expected at least {total} ({n} step{} of at least {} each), found {:?}",
+                        if n == 1 { "" } else { "s" },
+                        humantime::format_duration(per_step),
                         pd.value
                     ),
                 );
@@ -542,7 +581,7 @@ impl Validator {
             };
             match v {
                 Some(v) if v >= 0.5 && v < 1.0 => a.confidence = v,
-                _ => self.err(c, format!("expected a confidence from 0.5 up to (not including) 1, like 0.95 or 95%, found {}", show(&c.value))),
+                _ => self.err(c, format!("expected a confidence from 0.5 up to (not including) 1, like 0.95 or 95%, found {}", found(&c.value))),
             }
         }
         Some(a)
@@ -602,7 +641,7 @@ impl Validator {
             if !ok {
                 self.err(
                     n,
-                    format!("expected a name of [a-z0-9_-]+, found {:?}", n.value),
+                    format!("expected a metric name of lowercase letters, digits, dashes and underscores, found {:?}", n.value),
                 );
             }
         }
@@ -663,8 +702,9 @@ impl Validator {
                 self.err(
                     q,
                     format!(
-                        "expected no quantile on a {} metric (quantile is for latency)",
-                        k.label()
+                        "expected no quantile on {} metric (quantile is for latency), found {}",
+                        article(k.label()),
+                        q.value
                     ),
                 );
             }
@@ -674,6 +714,20 @@ impl Validator {
                 Some(MetricKind::Query { .. }) => 0,
                 _ => 100,
             },
+            // A raw query answers one number per version, not a count of events, so any
+            // minimum above one could never be met and the metric would never be judged.
+            Some(s) if matches!(kind, Some(MetricKind::Query { .. })) => {
+                self.err(
+                    s,
+                    format!(
+                        "expected no min_samples on a query metric (a query's value carries no \
+                         event count; guard the query itself, e.g. with `and sum(...) > 100`), \
+                         found {}",
+                        s.value
+                    ),
+                );
+                0
+            }
             Some(s) if s.value >= 0 => s.value as u64,
             Some(s) => {
                 self.err(
@@ -775,7 +829,7 @@ impl Validator {
                         "expected no {field} on {} metric, where {better} is better, found {}; \
                          bound it in the other direction",
                         article(kind.label()),
-                        show(&at.value)
+                        found(&at.value)
                     ),
                 );
             }
@@ -808,11 +862,13 @@ impl Validator {
             && r.max_increase.is_none()
             && r.max_decrease.is_none()
         {
-            self.missing(
-                m.pos,
-                &format!("{}.max", m.path),
-                "at least one bound: max, min, max_increase or max_decrease",
-            );
+            self.problems.push(Problem {
+                pos: m.pos,
+                path: m.path.clone(),
+                message: "expected at least one bound (max, min, max_increase or max_decrease), \
+                          found none"
+                    .into(),
+            });
             ok = false;
         }
         ok.then_some(Bounds {
@@ -999,7 +1055,12 @@ impl Validator {
             return out;
         };
         for h in &list.value {
-            let on = self.required(&h.value.on, h.pos, &format!("{}.on", h.path), "an event");
+            let on = self.required(
+                &h.value.on,
+                h.pos,
+                &format!("{}.on", h.path),
+                "an event, like rollback or confirm-promotion",
+            );
             let event = on.and_then(|o| {
                 let e = WebhookEvent::ALL
                     .iter()
@@ -1089,6 +1150,14 @@ fn article(label: &str) -> String {
     format!("{} {label}", if vowel { "an" } else { "a" })
 }
 
+/// A scalar as the `found` of a message: text quoted, numbers as they are.
+fn found(s: &Scalar) -> String {
+    match s {
+        Scalar::Num(n) => format!("{n}"),
+        Scalar::Text(t) => format!("{t:?}"),
+    }
+}
+
 /// A scalar shown back the way the user wrote it.
 fn show(s: &Scalar) -> String {
     match s {
@@ -1125,29 +1194,29 @@ fn amount(s: &Scalar) -> Option<Amount> {
 }
 
 fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
-    let found = show(s);
+    let found = found(s);
     let value = match (amount(s), unit) {
         (None, Unit::Seconds) => {
-            return Err(format!("expected a duration like 250ms, found {found:?}"));
+            return Err(format!("expected a duration like 250ms, found {found}"));
         }
         (None, _) => {
             return Err(format!(
-                "expected a number or a percentage like 1%, found {found:?}"
+                "expected a number or a percentage like 1%, found {found}"
             ));
         }
         (Some(Amount::Points(_)), _) => {
             return Err(format!(
-                "expected an absolute bound (pp is for max_increase/max_decrease), found {found:?}"
+                "expected an absolute bound (pp is for max_increase/max_decrease), found {found}"
             ));
         }
         (Some(Amount::Seconds(_)), Unit::Ratio) => {
             return Err(format!(
-                "expected a rate like 1% or 0.01 (a duration makes no sense here), found {found:?}"
+                "expected a rate like 1% or 0.01 (a duration makes no sense for a rate), found {found}"
             ));
         }
         (Some(Amount::Percent(_)), Unit::Seconds) => {
             return Err(format!(
-                "expected a duration like 250ms (a percentage makes no sense for latency), found {found:?}"
+                "expected a duration like 250ms (a percentage makes no sense for latency), found {found}"
             ));
         }
         (Some(Amount::Seconds(v)), _) => v,
@@ -1155,25 +1224,25 @@ fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
         (Some(Amount::Number(n)), _) => n,
     };
     if !value.is_finite() {
-        return Err(format!("expected a finite number, found {found:?}"));
+        return Err(format!("expected a finite number, found {found}"));
     }
     match unit {
         Unit::Ratio if !(0.0..=1.0).contains(&value) => {
-            Err(format!("expected a rate from 0% to 100%, found {found:?}"))
+            Err(format!("expected a rate from 0% to 100%, found {found}"))
         }
         Unit::Seconds if value <= 0.0 => {
-            Err(format!("expected a duration above zero, found {found:?}"))
+            Err(format!("expected a duration above zero, found {found}"))
         }
         _ => Ok(value),
     }
 }
 
 fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String> {
-    let found = show(s);
+    let found = found(s);
     let (kind, amount) = match (amount(s), unit) {
         (None, _) => {
             return Err(format!(
-                "expected a relative bound like 10%, {} found {found:?}",
+                "expected a relative bound like 10%, {} found {found}",
                 if unit == Unit::Seconds {
                     "or a duration like 20ms,"
                 } else {
@@ -1184,13 +1253,13 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
         (Some(Amount::Percent(p)), _) => (ToleranceKind::Relative, p / 100.0),
         (Some(Amount::Points(_)), Unit::Seconds) => {
             return Err(format!(
-                "expected 10% or a duration like 20ms (percentage points make no sense for latency), found {found:?}"
+                "expected 10% or a duration like 20ms (percentage points make no sense for latency), found {found}"
             ));
         }
         (Some(Amount::Points(p)), _) => (ToleranceKind::Absolute, p / 100.0),
         (Some(Amount::Seconds(_)), Unit::Ratio) => {
             return Err(format!(
-                "expected 10% or 0.5pp (a duration makes no sense for a rate), found {found:?}"
+                "expected 10% or 0.5pp (a duration makes no sense for a rate), found {found}"
             ));
         }
         (Some(Amount::Seconds(v)), _) => (ToleranceKind::Absolute, v),
@@ -1198,20 +1267,20 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
     };
     if !amount.is_finite() || amount < 0.0 {
         return Err(format!(
-            "expected a tolerance of at least zero, found {found:?}"
+            "expected a tolerance of at least zero, found {found}"
         ));
     }
     if decrease && kind == ToleranceKind::Relative && amount >= 1.0 {
         return Err(format!(
-            "expected a relative decrease below 100%, found {found:?}"
+            "expected a relative decrease below 100%, found {found}"
         ));
     }
     if unit == Unit::Ratio && kind == ToleranceKind::Absolute && amount > 1.0 {
-        return Err(format!("expected at most 100pp, found {found:?}"));
+        return Err(format!("expected at most 100pp, found {found}"));
     }
     Ok(Tolerance {
         kind,
         amount,
-        written: found,
+        written: show(s),
     })
 }

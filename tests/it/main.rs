@@ -4,4 +4,5 @@
 mod builders;
 mod daemon;
 mod decide;
+mod policy;
 mod support;
