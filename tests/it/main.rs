@@ -5,4 +5,5 @@ mod builders;
 mod daemon;
 mod decide;
 mod policy;
+mod properties;
 mod support;
