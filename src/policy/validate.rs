@@ -275,16 +275,16 @@ impl Validator {
         for v in [stable, canary].into_iter().flatten() {
             self.label_value(v);
         }
-        if let (Some(s), Some(c)) = (stable, canary) {
-            if s.value == c.value {
-                self.err(
-                    c,
-                    format!(
-                        "expected a version different from stable, found {:?} for both",
-                        c.value
-                    ),
-                );
-            }
+        if let (Some(s), Some(c)) = (stable, canary)
+            && s.value == c.value
+        {
+            self.err(
+                c,
+                format!(
+                    "expected a version different from stable, found {:?} for both",
+                    c.value
+                ),
+            );
         }
         let strategy = self.strategy(raw);
         let analysis = self.analysis(raw);
@@ -320,14 +320,12 @@ impl Validator {
     }
 
     fn strategy(&mut self, raw: &RawPolicy) -> Option<Strategy> {
-        let Some(s) = self.required(
+        let s = self.required(
             &raw.strategy,
             self.doc_pos,
             "strategy",
             "a strategy section",
-        ) else {
-            return None;
-        };
+        )?;
         let r = &s.value;
         let kind_name = r.kind.as_ref().map_or("canary", |k| k.value.as_str());
         let interval = self.duration(&r.interval, Duration::from_secs(30));
@@ -476,30 +474,28 @@ impl Validator {
                 );
             }
         }
-        if let Some(iv) = &r.interval {
-            if interval > progress_deadline {
-                self.err(
-                    iv,
-                    format!(
-                        "expected an interval shorter than progress_deadline, found {:?}",
-                        iv.value
-                    ),
-                );
-            }
+        if let Some(iv) = &r.interval
+            && interval > progress_deadline
+        {
+            self.err(
+                iv,
+                format!(
+                    "expected an interval shorter than progress_deadline, found {:?}",
+                    iv.value
+                ),
+            );
         }
         Some(strategy)
     }
 
     fn steps(&mut self, r: &raw::RawStrategy, s: &At<raw::RawStrategy>) -> Option<Vec<f64>> {
         let path = format!("{}.steps", s.path);
-        let Some(steps) = self.required(
+        let steps = self.required(
             &r.steps,
             s.pos,
             &path,
             "a list of canary weights in percent, like [1, 5, 25]",
-        ) else {
-            return None;
-        };
+        )?;
         if steps.value.is_empty() {
             self.err(
                 steps,
@@ -580,7 +576,7 @@ impl Validator {
                     .map(|p| p / 100.0),
             };
             match v {
-                Some(v) if v >= 0.5 && v < 1.0 => a.confidence = v,
+                Some(v) if (0.5..1.0).contains(&v) => a.confidence = v,
                 _ => self.err(c, format!("expected a confidence from 0.5 up to (not including) 1, like 0.95 or 95%, found {}", found(&c.value))),
             }
         }
@@ -588,14 +584,12 @@ impl Validator {
     }
 
     fn metrics(&mut self, raw: &RawPolicy) -> Option<Vec<MetricSpec>> {
-        let Some(list) = self.required(
+        let list = self.required(
             &raw.metrics,
             self.doc_pos,
             "metrics",
             "a list of metrics to judge",
-        ) else {
-            return None;
-        };
+        )?;
         if list.value.is_empty() {
             self.err(
                 list,
@@ -697,17 +691,17 @@ impl Validator {
                 template: q.value.trim().to_owned(),
             }),
         };
-        if let (Some(q), Some(k)) = (&r.quantile, &kind) {
-            if !matches!(k, MetricKind::Latency { .. }) {
-                self.err(
-                    q,
-                    format!(
-                        "expected no quantile on {} metric (quantile is for latency), found {}",
-                        article(k.label()),
-                        q.value
-                    ),
-                );
-            }
+        if let (Some(q), Some(k)) = (&r.quantile, &kind)
+            && !matches!(k, MetricKind::Latency { .. })
+        {
+            self.err(
+                q,
+                format!(
+                    "expected no quantile on {} metric (quantile is for latency), found {}",
+                    article(k.label()),
+                    q.value
+                ),
+            );
         }
         let min_samples = match &r.min_samples {
             None => match kind {
@@ -845,17 +839,17 @@ impl Validator {
             }
             MetricKind::Query { .. } => {}
         }
-        if let (Some(lo), Some(hi), Some(at)) = (&min, &max, &r.min) {
-            if lo.value > hi.value {
-                self.err(
-                    at,
-                    format!(
-                        "expected min at most max ({}), found {}",
-                        hi.written, lo.written
-                    ),
-                );
-                ok = false;
-            }
+        if let (Some(lo), Some(hi), Some(at)) = (&min, &max, &r.min)
+            && lo.value > hi.value
+        {
+            self.err(
+                at,
+                format!(
+                    "expected min at most max ({}), found {}",
+                    hi.written, lo.written
+                ),
+            );
+            ok = false;
         }
         if r.max.is_none()
             && r.min.is_none()
@@ -960,13 +954,13 @@ impl Validator {
                 &format!("{p}.reload"),
                 "the reload command, like [nginx, -s, reload]",
             );
-            if let Some(rl) = reload {
-                if rl.value.is_empty() {
-                    self.err(
-                        rl,
-                        "expected a command and its arguments, found an empty list".into(),
-                    );
-                }
+            if let Some(rl) = reload
+                && rl.value.is_empty()
+            {
+                self.err(
+                    rl,
+                    "expected a command and its arguments, found an empty list".into(),
+                );
             }
             let servers = self.servers(&g.value.servers, g, &versions, "host:port addresses");
             let upstream = match &g.value.upstream {

@@ -286,11 +286,10 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
 }
 
 fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
-    if let RouterStatus::Ok { canary_weight } = obs.router {
-        if (canary_weight - state.weight).abs() < 0.01 {
+    if let RouterStatus::Ok { canary_weight } = obs.router
+        && (canary_weight - state.weight).abs() < 0.01 {
             state.safe_weight = state.weight;
         }
-    }
     match state.phase {
         Phase::Idle => tick_idle(policy, state, obs, now),
         Phase::Progressing | Phase::Paused | Phase::WaitingPromotion => {
@@ -404,17 +403,15 @@ fn tick_progressing(
     if let Some(why) = router_failed_too_long(policy, obs, now) {
         return fail(state, why, now);
     }
-    if state.phase == Phase::Progressing {
-        if let Some(started) = state.started_at {
-            if now.since(started) > policy.strategy.progress_deadline {
+    if state.phase == Phase::Progressing
+        && let Some(started) = state.started_at
+            && now.since(started) > policy.strategy.progress_deadline {
                 let why = format!(
                     "progress deadline {} passed without promotion",
                     humantime::format_duration(policy.strategy.progress_deadline)
                 );
                 return rollback(state, reports, why, now);
             }
-        }
-    }
     let pass = match outcome(policy, &mut state, &reports) {
         Outcome::Rollback(why) => return rollback(state, reports, why, now),
         Outcome::Failed(why) | Outcome::Hold(why) => {
