@@ -287,9 +287,10 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
 
 fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
     if let RouterStatus::Ok { canary_weight } = obs.router
-        && (canary_weight - state.weight).abs() < 0.01 {
-            state.safe_weight = state.weight;
-        }
+        && (canary_weight - state.weight).abs() < 0.01
+    {
+        state.safe_weight = state.weight;
+    }
     match state.phase {
         Phase::Idle => tick_idle(policy, state, obs, now),
         Phase::Progressing | Phase::Paused | Phase::WaitingPromotion => {
@@ -405,13 +406,14 @@ fn tick_progressing(
     }
     if state.phase == Phase::Progressing
         && let Some(started) = state.started_at
-            && now.since(started) > policy.strategy.progress_deadline {
-                let why = format!(
-                    "progress deadline {} passed without promotion",
-                    humantime::format_duration(policy.strategy.progress_deadline)
-                );
-                return rollback(state, reports, why, now);
-            }
+        && now.since(started) > policy.strategy.progress_deadline
+    {
+        let why = format!(
+            "progress deadline {} passed without promotion",
+            humantime::format_duration(policy.strategy.progress_deadline)
+        );
+        return rollback(state, reports, why, now);
+    }
     let pass = match outcome(policy, &mut state, &reports) {
         Outcome::Rollback(why) => return rollback(state, reports, why, now),
         Outcome::Failed(why) | Outcome::Hold(why) => {
