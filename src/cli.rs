@@ -33,6 +33,9 @@ pub enum Command {
     Resume(ActionArgs),
     /// Start a rolled-back or failed rollout again from its first step.
     Retry(ActionArgs),
+    /// The whole thing, live, on this machine: Prometheus, HAProxy, model versions, load and
+    /// the daemon; a good canary promoted and a bad one rolled back.
+    Demo(canaryd::demo::DemoArgs),
     /// Run the judging benchmark in virtual time.
     Bench(canaryd::bench::BenchArgs),
     /// Run a stand-in model server (or a load generator) for demos and tests.
@@ -51,6 +54,18 @@ pub struct RunArgs {
     /// Prometheus used by policies that name none [default: http://127.0.0.1:9090].
     #[arg(long, env = "CANARYD_PROMETHEUS")]
     pub prometheus: Option<String>,
+    /// File holding a bearer token for Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_TOKEN_FILE")]
+    pub prometheus_token_file: Option<PathBuf>,
+    /// User for HTTP basic authentication to Prometheus (password from --prometheus-password-file).
+    #[arg(long, env = "CANARYD_PROMETHEUS_USER")]
+    pub prometheus_user: Option<String>,
+    /// File holding the basic-auth password for Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_PASSWORD_FILE")]
+    pub prometheus_password_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates to trust for an https Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_CA_FILE")]
+    pub prometheus_ca_file: Option<PathBuf>,
     /// Address of the HTTP API [default: 127.0.0.1:9850].
     #[arg(long, env = "CANARYD_LISTEN")]
     pub listen: Option<String>,

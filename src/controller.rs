@@ -349,17 +349,8 @@ impl Task {
                     .started_at
                     .unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
             };
-            let started = tokio::time::Instant::now();
+            // The source reports each query's latency and errors to the metrics itself.
             metrics = self.source.observe(&self.policy, window).await;
-            let unavailable = metrics.values().any(|m| {
-                matches!(m.canary, crate::observation::Reading::Unavailable { .. })
-                    || matches!(m.stable, crate::observation::Reading::Unavailable { .. })
-            });
-            self.shared.metrics.query(
-                &self.policy.name,
-                started.elapsed().as_secs_f64(),
-                unavailable.then_some("unavailable"),
-            );
         }
         let gate = if state.wants_gate(&self.policy) {
             self.ask_gate().await

@@ -24,6 +24,8 @@ pub struct DaemonConfig {
     pub clock: Arc<dyn Clock>,
     pub routers: RouterFactory,
     pub sources: SourceFactory,
+    /// The metrics registry; a fresh one when `None`. Given when the source must report to it.
+    pub metrics: Option<Metrics>,
 }
 
 /// Runs the daemon until `shutdown` completes, then stops every rollout after its current
@@ -34,7 +36,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = Store::open(&config.state)?;
-    let metrics = Metrics::new(prometheus::Registry::new())?;
+    let metrics = match config.metrics {
+        Some(m) => m,
+        None => Metrics::new(prometheus::Registry::new())?,
+    };
     let views = controller::Views::default();
     let registry = Registry::default();
     let policy_errors = controller::PolicyErrors::default();

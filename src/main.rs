@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Command::Pause(a) => action("pause", a),
         Command::Resume(a) => action("resume", a),
         Command::Retry(a) => action("retry", a),
+        Command::Demo(args) => exit(canaryd::demo::run(&args)),
         Command::Bench(args) => exit(canaryd::bench::run(&args)),
         Command::Sim(args) => exit(canaryd::sim::run(&args)),
     }
@@ -141,6 +142,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let dry_run = args.dry_run || file.dry_run.unwrap_or(false);
+    let auth = match (&args.prometheus_token_file, &args.prometheus_user) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give either --prometheus-token-file or --prometheus-user, not both")
+        }
+        (Some(t), None) => Some(canaryd::source::Auth::Bearer(read_token(t)?)),
+        (None, Some(user)) => Some(canaryd::source::Auth::Basic {
+            user: user.clone(),
+            password: args
+                .prometheus_password_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?,
+        }),
+        (None, None) => None,
+    };
+    let options = canaryd::source::ClientOptions {
+        auth,
+        ca_file: args.prometheus_ca_file.clone(),
+        ..Default::default()
+    };
     let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
     anyhow::ensure!(
         policies.is_dir(),
@@ -158,6 +179,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
+        let metrics = canaryd::metrics::Metrics::new(prometheus_registry())?;
         tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, dry_run, "canaryd running");
         let config = canaryd::daemon::DaemonConfig {
             policies,
@@ -166,11 +188,43 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             dry_run,
             poll: Duration::from_secs(2),
             clock: Arc::new(canaryd::time::SystemClock),
-            routers: Arc::new(|p| canaryd::router::from_policy(p)),
-            sources: canaryd::source::factory(prometheus),
+            routers: Arc::new(canaryd::router::from_policy),
+            sources: canaryd::source::factory(
+                &prometheus,
+                options,
+                Some(Arc::new(metrics.clone())),
+            )?,
+            metrics: Some(metrics),
         };
         canaryd::daemon::serve(listener, config, canaryd::daemon::signals()).await
     })
+}
+
+/// Runs every query of every valid policy once, now, over the last five minutes, and prints
+/// what each returned. Returns whether every query answered: no data is reported but is not an
+/// error (a canary may have no traffic yet).
+async fn live(
+    prometheus: &str,
+    policies: &[(PathBuf, canaryd::policy::Policy)],
+) -> anyhow::Result<bool> {
+    use canaryd::source::{PrometheusClient, PrometheusSource, Window};
+    use canaryd::time::Clock;
+    let source = PrometheusSource::new(PrometheusClient::new(prometheus, Default::default())?);
+    let now = canaryd::time::SystemClock.now();
+    let mut answered = true;
+    for (file, policy) in policies {
+        let report = source
+            .check_live(policy, Window::lookback(now, Duration::from_secs(300)))
+            .await;
+        println!("{}: live check", file.display());
+        print!("{report}");
+        answered &= !report.has_errors();
+    }
+    Ok(answered)
+}
+
+fn prometheus_registry() -> prometheus::Registry {
+    prometheus::Registry::new()
 }
 
 /// Policy files named on the command line; directories stand for their YAML files.
@@ -212,9 +266,15 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
             }
         }
     }
-    if args.live {
-        eprintln!("error: --live is not available in this build");
-        return ExitCode::from(2);
+    if args.live && !valid.is_empty() {
+        match with_runtime(live(&args.prometheus, &valid)) {
+            Ok(true) => {}
+            Ok(false) => ok = false,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
     }
     if ok {
         ExitCode::SUCCESS

@@ -10,6 +10,16 @@ use prometheus::{
     TextEncoder,
 };
 
+impl crate::source::QueryObserver for Metrics {
+    fn query_done(&self, record: &crate::source::QueryRecord<'_>) {
+        self.query(
+            record.rollout,
+            record.elapsed.as_secs_f64(),
+            record.error.map(crate::source::SourceError::kind),
+        );
+    }
+}
+
 /// Every metric the daemon exports.
 #[derive(Clone)]
 pub struct Metrics {

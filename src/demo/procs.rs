@@ -55,22 +55,30 @@ impl Server {
 }
 
 fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Server> {
-    let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
-    cmd.stdout(out).stderr(err).stdin(std::process::Stdio::null()).kill_on_drop(true);
-    let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+    cmd.stdout(out)
+        .stderr(err)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
     Ok(Server { name, child })
 }
 
 /// Waits until `url` answers 2xx, or fails naming the server and its log.
 pub async fn wait_http(name: &str, url: &str, log: &Path, limit: Duration) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Ok(r) = client.get(url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
@@ -96,7 +104,13 @@ pub async fn prometheus(config: &Path, dir: &Path, port: u16) -> anyhow::Result<
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .arg("--web.enable-lifecycle");
     let server = spawn("prometheus", &mut cmd, &log)?;
-    wait_http("prometheus", &format!("http://127.0.0.1:{port}/-/ready"), &log, Duration::from_secs(30)).await?;
+    wait_http(
+        "prometheus",
+        &format!("http://127.0.0.1:{port}/-/ready"),
+        &log,
+        Duration::from_secs(30),
+    )
+    .await?;
     Ok(server)
 }
 
@@ -110,7 +124,12 @@ pub struct Backend<'a> {
 
 /// Starts HAProxy: a frontend on 127.0.0.1:`port` balancing over `servers` in backend
 /// `backend`, and an admin runtime socket at `dir/admin.sock`.
-pub async fn haproxy(dir: &Path, port: u16, backend: &str, servers: &[Backend<'_>]) -> anyhow::Result<(Server, PathBuf)> {
+pub async fn haproxy(
+    dir: &Path,
+    port: u16,
+    backend: &str,
+    servers: &[Backend<'_>],
+) -> anyhow::Result<(Server, PathBuf)> {
     let bin = require(&[("haproxy", "haproxy")])?.remove(0);
     let socket = dir.join("admin.sock");
     let mut cfg = format!(
@@ -121,7 +140,10 @@ pub async fn haproxy(dir: &Path, port: u16, backend: &str, servers: &[Backend<'_
         socket.display()
     );
     for s in servers {
-        cfg.push_str(&format!("    server {} {} weight {}\n", s.name, s.addr, s.weight));
+        cfg.push_str(&format!(
+            "    server {} {} weight {}\n",
+            s.name, s.addr, s.weight
+        ));
     }
     let conf = dir.join("haproxy.cfg");
     std::fs::write(&conf, cfg).with_context(|| format!("cannot write {}", conf.display()))?;
@@ -130,7 +152,11 @@ pub async fn haproxy(dir: &Path, port: u16, backend: &str, servers: &[Backend<'_
     cmd.arg("-db").arg("-f").arg(&conf);
     let mut server = spawn("haproxy", &mut cmd, &log)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !socket.exists() || tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while !socket.exists()
+        || tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    {
         if !server.running() || tokio::time::Instant::now() >= deadline {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("haproxy did not start; its log:\n{text}");

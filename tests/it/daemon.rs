@@ -145,6 +145,7 @@ impl Daemon {
             clock: Arc::new(canaryd::time::SystemClock),
             routers: Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>)),
             sources: Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>),
+            metrics: None,
         };
         let handle = tokio::spawn(canaryd::daemon::serve(listener, config, async move {
             let _ = rx.await;

@@ -3,6 +3,7 @@
 
 mod builders;
 mod daemon;
+mod dashboards;
 mod decide;
 mod policy;
 mod properties;

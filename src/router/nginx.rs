@@ -1,0 +1,393 @@
+//! nginx through an upstream block in a file of its own, which the nginx configuration
+//! `include`s in its `http` block, and a reload command.
+//!
+//! canaryd owns the whole file and writes one `upstream` block with one `server` line per
+//! version:
+//!
+//! ```text
+//! upstream fraud {
+//!     server 10.0.0.1:8080 weight=95;  # v1
+//!     server 10.0.0.2:8080 weight=5;  # v2
+//!     server 10.0.0.3:8080 down;  # v0
+//! }
+//! ```
+//!
+//! nginx weights are integers of at least 1 (there is no documented maximum; canaryd writes
+//! pairs summing to 100, 1000 or 10000, so whole percents are exact). A version that must get
+//! no traffic cannot have weight 0, so its line is marked `down`, which nginx accepts in every
+//! balancing method and which sends that server nothing; stable and canary never both end up
+//! `down`, so the upstream always has a server.
+//!
+//! The file is replaced atomically, then the reload command runs and must exit 0. If it fails
+//! the previous file is put back, so that the file, which is what `read` reports, never claims
+//! a split that nginx did not take. `read` therefore reflects the configuration canaryd last
+//! had accepted, not nginx's live state: `nginx -s reload` only signals the master process and
+//! exits 0 even when the new configuration is invalid, so reload with
+//! `[sh, -c, "nginx -t && nginx -s reload"]` to have a bad configuration reported.
+
+use super::file::{read_error, read_if_exists, remove_durably, write_atomic, write_error};
+use super::{BoxFuture, Router, RouterError, Target, canary_share, check_target, integer_split};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Totals the stable and canary weights may sum to; see the module comment.
+const TOTALS: [u32; 3] = [100, 1000, 10000];
+/// How long the reload command may run.
+const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of the reload command's stderr an error carries.
+const MAX_STDERR: usize = 4096;
+
+/// Writes one upstream block and reloads nginx.
+#[derive(Debug)]
+pub struct NginxRouter {
+    /// The include file canaryd owns.
+    weights_file: PathBuf,
+    /// Command and arguments that make nginx load the file.
+    reload: Vec<String>,
+    /// Name of the upstream block.
+    upstream: String,
+    /// Version label to `host:port`.
+    servers: BTreeMap<String, String>,
+    /// Bound on the reload command.
+    reload_timeout: Duration,
+    /// The file content nginx last reloaded successfully from this process. Serialises applies,
+    /// and lets an unchanged split skip the reload, which would otherwise restart nginx's
+    /// workers on every tick.
+    reloaded: tokio::sync::Mutex<Option<String>>,
+}
+
+impl NginxRouter {
+    pub fn new(
+        weights_file: PathBuf,
+        reload: Vec<String>,
+        upstream: &str,
+        servers: BTreeMap<String, String>,
+    ) -> Result<NginxRouter, RouterError> {
+        // Characters that would end a directive or start a block or comment in nginx syntax.
+        let bad = |s: &str| {
+            s.is_empty() || s.contains(|c: char| c.is_whitespace() || ";{}#'\"\\$".contains(c))
+        };
+        if bad(upstream) {
+            return Err(RouterError::Config(format!(
+                "nginx upstream name {upstream:?} is not usable"
+            )));
+        }
+        if let Some((v, a)) = servers.iter().find(|(_, a)| bad(a)) {
+            return Err(RouterError::Config(format!(
+                "nginx server address {a:?} of version {v:?} is not usable"
+            )));
+        }
+        let mut seen = BTreeMap::new();
+        for (v, a) in &servers {
+            if let Some(other) = seen.insert(a, v) {
+                return Err(RouterError::Config(format!(
+                    "versions {other:?} and {v:?} both use nginx server {a:?}; each version needs its own"
+                )));
+            }
+        }
+        if reload.is_empty() {
+            return Err(RouterError::Config(
+                "the nginx reload command is empty".into(),
+            ));
+        }
+        Ok(NginxRouter {
+            weights_file,
+            reload,
+            upstream: upstream.to_string(),
+            servers,
+            reload_timeout: DEFAULT_RELOAD_TIMEOUT,
+            reloaded: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Changes the bound on the reload command (30 s by default).
+    pub fn with_reload_timeout(mut self, timeout: Duration) -> NginxRouter {
+        self.reload_timeout = timeout;
+        self
+    }
+
+    fn address(&self, version: &str) -> Result<&str, RouterError> {
+        self.servers
+            .get(version)
+            .map(String::as_str)
+            .ok_or_else(|| {
+                RouterError::Config(format!(
+                    "no nginx server is configured for version {version:?} (servers: {:?})",
+                    self.servers
+                ))
+            })
+    }
+
+    fn render(&self, target: &Target) -> Result<String, RouterError> {
+        let (stable_w, canary_w) = integer_split(target.canary_weight, &TOTALS);
+        let mut lines = vec![
+            (
+                self.address(&target.stable)?,
+                stable_w,
+                target.stable.as_str(),
+            ),
+            (
+                self.address(&target.canary)?,
+                canary_w,
+                target.canary.as_str(),
+            ),
+        ];
+        for (version, addr) in &self.servers {
+            if version != &target.stable && version != &target.canary {
+                lines.push((addr, 0, version));
+            }
+        }
+        let mut out = format!(
+            "# Written by canaryd for rollout {:?}: stable {}, canary {} at {} %.\n\
+             # canaryd owns this file and rewrites it whenever it changes the split.\n\
+             upstream {} {{\n",
+            target.rollout, target.stable, target.canary, target.canary_weight, self.upstream
+        );
+        for (addr, weight, version) in lines {
+            let state = if weight == 0 {
+                "down".to_string()
+            } else {
+                format!("weight={weight}")
+            };
+            out.push_str(&format!("    server {addr} {state};  # {version}\n"));
+        }
+        out.push_str("}\n");
+        Ok(out)
+    }
+
+    /// Runs the reload command; a non-zero exit is a refusal carrying the command's stderr.
+    async fn run_reload(&self) -> Result<(), RouterError> {
+        let shown = self.reload.join(" ");
+        let mut cmd = tokio::process::Command::new(&self.reload[0]);
+        cmd.args(&self.reload[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd.spawn().map_err(|e| {
+            RouterError::Config(format!(
+                "cannot run the nginx reload command {shown:?}: {e}"
+            ))
+        })?;
+        let output = match tokio::time::timeout(self.reload_timeout, child.wait_with_output()).await
+        {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                return Err(RouterError::Unreachable(format!(
+                    "nginx reload command {shown:?} failed to run: {e}"
+                )));
+            }
+            // Dropping the future kills the command (kill_on_drop).
+            Err(_) => {
+                return Err(RouterError::Unreachable(format!(
+                    "nginx reload command {shown:?} did not finish within {:?}",
+                    self.reload_timeout
+                )));
+            }
+        };
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = stderr.trim();
+        // The end of stderr is where the reason usually is.
+        let tail = match stderr.char_indices().rev().nth(MAX_STDERR) {
+            Some((i, _)) => &stderr[i..],
+            None => stderr,
+        };
+        Err(RouterError::Rejected(format!(
+            "nginx reload command {shown:?} exited with {}: {tail}",
+            output.status
+        )))
+    }
+}
+
+/// One `server` line of the file canaryd writes: the address and its weight, 0 when `down`.
+fn parse_server_line(line: &str) -> Option<(&str, u32)> {
+    let body = line.split_once('#').map_or(line, |(b, _)| b).trim();
+    let body = body.strip_prefix("server ")?.strip_suffix(';')?;
+    let mut words = body.split_whitespace();
+    let addr = words.next()?;
+    let state = words.next()?;
+    if words.next().is_some() {
+        return None;
+    }
+    let weight = if state == "down" {
+        0
+    } else {
+        state
+            .strip_prefix("weight=")?
+            .parse()
+            .ok()
+            .filter(|w| *w >= 1)?
+    };
+    Some((addr, weight))
+}
+
+impl Router for NginxRouter {
+    fn kind(&self) -> &'static str {
+        "nginx"
+    }
+
+    fn apply<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), RouterError>> {
+        Box::pin(async move {
+            check_target(target)?;
+            let content = self.render(target)?;
+            let path = &self.weights_file;
+            let mut reloaded = self.reloaded.lock().await;
+            let previous = read_if_exists(path)
+                .await
+                .map_err(|e| read_error(path, e))?;
+            let on_disk = previous.as_deref().map(String::from_utf8_lossy);
+            if reloaded.as_deref() == Some(content.as_str())
+                && on_disk.as_deref() == Some(content.as_str())
+            {
+                return Ok(());
+            }
+            *reloaded = None;
+            write_atomic(path, content.clone().into_bytes())
+                .await
+                .map_err(|e| write_error(path, e))?;
+            if let Err(e) = self.run_reload().await {
+                let restored = match previous {
+                    Some(bytes) => write_atomic(path, bytes).await,
+                    None => remove_durably(path).await,
+                };
+                return Err(match restored {
+                    Ok(()) => e,
+                    Err(re) => RouterError::Unreachable(format!(
+                        "{e}; and putting back the previous {} failed too: {re}",
+                        path.display()
+                    )),
+                });
+            }
+            *reloaded = Some(content);
+            Ok(())
+        })
+    }
+
+    fn read<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<f64, RouterError>> {
+        Box::pin(async move {
+            let path = &self.weights_file;
+            let canary_addr = self.address(&target.canary)?;
+            // No file yet: canaryd never applied a split, so nginx cannot be sending the canary
+            // traffic through this upstream.
+            let Some(bytes) = read_if_exists(path)
+                .await
+                .map_err(|e| read_error(path, e))?
+            else {
+                return Ok(0.0);
+            };
+            let bad = |why: String| {
+                RouterError::BadResponse(format!("nginx weights file {}: {why}", path.display()))
+            };
+            let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+            let mut lines = text
+                .lines()
+                .enumerate()
+                .map(|(i, l)| (i + 1, l.trim()))
+                .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
+            let header = format!("upstream {} {{", self.upstream);
+            match lines.next() {
+                Some((_, l)) if l == header => {}
+                other => {
+                    return Err(bad(format!(
+                        "expected {header:?} first, found {:?}",
+                        other.map(|(_, l)| l)
+                    )));
+                }
+            }
+            let mut weights = Vec::new();
+            let mut canary = 0.0;
+            let mut closed = false;
+            for (n, line) in lines {
+                if closed {
+                    return Err(bad(format!(
+                        "line {n}: unexpected {line:?} after the upstream block"
+                    )));
+                }
+                if line == "}" {
+                    closed = true;
+                    continue;
+                }
+                let (addr, w) = parse_server_line(line).ok_or_else(|| {
+                    bad(format!(
+                        "line {n}: expected \"server <host:port> weight=<n>|down;\", found {line:?}"
+                    ))
+                })?;
+                if !self.servers.values().any(|a| a == addr) {
+                    return Err(bad(format!(
+                        "line {n}: server {addr:?} is not one of the configured {:?}",
+                        self.servers
+                    )));
+                }
+                if addr == canary_addr {
+                    canary = f64::from(w);
+                }
+                weights.push(f64::from(w));
+            }
+            if !closed {
+                return Err(bad("the upstream block is not closed".into()));
+            }
+            canary_share(canary, &weights).ok_or_else(|| bad("every server is down".into()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_lines() {
+        assert_eq!(
+            parse_server_line("server 127.0.0.1:1 weight=5;  # v1"),
+            Some(("127.0.0.1:1", 5))
+        );
+        assert_eq!(parse_server_line("server h:1 down;"), Some(("h:1", 0)));
+        for bad in [
+            "server h:1 weight=0;",
+            "server h:1 weight=5",
+            "server h:1;",
+            "server h:1 weight=x;",
+            "server h:1 weight=1 backup;",
+        ] {
+            assert_eq!(parse_server_line(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rendered_file_reads_back_and_zero_is_down() {
+        let servers = BTreeMap::from([
+            ("v0".to_string(), "h:0".to_string()),
+            ("v1".to_string(), "h:1".to_string()),
+            ("v2".to_string(), "h:2".to_string()),
+        ]);
+        let r = NginxRouter::new("x".into(), vec!["true".into()], "up", servers);
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let t = Target {
+            rollout: "r".into(),
+            stable: "v1".into(),
+            canary: "v2".into(),
+            canary_weight: 0.0,
+        };
+        let text = r.render(&t).unwrap_or_default();
+        assert!(text.contains("server h:2 down;"), "{text}");
+        assert!(text.contains("server h:0 down;"), "{text}");
+        assert!(text.contains("server h:1 weight=100;"), "{text}");
+        let t = Target {
+            canary_weight: 12.5,
+            ..t
+        };
+        let text = r.render(&t).unwrap_or_default();
+        assert!(
+            text.contains("server h:1 weight=875;") && text.contains("server h:2 weight=125;"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! A routing service of the user's own behind one URL.
+//!
+//! `apply` POSTs `{rollout, stable, canary, weights: {<stable>: percent, <canary>: percent}}`
+//! and any 2xx answer means the split is in place. `read` GETs the same URL with
+//! `?rollout=<name>` and expects the same shape back; the canary's share is its weight over the
+//! sum of all weights given, and a canary the answer does not mention gets no traffic. Both
+//! calls are bounded by the configured timeout.
+
+use super::{BoxFuture, Router, RouterError, Target, WeightsDoc, check_target};
+use std::time::Duration;
+
+/// How much of an error answer's body a message carries.
+const MAX_BODY_SHOWN: usize = 512;
+
+/// Sets and reads the split through an HTTP endpoint.
+#[derive(Debug)]
+pub struct WebhookRouter {
+    /// The endpoint, for POST and GET alike.
+    url: reqwest::Url,
+    /// The client, with the configured timeout on every request.
+    client: reqwest::Client,
+}
+
+impl WebhookRouter {
+    pub fn new(url: &str, timeout: Duration) -> Result<WebhookRouter, RouterError> {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| RouterError::Config(format!("webhook router url {url:?}: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(RouterError::Config(format!(
+                "webhook router url {url:?}: expected http or https"
+            )));
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| RouterError::Config(format!("webhook router client for {url:?}: {e}")))?;
+        Ok(WebhookRouter {
+            url: parsed,
+            client,
+        })
+    }
+}
+
+/// A request that got no HTTP answer: connection refused, DNS, timeout.
+fn transport_error(what: &str, url: &reqwest::Url, e: reqwest::Error) -> RouterError {
+    // `{:#}`-style chains are not available on reqwest errors; walk the sources so the message
+    // says "connection refused", not only "error sending request".
+    let mut msg = format!("{what} {url}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    RouterError::Unreachable(msg)
+}
+
+async fn refusal(what: &str, url: &reqwest::Url, resp: reqwest::Response) -> RouterError {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let body: String = body.trim().chars().take(MAX_BODY_SHOWN).collect();
+    RouterError::Rejected(format!("{what} {url} answered {status}: {body:?}"))
+}
+
+impl Router for WebhookRouter {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn apply<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<(), RouterError>> {
+        Box::pin(async move {
+            check_target(target)?;
+            let doc = WeightsDoc::for_target(target);
+            let resp = self
+                .client
+                .post(self.url.clone())
+                .json(&doc)
+                .send()
+                .await
+                .map_err(|e| transport_error("POST", &self.url, e))?;
+            if !resp.status().is_success() {
+                return Err(refusal("POST", &self.url, resp).await);
+            }
+            Ok(())
+        })
+    }
+
+    fn read<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<f64, RouterError>> {
+        Box::pin(async move {
+            let resp = self
+                .client
+                .get(self.url.clone())
+                .query(&[("rollout", target.rollout.as_str())])
+                .send()
+                .await
+                .map_err(|e| transport_error("GET", &self.url, e))?;
+            if !resp.status().is_success() {
+                return Err(refusal("GET", &self.url, resp).await);
+            }
+            // A body cut off by the timeout is a transport failure, not a bad document.
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| transport_error("GET", &self.url, e))?;
+            let doc: WeightsDoc = serde_json::from_slice(&body).map_err(|e| {
+                let shown: String = String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(MAX_BODY_SHOWN)
+                    .collect();
+                RouterError::BadResponse(format!(
+                    "GET {} answered {shown:?}, not a weights document: {e}",
+                    self.url
+                ))
+            })?;
+            doc.canary_share(target, &format!("GET {}", self.url))
+        })
+    }
+}
