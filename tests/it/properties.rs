@@ -412,11 +412,11 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
                     prop_assert_eq!(d.weight, s.weight, "{}", what);
                 }
                 Input::Operator { action, .. } => {
-                    let allowed = match (action, s.phase) {
-                        (OperatorAction::Retry, Phase::RolledBack | Phase::Failed) => true,
-                        (OperatorAction::Abort, Phase::Failed) => true,
-                        _ => false,
-                    };
+                    let allowed = matches!(
+                        (action, s.phase),
+                        (OperatorAction::Retry, Phase::RolledBack | Phase::Failed)
+                            | (OperatorAction::Abort, Phase::Failed)
+                    );
                     if !allowed {
                         prop_assert_eq!(d.action, Action::Reject, "{}", what);
                         prop_assert_eq!(&d.state, &s, "{}", what);
