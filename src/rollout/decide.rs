@@ -618,11 +618,12 @@ fn operator(
                 "aborted by an operator before it started".into(),
             )
         }
-        // Promoted is final: the canary is the version in production and the old one may be
-        // gone, so going back is a new rollout (swap the versions in the policy), not an abort.
-        (OperatorAction::Abort, Progressing | Paused | WaitingPromotion | Promoting | Failed) => {
-            rollback(state, Vec::new(), "aborted by an operator".into(), now)
-        }
+        // Rollback stays reachable from every state (DESIGN.md): an operator may still send
+        // traffic back to stable after a promotion, the one way out of `promoted`.
+        (
+            OperatorAction::Abort,
+            Progressing | Paused | WaitingPromotion | Promoting | Promoted | Failed,
+        ) => rollback(state, Vec::new(), "aborted by an operator".into(), now),
         (OperatorAction::Pause, Progressing | WaitingPromotion) => {
             state.paused_from = Some(state.phase);
             state.set_phase(Paused, now);

@@ -879,7 +879,7 @@ fn operator_actions_in_every_phase() {
         (Promoting, Resume, Reject, Promoting, None),
         (Promoting, Retry, Reject, Promoting, None),
         (Promoted, Promote, Reject, Promoted, None),
-        (Promoted, Abort, Reject, Promoted, None),
+        (Promoted, Abort, Rollback, RollingBack, Some(0.0)),
         (Promoted, Pause, Reject, Promoted, None),
         (Promoted, Resume, Reject, Promoted, None),
         (Promoted, Retry, Reject, Promoted, None),
@@ -917,14 +917,18 @@ fn operator_actions_in_every_phase() {
 }
 
 #[test]
-fn abort_after_promotion_is_rejected() {
-    // Regression: abort in `promoted` started a rollback, so a final phase did not stay final
-    // and traffic moved back to a version that may no longer be running.
+fn abort_after_promotion_sends_traffic_back_to_stable() {
+    // The documented way out of `promoted` (ARCHITECTURE.md): a promoted canary that turns
+    // out bad after its watch can still be rolled back by an operator.
     let (p, s) = state_in(Promoted);
-    let d = decide(&p, &s, &input(&op(Abort), &s), at(2000));
-    assert_eq!(
-        (d.action, d.state.phase, d.weight),
-        (Reject, Promoted, 100.0)
+    check(
+        "abort after promotion",
+        &p,
+        s,
+        &[
+            (2000, op(Abort), expect(Rollback, RollingBack, 0.0)),
+            (2030, tick(good()), expect(Settle, RolledBack, 0.0)),
+        ],
     );
 }
 

@@ -404,7 +404,7 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
         }
 
         // Final phases stay final: ticks change nothing; of the operator's actions only retry
-        // (and abort of a rollout the router failed) apply.
+        // and abort (the documented way back to stable from `promoted` and `failed`) apply.
         if s.phase.is_final() {
             match &input {
                 Input::Tick(_) => {
@@ -415,7 +415,7 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
                     let allowed = matches!(
                         (action, s.phase),
                         (OperatorAction::Retry, Phase::RolledBack | Phase::Failed)
-                            | (OperatorAction::Abort, Phase::Failed)
+                            | (OperatorAction::Abort, Phase::Promoted | Phase::Failed)
                     );
                     if !allowed {
                         prop_assert_eq!(d.action, Action::Reject, "{}", what);
