@@ -401,9 +401,9 @@ fn tick_progressing(
     now: Time,
 ) -> Decision {
     let reports = analyse(policy, &mut state, obs);
-    if let Some(why) = router_failed_too_long(policy, obs, now) {
-        return fail(state, why, now);
-    }
+    // A rollback goes before a router failure: `failed` keeps the last confirmed weight as
+    // the target, which must never be the choice for a canary that is known to be bad or out
+    // of time. Rolling back keeps 0 as the target until the router takes it.
     if state.phase == Phase::Progressing
         && let Some(started) = state.started_at
         && now.since(started) > policy.strategy.progress_deadline
@@ -414,19 +414,22 @@ fn tick_progressing(
         );
         return rollback(state, reports, why, now);
     }
-    let pass = match outcome(policy, &mut state, &reports) {
+    let not_passed = match outcome(policy, &mut state, &reports) {
         Outcome::Rollback(why) => return rollback(state, reports, why, now),
-        Outcome::Failed(why) | Outcome::Hold(why) => {
-            let action = if state.phase == Phase::WaitingPromotion {
-                Action::Wait
-            } else {
-                Action::Hold
-            };
-            return decision(action, state, reports, why);
-        }
-        Outcome::Pass => true,
+        Outcome::Failed(why) | Outcome::Hold(why) => Some(why),
+        Outcome::Pass => None,
     };
-    debug_assert!(pass);
+    if let Some(why) = router_failed_too_long(policy, obs, now) {
+        return fail(state, why, now);
+    }
+    if let Some(why) = not_passed {
+        let action = if state.phase == Phase::WaitingPromotion {
+            Action::Wait
+        } else {
+            Action::Hold
+        };
+        return decision(action, state, reports, why);
+    }
     if let RouterStatus::Failing { error, .. } = &obs.router {
         return decision(
             Action::Hold,

@@ -666,6 +666,49 @@ fn a_bad_canary_is_rolled_back_even_while_the_router_fails() {
 }
 
 #[test]
+fn a_bad_canary_is_rolled_back_not_failed_when_the_router_is_past_its_deadline() {
+    // Regression: past router_deadline the rollout entered `failed` before the analysis was
+    // looked at, so a canary failing at that moment kept its last confirmed weight as the
+    // target, and a recovering router was told to send it traffic again.
+    let p = with_limit(base(), 1);
+    check(
+        "bad canary, router past deadline",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (30, tick(good()), expect(Hold, Progressing, 10.0)),
+            (
+                60,
+                tick(good().failing(60)),
+                expect(Hold, Progressing, 10.0),
+            ),
+            (
+                360,
+                tick(bad().failing(60)),
+                expect(Rollback, RollingBack, 0.0),
+            ),
+        ],
+    );
+    // The progress deadline, too, sends traffic back to stable rather than freezing it.
+    let mut short = base();
+    short.strategy.progress_deadline = 5 * MIN;
+    check(
+        "progress deadline, router past deadline",
+        &short,
+        fresh(&short),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                330,
+                tick(good().failing(0)),
+                expect(Rollback, RollingBack, 0.0).reason("progress deadline"),
+            ),
+        ],
+    );
+}
+
+#[test]
 fn retry_does_not_leave_traffic_at_an_earlier_attempts_weight() {
     // Regression: `safe_weight` survived a retry, so a router failing in the new attempt left
     // the canary at the previous attempt's 50 % although the new attempt was at 10 %.
