@@ -27,11 +27,11 @@ fn yaml_files(dir: &str) -> Vec<PathBuf> {
     files
 }
 
-/// Validates a file under the crate root, naming it by its relative path as a user in the
-/// repository would type it.
+/// Validates a file by its path relative to the crate root, as a user in the repository
+/// would type it (cargo runs integration tests from the crate root).
 fn load(rel: &Path) -> Result<policy::Policy, policy::PolicyError> {
-    let text = std::fs::read_to_string(root().join(rel)).unwrap();
-    policy::load_str(&rel.display().to_string(), &text)
+    assert!(root().join(rel).is_file(), "{} is missing", rel.display());
+    policy::load_file(rel)
 }
 
 fn canaryd(args: &[&str]) -> (i32, String, String) {
@@ -94,6 +94,16 @@ fn every_invalid_policy_reports_exactly_its_errors() {
                     || line.contains("unknown field"),
                 "{line:?} does not say what was expected"
             );
+        }
+    }
+    // An `.errors` file without its policy would be a case that silently stopped running.
+    for e in std::fs::read_dir(root().join("tests/data/invalid")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "errors") {
+            let yaml = path.with_extension("yaml");
+            if !yaml.is_file() {
+                mismatches.push(format!("{}: no policy beside it", path.display()));
+            }
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
