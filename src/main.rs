@@ -242,6 +242,17 @@ fn policy_files(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 fn check(args: &cli::CheckArgs) -> ExitCode {
     let mut ok = true;
+    // A directory without policies is almost always a wrong path; passing it silently would
+    // let CI go green without checking anything.
+    for dir in args.policies.iter().filter(|p| p.is_dir()) {
+        if canaryd::controller::policy_files(dir).is_empty() {
+            eprintln!(
+                "{}: no policy files (*.yaml, *.yml) in this directory",
+                dir.display()
+            );
+            ok = false;
+        }
+    }
     let mut valid = Vec::new();
     for file in policy_files(&args.policies) {
         match canaryd::policy::load_file(&file) {

@@ -1,9 +1,15 @@
 //! The one integration test binary. Each area is a module; servers are started by the tests
 //! on 127.0.0.1 and stopped when they end.
 
+mod dashboards;
+
+mod builders;
 mod daemon;
 mod dashboards;
+mod decide;
 mod demo;
+mod policy;
 mod prometheus;
+mod properties;
 mod sim;
 mod support;
