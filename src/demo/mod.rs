@@ -151,6 +151,15 @@ struct Phase {
 
 async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
+    // Registered now, not when first awaited, so a Ctrl-C right after the summary is not lost.
+    let mut interrupt = if keep {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .context("cannot watch for Ctrl-C")?,
+        )
+    } else {
+        None
+    };
     say(
         started,
         "starting three model versions: v1 (stable), v2 (good canary), v3 (bad canary: 12 % errors)",
@@ -356,9 +365,9 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
             acts.get(1).map_or("?", |a| a.outcome.as_str())
         ))
     };
-    if keep {
+    if let Some(interrupt) = interrupt.as_mut() {
         println!("still running (--keep); Ctrl-C stops everything");
-        let _ = tokio::signal::ctrl_c().await;
+        interrupt.recv().await;
     }
 
     let _ = stop_tx.send(true);

@@ -61,9 +61,9 @@ async fn demo_promotes_the_good_canary_rolls_back_the_bad_and_feeds_every_dashbo
         }
     });
     let mut output = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
     loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 let done = line.contains("still running (--keep)");
