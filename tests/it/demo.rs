@@ -43,12 +43,13 @@ async fn query_range(client: &reqwest::Client, promql: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_promotes_the_good_canary_rolls_back_the_bad_and_feeds_every_dashboard() {
-    let mut child = crate::support::ChildGuard::spawn(
+    let mut group = crate::support::GroupGuard::spawn(
         Command::new(env!("CARGO_BIN_EXE_canaryd"))
             .args(["demo", "--keep"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit()),
     );
+    let child = &mut group.0;
     let stdout = child.0.stdout.take().expect("piped stdout");
     // Read the demo's output on a thread until it says it is waiting for Ctrl-C.
     let (tx, rx) = std::sync::mpsc::channel::<String>();

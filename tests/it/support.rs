@@ -42,6 +42,24 @@ impl ChildGuard {
     }
 }
 
+/// A child in its own process group, whose whole group is killed when dropped: for programs
+/// that start servers of their own (the demo), which would outlive a plain kill.
+pub struct GroupGuard(pub ChildGuard);
+
+impl GroupGuard {
+    pub fn spawn(cmd: &mut Command) -> GroupGuard {
+        use std::os::unix::process::CommandExt;
+        GroupGuard(ChildGuard::spawn(cmd.process_group(0)))
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.pid());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
