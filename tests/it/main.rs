@@ -1,4 +1,8 @@
 //! The one integration test binary. Each area is a module; servers are started by the tests
 //! on 127.0.0.1 and stopped when they end.
 
+mod router_file;
+mod router_haproxy;
+mod router_nginx;
+mod router_webhook;
 mod support;
