@@ -296,7 +296,7 @@ async fn nginx_read_reports_the_file_and_refuses_files_it_did_not_write() {
         format!("upstream other {{\n server {v1} weight=1;\n}}\n"),
         format!("upstream fraud {{\n server {v1} weight=1;\n"),
         format!("upstream fraud {{\n server {v1} weight=0;\n}}\n"),
-        format!("upstream fraud {{\n server 10.9.9.9:1 weight=1;\n}}\n"),
+        "upstream fraud {\n server 10.9.9.9:1 weight=1;\n}\n".to_string(),
         format!("upstream fraud {{\n server {v1} down;\n server {v2} down;\n}}\n"),
         "not nginx at all".to_string(),
     ];
