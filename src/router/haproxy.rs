@@ -102,6 +102,15 @@ impl HaproxyRouter {
                 "haproxy server name {s:?} of version {v:?} is not usable"
             )));
         }
+        // One server cannot carry two versions' weights, and a read could not tell them apart.
+        let mut seen = BTreeMap::new();
+        for (v, s) in &servers {
+            if let Some(other) = seen.insert(s, v) {
+                return Err(RouterError::Config(format!(
+                    "versions {other:?} and {v:?} both use haproxy server {s:?}; each version needs its own"
+                )));
+            }
+        }
         Ok(HaproxyRouter {
             endpoint: Endpoint::parse(socket)?,
             backend: backend.to_string(),
@@ -259,10 +268,7 @@ impl Router for HaproxyRouter {
                 (self.server(&target.canary)?, canary_w),
             ];
             for (version, server) in &self.servers {
-                if version != &target.stable
-                    && version != &target.canary
-                    && !plan.iter().any(|(s, _)| s == server)
-                {
+                if version != &target.stable && version != &target.canary {
                     plan.push((server, 0));
                 }
             }
@@ -282,13 +288,7 @@ impl Router for HaproxyRouter {
             self.server(&target.stable)?;
             let mut weights = Vec::with_capacity(self.servers.len());
             let mut canary = 0.0;
-            let mut seen = Vec::new();
             for server in self.servers.values() {
-                // Two versions may share a server; count its weight once.
-                if seen.contains(&server) {
-                    continue;
-                }
-                seen.push(server);
                 let w = f64::from(self.get_weight(server).await?);
                 if server == canary_server {
                     canary = w;

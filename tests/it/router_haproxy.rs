@@ -304,6 +304,16 @@ async fn haproxy_silent_socket_times_out() {
         ("v1".to_string(), "a".to_string()),
         ("v2".to_string(), "b".to_string()),
     ]);
+    let shared = BTreeMap::from([
+        ("v1".to_string(), "a".to_string()),
+        ("v2".to_string(), "a".to_string()),
+    ]);
+    let err = HaproxyRouter::new(&addr.to_string(), "be", shared)
+        .expect_err("one server for two versions");
+    assert!(
+        matches!(&err, RouterError::Config(m) if m.contains("\"a\"")),
+        "{err}"
+    );
     let router = HaproxyRouter::new(&addr.to_string(), "be", servers)
         .expect("valid")
         .with_timeout(Duration::from_millis(300));

@@ -3,6 +3,7 @@
 use crate::support::free_port;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
+use axum::response::Redirect;
 use axum::routing::get;
 use axum::{Json, Router as Http};
 use canaryd::router::{Router, RouterError, Target, WebhookRouter};
@@ -42,6 +43,11 @@ async fn serve(posts: Posts) -> String {
         .route("/garbage", get(|| async { "not json" }))
         .route("/other", get(|| async { Json(json!({"rollout": "other", "stable": "v1", "canary": "v2", "weights": {"v1": 100}})) }))
         .route("/hang", get(std::future::pending::<()>))
+        .route(
+            "/moved",
+            get(|| async { Redirect::temporary("/weights") }).post(|| async { Redirect::to("/weights") }),
+        )
+        .route("/huge", get(|| async { " ".repeat(2 * 1024 * 1024) }))
         .with_state(posts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -151,6 +157,33 @@ async fn webhook_errors_are_classified() {
         .expect_err("nothing listening");
     assert!(
         matches!(&err, RouterError::Unreachable(m) if m.contains(&closed)),
+        "{err}"
+    );
+
+    // A redirect is not the service taking the split: a POST followed as a GET would be.
+    let err = router(&format!("{base}/moved"))
+        .apply(&target(5.0))
+        .await
+        .expect_err("303 on POST");
+    assert!(
+        matches!(&err, RouterError::Rejected(m) if m.contains("303")),
+        "{err}"
+    );
+    let err = router(&format!("{base}/moved"))
+        .read(&target(5.0))
+        .await
+        .expect_err("307 on GET");
+    assert!(
+        matches!(&err, RouterError::Rejected(m) if m.contains("307")),
+        "{err}"
+    );
+
+    let err = router(&format!("{base}/huge"))
+        .read(&target(5.0))
+        .await
+        .expect_err("2 MiB answer");
+    assert!(
+        matches!(&err, RouterError::BadResponse(m) if m.contains("more than")),
         "{err}"
     );
 
