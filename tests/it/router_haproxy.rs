@@ -1,8 +1,8 @@
 //! The HAProxy router against a real haproxy with three servers behind one backend.
 
 use crate::support::{
-    ChildGuard, count_answers, find_binary, free_port, http_client, serve_name, wait_for,
-    wait_for_port,
+    ChildGuard, count_answers, find_binary, free_port, http_client, serve_name, terminate,
+    wait_for, wait_for_port,
 };
 use canaryd::router::{HaproxyRouter, Router, RouterError, Target};
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A running haproxy: `stable`, `canary` and `old` servers in backend `be`, each answering
 /// with its own name, and the runtime API on a unix socket and on TCP.
 struct Haproxy {
-    _child: ChildGuard,
+    child: ChildGuard,
     dir: tempfile::TempDir,
     sock: PathBuf,
     tcp_port: u16,
@@ -54,6 +54,9 @@ impl Haproxy {
         std::fs::write(&cfg_path, cfg).expect("write haproxy.cfg");
         let child = ChildGuard::spawn(
             Command::new(find_binary("haproxy"))
+                // Master-worker mode, so that a test can reload it the way operators do.
+                .arg("-W")
+                .arg("-q")
                 .arg("-db")
                 .arg("-f")
                 .arg(&cfg_path),
@@ -67,7 +70,7 @@ impl Haproxy {
         })
         .await;
         Haproxy {
-            _child: child,
+            child,
             dir,
             sock,
             tcp_port,
@@ -90,6 +93,12 @@ impl Haproxy {
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}/", self.http_port)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
     }
 }
 
@@ -179,7 +188,7 @@ async fn haproxy_weights_steer_real_traffic() {
 }
 
 #[tokio::test]
-async fn haproxy_over_tcp_and_read_after_a_reload_shows_the_configured_weights() {
+async fn haproxy_over_tcp_and_a_reload_resets_weights_until_reapplied() {
     let h = Haproxy::start().await;
     let with_scheme = h.router(&format!("tcp://127.0.0.1:{}", h.tcp_port), "be", "canary");
     let bare = h.router(&format!("127.0.0.1:{}", h.tcp_port), "be", "canary");
@@ -196,16 +205,25 @@ async fn haproxy_over_tcp_and_read_after_a_reload_shows_the_configured_weights()
         "25 (initial 1)"
     );
 
-    // What a reload does to runtime weights: they go back to the configuration's, and the
-    // next read says so, which is what makes the controller re-apply.
-    for server in ["stable", "canary", "old"] {
-        assert_eq!(
-            runtime(&h.sock, &format!("set weight be/{server} 1"))
+    // A real reload (SIGUSR2 to the master) starts a new worker with the configuration's
+    // weights; the next read sees them, which is what makes the controller re-apply.
+    let master = h.child.pid().to_string();
+    let status = Command::new("kill")
+        .args(["-USR2", &master])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -USR2 {master}: {status}");
+    wait_for(
+        "the reloaded haproxy to report its configured weights",
+        Duration::from_secs(10),
+        || async {
+            bare.read(&target(25.0))
                 .await
-                .trim(),
-            ""
-        );
-    }
+                .ok()
+                .filter(|w| *w == 100.0 / 3.0)
+        },
+    )
+    .await;
     assert_eq!(bare.read(&target(25.0)).await.expect("read"), 100.0 / 3.0);
     bare.apply(&target(25.0)).await.expect("re-apply");
     assert_eq!(bare.read(&target(25.0)).await.expect("read"), 25.0);

@@ -1,8 +1,8 @@
 //! The nginx router against a real nginx that includes the file the router writes.
 
 use crate::support::{
-    ChildGuard, count_answers, find_binary, free_port, http_client, serve_name, wait_for,
-    wait_for_port,
+    ChildGuard, count_answers, find_binary, free_port, http_client, serve_name, terminate,
+    wait_for, wait_for_port,
 };
 use canaryd::router::{NginxRouter, Router, RouterError, Target};
 use std::collections::BTreeMap;
@@ -143,23 +143,8 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
-    /// Killing the master alone would orphan its worker, so ask nginx to stop and give it a
-    /// few seconds; the guard kills whatever is left.
     fn drop(&mut self) {
-        let n = self.reload.len() - 2;
-        let stopped = Command::new(&self.reload[0])
-            .args(&self.reload[1..n])
-            .args(["-s", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        for _ in 0..250 {
-            if !stopped || !self.child.alive() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(&mut self.child);
     }
 }
 

@@ -124,3 +124,20 @@ pub async fn count_answers(
     }
     counts
 }
+
+/// Sends SIGTERM and waits up to five seconds for the process to exit. For servers with
+/// worker processes (nginx, haproxy -W): the master stops its workers on SIGTERM, while the
+/// SIGKILL of [`ChildGuard`]'s drop would orphan them.
+pub fn terminate(child: &mut ChildGuard) {
+    let pid = child.pid().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .is_ok_and(|s| s.success());
+    for _ in 0..250 {
+        if !sent || !child.alive() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
