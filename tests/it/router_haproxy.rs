@@ -206,21 +206,30 @@ async fn haproxy_over_tcp_and_a_reload_resets_weights_until_reapplied() {
     );
 
     // A real reload (SIGUSR2 to the master) starts a new worker with the configuration's
-    // weights; the next read sees them, which is what makes the controller re-apply.
+    // weights; the next read sees them, which is what makes the controller re-apply. The
+    // master binds its listeners before it installs its signal handlers and ignores a USR2
+    // that comes in between, so the signal is repeated every second until the reload shows.
     let master = h.child.pid().to_string();
-    let status = Command::new("kill")
-        .args(["-USR2", &master])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -USR2 {master}: {status}");
+    let polls = std::cell::Cell::new(0u32);
     wait_for(
         "the reloaded haproxy to report its configured weights",
         Duration::from_secs(10),
-        || async {
-            bare.read(&target(25.0))
-                .await
-                .ok()
-                .filter(|w| *w == 100.0 / 3.0)
+        || {
+            let n = polls.replace(polls.get() + 1);
+            let (master, bare) = (&master, &bare);
+            async move {
+                if n % 20 == 0 {
+                    let status = Command::new("kill")
+                        .args(["-USR2", master])
+                        .status()
+                        .expect("run kill");
+                    assert!(status.success(), "kill -USR2 {master}: {status}");
+                }
+                bare.read(&target(25.0))
+                    .await
+                    .ok()
+                    .filter(|w| *w == 100.0 / 3.0)
+            }
         },
     )
     .await;
