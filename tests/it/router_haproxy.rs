@@ -218,7 +218,7 @@ async fn haproxy_over_tcp_and_a_reload_resets_weights_until_reapplied() {
             let n = polls.replace(polls.get() + 1);
             let (master, bare) = (&master, &bare);
             async move {
-                if n % 20 == 0 {
+                if n.is_multiple_of(20) {
                     let status = Command::new("kill")
                         .args(["-USR2", master])
                         .status()
