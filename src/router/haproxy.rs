@@ -6,7 +6,9 @@
 //! HAProxy weights are integers from 0 to 256, so a percentage becomes a pair of integers that
 //! sums to 100, 200 or 256, whichever represents it best: whole percents are exact, anything
 //! finer is within 1/512 of the target. Servers of versions that are neither stable nor canary
-//! get weight 0.
+//! get weight 0. `read` reports the canary's weight over the sum of every configured server's
+//! weight, so weight left on an old version shows up as a difference from the target; a
+//! backend where every one of them has weight 0 sends nobody anything and reads as an error.
 //!
 //! Runtime weights live in HAProxy's memory only: a reload or restart puts every server back
 //! to the weight in the configuration file, unless the configuration loads a
