@@ -1,4 +1,5 @@
-//! The command line, as clap definitions.
+//! The command line, as clap definitions. Every `run` flag also has an environment variable
+//! and a key in the optional config file (flag > environment > config file > default).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -16,12 +17,70 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: judge every rollout in the policies directory and drive its router.
+    Run(RunArgs),
     /// Validate policy files; exits 0 only when all are valid.
     Check(CheckArgs),
+    /// Show every rollout as a table, or one rollout's timeline with its evidence.
+    Status(StatusArgs),
+    /// Send all traffic to the canary now (skips the remaining steps and the gate).
+    Promote(ActionArgs),
+    /// Roll back now: all traffic to stable.
+    Abort(ActionArgs),
+    /// Stop advancing (analyses continue and can still roll back).
+    Pause(ActionArgs),
+    /// Continue a paused rollout.
+    Resume(ActionArgs),
+    /// Start a rolled-back or failed rollout again from its first step.
+    Retry(ActionArgs),
+    /// The whole thing, live, on this machine: Prometheus, HAProxy, model versions, load and
+    /// the daemon; a good canary promoted and a bad one rolled back.
+    Demo(canaryd::demo::DemoArgs),
     /// Run the judging benchmark in virtual time.
     Bench(canaryd::bench::BenchArgs),
     /// Run a stand-in model server (or a load generator) for demos and tests.
     Sim(canaryd::sim::SimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Optional YAML config file with keys policies, prometheus, listen, state,
+    /// api_token_file, dry_run, insecure_no_auth.
+    #[arg(long, env = "CANARYD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of policy files [default: ./policies].
+    #[arg(long, env = "CANARYD_POLICIES")]
+    pub policies: Option<PathBuf>,
+    /// Prometheus used by policies that name none [default: http://127.0.0.1:9090].
+    #[arg(long, env = "CANARYD_PROMETHEUS")]
+    pub prometheus: Option<String>,
+    /// File holding a bearer token for Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_TOKEN_FILE")]
+    pub prometheus_token_file: Option<PathBuf>,
+    /// User for HTTP basic authentication to Prometheus (password from --prometheus-password-file).
+    #[arg(long, env = "CANARYD_PROMETHEUS_USER")]
+    pub prometheus_user: Option<String>,
+    /// File holding the basic-auth password for Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_PASSWORD_FILE")]
+    pub prometheus_password_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates to trust for an https Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_CA_FILE")]
+    pub prometheus_ca_file: Option<PathBuf>,
+    /// Address of the HTTP API [default: 127.0.0.1:9850].
+    #[arg(long, env = "CANARYD_LISTEN")]
+    pub listen: Option<String>,
+    /// State store (SQLite file) [default: ./canaryd.db].
+    #[arg(long, env = "CANARYD_STATE")]
+    pub state: Option<PathBuf>,
+    /// File holding the bearer token that operator actions must present.
+    #[arg(long, env = "CANARYD_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Decide and record, but never change the router's weights.
+    #[arg(long, env = "CANARYD_DRY_RUN")]
+    pub dry_run: bool,
+    /// Allow listening on a non-loopback address without an API token.
+    #[arg(long, env = "CANARYD_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -32,11 +91,38 @@ pub struct CheckArgs {
     /// Also run every query once against Prometheus and report what returns no data.
     #[arg(long)]
     pub live: bool,
-    /// Prometheus for --live.
+    /// Prometheus for --live, for policies that name none.
     #[arg(
         long,
         env = "CANARYD_PROMETHEUS",
         default_value = "http://127.0.0.1:9090"
     )]
     pub prometheus: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// A rollout's name, for its timeline.
+    pub name: Option<String>,
+    /// The daemon's API.
+    #[arg(long, env = "CANARYD_SERVER", default_value = "http://127.0.0.1:9850")]
+    pub server: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ActionArgs {
+    /// The rollout's name.
+    pub name: String,
+    /// The daemon's API.
+    #[arg(long, env = "CANARYD_SERVER", default_value = "http://127.0.0.1:9850")]
+    pub server: String,
+    /// File holding the API token, when the daemon requires one.
+    #[arg(long, env = "CANARYD_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Why, recorded with the decision.
+    #[arg(long, short = 'm', default_value = "")]
+    pub reason: String,
+    /// Who, recorded with the decision [default: $USER].
+    #[arg(long)]
+    pub who: Option<String>,
 }

@@ -1,17 +1,33 @@
 //! canaryd's entry point: parse the command line, set up logging, run the command, map
-//! failures to exit codes (0 ok, 1 a check or command failed, 2 usage or startup error).
+//! failures to exit codes (0 ok; 1 a check failed or an action was refused; 2 usage, startup
+//! or connection error).
 
 mod cli;
 
+use anyhow::Context;
+use canaryd::client::Outcome;
 use clap::Parser;
-use cli::{Cli, Command};
+use cli::{ActionArgs, Cli, Command, RunArgs};
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => exit(run(args)),
         Command::Check(args) => check(&args),
+        Command::Status(args) => outcome(with_runtime(async move {
+            canaryd::client::status(&args.server, args.name.as_deref()).await
+        })),
+        Command::Promote(a) => action("promote", a),
+        Command::Abort(a) => action("abort", a),
+        Command::Pause(a) => action("pause", a),
+        Command::Resume(a) => action("resume", a),
+        Command::Retry(a) => action("retry", a),
+        Command::Demo(args) => exit(canaryd::demo::run(&args)),
         Command::Bench(args) => exit(canaryd::bench::run(&args)),
         Command::Sim(args) => exit(canaryd::sim::run(&args)),
     }
@@ -28,20 +44,195 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+fn outcome(result: anyhow::Result<Outcome>) -> ExitCode {
+    match result {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Refused) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn with_runtime<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the API token file {}", path.display()))?;
+    let t = t.trim().to_owned();
+    anyhow::ensure!(
+        !t.is_empty(),
+        "the API token file {} is empty",
+        path.display()
+    );
+    Ok(t)
+}
+
+fn action(name: &'static str, a: ActionArgs) -> ExitCode {
+    outcome(with_runtime(async move {
+        let token = match &a.api_token_file {
+            Some(p) => Some(read_token(p)?),
+            None => std::env::var("CANARYD_API_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        };
+        let who = a
+            .who
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "cli".into());
+        canaryd::client::act(&a.server, &a.name, name, token.as_deref(), &who, &a.reason).await
+    }))
+}
+
+/// The optional config file of `canaryd run`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    policies: Option<PathBuf>,
+    prometheus: Option<String>,
+    listen: Option<String>,
+    state: Option<PathBuf>,
+    api_token_file: Option<PathBuf>,
+    dry_run: Option<bool>,
+    insecure_no_auth: Option<bool>,
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file: ConfigFile = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the config file {}", p.display()))?;
+            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        None => ConfigFile::default(),
+    };
+    let policies = args
+        .policies
+        .or(file.policies)
+        .unwrap_or_else(|| "policies".into());
+    let prometheus = args
+        .prometheus
+        .or(file.prometheus)
+        .unwrap_or_else(|| "http://127.0.0.1:9090".into());
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:9850".into());
+    let state = args
+        .state
+        .or(file.state)
+        .unwrap_or_else(|| "canaryd.db".into());
+    let token = match args.api_token_file.or(file.api_token_file) {
+        Some(p) => Some(read_token(&p)?),
+        None => None,
+    };
+    let dry_run = args.dry_run || file.dry_run.unwrap_or(false);
+    let auth = match (&args.prometheus_token_file, &args.prometheus_user) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give either --prometheus-token-file or --prometheus-user, not both")
+        }
+        (Some(t), None) => Some(canaryd::source::Auth::Bearer(read_token(t)?)),
+        (None, Some(user)) => Some(canaryd::source::Auth::Basic {
+            user: user.clone(),
+            password: args
+                .prometheus_password_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?,
+        }),
+        (None, None) => None,
+    };
+    let options = canaryd::source::ClientOptions {
+        auth,
+        ca_file: args.prometheus_ca_file.clone(),
+        ..Default::default()
+    };
+    let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+    anyhow::ensure!(
+        policies.is_dir(),
+        "the policies directory {} does not exist (give --policies DIR)",
+        policies.display()
+    );
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:9850"))?;
+    anyhow::ensure!(
+        addr.ip().is_loopback() || token.is_some() || insecure,
+        "refusing to listen on {addr} without an API token: give --api-token-file, or --insecure-no-auth if the network is trusted"
+    );
+    with_runtime(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let metrics = canaryd::metrics::Metrics::new(prometheus_registry())?;
+        tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, dry_run, "canaryd running");
+        let config = canaryd::daemon::DaemonConfig {
+            policies,
+            state,
+            token,
+            dry_run,
+            poll: Duration::from_secs(2),
+            clock: Arc::new(canaryd::time::SystemClock),
+            routers: Arc::new(canaryd::router::from_policy),
+            sources: canaryd::source::factory(
+                &prometheus,
+                options,
+                Some(Arc::new(metrics.clone())),
+            )?,
+            metrics: Some(metrics),
+        };
+        canaryd::daemon::serve(listener, config, canaryd::daemon::signals()).await
+    })
+}
+
+/// Runs every query of every valid policy once, now, over the last five minutes, and prints
+/// what each returned. Returns whether every query answered: no data is reported but is not an
+/// error (a canary may have no traffic yet).
+async fn live(
+    prometheus: &str,
+    policies: &[(PathBuf, canaryd::policy::Policy)],
+) -> anyhow::Result<bool> {
+    use canaryd::source::{PrometheusClient, PrometheusSource, Window};
+    use canaryd::time::Clock;
+    let source = PrometheusSource::new(PrometheusClient::new(prometheus, Default::default())?);
+    let now = canaryd::time::SystemClock.now();
+    let mut answered = true;
+    for (file, policy) in policies {
+        let report = source
+            .check_live(policy, Window::lookback(now, Duration::from_secs(300)))
+            .await;
+        println!("{}: live check", file.display());
+        print!("{report}");
+        answered &= !report.has_errors();
+    }
+    Ok(answered)
+}
+
+fn prometheus_registry() -> prometheus::Registry {
+    prometheus::Registry::new()
+}
+
 /// Policy files named on the command line; directories stand for their YAML files.
 fn policy_files(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|f| is_policy_file(f))
-                .collect();
-            found.sort();
-            out.extend(found);
+            out.extend(canaryd::controller::policy_files(p));
         } else {
             out.push(p.clone());
         }
@@ -49,24 +240,41 @@ fn policy_files(paths: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
-fn is_policy_file(p: &Path) -> bool {
-    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-}
-
 fn check(args: &cli::CheckArgs) -> ExitCode {
     let mut ok = true;
+    // A directory without policies is almost always a wrong path; passing it silently would
+    // let CI go green without checking anything.
+    for dir in args.policies.iter().filter(|p| p.is_dir()) {
+        if canaryd::controller::policy_files(dir).is_empty() {
+            eprintln!(
+                "{}: no policy files (*.yaml, *.yml) in this directory",
+                dir.display()
+            );
+            ok = false;
+        }
+    }
+    let mut valid = Vec::new();
     for file in policy_files(&args.policies) {
         match canaryd::policy::load_file(&file) {
-            Ok(_) => println!("{}: ok", file.display()),
+            Ok(p) => {
+                println!("{}: ok", file.display());
+                valid.push((file, p));
+            }
             Err(e) => {
                 ok = false;
                 println!("{e}");
             }
         }
     }
-    if args.live {
-        eprintln!("error: --live is not available in this build");
-        return ExitCode::from(2);
+    if args.live && !valid.is_empty() {
+        match with_runtime(live(&args.prometheus, &valid)) {
+            Ok(true) => {}
+            Ok(false) => ok = false,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
     }
     if ok {
         ExitCode::SUCCESS

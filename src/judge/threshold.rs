@@ -38,8 +38,10 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
             report.note = "no data for the canary".into();
             return report;
         }
+        // NaN is what Prometheus returns for 0/0 (a rate over no requests): no data, not a
+        // value that breaks every bound.
         Reading::Data(s) => match s.value {
-            Some(v) if s.window_events >= min => v,
+            Some(v) if s.window_events >= min && !v.is_nan() => v,
             _ => {
                 report.verdict = Verdict::NoData;
                 report.note = format!(
@@ -58,7 +60,7 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
             Reading::Unavailable { .. } => Reference::Unavailable,
             Reading::NoData => Reference::NoData,
             Reading::Data(s) => match s.value {
-                Some(v) if s.window_events >= min => Reference::Value(v),
+                Some(v) if s.window_events >= min && !v.is_nan() => Reference::Value(v),
                 _ => Reference::NoData,
             },
         }

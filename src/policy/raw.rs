@@ -361,12 +361,13 @@ impl Walker {
     }
 }
 
-/// The closest allowed key to a misspelt one, if it is close.
-fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
+/// The closest allowed word to a misspelt one, if it is close: at most one edit per three
+/// characters, so that short unrelated words (`id`, `on`) are not offered as corrections.
+pub(crate) fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
     allowed
         .iter()
         .map(|a| (edit_distance(key, a), *a))
-        .filter(|(d, a)| *d <= 2.max(a.len() / 4))
+        .filter(|(d, a)| *d > 0 && *d * 3 <= a.len().max(key.len()))
         .min_by_key(|(d, _)| *d)
         .map(|(_, a)| a)
 }
@@ -408,7 +409,21 @@ pub fn read(doc: &Node) -> (RawPolicy, Vec<Problem>) {
         w.problem(
             doc.pos,
             "",
-            "the file is empty; expected a policy mapping".into(),
+            "expected a policy (a mapping with name, stable, canary, strategy, metrics and \
+             router), found an empty file"
+                .into(),
+        );
+        return (raw, w.problems);
+    }
+    if !matches!(doc.value, Value::Map(_)) {
+        let found = doc.value.describe();
+        w.problem(
+            doc.pos,
+            "",
+            format!(
+                "expected a policy (a mapping with name, stable, canary, strategy, metrics \
+                 and router), found {found}"
+            ),
         );
         return (raw, w.problems);
     }

@@ -64,13 +64,28 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
         problems: vec![Problem {
             pos: e.pos.unwrap_or(Pos { line: 1, column: 1 }),
             path: String::new(),
-            message: format!("invalid YAML: {}", first_line(&e.message)),
+            message: format!("invalid YAML: {}", yaml_message(&e.message)),
         }],
     })?;
     let (raw, mut problems) = raw::read(&doc);
+    // A document that is not a mapping has no fields at all: reporting each required field
+    // as missing too would bury the one problem the user has to fix.
+    if !matches!(doc.value, tree::Value::Map(_)) {
+        if matches!(doc.value, tree::Value::Null) {
+            // An empty or comment-only file: point at its start, not at its end.
+            for p in &mut problems {
+                p.pos = Pos { line: 1, column: 1 };
+            }
+        }
+        return Err(PolicyError {
+            file: file.to_owned(),
+            problems,
+        });
+    }
     let mut v = Validator {
         problems: Vec::new(),
         doc_pos: doc.pos,
+        reported: problems.iter().map(|p| p.path.clone()).collect(),
     };
     let policy = v.policy(&raw);
     problems.append(&mut v.problems);
@@ -84,13 +99,36 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
     }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or(s)
+/// The parser's message in the user's terms: one line, without the position the message
+/// already starts with, and without advice meant for programmers using the parser.
+fn yaml_message(raw: &str) -> String {
+    let line = raw.lines().next().unwrap_or(raw).trim();
+    let line = match line.rfind(" at line ") {
+        Some(i) if line[i..].contains(", column ") => &line[..i],
+        _ => line,
+    };
+    if let Some(rest) = line.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        return format!(
+            "duplicate key `{}`; each key may appear once in a mapping",
+            key.trim()
+        );
+    }
+    if line.starts_with("multiple YAML documents detected") {
+        return "expected one policy per file, found a second YAML document (---)".into();
+    }
+    line.to_owned()
 }
 
 struct Validator {
     problems: Vec<Problem>,
     doc_pos: Pos,
+    /// Field paths the first pass already reported (wrong type, say): such a field is
+    /// present, so it must not be reported as missing too.
+    reported: Vec<String>,
 }
 
 /// A parsed duration and whether it was valid.
@@ -108,10 +146,13 @@ impl Validator {
     }
 
     fn missing(&mut self, pos: Pos, path: &str, what: &str) {
+        if self.reported.iter().any(|r| r == path) {
+            return;
+        }
         self.problems.push(Problem {
             pos,
             path: path.to_owned(),
-            message: format!("missing; expected {what}"),
+            message: format!("expected {what}, found none (the field is missing)"),
         });
     }
 
@@ -140,6 +181,17 @@ impl Validator {
                 default
             }
             Some(d) => d,
+            // A bare number is the usual slip: say that the unit is what is missing.
+            None if at.value.trim().parse::<f64>().is_ok() => {
+                self.err(
+                    at,
+                    format!(
+                        "expected a duration with a unit, like 30s or 1m30s, found {}",
+                        at.value.trim()
+                    ),
+                );
+                default
+            }
             None => {
                 self.err(
                     at,
@@ -164,7 +216,7 @@ impl Validator {
             self.err(
                 at,
                 format!(
-                    "expected {what} of [a-z0-9-]+ (at most 63), found {:?}",
+                    "expected {what} of lowercase letters, digits and dashes (at most 63), found {:?}",
                     at.value
                 ),
             );
@@ -188,7 +240,10 @@ impl Validator {
         let rest = v
             .strip_prefix("http://")
             .or_else(|| v.strip_prefix("https://"));
-        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+        // A URL with whitespace in it is a copy-paste accident, never a reachable endpoint.
+        if rest
+            .is_none_or(|r| r.is_empty() || r.starts_with('/') || r.contains(char::is_whitespace))
+        {
             self.err(
                 at,
                 format!("expected an http:// or https:// URL, found {v:?}"),
@@ -220,16 +275,16 @@ impl Validator {
         for v in [stable, canary].into_iter().flatten() {
             self.label_value(v);
         }
-        if let (Some(s), Some(c)) = (stable, canary) {
-            if s.value == c.value {
-                self.err(
-                    c,
-                    format!(
-                        "expected a version different from stable, found {:?} for both",
-                        c.value
-                    ),
-                );
-            }
+        if let (Some(s), Some(c)) = (stable, canary)
+            && s.value == c.value
+        {
+            self.err(
+                c,
+                format!(
+                    "expected a version different from stable, found {:?} for both",
+                    c.value
+                ),
+            );
         }
         let strategy = self.strategy(raw);
         let analysis = self.analysis(raw);
@@ -265,14 +320,12 @@ impl Validator {
     }
 
     fn strategy(&mut self, raw: &RawPolicy) -> Option<Strategy> {
-        let Some(s) = self.required(
+        let s = self.required(
             &raw.strategy,
             self.doc_pos,
             "strategy",
             "a strategy section",
-        ) else {
-            return None;
-        };
+        )?;
         let r = &s.value;
         let kind_name = r.kind.as_ref().map_or("canary", |k| k.value.as_str());
         let interval = self.duration(&r.interval, Duration::from_secs(30));
@@ -296,26 +349,49 @@ impl Validator {
             Some((_, "fail")) => OnNoData::Fail,
             Some((_, "pass")) => OnNoData::Pass,
             Some((o, other)) => {
-                self.err(o, format!("expected hold, fail or pass, found {other:?}"));
+                let hint = did_you_mean(other, &["hold", "fail", "pass"]);
+                self.err(
+                    o,
+                    format!("expected hold, fail or pass, found {other:?}{hint}"),
+                );
                 OnNoData::Hold
             }
         };
         let kind = match kind_name {
             "canary" => {
                 if let Some(b) = &r.bake {
-                    self.err(b, "expected no bake in a canary strategy (bake is for blue-green; canary steps use min_step_duration)".into());
+                    self.err(
+                        b,
+                        format!(
+                            "expected no bake in a canary strategy (bake is for blue-green; \
+                             canary steps last min_step_duration), found {:?}",
+                            b.value
+                        ),
+                    );
                 }
                 let steps = self.steps(r, s);
                 steps.map(|steps| StrategyKind::Canary { steps })
             }
             "blue-green" => {
                 if let Some(st) = &r.steps {
-                    self.err(st, "expected no steps in a blue-green strategy, which switches all traffic at once".into());
+                    self.err(
+                        st,
+                        format!(
+                            "expected no steps in a blue-green strategy (it switches all traffic \
+                             at once), found {} step{}",
+                            st.value.len(),
+                            if st.value.len() == 1 { "" } else { "s" }
+                        ),
+                    );
                 }
                 if let Some(m) = &r.min_step_duration {
                     self.err(
                         m,
-                        "expected no min_step_duration in a blue-green strategy; use bake".into(),
+                        format!(
+                            "expected no min_step_duration in a blue-green strategy (use bake), \
+                             found {:?}",
+                            m.value
+                        ),
                     );
                 }
                 let path = format!("{}.bake", s.path);
@@ -327,7 +403,11 @@ impl Validator {
             }
             other => {
                 if let Some(k) = &r.kind {
-                    self.err(k, format!("expected canary or blue-green, found {other:?}"));
+                    let hint = did_you_mean(other, &["canary", "blue-green"]);
+                    self.err(
+                        k,
+                        format!("expected canary or blue-green, found {other:?}{hint}"),
+                    );
                 }
                 None
             }
@@ -343,44 +423,79 @@ impl Validator {
             post_promotion_watch,
             router_deadline,
         };
-        // A deadline shorter than the steps themselves can never be met.
-        let needed = strategy.step_duration() * strategy.steps().len() as u32;
-        if let Some(pd) = &r.progress_deadline {
-            if progress_deadline < needed {
+        // A deadline shorter than the steps themselves can never be met: every rollout of
+        // the policy would be rolled back. The default deadline counts too, so the problem is
+        // reported where the user can see it: at the deadline if written, else at whatever
+        // made the steps long.
+        let n = strategy.steps().len();
+        let per_step = strategy.step_duration();
+        let needed = u32::try_from(n).ok().and_then(|n| per_step.checked_mul(n));
+        if needed.is_none_or(|needed| progress_deadline < needed) {
+            let total = needed.map_or("longer than any deadline".to_owned(), |d| {
+                humantime::format_duration(d).to_string()
+            });
+            let what = format!(
+                "{n} step{} of at least {} each ({total})",
+                if n == 1 { "" } else { "s" },
+                humantime::format_duration(per_step)
+            );
+            let length = if strategy.is_blue_green() {
+                &r.bake
+            } else {
+                &r.min_step_duration
+            };
+            if let Some(pd) = &r.progress_deadline {
                 self.err(
                     pd,
                     format!(
-                        "expected at least {} (the steps take that long), found {:?}",
-                        humantime::format_duration(needed),
+                        "expected at least {total} ({n} step{} of at least {} each), found {:?}",
+                        if n == 1 { "" } else { "s" },
+                        humantime::format_duration(per_step),
                         pd.value
+                    ),
+                );
+            } else if let Some(at) = length.as_ref() {
+                self.err(
+                    at,
+                    format!(
+                        "expected steps that fit in the default progress_deadline of {}, found {what}; \
+                         set strategy.progress_deadline",
+                        humantime::format_duration(progress_deadline)
+                    ),
+                );
+            } else if let Some(st) = &r.steps {
+                self.err(
+                    st,
+                    format!(
+                        "expected steps that fit in the default progress_deadline of {}, found {what}; \
+                         set strategy.progress_deadline",
+                        humantime::format_duration(progress_deadline)
                     ),
                 );
             }
         }
-        if let Some(iv) = &r.interval {
-            if interval > progress_deadline {
-                self.err(
-                    iv,
-                    format!(
-                        "expected an interval shorter than progress_deadline, found {:?}",
-                        iv.value
-                    ),
-                );
-            }
+        if let Some(iv) = &r.interval
+            && interval > progress_deadline
+        {
+            self.err(
+                iv,
+                format!(
+                    "expected an interval shorter than progress_deadline, found {:?}",
+                    iv.value
+                ),
+            );
         }
         Some(strategy)
     }
 
     fn steps(&mut self, r: &raw::RawStrategy, s: &At<raw::RawStrategy>) -> Option<Vec<f64>> {
         let path = format!("{}.steps", s.path);
-        let Some(steps) = self.required(
+        let steps = self.required(
             &r.steps,
             s.pos,
             &path,
             "a list of canary weights in percent, like [1, 5, 25]",
-        ) else {
-            return None;
-        };
+        )?;
         if steps.value.is_empty() {
             self.err(
                 steps,
@@ -389,6 +504,8 @@ impl Validator {
             return None;
         }
         let mut ok = true;
+        // Only weights in range count as the previous step, so one bad number is reported
+        // once and does not make every later step look out of order.
         let mut prev = 0.0;
         for st in &steps.value {
             if !(st.value > 0.0 && st.value <= 100.0) {
@@ -409,8 +526,9 @@ impl Validator {
                     ),
                 );
                 ok = false;
+            } else {
+                prev = st.value;
             }
-            prev = prev.max(st.value);
         }
         ok.then(|| steps.value.iter().map(|s| s.value).collect())
     }
@@ -458,22 +576,20 @@ impl Validator {
                     .map(|p| p / 100.0),
             };
             match v {
-                Some(v) if v >= 0.5 && v < 1.0 => a.confidence = v,
-                _ => self.err(c, format!("expected a confidence from 0.5 up to (not including) 1, like 0.95 or 95%, found {}", show(&c.value))),
+                Some(v) if (0.5..1.0).contains(&v) => a.confidence = v,
+                _ => self.err(c, format!("expected a confidence from 0.5 up to (not including) 1, like 0.95 or 95%, found {}", found(&c.value))),
             }
         }
         Some(a)
     }
 
     fn metrics(&mut self, raw: &RawPolicy) -> Option<Vec<MetricSpec>> {
-        let Some(list) = self.required(
+        let list = self.required(
             &raw.metrics,
             self.doc_pos,
             "metrics",
             "a list of metrics to judge",
-        ) else {
-            return None;
-        };
+        )?;
         if list.value.is_empty() {
             self.err(
                 list,
@@ -519,7 +635,7 @@ impl Validator {
             if !ok {
                 self.err(
                     n,
-                    format!("expected a name of [a-z0-9_-]+, found {:?}", n.value),
+                    format!("expected a metric name of lowercase letters, digits, dashes and underscores, found {:?}", n.value),
                 );
             }
         }
@@ -563,9 +679,10 @@ impl Validator {
                     q.map(|quantile| MetricKind::Latency { quantile })
                 }
                 other => {
+                    let hint = did_you_mean(other, &["error_rate", "latency", "accuracy"]);
                     self.err(
                         b,
-                        format!("expected error_rate, latency or accuracy, found {other:?}"),
+                        format!("expected error_rate, latency or accuracy, found {other:?}{hint}"),
                     );
                     None
                 }
@@ -574,22 +691,37 @@ impl Validator {
                 template: q.value.trim().to_owned(),
             }),
         };
-        if let (Some(q), Some(k)) = (&r.quantile, &kind) {
-            if !matches!(k, MetricKind::Latency { .. }) {
-                self.err(
-                    q,
-                    format!(
-                        "expected no quantile on a {} metric (quantile is for latency)",
-                        k.label()
-                    ),
-                );
-            }
+        if let (Some(q), Some(k)) = (&r.quantile, &kind)
+            && !matches!(k, MetricKind::Latency { .. })
+        {
+            self.err(
+                q,
+                format!(
+                    "expected no quantile on {} metric (quantile is for latency), found {}",
+                    article(k.label()),
+                    q.value
+                ),
+            );
         }
         let min_samples = match &r.min_samples {
             None => match kind {
                 Some(MetricKind::Query { .. }) => 0,
                 _ => 100,
             },
+            // A raw query answers one number per version, not a count of events, so any
+            // minimum above one could never be met and the metric would never be judged.
+            Some(s) if matches!(kind, Some(MetricKind::Query { .. })) => {
+                self.err(
+                    s,
+                    format!(
+                        "expected no min_samples on a query metric (a query's value carries no \
+                         event count; guard the query itself, e.g. with `and sum(...) > 100`), \
+                         found {}",
+                        s.value
+                    ),
+                );
+                0
+            }
             Some(s) if s.value >= 0 => s.value as u64,
             Some(s) => {
                 self.err(
@@ -685,7 +817,15 @@ impl Validator {
         // Direction: for an error rate or a latency only going up hurts; for accuracy only down.
         let direction = |v: &mut Self, b: &Option<At<Scalar>>, field: &str, better: &str| {
             if let Some(at) = b {
-                v.err(at, format!("expected no {field} on a {} metric: a {better} value is better, use the other direction", kind.label()));
+                v.err(
+                    at,
+                    format!(
+                        "expected no {field} on {} metric, where {better} is better, found {}; \
+                         bound it in the other direction",
+                        article(kind.label()),
+                        found(&at.value)
+                    ),
+                );
             }
         };
         match kind {
@@ -699,28 +839,30 @@ impl Validator {
             }
             MetricKind::Query { .. } => {}
         }
-        if let (Some(lo), Some(hi), Some(at)) = (&min, &max, &r.min) {
-            if lo.value > hi.value {
-                self.err(
-                    at,
-                    format!(
-                        "expected min at most max ({}), found {}",
-                        hi.written, lo.written
-                    ),
-                );
-                ok = false;
-            }
+        if let (Some(lo), Some(hi), Some(at)) = (&min, &max, &r.min)
+            && lo.value > hi.value
+        {
+            self.err(
+                at,
+                format!(
+                    "expected min at most max ({}), found {}",
+                    hi.written, lo.written
+                ),
+            );
+            ok = false;
         }
         if r.max.is_none()
             && r.min.is_none()
             && r.max_increase.is_none()
             && r.max_decrease.is_none()
         {
-            self.missing(
-                m.pos,
-                &format!("{}.max", m.path),
-                "at least one bound: max, min, max_increase or max_decrease",
-            );
+            self.problems.push(Problem {
+                pos: m.pos,
+                path: m.path.clone(),
+                message: "expected at least one bound (max, min, max_increase or max_decrease), \
+                          found none"
+                    .into(),
+            });
             ok = false;
         }
         ok.then_some(Bounds {
@@ -755,9 +897,24 @@ impl Validator {
         .filter(|b| **b)
         .count();
         if count != 1 {
+            let found: Vec<&str> = [
+                ("haproxy", v.haproxy.is_some()),
+                ("nginx", v.nginx.is_some()),
+                ("webhook", v.webhook.is_some()),
+                ("file", v.file.is_some()),
+            ]
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| *k)
+            .collect();
+            let found = if found.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("{count}: {}", found.join(" and "))
+            };
             self.err(
                 r,
-                format!("expected exactly one of haproxy, nginx, webhook, file, found {count}"),
+                format!("expected exactly one of haproxy, nginx, webhook, file, found {found}"),
             );
             return None;
         }
@@ -797,13 +954,13 @@ impl Validator {
                 &format!("{p}.reload"),
                 "the reload command, like [nginx, -s, reload]",
             );
-            if let Some(rl) = reload {
-                if rl.value.is_empty() {
-                    self.err(
-                        rl,
-                        "expected a command and its arguments, found an empty list".into(),
-                    );
-                }
+            if let Some(rl) = reload
+                && rl.value.is_empty()
+            {
+                self.err(
+                    rl,
+                    "expected a command and its arguments, found an empty list".into(),
+                );
             }
             let servers = self.servers(&g.value.servers, g, &versions, "host:port addresses");
             let upstream = match &g.value.upstream {
@@ -860,11 +1017,20 @@ impl Validator {
             &format!("a mapping of version to {what}"),
         )?;
         let mut ok = true;
+        let present: Vec<String> = s.value.keys().map(|k| format!("{k:?}")).collect();
+        let present = if present.is_empty() {
+            "no entries".to_owned()
+        } else {
+            format!("entries for {} only", present.join(", "))
+        };
         for v in versions {
             if !s.value.contains_key(&v.value) {
                 self.err(
                     s,
-                    format!("expected an entry for version {:?}, found none", v.value),
+                    format!(
+                        "expected an entry for version {:?}, found {present}",
+                        v.value
+                    ),
                 );
                 ok = false;
             }
@@ -883,7 +1049,12 @@ impl Validator {
             return out;
         };
         for h in &list.value {
-            let on = self.required(&h.value.on, h.pos, &format!("{}.on", h.path), "an event");
+            let on = self.required(
+                &h.value.on,
+                h.pos,
+                &format!("{}.on", h.path),
+                "an event, like rollback or confirm-promotion",
+            );
             let event = on.and_then(|o| {
                 let e = WebhookEvent::ALL
                     .iter()
@@ -891,9 +1062,14 @@ impl Validator {
                     .map(|(_, e)| *e);
                 if e.is_none() {
                     let names: Vec<&str> = WebhookEvent::ALL.iter().map(|(n, _)| *n).collect();
+                    let hint = did_you_mean(&o.value, &names);
                     self.err(
                         o,
-                        format!("expected one of {}, found {:?}", names.join(", "), o.value),
+                        format!(
+                            "expected one of {}, found {:?}{hint}",
+                            names.join(", "),
+                            o.value
+                        ),
                     );
                 }
                 e
@@ -955,6 +1131,27 @@ impl Validator {
     }
 }
 
+/// ` (did you mean "x"?)` when a misspelt value is close to one of the allowed ones.
+fn did_you_mean(found: &str, allowed: &[&str]) -> String {
+    raw::closest(found, allowed)
+        .map(|c| format!(" (did you mean {c:?}?)"))
+        .unwrap_or_default()
+}
+
+/// "an error_rate", "a latency": the builtin's name with its article.
+fn article(label: &str) -> String {
+    let vowel = label.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {label}", if vowel { "an" } else { "a" })
+}
+
+/// A scalar as the `found` of a message: text quoted, numbers as they are.
+fn found(s: &Scalar) -> String {
+    match s {
+        Scalar::Num(n) => format!("{n}"),
+        Scalar::Text(t) => format!("{t:?}"),
+    }
+}
+
 /// A scalar shown back the way the user wrote it.
 fn show(s: &Scalar) -> String {
     match s {
@@ -991,29 +1188,29 @@ fn amount(s: &Scalar) -> Option<Amount> {
 }
 
 fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
-    let found = show(s);
+    let found = found(s);
     let value = match (amount(s), unit) {
         (None, Unit::Seconds) => {
-            return Err(format!("expected a duration like 250ms, found {found:?}"));
+            return Err(format!("expected a duration like 250ms, found {found}"));
         }
         (None, _) => {
             return Err(format!(
-                "expected a number or a percentage like 1%, found {found:?}"
+                "expected a number or a percentage like 1%, found {found}"
             ));
         }
         (Some(Amount::Points(_)), _) => {
             return Err(format!(
-                "expected an absolute bound (pp is for max_increase/max_decrease), found {found:?}"
+                "expected an absolute bound (pp is for max_increase/max_decrease), found {found}"
             ));
         }
         (Some(Amount::Seconds(_)), Unit::Ratio) => {
             return Err(format!(
-                "expected a rate like 1% or 0.01 (a duration makes no sense here), found {found:?}"
+                "expected a rate like 1% or 0.01 (a duration makes no sense for a rate), found {found}"
             ));
         }
         (Some(Amount::Percent(_)), Unit::Seconds) => {
             return Err(format!(
-                "expected a duration like 250ms (a percentage makes no sense for latency), found {found:?}"
+                "expected a duration like 250ms (a percentage makes no sense for latency), found {found}"
             ));
         }
         (Some(Amount::Seconds(v)), _) => v,
@@ -1021,25 +1218,25 @@ fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
         (Some(Amount::Number(n)), _) => n,
     };
     if !value.is_finite() {
-        return Err(format!("expected a finite number, found {found:?}"));
+        return Err(format!("expected a finite number, found {found}"));
     }
     match unit {
         Unit::Ratio if !(0.0..=1.0).contains(&value) => {
-            Err(format!("expected a rate from 0% to 100%, found {found:?}"))
+            Err(format!("expected a rate from 0% to 100%, found {found}"))
         }
         Unit::Seconds if value <= 0.0 => {
-            Err(format!("expected a duration above zero, found {found:?}"))
+            Err(format!("expected a duration above zero, found {found}"))
         }
         _ => Ok(value),
     }
 }
 
 fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String> {
-    let found = show(s);
+    let found = found(s);
     let (kind, amount) = match (amount(s), unit) {
         (None, _) => {
             return Err(format!(
-                "expected a relative bound like 10%, {} found {found:?}",
+                "expected a relative bound like 10%, {} found {found}",
                 if unit == Unit::Seconds {
                     "or a duration like 20ms,"
                 } else {
@@ -1050,13 +1247,13 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
         (Some(Amount::Percent(p)), _) => (ToleranceKind::Relative, p / 100.0),
         (Some(Amount::Points(_)), Unit::Seconds) => {
             return Err(format!(
-                "expected 10% or a duration like 20ms (percentage points make no sense for latency), found {found:?}"
+                "expected 10% or a duration like 20ms (percentage points make no sense for latency), found {found}"
             ));
         }
         (Some(Amount::Points(p)), _) => (ToleranceKind::Absolute, p / 100.0),
         (Some(Amount::Seconds(_)), Unit::Ratio) => {
             return Err(format!(
-                "expected 10% or 0.5pp (a duration makes no sense for a rate), found {found:?}"
+                "expected 10% or 0.5pp (a duration makes no sense for a rate), found {found}"
             ));
         }
         (Some(Amount::Seconds(v)), _) => (ToleranceKind::Absolute, v),
@@ -1064,20 +1261,20 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
     };
     if !amount.is_finite() || amount < 0.0 {
         return Err(format!(
-            "expected a tolerance of at least zero, found {found:?}"
+            "expected a tolerance of at least zero, found {found}"
         ));
     }
     if decrease && kind == ToleranceKind::Relative && amount >= 1.0 {
         return Err(format!(
-            "expected a relative decrease below 100%, found {found:?}"
+            "expected a relative decrease below 100%, found {found}"
         ));
     }
     if unit == Unit::Ratio && kind == ToleranceKind::Absolute && amount > 1.0 {
-        return Err(format!("expected at most 100pp, found {found:?}"));
+        return Err(format!("expected at most 100pp, found {found}"));
     }
     Ok(Tolerance {
         kind,
         amount,
-        written: found,
+        written: show(s),
     })
 }

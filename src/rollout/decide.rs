@@ -140,7 +140,11 @@ fn start(policy: &Policy, mut state: RolloutState, now: Time) -> RolloutState {
     state.memory.clear();
     state.paused_from = None;
     state.set_phase(Phase::Progressing, now);
-    state.set_weight(step_weight(policy, 0), now);
+    let first = step_weight(policy, 0);
+    state.set_weight(first, now);
+    // A weight confirmed in an earlier attempt is no longer a place to leave traffic: if the
+    // router fails now, the most the canary may keep is this attempt's first step.
+    state.safe_weight = state.safe_weight.min(first);
     state
 }
 
@@ -203,10 +207,13 @@ fn analyse(policy: &Policy, state: &mut RolloutState, obs: &Observation) -> Vec<
             state.seen_data.insert(spec.name.clone());
         }
         if !use_baseline {
-            if let Some(v) = reading.stable.sample().and_then(|s| s.value) {
-                if v.is_finite() {
-                    state.baseline.insert(spec.name.clone(), v);
-                }
+            // Only a value the judge would accept from stable becomes the reference: a
+            // handful of requests is no baseline to hold a blue-green switch against.
+            let stable = reading.stable.sample().filter(|s| {
+                s.window_events >= spec.min_samples as f64 && s.value.is_some_and(f64::is_finite)
+            });
+            if let Some(v) = stable.and_then(|s| s.value) {
+                state.baseline.insert(spec.name.clone(), v);
             }
         }
         reports.push(report);
@@ -242,10 +249,6 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
         return Outcome::Rollback(format!("critical metric failed: {}", critical.join(", ")));
     }
     let unavailable = names(&|r| r.verdict == Verdict::Unavailable);
-    if !unavailable.is_empty() {
-        // The source says nothing about the canary: neither a failure nor progress.
-        return Outcome::Hold(format!("metrics unavailable: {}", unavailable.join(", ")));
-    }
     let no_data = names(&|r| r.verdict == Verdict::NoData);
     let failed = names(&|r| {
         r.verdict == Verdict::Fail
@@ -266,6 +269,11 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
             Outcome::Failed(what)
         };
     }
+    // Checked after the failures: a metric the source cannot answer says nothing about the
+    // canary, so it neither counts as a failure nor hides the failure of another metric.
+    if !unavailable.is_empty() {
+        return Outcome::Hold(format!("metrics unavailable: {}", unavailable.join(", ")));
+    }
     if !no_data.is_empty() && policy.strategy.on_no_data == OnNoData::Hold {
         return Outcome::Hold(format!("waiting for data: {}", no_data.join(", ")));
     }
@@ -278,10 +286,10 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
 }
 
 fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
-    if let RouterStatus::Ok { canary_weight } = obs.router {
-        if (canary_weight - state.weight).abs() < 0.01 {
-            state.safe_weight = state.weight;
-        }
+    if let RouterStatus::Ok { canary_weight } = obs.router
+        && (canary_weight - state.weight).abs() < 0.01
+    {
+        state.safe_weight = state.weight;
     }
     match state.phase {
         Phase::Idle => tick_idle(policy, state, obs, now),
@@ -393,33 +401,35 @@ fn tick_progressing(
     now: Time,
 ) -> Decision {
     let reports = analyse(policy, &mut state, obs);
+    // A rollback goes before a router failure: `failed` keeps the last confirmed weight as
+    // the target, which must never be the choice for a canary that is known to be bad or out
+    // of time. Rolling back keeps 0 as the target until the router takes it.
+    if state.phase == Phase::Progressing
+        && let Some(started) = state.started_at
+        && now.since(started) > policy.strategy.progress_deadline
+    {
+        let why = format!(
+            "progress deadline {} passed without promotion",
+            humantime::format_duration(policy.strategy.progress_deadline)
+        );
+        return rollback(state, reports, why, now);
+    }
+    let not_passed = match outcome(policy, &mut state, &reports) {
+        Outcome::Rollback(why) => return rollback(state, reports, why, now),
+        Outcome::Failed(why) | Outcome::Hold(why) => Some(why),
+        Outcome::Pass => None,
+    };
     if let Some(why) = router_failed_too_long(policy, obs, now) {
         return fail(state, why, now);
     }
-    if state.phase == Phase::Progressing {
-        if let Some(started) = state.started_at {
-            if now.since(started) > policy.strategy.progress_deadline {
-                let why = format!(
-                    "progress deadline {} passed without promotion",
-                    humantime::format_duration(policy.strategy.progress_deadline)
-                );
-                return rollback(state, reports, why, now);
-            }
-        }
+    if let Some(why) = not_passed {
+        let action = if state.phase == Phase::WaitingPromotion {
+            Action::Wait
+        } else {
+            Action::Hold
+        };
+        return decision(action, state, reports, why);
     }
-    let pass = match outcome(policy, &mut state, &reports) {
-        Outcome::Rollback(why) => return rollback(state, reports, why, now),
-        Outcome::Failed(why) | Outcome::Hold(why) => {
-            let action = if state.phase == Phase::WaitingPromotion {
-                Action::Wait
-            } else {
-                Action::Hold
-            };
-            return decision(action, state, reports, why);
-        }
-        Outcome::Pass => true,
-    };
-    debug_assert!(pass);
     if let RouterStatus::Failing { error, .. } = &obs.router {
         return decision(
             Action::Hold,
@@ -543,7 +553,8 @@ fn tick_promoting(
     let promoted_at = state.promoted_at.unwrap_or(now);
     let watching = now.since(promoted_at) < watch;
     let mut reports = Vec::new();
-    if !watch.is_zero() {
+    // Only within the watch: once it is over the promotion stands, whatever comes after.
+    if watching {
         reports = analyse(policy, &mut state, obs);
         if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
             return rollback(state, reports, format!("post-promotion watch: {why}"), now);
@@ -610,6 +621,8 @@ fn operator(
                 "aborted by an operator before it started".into(),
             )
         }
+        // Rollback stays reachable from every state (DESIGN.md): an operator may still send
+        // traffic back to stable after a promotion, the one way out of `promoted`.
         (
             OperatorAction::Abort,
             Progressing | Paused | WaitingPromotion | Promoting | Promoted | Failed,

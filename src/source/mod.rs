@@ -1,4 +1,19 @@
 //! Metric sources: ask Prometheus (or a fake, in tests) what both versions did.
+//!
+//! `query.rs` writes the PromQL, `prometheus.rs` sends it and parses the answer, `read.rs`
+//! turns answers into samples, and `observe.rs` ties them into [`PrometheusSource`].
+
+pub mod error;
+pub mod observe;
+pub mod prometheus;
+pub mod query;
+pub mod read;
+
+pub use error::SourceError;
+pub use observe::{
+    LiveMetric, LiveOutcome, LiveReport, LiveVersion, PrometheusSource, QueryObserver, QueryRecord,
+};
+pub use prometheus::{Auth, ClientOptions, PrometheusClient};
 
 use crate::observation::MetricReading;
 use crate::policy::Policy;
@@ -17,6 +32,19 @@ pub struct Window {
     pub rollout_started: Time,
 }
 
+impl Window {
+    /// A window ending at `at` that reaches `d` back, for one-off reads such as
+    /// `canaryd check --live`, where no step or rollout has begun.
+    pub fn lookback(at: Time, d: std::time::Duration) -> Window {
+        let start = Time(at.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+        Window {
+            at,
+            since: start,
+            rollout_started: start,
+        }
+    }
+}
+
 /// Where readings come from.
 pub trait MetricSource: Send + Sync {
     /// One reading per metric of the policy. Never fails as a whole: a metric whose query
@@ -26,4 +54,19 @@ pub trait MetricSource: Send + Sync {
         policy: &'a Policy,
         window: Window,
     ) -> BoxFuture<'a, BTreeMap<String, MetricReading>>;
+}
+
+/// The source the daemon uses for every policy: one Prometheus client (a policy's own
+/// `prometheus.url` is honoured per query), reporting each query to `observer`.
+pub fn factory(
+    default_url: &str,
+    options: ClientOptions,
+    observer: Option<std::sync::Arc<dyn QueryObserver>>,
+) -> Result<crate::controller::SourceFactory, SourceError> {
+    let mut source = PrometheusSource::new(PrometheusClient::new(default_url, options)?);
+    if let Some(o) = observer {
+        source = source.with_observer(o);
+    }
+    let source: std::sync::Arc<dyn MetricSource> = std::sync::Arc::new(source);
+    Ok(std::sync::Arc::new(move |_policy: &Policy| source.clone()))
 }

@@ -1,8 +1,17 @@
 //! The one integration test binary. Each area is a module; servers are started by the tests
 //! on 127.0.0.1 and stopped when they end.
 
+mod builders;
+mod daemon;
+mod dashboards;
+mod decide;
+mod demo;
+mod policy;
+mod prometheus;
+mod properties;
 mod router_file;
 mod router_haproxy;
 mod router_nginx;
 mod router_webhook;
+mod sim;
 mod support;

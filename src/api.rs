@@ -1,0 +1,512 @@
+//! The HTTP API: `fn router(state) -> axum::Router`. Handlers read snapshots and the store;
+//! operator actions go to the rollout's task, which decides through `rollout::decide`.
+
+use crate::controller::{self, OperateError, PolicyErrors, Registry, Views};
+use crate::metrics::Metrics;
+use crate::observation::OperatorAction;
+use crate::store::Store;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Largest request body accepted (operator actions carry a short reason).
+const BODY_LIMIT: usize = 16 * 1024;
+/// Largest page of the decision log.
+const MAX_PAGE: usize = 500;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub views: Views,
+    pub registry: Registry,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub policy_errors: PolicyErrors,
+    pub ready: Arc<AtomicBool>,
+    /// Bearer token required by POST actions; none means open (loopback only by default).
+    pub token: Option<String>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/rollouts", get(list))
+        .route("/api/v1/rollouts/{name}", get(one))
+        .route("/api/v1/rollouts/{name}/decisions", get(decisions))
+        .route("/api/v1/rollouts/{name}/assign", get(assign))
+        .route("/api/v1/rollouts/{name}/{action}", post(act))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading state and policies\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn list(State(s): State<ApiState>) -> Response {
+    let rollouts: Vec<serde_json::Value> = s
+        .views
+        .read()
+        .map(|v| {
+            v.values()
+                .map(|r| {
+                    json!({
+                        "name": r.name,
+                        "file": r.file,
+                        "model": r.model,
+                        "phase": r.phase,
+                        "stable": r.stable,
+                        "canary": r.canary,
+                        "weight": r.weight,
+                        "step": r.step,
+                        "steps": r.steps,
+                        "method": r.method,
+                        "last_decision": r.last_decision,
+                        "applied": r.applied,
+                        "router_error": r.router_error,
+                        "policy_error": r.policy_error,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let invalid: Vec<serde_json::Value> = s
+        .policy_errors
+        .read()
+        .map(|e| {
+            e.iter()
+                .map(|(f, m)| json!({"file": f, "error": m}))
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(json!({"rollouts": rollouts, "invalid_policies": invalid})).into_response()
+}
+
+async fn one(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+    match s.views.read().ok().and_then(|v| v.get(&name).cloned()) {
+        Some(v) => Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    limit: Option<usize>,
+    before: Option<i64>,
+}
+
+async fn decisions(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(page)) = page else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected ?limit=N&before=ID with whole numbers",
+        );
+    };
+    let limit = page.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("expected limit from 1 to {MAX_PAGE}, found {limit}"),
+        );
+    }
+    let known = s
+        .views
+        .read()
+        .map(|v| v.contains_key(&name))
+        .unwrap_or(false);
+    let store = s.store.clone();
+    let n = name.clone();
+    let res = tokio::task::spawn_blocking(move || store.decisions(&n, limit, page.before)).await;
+    match res {
+        Ok(Ok(list)) if !list.is_empty() || known => {
+            let next = (list.len() == limit)
+                .then(|| list.last().map(|d| d.id))
+                .flatten();
+            Json(json!({"decisions": list, "next_before": next})).into_response()
+        }
+        Ok(Ok(_)) => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct AssignQuery {
+    key: Option<String>,
+}
+
+/// The bucket of a key in 0..10,000: FNV-1a over the rollout's name and the key, so that
+/// different rollouts choose different users and the answer never changes for a pair.
+pub fn bucket(rollout: &str, key: &str) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in rollout.bytes().chain([0u8]).chain(key.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Fold the high bits in: FNV's low bits alone are poorly mixed for short keys.
+    ((h ^ (h >> 32)) % 10_000) as u32
+}
+
+/// Whether a bucket is on the canary at a weight (percent): buckets below weight × 100 are,
+/// so a key on the canary stays there while the weight grows.
+pub fn on_canary(bucket: u32, weight: f64) -> bool {
+    f64::from(bucket) < weight * 100.0
+}
+
+async fn assign(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    q: Result<Query<AssignQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let key = match q {
+        Ok(Query(AssignQuery { key: Some(k) })) if !k.is_empty() && k.len() <= 1024 => k,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "expected ?key=USER (1 to 1024 characters)",
+            );
+        }
+    };
+    let Some(view) = s.views.read().ok().and_then(|v| v.get(&name).cloned()) else {
+        return error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"));
+    };
+    let b = bucket(&name, &key);
+    let canary = on_canary(b, view.weight);
+    let version = if canary { &view.canary } else { &view.stable };
+    Json(json!({
+        "rollout": name,
+        "key": key,
+        "version": version,
+        "bucket": b,
+        "weight": view.weight,
+        "phase": view.phase,
+    }))
+    .into_response()
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    /// Who asks, as the caller says; recorded with the decision.
+    who: Option<String>,
+    /// Why, recorded with the decision.
+    reason: Option<String>,
+}
+
+async fn act(
+    State(s): State<ApiState>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(token) = &s.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            None => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    Json(json!({"error": "a bearer token is required"})),
+                )
+                    .into_response();
+            }
+            Some(g) if !constant_time_eq(g.trim().as_bytes(), token.as_bytes()) => {
+                tracing::warn!(rollout = %name, action = %action, "operator action refused: wrong token");
+                return error(StatusCode::FORBIDDEN, "wrong token");
+            }
+            Some(_) => {}
+        }
+    }
+    let Some(op) = OperatorAction::parse(&action) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown action {action:?}; expected promote, abort, pause, resume or retry"),
+        );
+    };
+    let parsed: ActionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ActionBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "expected a JSON body like {{\"who\": \"alice\", \"reason\": \"...\"}}: {e}"
+                    ),
+                );
+            }
+        }
+    };
+    let who = parsed.who.unwrap_or_else(|| "api".into());
+    let why = parsed.reason.unwrap_or_default();
+    if who.len() > 200 || why.len() > 2000 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "who is limited to 200 and reason to 2000 characters",
+        );
+    }
+    let who = if s.token.is_some() {
+        format!("{who} (token)")
+    } else {
+        who
+    };
+    match controller::operate(&s.registry, &name, op, who, why).await {
+        Ok(rec) => Json(rec).into_response(),
+        Err(OperateError::NotFound) => {
+            error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"))
+        }
+        Err(OperateError::Rejected(reason)) => error(StatusCode::CONFLICT, reason),
+        Err(OperateError::Unavailable) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the rollout did not answer in time",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn state(ready: bool, token: Option<&str>) -> ApiState {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            "name: r\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50]}\nanalysis: {method: threshold}\nmetrics: [{name: e, builtin: error_rate, max: 1%}]\nrouter: {file: {path: /tmp/x}}\n",
+        )
+        .expect("valid test policy");
+        let mut st = crate::rollout::RolloutState::new(&policy);
+        st.weight = 10.0;
+        let view = crate::controller::view_of(&policy, "t.yaml", &st);
+        let views = Views::default();
+        views.write().expect("lock").insert("r".into(), view);
+        ApiState {
+            views,
+            registry: Registry::default(),
+            store: Store::open(std::path::Path::new(":memory:")).expect("store"),
+            metrics: Metrics::new(prometheus::Registry::new()).expect("metrics"),
+            policy_errors: PolicyErrors::default(),
+            ready: Arc::new(AtomicBool::new(ready)),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    async fn call(
+        s: ApiState,
+        method: &str,
+        uri: &str,
+        auth: Option<&str>,
+    ) -> (StatusCode, String) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = router(s)
+            .oneshot(req.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_flag() {
+        assert_eq!(
+            call(state(false, None), "GET", "/readyz", None).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            call(state(true, None), "GET", "/readyz", None).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(state(false, None), "GET", "/healthz", None).await.0,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_list_show_and_assign() {
+        let (s, body) = call(state(true, None), "GET", "/api/v1/rollouts", None).await;
+        assert_eq!(s, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["rollouts"][0]["name"], "r");
+        assert_eq!(v["rollouts"][0]["weight"], 10.0);
+        assert_eq!(
+            call(state(true, None), "GET", "/api/v1/rollouts/nope", None)
+                .await
+                .0,
+            StatusCode::NOT_FOUND
+        );
+        let (s, body) = call(
+            state(true, None),
+            "GET",
+            "/api/v1/rollouts/r/assign?key=bob",
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let expected = if on_canary(bucket("r", "bob"), 10.0) {
+            "v2"
+        } else {
+            "v1"
+        };
+        assert_eq!(v["version"], expected);
+        assert_eq!(
+            call(
+                state(true, None),
+                "GET",
+                "/api/v1/rollouts/r/assign?key=",
+                None
+            )
+            .await
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[tokio::test]
+    async fn actions_check_the_token_before_anything_else() {
+        let s = state(true, Some("tok"));
+        assert_eq!(
+            call(s.clone(), "POST", "/api/v1/rollouts/r/abort", None)
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(
+                s.clone(),
+                "POST",
+                "/api/v1/rollouts/r/abort",
+                Some("Bearer nope")
+            )
+            .await
+            .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call(
+                s.clone(),
+                "POST",
+                "/api/v1/rollouts/r/abort",
+                Some("Basic tok")
+            )
+            .await
+            .0,
+            StatusCode::UNAUTHORIZED
+        );
+        // With the right token, a rollout without a running task is not found.
+        assert_eq!(
+            call(
+                s.clone(),
+                "POST",
+                "/api/v1/rollouts/r/abort",
+                Some("Bearer tok")
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            call(s, "GET", "/api/v1/rollouts/r/abort", Some("Bearer tok"))
+                .await
+                .0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        assert_eq!(bucket("r", "alice"), bucket("r", "alice"));
+        assert_ne!(bucket("r", "alice"), bucket("other", "alice"));
+        let on: usize = (0..10_000)
+            .filter(|i| on_canary(bucket("r", &format!("user-{i}")), 10.0))
+            .count();
+        // 10 % of 10,000 keys, binomial sd 30: ±200 cannot flake.
+        assert!(
+            (800..=1200).contains(&on),
+            "{on} keys on the canary at 10 %"
+        );
+    }
+
+    #[test]
+    fn assignment_is_monotone_in_weight() {
+        for i in 0..2000 {
+            let b = bucket("r", &format!("k{i}"));
+            let mut was = false;
+            for w in [0.0, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0] {
+                let now = on_canary(b, w);
+                assert!(
+                    !was || now,
+                    "key k{i} left the canary when the weight rose to {w}"
+                );
+                was = now;
+            }
+            assert!(on_canary(b, 100.0) && !on_canary(b, 0.0));
+        }
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

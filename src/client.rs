@@ -1,0 +1,263 @@
+//! `canaryd status` and the operator commands: a small client of the daemon's API.
+
+use crate::time::Time;
+use anyhow::Context;
+use serde_json::Value;
+use std::fmt::Write;
+
+/// Exit status of a client command: 0 done, 1 refused or not found, 2 could not ask.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Refused,
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(40))
+        .build()?)
+}
+
+fn api_error(body: &Value) -> String {
+    body.get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("no explanation given")
+        .to_owned()
+}
+
+/// Sends an operator action; prints the resulting decision.
+pub async fn act(
+    server: &str,
+    name: &str,
+    action: &str,
+    token: Option<&str>,
+    who: &str,
+    reason: &str,
+) -> anyhow::Result<Outcome> {
+    let url = format!(
+        "{}/api/v1/rollouts/{name}/{action}",
+        server.trim_end_matches('/')
+    );
+    let mut req = client()?
+        .post(&url)
+        .json(&serde_json::json!({"who": who, "reason": reason}));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach canaryd at {server}"))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    match status.as_u16() {
+        200 => {
+            println!(
+                "{name}: {} -> {} at {}% ({})",
+                body["action"].as_str().unwrap_or("?"),
+                body["phase"].as_str().unwrap_or("?"),
+                body["weight"],
+                body["reason"].as_str().unwrap_or("")
+            );
+            Ok(Outcome::Done)
+        }
+        404 | 409 => {
+            eprintln!("{name}: {action} refused: {}", api_error(&body));
+            Ok(Outcome::Refused)
+        }
+        401 | 403 => anyhow::bail!(
+            "{action} not allowed: {} (give --api-token-file or CANARYD_API_TOKEN)",
+            api_error(&body)
+        ),
+        _ => anyhow::bail!("{action} failed: HTTP {status}: {}", api_error(&body)),
+    }
+}
+
+async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let resp = client()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach canaryd at {server}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .json()
+        .await
+        .context("canaryd answered something that is not JSON")?;
+    Ok((status, body))
+}
+
+fn num(v: &Value) -> String {
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 => format!("{f:.0}"),
+        Some(f) => format!("{f:.4}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned(),
+        None => "-".into(),
+    }
+}
+
+fn time(v: &Value) -> String {
+    v.as_i64()
+        .map(|t| Time(t).to_rfc3339())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Prints every rollout as a table, or one rollout's timeline.
+pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome> {
+    match name {
+        None => {
+            let (_, body) = get(server, "/api/v1/rollouts").await?;
+            print!("{}", table(&body));
+            Ok(Outcome::Done)
+        }
+        Some(n) => {
+            let (code, view) = get(server, &format!("/api/v1/rollouts/{n}")).await?;
+            if code == 404 {
+                eprintln!("no rollout named {n:?}");
+                return Ok(Outcome::Refused);
+            }
+            let (_, log) = get(server, &format!("/api/v1/rollouts/{n}/decisions?limit=30")).await?;
+            print!("{}", timeline(&view, &log));
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+/// The rollouts table.
+pub fn table(body: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<18} {:<10} {:<10} {:>7} {:>6}  LAST DECISION",
+        "NAME", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP"
+    );
+    for r in body["rollouts"].as_array().into_iter().flatten() {
+        let steps = r["steps"].as_array().map_or(0, Vec::len);
+        let last = &r["last_decision"];
+        let _ = writeln!(
+            out,
+            "{:<24} {:<18} {:<10} {:<10} {:>6}% {:>6}  {}",
+            r["name"].as_str().unwrap_or("?"),
+            r["phase"].as_str().unwrap_or("?"),
+            r["stable"].as_str().unwrap_or("?"),
+            r["canary"].as_str().unwrap_or("?"),
+            num(&r["weight"]),
+            format!("{}/{}", r["step"], steps),
+            if last.is_null() {
+                String::new()
+            } else {
+                format!(
+                    "{}: {}",
+                    last["action"].as_str().unwrap_or("?"),
+                    last["reason"].as_str().unwrap_or("")
+                )
+            }
+        );
+        if let Some(e) = r["policy_error"].as_str() {
+            let _ = writeln!(
+                out,
+                "  ! policy edit rejected, last good version running:\n    {}",
+                e.replace('\n', "\n    ")
+            );
+        }
+    }
+    for p in body["invalid_policies"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "! invalid policy {}:\n    {}",
+            p["file"].as_str().unwrap_or("?"),
+            p["error"].as_str().unwrap_or("").replace('\n', "\n    ")
+        );
+    }
+    out
+}
+
+/// One rollout's state and decision timeline, with each analysis's evidence.
+pub fn timeline(view: &Value, log: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} ({} → {}): {} at {}%, step {}/{} [{} strategy, {} judge, {} router]",
+        view["name"].as_str().unwrap_or("?"),
+        view["stable"].as_str().unwrap_or("?"),
+        view["canary"].as_str().unwrap_or("?"),
+        view["phase"].as_str().unwrap_or("?"),
+        num(&view["weight"]),
+        view["step"],
+        view["steps"].as_array().map_or(0, Vec::len),
+        view["strategy"].as_str().unwrap_or("?"),
+        view["method"].as_str().unwrap_or("?"),
+        view["router"].as_str().unwrap_or("?"),
+    );
+    let _ = writeln!(out, "  {}", view["state"]["message"].as_str().unwrap_or(""));
+    if let Some(e) = view["router_error"].as_str() {
+        let _ = writeln!(out, "  router error: {e}");
+    }
+    if let Some(e) = view["policy_error"].as_str() {
+        let _ = writeln!(
+            out,
+            "  policy edit rejected (last good version running): {e}"
+        );
+    }
+    let _ = writeln!(out, "\nDECISIONS (newest first)");
+    for d in log["decisions"].as_array().into_iter().flatten() {
+        let who = d["who"]
+            .as_str()
+            .map(|w| format!(" by {w}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{}  {:<9} {:<18} {:>6}%  {}{}{}",
+            time(&d["at"]),
+            d["action"].as_str().unwrap_or("?"),
+            d["phase"].as_str().unwrap_or("?"),
+            num(&d["weight"]),
+            d["reason"].as_str().unwrap_or(""),
+            who,
+            if d["applied"].as_bool() == Some(false) {
+                "  (not yet applied)"
+            } else {
+                ""
+            }
+        );
+        for r in d["reports"].as_array().into_iter().flatten() {
+            let bounds: Vec<String> = r["bounds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    format!(
+                        "{} {} (limit {})",
+                        b["kind"].as_str().unwrap_or("?"),
+                        b["written"].as_str().unwrap_or("?"),
+                        num(&b["limit"])
+                    )
+                })
+                .collect();
+            let ev = &r["evidence"];
+            let evidence = if ev.is_null() {
+                String::new()
+            } else {
+                format!(
+                    " log-e {} / {}",
+                    num(&ev["log_e_value"]),
+                    num(&ev["log_threshold"])
+                )
+            };
+            let _ = writeln!(
+                out,
+                "      {:<16} {:<11} stable {} canary {}  {}{}",
+                r["metric"].as_str().unwrap_or("?"),
+                r["verdict"].as_str().unwrap_or("?"),
+                num(&r["stable"]),
+                num(&r["canary"]),
+                bounds.join(", "),
+                evidence
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,847 @@
+//! The shell: one async task per rollout that observes, decides, persists, applies and
+//! publishes on the policy's interval, plus a watcher of the policies directory.
+//!
+//! It holds no business rules: every choice is `rollout::decide`'s. Each tick re-reads the
+//! router's real weights and re-applies the desired one when they differ (level-triggered), so
+//! a restarted daemon or a router that lost its runtime state converges on the next tick.
+
+use crate::judge::MetricReport;
+use crate::metrics::Metrics;
+use crate::observation::{Gate, Input, Observation, OperatorAction, RouterStatus};
+use crate::policy::{self, Policy, WebhookEvent};
+use crate::rollout::{Action, Decision, Phase, RolloutState, decide};
+use crate::router::{Router, RouterError, Target};
+use crate::source::{MetricSource, Window};
+use crate::store::{DecisionRecord, Store};
+use crate::time::{Clock, Time};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How many recent analyses a rollout's view keeps for the API.
+const RECENT_ANALYSES: usize = 10;
+/// Attempts per router call within one tick; later ticks try again.
+const ROUTER_ATTEMPTS: u32 = 3;
+
+/// Builds the router for a policy (injected so tests can use fakes).
+pub type RouterFactory = Arc<dyn Fn(&Policy) -> Result<Box<dyn Router>, RouterError> + Send + Sync>;
+/// Builds the metric source for a policy (injected so tests can use fakes).
+pub type SourceFactory = Arc<dyn Fn(&Policy) -> Arc<dyn MetricSource> + Send + Sync>;
+
+/// What the API shows of one rollout; replaced after every decision.
+#[derive(Clone, Debug, Serialize)]
+pub struct RolloutView {
+    pub name: String,
+    /// The policy file the rollout comes from.
+    pub file: String,
+    pub model: String,
+    pub stable: String,
+    pub canary: String,
+    pub phase: Phase,
+    pub weight: f64,
+    /// Current step counting from 1; 0 before the rollout starts.
+    pub step: usize,
+    pub steps: Vec<f64>,
+    pub method: String,
+    pub strategy: String,
+    pub router: String,
+    pub state: RolloutState,
+    pub last_decision: Option<DecisionSummary>,
+    /// Newest first.
+    pub recent_analyses: VecDeque<AnalysisView>,
+    /// The router's weight as last read, and its error if the last call failed.
+    pub router_weight: Option<f64>,
+    pub router_error: Option<String>,
+    /// Whether the router confirmed the last decision's weight.
+    pub applied: bool,
+    /// Validation errors of the policy file's latest edit, while the last good version runs.
+    pub policy_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionSummary {
+    pub id: i64,
+    pub at: Time,
+    pub action: Action,
+    pub reason: String,
+    pub who: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AnalysisView {
+    pub at: Time,
+    pub action: Action,
+    pub reports: Vec<MetricReport>,
+}
+
+/// The views of every rollout, shared with the API.
+pub type Views = Arc<RwLock<BTreeMap<String, RolloutView>>>;
+
+/// What the rest of the daemon can ask a rollout task.
+pub enum Command {
+    Operator {
+        action: OperatorAction,
+        who: String,
+        why: String,
+        reply: oneshot::Sender<Result<DecisionRecord, String>>,
+    },
+    Policy(Box<Policy>, String),
+    PolicyError(String),
+    Stop,
+}
+
+/// Everything rollout tasks share.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Store,
+    pub metrics: Metrics,
+    pub clock: Arc<dyn Clock>,
+    pub views: Views,
+    pub routers: RouterFactory,
+    pub sources: SourceFactory,
+    pub http: reqwest::Client,
+    /// Decide and record, but never touch the router.
+    pub dry_run: bool,
+}
+
+/// The running rollouts, by name, and how to reach them.
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<RwLock<BTreeMap<String, mpsc::Sender<Command>>>>,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Option<mpsc::Sender<Command>> {
+        self.inner.read().ok()?.get(name).cloned()
+    }
+    fn insert(&self, name: String, tx: mpsc::Sender<Command>) {
+        if let Ok(mut m) = self.inner.write() {
+            m.insert(name, tx);
+        }
+    }
+    fn remove(&self, name: &str) -> Option<mpsc::Sender<Command>> {
+        self.inner.write().ok()?.remove(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Sends an operator action to a rollout and waits for its decision.
+pub async fn operate(
+    registry: &Registry,
+    name: &str,
+    action: OperatorAction,
+    who: String,
+    why: String,
+) -> Result<DecisionRecord, OperateError> {
+    let tx = registry.get(name).ok_or(OperateError::NotFound)?;
+    let (reply, rx) = oneshot::channel();
+    tx.send(Command::Operator {
+        action,
+        who,
+        why,
+        reply,
+    })
+    .await
+    .map_err(|_| OperateError::Unavailable)?;
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(Ok(rec))) => Ok(rec),
+        Ok(Ok(Err(reason))) => Err(OperateError::Rejected(reason)),
+        _ => Err(OperateError::Unavailable),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperateError {
+    #[error("no such rollout")]
+    NotFound,
+    #[error("{0}")]
+    Rejected(String),
+    #[error("the rollout did not answer in time")]
+    Unavailable,
+}
+
+/// One rollout's task.
+struct Task {
+    shared: Shared,
+    policy: Policy,
+    file: String,
+    router: Result<Box<dyn Router>, RouterError>,
+    source: Arc<dyn MetricSource>,
+    state: RolloutState,
+    applied: bool,
+    /// Id of the last recorded decision, to mark it applied.
+    last_id: Option<i64>,
+    router_failing_since: Option<Time>,
+    view: RolloutView,
+}
+
+/// The step people see: counting from 1, 0 before the start, never past the last step
+/// (a promoting rollout's state is one past it).
+pub fn shown_step(state: &RolloutState, steps: usize) -> usize {
+    if state.phase == Phase::Idle {
+        0
+    } else {
+        (state.step + 1).min(steps)
+    }
+}
+
+pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView {
+    RolloutView {
+        name: policy.name.clone(),
+        file: file.to_owned(),
+        model: policy.model.clone(),
+        stable: state.stable.clone(),
+        canary: state.canary.clone(),
+        phase: state.phase,
+        weight: state.weight,
+        step: shown_step(state, policy.strategy.steps().len()),
+        steps: policy.strategy.steps(),
+        method: policy.analysis.method.as_str().to_owned(),
+        strategy: if policy.strategy.is_blue_green() {
+            "blue-green".into()
+        } else {
+            "canary".into()
+        },
+        router: policy.router.kind().to_owned(),
+        state: state.clone(),
+        last_decision: None,
+        recent_analyses: VecDeque::new(),
+        router_weight: None,
+        router_error: None,
+        applied: true,
+        policy_error: None,
+    }
+}
+
+impl Task {
+    fn target(&self) -> Target {
+        Target {
+            rollout: self.state.name.clone(),
+            stable: self.state.stable.clone(),
+            canary: self.state.canary.clone(),
+            canary_weight: self.state.weight,
+        }
+    }
+
+    fn publish(&mut self) {
+        let v = &mut self.view;
+        v.stable = self.state.stable.clone();
+        v.canary = self.state.canary.clone();
+        v.phase = self.state.phase;
+        v.weight = self.state.weight;
+        v.step = shown_step(&self.state, self.policy.strategy.steps().len());
+        v.steps = self.policy.strategy.steps();
+        v.method = self.policy.analysis.method.as_str().to_owned();
+        v.state = self.state.clone();
+        v.applied = self.applied;
+        if let Ok(mut views) = self.shared.views.write() {
+            views.insert(self.policy.name.clone(), v.clone());
+        }
+    }
+
+    /// Reads the router's weight, tracking since when it has been failing.
+    async fn read_router(&mut self, now: Time) -> RouterStatus {
+        if self.shared.dry_run {
+            return RouterStatus::Ok {
+                canary_weight: self.state.weight,
+            };
+        }
+        let target = self.target();
+        let result = match &self.router {
+            Ok(r) => {
+                let started = tokio::time::Instant::now();
+                let res = r.read(&target).await;
+                self.shared.metrics.router_call(
+                    &self.policy.name,
+                    r.kind(),
+                    "read",
+                    started.elapsed().as_secs_f64(),
+                    res.as_ref().err().map(RouterError::kind),
+                );
+                res
+            }
+            Err(e) => Err(RouterError::Config(e.to_string())),
+        };
+        match result {
+            Ok(w) => {
+                self.view.router_weight = Some(w);
+                self.view.router_error = None;
+                RouterStatus::Ok { canary_weight: w }
+            }
+            Err(e) => {
+                let since = *self.router_failing_since.get_or_insert(now);
+                self.view.router_error = Some(e.to_string());
+                tracing::warn!(rollout = %self.policy.name, error = %e, "router read failed");
+                RouterStatus::Failing {
+                    since,
+                    error: e.to_string(),
+                }
+            }
+        }
+    }
+
+    /// Tells the router the current target, retrying with backoff within this tick.
+    async fn apply(&mut self, now: Time) -> bool {
+        if self.shared.dry_run {
+            return true;
+        }
+        let target = self.target();
+        let Ok(router) = &self.router else {
+            self.router_failing_since.get_or_insert(now);
+            return false;
+        };
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=ROUTER_ATTEMPTS {
+            let started = tokio::time::Instant::now();
+            let res = router.apply(&target).await;
+            self.shared.metrics.router_call(
+                &self.policy.name,
+                router.kind(),
+                "apply",
+                started.elapsed().as_secs_f64(),
+                res.as_ref().err().map(RouterError::kind),
+            );
+            match res {
+                Ok(()) => {
+                    self.router_failing_since = None;
+                    self.view.router_weight = Some(target.canary_weight);
+                    self.view.router_error = None;
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(rollout = %self.policy.name, attempt, error = %e, weight = target.canary_weight, "router apply failed");
+                    self.view.router_error = Some(e.to_string());
+                    if attempt < ROUTER_ATTEMPTS {
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+            }
+        }
+        self.router_failing_since.get_or_insert(now);
+        false
+    }
+
+    async fn observe(&mut self, now: Time, router: RouterStatus) -> Observation {
+        let mut metrics = BTreeMap::new();
+        // A state for another candidate is about to be replaced by a fresh rollout.
+        let fresh;
+        let state = if self.state.matches(&self.policy) {
+            &self.state
+        } else {
+            fresh = RolloutState::new(&self.policy);
+            &fresh
+        };
+        if state.wants_analysis(&self.policy) {
+            let lookback = self.policy.strategy.interval.max(Duration::from_secs(60));
+            let window = Window {
+                at: now,
+                since: state
+                    .step_started_at
+                    .unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
+                rollout_started: state
+                    .started_at
+                    .unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
+            };
+            // The source reports each query's latency and errors to the metrics itself.
+            metrics = self.source.observe(&self.policy, window).await;
+        }
+        let gate = if state.wants_gate(&self.policy) {
+            self.ask_gate().await
+        } else {
+            Gate::NotAsked
+        };
+        Observation {
+            metrics,
+            router,
+            gate,
+        }
+    }
+
+    async fn ask_gate(&self) -> Gate {
+        let Some(hook) = self
+            .policy
+            .webhooks
+            .iter()
+            .find(|w| w.on == WebhookEvent::ConfirmPromotion)
+        else {
+            return Gate::NotAsked;
+        };
+        let body = self.event_body("confirm-promotion", "asking to promote");
+        let res = self
+            .shared
+            .http
+            .post(&hook.url)
+            .timeout(hook.timeout)
+            .json(&body)
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status().is_success() => Gate::Open,
+            Ok(r) => Gate::Closed {
+                reason: format!("{} answered {}", hook.url, r.status()),
+            },
+            Err(e) => Gate::Closed {
+                reason: format!("{} did not answer: {e}", hook.url),
+            },
+        }
+    }
+
+    fn event_body(&self, event: &str, reason: &str) -> serde_json::Value {
+        serde_json::json!({
+            "event": event,
+            "rollout": self.state.name,
+            "model": self.policy.model,
+            "stable": self.state.stable,
+            "canary": self.state.canary,
+            "phase": self.state.phase,
+            "weight": self.state.weight,
+            "step": shown_step(&self.state, self.policy.strategy.steps().len()),
+            "reason": reason,
+        })
+    }
+
+    /// Calls the policy's webhooks for a decision's event, without waiting for them.
+    fn notify(&self, d: &Decision) {
+        let event = match d.action {
+            Action::Start | Action::Retry => WebhookEvent::Rollout,
+            Action::Advance => WebhookEvent::Advance,
+            Action::Promote => WebhookEvent::Promote,
+            Action::Rollback => WebhookEvent::Rollback,
+            Action::Fail => WebhookEvent::Failed,
+            _ => return,
+        };
+        for hook in self.policy.webhooks.iter().filter(|w| w.on == event) {
+            let name = WebhookEvent::ALL
+                .iter()
+                .find(|(_, e)| *e == event)
+                .map_or("event", |(n, _)| n);
+            let body = self.event_body(name, &d.reason);
+            let req = self
+                .shared
+                .http
+                .post(&hook.url)
+                .timeout(hook.timeout)
+                .json(&body);
+            let url = hook.url.clone();
+            tokio::spawn(async move {
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => {
+                        tracing::warn!(%url, status = %r.status(), "webhook refused the event")
+                    }
+                    Err(e) => tracing::warn!(%url, error = %e, "webhook failed"),
+                }
+            });
+        }
+    }
+
+    /// Persists a decision, then applies it, then publishes it.
+    async fn commit(
+        &mut self,
+        d: Decision,
+        now: Time,
+        router_weight: Option<f64>,
+    ) -> Option<DecisionRecord> {
+        let prev = self.state.clone();
+        // Final phases tick forever without news; only changes and analyses are logged.
+        let worth_logging = d.action != Action::Hold
+            || !d.reports.is_empty()
+            || d.state.phase != prev.phase
+            || d.who.is_some();
+        let mut record = None;
+        if worth_logging {
+            let store = self.shared.store.clone();
+            let dd = d.clone();
+            match tokio::task::spawn_blocking(move || store.record(&dd, now)).await {
+                Ok(Ok(id)) => {
+                    self.last_id = Some(id);
+                    record = Some(DecisionRecord {
+                        id,
+                        rollout: d.state.name.clone(),
+                        at: now,
+                        action: d.action.as_str().into(),
+                        phase: d.state.phase.as_str().into(),
+                        step: d.state.step,
+                        weight: d.weight,
+                        attempt: d.state.attempt,
+                        stable: d.state.stable.clone(),
+                        canary: d.state.canary.clone(),
+                        reason: d.reason.clone(),
+                        who: d.who.clone(),
+                        why: d.why.clone(),
+                        reports: d.reports.clone(),
+                        applied: false,
+                    });
+                }
+                Ok(Err(e)) => {
+                    // Without a durable record the decision must not reach the router.
+                    tracing::error!(rollout = %self.policy.name, error = %e, "cannot record the decision; not applying it");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(rollout = %self.policy.name, error = %e, "store task failed");
+                    return None;
+                }
+            }
+            self.view.last_decision = Some(DecisionSummary {
+                id: self.last_id.unwrap_or_default(),
+                at: now,
+                action: d.action,
+                reason: d.reason.clone(),
+                who: d.who.clone(),
+            });
+            if !d.reports.is_empty() {
+                self.view.recent_analyses.push_front(AnalysisView {
+                    at: now,
+                    action: d.action,
+                    reports: d.reports.clone(),
+                });
+                self.view.recent_analyses.truncate(RECENT_ANALYSES);
+            }
+        }
+        self.state = d.state.clone();
+        self.shared
+            .metrics
+            .decision(&d, shown_step(&d.state, self.policy.strategy.steps().len()));
+        if d.action != Action::Hold && d.action != Action::Reject {
+            tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref().unwrap_or(""), "decision");
+            self.notify(&d);
+        }
+        // Idle rollouts own no traffic yet; everything else converges on the desired weight.
+        let needs_apply = self.state.phase != Phase::Idle
+            && router_weight.is_none_or(|w| {
+                (w - d.weight).abs() >= 0.01 || d.weight != prev.weight || !self.applied
+            });
+        if needs_apply {
+            self.applied = self.apply(now).await;
+        } else if self.state.phase != Phase::Idle {
+            self.applied = true;
+        }
+        if self.applied {
+            if let Some(id) = self.last_id {
+                let store = self.shared.store.clone();
+                let name = self.policy.name.clone();
+                let _ = tokio::task::spawn_blocking(move || store.mark_applied(&name, id)).await;
+            }
+            if let Some(r) = record.as_mut() {
+                r.applied = true;
+            }
+        }
+        self.publish();
+        record
+    }
+
+    async fn tick(&mut self) {
+        let now = self.shared.clock.now();
+        let router = self.read_router(now).await;
+        let router_weight = match router {
+            RouterStatus::Ok { canary_weight } => Some(canary_weight),
+            RouterStatus::Failing { .. } => None,
+        };
+        let obs = self.observe(now, router).await;
+        let d = decide(&self.policy, &self.state, &Input::Tick(obs), now);
+        self.commit(d, now, router_weight).await;
+    }
+
+    async fn operator(
+        &mut self,
+        action: OperatorAction,
+        who: String,
+        why: String,
+    ) -> Result<DecisionRecord, String> {
+        let now = self.shared.clock.now();
+        let input = Input::Operator { action, who, why };
+        let d = decide(&self.policy, &self.state, &input, now);
+        let rejected = (d.action == Action::Reject).then(|| d.reason.clone());
+        let rec = self.commit(d, now, None).await;
+        match (rejected, rec) {
+            (Some(reason), _) => Err(reason),
+            (None, Some(rec)) => Ok(rec),
+            (None, None) => Err("the decision could not be recorded; see the daemon's log".into()),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.publish();
+        loop {
+            self.tick().await;
+            let sleep = tokio::time::sleep(self.policy.strategy.interval);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = shutdown.changed() => return,
+                    cmd = commands.recv() => match cmd {
+                        None | Some(Command::Stop) => return,
+                        Some(Command::Operator { action, who, why, reply }) => {
+                            let res = self.operator(action, who, why).await;
+                            let _ = reply.send(res);
+                        }
+                        Some(Command::Policy(p, file)) => {
+                            if p.router != self.policy.router {
+                                self.router = (self.shared.routers)(&p);
+                            }
+                            if p.prometheus != self.policy.prometheus {
+                                self.source = (self.shared.sources)(&p);
+                            }
+                            tracing::info!(rollout = %p.name, file = %file, "policy updated");
+                            self.policy = *p;
+                            self.file = file;
+                            self.view.policy_error = None;
+                            self.shared.metrics.policy_invalid(&self.policy.name, false);
+                            self.publish();
+                            break;
+                        }
+                        Some(Command::PolicyError(e)) => {
+                            self.view.policy_error = Some(e);
+                            self.shared.metrics.policy_invalid(&self.policy.name, true);
+                            self.publish();
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Starts a rollout task for a valid policy.
+async fn spawn_rollout(
+    shared: &Shared,
+    registry: &Registry,
+    policy: Policy,
+    file: String,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    let store = shared.store.clone();
+    let name = policy.name.clone();
+    let stored = tokio::task::spawn_blocking(move || store.load(&name)).await;
+    let (state, applied) = match stored {
+        Ok(Ok(Some(s))) => {
+            tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step = s.state.step + 1, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
+            (s.state, s.applied)
+        }
+        Ok(Ok(None)) => (RolloutState::new(&policy), true),
+        Ok(Err(e)) => {
+            // Starting over could move traffic the old state had settled; refuse instead.
+            tracing::error!(rollout = %policy.name, error = %e, "stored state unreadable; rollout not started");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(rollout = %policy.name, error = %e, "store task failed");
+            return;
+        }
+    };
+    let router = (shared.routers)(&policy);
+    let router_kind = router.as_ref().map_or(policy.router.kind(), |r| r.kind());
+    shared.metrics.init_rollout(&policy.name, router_kind);
+    let view = view_of(&policy, &file, &state);
+    let task = Task {
+        router,
+        source: (shared.sources)(&policy),
+        shared: shared.clone(),
+        file,
+        state,
+        applied,
+        last_id: None,
+        router_failing_since: None,
+        view,
+        policy,
+    };
+    let (tx, rx) = mpsc::channel(16);
+    registry.insert(task.policy.name.clone(), tx);
+    tasks.spawn(task.run(rx, shutdown));
+}
+
+/// What the watcher knows of one policy file.
+struct Known {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    /// The rollout name of the file's last valid version.
+    name: Option<String>,
+}
+
+/// Policy files in a directory, sorted.
+pub fn policy_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Errors of policy files that are not running (invalid from the start), for the API.
+pub type PolicyErrors = Arc<RwLock<BTreeMap<String, String>>>;
+
+/// Runs the daemon's rollouts until `shutdown` turns true: loads the policies directory,
+/// starts one task per valid policy, and polls the directory for edits every `poll`.
+pub async fn run(
+    shared: Shared,
+    registry: Registry,
+    policy_errors: PolicyErrors,
+    dir: PathBuf,
+    poll: Duration,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut known: BTreeMap<PathBuf, Known> = BTreeMap::new();
+    loop {
+        scan(
+            &shared,
+            &registry,
+            &policy_errors,
+            &dir,
+            &mut known,
+            &shutdown,
+            &mut tasks,
+        )
+        .await;
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = shutdown.changed() => break,
+        }
+        // Reap tasks that ended on their own.
+        while tasks.try_join_next().is_some() {}
+    }
+    // Tasks see the same shutdown signal and finish their current tick.
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn scan(
+    shared: &Shared,
+    registry: &Registry,
+    policy_errors: &PolicyErrors,
+    dir: &Path,
+    known: &mut BTreeMap<PathBuf, Known>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    let files = policy_files(dir);
+    // Deleted files stop their rollouts without touching traffic.
+    let gone: Vec<PathBuf> = known
+        .keys()
+        .filter(|k| !files.contains(k))
+        .cloned()
+        .collect();
+    for path in gone {
+        if let Some(Known {
+            name: Some(name), ..
+        }) = known.remove(&path)
+        {
+            {
+                tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is");
+                if let Some(tx) = registry.remove(&name) {
+                    let _ = tx.send(Command::Stop).await;
+                }
+                if let Ok(mut v) = shared.views.write() {
+                    v.remove(&name);
+                }
+                shared.metrics.forget(&name);
+            }
+        }
+        if let Ok(mut e) = policy_errors.write() {
+            e.remove(&path.display().to_string());
+        }
+    }
+    for path in files {
+        let meta = std::fs::metadata(&path).ok();
+        let modified = meta.as_ref().and_then(|m| m.modified().ok());
+        let len = meta.as_ref().map_or(0, |m| m.len());
+        if known
+            .get(&path)
+            .is_some_and(|k| k.modified == modified && k.len == len)
+        {
+            continue;
+        }
+        let file = path.display().to_string();
+        let previous = known.get(&path).and_then(|k| k.name.clone());
+        let name = match policy::load_file(&path) {
+            Ok(p) => {
+                if let Ok(mut e) = policy_errors.write() {
+                    e.remove(&file);
+                }
+                let clash =
+                    registry.get(&p.name).is_some() && previous.as_deref() != Some(p.name.as_str());
+                if clash {
+                    let msg = format!(
+                        "{file}: name: another policy file already runs rollout {:?}",
+                        p.name
+                    );
+                    tracing::error!("{msg}");
+                    if let Ok(mut e) = policy_errors.write() {
+                        e.insert(file.clone(), msg);
+                    }
+                    previous
+                } else {
+                    if let Some(old) = previous.as_ref().filter(|o| **o != p.name) {
+                        // A renamed rollout is a different rollout: stop the old one.
+                        if let Some(tx) = registry.remove(old) {
+                            let _ = tx.send(Command::Stop).await;
+                        }
+                        if let Ok(mut v) = shared.views.write() {
+                            v.remove(old);
+                        }
+                    }
+                    let name = p.name.clone();
+                    match registry.get(&name) {
+                        Some(tx) => {
+                            let _ = tx.send(Command::Policy(Box::new(p), file.clone())).await;
+                        }
+                        None => {
+                            tracing::info!(rollout = %name, file = %file, "policy loaded");
+                            spawn_rollout(
+                                shared,
+                                registry,
+                                p,
+                                file.clone(),
+                                shutdown.clone(),
+                                tasks,
+                            )
+                            .await;
+                        }
+                    }
+                    Some(name)
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(file = %file, "invalid policy; {}:\n{msg}", if previous.is_some() { "the last good version keeps running" } else { "not started" });
+                if let Some(tx) = previous.as_ref().and_then(|n| registry.get(n)) {
+                    let _ = tx.send(Command::PolicyError(msg.clone())).await;
+                }
+                if let Ok(mut errs) = policy_errors.write() {
+                    errs.insert(file.clone(), msg);
+                }
+                previous
+            }
+        };
+        known.insert(
+            path,
+            Known {
+                modified,
+                len,
+                name,
+            },
+        );
+    }
+    let _ = registry.names();
+}

@@ -1,0 +1,325 @@
+//! The daemon's own metrics (prefix `canaryd_`), on an injected registry.
+//!
+//! Label sets are bounded: rollout, metric, version (`stable`/`canary`), verdict, action,
+//! phase, bound kind, router kind, error kind — never a request id or free-form text.
+
+use crate::judge::{MetricReport, Verdict};
+use crate::rollout::{Action, Decision, Phase};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+impl crate::source::QueryObserver for Metrics {
+    fn query_done(&self, record: &crate::source::QueryRecord<'_>) {
+        self.query(
+            record.rollout,
+            record.elapsed.as_secs_f64(),
+            record.error.map(crate::source::SourceError::kind),
+        );
+    }
+}
+
+/// Every metric the daemon exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    phase: IntGaugeVec,
+    weight: GaugeVec,
+    step: IntGaugeVec,
+    failures: IntGaugeVec,
+    value: GaugeVec,
+    bound: GaugeVec,
+    log_evalue: GaugeVec,
+    log_threshold: GaugeVec,
+    verdict: IntGaugeVec,
+    analyses: IntCounterVec,
+    decisions: IntCounterVec,
+    query_seconds: HistogramVec,
+    query_errors: IntCounterVec,
+    router_seconds: HistogramVec,
+    router_errors: IntCounterVec,
+    policy_invalid: IntGaugeVec,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
+    let g = GaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn igauge(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let buckets = vec![
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    /// Registers every metric on `registry`.
+    pub fn new(registry: Registry) -> prometheus::Result<Metrics> {
+        let r = &registry;
+        Ok(Metrics {
+            phase: igauge(
+                r,
+                "canaryd_rollout_phase",
+                "1 for the rollout's current phase, 0 for the others",
+                &["rollout", "phase"],
+            )?,
+            weight: gauge(
+                r,
+                "canaryd_rollout_canary_weight",
+                "Canary traffic weight in percent the router must have",
+                &["rollout"],
+            )?,
+            step: igauge(
+                r,
+                "canaryd_rollout_step",
+                "Current step of the rollout, counting from 1 (0 before it starts)",
+                &["rollout"],
+            )?,
+            failures: igauge(
+                r,
+                "canaryd_rollout_consecutive_failures",
+                "Consecutive failed analyses",
+                &["rollout"],
+            )?,
+            value: gauge(
+                r,
+                "canaryd_analysis_value",
+                "Metric value per version in the last analysis",
+                &["rollout", "metric", "version"],
+            )?,
+            bound: gauge(
+                r,
+                "canaryd_analysis_bound",
+                "Limit on the canary's value in the last analysis, per bound",
+                &["rollout", "metric", "bound"],
+            )?,
+            log_evalue: gauge(
+                r,
+                "canaryd_analysis_log_evalue",
+                "Natural log of the sequential judge's e-value against the canary",
+                &["rollout", "metric"],
+            )?,
+            log_threshold: gauge(
+                r,
+                "canaryd_analysis_log_evalue_threshold",
+                "Log e-value at which the judge rejects the canary",
+                &["rollout", "metric"],
+            )?,
+            verdict: igauge(
+                r,
+                "canaryd_analysis_verdict",
+                "1 for the metric's verdict in the last analysis, 0 for the others",
+                &["rollout", "metric", "verdict"],
+            )?,
+            analyses: counter(
+                r,
+                "canaryd_analyses_total",
+                "Analyses run, by metric verdict",
+                &["rollout", "metric", "verdict"],
+            )?,
+            decisions: counter(
+                r,
+                "canaryd_decisions_total",
+                "Decisions taken, by action",
+                &["rollout", "action"],
+            )?,
+            query_seconds: histogram(
+                r,
+                "canaryd_prometheus_query_duration_seconds",
+                "Latency of Prometheus queries",
+                &["rollout"],
+            )?,
+            query_errors: counter(
+                r,
+                "canaryd_prometheus_query_errors_total",
+                "Failed Prometheus queries, by kind",
+                &["rollout", "kind"],
+            )?,
+            router_seconds: histogram(
+                r,
+                "canaryd_router_call_duration_seconds",
+                "Latency of router calls",
+                &["rollout", "router", "op"],
+            )?,
+            router_errors: counter(
+                r,
+                "canaryd_router_errors_total",
+                "Failed router calls, by kind",
+                &["rollout", "router", "kind"],
+            )?,
+            policy_invalid: igauge(
+                r,
+                "canaryd_policy_invalid",
+                "1 when the policy file's latest edit failed validation (the last good version keeps running)",
+                &["rollout"],
+            )?,
+            registry,
+        })
+    }
+
+    /// The registry, for tests that read values back.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text format of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Records a decision: phase, weight, step, counters and each metric's evidence.
+    pub fn decision(&self, d: &Decision, step: usize) {
+        let name = d.state.name.as_str();
+        for p in Phase::ALL {
+            self.phase
+                .with_label_values(&[name, p.as_str()])
+                .set(i64::from(p == d.state.phase));
+        }
+        self.weight.with_label_values(&[name]).set(d.weight);
+        self.step.with_label_values(&[name]).set(step as i64);
+        self.failures
+            .with_label_values(&[name])
+            .set(i64::from(d.state.consecutive_failures));
+        self.decisions
+            .with_label_values(&[name, d.action.as_str()])
+            .inc();
+        for r in &d.reports {
+            self.report(name, r);
+        }
+    }
+
+    fn report(&self, rollout: &str, r: &MetricReport) {
+        let m = r.metric.as_str();
+        for (version, v) in [("stable", r.stable), ("canary", r.canary)] {
+            match v {
+                Some(v) if v.is_finite() => {
+                    self.value.with_label_values(&[rollout, m, version]).set(v)
+                }
+                // A version without a value this time must not keep showing an old one.
+                _ => {
+                    let _ = self.value.remove_label_values(&[rollout, m, version]);
+                }
+            }
+        }
+        for b in &r.bounds {
+            if let Some(l) = b.limit.filter(|l| l.is_finite()) {
+                self.bound
+                    .with_label_values(&[rollout, m, b.kind.as_str()])
+                    .set(l);
+            }
+        }
+        if let Some(e) = &r.evidence {
+            if let Some(v) = e.log_e_value.filter(|v| v.is_finite()) {
+                self.log_evalue.with_label_values(&[rollout, m]).set(v);
+            }
+            if let Some(v) = e.log_threshold.filter(|v| v.is_finite()) {
+                self.log_threshold.with_label_values(&[rollout, m]).set(v);
+            }
+        }
+        for v in [
+            Verdict::Pass,
+            Verdict::Fail,
+            Verdict::Hold,
+            Verdict::NoData,
+            Verdict::Unavailable,
+        ] {
+            self.verdict
+                .with_label_values(&[rollout, m, v.as_str()])
+                .set(i64::from(v == r.verdict));
+        }
+        self.analyses
+            .with_label_values(&[rollout, m, r.verdict.as_str()])
+            .inc();
+    }
+
+    /// Makes every action's counter exist at zero, so dashboards show the series at once.
+    pub fn init_rollout(&self, rollout: &str, router: &str) {
+        for a in Action::ALL {
+            self.decisions.with_label_values(&[rollout, a.as_str()]);
+        }
+        self.policy_invalid.with_label_values(&[rollout]).set(0);
+        self.query_errors
+            .with_label_values(&[rollout, "unreachable"]);
+        self.router_errors
+            .with_label_values(&[rollout, router, "unreachable"]);
+    }
+
+    pub fn query(&self, rollout: &str, seconds: f64, error_kind: Option<&str>) {
+        self.query_seconds
+            .with_label_values(&[rollout])
+            .observe(seconds);
+        if let Some(kind) = error_kind {
+            self.query_errors.with_label_values(&[rollout, kind]).inc();
+        }
+    }
+
+    pub fn router_call(
+        &self,
+        rollout: &str,
+        router: &str,
+        op: &str,
+        seconds: f64,
+        error_kind: Option<&str>,
+    ) {
+        self.router_seconds
+            .with_label_values(&[rollout, router, op])
+            .observe(seconds);
+        if let Some(kind) = error_kind {
+            self.router_errors
+                .with_label_values(&[rollout, router, kind])
+                .inc();
+        }
+    }
+
+    pub fn policy_invalid(&self, rollout: &str, invalid: bool) {
+        self.policy_invalid
+            .with_label_values(&[rollout])
+            .set(i64::from(invalid));
+    }
+
+    /// Drops a rollout's series when its policy is deleted.
+    pub fn forget(&self, rollout: &str) {
+        let _ = self.weight.remove_label_values(&[rollout]);
+        let _ = self.step.remove_label_values(&[rollout]);
+        for p in Phase::ALL {
+            let _ = self.phase.remove_label_values(&[rollout, p.as_str()]);
+        }
+    }
+}

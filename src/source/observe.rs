@@ -1,0 +1,418 @@
+//! [`PrometheusSource`]: the [`MetricSource`] the daemon runs, and the one-shot check behind
+//! `canaryd check --live`.
+//!
+//! An observation asks Prometheus for every metric of a policy at one evaluation time. It
+//! never fails as a whole: each version of each metric reads as data, no data, or unavailable
+//! with a message that names the metric. Once Prometheus proves unreachable or times out
+//! (after the retries), the remaining metrics of that observation read unavailable
+//! with the same error instead of waiting out the timeout again, so one observation costs
+//! at most about one query's retry budget when Prometheus is down.
+
+use super::error::SourceError;
+use super::prometheus::{Answer, PrometheusClient};
+use super::query::{self, DEFAULT_MIN_RANGE, Plan, Ranges};
+use super::read::{self, VersionResult, Versions};
+use super::{MetricSource, Window};
+use crate::observation::{MetricReading, Reading};
+use crate::policy::{MetricSpec, Policy};
+use crate::router::BoxFuture;
+use crate::time::Time;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What one query cost and how it ended, handed to a [`QueryObserver`].
+#[derive(Debug)]
+pub struct QueryRecord<'a> {
+    /// The policy's name (the rollout label of the daemon's metrics).
+    pub rollout: &'a str,
+    /// The metric of the policy the query belongs to.
+    pub metric: &'a str,
+    /// Wall time of every attempt and the waits between them.
+    pub elapsed: Duration,
+    /// HTTP attempts made, retries included.
+    pub attempts: u32,
+    /// Why the query failed; `error.kind()` is a bounded label. `None` on success.
+    pub error: Option<&'a SourceError>,
+}
+
+/// Receives a record of every query sent, so the daemon's metrics module can export
+/// Prometheus query latency and errors without this module knowing about its registry.
+/// Called on the querying task; implementations should only update counters.
+pub trait QueryObserver: Send + Sync {
+    fn query_done(&self, record: &QueryRecord<'_>);
+}
+
+/// Reads policies' metrics from Prometheus's HTTP API.
+#[derive(Clone)]
+pub struct PrometheusSource {
+    client: PrometheusClient,
+    /// The shortest range any query covers (see [`DEFAULT_MIN_RANGE`]).
+    min_range: Duration,
+    /// Told about every query, when set.
+    observer: Option<Arc<dyn QueryObserver>>,
+}
+
+impl fmt::Debug for PrometheusSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrometheusSource")
+            .field("client", &self.client)
+            .field("min_range", &self.min_range)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
+}
+
+/// One metric's queries and what each version read.
+struct Outcome {
+    queries: Vec<String>,
+    versions: [VersionResult; 2],
+}
+
+impl PrometheusSource {
+    pub fn new(client: PrometheusClient) -> Self {
+        PrometheusSource {
+            client,
+            min_range: DEFAULT_MIN_RANGE,
+            observer: None,
+        }
+    }
+
+    /// Sets the shortest query range. It should be at least four scrape intervals of the
+    /// Prometheus being asked; tests with a 1 s scrape interval use a few seconds.
+    pub fn with_min_range(mut self, min_range: Duration) -> Self {
+        self.min_range = min_range;
+        self
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn QueryObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn client(&self) -> &PrometheusClient {
+        &self.client
+    }
+
+    /// The Prometheus `policy` is read from: its own, else the daemon's default.
+    pub fn url_for<'a>(&'a self, policy: &'a Policy) -> &'a str {
+        policy
+            .prometheus
+            .as_ref()
+            .map_or(self.client.default_url(), |p| p.url.as_str())
+    }
+
+    /// Every metric of `policy` over `window`, in the policy's order.
+    async fn read_all<'p>(
+        &self,
+        policy: &'p Policy,
+        window: Window,
+    ) -> Vec<(&'p MetricSpec, Outcome)> {
+        let ranges = Ranges::new(&window, self.min_range);
+        let mut down: Option<SourceError> = None;
+        let mut out = Vec::with_capacity(policy.metrics.len());
+        for spec in &policy.metrics {
+            let plan = query::plan(policy, spec, ranges);
+            let queries = plan.queries().into_iter().map(str::to_owned).collect();
+            let versions = match &down {
+                Some(e) => [Err(e.clone()), Err(e.clone())],
+                None => self.read_metric(policy, spec, &plan, window.at).await,
+            };
+            if down.is_none() {
+                down = versions
+                    .iter()
+                    .find_map(|v| v.as_ref().err().filter(|e| e.is_prometheus_down()).cloned());
+            }
+            out.push((spec, Outcome { queries, versions }));
+        }
+        out
+    }
+
+    async fn read_metric(
+        &self,
+        policy: &Policy,
+        spec: &MetricSpec,
+        plan: &Plan,
+        at: Time,
+    ) -> [VersionResult; 2] {
+        let v = Versions {
+            label: &policy.convention.version_label,
+            stable: &policy.stable,
+            canary: &policy.canary,
+        };
+        let both = |e: SourceError| [Err(e.clone()), Err(e)];
+        match plan {
+            Plan::Split {
+                label,
+                value,
+                marked_is_bad,
+                window,
+                cumulative,
+            } => match tokio::try_join!(
+                self.ask(policy, spec, window, at),
+                self.ask(policy, spec, cumulative, at)
+            ) {
+                Ok((w, c)) => {
+                    read::split(&v, label, value, *marked_is_bad, &w, window, &c, cumulative)
+                }
+                Err(e) => both(e),
+            },
+            Plan::Latency {
+                quantile,
+                quantile_query,
+                window_total,
+                buckets,
+            } => {
+                let max = spec.bounds.max.as_ref().map(|b| b.value);
+                match tokio::try_join!(
+                    self.ask(policy, spec, quantile_query, at),
+                    self.ask(policy, spec, window_total, at),
+                    self.ask(policy, spec, buckets, at)
+                ) {
+                    Ok((q, n, b)) => read::latency(
+                        &v,
+                        *quantile,
+                        max,
+                        &q,
+                        quantile_query,
+                        &n,
+                        window_total,
+                        &b,
+                        buckets,
+                    ),
+                    Err(e) => both(e),
+                }
+            }
+            Plan::Template { stable, canary } => {
+                let (s, c) = tokio::join!(
+                    self.ask(policy, spec, stable, at),
+                    self.ask(policy, spec, canary, at)
+                );
+                [
+                    s.and_then(|a| read::template(&a, stable, &policy.stable)),
+                    c.and_then(|a| read::template(&a, canary, &policy.canary)),
+                ]
+            }
+        }
+    }
+
+    /// Sends one query to the policy's Prometheus, and tells the observer and the log.
+    async fn ask(
+        &self,
+        policy: &Policy,
+        spec: &MetricSpec,
+        promql: &str,
+        at: Time,
+    ) -> Result<Answer, SourceError> {
+        let url = policy.prometheus.as_ref().map(|p| p.url.as_str());
+        let asked = self.client.query(url, promql, at).await;
+        let error = asked.result.as_ref().err();
+        if let Some(observer) = &self.observer {
+            observer.query_done(&QueryRecord {
+                rollout: &policy.name,
+                metric: &spec.name,
+                elapsed: asked.elapsed,
+                attempts: asked.attempts,
+                error,
+            });
+        }
+        match error {
+            Some(e) => tracing::warn!(
+                rollout = %policy.name,
+                metric = %spec.name,
+                kind = e.kind(),
+                attempts = asked.attempts,
+                error = %e,
+                "prometheus query failed"
+            ),
+            None => tracing::debug!(
+                rollout = %policy.name,
+                metric = %spec.name,
+                elapsed_ms = asked.elapsed.as_millis() as u64,
+                query = promql,
+                "prometheus query"
+            ),
+        }
+        asked.result
+    }
+
+    /// Runs every query of `policy` once over `window` and reports, per metric and version,
+    /// whether it returned data, no data, or an error. For `canaryd check --live`; a good
+    /// window is [`Window::lookback`] from now over the policy's interval.
+    pub async fn check_live(&self, policy: &Policy, window: Window) -> LiveReport {
+        let outcomes = self.read_all(policy, window).await;
+        let metrics = outcomes
+            .into_iter()
+            .map(|(spec, o)| {
+                let [s, c] = o.versions;
+                LiveMetric {
+                    name: spec.name.clone(),
+                    kind: spec.kind.label(),
+                    queries: o.queries,
+                    versions: vec![
+                        LiveVersion::new("stable", &policy.stable, s),
+                        LiveVersion::new("canary", &policy.canary, c),
+                    ],
+                }
+            })
+            .collect();
+        LiveReport {
+            policy: policy.name.clone(),
+            prometheus: self.url_for(policy).to_owned(),
+            at: window.at,
+            metrics,
+        }
+    }
+}
+
+/// How a version's reading appears in the observation: the error names the metric, so a
+/// message shown on its own (API, logs, dashboards) still says where to look.
+fn reading(metric: &str, r: VersionResult) -> Reading {
+    match r {
+        Ok(Some(sample)) => Reading::Data(sample),
+        Ok(None) => Reading::NoData,
+        Err(e) => Reading::Unavailable {
+            error: format!("{}: metric {metric}: {e}", e.kind()),
+        },
+    }
+}
+
+impl MetricSource for PrometheusSource {
+    fn observe<'a>(
+        &'a self,
+        policy: &'a Policy,
+        window: Window,
+    ) -> BoxFuture<'a, BTreeMap<String, MetricReading>> {
+        Box::pin(async move {
+            self.read_all(policy, window)
+                .await
+                .into_iter()
+                .map(|(spec, o)| {
+                    let [s, c] = o.versions;
+                    let r = MetricReading {
+                        stable: reading(&spec.name, s),
+                        canary: reading(&spec.name, c),
+                    };
+                    (spec.name.clone(), r)
+                })
+                .collect()
+        })
+    }
+}
+
+/// What `canaryd check --live` found for one policy.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LiveReport {
+    pub policy: String,
+    /// The Prometheus that was asked.
+    pub prometheus: String,
+    /// The evaluation time of every query.
+    pub at: Time,
+    pub metrics: Vec<LiveMetric>,
+}
+
+/// One metric's result in a [`LiveReport`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LiveMetric {
+    pub name: String,
+    /// `error_rate`, `latency`, `accuracy` or `query`.
+    pub kind: &'static str,
+    /// The PromQL sent, so a user can paste it into Prometheus's UI.
+    pub queries: Vec<String>,
+    /// Stable, then canary.
+    pub versions: Vec<LiveVersion>,
+}
+
+/// One version's result in a [`LiveReport`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LiveVersion {
+    /// `stable` or `canary`.
+    pub role: &'static str,
+    /// The version label value.
+    pub version: String,
+    pub outcome: LiveOutcome,
+}
+
+impl LiveVersion {
+    fn new(role: &'static str, version: &str, r: VersionResult) -> Self {
+        let outcome = match r {
+            Ok(Some(s)) => LiveOutcome::Data {
+                value: s.value,
+                window_events: s.window_events,
+            },
+            Ok(None) => LiveOutcome::NoData,
+            Err(e) => LiveOutcome::Error {
+                kind: e.kind(),
+                message: e.to_string(),
+            },
+        };
+        LiveVersion {
+            role,
+            version: version.to_owned(),
+            outcome,
+        }
+    }
+}
+
+/// Whether a query returned data, no data, or an error.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum LiveOutcome {
+    Data {
+        /// `None` when the window held no events (but the rollout's range did).
+        value: Option<f64>,
+        window_events: f64,
+    },
+    NoData,
+    Error {
+        /// [`SourceError::kind`].
+        kind: &'static str,
+        message: String,
+    },
+}
+
+impl LiveReport {
+    /// Whether any query failed. No data is not a failure: a canary that takes no traffic
+    /// yet has none.
+    pub fn has_errors(&self) -> bool {
+        self.metrics
+            .iter()
+            .flat_map(|m| &m.versions)
+            .any(|v| matches!(v.outcome, LiveOutcome::Error { .. }))
+    }
+}
+
+/// The report as `canaryd check --live` prints it.
+impl fmt::Display for LiveReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: asked {} at {}",
+            self.policy,
+            self.prometheus,
+            self.at.to_rfc3339()
+        )?;
+        for m in &self.metrics {
+            writeln!(f, "  {} ({})", m.name, m.kind)?;
+            for v in &m.versions {
+                write!(f, "    {} {}: ", v.role, v.version)?;
+                match &v.outcome {
+                    LiveOutcome::Data {
+                        value: Some(x),
+                        window_events,
+                    } => writeln!(f, "data: {x} over {window_events} events")?,
+                    LiveOutcome::Data { value: None, .. } => {
+                        writeln!(f, "data, but no events in the window (only earlier)")?
+                    }
+                    LiveOutcome::NoData => writeln!(f, "no data")?,
+                    LiveOutcome::Error { kind, message } => {
+                        writeln!(f, "error ({kind}): {message}")?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,442 @@
+//! PromQL text for the model-server convention and for raw query templates. Pure: no I/O.
+//!
+//! Every builtin query asks for both versions at once (`version=~"stable|canary"`, grouped
+//! `by (version)`), so stable and canary are read at the same evaluation time from the same
+//! data. Only raw templates run once per version, because the template itself selects one.
+//!
+//! Counters are read with `increase()` over a range that ends at the evaluation time, so a
+//! model server that restarts (and resets its counters) mid-rollout does not break the counts.
+
+use super::Window;
+use crate::policy::{Convention, MetricKind, MetricSpec, Policy};
+use std::time::Duration;
+
+/// The shortest range a query covers by default.
+///
+/// `increase()` needs at least two samples in its range and extrapolates from the samples it
+/// finds, so a range of one or two scrape intervals gives counts that are noisy or absent.
+/// Sixty seconds is four scrapes at Prometheus's common 15 s interval. A window that starts
+/// less than this before the evaluation time (a step that just began) is widened to it, so the
+/// first analysis of a step also sees the end of the previous step.
+pub const DEFAULT_MIN_RANGE: Duration = Duration::from_secs(60);
+
+/// The ranges the queries of one analysis cover, in whole seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ranges {
+    /// From the step's start (`Window::since`) to the evaluation time.
+    pub window: Duration,
+    /// From the rollout's start (`Window::rollout_started`) to the evaluation time.
+    pub cumulative: Duration,
+}
+
+impl Ranges {
+    /// The ranges of `w`, each rounded up to whole seconds and at least `min`.
+    pub fn new(w: &Window, min: Duration) -> Ranges {
+        let secs = |from| ceil_secs(w.at.since(from)).max(ceil_secs(min));
+        let window = secs(w.since);
+        // The cumulative range never ends up shorter than the window, even if the caller
+        // handed in a rollout start after the step start.
+        let cumulative = secs(w.rollout_started).max(window);
+        Ranges {
+            window: Duration::from_secs(window),
+            cumulative: Duration::from_secs(cumulative),
+        }
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A range as PromQL writes it: `300s`.
+pub fn range(d: Duration) -> String {
+    format!("{}s", ceil_secs(d))
+}
+
+/// `s` as a double-quoted PromQL string literal.
+pub fn string_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    push_escaped(&mut out, s);
+    out.push('"');
+    out
+}
+
+/// Escapes `s` for the inside of a double-quoted PromQL string (Go escape rules).
+fn push_escaped(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `s` with RE2 metacharacters escaped, so that it matches only itself in `=~`.
+pub fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The label matchers shared by every builtin query: the model, and both versions.
+fn matchers(c: &Convention, model: &str, versions: &[&str]) -> String {
+    let mut alternatives: Vec<String> = Vec::new();
+    for v in versions {
+        let e = regex_escape(v);
+        if !alternatives.contains(&e) {
+            alternatives.push(e);
+        }
+    }
+    format!(
+        "{}={},{}=~{}",
+        c.model_label,
+        string_literal(model),
+        c.version_label,
+        string_literal(&alternatives.join("|"))
+    )
+}
+
+/// The queries of one metric, ready to send.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// A counter split by a label into events of interest and the rest: error rate (split by
+    /// outcome) or accuracy (split by correctness). One query for the window, one since the
+    /// rollout began.
+    Split {
+        /// The label the counter is split by.
+        label: String,
+        /// The label value that marks an event of interest (an error, a correct prediction).
+        value: String,
+        /// Whether the marked events are the bad ones (errors) or the good ones (correct
+        /// predictions). The metric's value is the share of marked events either way.
+        marked_is_bad: bool,
+        window: String,
+        cumulative: String,
+    },
+    /// The latency quantile, the window's request count and the cumulative histogram.
+    Latency {
+        /// The quantile asked for, in (0, 1).
+        quantile: f64,
+        quantile_query: String,
+        window_total: String,
+        buckets: String,
+    },
+    /// A raw template, once per version: `(version, query)` for stable, then canary.
+    Template { stable: String, canary: String },
+}
+
+impl Plan {
+    /// Every query, in the order they are listed in reports.
+    pub fn queries(&self) -> Vec<&str> {
+        match self {
+            Plan::Split {
+                window, cumulative, ..
+            } => vec![window, cumulative],
+            Plan::Latency {
+                quantile_query,
+                window_total,
+                buckets,
+                ..
+            } => vec![quantile_query, window_total, buckets],
+            Plan::Template { stable, canary } => vec![stable, canary],
+        }
+    }
+}
+
+/// The queries of `spec` in `policy` over `ranges`.
+pub fn plan(policy: &Policy, spec: &MetricSpec, ranges: Ranges) -> Plan {
+    let c = &policy.convention;
+    let m = matchers(c, &policy.model, &[&policy.stable, &policy.canary]);
+    let w = range(ranges.window);
+    let cum = range(ranges.cumulative);
+    let vl = &c.version_label;
+    match &spec.kind {
+        MetricKind::ErrorRate | MetricKind::Accuracy => {
+            let (series, label, value, marked_is_bad) = if spec.kind == MetricKind::ErrorRate {
+                (&c.requests, &c.outcome_label, &c.error_value, true)
+            } else {
+                (&c.scored, &c.correct_label, &c.correct_value, false)
+            };
+            let counts =
+                |r: &str| format!("sum by ({vl}, {label}) (increase({series}{{{m}}}[{r}]))");
+            Plan::Split {
+                label: label.clone(),
+                value: value.clone(),
+                marked_is_bad,
+                window: counts(&w),
+                cumulative: counts(&cum),
+            }
+        }
+        MetricKind::Latency { quantile } => {
+            let d = &c.duration;
+            Plan::Latency {
+                quantile: *quantile,
+                quantile_query: format!(
+                    "histogram_quantile({quantile}, sum by ({vl}, le) (increase({d}_bucket{{{m}}}[{w}])))"
+                ),
+                window_total: format!("sum by ({vl}) (increase({d}_count{{{m}}}[{w}]))"),
+                buckets: format!("sum by ({vl}, le) (increase({d}_bucket{{{m}}}[{cum}]))"),
+            }
+        }
+        MetricKind::Query { template } => Plan::Template {
+            stable: render_template(template, &policy.model, &policy.stable, ranges.window),
+            canary: render_template(template, &policy.model, &policy.canary, ranges.window),
+        },
+    }
+}
+
+/// Fills a raw query's `{{version}}`, `{{model}}` and `{{window}}` (spaces inside the braces
+/// allowed). Templates put versions and models inside string literals, so those are escaped
+/// as string contents; unknown variables are left as written (validation rejects them).
+pub fn render_template(template: &str, model: &str, version: &str, window: Duration) -> String {
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        match after[..end].trim() {
+            "version" => push_escaped(&mut out, version),
+            "model" => push_escaped(&mut out, model),
+            "window" => out.push_str(&range(window)),
+            _ => out.push_str(&rest[start..start + 2 + end + 2]),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Bounds, MetricSpec};
+    use crate::time::Time;
+
+    fn policy(stable: &str, canary: &str) -> Policy {
+        let yaml = "name: fraud\nstable: v1\ncanary: v2\n\
+                    strategy: {steps: [10, 50], interval: 30s}\n\
+                    metrics:\n  - {name: e, builtin: error_rate, max: 1%}\n\
+                    router: {file: {path: /tmp/fraud.json}}\n";
+        let mut p = crate::policy::load_str("t.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+        // Set after validation, which rejects a canary equal to stable.
+        p.stable = stable.into();
+        p.canary = canary.into();
+        p
+    }
+
+    fn spec(kind: MetricKind) -> MetricSpec {
+        MetricSpec {
+            name: "m".into(),
+            kind,
+            bounds: Bounds::default(),
+            min_samples: 0,
+            critical: false,
+        }
+    }
+
+    const R: Ranges = Ranges {
+        window: Duration::from_secs(300),
+        cumulative: Duration::from_secs(3600),
+    };
+
+    #[test]
+    fn ranges_round_up_and_clamp() {
+        let at = Time(1_000_000);
+        let w = |since: i64, started: i64| Window {
+            at,
+            since: Time(since),
+            rollout_started: Time(started),
+        };
+        let min = Duration::from_secs(60);
+        let cases = [
+            // (since, rollout_started) -> (window s, cumulative s)
+            (w(1_000_000 - 300_000, 1_000_000 - 3_600_000), (300, 3600)),
+            (w(1_000_000 - 299_001, 1_000_000 - 3_600_500), (300, 3601)),
+            // A step that just began reads the last minute.
+            (w(1_000_000 - 5_000, 1_000_000 - 5_000), (60, 60)),
+            // Times after the evaluation time are treated as "just now".
+            (w(2_000_000, 2_000_000), (60, 60)),
+            // A rollout start after the step start never shortens the cumulative range.
+            (w(1_000_000 - 600_000, 1_000_000 - 100_000), (600, 600)),
+        ];
+        for (window, (ws, cs)) in cases {
+            let r = Ranges::new(&window, min);
+            assert_eq!(
+                (r.window.as_secs(), r.cumulative.as_secs()),
+                (ws, cs),
+                "{window:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn builtin_queries_golden() {
+        let p = policy("v1", "v2");
+        let cases = [
+            (
+                MetricKind::ErrorRate,
+                vec![
+                    r#"sum by (version, outcome) (increase(model_requests_total{model="fraud",version=~"v1|v2"}[300s]))"#,
+                    r#"sum by (version, outcome) (increase(model_requests_total{model="fraud",version=~"v1|v2"}[3600s]))"#,
+                ],
+            ),
+            (
+                MetricKind::Accuracy,
+                vec![
+                    r#"sum by (version, correct) (increase(model_predictions_scored_total{model="fraud",version=~"v1|v2"}[300s]))"#,
+                    r#"sum by (version, correct) (increase(model_predictions_scored_total{model="fraud",version=~"v1|v2"}[3600s]))"#,
+                ],
+            ),
+            (
+                MetricKind::Latency { quantile: 0.99 },
+                vec![
+                    r#"histogram_quantile(0.99, sum by (version, le) (increase(model_request_duration_seconds_bucket{model="fraud",version=~"v1|v2"}[300s])))"#,
+                    r#"sum by (version) (increase(model_request_duration_seconds_count{model="fraud",version=~"v1|v2"}[300s]))"#,
+                    r#"sum by (version, le) (increase(model_request_duration_seconds_bucket{model="fraud",version=~"v1|v2"}[3600s]))"#,
+                ],
+            ),
+            (
+                MetricKind::Query {
+                    template:
+                        r#"sum(rate(x{model="{{model}}", version="{{ version }}"}[{{window}}]))"#
+                            .into(),
+                },
+                vec![
+                    r#"sum(rate(x{model="fraud", version="v1"}[300s]))"#,
+                    r#"sum(rate(x{model="fraud", version="v2"}[300s]))"#,
+                ],
+            ),
+        ];
+        for (kind, want) in cases {
+            let plan = plan(&p, &spec(kind.clone()), R);
+            let got: Vec<&str> = plan.queries();
+            assert_eq!(got, want, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn split_metrics_know_their_label() {
+        let p = policy("v1", "v2");
+        match plan(&p, &spec(MetricKind::ErrorRate), R) {
+            Plan::Split {
+                label,
+                value,
+                marked_is_bad,
+                ..
+            } => assert_eq!(
+                (label.as_str(), value.as_str(), marked_is_bad),
+                ("outcome", "error", true)
+            ),
+            other => panic!("{other:?}"),
+        }
+        match plan(&p, &spec(MetricKind::Accuracy), R) {
+            Plan::Split {
+                label,
+                value,
+                marked_is_bad,
+                ..
+            } => assert_eq!(
+                (label.as_str(), value.as_str(), marked_is_bad),
+                ("correct", "true", false)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn versions_are_regex_and_string_escaped() {
+        // A dot must not match any character, and the regex's backslash must survive the
+        // PromQL string literal (Go rejects `"\."`).
+        let p = policy("1.0", "1.0+rc(2)");
+        let q = plan(&p, &spec(MetricKind::ErrorRate), R);
+        let text = q.queries()[0].to_owned();
+        assert!(
+            text.contains(r#"version=~"1\\.0|1\\.0\\+rc\\(2\\)""#),
+            "{text}"
+        );
+        assert_eq!(string_literal(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(string_literal("a\nb"), r#""a\nb""#);
+        assert_eq!(regex_escape("a.b|c"), r"a\.b\|c");
+    }
+
+    #[test]
+    fn equal_versions_are_listed_once() {
+        let p = policy("v1", "v1");
+        let q = plan(&p, &spec(MetricKind::ErrorRate), R);
+        assert!(q.queries()[0].contains(r#"version=~"v1"}"#), "{:?}", q);
+    }
+
+    #[test]
+    fn convention_overrides_change_names_and_labels() {
+        let mut p = policy("v1", "v2");
+        p.convention = Convention {
+            requests: "reqs".into(),
+            duration: "lat_seconds".into(),
+            scored: "graded_total".into(),
+            model_label: "app".into(),
+            version_label: "rev".into(),
+            outcome_label: "status".into(),
+            error_value: "fail".into(),
+            correct_label: "ok".into(),
+            correct_value: "yes".into(),
+        };
+        let all = |kind| {
+            plan(&p, &spec(kind), R)
+                .queries()
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            all(MetricKind::ErrorRate)[0],
+            r#"sum by (rev, status) (increase(reqs{app="fraud",rev=~"v1|v2"}[300s]))"#
+        );
+        assert_eq!(
+            all(MetricKind::Accuracy)[1],
+            r#"sum by (rev, ok) (increase(graded_total{app="fraud",rev=~"v1|v2"}[3600s]))"#
+        );
+        assert_eq!(
+            all(MetricKind::Latency { quantile: 0.5 }),
+            vec![
+                r#"histogram_quantile(0.5, sum by (rev, le) (increase(lat_seconds_bucket{app="fraud",rev=~"v1|v2"}[300s])))"#,
+                r#"sum by (rev) (increase(lat_seconds_count{app="fraud",rev=~"v1|v2"}[300s]))"#,
+                r#"sum by (rev, le) (increase(lat_seconds_bucket{app="fraud",rev=~"v1|v2"}[3600s]))"#,
+            ]
+        );
+        match plan(&p, &spec(MetricKind::Accuracy), R) {
+            Plan::Split { label, value, .. } => {
+                assert_eq!((label.as_str(), value.as_str()), ("ok", "yes"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn templates_escape_values_and_keep_unknown_text() {
+        let w = Duration::from_secs(90);
+        let cases = [
+            (r#"x{v="{{version}}"}"#, r#"x{v="a\"b"}"#),
+            ("{{window}}{{ window }}", "90s90s"),
+            ("{{model}}", "m\\\\1"),
+            ("{{other}} {{version", "{{other}} {{version"),
+            ("no variables", "no variables"),
+        ];
+        for (t, want) in cases {
+            assert_eq!(render_template(t, r"m\1", r#"a"b"#, w), want, "{t}");
+        }
+    }
+}

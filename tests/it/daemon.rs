@@ -1,0 +1,515 @@
+//! The daemon shell end to end with in-memory router and metric source: the real store, API,
+//! controller and decision core, with faults the fakes can produce on demand.
+
+use crate::support::wait_for;
+use canaryd::observation::{Counts, MetricReading, Reading, Sample};
+use canaryd::policy::Policy;
+use canaryd::router::{BoxFuture, Router, RouterError, Target};
+use canaryd::source::{MetricSource, Window};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A router whose weight lives in memory and that can be told to fail.
+#[derive(Clone, Default)]
+pub struct FakeRouter {
+    pub weight: Arc<Mutex<f64>>,
+    pub failing: Arc<Mutex<bool>>,
+    pub applied: Arc<Mutex<Vec<f64>>>,
+}
+
+impl Router for FakeRouter {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn apply<'a>(&'a self, t: &'a Target) -> BoxFuture<'a, Result<(), RouterError>> {
+        Box::pin(async move {
+            if *self.failing.lock().unwrap() {
+                return Err(RouterError::Unreachable("fake router is down".into()));
+            }
+            *self.weight.lock().unwrap() = t.canary_weight;
+            self.applied.lock().unwrap().push(t.canary_weight);
+            Ok(())
+        })
+    }
+    fn read<'a>(&'a self, _t: &'a Target) -> BoxFuture<'a, Result<f64, RouterError>> {
+        Box::pin(async move {
+            if *self.failing.lock().unwrap() {
+                return Err(RouterError::Unreachable("fake router is down".into()));
+            }
+            Ok(*self.weight.lock().unwrap())
+        })
+    }
+}
+
+/// What the fake source answers for every metric.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    Good,
+    Bad,
+    Down,
+}
+
+#[derive(Clone)]
+pub struct FakeSource {
+    pub mode: Arc<Mutex<Mode>>,
+}
+
+fn sample(rate: f64) -> Reading {
+    Reading::Data(Sample {
+        value: Some(rate),
+        window_events: 10_000.0,
+        cumulative: Some(Counts {
+            bad: rate * 10_000.0,
+            total: 10_000.0,
+        }),
+        ..Default::default()
+    })
+}
+
+impl MetricSource for FakeSource {
+    fn observe<'a>(
+        &'a self,
+        policy: &'a Policy,
+        _w: Window,
+    ) -> BoxFuture<'a, BTreeMap<String, MetricReading>> {
+        let mode = *self.mode.lock().unwrap();
+        Box::pin(async move {
+            policy
+                .metrics
+                .iter()
+                .map(|m| {
+                    let r = match mode {
+                        Mode::Good => MetricReading {
+                            stable: sample(0.001),
+                            canary: sample(0.001),
+                        },
+                        Mode::Bad => MetricReading {
+                            stable: sample(0.001),
+                            canary: sample(0.2),
+                        },
+                        Mode::Down => MetricReading::unavailable("connection refused"),
+                    };
+                    (m.name.clone(), r)
+                })
+                .collect()
+        })
+    }
+}
+
+pub const POLICY: &str = "
+name: demo
+stable: v1
+canary: v2
+strategy:
+  steps: [10, 50]
+  interval: 50ms
+  min_step_duration: 150ms
+  failure_limit: 2
+  progress_deadline: 1h
+analysis: {method: threshold}
+metrics:
+  - {name: errors, builtin: error_rate, max: 1%}
+router:
+  file: {path: /dev/null}
+";
+
+pub struct Daemon {
+    pub url: String,
+    pub router: FakeRouter,
+    pub source: FakeSource,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Daemon {
+    pub async fn start(
+        dir: &Path,
+        router: FakeRouter,
+        source: FakeSource,
+        token: Option<&str>,
+    ) -> Daemon {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let r = router.clone();
+        let s = source.clone();
+        let config = canaryd::daemon::DaemonConfig {
+            policies: dir.join("policies"),
+            state: dir.join("state.db"),
+            token: token.map(str::to_owned),
+            dry_run: false,
+            poll: Duration::from_millis(50),
+            clock: Arc::new(canaryd::time::SystemClock),
+            routers: Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>)),
+            sources: Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>),
+            metrics: None,
+        };
+        let handle = tokio::spawn(canaryd::daemon::serve(listener, config, async move {
+            let _ = rx.await;
+        }));
+        let d = Daemon {
+            url,
+            router,
+            source,
+            stop: Some(tx),
+            handle: Some(handle),
+        };
+        let ready = format!("{}/readyz", d.url);
+        wait_for("daemon ready", Duration::from_secs(10), || {
+            let ready = ready.clone();
+            async move {
+                let r = reqwest::get(&ready).await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+        d
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(format!("{}{path}", self.url)).await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .body(body.to_owned());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn wait_phase(&self, name: &str, phase: &str) -> Value {
+        let path = format!("/api/v1/rollouts/{name}");
+        wait_for(
+            &format!("{name} to be {phase}"),
+            Duration::from_secs(15),
+            || async {
+                let (s, v) = self.get(&path).await;
+                (s == 200 && v["phase"] == phase).then_some(v)
+            },
+        )
+        .await
+    }
+}
+
+pub fn setup(policy: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/demo.yaml"), policy).unwrap();
+    dir
+}
+
+fn fakes(mode: Mode) -> (FakeRouter, FakeSource) {
+    (
+        FakeRouter::default(),
+        FakeSource {
+            mode: Arc::new(Mutex::new(mode)),
+        },
+    )
+}
+
+#[tokio::test]
+async fn good_canary_walks_every_step_and_is_promoted() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let v = d.wait_phase("demo", "promoted").await;
+    assert_eq!(v["weight"], 100.0);
+    assert_eq!(*d.router.applied.lock().unwrap(), vec![10.0, 50.0, 100.0]);
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    let actions: Vec<&str> = log["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|d| d["action"].as_str().unwrap())
+        .filter(|a| *a != "hold")
+        .collect();
+    assert_eq!(actions, ["start", "advance", "promote", "settle"]);
+    let (_, m) = (
+        200,
+        reqwest::get(format!("{}/metrics", d.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(
+        m.contains("canaryd_rollout_phase{phase=\"promoted\",rollout=\"demo\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("canaryd_decisions_total{action=\"promote\",rollout=\"demo\"} 1"));
+    assert!(m.contains(
+        "canaryd_analysis_value{metric=\"errors\",rollout=\"demo\",version=\"canary\"} 0.001"
+    ));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn bad_canary_is_rolled_back_after_failure_limit() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Bad);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "rolled-back").await;
+    assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions").await;
+    let rb = log["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["action"] == "rollback")
+        .unwrap();
+    assert!(rb["reason"].as_str().unwrap().contains("errors"), "{rb}");
+    assert_eq!(rb["reports"][0]["verdict"], "fail");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn unavailable_source_holds_without_failures_then_continues() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Down);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let v = d.wait_phase("demo", "progressing").await;
+    // Many intervals of an unreachable source: still step 1, no failure counted.
+    let path = "/api/v1/rollouts/demo";
+    wait_for(
+        "several unavailable analyses",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = d.get(path).await;
+            (v["state"]["analyses"].as_u64()? >= 6).then_some(())
+        },
+    )
+    .await;
+    let (_, v2) = d.get(path).await;
+    assert_eq!(v2["step"], 1, "{v2}");
+    assert_eq!(v2["state"]["consecutive_failures"], 0);
+    assert_eq!(v["weight"], 10.0);
+    *d.source.mode.lock().unwrap() = Mode::Good;
+    d.wait_phase("demo", "promoted").await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn restart_resumes_at_the_recorded_step() {
+    let dir = setup(
+        &POLICY
+            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
+    );
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router.clone(), source.clone(), None).await;
+    d.wait_phase("demo", "progressing").await;
+    let (_, before) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    d.stop().await;
+    // A new daemon on the same store: same step, same attempt, no second start.
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let v = d.wait_phase("demo", "progressing").await;
+    assert_eq!(v["step"], 1);
+    assert_eq!(v["state"]["attempt"], 1);
+    let (_, after) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    let starts = after["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["action"] == "start")
+        .count();
+    assert_eq!(starts, 1);
+    assert!(
+        after["decisions"].as_array().unwrap().len()
+            >= before["decisions"].as_array().unwrap().len()
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
+    let policy = POLICY.replace(
+        "progress_deadline: 1h",
+        "progress_deadline: 1h\n  router_deadline: 300ms",
+    );
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    wait_for("weight 10 applied", Duration::from_secs(5), || async {
+        (*d.router.weight.lock().unwrap() == 10.0).then_some(())
+    })
+    .await;
+    *d.router.failing.lock().unwrap() = true;
+    let v = d.wait_phase("demo", "failed").await;
+    assert_eq!(
+        v["weight"], 10.0,
+        "traffic stays where it was last known to be safe"
+    );
+    assert!(
+        v["router_error"]
+            .as_str()
+            .unwrap()
+            .contains("fake router is down")
+    );
+    // An operator can still roll back once the router is back.
+    *d.router.failing.lock().unwrap() = false;
+    let (s, _) = d.post("/api/v1/rollouts/demo/abort", None, "").await;
+    assert_eq!(s, 200);
+    d.wait_phase("demo", "rolled-back").await;
+    assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
+    let dir = setup(
+        &POLICY
+            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
+    );
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, Some("s3cret")).await;
+    d.wait_phase("demo", "progressing").await;
+    let (s, _) = d.post("/api/v1/rollouts/demo/pause", None, "").await;
+    assert_eq!(s, 401);
+    let (s, _) = d
+        .post("/api/v1/rollouts/demo/pause", Some("wrong"), "")
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = d
+        .post("/api/v1/rollouts/demo/explode", Some("s3cret"), "")
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = d
+        .post("/api/v1/rollouts/demo/pause", Some("s3cret"), "{not json")
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = d
+        .post("/api/v1/rollouts/nope/pause", Some("s3cret"), "")
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = d
+        .post("/api/v1/rollouts/demo/resume", Some("s3cret"), "")
+        .await;
+    assert_eq!(s, 409, "resume of a rollout that is not paused is refused");
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert_eq!(
+        v["phase"], "progressing",
+        "nothing above changed the rollout"
+    );
+    let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(20_000));
+    let (s, _) = d
+        .post("/api/v1/rollouts/demo/pause", Some("s3cret"), &big)
+        .await;
+    assert_eq!(s, 413);
+    let (s, rec) = d
+        .post(
+            "/api/v1/rollouts/demo/pause",
+            Some("s3cret"),
+            r#"{"who": "alice", "reason": "looking at dashboards"}"#,
+        )
+        .await;
+    assert_eq!(s, 200, "{rec}");
+    assert_eq!(rec["action"], "pause");
+    assert_eq!(rec["who"], "alice (token)");
+    assert_eq!(rec["why"], "looking at dashboards");
+    d.wait_phase("demo", "paused").await;
+    let (s, _) = d
+        .post("/api/v1/rollouts/demo/promote", Some("s3cret"), "")
+        .await;
+    assert_eq!(s, 200);
+    d.wait_phase("demo", "promoted").await;
+    // Read endpoints stay open.
+    let (s, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(s, 200);
+    assert_eq!(list["rollouts"][0]["name"], "demo");
+    let (s, a) = d.get("/api/v1/rollouts/demo/assign?key=alice").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        a["version"], "v2",
+        "after promotion every key is on the canary"
+    );
+    let (s, _) = d.get("/api/v1/rollouts/demo/assign").await;
+    assert_eq!(s, 400);
+    let (s, _) = d.get("/api/v1/rollouts/demo/decisions?limit=abc").await;
+    assert_eq!(s, 400);
+    let (s, _) = d.get("/api/v1/rollouts/demo/decisions?limit=0").await;
+    assert_eq!(s, 400);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
+    let dir = setup(
+        &POLICY
+            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
+    );
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(&file, "name: demo\nstable: v1\ncanary: [\n").unwrap();
+    let v = wait_for(
+        "the bad edit to be reported",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            v["policy_error"].as_str().is_some().then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        v["policy_error"].as_str().unwrap().contains("demo.yaml:"),
+        "{v}"
+    );
+    assert_eq!(
+        v["phase"], "progressing",
+        "the last good version keeps running"
+    );
+    // A valid edit with a new canary starts a new rollout of it.
+    let new = POLICY
+        .replace("canary: v2", "canary: v3")
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    std::fs::write(&file, new).unwrap();
+    wait_for("the new canary", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (v["canary"] == "v3" && v["phase"] == "progressing" && v["policy_error"].is_null())
+            .then_some(())
+    })
+    .await;
+    let weight = *d.router.weight.lock().unwrap();
+    std::fs::remove_file(&file).unwrap();
+    wait_for(
+        "the rollout to disappear",
+        Duration::from_secs(10),
+        || async {
+            let (s, _) = d.get("/api/v1/rollouts/demo").await;
+            (s == 404).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        *d.router.weight.lock().unwrap(),
+        weight,
+        "deleting a policy leaves traffic as it is"
+    );
+    d.stop().await;
+}

@@ -1,0 +1,1096 @@
+//! Table-driven tests of `decide`: every rule of a rollout, as rows of
+//! `(seconds after T0, input, expected action / phase / weight)`.
+
+use crate::builders::*;
+use canaryd::judge::{BoundKind, Verdict};
+use canaryd::observation::Gate;
+use canaryd::observation::OperatorAction::{Abort, Pause, Promote, Resume, Retry};
+use canaryd::policy::OnNoData;
+use canaryd::rollout::Action::{
+    Advance, Fail, Hold, Pause as Paused_, Promote as Promote_, Reject, Resume as Resume_,
+    Retry as Retry_, Rollback, Settle, Start, Wait,
+};
+use canaryd::rollout::Phase::{
+    self, Failed, Idle, Paused, Progressing, Promoted, Promoting, RolledBack, RollingBack,
+    WaitingPromotion,
+};
+use canaryd::rollout::{Decision, RolloutState, decide};
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn fresh(p: &canaryd::policy::Policy) -> RolloutState {
+    RolloutState::new(p)
+}
+
+#[test]
+fn a_good_canary_walks_every_step_and_is_promoted() {
+    let p = base();
+    check(
+        "happy path",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                30,
+                tick(good()),
+                expect(Hold, Progressing, 10.0).reason("left"),
+            ),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            (90, tick(good()), expect(Hold, Progressing, 50.0)),
+            (120, tick(good()), expect(Promote_, Promoting, 100.0)),
+            (150, tick(good()), expect(Settle, Promoted, 100.0)),
+            (180, tick(good()), expect(Hold, Promoted, 100.0)),
+        ],
+    );
+}
+
+#[test]
+fn no_step_is_left_before_min_step_duration() {
+    let mut p = base();
+    p.strategy.min_step_duration = 5 * MIN;
+    check(
+        "min_step_duration",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Hold, Progressing, 10.0)),
+            (299, tick(good()), expect(Hold, Progressing, 10.0)),
+            (300, tick(good()), expect(Advance, Progressing, 50.0)),
+            (599, tick(good()), expect(Hold, Progressing, 50.0)),
+            (600, tick(good()), expect(Promote_, Promoting, 100.0)),
+        ],
+    );
+}
+
+#[test]
+fn advancing_needs_the_router_to_confirm_the_weight() {
+    let p = base();
+    check(
+        "router confirms",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            // The router still sends nothing to the canary: the step has not really begun.
+            (
+                60,
+                tick(good().router(0.0)),
+                expect(Hold, Progressing, 10.0).reason("router to apply 10%"),
+            ),
+            (
+                90,
+                tick(good().router(9.0)),
+                expect(Hold, Progressing, 10.0),
+            ),
+            (120, tick(good()), expect(Advance, Progressing, 50.0)),
+        ],
+    );
+}
+
+#[test]
+fn advancing_needs_every_metric_to_pass() {
+    let p = base();
+    let slow = good().canary("latency", val(0.6));
+    check(
+        "every metric",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(slow), expect(Hold, Progressing, 10.0).failures(1)),
+            (
+                90,
+                tick(good()),
+                expect(Advance, Progressing, 50.0).failures(0),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn no_data_holds_fails_or_passes_as_on_no_data_says() {
+    let quiet = good().canary("latency", no_data());
+    let thin_data = good().canary("errors", thin(0.0, 20.0));
+
+    let mut hold = base();
+    hold.strategy.on_no_data = OnNoData::Hold;
+    check(
+        "on_no_data: hold",
+        &hold,
+        fresh(&hold),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                60,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 10.0)
+                    .failures(0)
+                    .reason("waiting for data"),
+            ),
+            (
+                90,
+                tick(thin_data.clone()),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+            (
+                120,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+            (150, tick(good()), expect(Advance, Progressing, 50.0)),
+        ],
+    );
+
+    let mut fail = base();
+    fail.strategy.on_no_data = OnNoData::Fail;
+    check(
+        "on_no_data: fail",
+        &fail,
+        fresh(&fail),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                60,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 10.0).failures(1),
+            ),
+            (
+                90,
+                tick(thin_data.clone()),
+                expect(Rollback, RollingBack, 0.0),
+            ),
+        ],
+    );
+
+    let mut pass = base();
+    pass.strategy.on_no_data = OnNoData::Pass;
+    check(
+        "on_no_data: pass",
+        &pass,
+        fresh(&pass),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(quiet.clone()), expect(Advance, Progressing, 50.0)),
+            // Passing lets it advance, but promotion still needs data for every metric.
+            (
+                120,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 50.0).reason("without data for latency"),
+            ),
+            (150, tick(good()), expect(Promote_, Promoting, 100.0)),
+        ],
+    );
+}
+
+#[test]
+fn an_unavailable_source_never_advances_and_never_counts_as_a_failure() {
+    let p = with_limit(base(), 1);
+    let down = good().all(unavailable());
+    let stable_down = good().stable("latency", unavailable());
+    check(
+        "unavailable",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                60,
+                tick(down.clone()),
+                expect(Hold, Progressing, 10.0)
+                    .failures(0)
+                    .reason("unavailable"),
+            ),
+            (
+                90,
+                tick(down.clone()),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+            (
+                3000,
+                tick(down.clone()),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+            // Stable unavailable: the relative bound cannot be checked, so no verdict either.
+            (
+                3030,
+                tick(stable_down),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+            (3060, tick(good()), expect(Advance, Progressing, 50.0)),
+        ],
+    );
+}
+
+#[test]
+fn a_failing_metric_counts_even_when_another_is_unavailable() {
+    // Regression: an unavailable metric used to hide every other metric's failure, so a
+    // Prometheus that timed out on one query kept a bad canary in traffic until the deadline.
+    let p = base();
+    let o = bad().canary("latency", unavailable());
+    check(
+        "failure beside unavailable",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                60,
+                tick(o.clone()),
+                expect(Hold, Progressing, 10.0).failures(1),
+            ),
+            (90, tick(o), expect(Rollback, RollingBack, 0.0)),
+        ],
+    );
+}
+
+#[test]
+fn consecutive_failures_reset_on_a_pass_and_survive_holds() {
+    let p = with_limit(base(), 3);
+    let quiet = good().canary("errors", no_data());
+    check(
+        "consecutive",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (30, tick(bad()), expect(Hold, Progressing, 10.0).failures(1)),
+            (45, tick(bad()), expect(Hold, Progressing, 10.0).failures(2)),
+            (
+                50,
+                tick(good()),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+            (60, tick(bad()), expect(Hold, Progressing, 10.0).failures(1)),
+            (70, tick(bad()), expect(Hold, Progressing, 10.0).failures(2)),
+            // Waiting for data is neither a pass nor a failure.
+            (80, tick(quiet), expect(Hold, Progressing, 10.0).failures(2)),
+            (
+                90,
+                tick(bad()),
+                expect(Rollback, RollingBack, 0.0).reason("3 of 3 consecutive"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn failure_limit_rolls_back_and_the_router_settles_it() {
+    let p = base();
+    check(
+        "failure_limit",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            (90, tick(bad()), expect(Hold, Progressing, 50.0).failures(1)),
+            (120, tick(bad()), expect(Rollback, RollingBack, 0.0)),
+            (150, tick(bad()), expect(Settle, RolledBack, 0.0)),
+            (180, tick(good()), expect(Hold, RolledBack, 0.0)),
+        ],
+    );
+}
+
+#[test]
+fn a_critical_metric_rolls_back_at_once() {
+    let mut p = with_limit(base(), 5);
+    p.metrics[0].critical = true;
+    let slow = good().canary("latency", val(0.9));
+    check(
+        "critical",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            // A non-critical failure counts towards the limit as usual.
+            (30, tick(slow), expect(Hold, Progressing, 10.0).failures(1)),
+            (
+                60,
+                tick(bad()),
+                expect(Rollback, RollingBack, 0.0).reason("critical metric failed: errors"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn the_progress_deadline_rolls_back_a_rollout_that_does_not_finish() {
+    let mut p = base();
+    p.strategy.progress_deadline = 5 * MIN;
+    let quiet = good().all(no_data());
+    check(
+        "progress deadline",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(quiet.clone()), expect(Hold, Progressing, 10.0)),
+            (300, tick(quiet.clone()), expect(Hold, Progressing, 10.0)),
+            (
+                330,
+                tick(quiet),
+                expect(Rollback, RollingBack, 0.0).reason("progress deadline"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn manual_promotion_waits_at_the_last_step_for_an_operator() {
+    let mut p = manual(base());
+    p.strategy.progress_deadline = 10 * MIN;
+    check(
+        "manual promotion",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            (120, tick(good()), expect(Wait, WaitingPromotion, 50.0)),
+            (150, tick(good()), expect(Wait, WaitingPromotion, 50.0)),
+            // Waiting for a person is not a stuck rollout: the deadline does not apply.
+            (3600, tick(good()), expect(Wait, WaitingPromotion, 50.0)),
+            (3610, op(Promote), expect(Promote_, Promoting, 100.0)),
+            (3640, tick(good()), expect(Settle, Promoted, 100.0)),
+        ],
+    );
+    // A canary that goes bad while it waits is still rolled back.
+    let waiting = drive(
+        &p,
+        fresh(&p),
+        &[(0, tick(good())), (60, tick(good())), (120, tick(good()))],
+    );
+    check(
+        "manual promotion, bad while waiting",
+        &p,
+        waiting,
+        &[
+            (
+                150,
+                tick(bad()),
+                expect(Wait, WaitingPromotion, 50.0).failures(1),
+            ),
+            (180, tick(bad()), expect(Rollback, RollingBack, 0.0)),
+        ],
+    );
+}
+
+#[test]
+fn the_confirm_promotion_gate_must_be_open_to_promote() {
+    let p = gated(base());
+    check(
+        "gate",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            (
+                120,
+                tick(good()),
+                expect(Hold, Progressing, 50.0).reason("asking the confirm-promotion gate"),
+            ),
+            (
+                150,
+                tick(good().gate(closed())),
+                expect(Hold, Progressing, 50.0).reason("gate closed: gate answered 503"),
+            ),
+            (
+                180,
+                tick(good().gate(Gate::Open)),
+                expect(Promote_, Promoting, 100.0),
+            ),
+        ],
+    );
+    // Without a gate configured, an open or closed answer changes nothing.
+    let plain = base();
+    check(
+        "no gate configured",
+        &plain,
+        fresh(&plain),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            (
+                120,
+                tick(good().gate(closed())),
+                expect(Promote_, Promoting, 100.0),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn the_shell_is_asked_to_open_the_gate_only_at_the_last_step() {
+    let p = gated(base());
+    let s0 = drive(&p, fresh(&p), &[(0, tick(good()))]);
+    assert!(!s0.wants_gate(&p), "first step");
+    let s1 = drive(&p, s0, &[(60, tick(good()))]);
+    assert!(s1.wants_gate(&p), "last step");
+    assert!(!s1.wants_gate(&base()), "no gate configured");
+    assert!(
+        !s1.wants_gate(&manual(gated(base()))),
+        "an operator promotes instead"
+    );
+}
+
+#[test]
+fn blue_green_switches_after_the_pre_check_and_bakes() {
+    let p = blue_green(base(), 10 * MIN);
+    // After the switch stable serves nothing; its live numbers must not be the reference.
+    let after = good()
+        .stable("errors", no_data())
+        .stable("latency", no_data());
+    check(
+        "blue-green",
+        &p,
+        fresh(&p),
+        &[
+            // Pre-check: relative bounds need stable's numbers from before the switch.
+            (
+                0,
+                tick(good().stable("latency", no_data())),
+                expect(Hold, Idle, 0.0).reason("no stable baseline yet for latency"),
+            ),
+            (30, tick(good()), expect(Start, Progressing, 100.0)),
+            (60, tick(after.clone()), expect(Hold, Progressing, 100.0)),
+            (629, tick(after.clone()), expect(Hold, Progressing, 100.0)),
+            (630, tick(after.clone()), expect(Promote_, Promoting, 100.0)),
+            (660, tick(after), expect(Settle, Promoted, 100.0)),
+        ],
+    );
+}
+
+#[test]
+fn blue_green_compares_with_the_baseline_from_before_the_switch_and_switches_back() {
+    let p = blue_green(base(), 10 * MIN);
+    // 250 ms against a pre-switch 200 ms breaks max_increase 20 % (240 ms), although it is
+    // within `max: 500ms` and far below what a stale stable reading now claims.
+    let slower = good()
+        .stable("latency", val(1.0))
+        .canary("latency", val(0.25));
+    let d = check(
+        "blue-green bake failure",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 100.0)),
+            (
+                30,
+                tick(slower.clone()),
+                expect(Hold, Progressing, 100.0).failures(1),
+            ),
+            (60, tick(slower), expect(Rollback, RollingBack, 0.0)),
+        ],
+    );
+    let latency = d.reports.iter().find(|r| r.metric == "latency").unwrap();
+    assert_eq!(latency.stable, Some(0.2), "the reference is the baseline");
+    let inc = latency
+        .bounds
+        .iter()
+        .find(|b| b.kind == BoundKind::MaxIncrease)
+        .unwrap();
+    assert!((inc.limit.unwrap() - 0.24).abs() < 1e-9, "{inc:?}");
+    assert_eq!(inc.ok, Some(false));
+    check(
+        "blue-green switched back",
+        &p,
+        d.state,
+        &[(90, tick(good()), expect(Settle, RolledBack, 0.0))],
+    );
+}
+
+#[test]
+fn blue_green_baseline_ignores_thin_stable_data() {
+    // Regression: a stable reading of a handful of requests became the baseline, so a
+    // blue-green switch could be judged against 1 error in 3 requests (33 %).
+    let p = blue_green(base(), 10 * MIN);
+    let thin_stable = good().stable("errors", thin(0.33, 3.0));
+    let d = check(
+        "thin baseline",
+        &p,
+        fresh(&p),
+        &[
+            (
+                0,
+                tick(thin_stable),
+                expect(Hold, Idle, 0.0).reason("no stable baseline yet for errors"),
+            ),
+            (30, tick(good()), expect(Start, Progressing, 100.0)),
+        ],
+    );
+    assert_eq!(d.state.baseline.get("errors"), Some(&0.01));
+}
+
+#[test]
+fn the_post_promotion_watch_rolls_back_a_canary_that_degrades() {
+    let p = watch(base(), 10 * MIN);
+    let promoting = drive(
+        &p,
+        fresh(&p),
+        &[(0, tick(good())), (60, tick(good())), (120, tick(good()))],
+    );
+    assert_eq!(promoting.phase, Promoting);
+    // Stable has no traffic now; 300 ms is fine against `max: 500ms` but 50 % above the
+    // 200 ms stable had before the promotion.
+    let degraded = good()
+        .stable("latency", no_data())
+        .canary("latency", val(0.3));
+    check(
+        "watch rollback",
+        &p,
+        promoting.clone(),
+        &[
+            (
+                150,
+                tick(good()),
+                expect(Hold, Promoting, 100.0).reason("watching"),
+            ),
+            (
+                180,
+                tick(degraded.clone()),
+                expect(Hold, Promoting, 100.0).failures(1),
+            ),
+            (
+                210,
+                tick(degraded),
+                expect(Rollback, RollingBack, 0.0).reason("post-promotion watch"),
+            ),
+            (240, tick(good()), expect(Settle, RolledBack, 0.0)),
+        ],
+    );
+    check(
+        "watch passes",
+        &p,
+        promoting,
+        &[
+            (150, tick(good()), expect(Hold, Promoting, 100.0)),
+            (719, tick(good()), expect(Hold, Promoting, 100.0)),
+            (720, tick(good()), expect(Settle, Promoted, 100.0)),
+            (750, tick(bad()), expect(Hold, Promoted, 100.0)),
+        ],
+    );
+}
+
+#[test]
+fn the_watch_ends_on_time_and_a_later_failure_does_not_roll_back() {
+    // Regression: the watch analysed once more after it had ended, so a `failure_limit: 1`
+    // policy rolled back a promotion whose watch was already over.
+    let p = with_limit(watch(base(), 10 * MIN), 1);
+    let promoting = drive(
+        &p,
+        fresh(&p),
+        &[(0, tick(good())), (60, tick(good())), (120, tick(good()))],
+    );
+    check(
+        "watch over",
+        &p,
+        promoting,
+        &[(720, tick(bad()), expect(Settle, Promoted, 100.0))],
+    );
+}
+
+#[test]
+fn a_failing_router_fails_the_rollout_only_after_its_deadline() {
+    let p = base();
+    let d = check(
+        "router deadline",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (30, tick(good()), expect(Hold, Progressing, 10.0)),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            // 50 % was never confirmed: 10 % is the last weight known to be safe.
+            (
+                90,
+                tick(good().failing(90)),
+                expect(Hold, Progressing, 50.0).reason("router failing"),
+            ),
+            (
+                389,
+                tick(good().failing(90)),
+                expect(Hold, Progressing, 50.0),
+            ),
+            (
+                390,
+                tick(good().failing(90)),
+                expect(Fail, Failed, 10.0).reason("router failing for 5m"),
+            ),
+            // Failed is final even when the router comes back: an operator must act.
+            (420, tick(good()), expect(Hold, Failed, 10.0)),
+            (450, op(Retry), expect(Retry_, Progressing, 10.0)),
+        ],
+    );
+    assert_eq!(d.state.attempt, 2);
+}
+
+#[test]
+fn a_router_that_never_confirmed_leaves_the_canary_without_traffic() {
+    let p = base();
+    check(
+        "router never confirmed",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                30,
+                tick(good().failing(30)),
+                expect(Hold, Progressing, 10.0),
+            ),
+            (330, tick(good().failing(30)), expect(Fail, Failed, 0.0)),
+        ],
+    );
+}
+
+#[test]
+fn a_bad_canary_is_rolled_back_even_while_the_router_fails() {
+    let p = with_limit(base(), 1);
+    check(
+        "bad canary, failing router",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                30,
+                tick(bad().failing(30)),
+                expect(Rollback, RollingBack, 0.0),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn a_bad_canary_is_rolled_back_not_failed_when_the_router_is_past_its_deadline() {
+    // Regression: past router_deadline the rollout entered `failed` before the analysis was
+    // looked at, so a canary failing at that moment kept its last confirmed weight as the
+    // target, and a recovering router was told to send it traffic again.
+    let p = with_limit(base(), 1);
+    check(
+        "bad canary, router past deadline",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (30, tick(good()), expect(Hold, Progressing, 10.0)),
+            (
+                60,
+                tick(good().failing(60)),
+                expect(Hold, Progressing, 10.0),
+            ),
+            (
+                360,
+                tick(bad().failing(60)),
+                expect(Rollback, RollingBack, 0.0),
+            ),
+        ],
+    );
+    // The progress deadline, too, sends traffic back to stable rather than freezing it.
+    let mut short = base();
+    short.strategy.progress_deadline = 5 * MIN;
+    check(
+        "progress deadline, router past deadline",
+        &short,
+        fresh(&short),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                330,
+                tick(good().failing(0)),
+                expect(Rollback, RollingBack, 0.0).reason("progress deadline"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn retry_does_not_leave_traffic_at_an_earlier_attempts_weight() {
+    // Regression: `safe_weight` survived a retry, so a router failing in the new attempt left
+    // the canary at the previous attempt's 50 % although the new attempt was at 10 %.
+    let p = base();
+    let failed = drive(
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good())),
+            (60, tick(good())),
+            (90, tick(good())),
+            (120, tick(good().failing(120))),
+            (420, tick(good().failing(120))),
+        ],
+    );
+    assert_eq!((failed.phase, failed.weight), (Failed, 50.0));
+    check(
+        "retry then failing again",
+        &p,
+        failed,
+        &[
+            (430, op(Retry), expect(Retry_, Progressing, 10.0)),
+            (440, tick(good().failing(120)), expect(Fail, Failed, 10.0)),
+        ],
+    );
+}
+
+#[test]
+fn rolling_back_settles_only_when_the_router_confirms_zero() {
+    let p = with_limit(base(), 1);
+    check(
+        "rolling back",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            (90, tick(bad()), expect(Rollback, RollingBack, 0.0)),
+            (
+                120,
+                tick(good().router(50.0)),
+                expect(Hold, RollingBack, 0.0).reason("still sends 50%"),
+            ),
+            // A failing router never moves traffic back to the canary: 0 stays the target.
+            (
+                150,
+                tick(good().failing(150)),
+                expect(Hold, RollingBack, 0.0),
+            ),
+            (
+                3000,
+                tick(good().failing(150)),
+                expect(Hold, RollingBack, 0.0),
+            ),
+            (
+                3030,
+                tick(good().router(0.0)),
+                expect(Settle, RolledBack, 0.0),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn changing_the_canary_starts_a_new_rollout() {
+    let p = base();
+    let promoted = drive(
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good())),
+            (60, tick(good())),
+            (120, tick(good())),
+            (150, tick(good())),
+        ],
+    );
+    assert_eq!(promoted.phase, Promoted);
+    let mut next = p.clone();
+    next.stable = "v2".into();
+    next.canary = "v3".into();
+    let d = check(
+        "new canary after promotion",
+        &next,
+        promoted,
+        &[(
+            200,
+            tick(good().router(100.0)),
+            expect(Start, Progressing, 10.0),
+        )],
+    );
+    assert_eq!((d.state.canary.as_str(), d.state.attempt), ("v3", 1));
+
+    // Mid-rollout, too: the old rollout is dropped and the new one starts at its first step.
+    let progressing = drive(&p, fresh(&p), &[(0, tick(good())), (60, tick(good()))]);
+    assert_eq!(progressing.weight, 50.0);
+    let mut other = p.clone();
+    other.canary = "v4".into();
+    let d = check(
+        "new canary mid-rollout",
+        &other,
+        progressing,
+        &[(90, tick(good()), expect(Start, Progressing, 10.0))],
+    );
+    assert_eq!(d.state.consecutive_failures, 0);
+    assert_eq!(d.state.canary, "v4");
+}
+
+#[test]
+fn a_paused_rollout_holds_but_can_still_roll_back() {
+    let p = base();
+    let s = drive(&p, fresh(&p), &[(0, tick(good()))]);
+    check(
+        "paused holds",
+        &p,
+        s.clone(),
+        &[
+            (10, op(Pause), expect(Paused_, Paused, 10.0)),
+            (
+                600,
+                tick(good()),
+                expect(Hold, Paused, 10.0).reason("paused"),
+            ),
+            (630, op(Resume), expect(Resume_, Progressing, 10.0)),
+            (660, tick(good()), expect(Advance, Progressing, 50.0)),
+        ],
+    );
+    check(
+        "paused rolls back",
+        &p,
+        s,
+        &[
+            (10, op(Pause), expect(Paused_, Paused, 10.0)),
+            (30, tick(bad()), expect(Hold, Paused, 10.0).failures(1)),
+            (60, tick(bad()), expect(Rollback, RollingBack, 0.0)),
+        ],
+    );
+}
+
+#[test]
+fn resume_returns_to_the_phase_that_was_paused() {
+    let p = manual(base());
+    let waiting = drive(
+        &p,
+        fresh(&p),
+        &[(0, tick(good())), (60, tick(good())), (120, tick(good()))],
+    );
+    check(
+        "pause while waiting",
+        &p,
+        waiting,
+        &[
+            (130, op(Pause), expect(Paused_, Paused, 50.0)),
+            (140, op(Resume), expect(Resume_, WaitingPromotion, 50.0)),
+        ],
+    );
+}
+
+/// Drives the manual-promotion base policy into `phase`.
+fn state_in(phase: Phase) -> (canaryd::policy::Policy, RolloutState) {
+    let p = manual(base());
+    let s = fresh(&p);
+    let rows: Vec<(u64, Do)> = match phase {
+        Idle => vec![],
+        Progressing => vec![(0, tick(good()))],
+        Paused => vec![(0, tick(good())), (10, op(Pause))],
+        WaitingPromotion => vec![(0, tick(good())), (60, tick(good())), (120, tick(good()))],
+        Promoting => vec![(0, tick(good())), (10, op(Promote))],
+        Promoted => vec![(0, tick(good())), (10, op(Promote)), (20, tick(good()))],
+        RollingBack => vec![(0, tick(good())), (10, op(Abort))],
+        RolledBack => vec![(0, tick(good())), (10, op(Abort)), (20, tick(good()))],
+        Failed => vec![
+            (0, tick(good())),
+            (10, tick(good().failing(10))),
+            (400, tick(good().failing(10))),
+        ],
+    };
+    let s = drive(&p, s, &rows);
+    assert_eq!(s.phase, phase, "could not reach {phase:?}");
+    (p, s)
+}
+
+#[test]
+fn operator_actions_in_every_phase() {
+    use canaryd::observation::OperatorAction as Op;
+    use canaryd::rollout::Action as A;
+    // (phase, action, expected action, expected phase, expected weight; None = unchanged)
+    let table: &[(Phase, Op, A, Phase, Option<f64>)] = &[
+        (Idle, Promote, Reject, Idle, None),
+        (Idle, Abort, Rollback, RolledBack, Some(0.0)),
+        (Idle, Pause, Reject, Idle, None),
+        (Idle, Resume, Reject, Idle, None),
+        (Idle, Retry, Reject, Idle, None),
+        (Progressing, Promote, Promote_, Promoting, Some(100.0)),
+        (Progressing, Abort, Rollback, RollingBack, Some(0.0)),
+        (Progressing, Pause, Paused_, Paused, None),
+        (Progressing, Resume, Reject, Progressing, None),
+        (Progressing, Retry, Reject, Progressing, None),
+        (Paused, Promote, Promote_, Promoting, Some(100.0)),
+        (Paused, Abort, Rollback, RollingBack, Some(0.0)),
+        (Paused, Pause, Reject, Paused, None),
+        (Paused, Resume, Resume_, Progressing, None),
+        (Paused, Retry, Reject, Paused, None),
+        (WaitingPromotion, Promote, Promote_, Promoting, Some(100.0)),
+        (WaitingPromotion, Abort, Rollback, RollingBack, Some(0.0)),
+        (WaitingPromotion, Pause, Paused_, Paused, None),
+        (WaitingPromotion, Resume, Reject, WaitingPromotion, None),
+        (WaitingPromotion, Retry, Reject, WaitingPromotion, None),
+        (Promoting, Promote, Reject, Promoting, None),
+        (Promoting, Abort, Rollback, RollingBack, Some(0.0)),
+        (Promoting, Pause, Reject, Promoting, None),
+        (Promoting, Resume, Reject, Promoting, None),
+        (Promoting, Retry, Reject, Promoting, None),
+        (Promoted, Promote, Reject, Promoted, None),
+        (Promoted, Abort, Rollback, RollingBack, Some(0.0)),
+        (Promoted, Pause, Reject, Promoted, None),
+        (Promoted, Resume, Reject, Promoted, None),
+        (Promoted, Retry, Reject, Promoted, None),
+        (RollingBack, Promote, Reject, RollingBack, None),
+        (RollingBack, Abort, Reject, RollingBack, None),
+        (RollingBack, Pause, Reject, RollingBack, None),
+        (RollingBack, Resume, Reject, RollingBack, None),
+        (RollingBack, Retry, Reject, RollingBack, None),
+        (RolledBack, Promote, Reject, RolledBack, None),
+        (RolledBack, Abort, Reject, RolledBack, None),
+        (RolledBack, Pause, Reject, RolledBack, None),
+        (RolledBack, Resume, Reject, RolledBack, None),
+        (RolledBack, Retry, Retry_, Progressing, Some(10.0)),
+        (Failed, Promote, Reject, Failed, None),
+        (Failed, Abort, Rollback, RollingBack, Some(0.0)),
+        (Failed, Pause, Reject, Failed, None),
+        (Failed, Resume, Reject, Failed, None),
+        (Failed, Retry, Retry_, Progressing, Some(10.0)),
+    ];
+    // Every phase and every action appears.
+    assert_eq!(table.len(), Phase::ALL.len() * 5);
+    for &(phase, action, want_action, want_phase, want_weight) in table {
+        let (p, s) = state_in(phase);
+        let d: Decision = decide(&p, &s, &input(&op(action), &s), at(1000));
+        let case = format!("{action:?} in {phase:?}: {}", d.reason);
+        assert_eq!(d.action, want_action, "{case}");
+        assert_eq!(d.state.phase, want_phase, "{case}");
+        assert_eq!(d.weight, want_weight.unwrap_or(s.weight), "{case}");
+        assert_eq!(d.who.as_deref(), Some("tester"), "{case}: who is recorded");
+        if want_action == Reject {
+            assert_eq!(d.state, s, "{case}: a rejected action changes nothing");
+            assert!(d.reason.starts_with("cannot "), "{case}");
+        }
+    }
+}
+
+#[test]
+fn abort_after_promotion_sends_traffic_back_to_stable() {
+    // The documented way out of `promoted` (ARCHITECTURE.md): a promoted canary that turns
+    // out bad after its watch can still be rolled back by an operator.
+    let (p, s) = state_in(Promoted);
+    check(
+        "abort after promotion",
+        &p,
+        s,
+        &[
+            (2000, op(Abort), expect(Rollback, RollingBack, 0.0)),
+            (2030, tick(good()), expect(Settle, RolledBack, 0.0)),
+        ],
+    );
+}
+
+#[test]
+fn decisions_explain_every_metric_with_values_and_bounds() {
+    let p = base();
+    let s = drive(&p, fresh(&p), &[(0, tick(good()))]);
+    let d = decide(&p, &s, &input(&tick(bad()), &s), at(30));
+    assert_eq!(d.reports.len(), 2);
+    let errors = &d.reports[0];
+    assert_eq!(errors.metric, "errors");
+    assert_eq!((errors.stable, errors.canary), (Some(0.01), Some(0.10)));
+    assert_eq!(errors.verdict, Verdict::Fail);
+    let bounds: Vec<(BoundKind, &str, Option<bool>)> = errors
+        .bounds
+        .iter()
+        .map(|b| (b.kind, b.written.as_str(), b.ok))
+        .collect();
+    assert_eq!(
+        bounds,
+        vec![
+            (BoundKind::Max, "5%", Some(false)),
+            (BoundKind::MaxIncrease, "2pp", Some(false)),
+        ]
+    );
+    assert!((errors.bounds[1].limit.unwrap() - 0.03).abs() < 1e-12);
+    assert_eq!(d.reports[1].verdict, Verdict::Pass);
+    assert!(d.reason.contains("errors"), "{}", d.reason);
+}
+
+#[test]
+fn nan_rate_is_no_data_not_a_failure() {
+    // Regression: Prometheus answers NaN for 0/0 (an error rate over no requests); the judge
+    // compared it with the bounds, every comparison was false, and the canary "failed".
+    let p = with_limit(base(), 1);
+    let nan = good().canary("errors", val(f64::NAN));
+    check(
+        "nan",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                60,
+                tick(nan),
+                expect(Hold, Progressing, 10.0).reason("waiting for data"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn a_slow_canary_at_infinity_still_fails() {
+    // histogram_quantile answers +Inf when the quantile falls in the +Inf bucket: that is a
+    // very slow canary, not missing data.
+    let p = with_limit(base(), 1);
+    let inf = good().canary("latency", val(f64::INFINITY));
+    check(
+        "inf",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(inf), expect(Rollback, RollingBack, 0.0)),
+        ],
+    );
+}
+
+#[test]
+fn a_missing_metric_reading_is_unavailable_not_a_failure() {
+    // The shell may hand over fewer readings than the policy has metrics (a query that was
+    // never sent); that must not count against the canary.
+    let p = with_limit(base(), 1);
+    let mut partial = good();
+    partial.metrics.remove("latency");
+    check(
+        "missing reading",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (
+                60,
+                tick(partial),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn idle_waits_for_a_working_router_before_starting() {
+    let p = base();
+    check(
+        "idle router failing",
+        &p,
+        fresh(&p),
+        &[
+            (
+                0,
+                tick(good().failing(0)),
+                expect(Hold, Idle, 0.0).reason("router failing"),
+            ),
+            (30, tick(good()), expect(Start, Progressing, 10.0)),
+        ],
+    );
+}
+
+#[test]
+fn state_round_trips_through_json() {
+    // The store persists the state as JSON after every decision; a resumed rollout must
+    // decide exactly as the one that was interrupted.
+    let p = base();
+    let s = drive(&p, fresh(&p), &[(0, tick(good())), (30, tick(bad()))]);
+    let text = serde_json::to_string(&s).unwrap();
+    let back: RolloutState = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, s);
+    let a = decide(&p, &s, &input(&tick(bad()), &s), at(60));
+    let b = decide(&p, &back, &input(&tick(bad()), &back), at(60));
+    assert_eq!(a, b);
+    assert_eq!(a.state.phase, RollingBack);
+}

@@ -1,0 +1,410 @@
+//! Policy files: the invalid corpus with the exact errors each must produce, the valid
+//! fixtures, the shipped examples in `policies/`, and `canaryd check` end to end.
+//!
+//! Run with `CANARYD_BLESS=1` to rewrite the `.errors` files from the current messages after
+//! a deliberate change; review the diff as a user would read it.
+
+use canaryd::policy::{
+    self, MetricKind, OnNoData, RouterConfig, StrategyKind, ToleranceKind, WebhookEvent,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The YAML files of a directory under the crate root, sorted, as relative paths.
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+        .unwrap_or_else(|e| panic!("read {dir}: {e}"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .map(|p| Path::new(dir).join(p.file_name().unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Validates a file by its path relative to the crate root, as a user in the repository
+/// would type it (cargo runs integration tests from the crate root).
+fn load(rel: &Path) -> Result<policy::Policy, policy::PolicyError> {
+    assert!(root().join(rel).is_file(), "{} is missing", rel.display());
+    policy::load_file(rel)
+}
+
+fn canaryd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn every_invalid_policy_reports_exactly_its_errors() {
+    let bless = std::env::var_os("CANARYD_BLESS").is_some();
+    let files = yaml_files("tests/data/invalid");
+    assert!(
+        files.len() >= 25,
+        "the corpus has only {} files",
+        files.len()
+    );
+    let mut mismatches = Vec::new();
+    for f in &files {
+        let err = match load(f) {
+            Ok(_) => {
+                mismatches.push(format!("{}: validated, but must not", f.display()));
+                continue;
+            }
+            Err(e) => e,
+        };
+        let got = format!("{err}\n");
+        let expected_file = root().join(f.with_extension("errors"));
+        if bless {
+            std::fs::write(&expected_file, &got).unwrap();
+            continue;
+        }
+        let want = std::fs::read_to_string(&expected_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", expected_file.display()));
+        if got != want {
+            mismatches.push(format!("{}:\n--- want\n{want}--- got\n{got}", f.display()));
+        }
+        // Whatever the message, it says where and what: `file:line:col: [path: ]expected …`.
+        let prefix = format!("{}:", f.display());
+        for line in got.lines() {
+            let rest = line
+                .strip_prefix(&prefix)
+                .unwrap_or_else(|| panic!("{line:?} does not name the file"));
+            let mut parts = rest.splitn(3, ':');
+            let (l, c) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(
+                l.parse::<u64>().is_ok_and(|n| n >= 1) && c.parse::<u64>().is_ok_and(|n| n >= 1),
+                "{line:?} has no line and column"
+            );
+            assert!(
+                line.contains("expected")
+                    || line.contains("invalid YAML")
+                    || line.contains("unknown field"),
+                "{line:?} does not say what was expected"
+            );
+        }
+    }
+    // An `.errors` file without its policy would be a case that silently stopped running.
+    for e in std::fs::read_dir(root().join("tests/data/invalid")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "errors") {
+            let yaml = path.with_extension("yaml");
+            if !yaml.is_file() {
+                mismatches.push(format!("{}: no policy beside it", path.display()));
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn every_problem_of_a_file_is_reported_at_once() {
+    let err = load(Path::new("tests/data/invalid/multiple-errors.yaml")).unwrap_err();
+    assert!(err.problems.len() >= 8, "{err}");
+    // In file order, so the user can fix them top to bottom.
+    let positions: Vec<_> = err
+        .problems
+        .iter()
+        .map(|p| (p.pos.line, p.pos.column))
+        .collect();
+    let mut sorted = positions.clone();
+    sorted.sort();
+    assert_eq!(positions, sorted);
+}
+
+#[test]
+fn valid_fixtures_validate() {
+    let files = yaml_files("tests/data/valid");
+    assert!(!files.is_empty());
+    for f in files {
+        if let Err(e) = load(&f) {
+            panic!("{} must validate:\n{e}", f.display());
+        }
+    }
+}
+
+#[test]
+fn defaults_fill_what_a_minimal_policy_leaves_out() {
+    let p = load(Path::new("tests/data/valid/minimal.yaml")).unwrap();
+    assert_eq!(p.model, p.name, "model defaults to the name");
+    let s = &p.strategy;
+    assert_eq!(
+        s.kind,
+        StrategyKind::Canary {
+            steps: vec![10.0, 50.0]
+        }
+    );
+    assert_eq!(s.interval, Duration::from_secs(30));
+    assert_eq!(s.min_step_duration, Duration::from_secs(60));
+    assert_eq!(s.failure_limit, 2);
+    assert_eq!(s.progress_deadline, Duration::from_secs(7200));
+    assert_eq!(s.on_no_data, OnNoData::Hold);
+    assert!(!s.manual_promotion);
+    assert_eq!(s.post_promotion_watch, Duration::ZERO);
+    assert_eq!(s.router_deadline, Duration::from_secs(300));
+    assert_eq!(p.metrics[0].min_samples, 100, "builtins need 100 events");
+    assert!(!p.metrics[0].critical);
+    assert!(p.webhooks.is_empty());
+    assert_eq!(p.convention, policy::Convention::default());
+}
+
+#[test]
+fn units_are_read_the_way_design_md_says() {
+    let p = load(Path::new("tests/data/valid/every-field.yaml")).unwrap();
+    let m = |name: &str| p.metric(name).unwrap_or_else(|| panic!("no metric {name}"));
+    let err = &m("error-rate").bounds;
+    assert_eq!(
+        err.max.as_ref().map(|b| (b.value, b.written.as_str())),
+        Some((0.01, "1%"))
+    );
+    let inc = err.max_increase.as_ref().unwrap();
+    assert_eq!(inc.kind, ToleranceKind::Absolute);
+    assert!((inc.amount - 0.005).abs() < 1e-12, "0.5pp is 0.005");
+    assert!((inc.upper(0.01) - 0.015).abs() < 1e-12);
+    let lat = m("p99-latency");
+    assert_eq!(lat.kind, MetricKind::Latency { quantile: 0.99 });
+    assert_eq!(
+        lat.bounds.max.as_ref().unwrap().value,
+        0.25,
+        "250ms is 0.25 s"
+    );
+    let rel = lat.bounds.max_increase.as_ref().unwrap();
+    assert_eq!(
+        (rel.kind, rel.written.as_str()),
+        (ToleranceKind::Relative, "10%")
+    );
+    assert!((rel.upper(0.2) - 0.22).abs() < 1e-12, "10% of stable");
+    let delta = m("p50-latency").bounds.max_increase.as_ref().unwrap();
+    assert_eq!(delta.kind, ToleranceKind::Absolute);
+    assert!(
+        (delta.amount - 0.02).abs() < 1e-12,
+        "20ms is an absolute delta"
+    );
+    let acc = m("accuracy");
+    assert_eq!(acc.bounds.min.as_ref().unwrap().value, 0.92);
+    assert!((acc.bounds.max_decrease.as_ref().unwrap().lower(0.95) - 0.94).abs() < 1e-12);
+    assert_eq!((acc.min_samples, acc.critical), (500, true));
+    let conv = m("conversion");
+    assert!(
+        matches!(&conv.kind, MetricKind::Query { template } if template.contains("{{window}}"))
+    );
+    assert_eq!(conv.bounds.min.as_ref().unwrap().value, 0.03);
+    assert_eq!(
+        conv.min_samples, 0,
+        "a raw query has no event count by default"
+    );
+    assert_eq!(
+        m("bare").bounds.max.as_ref().unwrap().value,
+        0.5,
+        "a bare number is itself"
+    );
+
+    assert_eq!(p.analysis.confidence, 0.99);
+    assert!(p.strategy.manual_promotion);
+    assert_eq!(p.strategy.on_no_data, OnNoData::Fail);
+    assert_eq!(
+        p.strategy.post_promotion_watch,
+        Duration::from_secs(15 * 60)
+    );
+    assert_eq!(p.strategy.interval, Duration::from_secs(90), "1m30s");
+    match &p.router {
+        RouterConfig::Haproxy {
+            socket,
+            backend,
+            servers,
+        } => {
+            assert_eq!(
+                (socket.as_str(), backend.as_str()),
+                ("/run/haproxy/admin.sock", "fraud")
+            );
+            assert_eq!(servers.get("v2").map(String::as_str), Some("canary"));
+        }
+        other => panic!("router {other:?}"),
+    }
+    let events: Vec<WebhookEvent> = p.webhooks.iter().map(|w| w.on).collect();
+    assert_eq!(
+        events,
+        vec![WebhookEvent::ConfirmPromotion, WebhookEvent::Rollback]
+    );
+    assert_eq!(p.webhooks[0].timeout, Duration::from_secs(10));
+    assert_eq!(
+        p.prometheus.as_ref().unwrap().url,
+        "http://prometheus.internal:9090"
+    );
+    assert_eq!(p.convention.requests, "http_requests_total");
+    assert_eq!(p.convention.version_label, "release");
+}
+
+#[test]
+fn shipped_example_policies_all_validate() {
+    // Users copy these files; one that stops validating is a broken example, so this fails
+    // the build instead of the user's first `canaryd check`.
+    let files = yaml_files("policies");
+    assert!(files.len() >= 4, "policies/ ships {} examples", files.len());
+    for f in &files {
+        if let Err(e) = load(f) {
+            panic!("shipped policy {} no longer validates:\n{e}", f.display());
+        }
+    }
+    let (code, out, err) = canaryd(&["check", "policies"]);
+    assert_eq!(code, 0, "canaryd check policies:\n{out}{err}");
+    assert_eq!(out.lines().count(), files.len(), "{out}");
+    assert!(out.lines().all(|l| l.ends_with(": ok")), "{out}");
+}
+
+#[test]
+fn shipped_examples_cover_the_four_kinds_of_rollout() {
+    let load_one = |name: &str| load(&Path::new("policies").join(name)).unwrap();
+    let fraud = load_one("fraud-detector.yaml");
+    let kinds: Vec<&str> = fraud.metrics.iter().map(|m| m.kind.label()).collect();
+    for builtin in ["error_rate", "latency", "accuracy"] {
+        assert!(kinds.contains(&builtin), "fraud-detector lacks {builtin}");
+    }
+    assert_eq!(fraud.router.kind(), "haproxy");
+    let all: Vec<policy::Policy> = yaml_files("policies")
+        .iter()
+        .map(|f| load(f).unwrap())
+        .collect();
+    assert!(
+        all.iter()
+            .any(|p| p.strategy.is_blue_green() && p.router.kind() == "nginx"),
+        "a blue-green example on nginx"
+    );
+    assert!(
+        all.iter().any(|p| p.router.kind() == "file"
+            && p.metrics
+                .iter()
+                .any(|m| matches!(m.kind, MetricKind::Query { .. }))),
+        "a custom PromQL example on the file router"
+    );
+    assert!(
+        all.iter().any(|p| p.strategy.manual_promotion
+            && p.router.kind() == "webhook"
+            && p.webhooks
+                .iter()
+                .any(|w| w.on == WebhookEvent::ConfirmPromotion)
+            && p.webhooks.iter().any(|w| w.on == WebhookEvent::Rollback)),
+        "a manual-promotion example with webhooks on the webhook router"
+    );
+}
+
+#[test]
+fn check_exits_zero_when_all_files_are_valid() {
+    let (code, out, _) = canaryd(&[
+        "check",
+        "tests/data/valid/minimal.yaml",
+        "tests/data/valid/every-field.yaml",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        "tests/data/valid/minimal.yaml: ok\ntests/data/valid/every-field.yaml: ok\n"
+    );
+}
+
+#[test]
+fn check_exits_one_and_prints_every_error_when_any_file_is_invalid() {
+    let bad = "tests/data/invalid/multiple-errors.yaml";
+    let (code, out, _) = canaryd(&["check", "tests/data/valid/minimal.yaml", bad]);
+    assert_eq!(code, 1, "{out}");
+    let want = std::fs::read_to_string(root().join(bad).with_extension("errors")).unwrap();
+    assert_eq!(out, format!("tests/data/valid/minimal.yaml: ok\n{want}"));
+}
+
+#[test]
+fn check_reads_a_directory_and_reports_unreadable_files() {
+    let (code, out, _) = canaryd(&["check", "tests/data/invalid"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("tests/data/invalid/empty.yaml:1:1: "), "{out}");
+    assert!(!out.contains(": ok"), "{out}");
+
+    let (code, out, _) = canaryd(&["check", "tests/data/no-such-policy.yaml"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("tests/data/no-such-policy.yaml:1:1: cannot read the file"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_fails_on_a_directory_without_policies() {
+    // Regression: `canaryd check` on an empty directory (a typo'd path in CI, say) printed
+    // nothing and exited 0, as if every policy had passed.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let (code, out, err) = canaryd(&["check", path]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no policy files"), "{err}");
+}
+
+#[test]
+fn a_huge_duration_is_reported_not_a_crash() {
+    // Regression: the steps' total length was computed with `Duration * u32`, which panics on
+    // overflow, so `canaryd check` crashed on a policy with an absurd min_step_duration.
+    let text = std::fs::read_to_string(root().join("tests/data/valid/minimal.yaml")).unwrap();
+    let text = text.replace(
+        "steps: [10, 50]",
+        "steps: [10, 50]\n  min_step_duration: 500000000000years",
+    );
+    let err = policy::load_str("huge.yaml", &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("strategy.min_step_duration: expected steps that fit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_default_deadline_counts_when_steps_are_long() {
+    // Regression: with progress_deadline left at its default (2h), three one-hour steps
+    // validated, and every rollout of the policy was rolled back at the deadline.
+    let err = load(Path::new(
+        "tests/data/invalid/default-deadline-shorter-than-steps.yaml",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("default progress_deadline of 2h"), "{err}");
+}
+
+#[test]
+fn an_empty_file_is_one_error_not_seven() {
+    // Regression: an empty file reported "the file is empty" and then every required field
+    // as missing, burying the one thing to fix.
+    for f in ["empty.yaml", "comments-only.yaml", "not-a-mapping.yaml"] {
+        let err = load(&Path::new("tests/data/invalid").join(f)).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(
+            (err.problems[0].pos.line, err.problems[0].pos.column),
+            (1, 1),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_duplicate_key_names_the_key_in_the_users_terms() {
+    // Regression: the parser's advice to programmers ("set DuplicateKeyPolicy in Options")
+    // reached users verbatim.
+    let err = load(Path::new("tests/data/invalid/duplicate-key.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("duplicate key `name`"), "{err}");
+    assert!(!err.contains("DuplicateKeyPolicy"), "{err}");
+    assert!(
+        !err.contains(" at line "),
+        "the position is given once: {err}"
+    );
+}

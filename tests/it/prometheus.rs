@@ -1,0 +1,958 @@
+//! The Prometheus source: against an in-process fake for faults a real server cannot produce
+//! on demand, and against a real Prometheus scraping an exporter whose counters the test moves.
+
+use crate::support::{ChildGuard, find_binary, free_port, wait_for, wait_for_port};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use canaryd::observation::{MetricReading, Reading, Sample};
+use canaryd::policy::Policy;
+use canaryd::source::prometheus::Answer;
+use canaryd::source::{
+    Auth, ClientOptions, LiveOutcome, MetricSource, PrometheusClient, PrometheusSource,
+    QueryObserver, QueryRecord, Window,
+};
+use canaryd::time::{Clock, SystemClock, Time};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers
+
+fn policy(yaml: &str) -> Policy {
+    canaryd::policy::load_str("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A policy for model `m` with the given versions, metrics (YAML flow items) and extra keys.
+fn policy_with(stable: &str, canary: &str, metrics: &[&str], extra: &str) -> Policy {
+    let mut y = format!(
+        "name: m\nmodel: m\nstable: {stable}\ncanary: {canary}\n\
+         strategy: {{steps: [10, 50], interval: 30s}}\n\
+         router: {{file: {{path: /tmp/canaryd-test-m.json}}}}\n{extra}metrics:\n"
+    );
+    for m in metrics {
+        let _ = writeln!(y, "  - {m}");
+    }
+    policy(&y)
+}
+
+fn options(timeout_ms: u64, retries: u32) -> ClientOptions {
+    ClientOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        retries,
+        backoff: Duration::from_millis(20),
+        ..ClientOptions::default()
+    }
+}
+
+/// Remembers every query record: (metric, attempts, error kind).
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(String, u32, Option<&'static str>)>>);
+
+impl QueryObserver for Recorder {
+    fn query_done(&self, r: &QueryRecord<'_>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.push((r.metric.to_owned(), r.attempts, r.error.map(|e| e.kind())));
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<(String, u32, Option<&'static str>)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn window_ending(at: Time, secs: i64) -> Window {
+    Window {
+        at,
+        since: Time(at.0 - secs * 1000),
+        rollout_started: Time(at.0 - secs * 1000),
+    }
+}
+
+fn unavailable(r: &Reading) -> &str {
+    match r {
+        Reading::Unavailable { error } => error,
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+}
+
+fn data(r: &Reading) -> &Sample {
+    match r {
+        Reading::Data(s) => s,
+        other => panic!("expected data, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process fake Prometheus
+
+/// How the fake answers.
+#[derive(Clone)]
+enum Script {
+    /// This status and body for the first `n` requests, then a vector with one sample per
+    /// version (`v1` = 1, `v2` = 2) for anything after.
+    FailFirst {
+        n: usize,
+        status: u16,
+        body: &'static str,
+    },
+    /// Never answers.
+    Hang,
+}
+
+#[derive(Clone)]
+struct Fake {
+    script: Script,
+    /// Query parameters and the Authorization header of every request.
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// One request the fake received: its query parameters and Authorization header.
+type Seen = (HashMap<String, String>, Option<String>);
+
+const OK_BODY: &str = r#"{"status":"success","data":{"resultType":"vector","result":[
+    {"metric":{"version":"v1","outcome":"error"},"value":[1,"1"]},
+    {"metric":{"version":"v1","outcome":"success"},"value":[1,"99"]},
+    {"metric":{"version":"v2","outcome":"error"},"value":[1,"2"]},
+    {"metric":{"version":"v2","outcome":"success"},"value":[1,"98"]}]}}"#;
+
+async fn fake_query(
+    State(fake): State<Fake>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> (StatusCode, String) {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let n = {
+        let mut seen = fake.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.push((params, auth));
+        seen.len()
+    };
+    match fake.script {
+        Script::FailFirst {
+            n: fail,
+            status,
+            body,
+        } if n <= fail => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::IM_A_TEAPOT),
+            body.to_owned(),
+        ),
+        Script::FailFirst { .. } => (StatusCode::OK, OK_BODY.to_owned()),
+        Script::Hang => std::future::pending().await,
+    }
+}
+
+/// Starts a fake on 127.0.0.1 and returns its URL and what it saw.
+async fn start_fake(script: Script) -> (String, Fake) {
+    let fake = Fake {
+        script,
+        seen: Arc::default(),
+    };
+    let app = axum::Router::new()
+        .route("/api/v1/query", get(fake_query))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake prometheus");
+    let addr = listener.local_addr().expect("fake address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), fake)
+}
+
+const ERROR_RATE: &str = "{name: errors, builtin: error_rate, max: 5%}";
+
+#[tokio::test]
+async fn fake_5xx_is_retried_then_succeeds() {
+    let (url, fake) = start_fake(Script::FailFirst {
+        n: 2,
+        status: 503,
+        body: r#"{"status":"error","errorType":"unavailable","error":"not ready"}"#,
+    })
+    .await;
+    let rec = Arc::new(Recorder::default());
+    let client = PrometheusClient::new(&url, options(2000, 3)).expect("client");
+    let source = PrometheusSource::new(client).with_observer(rec.clone());
+    let p = policy_with("v1", "v2", &[ERROR_RATE], "");
+    let at = Time(1_700_000_000_123);
+    let got = source.observe(&p, window_ending(at, 600)).await;
+    let r = &got["errors"];
+    assert_eq!(data(&r.stable).value, Some(0.01));
+    assert_eq!(data(&r.canary).value, Some(0.02));
+    // Two queries (window, cumulative), the first two requests failed: 4 requests in all.
+    let records = rec.take();
+    let attempts: u32 = records.iter().map(|r| r.1).sum();
+    assert_eq!(attempts, 4, "{records:?}");
+    assert!(records.iter().all(|r| r.2.is_none()), "{records:?}");
+    let seen = fake.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(seen.len(), 4);
+    // The evaluation time is explicit, to the millisecond.
+    assert!(
+        seen.iter()
+            .all(|(q, _)| q.get("time").map(String::as_str) == Some("1700000000.123"))
+    );
+    let queries: Vec<&str> = seen
+        .iter()
+        .filter_map(|(q, _)| q.get("query").map(String::as_str))
+        .collect();
+    assert!(queries.contains(
+        &r#"sum by (version, outcome) (increase(model_requests_total{model="m",version=~"v1|v2"}[600s]))"#
+    ));
+}
+
+#[tokio::test]
+async fn fake_faults_are_classified_and_never_no_data() {
+    // (script, retries, expected kind, text in the message, requests the fake should see)
+    let cases = [
+        (
+            Script::FailFirst {
+                n: usize::MAX,
+                status: 500,
+                body: "internal error",
+            },
+            2,
+            "http",
+            "answered http 500: \"internal error\"",
+            3,
+        ),
+        (
+            Script::FailFirst {
+                n: usize::MAX,
+                status: 200,
+                body: "{\"status\":\"succ",
+            },
+            2,
+            "bad-response",
+            "not query API JSON",
+            1,
+        ),
+        (
+            Script::FailFirst {
+                n: usize::MAX,
+                status: 400,
+                body: r#"{"status":"error","errorType":"bad_data","error":"1:12: parse error: unexpected \"}\""}"#,
+            },
+            2,
+            "bad-query",
+            "the policy's query is wrong: prometheus says bad_data: 1:12: parse error",
+            1,
+        ),
+        (Script::Hang, 1, "timeout", "did not answer within 300ms", 2),
+    ];
+    for (script, retries, kind, text, requests) in cases {
+        let (url, fake) = start_fake(script).await;
+        let client = PrometheusClient::new(&url, options(300, retries)).expect("client");
+        let source = PrometheusSource::new(client);
+        // The second metric must not be asked once Prometheus looks down, and must not
+        // read as no data either.
+        let p = policy_with(
+            "v1",
+            "v2",
+            &[
+                "{name: first, query: 'sum(x{version=\"{{version}}\"})', max: 1}",
+                "{name: second, builtin: accuracy, min: 90%}",
+            ],
+            "",
+        );
+        let got = source
+            .observe(&p, window_ending(Time(1_700_000_000_000), 60))
+            .await;
+        for (name, r) in &got {
+            for reading in [&r.stable, &r.canary] {
+                let e = unavailable(reading);
+                assert!(e.starts_with(kind), "{name}: {e}");
+                if name == "first" {
+                    assert!(e.contains(text), "{name}: {e:?} lacks {text:?}");
+                    assert!(e.contains("metric first"), "{e}");
+                }
+            }
+        }
+        let seen = fake.seen.lock().unwrap_or_else(|e| e.into_inner()).len();
+        // Two versions of the template, each retried while the failure is transient. The
+        // accuracy metric is asked too unless Prometheus timed out (it would time out again);
+        // its second query may be cancelled once the first one failed.
+        if kind == "timeout" {
+            assert_eq!(seen, 2 * requests, "{kind}");
+        } else {
+            assert!(
+                seen > 2 * requests && seen <= 4 * requests,
+                "{kind}: {seen}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn closed_port_is_unreachable() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let client = PrometheusClient::new(&url, options(1000, 1)).expect("client");
+    let got = PrometheusSource::new(client)
+        .observe(
+            &policy_with("v1", "v2", &[ERROR_RATE], ""),
+            window_ending(Time(1_000_000), 60),
+        )
+        .await;
+    let e = unavailable(&got["errors"].canary);
+    assert!(
+        e.starts_with("unreachable: metric errors: cannot reach prometheus at http://127.0.0.1:"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn credentials_go_to_the_default_prometheus_only() {
+    let (default_url, default_fake) = start_fake(Script::FailFirst {
+        n: 0,
+        status: 200,
+        body: "",
+    })
+    .await;
+    let (other_url, other_fake) = start_fake(Script::FailFirst {
+        n: 0,
+        status: 200,
+        body: "",
+    })
+    .await;
+    let cases = [
+        (Auth::Bearer("s3cret".into()), "Bearer s3cret"),
+        (
+            Auth::Basic {
+                user: "canaryd".into(),
+                password: Some("pw".into()),
+            },
+            // base64("canaryd:pw")
+            "Basic Y2FuYXJ5ZDpwdw==",
+        ),
+    ];
+    for (auth, header) in cases {
+        let opts = ClientOptions {
+            auth: Some(auth),
+            ..options(2000, 0)
+        };
+        let source = PrometheusSource::new(
+            PrometheusClient::new(&format!("{default_url}/"), opts).expect("client"),
+        );
+        let w = window_ending(Time(1_000_000), 60);
+        let own = policy_with("v1", "v2", &[ERROR_RATE], "");
+        let elsewhere = policy_with(
+            "v1",
+            "v2",
+            &[ERROR_RATE],
+            &format!("prometheus: {{url: '{other_url}'}}\n"),
+        );
+        assert!(matches!(
+            source.observe(&own, w).await["errors"].stable,
+            Reading::Data(_)
+        ));
+        assert!(matches!(
+            source.observe(&elsewhere, w).await["errors"].stable,
+            Reading::Data(_)
+        ));
+        let auths = |f: &Fake| -> Vec<Option<String>> {
+            std::mem::take(&mut *f.seen.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect()
+        };
+        assert_eq!(auths(&default_fake), vec![Some(header.to_owned()); 2]);
+        assert_eq!(auths(&other_fake), vec![None, None]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real Prometheus scraping a tiny exporter
+
+/// Finite bucket boundaries of the exporter's latency histogram.
+const LE: [f64; 5] = [0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// What the exporter serves for one version.
+#[derive(Clone, Debug, Default)]
+struct Counters {
+    success: u64,
+    errors: u64,
+    /// Observations per finite bucket (not cumulative), then above the largest.
+    per_bucket: [u64; 6],
+    correct: u64,
+    incorrect: u64,
+}
+
+impl Counters {
+    fn requests(&self) -> u64 {
+        self.success + self.errors
+    }
+
+    /// Cumulative bucket counts, `+Inf` last.
+    fn cumulative(&self) -> Vec<u64> {
+        self.per_bucket
+            .iter()
+            .scan(0, |acc, n| {
+                *acc += n;
+                Some(*acc)
+            })
+            .collect()
+    }
+
+    /// Serves `n` requests (`errors` of them failed) whose latencies fall in the buckets as
+    /// `spread` (per bucket, last = above 1 s) says, and scores `correct`/`incorrect`.
+    fn serve(&mut self, errors: u64, spread: [u64; 6], correct: u64, incorrect: u64) {
+        let n: u64 = spread.iter().sum();
+        self.errors += errors;
+        self.success += n - errors;
+        for (b, k) in self.per_bucket.iter_mut().zip(spread) {
+            *b += k;
+        }
+        self.correct += correct;
+        self.incorrect += incorrect;
+    }
+}
+
+type Exported = Arc<Mutex<BTreeMap<&'static str, Counters>>>;
+
+/// The model-server convention in Prometheus's text format.
+fn render(state: &BTreeMap<&'static str, Counters>) -> String {
+    let mut s = String::new();
+    s.push_str("# TYPE model_requests_total counter\n");
+    for (v, c) in state {
+        for (outcome, n) in [("success", c.success), ("error", c.errors)] {
+            let _ = writeln!(
+                s,
+                "model_requests_total{{model=\"m\",version=\"{v}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+    }
+    s.push_str("# TYPE model_request_duration_seconds histogram\n");
+    for (v, c) in state {
+        let cum = c.cumulative();
+        let les = LE
+            .iter()
+            .map(|le| le.to_string())
+            .chain(["+Inf".to_owned()]);
+        for (le, n) in les.zip(&cum) {
+            let _ = writeln!(
+                s,
+                "model_request_duration_seconds_bucket{{model=\"m\",version=\"{v}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "model_request_duration_seconds_sum{{model=\"m\",version=\"{v}\"}} 0"
+        );
+        let _ = writeln!(
+            s,
+            "model_request_duration_seconds_count{{model=\"m\",version=\"{v}\"}} {}",
+            cum[5]
+        );
+    }
+    s.push_str("# TYPE model_predictions_scored_total counter\n");
+    for (v, c) in state {
+        for (correct, n) in [("true", c.correct), ("false", c.incorrect)] {
+            let _ = writeln!(
+                s,
+                "model_predictions_scored_total{{model=\"m\",version=\"{v}\",correct=\"{correct}\"}} {n}"
+            );
+        }
+    }
+    s
+}
+
+async fn start_exporter(state: Exported) -> u16 {
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(|State(s): State<Exported>| async move {
+            let text = render(&s.lock().unwrap_or_else(|e| e.into_inner()));
+            ([("content-type", "text/plain; version=0.0.4")], text)
+        }),
+    );
+    let app = app.with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind exporter");
+    let port = listener.local_addr().expect("exporter address").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+/// Starts Prometheus scraping the exporter every second; returns it and its URL.
+fn start_prometheus(dir: &std::path::Path, exporter: u16) -> (ChildGuard, u16) {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: model\n    static_configs:\n      - targets: ['127.0.0.1:{exporter}']\n"
+        ),
+    )
+    .expect("write prometheus.yml");
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
+    let child = ChildGuard::spawn(
+        Command::new(find_binary("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log),
+    );
+    (child, port)
+}
+
+/// The first value of an instant query evaluated now, if it has one.
+async fn value_now(client: &PrometheusClient, promql: &str) -> Option<f64> {
+    match client.query(None, promql, SystemClock.now()).await.result {
+        Ok(Answer::Vector(v)) => v.first().map(|s| s.value),
+        Ok(Answer::Scalar(x)) => Some(x),
+        Err(_) => None,
+    }
+}
+
+/// Prometheus's `histogram_quantile` over cumulative counts (`+Inf` last), for expectations.
+fn histogram_quantile(q: f64, cumulative: &[f64]) -> f64 {
+    let total = cumulative[cumulative.len() - 1];
+    let rank = q * total;
+    let b = cumulative[..cumulative.len() - 1]
+        .iter()
+        .position(|c| *c >= rank)
+        .unwrap_or(cumulative.len() - 1);
+    if b == cumulative.len() - 1 {
+        return LE[LE.len() - 1];
+    }
+    let (start, below) = if b == 0 {
+        (0.0, 0.0)
+    } else {
+        (LE[b - 1], cumulative[b - 1])
+    };
+    start + (LE[b] - start) * (rank - below) / (cumulative[b] - below)
+}
+
+fn close(got: f64, want: f64, rel: f64) -> bool {
+    (got - want).abs() <= rel * want.abs().max(1e-12)
+}
+
+/// Asserts that a count read through `increase()` matches what was served. Extrapolation to
+/// the ends of the range only ever adds (the series start at zero, or the window begins half
+/// a scrape before its first sample), by at most about one scrape interval's share.
+fn assert_count(what: &str, got: f64, served: u64, most: f64) {
+    let served = served as f64;
+    assert!(
+        got >= served * 0.98 && got <= served * most,
+        "{what}: read {got}, served {served} (allowed up to x{most})"
+    );
+}
+
+const METRICS: [&str; 5] = [
+    "{name: error-rate, builtin: error_rate, max: 5%}",
+    "{name: p90, builtin: latency, quantile: 0.9, max: 250ms}",
+    "{name: p50, builtin: latency, quantile: 0.5, max_increase: 10%}",
+    "{name: accuracy, builtin: accuracy, min: 80%}",
+    "{name: error-share, query: 'sum(increase(model_requests_total{model=\"{{model}}\",version=\"{{version}}\",outcome=\"error\"}[{{window}}])) / sum(increase(model_requests_total{model=\"{{model}}\",version=\"{{version}}\"}[{{window}}]))', max: 5%}",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_prometheus_reads_both_versions() {
+    let test_started = SystemClock.now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exported: Exported = Arc::default();
+    {
+        // Every series exists, at zero, before Prometheus first scrapes: `increase()` then
+        // counts the whole rollout.
+        let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+        e.insert("v1", Counters::default());
+        e.insert("v2", Counters::default());
+    }
+    let exporter = start_exporter(exported.clone()).await;
+    let (mut prometheus, port) = start_prometheus(dir.path(), exporter);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let rec = Arc::new(Recorder::default());
+    let client = PrometheusClient::new(&url, options(3000, 1)).expect("client");
+    // A 1 s scrape interval allows ranges much shorter than the production minimum.
+    let source = PrometheusSource::new(client.clone())
+        .with_min_range(Duration::from_secs(3))
+        .with_observer(rec.clone());
+
+    wait_for(
+        "prometheus to scrape the zeros",
+        Duration::from_secs(20),
+        || {
+            let client = &client;
+            async move {
+                (value_now(client, "count(model_requests_total{model=\"m\"})").await == Some(4.0))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Phase 1: before the step. Every series (each bucket too) moves, so that each is above
+    // zero when the window begins and `increase()` extrapolates them all alike.
+    {
+        let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+        let v1 = e.get_mut("v1").expect("v1");
+        v1.serve(4, [100, 60, 30, 8, 2, 0], 90, 10);
+        let v2 = e.get_mut("v2").expect("v2");
+        v2.serve(10, [40, 60, 60, 30, 8, 2], 80, 20);
+    }
+    wait_for("phase 1 to be scraped", Duration::from_secs(10), || {
+        let client = &client;
+        async move {
+            (value_now(client, "sum(model_requests_total{model=\"m\"})").await == Some(400.0))
+                .then_some(())
+        }
+    })
+    .await;
+    let first = value_now(&client, "max(timestamp(model_requests_total{model=\"m\"}))")
+        .await
+        .expect("timestamp of phase 1");
+    // The step begins half a scrape before the first sample holding phase 1, so the window
+    // starts from phase 1's counts and contains nothing of phase 1 itself.
+    let since = Time((first * 1000.0).round() as i64 - 500);
+    let phase1 = exported.lock().unwrap_or_else(|e| e.into_inner()).clone();
+
+    // Phase 2: the step under analysis. The canary gets worse on every metric.
+    {
+        let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+        let v1 = e.get_mut("v1").expect("v1");
+        v1.serve(1, [50, 30, 15, 4, 1, 0], 45, 5);
+        let v2 = e.get_mut("v2").expect("v2");
+        v2.serve(10, [10, 20, 30, 30, 0, 10], 35, 15);
+    }
+    let total = exported.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // A ten-second window keeps the extrapolation at its ends small against what it counts.
+    let window_secs = 10;
+    wait_for(
+        "ten seconds of phase 2 to be scraped",
+        Duration::from_secs(20),
+        || {
+            let client = &client;
+            async move {
+                let sum = value_now(client, "sum(model_requests_total{model=\"m\"})").await?;
+                let ts =
+                    value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))").await?;
+                (sum == 600.0 && ts * 1000.0 >= (since.0 + window_secs * 1000 - 600) as f64)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let at = Time(since.0 + window_secs * 1000);
+    let window = Window {
+        at,
+        since,
+        rollout_started: test_started,
+    };
+    let p = policy_with("v1", "v2", &METRICS, "");
+    let got = source.observe(&p, window).await;
+    let queries = rec.take();
+    assert_eq!(queries.len(), 2 + 3 + 3 + 2 + 2, "{queries:?}");
+    assert!(queries.iter().all(|q| q.2.is_none()), "{queries:?}");
+
+    for (i, version) in ["v1", "v2"].into_iter().enumerate() {
+        let pick = |r: &MetricReading| {
+            if i == 0 {
+                r.stable.clone()
+            } else {
+                r.canary.clone()
+            }
+        };
+        let (before, all) = (&phase1[version], &total[version]);
+        let step = |f: fn(&Counters) -> u64| f(all) - f(before);
+        let ctx = |what: &str| format!("{version} {what}");
+
+        let e = pick(&got["error-rate"]);
+        let e = data(&e);
+        let want = step(|c| c.errors) as f64 / step(Counters::requests) as f64;
+        assert!(
+            close(e.value.unwrap_or(-1.0), want, 0.01),
+            "{}: {:?} vs {want}",
+            ctx("error rate"),
+            e.value
+        );
+        assert_count(
+            &ctx("window requests"),
+            e.window_events,
+            step(Counters::requests),
+            1.2,
+        );
+        let c = e.cumulative.expect("cumulative counts");
+        assert_count(&ctx("requests"), c.total, all.requests(), 1.15);
+        assert!(
+            close(
+                c.bad / c.total,
+                all.errors as f64 / all.requests() as f64,
+                0.01
+            ),
+            "{}: {c:?}",
+            ctx("errors")
+        );
+
+        let a = pick(&got["accuracy"]);
+        let a = data(&a);
+        let want = step(|c| c.correct) as f64 / step(|c| c.correct + c.incorrect) as f64;
+        assert!(
+            close(a.value.unwrap_or(-1.0), want, 0.01),
+            "{}: {:?} vs {want}",
+            ctx("accuracy"),
+            a.value
+        );
+        let c = a.cumulative.expect("cumulative scored");
+        let scored = all.correct + all.incorrect;
+        assert_count(&ctx("scored"), c.total, scored, 1.15);
+        assert!(
+            close(c.bad / c.total, all.incorrect as f64 / scored as f64, 0.01),
+            "{}: {c:?}",
+            ctx("incorrect")
+        );
+
+        let window_hist: Vec<f64> = all
+            .cumulative()
+            .iter()
+            .zip(before.cumulative())
+            .map(|(a, b)| (a - b) as f64)
+            .collect();
+        for (metric, q) in [("p90", 0.9), ("p50", 0.5)] {
+            let l = pick(&got[metric]);
+            let l = data(&l);
+            let want = histogram_quantile(q, &window_hist);
+            assert!(
+                close(l.value.unwrap_or(-1.0), want, 0.01),
+                "{}: {:?} vs {want}",
+                ctx(metric),
+                l.value
+            );
+            assert_count(
+                &ctx("latency window requests"),
+                l.window_events,
+                step(Counters::requests),
+                1.2,
+            );
+            assert_eq!(l.buckets.len(), LE.len(), "{}", ctx("finite buckets"));
+        }
+        // p90 has `max: 250ms`: requests above the 0.25 boundary are slow.
+        let l = pick(&got["p90"]);
+        let l = data(&l);
+        assert_eq!(l.slow_le, Some(0.25));
+        let cum = all.cumulative();
+        let c = l.cumulative.expect("latency counts");
+        assert_count(&ctx("latency requests"), c.total, cum[5], 1.15);
+        let slow = (cum[5] - cum[2]) as f64 / cum[5] as f64;
+        assert!(
+            close(c.bad / c.total, slow, 0.01),
+            "{}: {c:?} vs {slow}",
+            ctx("slow share")
+        );
+
+        let s = pick(&got["error-share"]);
+        let s = data(&s);
+        let want = step(|c| c.errors) as f64 / step(Counters::requests) as f64;
+        assert!(
+            close(s.value.unwrap_or(-1.0), want, 0.01),
+            "{}: {:?}",
+            ctx("raw query"),
+            s.value
+        );
+        assert_eq!(s.window_events, 1.0);
+    }
+    // p50 has no absolute bound: the boundary nearest stable's median in the window.
+    let stable_p50 = data(&got["p50"].stable).value.unwrap_or(-1.0);
+    let nearest = LE
+        .iter()
+        .copied()
+        .min_by(|a, b| (a - stable_p50).abs().total_cmp(&(b - stable_p50).abs()))
+        .unwrap_or(0.0);
+    assert_eq!(data(&got["p50"].canary).slow_le, Some(nearest));
+
+    // A version that serves nothing reads as no data, never as a number or an error.
+    let absent = policy_with("v1", "v3", &METRICS, "");
+    let got = source.observe(&absent, window).await;
+    for (name, r) in &got {
+        assert!(
+            matches!(r.stable, Reading::Data(_)),
+            "{name}: {:?}",
+            r.stable
+        );
+        assert_eq!(r.canary, Reading::NoData, "{name}");
+    }
+
+    // A policy naming its own Prometheus is read from it, whatever the default is.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let elsewhere =
+        PrometheusSource::new(PrometheusClient::new(&dead, options(1000, 0)).expect("client"))
+            .with_min_range(Duration::from_secs(3));
+    let own = policy_with(
+        "v1",
+        "v2",
+        &METRICS[..1],
+        &format!("prometheus: {{url: '{url}'}}\n"),
+    );
+    let got = elsewhere.observe(&own, window).await;
+    assert!(
+        matches!(got["error-rate"].canary, Reading::Data(_)),
+        "{got:?}"
+    );
+
+    // A raw query Prometheus cannot parse names the metric and blames the policy.
+    let broken = policy_with(
+        "v1",
+        "v2",
+        &[
+            METRICS[0],
+            "{name: broken, query: 'sum(rate(model_requests_total{version=\"{{version}}\"}[{{window}}])', max: 1}",
+        ],
+        "",
+    );
+    let got = source.observe(&broken, window).await;
+    let e = unavailable(&got["broken"].canary);
+    assert!(
+        e.starts_with(
+            "bad-query: metric broken: the policy's query is wrong: prometheus says bad_data"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains(r#"query: sum(rate(model_requests_total{version="v2"}[10s])"#),
+        "{e}"
+    );
+    // A broken metric does not take the others down.
+    assert!(matches!(got["error-rate"].canary, Reading::Data(_)));
+
+    // `check --live` reports each metric and version.
+    let report = source.check_live(&broken, window).await;
+    assert!(report.has_errors());
+    let outcome = |m: usize, v: usize| &report.metrics[m].versions[v].outcome;
+    assert!(
+        matches!(outcome(0, 1), LiveOutcome::Data { .. }),
+        "{report:#?}"
+    );
+    assert!(
+        matches!(
+            outcome(1, 0),
+            LiveOutcome::Error {
+                kind: "bad-query",
+                ..
+            }
+        ),
+        "{report:#?}"
+    );
+    let text = report.to_string();
+    assert!(
+        text.contains("broken (query)") && text.contains("error (bad-query)"),
+        "{text}"
+    );
+    let report = source.check_live(&absent, window).await;
+    assert!(!report.has_errors(), "{report}");
+    assert!(
+        report
+            .metrics
+            .iter()
+            .all(|m| m.versions[1].outcome == LiveOutcome::NoData),
+        "{report}"
+    );
+    rec.take();
+
+    // With Prometheus gone, every reading is unavailable: never no data, never a number.
+    let _ = prometheus.0.kill();
+    let _ = prometheus.0.wait();
+    assert!(!prometheus.alive());
+    let got = source.observe(&p, window).await;
+    assert_eq!(got.len(), METRICS.len());
+    for (name, r) in &got {
+        for reading in [&r.stable, &r.canary] {
+            let e = unavailable(reading);
+            assert!(e.starts_with("unreachable: "), "{name}: {e}");
+        }
+    }
+    // Only the first metric's queries were sent; the rest knew Prometheus was down.
+    let sent = rec.take();
+    assert!(!sent.is_empty());
+    assert!(
+        sent.iter()
+            .all(|r| r.0 == "error-rate" && r.2 == Some("unreachable")),
+        "{sent:?}"
+    );
+}
+
+/// A Prometheus behind TLS signed by a private CA is reachable with `ca_file`, and only so.
+#[tokio::test]
+async fn real_prometheus_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls");
+    let web = dir.path().join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            tls.join("server.pem").display(),
+            tls.join("server.key").display()
+        ),
+    )
+    .expect("write web.yml");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, "global: {scrape_interval: 1s}\n").expect("write prometheus.yml");
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("prometheus log");
+    let _prometheus = ChildGuard::spawn(
+        Command::new(find_binary("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--web.config.file={}", web.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log),
+    );
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let url = format!("https://127.0.0.1:{port}");
+    let trusting = PrometheusClient::new(
+        &url,
+        ClientOptions {
+            ca_file: Some(tls.join("ca.pem")),
+            ..options(2000, 0)
+        },
+    )
+    .expect("client with the test CA");
+    let answer = wait_for(
+        "prometheus to answer over tls",
+        Duration::from_secs(20),
+        || {
+            let client = &trusting;
+            async move {
+                client
+                    .query(None, "vector(1)", SystemClock.now())
+                    .await
+                    .result
+                    .ok()
+            }
+        },
+    )
+    .await;
+    assert!(
+        matches!(&answer, Answer::Vector(v) if v.len() == 1 && v[0].value == 1.0),
+        "{answer:?}"
+    );
+    let untrusting = PrometheusClient::new(&url, options(2000, 0)).expect("client");
+    match untrusting
+        .query(None, "vector(1)", SystemClock.now())
+        .await
+        .result
+    {
+        Err(e) => {
+            assert_eq!(e.kind(), "unreachable", "{e}");
+            assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+        }
+        Ok(a) => panic!("an unknown CA was trusted: {a:?}"),
+    }
+}
