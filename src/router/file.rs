@@ -47,7 +47,7 @@ impl Router for FileRouter {
         Box::pin(async move {
             check_target(target)?;
             let mut doc = WeightsDoc::for_target(target);
-            doc.updated_at = Some(self.clock.now().to_rfc3339());
+            doc.updated_at = Some(self.clock.now().to_rfc3339().into());
             let mut text = serde_json::to_string_pretty(&doc).map_err(|e| {
                 RouterError::Config(format!(
                     "cannot encode the weights for {}: {e}",

@@ -6,7 +6,9 @@
 //! HAProxy weights are integers from 0 to 256, so a percentage becomes a pair of integers that
 //! sums to 100, 200 or 256, whichever represents it best: whole percents are exact, anything
 //! finer is within 1/512 of the target. Servers of versions that are neither stable nor canary
-//! get weight 0.
+//! get weight 0. `read` reports the canary's weight over the sum of every configured server's
+//! weight, so weight left on an old version shows up as a difference from the target; a
+//! backend where every one of them has weight 0 sends nobody anything and reads as an error.
 //!
 //! Runtime weights live in HAProxy's memory only: a reload or restart puts every server back
 //! to the weight in the configuration file, unless the configuration loads a
@@ -101,6 +103,15 @@ impl HaproxyRouter {
             return Err(RouterError::Config(format!(
                 "haproxy server name {s:?} of version {v:?} is not usable"
             )));
+        }
+        // One server cannot carry two versions' weights, and a read could not tell them apart.
+        let mut seen = BTreeMap::new();
+        for (v, s) in &servers {
+            if let Some(other) = seen.insert(s, v) {
+                return Err(RouterError::Config(format!(
+                    "versions {other:?} and {v:?} both use haproxy server {s:?}; each version needs its own"
+                )));
+            }
         }
         Ok(HaproxyRouter {
             endpoint: Endpoint::parse(socket)?,
@@ -259,10 +270,7 @@ impl Router for HaproxyRouter {
                 (self.server(&target.canary)?, canary_w),
             ];
             for (version, server) in &self.servers {
-                if version != &target.stable
-                    && version != &target.canary
-                    && !plan.iter().any(|(s, _)| s == server)
-                {
+                if version != &target.stable && version != &target.canary {
                     plan.push((server, 0));
                 }
             }
@@ -282,13 +290,7 @@ impl Router for HaproxyRouter {
             self.server(&target.stable)?;
             let mut weights = Vec::with_capacity(self.servers.len());
             let mut canary = 0.0;
-            let mut seen = Vec::new();
             for server in self.servers.values() {
-                // Two versions may share a server; count its weight once.
-                if seen.contains(&server) {
-                    continue;
-                }
-                seen.push(server);
                 let w = f64::from(self.get_weight(server).await?);
                 if server == canary_server {
                     canary = w;

@@ -164,9 +164,10 @@ pub(crate) struct WeightsDoc {
     pub canary: String,
     /// Version label to percent of traffic.
     pub weights: BTreeMap<String, f64>,
-    /// When canaryd wrote the document (RFC 3339); only the file router sets it.
+    /// When canaryd wrote the document (RFC 3339); only the file router sets it. Read back as
+    /// any JSON value, since a webhook service may stamp its answers its own way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub updated_at: Option<String>,
+    pub updated_at: Option<serde_json::Value>,
 }
 
 impl WeightsDoc {

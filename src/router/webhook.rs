@@ -11,6 +11,8 @@ use std::time::Duration;
 
 /// How much of an error answer's body a message carries.
 const MAX_BODY_SHOWN: usize = 512;
+/// A weights document is a few hundred bytes; anything past this is not one.
+const MAX_BODY: usize = 1024 * 1024;
 
 /// Sets and reads the split through an HTTP endpoint.
 #[derive(Debug)]
@@ -33,6 +35,8 @@ impl WebhookRouter {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            // A redirected POST turns into a GET and would read as success without applying.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| RouterError::Config(format!("webhook router client for {url:?}: {e}")))?;
         Ok(WebhookRouter {
@@ -55,10 +59,34 @@ fn transport_error(what: &str, url: &reqwest::Url, e: reqwest::Error) -> RouterE
     RouterError::Unreachable(msg)
 }
 
-async fn refusal(what: &str, url: &reqwest::Url, resp: reqwest::Response) -> RouterError {
+/// The body, or `None` once it grows past `limit`; the service is not trusted to be small.
+async fn body_limited(
+    resp: &mut reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+async fn refusal(what: &str, url: &reqwest::Url, mut resp: reqwest::Response) -> RouterError {
     let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    let body: String = body.trim().chars().take(MAX_BODY_SHOWN).collect();
+    // The body only decorates the message, so a failure to read it is not worth reporting.
+    let body = body_limited(&mut resp, MAX_BODY)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let body: String = String::from_utf8_lossy(&body)
+        .trim()
+        .chars()
+        .take(MAX_BODY_SHOWN)
+        .collect();
     RouterError::Rejected(format!("{what} {url} answered {status}: {body:?}"))
 }
 
@@ -87,7 +115,7 @@ impl Router for WebhookRouter {
 
     fn read<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<f64, RouterError>> {
         Box::pin(async move {
-            let resp = self
+            let mut resp = self
                 .client
                 .get(self.url.clone())
                 .query(&[("rollout", target.rollout.as_str())])
@@ -98,10 +126,15 @@ impl Router for WebhookRouter {
                 return Err(refusal("GET", &self.url, resp).await);
             }
             // A body cut off by the timeout is a transport failure, not a bad document.
-            let body = resp
-                .bytes()
+            let body = body_limited(&mut resp, MAX_BODY)
                 .await
-                .map_err(|e| transport_error("GET", &self.url, e))?;
+                .map_err(|e| transport_error("GET", &self.url, e))?
+                .ok_or_else(|| {
+                    RouterError::BadResponse(format!(
+                        "GET {} answered with more than {MAX_BODY} bytes",
+                        self.url
+                    ))
+                })?;
             let doc: WeightsDoc = serde_json::from_slice(&body).map_err(|e| {
                 let shown: String = String::from_utf8_lossy(&body)
                     .chars()

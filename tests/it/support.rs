@@ -99,3 +99,63 @@ pub async fn wait_for_port(port: u16, limit: Duration) {
     )
     .await
 }
+
+/// Starts an HTTP server on 127.0.0.1 that answers every request with `name`, standing in for
+/// one model version behind a router. Bound before it returns, so nothing races for its port.
+pub async fn serve_name(name: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    let app = axum::Router::new().fallback(move || async move { name });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// An HTTP client for tests: no proxy from the environment, a fresh connection per request (so
+/// a load balancer decides every request anew), bounded.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("build reqwest client")
+}
+
+/// Sends `n` GET requests to `url` one after another and counts the answers by body.
+pub async fn count_answers(
+    client: &reqwest::Client,
+    url: &str,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let body = match client.get(url).send().await {
+            Ok(r) if r.status().is_success() => {
+                r.text().await.unwrap_or_else(|e| format!("error: {e}"))
+            }
+            Ok(r) => format!("status {}", r.status()),
+            Err(e) => format!("error: {e}"),
+        };
+        *counts.entry(body).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Sends SIGTERM and waits up to five seconds for the process to exit. For servers with
+/// worker processes (nginx, haproxy -W): the master stops its workers on SIGTERM, while the
+/// SIGKILL of [`ChildGuard`]'s drop would orphan them.
+pub fn terminate(child: &mut ChildGuard) {
+    let pid = child.pid().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .is_ok_and(|s| s.success());
+    for _ in 0..250 {
+        if !sent || !child.alive() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,303 @@
+//! The nginx router against a real nginx that includes the file the router writes.
+
+use crate::support::{
+    ChildGuard, count_answers, find_binary, free_port, http_client, serve_name, terminate,
+    wait_for, wait_for_port,
+};
+use canaryd::router::{NginxRouter, Router, RouterError, Target};
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn target(canary_weight: f64) -> Target {
+    Target {
+        rollout: "fraud".into(),
+        stable: "v1".into(),
+        canary: "v2".into(),
+        canary_weight,
+    }
+}
+
+/// Upstream servers for versions v1 (`stable`) and v2 (`canary`).
+async fn servers() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("v1".to_string(), serve_name("stable").await.to_string()),
+        ("v2".to_string(), serve_name("canary").await.to_string()),
+    ])
+}
+
+fn router(file: PathBuf, reload: &[&str], servers: &BTreeMap<String, String>) -> NginxRouter {
+    NginxRouter::new(
+        file,
+        reload.iter().map(|s| s.to_string()).collect(),
+        "fraud",
+        servers.clone(),
+    )
+    .expect("valid nginx router")
+}
+
+/// A running nginx under a prefix in a tempdir, proxying its port to upstream `fraud`.
+struct Nginx {
+    child: ChildGuard,
+    _dir: tempfile::TempDir,
+    weights: PathBuf,
+    /// The command that reloads this nginx.
+    reload: Vec<String>,
+    port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx after writing the weights file for `initial` through the router, as
+    /// canaryd does before anything routes through it.
+    async fn start(servers: &BTreeMap<String, String>, initial: f64) -> Nginx {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Run as root, nginx's workers become `nobody` and must be able to enter the prefix.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tempdir");
+        let prefix = dir.path();
+        std::fs::create_dir_all(prefix.join("canaryd")).expect("mkdir");
+        let weights = prefix.join("canaryd/fraud.conf");
+        let port = free_port();
+        let p = prefix.display();
+        let conf = format!(
+            "daemon off;\n\
+             worker_processes 1;\n\
+             pid {p}/nginx.pid;\n\
+             error_log {p}/error.log warn;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n\
+             \x20   access_log off;\n\
+             \x20   client_body_temp_path {p}/body;\n\
+             \x20   proxy_temp_path {p}/proxy;\n\
+             \x20   fastcgi_temp_path {p}/fastcgi;\n\
+             \x20   uwsgi_temp_path {p}/uwsgi;\n\
+             \x20   scgi_temp_path {p}/scgi;\n\
+             \x20   include {w};\n\
+             \x20   server {{\n\
+             \x20       listen 127.0.0.1:{port};\n\
+             \x20       location / {{ proxy_pass http://fraud; }}\n\
+             \x20   }}\n\
+             }}\n",
+            w = weights.display()
+        );
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let base: Vec<String> = vec![
+            find_binary("nginx").display().to_string(),
+            "-p".into(),
+            prefix.display().to_string(),
+            "-c".into(),
+            conf_path.display().to_string(),
+            "-e".into(),
+            prefix.join("error.log").display().to_string(),
+        ];
+        router(weights.clone(), &["true"], servers)
+            .apply(&target(initial))
+            .await
+            .expect("initial weights");
+        // nginx logs to its error log; its workers must not hold the test's stdout open.
+        let child = ChildGuard::spawn(
+            Command::new(&base[0])
+                .args(&base[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_for_port(port, Duration::from_secs(10)).await;
+        let mut reload = base;
+        reload.extend(["-s".to_string(), "reload".to_string()]);
+        Nginx {
+            child,
+            _dir: dir,
+            weights,
+            reload,
+            port,
+        }
+    }
+
+    fn router(&self, servers: &BTreeMap<String, String>) -> NginxRouter {
+        let reload: Vec<&str> = self.reload.iter().map(String::as_str).collect();
+        router(self.weights.clone(), &reload, servers)
+    }
+
+    /// Waits until a batch of `n` requests is answered as `want` says; a reload takes effect
+    /// when nginx's new workers start, a moment after the reload command returns.
+    async fn wait_for_traffic(
+        &self,
+        what: &str,
+        n: usize,
+        want: impl Fn(&BTreeMap<String, usize>) -> bool,
+    ) {
+        let client = http_client();
+        let url = format!("http://127.0.0.1:{}/", self.port);
+        wait_for(what, Duration::from_secs(15), || {
+            let (client, url, want) = (&client, &url, &want);
+            async move {
+                let counts = count_answers(client, url, n).await;
+                want(&counts).then_some(())
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+#[tokio::test]
+async fn nginx_weights_steer_real_traffic_after_reload() {
+    let servers = servers().await;
+    let nginx = Nginx::start(&servers, 0.0).await;
+    let router = nginx.router(&servers);
+    assert_eq!(router.kind(), "nginx");
+
+    nginx
+        .wait_for_traffic("at 0 % all 40 requests to reach stable", 40, |c| {
+            c.get("stable") == Some(&40)
+        })
+        .await;
+    assert_eq!(router.read(&target(0.0)).await.expect("read"), 0.0);
+    let text = std::fs::read_to_string(&nginx.weights).expect("weights file");
+    assert!(
+        text.contains(&format!("server {} down;", servers["v2"])),
+        "{text}"
+    );
+
+    router.apply(&target(100.0)).await.expect("apply 100 %");
+    assert_eq!(router.read(&target(100.0)).await.expect("read"), 100.0);
+    nginx
+        .wait_for_traffic("at 100 % all 40 requests to reach the canary", 40, |c| {
+            c.get("canary") == Some(&40)
+        })
+        .await;
+
+    router.apply(&target(50.0)).await.expect("apply 50 %");
+    assert_eq!(router.read(&target(50.0)).await.expect("read"), 50.0);
+    nginx
+        .wait_for_traffic("at 50 % both versions to answer 40 requests", 40, |c| {
+            c.get("stable").is_some_and(|n| *n >= 10) && c.get("canary").is_some_and(|n| *n >= 10)
+        })
+        .await;
+
+    router.apply(&target(0.0)).await.expect("apply 0 %");
+    nginx
+        .wait_for_traffic("back at 0 % all 40 requests to reach stable", 40, |c| {
+            c.get("stable") == Some(&40)
+        })
+        .await;
+    // Applying the same split again changes nothing and needs no reload.
+    router.apply(&target(0.0)).await.expect("apply 0 % again");
+    assert_eq!(router.read(&target(0.0)).await.expect("read"), 0.0);
+}
+
+#[tokio::test]
+async fn nginx_failed_reload_is_rejected_with_stderr_and_the_file_is_put_back() {
+    let servers = servers().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("fraud.conf");
+    router(file.clone(), &["true"], &servers)
+        .apply(&target(10.0))
+        .await
+        .expect("apply with `true`");
+    let before = std::fs::read_to_string(&file).expect("weights file");
+
+    let err = router(file.clone(), &["false"], &servers)
+        .apply(&target(20.0))
+        .await
+        .expect_err("`false` reload");
+    assert!(
+        matches!(&err, RouterError::Rejected(m) if m.contains("false")),
+        "{err}"
+    );
+
+    let noisy = [
+        "sh",
+        "-c",
+        "echo 'nginx: [emerg] boom-from-reload' >&2; exit 3",
+    ];
+    let r = router(file.clone(), &noisy, &servers);
+    let err = r.apply(&target(30.0)).await.expect_err("failing reload");
+    assert!(
+        matches!(&err, RouterError::Rejected(m) if m.contains("boom-from-reload")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("weights file"),
+        before,
+        "the accepted file is put back"
+    );
+    assert_eq!(r.read(&target(30.0)).await.expect("read"), 10.0);
+
+    // A first apply whose reload fails leaves no file behind, as before it.
+    let fresh = dir.path().join("fresh.conf");
+    let err = router(fresh.clone(), &["false"], &servers)
+        .apply(&target(5.0))
+        .await
+        .expect_err("failing reload");
+    assert!(matches!(err, RouterError::Rejected(_)));
+    assert!(!fresh.exists());
+
+    let err = router(file.clone(), &["/nonexistent/reload-nginx"], &servers)
+        .apply(&target(5.0))
+        .await
+        .expect_err("missing command");
+    assert!(
+        matches!(&err, RouterError::Config(m) if m.contains("/nonexistent/reload-nginx")),
+        "{err}"
+    );
+
+    let slow = router(file.clone(), &["sleep", "30"], &servers)
+        .with_reload_timeout(Duration::from_millis(300));
+    let err = slow.apply(&target(5.0)).await.expect_err("hung reload");
+    assert!(
+        matches!(&err, RouterError::Unreachable(m) if m.contains("sleep 30")),
+        "{err}"
+    );
+
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["fraud.conf"], "no temporary files are left behind");
+}
+
+#[tokio::test]
+async fn nginx_read_reports_the_file_and_refuses_files_it_did_not_write() {
+    let servers = servers().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("fraud.conf");
+    let r = router(file.clone(), &["true"], &servers);
+    assert_eq!(r.read(&target(0.0)).await.expect("missing file"), 0.0);
+
+    r.apply(&target(12.5)).await.expect("apply");
+    assert_eq!(r.read(&target(12.5)).await.expect("read"), 12.5);
+
+    let (v1, v2) = (&servers["v1"], &servers["v2"]);
+    let cases = [
+        format!("upstream other {{\n server {v1} weight=1;\n}}\n"),
+        format!("upstream fraud {{\n server {v1} weight=1;\n"),
+        format!("upstream fraud {{\n server {v1} weight=0;\n}}\n"),
+        "upstream fraud {\n server 10.9.9.9:1 weight=1;\n}\n".to_string(),
+        format!("upstream fraud {{\n server {v1} down;\n server {v2} down;\n}}\n"),
+        "not nginx at all".to_string(),
+    ];
+    for text in cases {
+        std::fs::write(&file, &text).expect("write");
+        let err = r.read(&target(0.0)).await.expect_err(&text);
+        assert!(
+            matches!(&err, RouterError::BadResponse(m) if m.contains("fraud.conf")),
+            "{text:?}: {err}"
+        );
+    }
+
+    let err = NginxRouter::new(file, vec!["true".into()], "fraud; evil", servers)
+        .expect_err("bad upstream name");
+    assert!(
+        matches!(&err, RouterError::Config(m) if m.contains("fraud; evil")),
+        "{err}"
+    );
+}
