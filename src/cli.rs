@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// PEM file of extra CA certificates to trust for an https Prometheus.
     #[arg(long, env = "CANARYD_PROMETHEUS_CA_FILE")]
     pub prometheus_ca_file: Option<PathBuf>,
+    /// Shortest range a query covers; at least four scrape intervals of your Prometheus.
+    #[arg(long, env = "CANARYD_QUERY_MIN_RANGE", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub query_min_range: std::time::Duration,
     /// Address of the HTTP API [default: 127.0.0.1:9850].
     #[arg(long, env = "CANARYD_LISTEN")]
     pub listen: Option<String>,

@@ -137,6 +137,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .state
         .or(file.state)
         .unwrap_or_else(|| "canaryd.db".into());
+    let query_min_range = args.query_min_range;
     let token = match args.api_token_file.or(file.api_token_file) {
         Some(p) => Some(read_token(&p)?),
         None => None,
@@ -192,6 +193,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             sources: canaryd::source::factory(
                 &prometheus,
                 options,
+                query_min_range,
                 Some(Arc::new(metrics.clone())),
             )?,
             metrics: Some(metrics),

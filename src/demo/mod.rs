@@ -264,6 +264,8 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
         sources: crate::source::factory(
             &format!("http://127.0.0.1:{PROMETHEUS_PORT}"),
             crate::source::ClientOptions::default(),
+            // Four scrapes of the shipped prometheus.yml (5 s).
+            Duration::from_secs(20),
             Some(Arc::new(metrics.clone())),
         )?,
         metrics: Some(metrics),

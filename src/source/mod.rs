@@ -14,6 +14,7 @@ pub use observe::{
     LiveMetric, LiveOutcome, LiveReport, LiveVersion, PrometheusSource, QueryObserver, QueryRecord,
 };
 pub use prometheus::{Auth, ClientOptions, PrometheusClient};
+pub use query::DEFAULT_MIN_RANGE;
 
 use crate::observation::MetricReading;
 use crate::policy::Policy;
@@ -61,9 +62,11 @@ pub trait MetricSource: Send + Sync {
 pub fn factory(
     default_url: &str,
     options: ClientOptions,
+    min_range: std::time::Duration,
     observer: Option<std::sync::Arc<dyn QueryObserver>>,
 ) -> Result<crate::controller::SourceFactory, SourceError> {
-    let mut source = PrometheusSource::new(PrometheusClient::new(default_url, options)?);
+    let mut source = PrometheusSource::new(PrometheusClient::new(default_url, options)?)
+        .with_min_range(min_range);
     if let Some(o) = observer {
         source = source.with_observer(o);
     }

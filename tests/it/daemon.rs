@@ -125,17 +125,39 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon with real edges: the routers its policies name and the given source.
+    pub async fn start_real(dir: &Path, sources: canaryd::controller::SourceFactory) -> Daemon {
+        let (router, source) = fakes(Mode::Good);
+        let routers: canaryd::controller::RouterFactory = Arc::new(canaryd::router::from_policy);
+        Daemon::start_with(dir, router, source, None, routers, sources).await
+    }
+
     pub async fn start(
         dir: &Path,
         router: FakeRouter,
         source: FakeSource,
         token: Option<&str>,
     ) -> Daemon {
+        let r = router.clone();
+        let s = source.clone();
+        let routers: canaryd::controller::RouterFactory =
+            Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>));
+        let sources: canaryd::controller::SourceFactory =
+            Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
+        Daemon::start_with(dir, router, source, token, routers, sources).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        router: FakeRouter,
+        source: FakeSource,
+        token: Option<&str>,
+        routers: canaryd::controller::RouterFactory,
+        sources: canaryd::controller::SourceFactory,
+    ) -> Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let r = router.clone();
-        let s = source.clone();
         let config = canaryd::daemon::DaemonConfig {
             policies: dir.join("policies"),
             state: dir.join("state.db"),
@@ -143,8 +165,8 @@ impl Daemon {
             dry_run: false,
             poll: Duration::from_millis(50),
             clock: Arc::new(canaryd::time::SystemClock),
-            routers: Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>)),
-            sources: Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>),
+            routers,
+            sources,
             metrics: None,
         };
         let handle = tokio::spawn(canaryd::daemon::serve(listener, config, async move {
@@ -197,10 +219,14 @@ impl Daemon {
     }
 
     pub async fn wait_phase(&self, name: &str, phase: &str) -> Value {
+        self.wait_phase_for(name, phase, Duration::from_secs(15)).await
+    }
+
+    pub async fn wait_phase_for(&self, name: &str, phase: &str, limit: Duration) -> Value {
         let path = format!("/api/v1/rollouts/{name}");
         wait_for(
             &format!("{name} to be {phase}"),
-            Duration::from_secs(15),
+            limit,
             || async {
                 let (s, v) = self.get(&path).await;
                 (s == 200 && v["phase"] == phase).then_some(v)

@@ -39,19 +39,19 @@ fn router(file: PathBuf, reload: &[&str], servers: &BTreeMap<String, String>) ->
 }
 
 /// A running nginx under a prefix in a tempdir, proxying its port to upstream `fraud`.
-struct Nginx {
+pub struct Nginx {
     child: ChildGuard,
     _dir: tempfile::TempDir,
-    weights: PathBuf,
+    pub weights: PathBuf,
     /// The command that reloads this nginx.
-    reload: Vec<String>,
-    port: u16,
+    pub reload: Vec<String>,
+    pub port: u16,
 }
 
 impl Nginx {
     /// Starts nginx after writing the weights file for `initial` through the router, as
     /// canaryd does before anything routes through it.
-    async fn start(servers: &BTreeMap<String, String>, initial: f64) -> Nginx {
+    pub async fn start(servers: &BTreeMap<String, String>, initial: f64) -> Nginx {
         let dir = tempfile::tempdir().expect("tempdir");
         // Run as root, nginx's workers become `nobody` and must be able to enter the prefix.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))

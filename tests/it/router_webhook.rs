@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Every body POSTed to `/weights`, oldest first.
-type Posts = Arc<Mutex<Vec<Value>>>;
+pub type Posts = Arc<Mutex<Vec<Value>>>;
 
 async fn record(State(posts): State<Posts>, Json(body): Json<Value>) -> StatusCode {
     posts.lock().expect("lock").push(body);
@@ -36,7 +36,7 @@ async fn latest(
 }
 
 /// Starts the service on a bound loopback listener and returns its base URL.
-async fn serve(posts: Posts) -> String {
+pub async fn serve(posts: Posts) -> String {
     let app = Http::new()
         .route("/weights", get(latest).post(record))
         .route("/fail", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }).post(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }))
