@@ -9,6 +9,9 @@
 //! get weight 0. `read` reports the canary's weight over the sum of every configured server's
 //! weight, so weight left on an old version shows up as a difference from the target; a
 //! backend where every one of them has weight 0 sends nobody anything and reads as an error.
+//! When the backend holds exactly the integers `apply` writes for the target, `read` returns
+//! the target's percentage, so a split that integers can only approximate still reads back as
+//! applied.
 //!
 //! Runtime weights live in HAProxy's memory only: a reload or restart puts every server back
 //! to the weight in the configuration file, unless the configuration loads a
@@ -287,17 +290,33 @@ impl Router for HaproxyRouter {
     fn read<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<f64, RouterError>> {
         Box::pin(async move {
             let canary_server = self.server(&target.canary)?;
-            self.server(&target.stable)?;
-            let mut weights = Vec::with_capacity(self.servers.len());
-            let mut canary = 0.0;
+            let stable_server = self.server(&target.stable)?;
+            let mut weights = BTreeMap::new();
             for server in self.servers.values() {
-                let w = f64::from(self.get_weight(server).await?);
-                if server == canary_server {
-                    canary = w;
-                }
-                weights.push(w);
+                weights.insert(server.as_str(), self.get_weight(server).await?);
             }
-            canary_share(canary, &weights).ok_or_else(|| {
+            // Integer weights cannot hold every percentage. When the backend has exactly the
+            // weights `apply` sets for this target, report the target itself, so that a 0.3 %
+            // step held as 1/256 does not look like a drifted split and get re-applied on every
+            // tick.
+            if check_target(target).is_ok() {
+                let (s, c) = integer_split(target.canary_weight, &TOTALS);
+                let exact = weights.iter().all(|(server, w)| {
+                    *w == if *server == canary_server {
+                        c
+                    } else if *server == stable_server {
+                        s
+                    } else {
+                        0
+                    }
+                });
+                if exact {
+                    return Ok(target.canary_weight);
+                }
+            }
+            let canary = f64::from(weights.get(canary_server).copied().unwrap_or(0));
+            let all: Vec<f64> = weights.values().map(|w| f64::from(*w)).collect();
+            canary_share(canary, &all).ok_or_else(|| {
                 RouterError::BadResponse(format!(
                     "every server of haproxy backend {} has weight 0, so no version gets traffic",
                     self.backend

@@ -176,14 +176,25 @@ async fn haproxy_weights_steer_real_traffic() {
         "at 100 % only the canary answers: {counts:?}"
     );
 
-    // Whole percents are exact; finer ones come back within HAProxy's resolution.
+    // Whole percents are exact. A finer one is held as the nearest integers (0.3 % as 1 of
+    // 256) and reads back as the target while those integers are in place, and as what the
+    // integers really give once anything else changes them.
     router.apply(&target(5.0)).await.expect("apply 5 %");
     assert_eq!(router.read(&target(5.0)).await.expect("read"), 5.0);
     router.apply(&target(0.3)).await.expect("apply 0.3 %");
-    let back = router.read(&target(0.3)).await.expect("read");
-    assert!(
-        (back - 0.3).abs() <= 100.0 / 512.0,
-        "0.3 % read back as {back}"
+    assert_eq!(
+        runtime(&h.sock, "get weight be/canary").await.trim(),
+        "1 (initial 1)"
+    );
+    assert_eq!(
+        runtime(&h.sock, "get weight be/stable").await.trim(),
+        "255 (initial 1)"
+    );
+    assert_eq!(router.read(&target(0.3)).await.expect("read"), 0.3);
+    assert_eq!(runtime(&h.sock, "set weight be/canary 2").await.trim(), "");
+    assert_eq!(
+        router.read(&target(0.3)).await.expect("read"),
+        200.0 / 257.0
     );
 }
 
