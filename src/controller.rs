@@ -283,6 +283,8 @@ impl Task {
                 RouterStatus::Failing {
                     since,
                     error: e.to_string(),
+                    // The last weight a read or an apply confirmed.
+                    confirmed: self.view.router_weight,
                 }
             }
         }

@@ -100,7 +100,14 @@ pub enum RouterStatus {
     /// The canary's share of traffic in percent, as the router has it now.
     Ok { canary_weight: f64 },
     /// The router has failed every call since `since`.
-    Failing { since: Time, error: String },
+    Failing {
+        since: Time,
+        error: String,
+        /// The canary weight the router last confirmed (by a successful call) before it
+        /// began failing, if the shell knows it: where traffic really is.
+        #[serde(default)]
+        confirmed: Option<f64>,
+    },
 }
 
 /// The answer of the `confirm-promotion` webhook, when one is configured and was asked.

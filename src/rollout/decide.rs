@@ -286,9 +286,13 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
 }
 
 fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
-    if let RouterStatus::Ok { canary_weight } = obs.router
-        && (canary_weight - state.weight).abs() < 0.01
-    {
+    // The weight the router confirmed last is where traffic is known to be safe: read back
+    // now, or confirmed by the shell's last successful call before the router began failing.
+    let confirmed = match &obs.router {
+        RouterStatus::Ok { canary_weight } => Some(*canary_weight),
+        RouterStatus::Failing { confirmed, .. } => *confirmed,
+    };
+    if confirmed.is_some_and(|w| (w - state.weight).abs() < 0.01) {
         state.safe_weight = state.weight;
     }
     match state.phase {
@@ -327,7 +331,7 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
 
 fn router_failed_too_long(policy: &Policy, obs: &Observation, now: Time) -> Option<String> {
     match &obs.router {
-        RouterStatus::Failing { since, error }
+        RouterStatus::Failing { since, error, .. }
             if now.since(*since) >= policy.strategy.router_deadline =>
         {
             Some(format!(

@@ -122,6 +122,11 @@ impl Router for WebhookRouter {
                 .send()
                 .await
                 .map_err(|e| transport_error("GET", &self.url, e))?;
+            // A router that has never been told a split for this rollout routes nothing to
+            // its canary; saying so with 404 is the natural answer, not a failure.
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                return Ok(0.0);
+            }
             if !resp.status().is_success() {
                 return Err(refusal("GET", &self.url, resp).await);
             }

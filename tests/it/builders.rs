@@ -199,6 +199,7 @@ impl Obs {
                 RouterSays::FailingSince(s) => RouterStatus::Failing {
                     since: at(s),
                     error: "connection refused".into(),
+                    confirmed: None,
                 },
             },
             gate: self.gate.clone(),

@@ -219,19 +219,16 @@ impl Daemon {
     }
 
     pub async fn wait_phase(&self, name: &str, phase: &str) -> Value {
-        self.wait_phase_for(name, phase, Duration::from_secs(15)).await
+        self.wait_phase_for(name, phase, Duration::from_secs(15))
+            .await
     }
 
     pub async fn wait_phase_for(&self, name: &str, phase: &str, limit: Duration) -> Value {
         let path = format!("/api/v1/rollouts/{name}");
-        wait_for(
-            &format!("{name} to be {phase}"),
-            limit,
-            || async {
-                let (s, v) = self.get(&path).await;
-                (s == 200 && v["phase"] == phase).then_some(v)
-            },
-        )
+        wait_for(&format!("{name} to be {phase}"), limit, || async {
+            let (s, v) = self.get(&path).await;
+            (s == 200 && v["phase"] == phase).then_some(v)
+        })
         .await
     }
 }

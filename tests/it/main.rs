@@ -6,6 +6,7 @@ mod daemon;
 mod dashboards;
 mod decide;
 mod demo;
+mod e2e;
 mod policy;
 mod prometheus;
 mod properties;

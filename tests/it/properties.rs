@@ -255,6 +255,7 @@ fn observation(
         RouterSays::Failing(secs) => RouterStatus::Failing {
             since: Time(now.0 - *secs as i64 * 1000),
             error: "down".into(),
+            confirmed: None,
         },
     };
     Observation {

@@ -1,0 +1,725 @@
+//! Issue 3 end to end with real servers on 127.0.0.1: a real Prometheus scraping simulated
+//! model servers (the metric convention), a real HAProxy or nginx (or the webhook and file
+//! routers), load sent through the router, and the daemon deciding from what Prometheus says.
+
+use crate::daemon::Daemon;
+use crate::support::{ChildGuard, free_port, wait_for};
+use canaryd::demo::procs::{self, Backend};
+use canaryd::router::{FileRouter, HaproxyRouter, NginxRouter, Router, Target};
+use canaryd::sim::{self, KnobsUpdate, LoadConfig, SimConfig};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const MODEL: &str = "m";
+
+/// Simulated model versions and a Prometheus scraping them every second.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub prom_port: u16,
+    prometheus: Option<procs::Server>,
+    /// Version → base URL of its sim.
+    pub sims: BTreeMap<String, String>,
+    /// Version → host:port of its sim.
+    pub addrs: BTreeMap<String, String>,
+    stop: watch::Sender<bool>,
+}
+
+impl Stack {
+    pub async fn start(versions: &[&str]) -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+        let (stop, rx) = watch::channel(false);
+        let mut sims = BTreeMap::new();
+        let mut addrs = BTreeMap::new();
+        for v in versions {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = l.local_addr().expect("addr").to_string();
+            let mut cfg = SimConfig::new(MODEL, *v);
+            // Latency is drawn and recorded, but requests are not slowed down.
+            cfg.sleep_scale = 0.0;
+            cfg.seed = Some(7);
+            let mut r = rx.clone();
+            tokio::spawn(sim::serve(l, cfg, async move {
+                let _ = r.wait_for(|s| *s).await;
+            }));
+            sims.insert(v.to_string(), format!("http://{addr}"));
+            addrs.insert(v.to_string(), addr);
+        }
+        let targets: Vec<String> = addrs.values().map(|a| format!("\"{a}\"")).collect();
+        std::fs::write(
+            dir.path().join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: model\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .expect("write prometheus.yml");
+        let mut stack = Stack {
+            dir,
+            prom_port: free_port(),
+            prometheus: None,
+            sims,
+            addrs,
+            stop,
+        };
+        stack.start_prometheus().await;
+        stack
+    }
+
+    pub async fn start_prometheus(&mut self) {
+        let config = self.dir.path().join("prometheus.yml");
+        let p = procs::prometheus(&config, self.dir.path(), self.prom_port)
+            .await
+            .expect("prometheus starts");
+        self.prometheus = Some(p);
+    }
+
+    pub async fn stop_prometheus(&mut self) {
+        if let Some(p) = self.prometheus.take() {
+            p.stop().await;
+        }
+    }
+
+    pub fn prometheus_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.prom_port)
+    }
+
+    /// The daemon's Prometheus source for this stack: short ranges for 1 s scrapes, one quick
+    /// attempt per query so an outage shows at once.
+    pub fn sources(&self) -> canaryd::controller::SourceFactory {
+        let options = canaryd::source::ClientOptions {
+            timeout: Duration::from_secs(2),
+            retries: 0,
+            ..Default::default()
+        };
+        canaryd::source::factory(
+            &self.prometheus_url(),
+            options,
+            Duration::from_secs(4),
+            None,
+        )
+        .expect("source")
+    }
+
+    /// Sends `rps` predictions per second to `target` until the stack is dropped.
+    pub fn load(&self, target: &str, rps: f64) {
+        let mut cfg = LoadConfig::new(target);
+        cfg.rps = rps;
+        cfg.feedback_share = 0.0;
+        cfg.timeout = Duration::from_secs(2);
+        cfg.seed = Some(11);
+        let mut r = self.stop.subscribe();
+        tokio::spawn(sim::load(cfg, async move {
+            let _ = r.wait_for(|s| *s).await;
+        }));
+    }
+
+    pub async fn set_error_rate(&self, version: &str, rate: f64) {
+        let update = KnobsUpdate {
+            error_rate: Some(rate.into()),
+            ..Default::default()
+        };
+        sim::update_knobs(&reqwest::Client::new(), &self.sims[version], &update)
+            .await
+            .expect("update knobs");
+    }
+
+    pub fn write_policy(&self, file: &str, text: &str) {
+        std::fs::write(self.dir.path().join("policies").join(file), text).expect("write policy");
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A policy judged on the error rate with fixed thresholds, stepping 20 → 50 → 100.
+fn policy(
+    name: &str,
+    stable: &str,
+    canary: &str,
+    router: &str,
+    steps: &str,
+    min_step: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "name: {name}\nmodel: {MODEL}\nstable: {stable}\ncanary: {canary}\nstrategy:\n  steps: {steps}\n  interval: 1s\n  min_step_duration: {min_step}\n  failure_limit: 2\n  progress_deadline: 3h\n{extra}analysis: {{method: threshold}}\nmetrics:\n  - {{name: errors, builtin: error_rate, max: 5%, min_samples: 20}}\nrouter:\n{router}\n"
+    )
+}
+
+fn target(rollout: &str, stable: &str, canary: &str) -> Target {
+    Target {
+        rollout: rollout.into(),
+        stable: stable.into(),
+        canary: canary.into(),
+        canary_weight: 0.0,
+    }
+}
+
+/// Versions that answered `n` predictions sent to `url`.
+async fn answers(url: &str, n: usize) -> BTreeMap<String, usize> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        if let Ok(r) = client.post(format!("{url}/predict")).send().await
+            && let Ok(v) = r.json::<Value>().await
+            && let Some(version) = v["version"].as_str()
+        {
+            *out.entry(version.to_owned()).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// Polls the rollout and the router's own weights until `phase`; returns the distinct
+/// weights the router reported, in order.
+async fn follow(
+    d: &Daemon,
+    name: &str,
+    phase: &str,
+    router: &dyn Router,
+    t: &Target,
+    limit: Duration,
+) -> Vec<f64> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut seen: Vec<f64> = Vec::new();
+    loop {
+        if let Ok(w) = router.read(t).await {
+            let w = (w * 10.0).round() / 10.0;
+            if seen.last() != Some(&w) {
+                seen.push(w);
+            }
+        }
+        let (_, v) = d.get(&format!("/api/v1/rollouts/{name}")).await;
+        if v["phase"] == phase && v["canary"] == t.canary.as_str() {
+            return seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} not {phase} within {limit:?}: {v}\nrouter weights seen: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The non-hold actions of a rollout's decision log, oldest first.
+async fn actions(d: &Daemon, name: &str) -> Vec<(String, f64)> {
+    let (_, log) = d
+        .get(&format!("/api/v1/rollouts/{name}/decisions?limit=500"))
+        .await;
+    log["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .rev()
+        .filter(|d| d["action"] != "hold")
+        .map(|d| {
+            (
+                d["action"].as_str().unwrap_or("?").to_owned(),
+                d["weight"].as_f64().unwrap_or(-1.0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn haproxy_follows_every_step_to_promotion_then_rolls_back_a_bad_canary() {
+    let stack = Stack::start(&["v1", "v2", "v3"]).await;
+    let port = free_port();
+    let backends: Vec<Backend> = ["v1", "v2", "v3"]
+        .iter()
+        .map(|v| Backend {
+            name: v,
+            addr: &stack.addrs[*v],
+            weight: if *v == "v1" { 100 } else { 0 },
+        })
+        .collect();
+    let (_haproxy, socket) = procs::haproxy(stack.dir.path(), port, MODEL, &backends)
+        .await
+        .expect("haproxy");
+    let frontend = format!("http://127.0.0.1:{port}");
+    stack.load(&frontend, 80.0);
+    let servers = "{v1: v1, v2: v2, v3: v3}";
+    let router = format!(
+        "  haproxy: {{socket: {}, backend: {MODEL}, servers: {servers}}}",
+        socket.display()
+    );
+    stack.write_policy(
+        "e2e.yaml",
+        &policy("e2e", "v1", "v2", &router, "[20, 50]", "4s", ""),
+    );
+    let d = Daemon::start_real(stack.dir.path(), stack.sources()).await;
+
+    let names: BTreeMap<String, String> = ["v1", "v2", "v3"]
+        .iter()
+        .map(|v| (v.to_string(), v.to_string()))
+        .collect();
+    let socket_path = socket.display().to_string();
+    let reader = HaproxyRouter::new(&socket_path, MODEL, names).expect("reader");
+    let seen = follow(
+        &d,
+        "e2e",
+        "promoted",
+        &reader,
+        &target("e2e", "v1", "v2"),
+        Duration::from_secs(90),
+    )
+    .await;
+    let steps: Vec<f64> = seen.into_iter().filter(|w| *w > 0.0).collect();
+    assert_eq!(
+        steps,
+        vec![20.0, 50.0, 100.0],
+        "HAProxy's weights, read over its runtime socket"
+    );
+    let got = answers(&frontend, 40).await;
+    assert_eq!(
+        got.get("v2"),
+        Some(&40),
+        "after promotion HAProxy sends everything to v2: {got:?}"
+    );
+
+    // A bad canary: its errors rise once it has its first step's traffic.
+    stack.write_policy(
+        "e2e.yaml",
+        &policy("e2e", "v2", "v3", &router, "[20, 50]", "4s", ""),
+    );
+    let t = target("e2e", "v2", "v3");
+    wait_for("v3 at its first step", Duration::from_secs(30), || async {
+        let w = reader.read(&t).await.ok()?;
+        ((w - 20.0).abs() < 0.5).then_some(())
+    })
+    .await;
+    stack.set_error_rate("v3", 0.3).await;
+    let v = d
+        .wait_phase_for("e2e", "rolled-back", Duration::from_secs(60))
+        .await;
+    assert_eq!(v["canary"], "v3");
+    assert_eq!(reader.read(&t).await.expect("read"), 0.0);
+    let got = answers(&frontend, 60).await;
+    assert_eq!(
+        got.get("v3"),
+        None,
+        "HAProxy sends the rolled-back canary nothing: {got:?}"
+    );
+    let acts = actions(&d, "e2e").await;
+    let rollback = acts
+        .iter()
+        .rposition(|(a, _)| a == "rollback")
+        .expect("a rollback decision");
+    assert!(
+        acts[..rollback]
+            .iter()
+            .any(|(a, w)| a == "start" && *w == 20.0),
+        "{acts:?}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_promotes_a_good_canary_through_its_weights_file_and_reload() {
+    let stack = Stack::start(&["v1", "v2"]).await;
+    let nginx = crate::router_nginx::Nginx::start(&stack.addrs, 0.0).await;
+    let frontend = format!("http://127.0.0.1:{}", nginx.port);
+    stack.load(&frontend, 60.0);
+    let reload = serde_json::to_string(&nginx.reload).expect("json");
+    let router = format!(
+        "  nginx:\n    weights_file: {}\n    reload: {reload}\n    upstream: fraud\n    servers: {{v1: \"{}\", v2: \"{}\"}}",
+        nginx.weights.display(),
+        stack.addrs["v1"],
+        stack.addrs["v2"]
+    );
+    stack.write_policy(
+        "web.yaml",
+        &policy("web", "v1", "v2", &router, "[20, 50]", "4s", ""),
+    );
+    let d = Daemon::start_real(stack.dir.path(), stack.sources()).await;
+    let servers: BTreeMap<String, String> = stack.addrs.clone();
+    let reader = NginxRouter::new(nginx.weights.clone(), vec!["true".into()], "fraud", servers)
+        .expect("reader");
+    let seen = follow(
+        &d,
+        "web",
+        "promoted",
+        &reader,
+        &target("web", "v1", "v2"),
+        Duration::from_secs(90),
+    )
+    .await;
+    let steps: Vec<f64> = seen.into_iter().filter(|w| *w > 0.0).collect();
+    assert_eq!(
+        steps,
+        vec![20.0, 50.0, 100.0],
+        "the weights file followed each step"
+    );
+    wait_for(
+        "nginx to send everything to v2",
+        Duration::from_secs(15),
+        || async {
+            let got = answers(&frontend, 20).await;
+            (got.get("v2") == Some(&20)).then_some(())
+        },
+    )
+    .await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_and_file_routers_promote_a_good_canary() {
+    let stack = Stack::start(&["v1", "v2"]).await;
+    stack.load(&stack.sims["v1"], 40.0);
+    stack.load(&stack.sims["v2"], 40.0);
+    let posts = crate::router_webhook::Posts::default();
+    let hook = crate::router_webhook::serve(posts.clone()).await;
+    let file = stack.dir.path().join("weights.json");
+    stack.write_policy(
+        "hook.yaml",
+        &policy(
+            "hook",
+            "v1",
+            "v2",
+            &format!("  webhook: {{url: \"{hook}/weights\"}}"),
+            "[20, 50]",
+            "3s",
+            "",
+        ),
+    );
+    stack.write_policy(
+        "file.yaml",
+        &policy(
+            "file",
+            "v1",
+            "v2",
+            &format!("  file: {{path: {}}}", file.display()),
+            "[20, 50]",
+            "3s",
+            "",
+        ),
+    );
+    let d = Daemon::start_real(stack.dir.path(), stack.sources()).await;
+    d.wait_phase_for("hook", "promoted", Duration::from_secs(90))
+        .await;
+    d.wait_phase_for("file", "promoted", Duration::from_secs(90))
+        .await;
+    let mut posted: Vec<f64> = Vec::new();
+    for p in posts.lock().expect("lock").iter() {
+        let w = p["weights"]["v2"].as_f64().expect("canary weight posted");
+        if posted.last() != Some(&w) {
+            posted.push(w);
+        }
+        assert_eq!(p["rollout"], "hook");
+    }
+    assert_eq!(
+        posted,
+        vec![20.0, 50.0, 100.0],
+        "the webhook was told each step"
+    );
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("weights file")).expect("json");
+    assert_eq!(doc["weights"]["v2"], 100.0, "{doc}");
+    assert_eq!(doc["weights"]["v1"], 0.0, "{doc}");
+    let reader = FileRouter::new(file, Arc::new(canaryd::time::SystemClock));
+    assert_eq!(
+        reader
+            .read(&target("file", "v1", "v2"))
+            .await
+            .expect("read"),
+        100.0
+    );
+    for name in ["hook", "file"] {
+        let acts: Vec<String> = actions(&d, name)
+            .await
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        assert_eq!(acts, ["start", "advance", "promote", "settle"], "{name}");
+    }
+    d.stop().await;
+}
+
+fn run_daemon(dir: &Path, prometheus: &str, api_port: u16) -> ChildGuard {
+    ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .arg("run")
+            .arg("--policies")
+            .arg(dir.join("policies"))
+            .arg("--state")
+            .arg(dir.join("state.db"))
+            .args([
+                "--prometheus",
+                prometheus,
+                "--listen",
+                &format!("127.0.0.1:{api_port}"),
+                "--query-min-range",
+                "4s",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    )
+}
+
+async fn api(port: u16, path: &str) -> Option<Value> {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_rollout_resumes_at_the_same_step_with_the_log_intact() {
+    let stack = Stack::start(&["v1", "v2"]).await;
+    stack.load(&stack.sims["v1"], 40.0);
+    stack.load(&stack.sims["v2"], 40.0);
+    let file: PathBuf = stack.dir.path().join("weights.json");
+    stack.write_policy(
+        "k.yaml",
+        &policy(
+            "k",
+            "v1",
+            "v2",
+            &format!("  file: {{path: {}}}", file.display()),
+            "[10, 30, 60]",
+            "6s",
+            "",
+        ),
+    );
+    let port = free_port();
+    let mut daemon = run_daemon(stack.dir.path(), &stack.prometheus_url(), port);
+    wait_for("step 2", Duration::from_secs(60), || async {
+        let v = api(port, "/api/v1/rollouts/k").await?;
+        (v["step"] == 2 && v["applied"] == true).then_some(())
+    })
+    .await;
+    let before = api(port, "/api/v1/rollouts/k/decisions?limit=500")
+        .await
+        .expect("log");
+    daemon.0.kill().expect("kill -9");
+    let _ = daemon.0.wait();
+    let router = FileRouter::new(file.clone(), Arc::new(canaryd::time::SystemClock));
+    assert_eq!(
+        router.read(&target("k", "v1", "v2")).await.expect("read"),
+        30.0
+    );
+
+    let _daemon = run_daemon(stack.dir.path(), &stack.prometheus_url(), port);
+    let v = wait_for("the restarted daemon", Duration::from_secs(20), || async {
+        let v = api(port, "/api/v1/rollouts/k").await?;
+        (v["name"] == "k").then_some(v)
+    })
+    .await;
+    assert_eq!(v["step"], 2, "resumed at the step it was at: {v}");
+    assert_eq!(v["weight"], 30.0);
+    assert_eq!(v["state"]["attempt"], 1);
+    let after = api(port, "/api/v1/rollouts/k/decisions?limit=500")
+        .await
+        .expect("log");
+    let ids = |log: &Value| -> Vec<i64> {
+        log["decisions"]
+            .as_array()
+            .expect("decisions")
+            .iter()
+            .filter_map(|d| d["id"].as_i64())
+            .collect()
+    };
+    let kept: Vec<i64> = ids(&after)
+        .into_iter()
+        .filter(|id| ids(&before).contains(id))
+        .collect();
+    assert_eq!(
+        kept,
+        ids(&before),
+        "every decision logged before the crash is still there"
+    );
+
+    wait_for(
+        "promotion after the restart",
+        Duration::from_secs(90),
+        || async {
+            let v = api(port, "/api/v1/rollouts/k").await?;
+            (v["phase"] == "promoted").then_some(())
+        },
+    )
+    .await;
+    let log = api(port, "/api/v1/rollouts/k/decisions?limit=500")
+        .await
+        .expect("log");
+    let steps: Vec<(String, f64)> = log["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .rev()
+        .filter(|d| d["action"] != "hold")
+        .map(|d| {
+            (
+                d["action"].as_str().unwrap_or("?").to_owned(),
+                d["weight"].as_f64().unwrap_or(-1.0),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, f64)> = [
+        ("start", 10.0),
+        ("advance", 30.0),
+        ("advance", 60.0),
+        ("promote", 100.0),
+        ("settle", 100.0),
+    ]
+    .iter()
+    .map(|(a, w)| (a.to_string(), *w))
+    .collect();
+    assert_eq!(
+        steps, expected,
+        "no step skipped or repeated across the crash"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_outage_holds_the_step_without_failures_then_the_rollout_continues() {
+    let mut stack = Stack::start(&["v1", "v2"]).await;
+    stack.load(&stack.sims["v1"], 40.0);
+    stack.load(&stack.sims["v2"], 40.0);
+    let file = stack.dir.path().join("weights.json");
+    stack.write_policy(
+        "p.yaml",
+        &policy(
+            "p",
+            "v1",
+            "v2",
+            &format!("  file: {{path: {}}}", file.display()),
+            "[20, 50]",
+            "10s",
+            "",
+        ),
+    );
+    let d = Daemon::start_real(stack.dir.path(), stack.sources()).await;
+    wait_for(
+        "a passing analysis at step 1",
+        Duration::from_secs(30),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/p").await;
+            (v["step"] == 1 && v["recent_analyses"][0]["reports"][0]["verdict"] == "pass")
+                .then_some(())
+        },
+    )
+    .await;
+    stack.stop_prometheus().await;
+    let (_, v) = d.get("/api/v1/rollouts/p").await;
+    let analyses = v["state"]["analyses"].as_u64().expect("analyses");
+    let v = wait_for(
+        "analyses while Prometheus is down",
+        Duration::from_secs(30),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/p").await;
+            (v["state"]["analyses"].as_u64()? >= analyses + 6).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["step"], 1, "never advances while Prometheus is down: {v}");
+    assert_eq!(v["phase"], "progressing");
+    assert_eq!(
+        v["state"]["consecutive_failures"], 0,
+        "an outage is not a failure"
+    );
+    assert_eq!(
+        v["recent_analyses"][0]["reports"][0]["verdict"], "unavailable",
+        "{v}"
+    );
+    stack.start_prometheus().await;
+    d.wait_phase_for("p", "promoted", Duration::from_secs(60))
+        .await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_router_that_keeps_failing_ends_in_failed_with_traffic_left_in_place() {
+    let stack = Stack::start(&["v1", "v2"]).await;
+    let port = free_port();
+    let backends = [
+        Backend {
+            name: "v1",
+            addr: &stack.addrs["v1"],
+            weight: 100,
+        },
+        Backend {
+            name: "v2",
+            addr: &stack.addrs["v2"],
+            weight: 0,
+        },
+    ];
+    let (haproxy, socket) = procs::haproxy(stack.dir.path(), port, MODEL, &backends)
+        .await
+        .expect("haproxy");
+    stack.load(&format!("http://127.0.0.1:{port}"), 60.0);
+    let router = format!(
+        "  haproxy: {{socket: {}, backend: {MODEL}, servers: {{v1: v1, v2: v2}}}}",
+        socket.display()
+    );
+    stack.write_policy(
+        "f.yaml",
+        &policy(
+            "f",
+            "v1",
+            "v2",
+            &router,
+            "[20, 50]",
+            "1h",
+            "  router_deadline: 3s\n",
+        ),
+    );
+    let d = Daemon::start_real(stack.dir.path(), stack.sources()).await;
+    wait_for(
+        "the first step applied",
+        Duration::from_secs(30),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/f").await;
+            (v["applied"] == true && v["weight"] == 20.0).then_some(())
+        },
+    )
+    .await;
+    haproxy.stop().await;
+    let v = d
+        .wait_phase_for("f", "failed", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        v["weight"], 20.0,
+        "traffic is left where it was last known to be safe: {v}"
+    );
+    assert!(
+        v["router_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unreachable")),
+        "{v}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", d.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let errors: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("canaryd_router_errors_total{")
+                && l.contains("rollout=\"f\"")
+                && l.contains("kind=\"unreachable\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("router error counter");
+    assert!(
+        errors >= 3.0,
+        "failed calls were retried: {errors} errors counted"
+    );
+    d.stop().await;
+}
