@@ -109,10 +109,12 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
                 router: RouterStatus::Ok { canary_weight: state.weight },
                 gate: Gate::Open,
             };
-            let d = decide(policy, &state, &Input::Tick(obs.clone()), Time(now));
+            let input = Input::Tick(obs);
+            let d = decide(policy, &state, &input, Time(now));
             if d.action == Action::Promote {
                 // A promotion while any metric has no data for the canary is unsafe whatever
                 // happens after it.
+                let Input::Tick(obs) = &input else { unreachable!("built as a tick above") };
                 let stale = obs.metrics.values().any(|r| canary_missing(&r.canary));
                 stale_any |= stale;
                 promoted = Some(((now - onset_ms).max(0) as f64 / 60_000.0, served));

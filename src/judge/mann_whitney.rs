@@ -95,78 +95,6 @@ pub fn wilcoxon_diff(mu: f64, zq: f64, x: &[f64], y: &[f64], correct: bool) -> R
     Ok((dz - correction) / sigma - zq)
 }
 
-/// Brent's root finder on `[a, b]` where `f(a)` and `f(b)` differ in sign, to absolute
-/// tolerance `tol`. The functions here are step functions, so the root is a jump point
-/// found to within `tol`.
-fn brent(mut f: impl FnMut(f64) -> f64, a0: f64, b0: f64, fa0: f64, fb0: f64, tol: f64) -> f64 {
-    let (mut a, mut b, mut fa, mut fb) = (a0, b0, fa0, fb0);
-    let mut c = a;
-    let mut fc = fa;
-    let mut d = b - a;
-    let mut e = d;
-    for _ in 0..1000 {
-        if fb.signum() == fc.signum() && fb != 0.0 {
-            c = a;
-            fc = fa;
-            d = b - a;
-            e = d;
-        }
-        if fc.abs() < fb.abs() {
-            a = b;
-            b = c;
-            c = a;
-            fa = fb;
-            fb = fc;
-            fc = fa;
-        }
-        let tol1 = 2.0 * f64::EPSILON * b.abs() + 0.5 * tol;
-        let m = 0.5 * (c - b);
-        if m.abs() <= tol1 || fb == 0.0 {
-            return b;
-        }
-        if e.abs() >= tol1 && fa.abs() > fb.abs() {
-            // Inverse quadratic interpolation, or the secant step when only two points differ.
-            let s = fb / fa;
-            let (mut p, mut q);
-            if a == c {
-                p = 2.0 * m * s;
-                q = 1.0 - s;
-            } else {
-                let qq = fa / fc;
-                let r = fb / fc;
-                p = s * (2.0 * m * qq * (qq - r) - (b - a) * (r - 1.0));
-                q = (qq - 1.0) * (r - 1.0) * (s - 1.0);
-            }
-            if p > 0.0 {
-                q = -q;
-            } else {
-                p = -p;
-            }
-            if 2.0 * p < (3.0 * m * q - (tol1 * q).abs()).min((e * q).abs()) {
-                e = d;
-                d = p / q;
-            } else {
-                d = m;
-                e = m;
-            }
-        } else {
-            d = m;
-            e = m;
-        }
-        a = b;
-        fa = fb;
-        b += if d.abs() > tol1 { d } else { tol1.copysign(m) };
-        fb = f(b);
-    }
-    b
-}
-
-/// Root-finding precision for the interval ends, relative to the data's spread. Far finer
-/// than R's 1e-4 so that results do not depend on the data's scale.
-fn solver_tolerance(lo: f64, hi: f64) -> f64 {
-    ((hi - lo).abs() * 1e-10).max(1e-15)
-}
-
 /// The confidence interval (two-sided, level `confidence`) and estimate of the shift `x − y`.
 pub fn shift_interval(x: &[f64], y: &[f64], confidence: f64) -> Result<ShiftInterval, ShiftError> {
     if x.is_empty() || y.is_empty() {
@@ -176,22 +104,43 @@ pub fn shift_interval(x: &[f64], y: &[f64], confidence: f64) -> Result<ShiftInte
     let max = |v: &[f64]| v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mu_min = min(x) - max(y);
     let mu_max = max(x) - min(y);
-    let tol = solver_tolerance(mu_min, mu_max);
     let alpha = 1.0 - confidence;
     let z = upper_quantile(alpha / 2.0);
+    // The statistic is a non-increasing step function of mu that jumps only where mu equals
+    // a pairwise difference x_i − y_j, so its root is found exactly by bisection over those
+    // differences, with no tolerance to choose. R's uniroot stops within 1e-4 of the same
+    // jump point.
+    let mut diffs: Vec<f64> = x.iter().flat_map(|a| y.iter().map(move |b| a - b)).collect();
+    diffs.sort_by(f64::total_cmp);
+    diffs.dedup();
     let root = |zq: f64, correct: bool| -> Result<f64, ShiftError> {
-        let f_lower = wilcoxon_diff(mu_min, zq, x, y, correct)?;
-        let f_upper = wilcoxon_diff(mu_max, zq, x, y, correct)?;
-        if f_lower <= 0.0 {
+        let f = |mu: f64| wilcoxon_diff(mu, zq, x, y, correct);
+        if f(mu_min)? <= 0.0 {
             return Ok(mu_min);
         }
-        if f_upper >= 0.0 {
+        if f(mu_max)? >= 0.0 {
             return Ok(mu_max);
         }
-        // Errors cannot occur inside: the samples and their ties do not change with mu's
-        // sign of the difference beyond what the endpoints already checked.
-        let f = |mu: f64| wilcoxon_diff(mu, zq, x, y, correct).unwrap_or(0.0);
-        Ok(brent(f, mu_min, mu_max, f_lower, f_upper, tol))
+        // Invariant: f(diffs[lo]) > 0 and f(diffs[hi]) < 0... or reaches zero.
+        let (mut lo, mut hi) = (0usize, diffs.len() - 1);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let v = f(diffs[mid])?;
+            if v == 0.0 {
+                return Ok(diffs[mid]);
+            }
+            if v > 0.0 { lo = mid } else { hi = mid }
+        }
+        // Between two neighbouring differences the statistic is constant: its sign there
+        // says at which of the two the jump through zero is.
+        let between = f((diffs[lo] + diffs[hi]) / 2.0)?;
+        Ok(if between > 0.0 {
+            diffs[hi]
+        } else if between < 0.0 {
+            diffs[lo]
+        } else {
+            (diffs[lo] + diffs[hi]) / 2.0
+        })
     };
     let low = root(z, true)?;
     let high = root(-z, true)?;

@@ -56,6 +56,16 @@ const DISPERSION_PRIOR: f64 = 2.0;
 /// A rollback e-value above this fraction of the threshold (in logs) holds the rollout at its
 /// step: the canary looks suspicious and should not get more traffic until that resolves.
 const SUSPICION: f64 = 0.5;
+/// Until the dispersion estimate rests on this many increments, one look's log-likelihood
+/// ratio is capped at `EARLY_CAP`: before the noise level is known, one burst of errors must
+/// not be able to roll a canary back. Capping a likelihood ratio keeps it an e-value.
+const EARLY_TERMS: f64 = 12.0;
+const EARLY_CAP: f64 = 3.0;
+/// Stable histogram events needed before the latency tests are laid out.
+const LATENCY_SETUP_EVENTS: f64 = 200.0;
+/// Boundaries where stable's share of slower requests exceeds this are not tested: nearly
+/// every request is slower than them, so they cannot show a slowdown.
+const MAX_EXCEEDANCE: f64 = 0.9;
 /// Increments with fewer requests than this are not used to check the realised share.
 const SHARE_CHECK_MIN: f64 = 500.0;
 
@@ -370,6 +380,18 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading, mem
             spec.min_samples
         );
         Verdict::Hold
+    } else if matches!(spec.kind, MetricKind::Accuracy) && log_good.is_none_or(|g| g < SUSPICION * threshold) {
+        // Labels arrive late: what has arrived says little about predictions made since, so
+        // accuracy lets the rollout go on only once the evidence leans clearly towards "within
+        // tolerance" (half way to promotable). Holding at a low weight also makes fewer
+        // predictions wait for their labels.
+        report.note = format!(
+            "waiting for labels: accuracy not yet shown within tolerance (log e-value {:.2} of {:.2}){}",
+            log_good.unwrap_or(0.0),
+            threshold,
+            ratio_note(estimate)
+        );
+        Verdict::Hold
     } else if log_bad >= SUSPICION * threshold {
         report.note = format!(
             "suspicious: log e-value {:.2} of {:.2}; holding the step until it resolves{}",
@@ -511,6 +533,7 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
     // Dispersion from stable's consecutive increments, before this increment is used, so the
     // estimate applied to it depends only on the past.
     let phi = dispersion(mem);
+    let cap = if mem.dispersion_terms < EARLY_TERMS { EARLY_CAP } else { f64::INFINITY };
     if s_inc.total > 0.0 {
         if let Some(prev) = mem.previous_stable {
             let k = s_inc.total / prev.total;
@@ -545,9 +568,10 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
     let c_hist = if use_hist { hist_inc(&c_b, c_total_now, &mem.last_canary_buckets) } else { None };
     let s_hist = if use_hist && !s_b.is_empty() { hist_inc(&s_b, s_total_now, &mem.last_stable_buckets) } else { None };
 
-    // Tests are created at the first look that has what they need.
-    if mem.tests.is_empty() {
-        mem.tests = create_tests(spec, canary, &c_b);
+    // Tests are created at the first look that has what they need: for latency, enough of
+    // stable's histogram to see where its requests fall.
+    if mem.tests.is_empty() && (!use_hist || mem.stable_hist_total >= LATENCY_SETUP_EVENTS || s_b.is_empty()) {
+        mem.tests = create_tests(spec, canary, &c_b, &mem.stable_hist, mem.stable_hist_total);
     }
 
     // Stable's state before this increment: the tolerances derived from it are predictable.
@@ -603,7 +627,7 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
                     _ => continue,
                 };
                 if si.total > 0.0 {
-                    step_two_sample(test, ci, si, r0, r_bad, phi);
+                    step_two_sample(test, ci, si, r0, r_bad, phi, cap);
                 } else if p_s.is_finite() {
                     // Stable has no traffic (after promotion, blue-green): compare with its
                     // rate from before.
@@ -611,12 +635,12 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
                         Some(le) if stable_hist_total > 0.0 => survival(&stable_hist, stable_hist_total, le),
                         _ => p_s,
                     };
-                    step_one_sample(test, ci, p_ref * r0, p_ref * r_bad, phi);
+                    step_one_sample(test, ci, p_ref * r0, p_ref * r_bad, phi, cap);
                 }
             }
             TestKind::Absolute => {
                 if let Some(p0) = abs_bad_rate {
-                    step_one_sample(test, ci, p0, p0, phi);
+                    step_one_sample(test, ci, p0, p0, phi, cap);
                 }
             }
         }
@@ -655,7 +679,7 @@ fn dispersion(mem: &SequentialMemory) -> f64 {
 }
 
 /// The tests a metric needs.
-fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket]) -> Vec<BoundTest> {
+fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist: &[Bucket], stable_total: f64) -> Vec<BoundTest> {
     let b = &spec.bounds;
     let accuracy = matches!(spec.kind, MetricKind::Accuracy);
     let relative = if accuracy { b.max_decrease.is_some() } else { b.max_increase.is_some() };
@@ -666,11 +690,21 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket]) -> Vec<Bound
     let latency = matches!(spec.kind, MetricKind::Latency { .. });
     if latency && !c_b.is_empty() {
         let slow = canary.slow_le;
+        let quantile = match spec.kind {
+            MetricKind::Latency { quantile } => quantile,
+            _ => 0.99,
+        };
         if relative {
             // Every finite boundary gets a test: a median shift shows at the middle ones, a
             // tail regression at the high ones. Half the weight goes to the boundary the
             // shell derived from the policy bound.
-            let les: Vec<f64> = c_b.iter().map(|x| x.le).collect();
+            let les: Vec<f64> = c_b
+                .iter()
+                .map(|x| x.le)
+                .filter(|le| {
+                    Some(*le) == slow || stable_total <= 0.0 || survival(stable_hist, stable_total, *le) <= MAX_EXCEEDANCE
+                })
+                .collect();
             let has_slow = slow.is_some_and(|s| les.contains(&s));
             let others = les.len() - usize::from(has_slow);
             for le in &les {
@@ -691,10 +725,16 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket]) -> Vec<Bound
                 tests.push(BoundTest::new(TestKind::Relative, Some(*le), w * share, for_promotion));
             }
             if !has_slow {
-                // No slow boundary from the shell: promote on the boundary just above the
-                // middle of the histogram's range.
-                let idx = les.len() / 2;
-                if let Some(t) = tests.get_mut(idx) {
+                // No slow boundary from the shell: promote on the tested boundary nearest to
+                // the policy's quantile in stable's histogram.
+                let target = 1.0 - quantile;
+                let best = tests
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, t)| t.le.map(|le| (i, (survival(stable_hist, stable_total, le).ln() - target.ln()).abs())))
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(i, _)| i);
+                if let Some(t) = best.and_then(|i| tests.get_mut(i)) {
                     t.for_promotion = true;
                 }
             }
@@ -717,30 +757,34 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket]) -> Vec<Bound
     tests
 }
 
-fn step_two_sample(test: &mut BoundTest, c: Increment, s: Increment, r0: f64, r_bad: f64, phi: f64) {
-    for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
-        for (gi, g) in BAD_GRID.iter().enumerate() {
-            let llr = two_sample_llr(c, s, r0, r0 * g) / phi;
+fn step_two_sample(test: &mut BoundTest, c: Increment, s: Increment, r0: f64, r_bad: f64, phi: f64, cap: f64) {
+    if c.bad + s.bad <= 0.0 {
+        // No bad events: the conditional likelihood ratio is 1 for every component.
+        return;
+    }
+    for (gi, g) in BAD_GRID.iter().enumerate() {
+        let llr = (two_sample_llr(c, s, r0, r0 * g) / phi).min(cap);
+        for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
             test.bad[li * BAD_GRID.len() + gi] += log_bet(*lambda, llr);
         }
     }
     for (gi, g) in GOOD_GRID.iter().enumerate() {
-        test.good[gi] += two_sample_llr(c, s, r_bad, r_bad * g) / phi;
+        test.good[gi] += (two_sample_llr(c, s, r_bad, r_bad * g) / phi).min(cap);
     }
 }
 
-fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi: f64) {
-    let cap = |p: f64| p.min(1.0 - 1e-9);
-    for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
-        for (gi, g) in BAD_GRID.iter().enumerate() {
-            let p1 = cap(p0 * g);
-            let llr = if p1 > p0 { one_sample_llr(c, p0, p1) / phi } else { 0.0 };
+fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi: f64, cap: f64) {
+    let clamp = |p: f64| p.min(1.0 - 1e-9);
+    for (gi, g) in BAD_GRID.iter().enumerate() {
+        let p1 = clamp(p0 * g);
+        let llr = if p1 > p0 { (one_sample_llr(c, p0, p1) / phi).min(cap) } else { 0.0 };
+        for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
             test.bad[li * BAD_GRID.len() + gi] += log_bet(*lambda, llr);
         }
     }
     for (gi, g) in GOOD_GRID.iter().enumerate() {
-        let pb = cap(p_bad);
-        test.good[gi] += one_sample_llr(c, pb, pb * g) / phi;
+        let pb = clamp(p_bad);
+        test.good[gi] += (one_sample_llr(c, pb, pb * g) / phi).min(cap);
     }
 }
 
