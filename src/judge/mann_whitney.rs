@@ -39,59 +39,61 @@ pub enum ShiftError {
     AllTied,
 }
 
-/// Mid-ranks (1-based) of `v`, ties sharing their average rank; NaN must be removed first.
-fn mid_ranks(v: &[f64]) -> Vec<f64> {
-    let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let mut ranks = vec![0.0; v.len()];
-    let mut i = 0;
-    while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
-            j += 1;
-        }
-        let r = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &order[i..=j] {
-            ranks[k] = r;
-        }
-        i = j + 1;
-    }
-    ranks
-}
-
 /// The standardised rank-sum statistic of `x − mu` against `y`, minus `zq`: R's `wdiff`.
 /// Its root in `mu` is the interval end (for `zq` a normal quantile) or the estimate
 /// (for `zq = 0` without continuity correction).
 pub fn wilcoxon_diff(mu: f64, zq: f64, x: &[f64], y: &[f64], correct: bool) -> Result<f64, ShiftError> {
-    if x.is_empty() || y.is_empty() {
+    let mut xs = x.to_vec();
+    let mut ys = y.to_vec();
+    xs.sort_by(f64::total_cmp);
+    ys.sort_by(f64::total_cmp);
+    wdiff_sorted(mu, zq, &xs, &ys, correct)
+}
+
+/// [`wilcoxon_diff`] on sorted samples: one merge of the two, O(n) and without allocation,
+/// since shifting `x` by `mu` keeps it sorted. Ties are exact float equality, as R's `rank`.
+fn wdiff_sorted(mu: f64, zq: f64, xs: &[f64], ys: &[f64], correct: bool) -> Result<f64, ShiftError> {
+    if xs.is_empty() || ys.is_empty() {
         return Err(ShiftError::Empty);
     }
-    let nx = x.len() as f64;
-    let ny = y.len() as f64;
-    let mut all: Vec<f64> = x.iter().map(|v| v - mu).collect();
-    all.extend_from_slice(y);
-    let ranks = mid_ranks(&all);
-    let dz = ranks[..x.len()].iter().sum::<f64>() - nx * (nx + 1.0) / 2.0 - nx * ny / 2.0;
-    // Tie correction: each group of t tied ranks removes t³ − t from the variance.
-    let mut sorted = ranks.clone();
-    sorted.sort_by(f64::total_cmp);
+    let nx = xs.len() as f64;
+    let ny = ys.len() as f64;
+    let (mut i, mut j) = (0usize, 0usize);
+    let mut pos = 0.0;
+    let mut rank_sum_x = 0.0;
     let mut ties = 0.0;
-    let mut i = 0;
-    while i < sorted.len() {
-        let mut j = i;
-        while j + 1 < sorted.len() && sorted[j + 1] == sorted[i] {
+    while i < xs.len() || j < ys.len() {
+        let vx = xs.get(i).map(|v| v - mu);
+        let vy = ys.get(j).copied();
+        let v = match (vx, vy) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => break,
+        };
+        let mut cx = 0.0;
+        while i < xs.len() && xs[i] - mu == v {
+            cx += 1.0;
+            i += 1;
+        }
+        let mut cy = 0.0;
+        while j < ys.len() && ys[j] == v {
+            cy += 1.0;
             j += 1;
         }
-        let t = (j - i + 1) as f64;
+        let t = cx + cy;
+        // The group takes ranks pos+1 ..= pos+t; each member gets their average.
+        rank_sum_x += cx * (pos + (t + 1.0) / 2.0);
         ties += t * t * t - t;
-        i = j + 1;
+        pos += t;
     }
+    let dz = rank_sum_x - nx * (nx + 1.0) / 2.0 - nx * ny / 2.0;
     let n = nx + ny;
     let sigma = ((nx * ny / 12.0) * ((n + 1.0) - ties / (n * (n - 1.0)))).sqrt();
     if !(sigma > 0.0) {
         return Err(ShiftError::AllTied);
     }
-    let correction = if correct { 0.5 * dz.signum() * f64::from(u8::from(dz != 0.0)) } else { 0.0 };
+    let correction = if correct && dz != 0.0 { 0.5 * dz.signum() } else { 0.0 };
     Ok((dz - correction) / sigma - zq)
 }
 
@@ -106,41 +108,39 @@ pub fn shift_interval(x: &[f64], y: &[f64], confidence: f64) -> Result<ShiftInte
     let mu_max = max(x) - min(y);
     let alpha = 1.0 - confidence;
     let z = upper_quantile(alpha / 2.0);
-    // The statistic is a non-increasing step function of mu that jumps only where mu equals
-    // a pairwise difference x_i − y_j, so its root is found exactly by bisection over those
-    // differences, with no tolerance to choose. R's uniroot stops within 1e-4 of the same
-    // jump point.
-    let mut diffs: Vec<f64> = x.iter().flat_map(|a| y.iter().map(move |b| a - b)).collect();
-    diffs.sort_by(f64::total_cmp);
-    diffs.dedup();
+    let mut xs = x.to_vec();
+    let mut ys = y.to_vec();
+    xs.sort_by(f64::total_cmp);
+    ys.sort_by(f64::total_cmp);
+    // The statistic is a non-increasing step function of mu that jumps where mu equals a
+    // pairwise difference; bisection finds the jump through zero to far better than R's
+    // uniroot tolerance of 1e-4, whatever the data's scale.
+    let tol = (mu_max - mu_min).abs() * 1e-12;
     let root = |zq: f64, correct: bool| -> Result<f64, ShiftError> {
-        let f = |mu: f64| wilcoxon_diff(mu, zq, x, y, correct);
+        let f = |mu: f64| wdiff_sorted(mu, zq, &xs, &ys, correct);
         if f(mu_min)? <= 0.0 {
             return Ok(mu_min);
         }
         if f(mu_max)? >= 0.0 {
             return Ok(mu_max);
         }
-        // Invariant: f(diffs[lo]) > 0 and f(diffs[hi]) < 0... or reaches zero.
-        let (mut lo, mut hi) = (0usize, diffs.len() - 1);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            let v = f(diffs[mid])?;
-            if v == 0.0 {
-                return Ok(diffs[mid]);
+        let (mut lo, mut hi) = (mu_min, mu_max);
+        while hi - lo > tol {
+            let mid = lo + (hi - lo) / 2.0;
+            if mid <= lo || mid >= hi {
+                break;
             }
-            if v > 0.0 { lo = mid } else { hi = mid }
+            let v = f(mid)?;
+            if v == 0.0 {
+                return Ok(mid);
+            }
+            if v > 0.0 {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
         }
-        // Between two neighbouring differences the statistic is constant: its sign there
-        // says at which of the two the jump through zero is.
-        let between = f((diffs[lo] + diffs[hi]) / 2.0)?;
-        Ok(if between > 0.0 {
-            diffs[hi]
-        } else if between < 0.0 {
-            diffs[lo]
-        } else {
-            (diffs[lo] + diffs[hi]) / 2.0
-        })
+        Ok(lo + (hi - lo) / 2.0)
     };
     let low = root(z, true)?;
     let high = root(-z, true)?;

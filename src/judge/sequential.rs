@@ -150,14 +150,14 @@ impl BoundTest {
 
     /// Log of the rollback mixture's value.
     pub fn log_bad(&self) -> f64 {
-        let mut terms = Vec::with_capacity(self.bad.len());
-        for (li, (_, lw)) in LAMBDAS.iter().enumerate() {
-            for gi in 0..BAD_GRID.len() {
-                let w = lw / BAD_GRID.len() as f64;
-                terms.push(w.ln() + self.bad[li * BAD_GRID.len() + gi]);
-            }
+        let per_grid = (BAD_GRID.len() as f64).ln();
+        let log_w: [f64; LAMBDAS.len()] = std::array::from_fn(|i| LAMBDAS[i].1.ln() - per_grid);
+        let term = |k: usize| log_w[k / BAD_GRID.len()] + self.bad[k];
+        let m = (0..self.bad.len()).map(term).fold(f64::NEG_INFINITY, f64::max);
+        if !m.is_finite() {
+            return m;
         }
-        log_sum_exp(&terms)
+        m + (0..self.bad.len()).map(|k| (term(k) - m).exp()).sum::<f64>().ln()
     }
 
     /// Log of the promotion mixture's value.
