@@ -61,6 +61,14 @@ const SUSPICION: f64 = 0.5;
 /// not be able to roll a canary back. Capping a likelihood ratio keeps it an e-value.
 const EARLY_TERMS: f64 = 12.0;
 const EARLY_CAP: f64 = 3.0;
+/// Afterwards one look's log-likelihood ratio is capped at this many nats per square root of
+/// the effective number of bad events the null expects on the canary in that look (the
+/// expected count over φ, at least one). Bursts have a long tail: with geometric burst sizes
+/// `E[LR^(1/φ)]` is even infinite for large alternatives, so the dispersion correction alone
+/// cannot stop one huge burst on a canary that expected one error from looking like a
+/// regression. Steady regressions, whose evidence grows with the expected count, are not
+/// slowed.
+const CAP_PER_SQRT: f64 = 3.0;
 /// Stable histogram events needed before the latency tests are laid out.
 const LATENCY_SETUP_EVENTS: f64 = 200.0;
 /// Boundaries where stable's share of slower requests exceeds this are not tested: nearly
@@ -695,9 +703,9 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist:
             _ => 0.99,
         };
         if relative {
-            // Every finite boundary gets a test: a median shift shows at the middle ones, a
-            // tail regression at the high ones. Half the weight goes to the boundary the
-            // shell derived from the policy bound.
+            // Every boundary where stable's requests are not nearly all slower gets a test,
+            // with equal weight: a median shift shows at the middle ones, a tail regression at
+            // the high ones (the shell's slow boundary among them).
             let les: Vec<f64> = c_b
                 .iter()
                 .map(|x| x.le)
@@ -705,38 +713,22 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist:
                     Some(*le) == slow || stable_total <= 0.0 || survival(stable_hist, stable_total, *le) <= MAX_EXCEEDANCE
                 })
                 .collect();
-            let has_slow = slow.is_some_and(|s| les.contains(&s));
-            let others = les.len() - usize::from(has_slow);
+            let w = 1.0 / les.len().max(1) as f64;
             for le in &les {
-                let is_slow = has_slow && Some(*le) == slow;
-                let w = if is_slow {
-                    if others == 0 { 1.0 } else { 0.5 }
-                } else if has_slow {
-                    0.5 / others as f64
-                } else {
-                    1.0 / les.len() as f64
-                };
-                // Promotion looks at the boundary nearest the policy's quantile of a typical
-                // latency: the shell's slow boundary when it gave one.
-                let for_promotion = match slow {
-                    Some(s) if has_slow => *le == s,
-                    _ => false,
-                };
-                tests.push(BoundTest::new(TestKind::Relative, Some(*le), w * share, for_promotion));
+                tests.push(BoundTest::new(TestKind::Relative, Some(*le), w * share, false));
             }
-            if !has_slow {
-                // No slow boundary from the shell: promote on the tested boundary nearest to
-                // the policy's quantile in stable's histogram.
-                let target = 1.0 - quantile;
-                let best = tests
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, t)| t.le.map(|le| (i, (survival(stable_hist, stable_total, le).ln() - target.ln()).abs())))
-                    .min_by(|a, b| a.1.total_cmp(&b.1))
-                    .map(|(i, _)| i);
-                if let Some(t) = best.and_then(|i| tests.get_mut(i)) {
-                    t.for_promotion = true;
-                }
+            // Promotion needs evidence at one boundary: the one whose stable exceedance is
+            // nearest (in ratio) to the policy's 1 − quantile, where the policy's quantile
+            // lives and where events are frequent enough to give evidence soon.
+            let target = 1.0 - quantile;
+            let best = tests
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| t.le.map(|le| (i, (survival(stable_hist, stable_total, le).ln() - target.ln()).abs())))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| i);
+            if let Some(t) = best.and_then(|i| tests.get_mut(i)) {
+                t.for_promotion = true;
             }
         }
         if absolute {
@@ -758,10 +750,12 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist:
 }
 
 fn step_two_sample(test: &mut BoundTest, c: Increment, s: Increment, r0: f64, r_bad: f64, phi: f64, cap: f64) {
-    if c.bad + s.bad <= 0.0 {
+    if c.bad + s.bad <= 0.0 || c.total <= 0.0 || s.total <= 0.0 {
         // No bad events: the conditional likelihood ratio is 1 for every component.
         return;
     }
+    let expected = (c.bad + s.bad) * c.total * r0 / (c.total * r0 + s.total);
+    let cap = cap.min(CAP_PER_SQRT * (expected / phi).max(1.0).sqrt());
     for (gi, g) in BAD_GRID.iter().enumerate() {
         let llr = (two_sample_llr(c, s, r0, r0 * g) / phi).min(cap);
         for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
@@ -775,6 +769,7 @@ fn step_two_sample(test: &mut BoundTest, c: Increment, s: Increment, r0: f64, r_
 
 fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi: f64, cap: f64) {
     let clamp = |p: f64| p.min(1.0 - 1e-9);
+    let cap = cap.min(CAP_PER_SQRT * (c.total * p0 / phi).max(1.0).sqrt());
     for (gi, g) in BAD_GRID.iter().enumerate() {
         let p1 = clamp(p0 * g);
         let llr = if p1 > p0 { (one_sample_llr(c, p0, p1) / phi).min(cap) } else { 0.0 };
