@@ -4,6 +4,8 @@
 //! Judges are pure. Those that accumulate evidence across analyses (the sequential tests) keep
 //! it in a [`JudgeMemory`] that lives in the rollout state, so it is persisted with it.
 
+pub mod mann_whitney;
+pub mod sequential;
 pub mod threshold;
 
 use crate::observation::MetricReading;
@@ -118,9 +120,9 @@ pub struct JudgeMemory {
     pub history_stable: Vec<f64>,
     #[serde(default)]
     pub history_canary: Vec<f64>,
-    /// Accumulated log e-value and the counts it was last updated with (sequential judges).
+    /// The sequential judge's accumulated evidence and the counts it last saw.
     #[serde(default)]
-    pub sequential: Option<serde_json::Value>,
+    pub sequential: Option<sequential::SequentialMemory>,
 }
 
 /// What a judge needs besides the reading.
@@ -144,12 +146,9 @@ pub fn evaluate(
     reading: &MetricReading,
     memory: &mut JudgeMemory,
 ) -> MetricReport {
-    let _ = memory;
     match ctx.method {
-        // The sequential and Mann–Whitney judges plug in here; until they exist the policy
-        // validator refuses those methods, so this arm is only reached by direct callers.
-        Method::Threshold | Method::Sequential | Method::MannWhitney => {
-            threshold::judge(ctx, spec, reading)
-        }
+        Method::Threshold => threshold::judge(ctx, spec, reading),
+        Method::Sequential => sequential::judge(ctx, spec, reading, memory),
+        Method::MannWhitney => mann_whitney::judge(ctx, spec, reading, memory),
     }
 }

@@ -8,11 +8,11 @@ use std::fmt;
 use std::path::Path;
 
 /// The method used when a policy names none.
-pub const DEFAULT_METHOD: Method = Method::Threshold;
+pub const DEFAULT_METHOD: Method = Method::Sequential;
 
 /// Methods whose judges exist in this build.
 pub fn method_available(m: Method) -> bool {
-    matches!(m, Method::Threshold)
+    matches!(m, Method::Threshold | Method::Sequential | Method::MannWhitney)
 }
 
 /// Every problem of one policy file.

@@ -1,0 +1,264 @@
+//! The benchmark's figures per scenario and judge, the oracle bound and the pipeline floor.
+
+use super::run::{Outcome, RepResult, realized_share};
+use super::scenario::{Expected, Scenario};
+use super::world::{SCRAPE_MS, bucket_probs};
+use crate::judge::sequential::{bernoulli_kl, wald_bound};
+use crate::policy::{MetricKind, Policy};
+use serde::Serialize;
+use statrs::distribution::{Beta, ContinuousCDF};
+
+/// The figures of one scenario and judge; the JSON keys are the README's.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub scenario: String,
+    pub judge: String,
+    pub expected: String,
+    pub reps: u32,
+    pub rollback_rate: f64,
+    pub promote_rate: f64,
+    pub undecided_rate: f64,
+    pub rollback_rate_ci95_high: f64,
+    pub canary_requests_to_rollback_mean: Option<f64>,
+    pub canary_requests_to_rollback_p95: Option<f64>,
+    pub minutes_to_rollback_median: Option<f64>,
+    pub minutes_to_promote_median: Option<f64>,
+    pub canary_requests_to_promote_mean: Option<f64>,
+    pub stale_promotions: u32,
+    pub oracle_bound: Option<f64>,
+    pub pipeline_floor: f64,
+    /// Oracle bound over mean canary requests to the right decision (1 is the limit).
+    pub efficiency: Option<f64>,
+    /// (oracle bound + pipeline floor) over mean canary requests to roll back.
+    pub efficiency_with_floor: Option<f64>,
+}
+
+/// The two-sided 95 % Clopper–Pearson upper bound of a rate of `k` in `n`.
+pub fn clopper_pearson_high(k: u32, n: u32) -> f64 {
+    if n == 0 || k >= n {
+        return 1.0;
+    }
+    match Beta::new(f64::from(k) + 1.0, f64::from(n - k)) {
+        Ok(b) => b.inverse_cdf(0.975),
+        Err(_) => 1.0,
+    }
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// The `q` quantile by the nearest-rank rule.
+fn quantile(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    Some(s[rank - 1])
+}
+
+/// KL divergence per canary request between the canary's and stable's observable data
+/// (`canary_first`: KL(canary ‖ stable), else the reverse), for the metrics the policy has.
+pub fn kl_per_request(policy: &Policy, sc: &Scenario, canary_first: bool) -> f64 {
+    let p_c = sc.p_c_late.filter(|_| sc.onset_min.is_some()).unwrap_or(sc.p_c);
+    let pair = |a: f64, b: f64| if canary_first { bernoulli_kl(a, b) } else { bernoulli_kl(b, a) };
+    let mut kl = 0.0;
+    for m in &policy.metrics {
+        match m.kind {
+            MetricKind::ErrorRate => kl += pair(p_c, sc.p_s),
+            MetricKind::Latency { .. } => {
+                let (c, s) = (bucket_probs(sc, true), bucket_probs(sc, false));
+                let (a, b) = if canary_first { (c, s) } else { (s, c) };
+                kl += a
+                    .iter()
+                    .zip(b.iter())
+                    .filter(|(x, _)| **x > 0.0)
+                    .map(|(x, y)| x * (x / y.max(1e-300)).ln())
+                    .sum::<f64>();
+            }
+            MetricKind::Accuracy => {
+                if let Some(acc) = sc.accuracy {
+                    kl += acc.coverage * pair(acc.q_c, acc.q_s);
+                }
+            }
+            MetricKind::Query { .. } => {}
+        }
+    }
+    kl
+}
+
+/// Wald's bound on canary requests to the right decision, for α = β = 1 − confidence.
+pub fn oracle_bound(policy: &Policy, sc: &Scenario) -> Option<f64> {
+    let a = 1.0 - policy.analysis.confidence;
+    let kl = kl_per_request(policy, sc, sc.expected == Expected::Rollback);
+    (kl > 1e-12).then(|| wald_bound(a, a, kl))
+}
+
+/// Canary requests served during one scrape interval plus one evaluation interval, at the
+/// weight the schedule gives when the canary turns bad (the first step without an onset).
+pub fn pipeline_floor(policy: &Policy, sc: &Scenario) -> f64 {
+    let steps = policy.strategy.steps();
+    let step_min = policy.strategy.step_duration().as_secs_f64() / 60.0;
+    let idx = if step_min > 0.0 { (sc.onset() / step_min).floor() as usize } else { 0 };
+    let weight = steps.get(idx).copied().unwrap_or(100.0);
+    let rpm = sc.total_rpm * realized_share(sc, weight);
+    let delay_min = (SCRAPE_MS as f64 / 1000.0 + policy.strategy.interval.as_secs_f64()) / 60.0;
+    rpm * delay_min
+}
+
+/// Summarises the repetitions of one scenario and judge.
+pub fn summarise(policy: &Policy, sc: &Scenario, judge: &str, reps: &[RepResult]) -> Summary {
+    let n = reps.len() as u32;
+    let count = |o: Outcome| reps.iter().filter(|r| r.outcome == o).count() as u32;
+    let (rb, pr, un) = (count(Outcome::RolledBack), count(Outcome::Promoted), count(Outcome::Undecided));
+    let rate = |k: u32| if n == 0 { 0.0 } else { f64::from(k) / f64::from(n) };
+    let pick = |o: Outcome, f: fn(&RepResult) -> f64| -> Vec<f64> { reps.iter().filter(|r| r.outcome == o).map(f).collect() };
+    let rb_req = pick(Outcome::RolledBack, |r| r.canary_requests);
+    let rb_min = pick(Outcome::RolledBack, |r| r.minutes);
+    let pr_req = pick(Outcome::Promoted, |r| r.canary_requests);
+    let pr_min = pick(Outcome::Promoted, |r| r.minutes);
+    let oracle = oracle_bound(policy, sc);
+    let floor = pipeline_floor(policy, sc);
+    let decided_mean = match sc.expected {
+        Expected::Rollback => mean(&rb_req),
+        Expected::Promote => mean(&pr_req),
+    };
+    let efficiency = match (oracle, decided_mean) {
+        (Some(o), Some(m)) if m > 0.0 => Some((o / m).min(1.0)),
+        _ => None,
+    };
+    let efficiency_with_floor = match (sc.expected, oracle, mean(&rb_req)) {
+        (Expected::Rollback, Some(o), Some(m)) if m > 0.0 => Some((o + floor) / m),
+        _ => None,
+    };
+    Summary {
+        scenario: sc.name.clone(),
+        judge: judge.to_owned(),
+        expected: sc.expected.as_str().to_owned(),
+        reps: n,
+        rollback_rate: rate(rb),
+        promote_rate: rate(pr),
+        undecided_rate: rate(un),
+        rollback_rate_ci95_high: clopper_pearson_high(rb, n),
+        canary_requests_to_rollback_mean: mean(&rb_req),
+        canary_requests_to_rollback_p95: quantile(&rb_req, 0.95),
+        minutes_to_rollback_median: quantile(&rb_min, 0.5),
+        minutes_to_promote_median: quantile(&pr_min, 0.5),
+        canary_requests_to_promote_mean: mean(&pr_req),
+        stale_promotions: reps.iter().filter(|r| r.stale_promotion).count() as u32,
+        oracle_bound: oracle,
+        pipeline_floor: floor,
+        efficiency,
+        efficiency_with_floor,
+    }
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+/// The human-readable table.
+pub fn table(rows: &[Summary]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<28} {:<13} {:<8} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>9} {:>5} {:>8} {:>8} {:>6}\n",
+        "scenario", "judge", "expected", "rollbk", "ci95hi", "promote", "undec", "req_rb", "req_rb95", "min_rb", "min_pr", "req_pr", "stale", "oracle", "floor", "eta"
+    ));
+    for r in rows {
+        out.push_str(&format!(
+            "{:<28} {:<13} {:<8} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>9} {:>5} {:>8} {:>8} {:>6}\n",
+            r.scenario,
+            r.judge,
+            r.expected,
+            pct(r.rollback_rate),
+            pct(r.rollback_rate_ci95_high),
+            pct(r.promote_rate),
+            pct(r.undecided_rate),
+            cell(r.canary_requests_to_rollback_mean, 0),
+            cell(r.canary_requests_to_rollback_p95, 0),
+            cell(r.minutes_to_rollback_median, 2),
+            cell(r.minutes_to_promote_median, 2),
+            cell(r.canary_requests_to_promote_mean, 0),
+            r.stale_promotions,
+            cell(r.oracle_bound, 0),
+            format!("{:.0}", r.pipeline_floor),
+            cell(r.efficiency, 3),
+        ));
+    }
+    out
+}
+
+/// The goals of the benchmark for one judge, checked on its rows.
+pub fn goals(rows: &[Summary], judge: &str, baseline: Option<&str>) -> Vec<(String, bool)> {
+    let mine: Vec<&Summary> = rows.iter().filter(|r| r.judge == judge).collect();
+    let mut out = Vec::new();
+    for r in &mine {
+        if r.expected == "promote" {
+            out.push((
+                format!("{}: false rollbacks {} (CI95 high {}) <= 5% / 6.5%", r.scenario, pct(r.rollback_rate), pct(r.rollback_rate_ci95_high)),
+                r.rollback_rate <= 0.05 && r.rollback_rate_ci95_high <= 0.065,
+            ));
+        } else {
+            out.push((format!("{}: misses {} <= 5%", r.scenario, pct(r.promote_rate)), r.promote_rate <= 0.05));
+        }
+    }
+    let stale: u32 = mine.iter().map(|r| r.stale_promotions).sum();
+    out.push((format!("stale promotions {stale} == 0"), stale == 0));
+    let effs: Vec<f64> = mine.iter().filter_map(|r| r.efficiency_with_floor).collect();
+    let bad = mine.iter().filter(|r| r.expected == "rollback").count();
+    if !effs.is_empty() {
+        let g = (effs.iter().map(|e| e.ln()).sum::<f64>() / effs.len() as f64).exp();
+        out.push((
+            format!("geometric mean of (oracle + floor) / requests over {} of {bad} rollback scenarios: {g:.3} >= 0.5", effs.len()),
+            g >= 0.5 && effs.len() == bad,
+        ));
+    }
+    if let Some(base) = baseline {
+        for r in mine.iter().filter(|r| r.expected == "rollback") {
+            let other = rows.iter().find(|o| o.judge == base && o.scenario == r.scenario);
+            let ok = match (other, r.canary_requests_to_rollback_mean) {
+                (Some(o), Some(m)) => o.promote_rate > 0.05 || o.canary_requests_to_rollback_mean.is_none_or(|b| m <= b / 3.0),
+                (None, _) => continue,
+                (Some(_), None) => false,
+            };
+            let shown = other.and_then(|o| o.canary_requests_to_rollback_mean);
+            out.push((
+                format!(
+                    "{}: requests {} <= 1/3 of {base}'s {} (or {base} misses)",
+                    r.scenario,
+                    cell(r.canary_requests_to_rollback_mean, 0),
+                    cell(shown, 0)
+                ),
+                ok,
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clopper_pearson_known_values() {
+        // 50 of 1000: the exact upper bound is 0.06539.
+        assert!((clopper_pearson_high(50, 1000) - 0.06539).abs() < 5e-5);
+        assert!((clopper_pearson_high(0, 1000) - 0.003682).abs() < 5e-6);
+        assert_eq!(clopper_pearson_high(3, 3), 1.0);
+    }
+
+    #[test]
+    fn nearest_rank_quantile() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.95), Some(95.0));
+        assert_eq!(quantile(&v, 0.5), Some(50.0));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
+}

@@ -1,0 +1,890 @@
+//! The sequential judge: anytime-valid tests on the counters of both versions.
+//!
+//! Every analysis differences the cumulative counts (errors, slow requests, incorrect
+//! predictions, and the totals) against those it saw last, and updates e-processes with the
+//! increments. The tests condition on the realised counts, as Lindon & Malek's multinomial
+//! tests do: given how many requests each version really served in an increment and how many
+//! bad events both had together, the number that fell on the canary is binomial with a
+//! success probability fixed by the ratio of the two versions' bad-event rates. Load that
+//! changes over time, weights that change between steps and a router that sends a different
+//! share than configured all cancel out of that conditional law, so none of them can bias the
+//! test.
+//!
+//! Two families of e-processes run per bound:
+//!
+//! * **rollback** (`log_e_value`): the null is "the canary is within its tolerance" (rate
+//!   ratio `r ≤ r0`); alternatives are a grid of ratios above `r0`. The false-rollback
+//!   probability of a canary within tolerance is at most α however often the judge looks.
+//!   Each alternative is also run as a *betting* martingale `∏(1 − λ + λ·LR)` with small `λ`,
+//!   whose value cannot fall by more than `ln(1 − λ)` per look: a canary that was good for
+//!   ten minutes and then degrades is caught in a few looks instead of having to first undo
+//!   all the evidence of its good past.
+//! * **promotion** (`log_e_value_good`): the null is "the canary is worse by at least twice
+//!   the tolerance" (`r ≥ r_bad`). Rejecting it at level β = α makes the canary promotable:
+//!   the chance of promoting a canary that bad is at most β.
+//!
+//! Canaries between the two (worse than tolerated, better than twice that) may go either
+//! way: that is the indifference zone of any sequential test (Wald's SPRT has the same).
+//!
+//! α is `1 − confidence` split evenly across the policy's metrics (Bonferroni), so the whole
+//! rollout's false-rollback probability stays at most `1 − confidence`. Within a metric,
+//! several bounds and histogram boundaries are combined by averaging their e-processes,
+//! which is again an e-process and costs no further split.
+//!
+//! Bursty (overdispersed) errors break the binomial law: a burst of five errors is one piece
+//! of evidence, not five. The judge estimates the dispersion φ from stable's consecutive
+//! increments (stable has the most traffic) and divides each log-likelihood ratio by φ, the
+//! quasi-likelihood correction.
+
+use super::{BoundCheck, BoundKind, Evidence, JudgeContext, JudgeMemory, MetricReport, Verdict};
+use crate::observation::{Bucket, Counts, MetricReading, Reading, Sample};
+use crate::policy::{MetricKind, MetricSpec, Tolerance, ToleranceKind};
+use serde::{Deserialize, Serialize};
+
+/// Ratios of the rollback alternatives to the null boundary `r0`.
+const BAD_GRID: [f64; 8] = [1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
+/// Betting fractions λ of the rollback components and their prior weights. λ = 1 is the plain
+/// likelihood-ratio martingale; the smaller ones forget old good news.
+const LAMBDAS: [(f64, f64); 3] = [(1.0, 0.5), (0.2, 0.3), (0.04, 0.2)];
+/// Ratios of the promotion alternatives to the "bad" boundary `r_bad`.
+const GOOD_GRID: [f64; 4] = [0.85, 0.7, 0.5, 0.3];
+/// The least distance between the null boundary and the "bad" one, as a ratio, so that
+/// a zero tolerance still leaves a decidable question.
+const MIN_GAP: f64 = 1.1;
+/// Pseudo-increments of φ = 1 the dispersion estimate starts from.
+const DISPERSION_PRIOR: f64 = 2.0;
+/// A rollback e-value above this fraction of the threshold (in logs) holds the rollout at its
+/// step: the canary looks suspicious and should not get more traffic until that resolves.
+const SUSPICION: f64 = 0.5;
+/// Until the dispersion estimate rests on this many increments, one look's log-likelihood
+/// ratio is capped at `EARLY_CAP`: before the noise level is known, one burst of errors must
+/// not be able to roll a canary back. Capping a likelihood ratio keeps it an e-value.
+const EARLY_TERMS: f64 = 12.0;
+const EARLY_CAP: f64 = 3.0;
+/// Afterwards one look's log-likelihood ratio is capped at this many nats per square root of
+/// the effective number of bad events the null expects on the canary in that look (the
+/// expected count over φ, at least one). Bursts have a long tail: with geometric burst sizes
+/// `E[LR^(1/φ)]` is even infinite for large alternatives, so the dispersion correction alone
+/// cannot stop one huge burst on a canary that expected one error from looking like a
+/// regression. Steady regressions, whose evidence grows with the expected count, are not
+/// slowed.
+const CAP_PER_SQRT: f64 = 3.0;
+/// Stable histogram events needed before the latency tests are laid out.
+const LATENCY_SETUP_EVENTS: f64 = 200.0;
+/// Boundaries where stable's share of slower requests exceeds this are not tested: nearly
+/// every request is slower than them, so they cannot show a slowdown.
+const MAX_EXCEEDANCE: f64 = 0.9;
+/// Increments with fewer requests than this are not used to check the realised share.
+const SHARE_CHECK_MIN: f64 = 500.0;
+
+/// What the sequential judge remembers about one metric during one rollout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SequentialMemory {
+    /// Stable's cumulative counts at the last analysis, for differencing.
+    pub last_stable: Option<Counts>,
+    /// The canary's cumulative counts at the last analysis.
+    pub last_canary: Option<Counts>,
+    /// Stable's cumulative histogram at the last analysis (latency).
+    #[serde(default)]
+    pub last_stable_buckets: Vec<Bucket>,
+    /// The canary's cumulative histogram at the last analysis (latency).
+    #[serde(default)]
+    pub last_canary_buckets: Vec<Bucket>,
+    /// Stable's counts summed over the increments used (counter resets excluded).
+    pub stable: Counts,
+    /// The canary's counts summed over the increments used.
+    pub canary: Counts,
+    /// Stable's histogram summed over the increments used: events at most `le`.
+    #[serde(default)]
+    pub stable_hist: Vec<Bucket>,
+    /// Stable's total histogram events summed over the increments used.
+    #[serde(default)]
+    pub stable_hist_total: f64,
+    /// The running tests, one per bound and (for latency) histogram boundary.
+    #[serde(default)]
+    pub tests: Vec<BoundTest>,
+    /// Sum of the standardised squared differences of stable's consecutive increments.
+    pub dispersion_sum: f64,
+    /// Number of terms in `dispersion_sum`.
+    pub dispersion_terms: f64,
+    /// Stable's previous increment (bad, total), for the dispersion estimate.
+    pub previous_stable: Option<Counts>,
+    /// The configured weight at the last analysis, to check the realised share only within a
+    /// step (an increment across a weight change mixes two weights).
+    pub last_weight: Option<f64>,
+    /// The rollback test rejected its null: the verdict stays Fail for this rollout.
+    pub rejected: bool,
+    /// Analyses that updated the tests.
+    pub looks: u64,
+}
+
+/// Which comparison a test makes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TestKind {
+    /// Canary against stable, with the policy's tolerance (`max_increase`/`max_decrease`).
+    Relative,
+    /// The canary alone against an absolute bound on its bad-event rate (`max`/`min`).
+    Absolute,
+}
+
+/// One running test: the log values of its mixture components.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BoundTest {
+    pub kind: TestKind,
+    /// The histogram boundary (seconds) whose exceedances count as bad, for latency.
+    pub le: Option<f64>,
+    /// Prior weight of this test in the metric's rollback mixture.
+    pub weight: f64,
+    /// Whether this test's promotion e-process must reject for the metric to be promotable.
+    pub for_promotion: bool,
+    /// Log values of the rollback components, `LAMBDAS × BAD_GRID`.
+    pub bad: Vec<f64>,
+    /// Log values of the promotion components, `GOOD_GRID`.
+    pub good: Vec<f64>,
+}
+
+impl BoundTest {
+    fn new(kind: TestKind, le: Option<f64>, weight: f64, for_promotion: bool) -> Self {
+        BoundTest {
+            kind,
+            le,
+            weight,
+            for_promotion,
+            bad: vec![0.0; LAMBDAS.len() * BAD_GRID.len()],
+            good: vec![0.0; GOOD_GRID.len()],
+        }
+    }
+
+    /// Log of the rollback mixture's value.
+    pub fn log_bad(&self) -> f64 {
+        let per_grid = (BAD_GRID.len() as f64).ln();
+        let log_w: [f64; LAMBDAS.len()] = std::array::from_fn(|i| LAMBDAS[i].1.ln() - per_grid);
+        let term = |k: usize| log_w[k / BAD_GRID.len()] + self.bad[k];
+        let m = (0..self.bad.len()).map(term).fold(f64::NEG_INFINITY, f64::max);
+        if !m.is_finite() {
+            return m;
+        }
+        m + (0..self.bad.len()).map(|k| (term(k) - m).exp()).sum::<f64>().ln()
+    }
+
+    /// Log of the promotion mixture's value.
+    pub fn log_good(&self) -> f64 {
+        let w = (1.0 / GOOD_GRID.len() as f64).ln();
+        let terms: Vec<f64> = self.good.iter().map(|g| w + g).collect();
+        log_sum_exp(&terms)
+    }
+}
+
+/// `ln Σ exp(x)`, stable for large and very negative terms.
+pub fn log_sum_exp(xs: &[f64]) -> f64 {
+    let m = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !m.is_finite() {
+        return m;
+    }
+    m + xs.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+/// `ln(1 − λ + λ·e^llr)`: one step of a betting martingale with fraction λ.
+pub fn log_bet(lambda: f64, llr: f64) -> f64 {
+    if lambda >= 1.0 {
+        return llr;
+    }
+    if llr > 30.0 {
+        // e^llr dominates; the correction term is below 1e-13.
+        return lambda.ln() + llr + ((1.0 - lambda) / lambda * (-llr).exp()).ln_1p();
+    }
+    (lambda * llr.exp_m1()).ln_1p()
+}
+
+/// One increment of one version: bad events and all events.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Increment {
+    pub bad: f64,
+    pub total: f64,
+}
+
+/// Log-likelihood ratio, conditional on the realised counts, of rate ratio `r1` against `r0`
+/// for one increment of both versions: the canary's share of the bad events is binomial with
+/// `θ(r) = n_c·r / (n_c·r + n_s)`.
+pub fn two_sample_llr(canary: Increment, stable: Increment, r0: f64, r1: f64) -> f64 {
+    let (nc, ns) = (canary.total, stable.total);
+    if nc <= 0.0 || ns <= 0.0 || canary.bad + stable.bad <= 0.0 {
+        return 0.0;
+    }
+    let theta = |r: f64| nc * r / (nc * r + ns);
+    let (t0, t1) = (theta(r0), theta(r1));
+    canary.bad * (t1 / t0).ln() + stable.bad * ((1.0 - t1) / (1.0 - t0)).ln()
+}
+
+/// Log-likelihood ratio of a Bernoulli rate `p1` against `p0` for `bad` of `total` events.
+pub fn one_sample_llr(inc: Increment, p0: f64, p1: f64) -> f64 {
+    if inc.total <= 0.0 || !(p0 > 0.0 && p0 < 1.0 && p1 > 0.0 && p1 < 1.0) {
+        return 0.0;
+    }
+    let good = (inc.total - inc.bad).max(0.0);
+    inc.bad * (p1 / p0).ln() + good * ((1.0 - p1) / (1.0 - p0)).ln()
+}
+
+/// Kullback–Leibler divergence of Bernoulli(a) from Bernoulli(b), in nats.
+pub fn bernoulli_kl(a: f64, b: f64) -> f64 {
+    let term = |x: f64, y: f64| if x > 0.0 { x * (x / y).ln() } else { 0.0 };
+    term(a, b) + term(1.0 - a, 1.0 - b)
+}
+
+/// Wald's lower bound on the expected sample size of any test with error rates α and β:
+/// `d(1 − β ‖ α) / kl`, where `d` is the Bernoulli divergence.
+pub fn wald_bound(alpha: f64, beta: f64, kl: f64) -> f64 {
+    bernoulli_kl(1.0 - beta, alpha) / kl
+}
+
+/// The null boundary and the "bad" boundary of a relative test on a rate, as ratios of the
+/// canary's rate to stable's, given stable's rate `p_s` (for absolute tolerances).
+fn rate_ratios(t: &Tolerance, p_s: f64, decrease_is_bad_metric: bool) -> (f64, f64) {
+    // For accuracy the "rate" is the share of incorrect predictions; a decrease in accuracy
+    // of `a` (absolute) is an increase of the incorrect share by `a`, and a relative decrease
+    // of accuracy by `a` is an increase of the incorrect share by `a·(1 − p_s)`.
+    let delta = match (t.kind, decrease_is_bad_metric) {
+        (ToleranceKind::Relative, false) => return widen(1.0 + t.amount, 1.0 + 2.0 * t.amount),
+        (ToleranceKind::Relative, true) => t.amount * (1.0 - p_s),
+        (ToleranceKind::Absolute, _) => t.amount,
+    };
+    let p = p_s.max(1e-9);
+    widen((p + delta) / p, (p + 2.0 * delta) / p)
+}
+
+fn widen(r0: f64, r_bad: f64) -> (f64, f64) {
+    (r0, r_bad.max(r0 * MIN_GAP))
+}
+
+/// Stable's survival function `P(X > x)` from its histogram, interpolated log-linearly
+/// between boundaries and smoothed so that empty tails do not give zero.
+fn survival(hist: &[Bucket], total: f64, x: f64) -> f64 {
+    let s = |cum: f64| ((total - cum).max(0.0) + 0.5) / (total + 1.0);
+    let finite: Vec<&Bucket> = hist.iter().filter(|b| b.le.is_finite()).collect();
+    if x <= 0.0 {
+        return 1.0;
+    }
+    let Some(first) = finite.first() else { return 1.0 };
+    if x <= first.le {
+        // Below the first boundary: linear from P(X > 0) = 1.
+        return 1.0 + (s(first.count) - 1.0) * x / first.le;
+    }
+    for w in finite.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if x <= b.le {
+            let (sa, sb) = (s(a.count).ln(), s(b.count).ln());
+            let f = (x.ln() - a.le.ln()) / (b.le.ln() - a.le.ln());
+            return (sa + f * (sb - sa)).exp();
+        }
+    }
+    finite.last().map_or(1.0, |b| s(b.count))
+}
+
+/// The latency value a tolerance allows for a stable value `x`, or allows twice over.
+fn tolerated_latency(t: &Tolerance, x: f64, times: f64) -> f64 {
+    match t.kind {
+        ToleranceKind::Relative => x / (1.0 + times * t.amount),
+        ToleranceKind::Absolute => x - times * t.amount,
+    }
+}
+
+/// Judges one metric with the sequential tests.
+pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading, memory: &mut JudgeMemory) -> MetricReport {
+    if matches!(spec.kind, MetricKind::Query { .. }) {
+        // A raw query gives values, not counts: no count-based test applies.
+        let mut r = super::threshold::judge(ctx, spec, reading);
+        r.method = ctx.method;
+        r.note = format!("{} (raw query: judged by its bounds, no sequential test)", r.note);
+        return r;
+    }
+    let mut report = MetricReport {
+        metric: spec.name.clone(),
+        method: ctx.method,
+        stable: reading.stable.sample().and_then(|s| s.value),
+        canary: reading.canary.sample().and_then(|s| s.value),
+        stable_events: reading.stable.sample().map_or(0.0, |s| s.window_events),
+        canary_events: reading.canary.sample().map_or(0.0, |s| s.window_events),
+        bounds: Vec::new(),
+        verdict: Verdict::Hold,
+        promotable: false,
+        evidence: None,
+        note: String::new(),
+    };
+    let canary = match &reading.canary {
+        Reading::Unavailable { error } => {
+            report.verdict = Verdict::Unavailable;
+            report.note = format!("canary unavailable: {error}");
+            return report;
+        }
+        Reading::NoData => {
+            report.verdict = Verdict::NoData;
+            report.note = "no data for the canary".into();
+            return report;
+        }
+        Reading::Data(s) => s,
+    };
+    let stable = match &reading.stable {
+        Reading::Unavailable { error } => {
+            report.verdict = Verdict::Unavailable;
+            report.note = format!("stable unavailable: {error}");
+            return report;
+        }
+        Reading::NoData => None,
+        Reading::Data(s) => Some(s),
+    };
+    if counts_of(canary).is_none() && canary.buckets.is_empty() {
+        report.verdict = Verdict::NoData;
+        report.note = "the canary's reading has no counts to test".into();
+        return report;
+    }
+    let alpha = ((1.0 - ctx.confidence) / ctx.metric_count.max(1) as f64).clamp(1e-12, 0.5);
+    let threshold = (1.0 / alpha).ln();
+    let mem = memory.sequential.get_or_insert_with(SequentialMemory::default);
+    let mismatch = update(mem, ctx, spec, canary, stable);
+
+    let log_bad = log_sum_exp(&mem.tests.iter().map(|t| t.weight.ln() + t.log_bad()).collect::<Vec<_>>());
+    let promotion_tests: Vec<&BoundTest> = mem.tests.iter().filter(|t| t.for_promotion).collect();
+    let log_good = if promotion_tests.is_empty() {
+        None
+    } else {
+        Some(promotion_tests.iter().map(|t| t.log_good()).fold(f64::INFINITY, f64::min))
+    };
+    let estimate = ratio_estimate(mem);
+    let evidence = Evidence {
+        test: "e-value".into(),
+        log_e_value: mem.tests.is_empty().then_some(0.0).or(Some(log_bad)),
+        log_threshold: Some(threshold),
+        log_e_value_good: log_good,
+        estimate,
+        ci_low: None,
+        ci_high: None,
+        share_mismatch: mismatch,
+    };
+    let rejected = mem.rejected || (!mem.tests.is_empty() && log_bad >= threshold);
+    mem.rejected = rejected;
+    let promotable = log_good.is_some_and(|g| g >= threshold);
+    report.bounds = bound_checks(spec, rejected, promotable);
+    report.evidence = Some(evidence);
+
+    let need = spec.min_samples as f64;
+    let two_sample = spec.bounds.is_relative();
+    report.verdict = if rejected {
+        report.note = format!(
+            "evidence of harm: log e-value {:.2} reached {:.2} (α = {:.4}){}",
+            log_bad,
+            threshold,
+            alpha,
+            ratio_note(estimate)
+        );
+        Verdict::Fail
+    } else if mem.canary.total < need || (two_sample && mem.stable.total < need) {
+        // Not enough data to let the canary go further: more may still arrive (late labels
+        // for accuracy, traffic at a low weight).
+        report.note = format!(
+            "gathering data: canary {} and stable {} events of {} needed",
+            fmt_count(mem.canary.total),
+            fmt_count(mem.stable.total),
+            spec.min_samples
+        );
+        Verdict::Hold
+    } else if matches!(spec.kind, MetricKind::Accuracy) && log_good.is_none_or(|g| g < SUSPICION * threshold) {
+        // Labels arrive late: what has arrived says little about predictions made since, so
+        // accuracy lets the rollout go on only once the evidence leans clearly towards "within
+        // tolerance" (half way to promotable). Holding at a low weight also makes fewer
+        // predictions wait for their labels.
+        report.note = format!(
+            "waiting for labels: accuracy not yet shown within tolerance (log e-value {:.2} of {:.2}){}",
+            log_good.unwrap_or(0.0),
+            threshold,
+            ratio_note(estimate)
+        );
+        Verdict::Hold
+    } else if log_bad >= SUSPICION * threshold {
+        report.note = format!(
+            "suspicious: log e-value {:.2} of {:.2}; holding the step until it resolves{}",
+            log_bad,
+            threshold,
+            ratio_note(estimate)
+        );
+        Verdict::Hold
+    } else {
+        report.promotable = promotable;
+        report.note = format!(
+            "no evidence of harm (log e-value {:.2} of {:.2}); {}{}",
+            log_bad,
+            threshold,
+            if promotable { "good enough to promote" } else { "not yet proven good" },
+            ratio_note(estimate)
+        );
+        Verdict::Pass
+    };
+    report
+}
+
+fn fmt_count(x: f64) -> String {
+    format!("{x:.0}")
+}
+
+fn ratio_note(estimate: Option<f64>) -> String {
+    estimate.map_or(String::new(), |e| format!("; canary/stable bad-event ratio {e:.3}"))
+}
+
+/// The canary's bad-event rate over stable's, over everything used so far.
+fn ratio_estimate(mem: &SequentialMemory) -> Option<f64> {
+    let c = mem.canary.rate()?;
+    let s = mem.stable.rate()?;
+    (s > 0.0).then(|| c / s)
+}
+
+fn bound_checks(spec: &MetricSpec, rejected: bool, promotable: bool) -> Vec<BoundCheck> {
+    let ok = if rejected {
+        Some(false)
+    } else if promotable {
+        Some(true)
+    } else {
+        None
+    };
+    let b = &spec.bounds;
+    let mut out = Vec::new();
+    if let Some(m) = &b.max {
+        out.push(BoundCheck { kind: BoundKind::Max, written: m.written.clone(), limit: Some(m.value), ok });
+    }
+    if let Some(m) = &b.min {
+        out.push(BoundCheck { kind: BoundKind::Min, written: m.written.clone(), limit: Some(m.value), ok });
+    }
+    if let Some(t) = &b.max_increase {
+        out.push(BoundCheck { kind: BoundKind::MaxIncrease, written: t.written.clone(), limit: None, ok });
+    }
+    if let Some(t) = &b.max_decrease {
+        out.push(BoundCheck { kind: BoundKind::MaxDecrease, written: t.written.clone(), limit: None, ok });
+    }
+    out
+}
+
+/// Cumulative counts with sane values, or `None`.
+fn counts_of(s: &Sample) -> Option<Counts> {
+    let c = s.cumulative?;
+    (c.bad.is_finite() && c.total.is_finite() && c.bad >= 0.0 && c.total >= 0.0).then(|| Counts {
+        bad: c.bad.min(c.total),
+        total: c.total,
+    })
+}
+
+/// The increment from `last` to `now`; a decrease means the counter restarted, and that look
+/// contributes nothing (counting the new value would double count what came before).
+fn difference(last: Option<Counts>, now: Counts) -> Increment {
+    match last {
+        None => Increment { bad: now.bad, total: now.total },
+        Some(l) if now.total < l.total || now.bad < l.bad => Increment::default(),
+        Some(l) => Increment {
+            bad: now.bad - l.bad,
+            total: now.total - l.total,
+        },
+    }
+}
+
+/// Finite, sorted, non-decreasing cumulative buckets, or nothing.
+fn clean_buckets(b: &[Bucket]) -> Vec<Bucket> {
+    let mut v: Vec<Bucket> = b
+        .iter()
+        .filter(|x| x.le.is_finite() && x.le > 0.0 && x.count.is_finite() && x.count >= 0.0)
+        .copied()
+        .collect();
+    v.sort_by(|a, b| a.le.total_cmp(&b.le));
+    v.dedup_by(|a, b| a.le == b.le);
+    v
+}
+
+/// Total events of a histogram: its +Inf bucket, or failing that its largest count.
+fn hist_total(b: &[Bucket]) -> f64 {
+    b.iter()
+        .filter(|x| x.count.is_finite())
+        .map(|x| x.count)
+        .fold(0.0, f64::max)
+}
+
+fn count_at(b: &[Bucket], le: f64) -> Option<f64> {
+    b.iter().find(|x| x.le == le).map(|x| x.count)
+}
+
+/// Feeds one analysis' readings into the memory's tests. Returns whether the realised share
+/// differs from the configured weight.
+fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, canary: &Sample, stable: Option<&Sample>) -> bool {
+    let latency = matches!(spec.kind, MetricKind::Latency { .. });
+    let quantile = match spec.kind {
+        MetricKind::Latency { quantile } => quantile,
+        _ => 0.5,
+    };
+    let c_counts = counts_of(canary);
+    let s_counts = stable.and_then(counts_of);
+    let c_inc = c_counts.map(|c| difference(mem.last_canary, c)).unwrap_or_default();
+    let s_inc = s_counts.map(|c| difference(mem.last_stable, c)).unwrap_or_default();
+    if let Some(c) = c_counts {
+        mem.last_canary = Some(c);
+    }
+    if let Some(s) = s_counts {
+        mem.last_stable = Some(s);
+    }
+
+    // The realised share, checked only when the weight did not change since the last look.
+    let mut mismatch = false;
+    let n = c_inc.total + s_inc.total;
+    let w = ctx.configured_weight / 100.0;
+    if mem.last_weight == Some(ctx.configured_weight) && n >= SHARE_CHECK_MIN && w > 0.0 && w < 1.0 {
+        let real = c_inc.total / n;
+        let slack = 0.1 * w + 3.0 * (w * (1.0 - w) / n).sqrt();
+        mismatch = (real - w).abs() > slack;
+    }
+    mem.last_weight = Some(ctx.configured_weight);
+
+    // Dispersion from stable's consecutive increments, before this increment is used, so the
+    // estimate applied to it depends only on the past.
+    let phi = dispersion(mem);
+    let cap = if mem.dispersion_terms < EARLY_TERMS { EARLY_CAP } else { f64::INFINITY };
+    if s_inc.total > 0.0 {
+        if let Some(prev) = mem.previous_stable {
+            let k = s_inc.total / prev.total;
+            let p = (prev.bad + s_inc.bad) / (prev.total + s_inc.total);
+            let var = p * (s_inc.total + k * k * prev.total);
+            if var > 0.0 {
+                let d = s_inc.bad - prev.bad * k;
+                mem.dispersion_sum += d * d / var;
+                mem.dispersion_terms += 1.0;
+            }
+        }
+        mem.previous_stable = Some(Counts { bad: s_inc.bad, total: s_inc.total });
+    }
+
+    // Latency histograms: increments per boundary.
+    let c_b = clean_buckets(&canary.buckets);
+    let s_b = stable.map(|s| clean_buckets(&s.buckets)).unwrap_or_default();
+    let c_total_now = hist_total(&canary.buckets);
+    let s_total_now = stable.map_or(0.0, |s| hist_total(&s.buckets));
+    let hist_inc = |now: &[Bucket], now_total: f64, last: &[Bucket]| -> Option<(Vec<Bucket>, f64)> {
+        let last_total = hist_total(last);
+        if now_total < last_total || now.iter().any(|b| count_at(last, b.le).is_some_and(|l| b.count < l)) {
+            return None;
+        }
+        let inc: Vec<Bucket> = now
+            .iter()
+            .map(|b| Bucket { le: b.le, count: b.count - count_at(last, b.le).unwrap_or(0.0) })
+            .collect();
+        Some((inc, now_total - last_total))
+    };
+    let use_hist = latency && !c_b.is_empty();
+    let c_hist = if use_hist { hist_inc(&c_b, c_total_now, &mem.last_canary_buckets) } else { None };
+    let s_hist = if use_hist && !s_b.is_empty() { hist_inc(&s_b, s_total_now, &mem.last_stable_buckets) } else { None };
+
+    // Tests are created at the first look that has what they need: for latency, enough of
+    // stable's histogram to see where its requests fall.
+    if mem.tests.is_empty() && (!use_hist || mem.stable_hist_total >= LATENCY_SETUP_EVENTS || s_b.is_empty()) {
+        mem.tests = create_tests(spec, canary, &c_b, &mem.stable_hist, mem.stable_hist_total);
+    }
+
+    // Stable's state before this increment: the tolerances derived from it are predictable.
+    let p_s = if mem.stable.total > 0.0 { (mem.stable.bad + 0.5) / (mem.stable.total + 1.0) } else { f64::NAN };
+    let stable_hist = mem.stable_hist.clone();
+    let stable_hist_total = mem.stable_hist_total;
+
+    let accuracy = matches!(spec.kind, MetricKind::Accuracy);
+    let b = &spec.bounds;
+    let tolerance = if accuracy { b.max_decrease.as_ref() } else { b.max_increase.as_ref() };
+    let abs_bad_rate = match spec.kind {
+        MetricKind::Accuracy => b.min.as_ref().map(|m| 1.0 - m.value),
+        MetricKind::Latency { .. } => b.max.as_ref().map(|_| 1.0 - quantile),
+        _ => b.max.as_ref().map(|m| m.value),
+    };
+
+    let mut used = false;
+    for test in &mut mem.tests {
+        // The increments this test looks at.
+        let (ci, si) = match (test.le, &c_hist) {
+            (Some(le), Some((ch, ct))) => {
+                let above = |h: &[Bucket], t: f64| count_at(h, le).map(|c| (t - c).max(0.0));
+                let c = above(ch, *ct).map(|bad| Increment { bad, total: *ct });
+                let s = s_hist.as_ref().and_then(|(sh, st)| above(sh, *st).map(|bad| Increment { bad, total: *st }));
+                match c {
+                    Some(c) => (c, s.unwrap_or_default()),
+                    None => continue,
+                }
+            }
+            (Some(_), None) if use_hist => continue,
+            _ => (c_inc, s_inc),
+        };
+        if ci.total <= 0.0 {
+            continue;
+        }
+        used = true;
+        match test.kind {
+            TestKind::Relative => {
+                let Some(t) = tolerance else { continue };
+                let (r0, r_bad) = match (test.le, latency) {
+                    (Some(le), true) if stable_hist_total > 0.0 => {
+                        let s_at = survival(&stable_hist, stable_hist_total, le);
+                        let r0 = survival(&stable_hist, stable_hist_total, tolerated_latency(t, le, 1.0)) / s_at;
+                        let rb = survival(&stable_hist, stable_hist_total, tolerated_latency(t, le, 2.0)) / s_at;
+                        widen(r0.max(1.0), rb)
+                    }
+                    // Without stable's histogram yet, the tolerance cannot be mapped onto
+                    // this boundary: wait for it.
+                    (Some(_), true) => continue,
+                    _ if p_s.is_finite() || t.kind == ToleranceKind::Relative && !accuracy => {
+                        rate_ratios(t, if p_s.is_finite() { p_s } else { 0.5 }, accuracy)
+                    }
+                    _ => continue,
+                };
+                if si.total > 0.0 {
+                    step_two_sample(test, ci, si, r0, r_bad, phi, cap);
+                } else if p_s.is_finite() {
+                    // Stable has no traffic (after promotion, blue-green): compare with its
+                    // rate from before.
+                    let p_ref = match test.le {
+                        Some(le) if stable_hist_total > 0.0 => survival(&stable_hist, stable_hist_total, le),
+                        _ => p_s,
+                    };
+                    step_one_sample(test, ci, p_ref * r0, p_ref * r_bad, phi, cap);
+                }
+            }
+            TestKind::Absolute => {
+                if let Some(p0) = abs_bad_rate {
+                    step_one_sample(test, ci, p0, p0, phi, cap);
+                }
+            }
+        }
+    }
+    if used {
+        mem.looks += 1;
+    }
+    // Totals of what was used, and stable's histogram.
+    mem.canary.bad += c_inc.bad;
+    mem.canary.total += c_inc.total;
+    mem.stable.bad += s_inc.bad;
+    mem.stable.total += s_inc.total;
+    if let Some((sh, st)) = &s_hist {
+        for b in sh {
+            match mem.stable_hist.iter_mut().find(|x| x.le == b.le) {
+                Some(x) => x.count += b.count,
+                None => mem.stable_hist.push(*b),
+            }
+        }
+        mem.stable_hist.sort_by(|a, b| a.le.total_cmp(&b.le));
+        mem.stable_hist_total += st;
+    }
+    if use_hist {
+        mem.last_canary_buckets = c_b;
+        if !s_b.is_empty() {
+            mem.last_stable_buckets = s_b;
+        }
+    }
+    mismatch
+}
+
+/// The dispersion φ ≥ 1 to divide log-likelihood ratios by.
+fn dispersion(mem: &SequentialMemory) -> f64 {
+    let est = (mem.dispersion_sum + DISPERSION_PRIOR) / (mem.dispersion_terms + DISPERSION_PRIOR);
+    est.max(1.0)
+}
+
+/// The tests a metric needs.
+fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist: &[Bucket], stable_total: f64) -> Vec<BoundTest> {
+    let b = &spec.bounds;
+    let accuracy = matches!(spec.kind, MetricKind::Accuracy);
+    let relative = if accuracy { b.max_decrease.is_some() } else { b.max_increase.is_some() };
+    let absolute = if accuracy { b.min.is_some() } else { b.max.is_some() };
+    let mut tests = Vec::new();
+    let n_kinds = usize::from(relative) + usize::from(absolute);
+    let share = 1.0 / n_kinds.max(1) as f64;
+    let latency = matches!(spec.kind, MetricKind::Latency { .. });
+    if latency && !c_b.is_empty() {
+        let slow = canary.slow_le;
+        let quantile = match spec.kind {
+            MetricKind::Latency { quantile } => quantile,
+            _ => 0.99,
+        };
+        if relative {
+            // Every boundary where stable's requests are not nearly all slower gets a test,
+            // with equal weight: a median shift shows at the middle ones, a tail regression at
+            // the high ones (the shell's slow boundary among them).
+            let les: Vec<f64> = c_b
+                .iter()
+                .map(|x| x.le)
+                .filter(|le| {
+                    Some(*le) == slow || stable_total <= 0.0 || survival(stable_hist, stable_total, *le) <= MAX_EXCEEDANCE
+                })
+                .collect();
+            let w = 1.0 / les.len().max(1) as f64;
+            for le in &les {
+                tests.push(BoundTest::new(TestKind::Relative, Some(*le), w * share, false));
+            }
+            // Promotion needs evidence at one boundary: the one whose stable exceedance is
+            // nearest (in ratio) to the policy's 1 − quantile, where the policy's quantile
+            // lives and where events are frequent enough to give evidence soon.
+            let target = 1.0 - quantile;
+            let best = tests
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| t.le.map(|le| (i, (survival(stable_hist, stable_total, le).ln() - target.ln()).abs())))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| i);
+            if let Some(t) = best.and_then(|i| tests.get_mut(i)) {
+                t.for_promotion = true;
+            }
+        }
+        if absolute {
+            let max = b.max.as_ref().map_or(f64::INFINITY, |m| m.value);
+            let le = slow.filter(|s| *s >= max).or_else(|| c_b.iter().map(|x| x.le).find(|le| *le >= max));
+            if let Some(le) = le {
+                tests.push(BoundTest::new(TestKind::Absolute, Some(le), share, true));
+            }
+        }
+    } else {
+        if relative {
+            tests.push(BoundTest::new(TestKind::Relative, None, share, true));
+        }
+        if absolute {
+            tests.push(BoundTest::new(TestKind::Absolute, None, share, true));
+        }
+    }
+    tests
+}
+
+fn step_two_sample(test: &mut BoundTest, c: Increment, s: Increment, r0: f64, r_bad: f64, phi: f64, cap: f64) {
+    if c.bad + s.bad <= 0.0 || c.total <= 0.0 || s.total <= 0.0 {
+        // No bad events: the conditional likelihood ratio is 1 for every component.
+        return;
+    }
+    let expected = (c.bad + s.bad) * c.total * r0 / (c.total * r0 + s.total);
+    let cap = cap.min(CAP_PER_SQRT * (expected / phi).max(1.0).sqrt());
+    for (gi, g) in BAD_GRID.iter().enumerate() {
+        let llr = (two_sample_llr(c, s, r0, r0 * g) / phi).min(cap);
+        for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
+            test.bad[li * BAD_GRID.len() + gi] += log_bet(*lambda, llr);
+        }
+    }
+    for (gi, g) in GOOD_GRID.iter().enumerate() {
+        test.good[gi] += (two_sample_llr(c, s, r_bad, r_bad * g) / phi).min(cap);
+    }
+}
+
+fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi: f64, cap: f64) {
+    let clamp = |p: f64| p.min(1.0 - 1e-9);
+    let cap = cap.min(CAP_PER_SQRT * (c.total * p0 / phi).max(1.0).sqrt());
+    for (gi, g) in BAD_GRID.iter().enumerate() {
+        let p1 = clamp(p0 * g);
+        let llr = if p1 > p0 { (one_sample_llr(c, p0, p1) / phi).min(cap) } else { 0.0 };
+        for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
+            test.bad[li * BAD_GRID.len() + gi] += log_bet(*lambda, llr);
+        }
+    }
+    for (gi, g) in GOOD_GRID.iter().enumerate() {
+        let pb = clamp(p_bad);
+        test.good[gi] += (one_sample_llr(c, pb, pb * g) / phi).min(cap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wald_bounds_match_the_readme() {
+        let d = bernoulli_kl(0.95, 0.05);
+        assert!((d - 2.650).abs() < 5e-4, "d(0.95||0.05) = {d}");
+        let n = |p1: f64| wald_bound(0.05, 0.05, bernoulli_kl(p1, 0.01)).round();
+        assert_eq!(n(0.015), 2421.0);
+        assert_eq!(n(0.02), 677.0);
+        assert_eq!(n(0.05), 64.0);
+    }
+
+    #[test]
+    fn conditional_llr_is_the_binomial_ratio() {
+        // Equal traffic, ratio 2 against 1: θ = 2/3 against 1/2.
+        let c = Increment { bad: 3.0, total: 100.0 };
+        let s = Increment { bad: 1.0, total: 100.0 };
+        let want = 3.0 * ((2.0 / 3.0) / 0.5f64).ln() + 1.0 * ((1.0 / 3.0) / 0.5f64).ln();
+        assert!((two_sample_llr(c, s, 1.0, 2.0) - want).abs() < 1e-12);
+        // Only the ratio of traffic matters, not its level.
+        let c10 = Increment { bad: 3.0, total: 1000.0 };
+        let s10 = Increment { bad: 1.0, total: 1000.0 };
+        assert!((two_sample_llr(c10, s10, 1.0, 2.0) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn conditional_llr_is_a_martingale_under_the_null() {
+        // E[LR] = 1 under θ0 exactly: Σ_k P(k) · LR(k) over the binomial law of k of E events.
+        let (nc, ns, e): (f64, f64, u32) = (50.0, 950.0, 12);
+        let (r0, r1): (f64, f64) = (1.2, 3.0);
+        let t0 = nc * r0 / (nc * r0 + ns);
+        let mut total = 0.0;
+        for k in 0..=e {
+            let kf = f64::from(k);
+            let ln_choose = statrs::function::factorial::ln_binomial(u64::from(e), u64::from(k));
+            let p = (ln_choose + kf * t0.ln() + (f64::from(e) - kf) * (1.0 - t0).ln()).exp();
+            let lr = two_sample_llr(
+                Increment { bad: kf, total: nc },
+                Increment { bad: f64::from(e) - kf, total: ns },
+                r0,
+                r1,
+            )
+            .exp();
+            total += p * lr;
+        }
+        assert!((total - 1.0).abs() < 1e-9, "E[LR] = {total}");
+    }
+
+    #[test]
+    fn betting_step_is_bounded_below_and_exact() {
+        assert!((log_bet(1.0, -50.0) + 50.0).abs() < 1e-12);
+        assert!((log_bet(0.2, -1e6) - 0.8f64.ln()).abs() < 1e-12);
+        let want = (0.8 + 0.2 * 2f64.exp()).ln();
+        assert!((log_bet(0.2, 2.0) - want).abs() < 1e-12);
+        let big = log_bet(0.04, 100.0);
+        assert!((big - (0.04f64.ln() + 100.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn log_sum_exp_handles_extremes() {
+        assert!((log_sum_exp(&[0.0, 0.0]) - 2f64.ln()).abs() < 1e-12);
+        assert!((log_sum_exp(&[1000.0, 0.0]) - 1000.0).abs() < 1e-12);
+        assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn counter_decrease_is_a_reset_that_adds_nothing() {
+        let last = Some(Counts { bad: 10.0, total: 1000.0 });
+        let inc = difference(last, Counts { bad: 1.0, total: 50.0 });
+        assert_eq!(inc, Increment::default());
+        let inc = difference(last, Counts { bad: 12.0, total: 1100.0 });
+        assert_eq!(inc, Increment { bad: 2.0, total: 100.0 });
+    }
+
+    #[test]
+    fn survival_interpolates_between_boundaries() {
+        let hist = vec![
+            Bucket { le: 0.1, count: 500.0 },
+            Bucket { le: 0.25, count: 966.0 },
+            Bucket { le: f64::INFINITY, count: 1000.0 },
+        ];
+        let s01 = survival(&hist, 1000.0, 0.1);
+        assert!((s01 - 500.5 / 1001.0).abs() < 1e-12);
+        let mid = survival(&hist, 1000.0, 0.2);
+        assert!(mid < s01 && mid > survival(&hist, 1000.0, 0.25));
+        assert_eq!(survival(&hist, 1000.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn rate_ratios_follow_the_tolerance() {
+        let rel = Tolerance { kind: ToleranceKind::Relative, amount: 0.2, written: "20%".into() };
+        assert_eq!(rate_ratios(&rel, 0.01, false), (1.2, 1.4));
+        let pp = Tolerance { kind: ToleranceKind::Absolute, amount: 0.005, written: "0.5pp".into() };
+        let (r0, rb) = rate_ratios(&pp, 0.01, false);
+        assert!((r0 - 1.5).abs() < 1e-12 && (rb - 2.0).abs() < 1e-12);
+        // Accuracy: a 1pp decrease from 92 % is 8 % → 9 % incorrect.
+        let acc = Tolerance { kind: ToleranceKind::Absolute, amount: 0.01, written: "1pp".into() };
+        let (r0, _) = rate_ratios(&acc, 0.08, true);
+        assert!((r0 - 0.09 / 0.08).abs() < 1e-12);
+        let zero = Tolerance { kind: ToleranceKind::Relative, amount: 0.0, written: "0%".into() };
+        assert_eq!(rate_ratios(&zero, 0.01, false), (1.0, MIN_GAP));
+    }
+}
