@@ -1058,6 +1058,30 @@ mod tests {
     }
 
     #[test]
+    fn a_router_sending_another_share_is_flagged_and_does_not_bias_the_test() {
+        // Configured 5 %, realised 2 %, canary as good as stable: mismatch shown, no failure.
+        let spec = spec();
+        let ctx = ctx(0.95);
+        let mut memory = JudgeMemory::default();
+        let mut flagged = false;
+        for look in 1..=40 {
+            let n = f64::from(look);
+            let s = Counts {
+                bad: 98.0 * n,
+                total: 9800.0 * n,
+            };
+            let c = Counts {
+                bad: 2.0 * n,
+                total: 200.0 * n,
+            };
+            let r = judge(&ctx, &spec, &reading(s, c), &mut memory);
+            assert_ne!(r.verdict, Verdict::Fail);
+            flagged |= r.evidence.is_some_and(|e| e.share_mismatch);
+        }
+        assert!(flagged);
+    }
+
+    #[test]
     fn a_clear_regression_is_caught() {
         let failed = failures(0.95, 3.0, 20, 120, 12);
         assert_eq!(failed, 20);
