@@ -51,7 +51,9 @@ fn parse_method(name: &str) -> anyhow::Result<Method> {
         "sequential" => Method::Sequential,
         "threshold" => Method::Threshold,
         "mann-whitney" => Method::MannWhitney,
-        other => anyhow::bail!("unknown judge {other:?}: expected sequential, threshold or mann-whitney"),
+        other => {
+            anyhow::bail!("unknown judge {other:?}: expected sequential, threshold or mann-whitney")
+        }
     })
 }
 
@@ -59,10 +61,18 @@ fn parse_method(name: &str) -> anyhow::Result<Method> {
 pub fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Policy> {
     let policy = match path {
         Some(p) => crate::policy::load_file(p).map_err(|e| anyhow::anyhow!("{e}"))?,
-        None => crate::policy::load_str("policies/bench.yaml (built in)", DEFAULT_POLICY).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => crate::policy::load_str("policies/bench.yaml (built in)", DEFAULT_POLICY)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
     };
-    if let Some(m) = policy.metrics.iter().find(|m| matches!(m.kind, crate::policy::MetricKind::Query { .. })) {
-        anyhow::bail!("metric {:?} is a raw query; the benchmark simulates only error_rate, latency and accuracy", m.name);
+    if let Some(m) = policy
+        .metrics
+        .iter()
+        .find(|m| matches!(m.kind, crate::policy::MetricKind::Query { .. }))
+    {
+        anyhow::bail!(
+            "metric {:?} is a raw query; the benchmark simulates only error_rate, latency and accuracy",
+            m.name
+        );
     }
     Ok(policy)
 }
@@ -78,11 +88,18 @@ pub fn compute(args: &BenchArgs, progress: bool) -> anyhow::Result<Results> {
     let scenarios = scenario::load(&args.scenarios)?;
     let base = load_policy(args.policy.as_deref())?;
     let judges: Vec<String> = if args.judges.is_empty() {
-        vec!["sequential".into(), "threshold".into(), "mann-whitney".into()]
+        vec![
+            "sequential".into(),
+            "threshold".into(),
+            "mann-whitney".into(),
+        ]
     } else {
         args.judges.clone()
     };
-    let methods: Vec<Method> = judges.iter().map(|j| parse_method(j)).collect::<anyhow::Result<_>>()?;
+    let methods: Vec<Method> = judges
+        .iter()
+        .map(|j| parse_method(j))
+        .collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
 
     // Units of work: (scenario, judge, first rep, reps).
@@ -99,18 +116,27 @@ pub fn compute(args: &BenchArgs, progress: bool) -> anyhow::Result<Results> {
     }
     let policies: Vec<Vec<Policy>> = scenarios
         .iter()
-        .map(|sc| methods.iter().map(|m| run::policy_for(&base, sc, *m)).collect())
+        .map(|sc| {
+            methods
+                .iter()
+                .map(|m| run::policy_for(&base, sc, *m))
+                .collect()
+        })
         .collect();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Vec<run::RepResult>>>> = Mutex::new(vec![None; units.len()]);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(si, ji, first, n)) = units.get(i) else { break };
+                    let Some(&(si, ji, first, n)) = units.get(i) else {
+                        break;
+                    };
                     let sc = &scenarios[si];
                     let policy = &policies[si][ji];
                     let reps: Vec<run::RepResult> = (first..first + n)
@@ -123,14 +149,20 @@ pub fn compute(args: &BenchArgs, progress: bool) -> anyhow::Result<Results> {
                         r[i] = Some(reps);
                     }
                     let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    if progress && (d % 10 == 0 || d == units.len()) {
-                        let _ = writeln!(std::io::stderr(), "bench: {d} of {} batches of {CHUNK} repetitions", units.len());
+                    if progress && (d.is_multiple_of(10) || d == units.len()) {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "bench: {d} of {} batches of {CHUNK} repetitions",
+                            units.len()
+                        );
                     }
                 }
             });
         }
     });
-    let results = results.into_inner().map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))?;
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))?;
     let mut rows = Vec::new();
     for (si, sc) in scenarios.iter().enumerate() {
         for (ji, judge) in judges.iter().enumerate() {
@@ -157,7 +189,8 @@ fn stopwatch() -> impl Fn() -> f64 {
 /// Runs the benchmark and prints its results.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let elapsed = stopwatch();
-    let results = compute(args, true).with_context(|| format!("bench {}", args.scenarios.display()))?;
+    let results =
+        compute(args, true).with_context(|| format!("bench {}", args.scenarios.display()))?;
     let wall = elapsed();
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -165,7 +198,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         write!(out, "{}", report::table(&results.rows))?;
         writeln!(out)?;
-        let baseline = results.judges.iter().any(|j| j == "threshold").then_some("threshold");
+        let baseline = results
+            .judges
+            .iter()
+            .any(|j| j == "threshold")
+            .then_some("threshold");
         for judge in &results.judges {
             if judge == "threshold" {
                 continue;
@@ -175,7 +212,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 writeln!(out, "  [{}] {what}", if ok { "pass" } else { "FAIL" })?;
             }
         }
-        writeln!(out, "\nwall time {wall:.1} s, {} repetitions per scenario and judge, seed {}", args.reps, args.seed)?;
+        writeln!(
+            out,
+            "\nwall time {wall:.1} s, {} repetitions per scenario and judge, seed {}",
+            args.reps, args.seed
+        )?;
     }
     let _ = writeln!(std::io::stderr(), "bench: finished in {wall:.1} s");
     Ok(())

@@ -35,7 +35,7 @@ fn open01(rng: &mut SmallRng) -> f64 {
 
 /// A Poisson(`mean`) count.
 pub fn poisson(rng: &mut SmallRng, mean: f64) -> f64 {
-    if !(mean > 1e-12) {
+    if mean.is_nan() || mean <= 1e-12 {
         return 0.0;
     }
     if mean < 12.0 {

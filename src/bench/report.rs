@@ -62,8 +62,17 @@ fn quantile(v: &[f64], q: f64) -> Option<f64> {
 /// KL divergence per canary request between the canary's and stable's observable data
 /// (`canary_first`: KL(canary ‖ stable), else the reverse), for the metrics the policy has.
 pub fn kl_per_request(policy: &Policy, sc: &Scenario, canary_first: bool) -> f64 {
-    let p_c = sc.p_c_late.filter(|_| sc.onset_min.is_some()).unwrap_or(sc.p_c);
-    let pair = |a: f64, b: f64| if canary_first { bernoulli_kl(a, b) } else { bernoulli_kl(b, a) };
+    let p_c = sc
+        .p_c_late
+        .filter(|_| sc.onset_min.is_some())
+        .unwrap_or(sc.p_c);
+    let pair = |a: f64, b: f64| {
+        if canary_first {
+            bernoulli_kl(a, b)
+        } else {
+            bernoulli_kl(b, a)
+        }
+    };
     let mut kl = 0.0;
     for m in &policy.metrics {
         match m.kind {
@@ -101,7 +110,11 @@ pub fn oracle_bound(policy: &Policy, sc: &Scenario) -> Option<f64> {
 pub fn pipeline_floor(policy: &Policy, sc: &Scenario) -> f64 {
     let steps = policy.strategy.steps();
     let step_min = policy.strategy.step_duration().as_secs_f64() / 60.0;
-    let idx = if step_min > 0.0 { (sc.onset() / step_min).floor() as usize } else { 0 };
+    let idx = if step_min > 0.0 {
+        (sc.onset() / step_min).floor() as usize
+    } else {
+        0
+    };
     let weight = steps.get(idx).copied().unwrap_or(100.0);
     let rpm = sc.total_rpm * realized_share(sc, weight);
     let delay_min = (SCRAPE_MS as f64 / 1000.0 + policy.strategy.interval.as_secs_f64()) / 60.0;
@@ -112,9 +125,21 @@ pub fn pipeline_floor(policy: &Policy, sc: &Scenario) -> f64 {
 pub fn summarise(policy: &Policy, sc: &Scenario, judge: &str, reps: &[RepResult]) -> Summary {
     let n = reps.len() as u32;
     let count = |o: Outcome| reps.iter().filter(|r| r.outcome == o).count() as u32;
-    let (rb, pr, un) = (count(Outcome::RolledBack), count(Outcome::Promoted), count(Outcome::Undecided));
-    let rate = |k: u32| if n == 0 { 0.0 } else { f64::from(k) / f64::from(n) };
-    let pick = |o: Outcome, f: fn(&RepResult) -> f64| -> Vec<f64> { reps.iter().filter(|r| r.outcome == o).map(f).collect() };
+    let (rb, pr, un) = (
+        count(Outcome::RolledBack),
+        count(Outcome::Promoted),
+        count(Outcome::Undecided),
+    );
+    let rate = |k: u32| {
+        if n == 0 {
+            0.0
+        } else {
+            f64::from(k) / f64::from(n)
+        }
+    };
+    let pick = |o: Outcome, f: fn(&RepResult) -> f64| -> Vec<f64> {
+        reps.iter().filter(|r| r.outcome == o).map(f).collect()
+    };
     let rb_req = pick(Outcome::RolledBack, |r| r.canary_requests);
     let rb_min = pick(Outcome::RolledBack, |r| r.minutes);
     let pr_req = pick(Outcome::Promoted, |r| r.canary_requests);
@@ -201,16 +226,27 @@ pub fn goals(rows: &[Summary], judge: &str, baseline: Option<&str>) -> Vec<(Stri
     for r in &mine {
         if r.expected == "promote" {
             out.push((
-                format!("{}: false rollbacks {} (CI95 high {}) <= 5% / 6.5%", r.scenario, pct(r.rollback_rate), pct(r.rollback_rate_ci95_high)),
+                format!(
+                    "{}: false rollbacks {} (CI95 high {}) <= 5% / 6.5%",
+                    r.scenario,
+                    pct(r.rollback_rate),
+                    pct(r.rollback_rate_ci95_high)
+                ),
                 r.rollback_rate <= 0.05 && r.rollback_rate_ci95_high <= 0.065,
             ));
         } else {
-            out.push((format!("{}: misses {} <= 5%", r.scenario, pct(r.promote_rate)), r.promote_rate <= 0.05));
+            out.push((
+                format!("{}: misses {} <= 5%", r.scenario, pct(r.promote_rate)),
+                r.promote_rate <= 0.05,
+            ));
         }
     }
     let stale: u32 = mine.iter().map(|r| r.stale_promotions).sum();
     out.push((format!("stale promotions {stale} == 0"), stale == 0));
-    let effs: Vec<f64> = mine.iter().filter_map(|r| r.efficiency_with_floor).collect();
+    let effs: Vec<f64> = mine
+        .iter()
+        .filter_map(|r| r.efficiency_with_floor)
+        .collect();
     let bad = mine.iter().filter(|r| r.expected == "rollback").count();
     if !effs.is_empty() {
         let g = (effs.iter().map(|e| e.ln()).sum::<f64>() / effs.len() as f64).exp();
@@ -221,9 +257,15 @@ pub fn goals(rows: &[Summary], judge: &str, baseline: Option<&str>) -> Vec<(Stri
     }
     if let Some(base) = baseline {
         for r in mine.iter().filter(|r| r.expected == "rollback") {
-            let other = rows.iter().find(|o| o.judge == base && o.scenario == r.scenario);
+            let other = rows
+                .iter()
+                .find(|o| o.judge == base && o.scenario == r.scenario);
             let ok = match (other, r.canary_requests_to_rollback_mean) {
-                (Some(o), Some(m)) => o.promote_rate > 0.05 || o.canary_requests_to_rollback_mean.is_none_or(|b| m <= b / 3.0),
+                (Some(o), Some(m)) => {
+                    o.promote_rate > 0.05
+                        || o.canary_requests_to_rollback_mean
+                            .is_none_or(|b| m <= b / 3.0)
+                }
                 (None, _) => continue,
                 (Some(_), None) => false,
             };

@@ -36,7 +36,8 @@ pub struct RepResult {
 pub fn policy_for(base: &Policy, sc: &Scenario, method: Method) -> Policy {
     let mut p = base.clone();
     p.analysis.method = method;
-    p.metrics.retain(|m| !matches!(m.kind, MetricKind::Accuracy) || sc.accuracy.is_some());
+    p.metrics
+        .retain(|m| !matches!(m.kind, MetricKind::Accuracy) || sc.accuracy.is_some());
     p.strategy.manual_promotion = false;
     p.webhooks.clear();
     p
@@ -57,14 +58,21 @@ pub fn realized_share(sc: &Scenario, weight: f64) -> f64 {
 /// Runs one repetition.
 pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -> RepResult {
     let mut world = World::new(sc);
-    let interval_ms = i64::try_from(policy.strategy.interval.as_millis()).unwrap_or(i64::MAX).max(1000);
-    let horizon_ms = i64::try_from((policy.strategy.progress_deadline + policy.strategy.post_promotion_watch).as_millis())
-        .unwrap_or(i64::MAX / 2)
-        .saturating_add(10 * 60_000);
+    let interval_ms = i64::try_from(policy.strategy.interval.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1000);
+    let horizon_ms = i64::try_from(
+        (policy.strategy.progress_deadline + policy.strategy.post_promotion_watch).as_millis(),
+    )
+    .unwrap_or(i64::MAX / 2)
+    .saturating_add(10 * 60_000);
     let onset_ms = (sc.onset() * 60_000.0) as i64;
     let series = policy.analysis.method == Method::MannWhitney;
-    let slow: BTreeMap<String, Option<f64>> =
-        policy.metrics.iter().map(|m| (m.name.clone(), slow_boundary(policy, m, sc))).collect();
+    let slow: BTreeMap<String, Option<f64>> = policy
+        .metrics
+        .iter()
+        .map(|m| (m.name.clone(), slow_boundary(policy, m, sc)))
+        .collect();
     // The evaluation clock is not aligned with the scrapes: a random phase per repetition.
     let mut next_eval: i64 = (rng.random::<f64>() * SCRAPE_MS as f64) as i64;
     let mut next_scrape = SCRAPE_MS;
@@ -85,7 +93,11 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
         let got = world.serve(rng, now, next, share);
         if next > onset_ms {
             // Requests of a chunk that straddles the onset count for the part after it.
-            let frac = if now >= onset_ms { 1.0 } else { (next - onset_ms) as f64 / (next - now) as f64 };
+            let frac = if now >= onset_ms {
+                1.0
+            } else {
+                (next - onset_ms) as f64 / (next - now) as f64
+            };
             served += got * frac;
         }
         now = next;
@@ -101,12 +113,17 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
                 .iter()
                 .map(|m| {
                     let le = slow.get(&m.name).copied().flatten();
-                    (m.name.clone(), world.reading(m, now, step_start, le, series))
+                    (
+                        m.name.clone(),
+                        world.reading(m, now, step_start, le, series),
+                    )
                 })
                 .collect();
             let obs = Observation {
                 metrics,
-                router: RouterStatus::Ok { canary_weight: state.weight },
+                router: RouterStatus::Ok {
+                    canary_weight: state.weight,
+                },
                 gate: Gate::Open,
             };
             let input = Input::Tick(obs);
@@ -114,7 +131,9 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
             if d.action == Action::Promote {
                 // A promotion while any metric has no data for the canary is unsafe whatever
                 // happens after it.
-                let Input::Tick(obs) = &input else { unreachable!("built as a tick above") };
+                let Input::Tick(obs) = &input else {
+                    unreachable!("built as a tick above")
+                };
                 let stale = obs.metrics.values().any(|r| canary_missing(&r.canary));
                 stale_any |= stale;
                 promoted = Some(((now - onset_ms).max(0) as f64 / 60_000.0, served));
@@ -127,7 +146,9 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
                     r.minutes = min;
                     return r;
                 }
-                Phase::RollingBack | Phase::RolledBack => return result(Outcome::RolledBack, now, served, stale_any),
+                Phase::RollingBack | Phase::RolledBack => {
+                    return result(Outcome::RolledBack, now, served, stale_any);
+                }
                 Phase::Failed => return result(Outcome::Undecided, now, served, stale_any),
                 _ => {}
             }

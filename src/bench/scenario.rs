@@ -122,22 +122,35 @@ const KNOWN: [&str; 21] = [
 /// Parses a scenario file's text: an object of scenarios by name (or an array of scenarios
 /// with a `name` each). Every problem is reported, not only the first.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Scenario>, ScenarioError> {
-    let fail = |problems: Vec<String>| ScenarioError { file: file.to_owned(), problems };
-    let root: Value = serde_json::from_str(text).map_err(|e| fail(vec![format!("invalid JSON: {e}")]))?;
+    let fail = |problems: Vec<String>| ScenarioError {
+        file: file.to_owned(),
+        problems,
+    };
+    let root: Value =
+        serde_json::from_str(text).map_err(|e| fail(vec![format!("invalid JSON: {e}")]))?;
     let entries: Vec<(String, &Value)> = match &root {
         Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v)).collect(),
         Value::Array(a) => a
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                let name = v.get("name").and_then(Value::as_str).map_or_else(|| format!("#{i}"), str::to_owned);
+                let name = v
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("#{i}"), str::to_owned);
                 (name, v)
             })
             .collect(),
-        _ => return Err(fail(vec!["expected an object of scenarios by name, found another JSON value".into()])),
+        _ => {
+            return Err(fail(vec![
+                "expected an object of scenarios by name, found another JSON value".into(),
+            ]));
+        }
     };
     if entries.is_empty() {
-        return Err(fail(vec!["expected at least one scenario, found none".into()]));
+        return Err(fail(vec![
+            "expected at least one scenario, found none".into(),
+        ]));
     }
     let mut problems = Vec::new();
     let mut out = Vec::new();
@@ -151,7 +164,11 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Scenario>, ScenarioError> {
             _ => problems.push(format!("{name}: expected an object of scenario fields")),
         }
     }
-    if problems.is_empty() { Ok(out) } else { Err(fail(problems)) }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(fail(problems))
+    }
 }
 
 /// Reads a scenario file.
@@ -178,12 +195,18 @@ impl Fields<'_> {
             Some(Value::Number(n)) => match n.as_f64() {
                 Some(x) if x.is_finite() && x >= lo && x <= hi => Some(x),
                 _ => {
-                    self.problems.push(format!("{}.{key}: expected a number from {lo} to {hi}, found {n}", self.name));
+                    self.problems.push(format!(
+                        "{}.{key}: expected a number from {lo} to {hi}, found {n}",
+                        self.name
+                    ));
                     None
                 }
             },
             Some(other) => {
-                self.problems.push(format!("{}.{key}: expected a number, found {other}", self.name));
+                self.problems.push(format!(
+                    "{}.{key}: expected a number, found {other}",
+                    self.name
+                ));
                 None
             }
         }
@@ -198,7 +221,10 @@ fn scenario(name: &str, m: &Map<String, Value>, problems: &mut Vec<String>) -> O
     let before = problems.len();
     for k in m.keys() {
         if !KNOWN.contains(&k.as_str()) {
-            problems.push(format!("{name}.{k}: unknown field (expected one of {})", KNOWN.join(", ")));
+            problems.push(format!(
+                "{name}.{k}: unknown field (expected one of {})",
+                KNOWN.join(", ")
+            ));
         }
     }
     let mut f = Fields { name, m, problems };
@@ -222,12 +248,16 @@ fn scenario(name: &str, m: &Map<String, Value>, problems: &mut Vec<String>) -> O
         Some(Value::Array(a)) if a.len() == 2 => match (a[0].as_f64(), a[1].as_f64()) {
             (Some(x), Some(y)) if x.is_finite() && y.is_finite() && x <= y => Some((x, y)),
             _ => {
-                problems.push(format!("{name}.lat_missing_c: expected [from, to] minutes with from <= to"));
+                problems.push(format!(
+                    "{name}.lat_missing_c: expected [from, to] minutes with from <= to"
+                ));
                 None
             }
         },
         Some(other) => {
-            problems.push(format!("{name}.lat_missing_c: expected [from, to] minutes, found {other}"));
+            problems.push(format!(
+                "{name}.lat_missing_c: expected [from, to] minutes, found {other}"
+            ));
             None
         }
     };
@@ -237,18 +267,31 @@ fn scenario(name: &str, m: &Map<String, Value>, problems: &mut Vec<String>) -> O
             let an = format!("{name}.accuracy");
             for k in a.keys() {
                 if !["coverage", "delay_mean_min", "q_s", "q_c"].contains(&k.as_str()) {
-                    problems.push(format!("{an}.{k}: unknown field (expected coverage, delay_mean_min, q_s, q_c)"));
+                    problems.push(format!(
+                        "{an}.{k}: unknown field (expected coverage, delay_mean_min, q_s, q_c)"
+                    ));
                 }
             }
-            let mut g = Fields { name: &an, m: a, problems };
+            let mut g = Fields {
+                name: &an,
+                m: a,
+                problems,
+            };
             let coverage = g.num("coverage", 1.0, 0.0, 1.0);
             let delay_mean_min = g.num("delay_mean_min", 0.0, 0.0, 1e6);
             let q_s = g.num("q_s", 0.1, 0.0, 1.0);
             let q_c = g.num("q_c", q_s, 0.0, 1.0);
-            Some(Accuracy { coverage, delay_mean_min, q_s, q_c })
+            Some(Accuracy {
+                coverage,
+                delay_mean_min,
+                q_s,
+                q_c,
+            })
         }
         Some(other) => {
-            problems.push(format!("{name}.accuracy: expected an object or null, found {other}"));
+            problems.push(format!(
+                "{name}.accuracy: expected an object or null, found {other}"
+            ));
             None
         }
     };
@@ -256,11 +299,15 @@ fn scenario(name: &str, m: &Map<String, Value>, problems: &mut Vec<String>) -> O
         Some("promote") => Some(Expected::Promote),
         Some("rollback") => Some(Expected::Rollback),
         Some(other) => {
-            problems.push(format!("{name}.expected: expected promote or rollback, found {other:?}"));
+            problems.push(format!(
+                "{name}.expected: expected promote or rollback, found {other:?}"
+            ));
             None
         }
         None => {
-            problems.push(format!("{name}.expected: missing; expected promote or rollback"));
+            problems.push(format!(
+                "{name}.expected: missing; expected promote or rollback"
+            ));
             None
         }
     };
@@ -304,18 +351,32 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_with_its_field() {
-        let e = parse("t.json", r#"{"a": {"p_c": 2, "typo": 1}, "b": {"expected": "maybe"}}"#).unwrap_err();
+        let e = parse(
+            "t.json",
+            r#"{"a": {"p_c": 2, "typo": 1}, "b": {"expected": "maybe"}}"#,
+        )
+        .unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("t.json: a.p_c: expected a number from 0 to 1, found 2"), "{text}");
+        assert!(
+            text.contains("t.json: a.p_c: expected a number from 0 to 1, found 2"),
+            "{text}"
+        );
         assert!(text.contains("a.typo: unknown field"), "{text}");
         assert!(text.contains("a.expected: missing"), "{text}");
-        assert!(text.contains("b.expected: expected promote or rollback, found \"maybe\""), "{text}");
+        assert!(
+            text.contains("b.expected: expected promote or rollback, found \"maybe\""),
+            "{text}"
+        );
     }
 
     #[test]
     fn the_shared_scenarios_parse() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/bench/scenarios.json");
-        let text = std::fs::read_to_string(path).expect("a copy of the shared scenarios is in tests/data");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/bench/scenarios.json"
+        );
+        let text =
+            std::fs::read_to_string(path).expect("a copy of the shared scenarios is in tests/data");
         let s = parse(path, &text).expect("the shared scenarios are valid");
         assert_eq!(s.len(), 15);
     }

@@ -9,7 +9,20 @@ use rand::rngs::SmallRng;
 use statrs::function::erf::erfc;
 
 /// Prometheus's default histogram buckets (seconds); the last is +Inf.
-pub const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, f64::INFINITY];
+pub const BUCKETS: [f64; 12] = [
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    f64::INFINITY,
+];
 /// Scrape interval, milliseconds.
 pub const SCRAPE_MS: i64 = 15_000;
 const STABLE: usize = 0;
@@ -52,7 +65,10 @@ impl Counters {
             .zip(self.hist.iter())
             .map(|(le, c)| {
                 acc += c;
-                Bucket { le: *le, count: acc }
+                Bucket {
+                    le: *le,
+                    count: acc,
+                }
             })
             .collect()
     }
@@ -86,7 +102,15 @@ pub struct World<'a> {
 fn latency_cdf(sc: &Scenario, canary: bool, x: f64) -> f64 {
     let phi = |z: f64| 0.5 * erfc(-z / std::f64::consts::SQRT_2);
     let mu = sc.lat_mu + if canary { sc.lat_shift_c } else { 0.0 };
-    let base = |x: f64| if x <= 0.0 { 0.0 } else if x.is_infinite() { 1.0 } else { phi((x.ln() - mu) / sc.lat_sigma) };
+    let base = |x: f64| {
+        if x <= 0.0 {
+            0.0
+        } else if x.is_infinite() {
+            1.0
+        } else {
+            phi((x.ln() - mu) / sc.lat_sigma)
+        }
+    };
     if canary && sc.tail_frac_c > 0.0 {
         (1.0 - sc.tail_frac_c) * base(x) + sc.tail_frac_c * base(x - sc.tail_add_s)
     } else {
@@ -134,7 +158,10 @@ impl<'a> World<'a> {
             probs: [bucket_probs(sc, false), bucket_probs(sc, true)],
             arms: [Counters::default(); 2],
             pending: [Pending::default(); 2],
-            snapshots: vec![Snapshot { at_ms: 0, arms: [Counters::default(); 2] }],
+            snapshots: vec![Snapshot {
+                at_ms: 0,
+                arms: [Counters::default(); 2],
+            }],
         }
     }
 
@@ -154,7 +181,11 @@ impl<'a> World<'a> {
         for arm in [STABLE, CANARY] {
             let frac = if arm == CANARY { share } else { 1.0 - share };
             let lam = per_s * frac * dt;
-            let p = if arm == CANARY { sc.p_canary(mid_min) } else { sc.p_s };
+            let p = if arm == CANARY {
+                sc.p_canary(mid_min)
+            } else {
+                sc.p_s
+            };
             let p = (p * coupling).clamp(0.0, 1.0);
             let errors = super::random::bursty(rng, lam * p, sc.overdispersion);
             let ok = super::random::poisson(rng, lam * (1.0 - p));
@@ -196,18 +227,26 @@ impl<'a> World<'a> {
 
     /// Prometheus scrapes both versions.
     pub fn scrape(&mut self, at_ms: i64) {
-        self.snapshots.push(Snapshot { at_ms, arms: self.arms });
+        self.snapshots.push(Snapshot {
+            at_ms,
+            arms: self.arms,
+        });
     }
 
     /// Whether the canary's latency series is absent at the last scrape before `at_ms`.
     fn latency_missing(&self, at_ms: i64) -> bool {
         let scraped = self.last_index(at_ms);
         let t = self.snapshots[scraped].at_ms as f64 / 60_000.0;
-        self.sc.lat_missing_c.is_some_and(|(from, to)| t >= from && t < to)
+        self.sc
+            .lat_missing_c
+            .is_some_and(|(from, to)| t >= from && t < to)
     }
 
     fn last_index(&self, at_ms: i64) -> usize {
-        self.snapshots.iter().rposition(|s| s.at_ms <= at_ms).unwrap_or(0)
+        self.snapshots
+            .iter()
+            .rposition(|s| s.at_ms <= at_ms)
+            .unwrap_or(0)
     }
 
     /// The first scrape at or after `at_ms`, for the start of a window.
@@ -217,7 +256,14 @@ impl<'a> World<'a> {
 
     /// Both versions' readings of one metric, as the shell would build them from Prometheus.
     /// `step_start_ms` begins the analysis window; `series` asks for per-scrape values.
-    pub fn reading(&self, spec: &MetricSpec, now_ms: i64, step_start_ms: i64, slow_le: Option<f64>, series: bool) -> MetricReading {
+    pub fn reading(
+        &self,
+        spec: &MetricSpec,
+        now_ms: i64,
+        step_start_ms: i64,
+        slow_le: Option<f64>,
+        series: bool,
+    ) -> MetricReading {
         let now = self.last_index(now_ms);
         let mut out = [Reading::NoData, Reading::NoData];
         for arm in [STABLE, CANARY] {
@@ -237,7 +283,10 @@ impl<'a> World<'a> {
                     }
                 }
             }
-            let win_base = self.first_index_from(step_start_ms).unwrap_or(now).clamp(cum_base, now);
+            let win_base = self
+                .first_index_from(step_start_ms)
+                .unwrap_or(now)
+                .clamp(cum_base, now);
             let cur = &self.snapshots[now].arms[arm];
             let cum = cur.minus(&self.snapshots[cum_base].arms[arm]);
             let win = cur.minus(&self.snapshots[win_base].arms[arm]);
@@ -246,7 +295,9 @@ impl<'a> World<'a> {
                     return Vec::new();
                 }
                 (win_base + 1..=now)
-                    .filter_map(|i| f(&self.snapshots[i].arms[arm].minus(&self.snapshots[i - 1].arms[arm])))
+                    .filter_map(|i| {
+                        f(&self.snapshots[i].arms[arm].minus(&self.snapshots[i - 1].arms[arm]))
+                    })
                     .collect()
             };
             let sample = match &spec.kind {
@@ -257,7 +308,10 @@ impl<'a> World<'a> {
                     Sample {
                         value: (win.requests > 0.0).then(|| win.errors / win.requests),
                         window_events: win.requests,
-                        cumulative: Some(Counts { bad: cum.errors, total: cum.requests }),
+                        cumulative: Some(Counts {
+                            bad: cum.errors,
+                            total: cum.requests,
+                        }),
                         series: per_scrape(&|c| (c.requests > 0.0).then(|| c.errors / c.requests)),
                         ..Sample::default()
                     }
@@ -269,7 +323,10 @@ impl<'a> World<'a> {
                     }
                     let buckets = cum.cumulative_buckets();
                     let slow = slow_le.map(|le| {
-                        let at = buckets.iter().find(|b| b.le == le).map_or(total, |b| b.count);
+                        let at = buckets
+                            .iter()
+                            .find(|b| b.le == le)
+                            .map_or(total, |b| b.count);
                         total - at
                     });
                     Sample {
@@ -290,7 +347,10 @@ impl<'a> World<'a> {
                     Sample {
                         value: (w > 0.0).then(|| win.correct / w),
                         window_events: w,
-                        cumulative: Some(Counts { bad: cum.incorrect, total: scored }),
+                        cumulative: Some(Counts {
+                            bad: cum.incorrect,
+                            total: scored,
+                        }),
                         series: per_scrape(&|c| {
                             let n = c.correct + c.incorrect;
                             (n > 0.0).then(|| c.correct / n)
@@ -311,7 +371,9 @@ impl<'a> World<'a> {
 /// bucket boundary at or above the absolute bound, or above stable's quantile stretched by
 /// the tolerance (stable's quantile as known from its history before the rollout).
 pub fn slow_boundary(policy: &Policy, spec: &MetricSpec, sc: &Scenario) -> Option<f64> {
-    let MetricKind::Latency { quantile } = spec.kind else { return None };
+    let MetricKind::Latency { quantile } = spec.kind else {
+        return None;
+    };
     let _ = policy;
     let target = if let Some(max) = &spec.bounds.max {
         max.value
@@ -322,7 +384,10 @@ pub fn slow_boundary(policy: &Policy, spec: &MetricSpec, sc: &Scenario) -> Optio
             None => stable_q,
         }
     };
-    BUCKETS.iter().copied().find(|le| le.is_finite() && *le >= target)
+    BUCKETS
+        .iter()
+        .copied()
+        .find(|le| le.is_finite() && *le >= target)
 }
 
 fn normal_quantile(p: f64) -> f64 {
@@ -346,9 +411,12 @@ mod tests {
 
     #[test]
     fn bucket_probabilities_sum_to_one() {
-        let sc = super::super::scenario::parse("t", r#"{"a": {"expected": "promote", "tail_frac_c": 0.02}}"#)
-            .expect("valid")
-            .remove(0);
+        let sc = super::super::scenario::parse(
+            "t",
+            r#"{"a": {"expected": "promote", "tail_frac_c": 0.02}}"#,
+        )
+        .expect("valid")
+        .remove(0);
         for canary in [false, true] {
             let s: f64 = bucket_probs(&sc, canary).iter().sum();
             assert!((s - 1.0).abs() < 1e-12);

@@ -42,7 +42,13 @@ pub enum ShiftError {
 /// The standardised rank-sum statistic of `x − mu` against `y`, minus `zq`: R's `wdiff`.
 /// Its root in `mu` is the interval end (for `zq` a normal quantile) or the estimate
 /// (for `zq = 0` without continuity correction).
-pub fn wilcoxon_diff(mu: f64, zq: f64, x: &[f64], y: &[f64], correct: bool) -> Result<f64, ShiftError> {
+pub fn wilcoxon_diff(
+    mu: f64,
+    zq: f64,
+    x: &[f64],
+    y: &[f64],
+    correct: bool,
+) -> Result<f64, ShiftError> {
     let mut xs = x.to_vec();
     let mut ys = y.to_vec();
     xs.sort_by(f64::total_cmp);
@@ -52,7 +58,13 @@ pub fn wilcoxon_diff(mu: f64, zq: f64, x: &[f64], y: &[f64], correct: bool) -> R
 
 /// [`wilcoxon_diff`] on sorted samples: one merge of the two, O(n) and without allocation,
 /// since shifting `x` by `mu` keeps it sorted. Ties are exact float equality, as R's `rank`.
-fn wdiff_sorted(mu: f64, zq: f64, xs: &[f64], ys: &[f64], correct: bool) -> Result<f64, ShiftError> {
+fn wdiff_sorted(
+    mu: f64,
+    zq: f64,
+    xs: &[f64],
+    ys: &[f64],
+    correct: bool,
+) -> Result<f64, ShiftError> {
     if xs.is_empty() || ys.is_empty() {
         return Err(ShiftError::Empty);
     }
@@ -90,10 +102,14 @@ fn wdiff_sorted(mu: f64, zq: f64, xs: &[f64], ys: &[f64], correct: bool) -> Resu
     let dz = rank_sum_x - nx * (nx + 1.0) / 2.0 - nx * ny / 2.0;
     let n = nx + ny;
     let sigma = ((nx * ny / 12.0) * ((n + 1.0) - ties / (n * (n - 1.0)))).sqrt();
-    if !(sigma > 0.0) {
+    if sigma.is_nan() || sigma <= 0.0 {
         return Err(ShiftError::AllTied);
     }
-    let correction = if correct && dz != 0.0 { 0.5 * dz.signum() } else { 0.0 };
+    let correction = if correct && dz != 0.0 {
+        0.5 * dz.signum()
+    } else {
+        0.0
+    };
     Ok((dz - correction) / sigma - zq)
 }
 
@@ -145,7 +161,11 @@ pub fn shift_interval(x: &[f64], y: &[f64], confidence: f64) -> Result<ShiftInte
     let low = root(z, true)?;
     let high = root(-z, true)?;
     let estimate = root(0.0, false)?;
-    Ok(ShiftInterval { low, high, estimate })
+    Ok(ShiftInterval {
+        low,
+        high,
+        estimate,
+    })
 }
 
 /// The standard normal quantile with upper-tail probability `p`.
@@ -201,7 +221,10 @@ pub fn judge(
     let clean = |v: &[f64]| -> Vec<f64> { v.iter().copied().filter(|x| x.is_finite()).collect() };
     // Prefer the shell's per-interval series; otherwise build one from the window values.
     let (xs, ys) = if !canary.series.is_empty() {
-        (clean(&canary.series), stable.map(|s| clean(&s.series)).unwrap_or_default())
+        (
+            clean(&canary.series),
+            stable.map(|s| clean(&s.series)).unwrap_or_default(),
+        )
     } else {
         remember(&mut memory.history_canary, canary.value);
         remember(&mut memory.history_stable, stable.and_then(|s| s.value));
@@ -224,14 +247,24 @@ pub fn judge(
     let mut broken = Vec::new();
     if let Some(max) = &b.max {
         let ok = value.is_finite().then_some(value <= max.value);
-        report.bounds.push(BoundCheck { kind: BoundKind::Max, written: max.written.clone(), limit: Some(max.value), ok });
+        report.bounds.push(BoundCheck {
+            kind: BoundKind::Max,
+            written: max.written.clone(),
+            limit: Some(max.value),
+            ok,
+        });
         if ok == Some(false) {
             broken.push(format!("max {}", max.written));
         }
     }
     if let Some(min) = &b.min {
         let ok = value.is_finite().then_some(value >= min.value);
-        report.bounds.push(BoundCheck { kind: BoundKind::Min, written: min.written.clone(), limit: Some(min.value), ok });
+        report.bounds.push(BoundCheck {
+            kind: BoundKind::Min,
+            written: min.written.clone(),
+            limit: Some(min.value),
+            ok,
+        });
         if ok == Some(false) {
             broken.push(format!("min {}", min.written));
         }
@@ -241,7 +274,10 @@ pub fn judge(
         report.note = format!("stable has {} values, needs {MIN_POINTS}", ys.len());
         return report;
     }
-    let mut evidence = Evidence { test: "mann-whitney".into(), ..Evidence::default() };
+    let mut evidence = Evidence {
+        test: "mann-whitney".into(),
+        ..Evidence::default()
+    };
     if b.is_relative() {
         let higher_is_worse = !matches!(spec.kind, MetricKind::Accuracy);
         match classify(&xs, &ys, spec, higher_is_worse) {
@@ -289,7 +325,11 @@ pub fn judge(
     if broken.is_empty() {
         report.verdict = Verdict::Pass;
         report.promotable = true;
-        report.note = format!("{} canary values vs {} stable: no significant regression", xs.len(), ys.len());
+        report.note = format!(
+            "{} canary values vs {} stable: no significant regression",
+            xs.len(),
+            ys.len()
+        );
     } else {
         report.verdict = Verdict::Fail;
         report.note = format!("canary breaks {}", broken.join(", "));
@@ -307,7 +347,12 @@ struct Classification {
     worse: bool,
 }
 
-fn classify(x: &[f64], y: &[f64], spec: &MetricSpec, higher_is_worse: bool) -> Result<Classification, ShiftError> {
+fn classify(
+    x: &[f64],
+    y: &[f64],
+    spec: &MetricSpec,
+    higher_is_worse: bool,
+) -> Result<Classification, ShiftError> {
     if sorted(x) == sorted(y) {
         return Err(ShiftError::AllTied);
     }
@@ -327,15 +372,32 @@ fn classify(x: &[f64], y: &[f64], spec: &MetricSpec, higher_is_worse: bool) -> R
             _ => 1.0,
         }
     };
-    let effect = if my != 0.0 { mx / my } else if mx == 0.0 { 1.0 } else { f64::INFINITY };
+    let effect = if my != 0.0 {
+        mx / my
+    } else if mx == 0.0 {
+        1.0
+    } else {
+        f64::INFINITY
+    };
     let (worse, limit) = if higher_is_worse {
-        let limit = b.max_increase.as_ref().map_or(1.0, |t| ratio_limit(t, true));
+        let limit = b
+            .max_increase
+            .as_ref()
+            .map_or(1.0, |t| ratio_limit(t, true));
         (interval.low > critical && effect > limit, limit)
     } else {
-        let limit = b.max_decrease.as_ref().map_or(1.0, |t| ratio_limit(t, false));
+        let limit = b
+            .max_decrease
+            .as_ref()
+            .map_or(1.0, |t| ratio_limit(t, false));
         (interval.high < -critical && effect < limit, limit)
     };
-    Ok(Classification { interval, effect, limit, worse })
+    Ok(Classification {
+        interval,
+        effect,
+        limit,
+        worse,
+    })
 }
 
 fn sorted(v: &[f64]) -> Vec<f64> {
@@ -360,7 +422,10 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/kayenta_mannwhitney_vectors.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/kayenta_mannwhitney_vectors.json"
+        );
         let text = std::fs::read_to_string(path).expect("the Kayenta vectors are in tests/data");
         serde_json::from_str(&text).expect("the Kayenta vectors are JSON")
     }
@@ -392,7 +457,12 @@ mod tests {
             .as_array()
             .expect("asserts")
             .iter()
-            .map(|a| (expected(case, a[0].as_str().expect("text")), a[1].as_str().expect("text").to_owned()))
+            .map(|a| {
+                (
+                    expected(case, a[0].as_str().expect("text")),
+                    a[1].as_str().expect("text").to_owned(),
+                )
+            })
             .collect()
     }
 
@@ -403,8 +473,16 @@ mod tests {
         let (x, y) = (array(case, "x"), array(case, "y"));
         let a = assertions(case);
         assert_eq!(a.len(), 2);
-        close("wdiff(0)", wilcoxon_diff(0.0, 0.0, &x, &y, true).unwrap(), a[0].0);
-        close("wdiff(5)", wilcoxon_diff(5.0, 0.0, &x, &y, true).unwrap(), a[1].0);
+        close(
+            "wdiff(0)",
+            wilcoxon_diff(0.0, 0.0, &x, &y, true).unwrap(),
+            a[0].0,
+        );
+        close(
+            "wdiff(5)",
+            wilcoxon_diff(5.0, 0.0, &x, &y, true).unwrap(),
+            a[1].0,
+        );
     }
 
     #[test]
@@ -419,10 +497,26 @@ mod tests {
     fn intervals_match_kayenta_and_r() {
         let v = vectors();
         let cases = [
-            ("Mann-Whitney Confidence Interval & Estimate", "experimentData", "controlData"),
-            ("Mann-Whitney Confidence Interval & Estimate: Problem Case", "experiment", "control"),
-            ("Mann-Whitney Confidence Interval & Estimate: Tie out with R Version", "experiment", "control"),
-            ("Mann-Whitney Confidence Interval & Estimate: Tie out with R Version (Large)", "experiment", "control"),
+            (
+                "Mann-Whitney Confidence Interval & Estimate",
+                "experimentData",
+                "controlData",
+            ),
+            (
+                "Mann-Whitney Confidence Interval & Estimate: Problem Case",
+                "experiment",
+                "control",
+            ),
+            (
+                "Mann-Whitney Confidence Interval & Estimate: Tie out with R Version",
+                "experiment",
+                "control",
+            ),
+            (
+                "Mann-Whitney Confidence Interval & Estimate: Tie out with R Version (Large)",
+                "experiment",
+                "control",
+            ),
         ];
         for (name, xe, yc) in cases {
             let case = &v[name];
@@ -483,7 +577,10 @@ mod tests {
 
     #[test]
     fn all_tied_samples_have_no_interval() {
-        assert_eq!(shift_interval(&[1.0, 1.0], &[1.0, 1.0], 0.98), Err(ShiftError::AllTied));
+        assert_eq!(
+            shift_interval(&[1.0, 1.0], &[1.0, 1.0], 0.98),
+            Err(ShiftError::AllTied)
+        );
         assert_eq!(shift_interval(&[], &[1.0], 0.98), Err(ShiftError::Empty));
     }
 }

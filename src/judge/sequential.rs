@@ -161,11 +161,16 @@ impl BoundTest {
         let per_grid = (BAD_GRID.len() as f64).ln();
         let log_w: [f64; LAMBDAS.len()] = std::array::from_fn(|i| LAMBDAS[i].1.ln() - per_grid);
         let term = |k: usize| log_w[k / BAD_GRID.len()] + self.bad[k];
-        let m = (0..self.bad.len()).map(term).fold(f64::NEG_INFINITY, f64::max);
+        let m = (0..self.bad.len())
+            .map(term)
+            .fold(f64::NEG_INFINITY, f64::max);
         if !m.is_finite() {
             return m;
         }
-        m + (0..self.bad.len()).map(|k| (term(k) - m).exp()).sum::<f64>().ln()
+        m + (0..self.bad.len())
+            .map(|k| (term(k) - m).exp())
+            .sum::<f64>()
+            .ln()
     }
 
     /// Log of the promotion mixture's value.
@@ -265,7 +270,9 @@ fn survival(hist: &[Bucket], total: f64, x: f64) -> f64 {
     if x <= 0.0 {
         return 1.0;
     }
-    let Some(first) = finite.first() else { return 1.0 };
+    let Some(first) = finite.first() else {
+        return 1.0;
+    };
     if x <= first.le {
         // Below the first boundary: linear from P(X > 0) = 1.
         return 1.0 + (s(first.count) - 1.0) * x / first.le;
@@ -290,12 +297,20 @@ fn tolerated_latency(t: &Tolerance, x: f64, times: f64) -> f64 {
 }
 
 /// Judges one metric with the sequential tests.
-pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading, memory: &mut JudgeMemory) -> MetricReport {
+pub fn judge(
+    ctx: &JudgeContext,
+    spec: &MetricSpec,
+    reading: &MetricReading,
+    memory: &mut JudgeMemory,
+) -> MetricReport {
     if matches!(spec.kind, MetricKind::Query { .. }) {
         // A raw query gives values, not counts: no count-based test applies.
         let mut r = super::threshold::judge(ctx, spec, reading);
         r.method = ctx.method;
-        r.note = format!("{} (raw query: judged by its bounds, no sequential test)", r.note);
+        r.note = format!(
+            "{} (raw query: judged by its bounds, no sequential test)",
+            r.note
+        );
         return r;
     }
     let mut report = MetricReport {
@@ -340,15 +355,27 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading, mem
     }
     let alpha = ((1.0 - ctx.confidence) / ctx.metric_count.max(1) as f64).clamp(1e-12, 0.5);
     let threshold = (1.0 / alpha).ln();
-    let mem = memory.sequential.get_or_insert_with(SequentialMemory::default);
+    let mem = memory
+        .sequential
+        .get_or_insert_with(SequentialMemory::default);
     let mismatch = update(mem, ctx, spec, canary, stable);
 
-    let log_bad = log_sum_exp(&mem.tests.iter().map(|t| t.weight.ln() + t.log_bad()).collect::<Vec<_>>());
+    let log_bad = log_sum_exp(
+        &mem.tests
+            .iter()
+            .map(|t| t.weight.ln() + t.log_bad())
+            .collect::<Vec<_>>(),
+    );
     let promotion_tests: Vec<&BoundTest> = mem.tests.iter().filter(|t| t.for_promotion).collect();
     let log_good = if promotion_tests.is_empty() {
         None
     } else {
-        Some(promotion_tests.iter().map(|t| t.log_good()).fold(f64::INFINITY, f64::min))
+        Some(
+            promotion_tests
+                .iter()
+                .map(|t| t.log_good())
+                .fold(f64::INFINITY, f64::min),
+        )
     };
     let estimate = ratio_estimate(mem);
     let evidence = Evidence {
@@ -388,7 +415,9 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading, mem
             spec.min_samples
         );
         Verdict::Hold
-    } else if matches!(spec.kind, MetricKind::Accuracy) && log_good.is_none_or(|g| g < SUSPICION * threshold) {
+    } else if matches!(spec.kind, MetricKind::Accuracy)
+        && log_good.is_none_or(|g| g < SUSPICION * threshold)
+    {
         // Labels arrive late: what has arrived says little about predictions made since, so
         // accuracy lets the rollout go on only once the evidence leans clearly towards "within
         // tolerance" (half way to promotable). Holding at a low weight also makes fewer
@@ -414,7 +443,11 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading, mem
             "no evidence of harm (log e-value {:.2} of {:.2}); {}{}",
             log_bad,
             threshold,
-            if promotable { "good enough to promote" } else { "not yet proven good" },
+            if promotable {
+                "good enough to promote"
+            } else {
+                "not yet proven good"
+            },
             ratio_note(estimate)
         );
         Verdict::Pass
@@ -427,7 +460,9 @@ fn fmt_count(x: f64) -> String {
 }
 
 fn ratio_note(estimate: Option<f64>) -> String {
-    estimate.map_or(String::new(), |e| format!("; canary/stable bad-event ratio {e:.3}"))
+    estimate.map_or(String::new(), |e| {
+        format!("; canary/stable bad-event ratio {e:.3}")
+    })
 }
 
 /// The canary's bad-event rate over stable's, over everything used so far.
@@ -448,16 +483,36 @@ fn bound_checks(spec: &MetricSpec, rejected: bool, promotable: bool) -> Vec<Boun
     let b = &spec.bounds;
     let mut out = Vec::new();
     if let Some(m) = &b.max {
-        out.push(BoundCheck { kind: BoundKind::Max, written: m.written.clone(), limit: Some(m.value), ok });
+        out.push(BoundCheck {
+            kind: BoundKind::Max,
+            written: m.written.clone(),
+            limit: Some(m.value),
+            ok,
+        });
     }
     if let Some(m) = &b.min {
-        out.push(BoundCheck { kind: BoundKind::Min, written: m.written.clone(), limit: Some(m.value), ok });
+        out.push(BoundCheck {
+            kind: BoundKind::Min,
+            written: m.written.clone(),
+            limit: Some(m.value),
+            ok,
+        });
     }
     if let Some(t) = &b.max_increase {
-        out.push(BoundCheck { kind: BoundKind::MaxIncrease, written: t.written.clone(), limit: None, ok });
+        out.push(BoundCheck {
+            kind: BoundKind::MaxIncrease,
+            written: t.written.clone(),
+            limit: None,
+            ok,
+        });
     }
     if let Some(t) = &b.max_decrease {
-        out.push(BoundCheck { kind: BoundKind::MaxDecrease, written: t.written.clone(), limit: None, ok });
+        out.push(BoundCheck {
+            kind: BoundKind::MaxDecrease,
+            written: t.written.clone(),
+            limit: None,
+            ok,
+        });
     }
     out
 }
@@ -475,7 +530,10 @@ fn counts_of(s: &Sample) -> Option<Counts> {
 /// contributes nothing (counting the new value would double count what came before).
 fn difference(last: Option<Counts>, now: Counts) -> Increment {
     match last {
-        None => Increment { bad: now.bad, total: now.total },
+        None => Increment {
+            bad: now.bad,
+            total: now.total,
+        },
         Some(l) if now.total < l.total || now.bad < l.bad => Increment::default(),
         Some(l) => Increment {
             bad: now.bad - l.bad,
@@ -510,7 +568,13 @@ fn count_at(b: &[Bucket], le: f64) -> Option<f64> {
 
 /// Feeds one analysis' readings into the memory's tests. Returns whether the realised share
 /// differs from the configured weight.
-fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, canary: &Sample, stable: Option<&Sample>) -> bool {
+fn update(
+    mem: &mut SequentialMemory,
+    ctx: &JudgeContext,
+    spec: &MetricSpec,
+    canary: &Sample,
+    stable: Option<&Sample>,
+) -> bool {
     let latency = matches!(spec.kind, MetricKind::Latency { .. });
     let quantile = match spec.kind {
         MetricKind::Latency { quantile } => quantile,
@@ -518,8 +582,12 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
     };
     let c_counts = counts_of(canary);
     let s_counts = stable.and_then(counts_of);
-    let c_inc = c_counts.map(|c| difference(mem.last_canary, c)).unwrap_or_default();
-    let s_inc = s_counts.map(|c| difference(mem.last_stable, c)).unwrap_or_default();
+    let c_inc = c_counts
+        .map(|c| difference(mem.last_canary, c))
+        .unwrap_or_default();
+    let s_inc = s_counts
+        .map(|c| difference(mem.last_stable, c))
+        .unwrap_or_default();
     if let Some(c) = c_counts {
         mem.last_canary = Some(c);
     }
@@ -531,7 +599,8 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
     let mut mismatch = false;
     let n = c_inc.total + s_inc.total;
     let w = ctx.configured_weight / 100.0;
-    if mem.last_weight == Some(ctx.configured_weight) && n >= SHARE_CHECK_MIN && w > 0.0 && w < 1.0 {
+    if mem.last_weight == Some(ctx.configured_weight) && n >= SHARE_CHECK_MIN && w > 0.0 && w < 1.0
+    {
         let real = c_inc.total / n;
         let slack = 0.1 * w + 3.0 * (w * (1.0 - w) / n).sqrt();
         mismatch = (real - w).abs() > slack;
@@ -541,7 +610,11 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
     // Dispersion from stable's consecutive increments, before this increment is used, so the
     // estimate applied to it depends only on the past.
     let phi = dispersion(mem);
-    let cap = if mem.dispersion_terms < EARLY_TERMS { EARLY_CAP } else { f64::INFINITY };
+    let cap = if mem.dispersion_terms < EARLY_TERMS {
+        EARLY_CAP
+    } else {
+        f64::INFINITY
+    };
     if s_inc.total > 0.0 {
         if let Some(prev) = mem.previous_stable {
             let k = s_inc.total / prev.total;
@@ -553,43 +626,74 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
                 mem.dispersion_terms += 1.0;
             }
         }
-        mem.previous_stable = Some(Counts { bad: s_inc.bad, total: s_inc.total });
+        mem.previous_stable = Some(Counts {
+            bad: s_inc.bad,
+            total: s_inc.total,
+        });
     }
 
     // Latency histograms: increments per boundary.
     let c_b = clean_buckets(&canary.buckets);
-    let s_b = stable.map(|s| clean_buckets(&s.buckets)).unwrap_or_default();
+    let s_b = stable
+        .map(|s| clean_buckets(&s.buckets))
+        .unwrap_or_default();
     let c_total_now = hist_total(&canary.buckets);
     let s_total_now = stable.map_or(0.0, |s| hist_total(&s.buckets));
-    let hist_inc = |now: &[Bucket], now_total: f64, last: &[Bucket]| -> Option<(Vec<Bucket>, f64)> {
-        let last_total = hist_total(last);
-        if now_total < last_total || now.iter().any(|b| count_at(last, b.le).is_some_and(|l| b.count < l)) {
-            return None;
-        }
-        let inc: Vec<Bucket> = now
-            .iter()
-            .map(|b| Bucket { le: b.le, count: b.count - count_at(last, b.le).unwrap_or(0.0) })
-            .collect();
-        Some((inc, now_total - last_total))
-    };
+    let hist_inc =
+        |now: &[Bucket], now_total: f64, last: &[Bucket]| -> Option<(Vec<Bucket>, f64)> {
+            let last_total = hist_total(last);
+            if now_total < last_total
+                || now
+                    .iter()
+                    .any(|b| count_at(last, b.le).is_some_and(|l| b.count < l))
+            {
+                return None;
+            }
+            let inc: Vec<Bucket> = now
+                .iter()
+                .map(|b| Bucket {
+                    le: b.le,
+                    count: b.count - count_at(last, b.le).unwrap_or(0.0),
+                })
+                .collect();
+            Some((inc, now_total - last_total))
+        };
     let use_hist = latency && !c_b.is_empty();
-    let c_hist = if use_hist { hist_inc(&c_b, c_total_now, &mem.last_canary_buckets) } else { None };
-    let s_hist = if use_hist && !s_b.is_empty() { hist_inc(&s_b, s_total_now, &mem.last_stable_buckets) } else { None };
+    let c_hist = if use_hist {
+        hist_inc(&c_b, c_total_now, &mem.last_canary_buckets)
+    } else {
+        None
+    };
+    let s_hist = if use_hist && !s_b.is_empty() {
+        hist_inc(&s_b, s_total_now, &mem.last_stable_buckets)
+    } else {
+        None
+    };
 
     // Tests are created at the first look that has what they need: for latency, enough of
     // stable's histogram to see where its requests fall.
-    if mem.tests.is_empty() && (!use_hist || mem.stable_hist_total >= LATENCY_SETUP_EVENTS || s_b.is_empty()) {
+    if mem.tests.is_empty()
+        && (!use_hist || mem.stable_hist_total >= LATENCY_SETUP_EVENTS || s_b.is_empty())
+    {
         mem.tests = create_tests(spec, canary, &c_b, &mem.stable_hist, mem.stable_hist_total);
     }
 
     // Stable's state before this increment: the tolerances derived from it are predictable.
-    let p_s = if mem.stable.total > 0.0 { (mem.stable.bad + 0.5) / (mem.stable.total + 1.0) } else { f64::NAN };
+    let p_s = if mem.stable.total > 0.0 {
+        (mem.stable.bad + 0.5) / (mem.stable.total + 1.0)
+    } else {
+        f64::NAN
+    };
     let stable_hist = mem.stable_hist.clone();
     let stable_hist_total = mem.stable_hist_total;
 
     let accuracy = matches!(spec.kind, MetricKind::Accuracy);
     let b = &spec.bounds;
-    let tolerance = if accuracy { b.max_decrease.as_ref() } else { b.max_increase.as_ref() };
+    let tolerance = if accuracy {
+        b.max_decrease.as_ref()
+    } else {
+        b.max_increase.as_ref()
+    };
     let abs_bad_rate = match spec.kind {
         MetricKind::Accuracy => b.min.as_ref().map(|m| 1.0 - m.value),
         MetricKind::Latency { .. } => b.max.as_ref().map(|_| 1.0 - quantile),
@@ -603,7 +707,9 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
             (Some(le), Some((ch, ct))) => {
                 let above = |h: &[Bucket], t: f64| count_at(h, le).map(|c| (t - c).max(0.0));
                 let c = above(ch, *ct).map(|bad| Increment { bad, total: *ct });
-                let s = s_hist.as_ref().and_then(|(sh, st)| above(sh, *st).map(|bad| Increment { bad, total: *st }));
+                let s = s_hist
+                    .as_ref()
+                    .and_then(|(sh, st)| above(sh, *st).map(|bad| Increment { bad, total: *st }));
                 match c {
                     Some(c) => (c, s.unwrap_or_default()),
                     None => continue,
@@ -622,8 +728,16 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
                 let (r0, r_bad) = match (test.le, latency) {
                     (Some(le), true) if stable_hist_total > 0.0 => {
                         let s_at = survival(&stable_hist, stable_hist_total, le);
-                        let r0 = survival(&stable_hist, stable_hist_total, tolerated_latency(t, le, 1.0)) / s_at;
-                        let rb = survival(&stable_hist, stable_hist_total, tolerated_latency(t, le, 2.0)) / s_at;
+                        let r0 = survival(
+                            &stable_hist,
+                            stable_hist_total,
+                            tolerated_latency(t, le, 1.0),
+                        ) / s_at;
+                        let rb = survival(
+                            &stable_hist,
+                            stable_hist_total,
+                            tolerated_latency(t, le, 2.0),
+                        ) / s_at;
                         widen(r0.max(1.0), rb)
                     }
                     // Without stable's histogram yet, the tolerance cannot be mapped onto
@@ -640,7 +754,9 @@ fn update(mem: &mut SequentialMemory, ctx: &JudgeContext, spec: &MetricSpec, can
                     // Stable has no traffic (after promotion, blue-green): compare with its
                     // rate from before.
                     let p_ref = match test.le {
-                        Some(le) if stable_hist_total > 0.0 => survival(&stable_hist, stable_hist_total, le),
+                        Some(le) if stable_hist_total > 0.0 => {
+                            survival(&stable_hist, stable_hist_total, le)
+                        }
                         _ => p_s,
                     };
                     step_one_sample(test, ci, p_ref * r0, p_ref * r_bad, phi, cap);
@@ -687,11 +803,25 @@ fn dispersion(mem: &SequentialMemory) -> f64 {
 }
 
 /// The tests a metric needs.
-fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist: &[Bucket], stable_total: f64) -> Vec<BoundTest> {
+fn create_tests(
+    spec: &MetricSpec,
+    canary: &Sample,
+    c_b: &[Bucket],
+    stable_hist: &[Bucket],
+    stable_total: f64,
+) -> Vec<BoundTest> {
     let b = &spec.bounds;
     let accuracy = matches!(spec.kind, MetricKind::Accuracy);
-    let relative = if accuracy { b.max_decrease.is_some() } else { b.max_increase.is_some() };
-    let absolute = if accuracy { b.min.is_some() } else { b.max.is_some() };
+    let relative = if accuracy {
+        b.max_decrease.is_some()
+    } else {
+        b.max_increase.is_some()
+    };
+    let absolute = if accuracy {
+        b.min.is_some()
+    } else {
+        b.max.is_some()
+    };
     let mut tests = Vec::new();
     let n_kinds = usize::from(relative) + usize::from(absolute);
     let share = 1.0 / n_kinds.max(1) as f64;
@@ -710,12 +840,19 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist:
                 .iter()
                 .map(|x| x.le)
                 .filter(|le| {
-                    Some(*le) == slow || stable_total <= 0.0 || survival(stable_hist, stable_total, *le) <= MAX_EXCEEDANCE
+                    Some(*le) == slow
+                        || stable_total <= 0.0
+                        || survival(stable_hist, stable_total, *le) <= MAX_EXCEEDANCE
                 })
                 .collect();
             let w = 1.0 / les.len().max(1) as f64;
             for le in &les {
-                tests.push(BoundTest::new(TestKind::Relative, Some(*le), w * share, false));
+                tests.push(BoundTest::new(
+                    TestKind::Relative,
+                    Some(*le),
+                    w * share,
+                    false,
+                ));
             }
             // Promotion needs evidence at one boundary: the one whose stable exceedance is
             // nearest (in ratio) to the policy's 1 − quantile, where the policy's quantile
@@ -724,7 +861,14 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist:
             let best = tests
                 .iter()
                 .enumerate()
-                .filter_map(|(i, t)| t.le.map(|le| (i, (survival(stable_hist, stable_total, le).ln() - target.ln()).abs())))
+                .filter_map(|(i, t)| {
+                    t.le.map(|le| {
+                        (
+                            i,
+                            (survival(stable_hist, stable_total, le).ln() - target.ln()).abs(),
+                        )
+                    })
+                })
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(i, _)| i);
             if let Some(t) = best.and_then(|i| tests.get_mut(i)) {
@@ -733,7 +877,9 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist:
         }
         if absolute {
             let max = b.max.as_ref().map_or(f64::INFINITY, |m| m.value);
-            let le = slow.filter(|s| *s >= max).or_else(|| c_b.iter().map(|x| x.le).find(|le| *le >= max));
+            let le = slow
+                .filter(|s| *s >= max)
+                .or_else(|| c_b.iter().map(|x| x.le).find(|le| *le >= max));
             if let Some(le) = le {
                 tests.push(BoundTest::new(TestKind::Absolute, Some(le), share, true));
             }
@@ -749,7 +895,15 @@ fn create_tests(spec: &MetricSpec, canary: &Sample, c_b: &[Bucket], stable_hist:
     tests
 }
 
-fn step_two_sample(test: &mut BoundTest, c: Increment, s: Increment, r0: f64, r_bad: f64, phi: f64, cap: f64) {
+fn step_two_sample(
+    test: &mut BoundTest,
+    c: Increment,
+    s: Increment,
+    r0: f64,
+    r_bad: f64,
+    phi: f64,
+    cap: f64,
+) {
     if c.bad + s.bad <= 0.0 || c.total <= 0.0 || s.total <= 0.0 {
         // No bad events: the conditional likelihood ratio is 1 for every component.
         return;
@@ -772,7 +926,11 @@ fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi:
     let cap = cap.min(CAP_PER_SQRT * (c.total * p0 / phi).max(1.0).sqrt());
     for (gi, g) in BAD_GRID.iter().enumerate() {
         let p1 = clamp(p0 * g);
-        let llr = if p1 > p0 { (one_sample_llr(c, p0, p1) / phi).min(cap) } else { 0.0 };
+        let llr = if p1 > p0 {
+            (one_sample_llr(c, p0, p1) / phi).min(cap)
+        } else {
+            0.0
+        };
         for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
             test.bad[li * BAD_GRID.len() + gi] += log_bet(*lambda, llr);
         }
@@ -786,6 +944,148 @@ fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observation::MetricReading;
+    use crate::policy::Method;
+
+    const ONE_METRIC: &str = "name: t\nstable: a\ncanary: b\nstrategy: {steps: [5, 50]}\n\
+        analysis: {confidence: 0.7}\n\
+        metrics:\n  - {name: errors, builtin: error_rate, max_increase: 15%}\n\
+        router: {file: {path: /tmp/t.json}}\n";
+
+    fn spec() -> MetricSpec {
+        let policy = crate::policy::load_str("t.yaml", ONE_METRIC).expect("valid policy");
+        policy.metrics[0].clone()
+    }
+
+    fn ctx(confidence: f64) -> JudgeContext {
+        JudgeContext {
+            method: Method::Sequential,
+            confidence,
+            metric_count: 1,
+            baseline: None,
+            configured_weight: 5.0,
+        }
+    }
+
+    fn reading(stable: Counts, canary: Counts) -> MetricReading {
+        let sample = |c: Counts| {
+            Reading::Data(Sample {
+                value: c.rate(),
+                window_events: c.total,
+                cumulative: Some(c),
+                ..Sample::default()
+            })
+        };
+        MetricReading {
+            stable: sample(stable),
+            canary: sample(canary),
+        }
+    }
+
+    #[test]
+    fn first_look_e_value_is_the_mixture_of_known_likelihood_ratios() {
+        let (nc, ns, ec, es) = (100.0, 1000.0, 2.0, 20.0);
+        let mut memory = JudgeMemory::default();
+        let r = judge(
+            &ctx(0.95),
+            &spec(),
+            &reading(Counts { bad: es, total: ns }, Counts { bad: ec, total: nc }),
+            &mut memory,
+        );
+        // By hand: θ(r) = nc·r / (nc·r + ns), r0 = 1.15, alternatives r0·g; each λ-component
+        // is 1 − λ + λ·LR; the mixture weighs λ by (0.5, 0.3, 0.2) and g uniformly.
+        let theta = |r: f64| nc * r / (nc * r + ns);
+        let t0 = theta(1.15);
+        let mut e = 0.0;
+        for (lambda, w) in [(1.0, 0.5), (0.2, 0.3), (0.04, 0.2)] {
+            for g in [1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0] {
+                let t1 = theta(1.15 * g);
+                let lr = (t1 / t0).powf(ec) * ((1.0 - t1) / (1.0 - t0)).powf(es);
+                assert!(lr.ln() < EARLY_CAP, "the example must not reach the cap");
+                e += w / 8.0 * (1.0 - lambda + lambda * lr);
+            }
+        }
+        let ev = r.evidence.expect("evidence");
+        assert!(
+            (ev.log_e_value.expect("log e") - e.ln()).abs() < 1e-9,
+            "{:?} vs {}",
+            ev.log_e_value,
+            e.ln()
+        );
+        assert!((ev.log_threshold.expect("threshold") - 20f64.ln()).abs() < 1e-12);
+    }
+
+    /// Simulates looks at a canary whose error rate is `ratio` × stable's and returns how
+    /// many of `streams` rollouts the judge failed within `looks` looks.
+    fn failures(confidence: f64, ratio: f64, streams: u32, looks: u32, seed: u64) -> u32 {
+        use crate::bench::random::{generator, poisson};
+        let spec = spec();
+        let ctx = ctx(confidence);
+        let mut failed = 0;
+        for stream in 0..streams {
+            let mut rng = generator(seed, 0, stream);
+            let mut memory = JudgeMemory::default();
+            let (mut s, mut c) = (Counts::default(), Counts::default());
+            for _ in 0..looks {
+                // 15 s of 20,000 requests a minute with 5 % to the canary, 1 % errors.
+                let (ns, nc) = (poisson(&mut rng, 4750.0), poisson(&mut rng, 250.0));
+                s.total += ns;
+                c.total += nc;
+                s.bad += poisson(&mut rng, ns * 0.01);
+                c.bad += poisson(&mut rng, nc * 0.01 * ratio);
+                let r = judge(&ctx, &spec, &reading(s, c), &mut memory);
+                if r.verdict == Verdict::Fail {
+                    failed += 1;
+                    break;
+                }
+            }
+        }
+        failed
+    }
+
+    #[test]
+    fn false_rollbacks_stay_below_alpha_at_the_tolerance_boundary() {
+        // The least favourable good canary sits exactly at the tolerance (1.15 × stable).
+        // With α = 0.3 and 400 rollouts of 30 minutes each, a judge that broke its bound
+        // would fail far more than 120; an anytime-valid one stays well below.
+        let failed = failures(0.7, 1.15, 400, 120, 11);
+        assert!(failed <= 120, "{failed} of 400 rollouts failed at α = 0.3");
+        let failed = failures(0.95, 1.15, 400, 120, 13);
+        assert!(failed <= 20, "{failed} of 400 rollouts failed at α = 0.05");
+        // The same check must be able to fail: a canary 1.3 × stable is beyond tolerance and
+        // is failed in most rollouts.
+        assert!(failures(0.7, 1.3, 100, 120, 14) > 30);
+    }
+
+    #[test]
+    fn a_router_sending_another_share_is_flagged_and_does_not_bias_the_test() {
+        // Configured 5 %, realised 2 %, canary as good as stable: mismatch shown, no failure.
+        let spec = spec();
+        let ctx = ctx(0.95);
+        let mut memory = JudgeMemory::default();
+        let mut flagged = false;
+        for look in 1..=40 {
+            let n = f64::from(look);
+            let s = Counts {
+                bad: 98.0 * n,
+                total: 9800.0 * n,
+            };
+            let c = Counts {
+                bad: 2.0 * n,
+                total: 200.0 * n,
+            };
+            let r = judge(&ctx, &spec, &reading(s, c), &mut memory);
+            assert_ne!(r.verdict, Verdict::Fail);
+            flagged |= r.evidence.is_some_and(|e| e.share_mismatch);
+        }
+        assert!(flagged);
+    }
+
+    #[test]
+    fn a_clear_regression_is_caught() {
+        let failed = failures(0.95, 3.0, 20, 120, 12);
+        assert_eq!(failed, 20);
+    }
 
     #[test]
     fn wald_bounds_match_the_readme() {
@@ -800,13 +1100,25 @@ mod tests {
     #[test]
     fn conditional_llr_is_the_binomial_ratio() {
         // Equal traffic, ratio 2 against 1: θ = 2/3 against 1/2.
-        let c = Increment { bad: 3.0, total: 100.0 };
-        let s = Increment { bad: 1.0, total: 100.0 };
+        let c = Increment {
+            bad: 3.0,
+            total: 100.0,
+        };
+        let s = Increment {
+            bad: 1.0,
+            total: 100.0,
+        };
         let want = 3.0 * ((2.0 / 3.0) / 0.5f64).ln() + 1.0 * ((1.0 / 3.0) / 0.5f64).ln();
         assert!((two_sample_llr(c, s, 1.0, 2.0) - want).abs() < 1e-12);
         // Only the ratio of traffic matters, not its level.
-        let c10 = Increment { bad: 3.0, total: 1000.0 };
-        let s10 = Increment { bad: 1.0, total: 1000.0 };
+        let c10 = Increment {
+            bad: 3.0,
+            total: 1000.0,
+        };
+        let s10 = Increment {
+            bad: 1.0,
+            total: 1000.0,
+        };
         assert!((two_sample_llr(c10, s10, 1.0, 2.0) - want).abs() < 1e-12);
     }
 
@@ -823,7 +1135,10 @@ mod tests {
             let p = (ln_choose + kf * t0.ln() + (f64::from(e) - kf) * (1.0 - t0).ln()).exp();
             let lr = two_sample_llr(
                 Increment { bad: kf, total: nc },
-                Increment { bad: f64::from(e) - kf, total: ns },
+                Increment {
+                    bad: f64::from(e) - kf,
+                    total: ns,
+                },
                 r0,
                 r1,
             )
@@ -852,19 +1167,49 @@ mod tests {
 
     #[test]
     fn counter_decrease_is_a_reset_that_adds_nothing() {
-        let last = Some(Counts { bad: 10.0, total: 1000.0 });
-        let inc = difference(last, Counts { bad: 1.0, total: 50.0 });
+        let last = Some(Counts {
+            bad: 10.0,
+            total: 1000.0,
+        });
+        let inc = difference(
+            last,
+            Counts {
+                bad: 1.0,
+                total: 50.0,
+            },
+        );
         assert_eq!(inc, Increment::default());
-        let inc = difference(last, Counts { bad: 12.0, total: 1100.0 });
-        assert_eq!(inc, Increment { bad: 2.0, total: 100.0 });
+        let inc = difference(
+            last,
+            Counts {
+                bad: 12.0,
+                total: 1100.0,
+            },
+        );
+        assert_eq!(
+            inc,
+            Increment {
+                bad: 2.0,
+                total: 100.0
+            }
+        );
     }
 
     #[test]
     fn survival_interpolates_between_boundaries() {
         let hist = vec![
-            Bucket { le: 0.1, count: 500.0 },
-            Bucket { le: 0.25, count: 966.0 },
-            Bucket { le: f64::INFINITY, count: 1000.0 },
+            Bucket {
+                le: 0.1,
+                count: 500.0,
+            },
+            Bucket {
+                le: 0.25,
+                count: 966.0,
+            },
+            Bucket {
+                le: f64::INFINITY,
+                count: 1000.0,
+            },
         ];
         let s01 = survival(&hist, 1000.0, 0.1);
         assert!((s01 - 500.5 / 1001.0).abs() < 1e-12);
@@ -875,16 +1220,32 @@ mod tests {
 
     #[test]
     fn rate_ratios_follow_the_tolerance() {
-        let rel = Tolerance { kind: ToleranceKind::Relative, amount: 0.2, written: "20%".into() };
+        let rel = Tolerance {
+            kind: ToleranceKind::Relative,
+            amount: 0.2,
+            written: "20%".into(),
+        };
         assert_eq!(rate_ratios(&rel, 0.01, false), (1.2, 1.4));
-        let pp = Tolerance { kind: ToleranceKind::Absolute, amount: 0.005, written: "0.5pp".into() };
+        let pp = Tolerance {
+            kind: ToleranceKind::Absolute,
+            amount: 0.005,
+            written: "0.5pp".into(),
+        };
         let (r0, rb) = rate_ratios(&pp, 0.01, false);
         assert!((r0 - 1.5).abs() < 1e-12 && (rb - 2.0).abs() < 1e-12);
         // Accuracy: a 1pp decrease from 92 % is 8 % → 9 % incorrect.
-        let acc = Tolerance { kind: ToleranceKind::Absolute, amount: 0.01, written: "1pp".into() };
+        let acc = Tolerance {
+            kind: ToleranceKind::Absolute,
+            amount: 0.01,
+            written: "1pp".into(),
+        };
         let (r0, _) = rate_ratios(&acc, 0.08, true);
         assert!((r0 - 0.09 / 0.08).abs() < 1e-12);
-        let zero = Tolerance { kind: ToleranceKind::Relative, amount: 0.0, written: "0%".into() };
+        let zero = Tolerance {
+            kind: ToleranceKind::Relative,
+            amount: 0.0,
+            written: "0%".into(),
+        };
         assert_eq!(rate_ratios(&zero, 0.01, false), (1.0, MIN_GAP));
     }
 }

@@ -1,0 +1,165 @@
+//! `canaryd bench` end to end: the real binary on a small scenario file.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/bench")
+        .join(name)
+}
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run canaryd bench")
+}
+
+const KEYS: [&str; 18] = [
+    "scenario",
+    "judge",
+    "expected",
+    "reps",
+    "rollback_rate",
+    "promote_rate",
+    "undecided_rate",
+    "rollback_rate_ci95_high",
+    "canary_requests_to_rollback_mean",
+    "canary_requests_to_rollback_p95",
+    "minutes_to_rollback_median",
+    "minutes_to_promote_median",
+    "canary_requests_to_promote_mean",
+    "stale_promotions",
+    "oracle_bound",
+    "pipeline_floor",
+    "efficiency",
+    "efficiency_with_floor",
+];
+
+fn json_run(seed: &str) -> Vec<Value> {
+    let scenarios = data("small.json");
+    let out = bench(&[
+        "--scenarios",
+        scenarios.to_str().expect("utf-8 path"),
+        "--reps",
+        "12",
+        "--seed",
+        seed,
+        "--judge",
+        "sequential",
+        "--judge",
+        "threshold",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stderr.is_empty(), "progress is reported on stderr");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    v.as_array().expect("a JSON array").clone()
+}
+
+fn row<'a>(rows: &'a [Value], scenario: &str, judge: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["scenario"] == scenario && r["judge"] == judge)
+        .unwrap_or_else(|| panic!("no row for {scenario} / {judge}"))
+}
+
+#[test]
+fn bench_json_has_every_key_and_obvious_outcomes() {
+    let rows = json_run("5");
+    assert_eq!(rows.len(), 4, "two scenarios × two judges");
+    for r in &rows {
+        for k in KEYS {
+            assert!(r.get(k).is_some(), "key {k} missing in {r}");
+        }
+        assert_eq!(r["reps"], 12);
+        let sum = r["rollback_rate"].as_f64().unwrap()
+            + r["promote_rate"].as_f64().unwrap()
+            + r["undecided_rate"].as_f64().unwrap();
+        assert!((sum - 1.0).abs() < 1e-9);
+        assert_eq!(r["stale_promotions"], 0);
+    }
+    let crash = row(&rows, "crash_10x", "sequential");
+    assert_eq!(
+        crash["rollback_rate"], 1.0,
+        "a 10× error rate is always rolled back: {crash}"
+    );
+    assert!(crash["oracle_bound"].as_f64().unwrap() > 0.0);
+    assert!(crash["canary_requests_to_rollback_mean"].as_f64().is_some());
+    let aa = row(&rows, "aa_high_traffic", "sequential");
+    assert_eq!(
+        aa["promote_rate"], 1.0,
+        "identical versions are promoted: {aa}"
+    );
+    assert!(
+        aa["oracle_bound"].is_null(),
+        "no bound exists for identical versions"
+    );
+    assert!(
+        aa["minutes_to_promote_median"].as_f64().unwrap() >= 15.0,
+        "not before the five 3-minute steps"
+    );
+}
+
+#[test]
+fn bench_is_deterministic_per_seed() {
+    assert_eq!(json_run("9"), json_run("9"));
+}
+
+#[test]
+fn bench_table_reports_goals_and_wall_time() {
+    let scenarios = data("small.json");
+    let out = bench(&[
+        "--scenarios",
+        scenarios.to_str().expect("utf-8"),
+        "--reps",
+        "3",
+        "--judge",
+        "sequential",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("crash_10x")
+            && text.contains("goals for sequential")
+            && text.contains("wall time"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_scenario_file_names_every_problem() {
+    let bad = data("bad.json");
+    let out = bench(&["--scenarios", bad.to_str().expect("utf-8"), "--reps", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.total_rpm: expected a number from"),
+        "{err}"
+    );
+    assert!(
+        err.contains("broken.p_c: expected a number from 0 to 1, found 1.5"),
+        "{err}"
+    );
+    assert!(err.contains("broken.expeced: unknown field"), "{err}");
+    assert!(err.contains("broken.expected: missing"), "{err}");
+}
+
+#[test]
+fn unknown_judge_is_refused() {
+    let scenarios = data("small.json");
+    let out = bench(&[
+        "--scenarios",
+        scenarios.to_str().expect("utf-8"),
+        "--judge",
+        "coin-flip",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown judge \"coin-flip\""));
+}
