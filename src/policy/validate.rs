@@ -12,7 +12,10 @@ pub const DEFAULT_METHOD: Method = Method::Sequential;
 
 /// Methods whose judges exist in this build.
 pub fn method_available(m: Method) -> bool {
-    matches!(m, Method::Threshold | Method::Sequential | Method::MannWhitney)
+    matches!(
+        m,
+        Method::Threshold | Method::Sequential | Method::MannWhitney
+    )
 }
 
 /// Every problem of one policy file.

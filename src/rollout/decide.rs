@@ -3,7 +3,7 @@
 use super::state::{Phase, RolloutState};
 use crate::judge::{self, JudgeContext, MetricReport, Verdict};
 use crate::observation::{Gate, Input, Observation, OperatorAction, RouterStatus};
-use crate::policy::{OnNoData, Policy};
+use crate::policy::{Method, OnNoData, Policy};
 use crate::time::Time;
 use serde::{Deserialize, Serialize};
 
@@ -247,6 +247,18 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
     });
     if !critical.is_empty() {
         return Outcome::Rollback(format!("critical metric failed: {}", critical.join(", ")));
+    }
+    // A sequential judge fails only when its e-value has crossed 1/α: an anytime-valid
+    // rejection that stays crossed. Waiting for `failure_limit` repeats of it adds no
+    // protection against noise (the test already controls that) and only serves the bad
+    // canary for longer, so it is final at once. `failure_limit` governs the other judges,
+    // whose checks can flip back and forth on noise.
+    let proven = names(&|r| r.verdict == Verdict::Fail && r.method == Method::Sequential);
+    if !proven.is_empty() {
+        return Outcome::Rollback(format!(
+            "sequential test rejected the canary: {}",
+            proven.join(", ")
+        ));
     }
     let unavailable = names(&|r| r.verdict == Verdict::Unavailable);
     let no_data = names(&|r| r.verdict == Verdict::NoData);
