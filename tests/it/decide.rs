@@ -1094,3 +1094,81 @@ fn state_round_trips_through_json() {
     assert_eq!(a, b);
     assert_eq!(a.state.phase, RollingBack);
 }
+
+/// Regression: a rollout waited for `failure_limit` repeats of a sequential rejection, serving
+/// the bad canary for more intervals although the first rejection was already final.
+#[test]
+fn sequential_rejection_rolls_back_at_once_whatever_the_failure_limit() {
+    use canaryd::observation::{
+        Counts, Gate, Input, MetricReading, Observation, Reading, RouterStatus, Sample,
+    };
+    use canaryd::rollout::{Action, RolloutState, decide};
+    let policy = canaryd::policy::load_str(
+        "seq.yaml",
+        "name: seq\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50], interval: 15s, min_step_duration: 1h, failure_limit: 5, progress_deadline: 3h}\nanalysis: {method: sequential}\nmetrics:\n  - {name: errors, builtin: error_rate, max_increase: 10%, min_samples: 10}\nrouter: {file: {path: /tmp/x.json}}\n",
+    )
+    .expect("valid policy");
+    let reading = |errors: f64, total: f64| {
+        Reading::Data(Sample {
+            value: Some(errors / total),
+            window_events: total,
+            cumulative: Some(Counts { bad: errors, total }),
+            ..Default::default()
+        })
+    };
+    let mut state = RolloutState::new(&policy);
+    let mut rejected_at = None;
+    for i in 0..60u32 {
+        let n = f64::from(i + 1) * 1000.0;
+        let obs = Observation {
+            metrics: [(
+                "errors".to_string(),
+                MetricReading {
+                    stable: reading(n * 0.01, n),
+                    canary: reading(n * 0.30, n),
+                },
+            )]
+            .into_iter()
+            .collect(),
+            router: RouterStatus::Ok {
+                canary_weight: state.weight,
+            },
+            gate: Gate::NotAsked,
+        };
+        let d = decide(
+            &policy,
+            &state,
+            &Input::Tick(obs),
+            canaryd::time::Time(i64::from(i) * 15_000),
+        );
+        if d.reports
+            .iter()
+            .any(|r| r.verdict == canaryd::judge::Verdict::Fail)
+        {
+            assert_eq!(
+                d.action,
+                Action::Rollback,
+                "the first sequential rejection rolls back: {}",
+                d.reason
+            );
+            assert!(
+                d.reason.contains("sequential test rejected"),
+                "{}",
+                d.reason
+            );
+            rejected_at = Some(i);
+            break;
+        }
+        assert_ne!(
+            d.action,
+            Action::Rollback,
+            "no rollback without a rejection: {}",
+            d.reason
+        );
+        state = d.state;
+    }
+    assert!(
+        rejected_at.is_some(),
+        "a canary with 30x the errors is rejected within 60 looks"
+    );
+}
