@@ -8,8 +8,10 @@
 //! Hodges–Lehmann estimate *and* the effect size (ratio of means) exceeds what the policy
 //! tolerates. It has no error control under repeated looks; that is what the benchmark shows.
 
-use super::{BoundCheck, BoundKind, Evidence, JudgeContext, JudgeMemory, MetricReport, Verdict};
-use crate::observation::{MetricReading, Reading};
+use super::{
+    BoundCheck, BoundKind, Evidence, JudgeContext, JudgeMemory, MetricReport, Verdict, samples,
+};
+use crate::observation::MetricReading;
 use crate::policy::{MetricKind, MetricSpec, ToleranceKind};
 use statrs::distribution::{ContinuousCDF, Normal};
 
@@ -183,40 +185,9 @@ pub fn judge(
     reading: &MetricReading,
     memory: &mut JudgeMemory,
 ) -> MetricReport {
-    let mut report = MetricReport {
-        metric: spec.name.clone(),
-        method: ctx.method,
-        stable: reading.stable.sample().and_then(|s| s.value),
-        canary: reading.canary.sample().and_then(|s| s.value),
-        stable_events: reading.stable.sample().map_or(0.0, |s| s.window_events),
-        canary_events: reading.canary.sample().map_or(0.0, |s| s.window_events),
-        bounds: Vec::new(),
-        verdict: Verdict::Hold,
-        promotable: false,
-        evidence: None,
-        note: String::new(),
-    };
-    let canary = match &reading.canary {
-        Reading::Unavailable { error } => {
-            report.verdict = Verdict::Unavailable;
-            report.note = format!("canary unavailable: {error}");
-            return report;
-        }
-        Reading::NoData => {
-            report.verdict = Verdict::NoData;
-            report.note = "no data for the canary".into();
-            return report;
-        }
-        Reading::Data(s) => s,
-    };
-    let stable = match &reading.stable {
-        Reading::Unavailable { error } => {
-            report.verdict = Verdict::Unavailable;
-            report.note = format!("stable unavailable: {error}");
-            return report;
-        }
-        Reading::NoData => None,
-        Reading::Data(s) => Some(s),
+    let mut report = MetricReport::blank(ctx, spec, reading);
+    let Some((canary, stable)) = samples(&mut report, reading) else {
+        return report;
     };
     let clean = |v: &[f64]| -> Vec<f64> { v.iter().copied().filter(|x| x.is_finite()).collect() };
     // Prefer the shell's per-interval series; otherwise build one from the window values.

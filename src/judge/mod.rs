@@ -8,7 +8,7 @@ pub mod mann_whitney;
 pub mod sequential;
 pub mod threshold;
 
-use crate::observation::MetricReading;
+use crate::observation::{MetricReading, Reading, Sample};
 use crate::policy::{Method, MetricSpec};
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +110,57 @@ pub struct MetricReport {
     pub evidence: Option<Evidence>,
     /// One line for people saying why.
     pub note: String,
+}
+
+impl MetricReport {
+    /// A report holding both versions' window values and event counts, verdict `Hold`, for a
+    /// judge to complete.
+    pub fn blank(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> MetricReport {
+        MetricReport {
+            metric: spec.name.clone(),
+            method: ctx.method,
+            stable: reading.stable.sample().and_then(|s| s.value),
+            canary: reading.canary.sample().and_then(|s| s.value),
+            stable_events: reading.stable.sample().map_or(0.0, |s| s.window_events),
+            canary_events: reading.canary.sample().map_or(0.0, |s| s.window_events),
+            bounds: Vec::new(),
+            verdict: Verdict::Hold,
+            promotable: false,
+            evidence: None,
+            note: String::new(),
+        }
+    }
+}
+
+/// The canary's sample and stable's (if it has one), or `None` with the report's verdict and
+/// note set to why the judge cannot look: a version unavailable, or no data for the canary.
+pub fn samples<'a>(
+    report: &mut MetricReport,
+    reading: &'a MetricReading,
+) -> Option<(&'a Sample, Option<&'a Sample>)> {
+    let canary = match &reading.canary {
+        Reading::Unavailable { error } => {
+            report.verdict = Verdict::Unavailable;
+            report.note = format!("canary unavailable: {error}");
+            return None;
+        }
+        Reading::NoData => {
+            report.verdict = Verdict::NoData;
+            report.note = "no data for the canary".into();
+            return None;
+        }
+        Reading::Data(s) => s,
+    };
+    let stable = match &reading.stable {
+        Reading::Unavailable { error } => {
+            report.verdict = Verdict::Unavailable;
+            report.note = format!("stable unavailable: {error}");
+            return None;
+        }
+        Reading::NoData => None,
+        Reading::Data(s) => Some(s),
+    };
+    Some((canary, stable))
 }
 
 /// What a judge may remember between analyses of one metric in one rollout.

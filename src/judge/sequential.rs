@@ -36,8 +36,10 @@
 //! increments (stable has the most traffic) and divides each log-likelihood ratio by φ, the
 //! quasi-likelihood correction.
 
-use super::{BoundCheck, BoundKind, Evidence, JudgeContext, JudgeMemory, MetricReport, Verdict};
-use crate::observation::{Bucket, Counts, MetricReading, Reading, Sample};
+use super::{
+    BoundCheck, BoundKind, Evidence, JudgeContext, JudgeMemory, MetricReport, Verdict, samples,
+};
+use crate::observation::{Bucket, Counts, MetricReading, Sample};
 use crate::policy::{MetricKind, MetricSpec, Tolerance, ToleranceKind};
 use serde::{Deserialize, Serialize};
 
@@ -313,40 +315,9 @@ pub fn judge(
         );
         return r;
     }
-    let mut report = MetricReport {
-        metric: spec.name.clone(),
-        method: ctx.method,
-        stable: reading.stable.sample().and_then(|s| s.value),
-        canary: reading.canary.sample().and_then(|s| s.value),
-        stable_events: reading.stable.sample().map_or(0.0, |s| s.window_events),
-        canary_events: reading.canary.sample().map_or(0.0, |s| s.window_events),
-        bounds: Vec::new(),
-        verdict: Verdict::Hold,
-        promotable: false,
-        evidence: None,
-        note: String::new(),
-    };
-    let canary = match &reading.canary {
-        Reading::Unavailable { error } => {
-            report.verdict = Verdict::Unavailable;
-            report.note = format!("canary unavailable: {error}");
-            return report;
-        }
-        Reading::NoData => {
-            report.verdict = Verdict::NoData;
-            report.note = "no data for the canary".into();
-            return report;
-        }
-        Reading::Data(s) => s,
-    };
-    let stable = match &reading.stable {
-        Reading::Unavailable { error } => {
-            report.verdict = Verdict::Unavailable;
-            report.note = format!("stable unavailable: {error}");
-            return report;
-        }
-        Reading::NoData => None,
-        Reading::Data(s) => Some(s),
+    let mut report = MetricReport::blank(ctx, spec, reading);
+    let Some((canary, stable)) = samples(&mut report, reading) else {
+        return report;
     };
     if counts_of(canary).is_none() && canary.buckets.is_empty() {
         report.verdict = Verdict::NoData;
@@ -944,7 +915,7 @@ fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observation::MetricReading;
+    use crate::observation::{MetricReading, Reading};
     use crate::policy::Method;
 
     const ONE_METRIC: &str = "name: t\nstable: a\ncanary: b\nstrategy: {steps: [5, 50]}\n\

@@ -13,19 +13,7 @@ enum Reference {
 }
 
 pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> MetricReport {
-    let mut report = MetricReport {
-        metric: spec.name.clone(),
-        method: ctx.method,
-        stable: reading.stable.sample().and_then(|s| s.value),
-        canary: reading.canary.sample().and_then(|s| s.value),
-        stable_events: reading.stable.sample().map_or(0.0, |s| s.window_events),
-        canary_events: reading.canary.sample().map_or(0.0, |s| s.window_events),
-        bounds: Vec::new(),
-        verdict: Verdict::Hold,
-        promotable: false,
-        evidence: None,
-        note: String::new(),
-    };
+    let mut report = MetricReport::blank(ctx, spec, reading);
     let min = spec.min_samples as f64;
     let canary = match &reading.canary {
         Reading::Unavailable { error } => {

@@ -272,7 +272,7 @@ async fn run_server(args: &SimArgs) -> anyhow::Result<()> {
         humantime::format_duration(config.knobs.latency),
         percent(config.knobs.accuracy),
     );
-    serve(listener, config, shutdown_signal()).await
+    serve(listener, config, crate::daemon::signals()).await
 }
 
 async fn run_load(args: &SimArgs) -> anyhow::Result<()> {
@@ -292,7 +292,7 @@ async fn run_load(args: &SimArgs) -> anyhow::Result<()> {
         "canaryd sim --load: {} predictions/s to {}",
         config.rps, config.target
     );
-    let result = load_with_progress(config, shutdown_signal(), tx).await;
+    let result = load_with_progress(config, crate::daemon::signals(), tx).await;
     printer.abort();
     let stats = result?;
     println!(
@@ -326,27 +326,4 @@ fn summary(s: &LoadStats) -> String {
 
 fn percent(v: f64) -> String {
     format!("{}%", (v * 10_000.0).round() / 100.0)
-}
-
-/// Completes on SIGINT or SIGTERM, the one shutdown path of the command line.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
