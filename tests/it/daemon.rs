@@ -536,3 +536,138 @@ async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
     );
     d.stop().await;
 }
+
+/// A tiny webhook receiver: records every POST body, answers with the status in `answer`.
+async fn hooks(answer: Arc<Mutex<u16>>) -> (String, Arc<Mutex<Vec<Value>>>) {
+    use axum::extract::State;
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/{kind}",
+            axum::routing::post(
+                |State((seen, answer)): State<(Arc<Mutex<Vec<Value>>>, Arc<Mutex<u16>>)>,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    seen.lock().unwrap().push(body);
+                    axum::http::StatusCode::from_u16(*answer.lock().unwrap()).unwrap()
+                },
+            ),
+        )
+        .with_state((seen.clone(), answer));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn a_closed_promotion_gate_holds_and_event_webhooks_are_called() {
+    let answer = Arc::new(Mutex::new(503u16));
+    let (url, seen) = hooks(answer.clone()).await;
+    let policy = format!(
+        "{POLICY}webhooks:\n  - {{on: confirm-promotion, url: \"{url}/gate\", timeout: 1s}}\n  - {{on: promote, url: \"{url}/promoted\"}}\n  - {{on: advance, url: \"{url}/advanced\"}}\n"
+    );
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let v = wait_for(
+        "the gate to hold the promotion",
+        Duration::from_secs(15),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            v["state"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("promotion gate closed"))
+                .then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["phase"], "progressing", "a closed gate never promotes");
+    assert_eq!(v["weight"], 50.0);
+    *answer.lock().unwrap() = 200;
+    d.wait_phase("demo", "promoted").await;
+    let events: Vec<String> = wait_for("the promote event", Duration::from_secs(5), || async {
+        let events: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        events.contains(&"promote".to_string()).then_some(events)
+    })
+    .await;
+    assert!(
+        events.iter().filter(|e| *e == "confirm-promotion").count() >= 2,
+        "{events:?}"
+    );
+    assert!(events.contains(&"advance".to_string()), "{events:?}");
+    d.stop().await;
+}
+
+// Multi-threaded: the commands block one thread while the daemon answers on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_actions_from_the_command_line() {
+    let dir = setup(
+        &POLICY
+            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
+    );
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let bin = env!("CARGO_BIN_EXE_canaryd");
+    let run = |args: &[&str]| std::process::Command::new(bin).args(args).output().unwrap();
+    let table = run(&["status", "--server", &d.url]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("demo") && text.contains("progressing") && text.contains("10%"),
+        "{text}"
+    );
+    let pause = run(&["pause", "demo", "--server", &d.url, "-m", "checking"]);
+    assert!(
+        pause.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pause.stderr)
+    );
+    d.wait_phase("demo", "paused").await;
+    let timeline = run(&["status", "demo", "--server", &d.url]);
+    let text = String::from_utf8_lossy(&timeline.stdout);
+    assert!(text.contains("pause") && text.contains("errors"), "{text}");
+    // Refused (not paused any more after resume) and unknown rollouts exit 1.
+    assert_eq!(
+        run(&["resume", "demo", "--server", &d.url]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        run(&["resume", "demo", "--server", &d.url]).status.code(),
+        Some(1)
+    );
+    assert_eq!(
+        run(&["abort", "nope", "--server", &d.url]).status.code(),
+        Some(1)
+    );
+    d.stop().await;
+    // Nobody listening: exit 2.
+    let port = crate::support::free_port();
+    assert_eq!(
+        run(&["status", "--server", &format!("http://127.0.0.1:{port}")])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn run_refuses_a_public_address_without_a_token() {
+    let dir = setup(POLICY);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["run", "--listen", "0.0.0.0:0", "--policies"])
+        .arg(dir.path().join("policies"))
+        .arg("--state")
+        .arg(dir.path().join("s.db"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without an API token"), "{err}");
+}
