@@ -537,22 +537,26 @@ async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
     d.stop().await;
 }
 
+/// Received event bodies, and the status code the receiver answers with.
+type HookState = (Arc<Mutex<Vec<Value>>>, Arc<Mutex<u16>>);
+
 /// A tiny webhook receiver: records every POST body, answers with the status in `answer`.
 async fn hooks(answer: Arc<Mutex<u16>>) -> (String, Arc<Mutex<Vec<Value>>>) {
     use axum::extract::State;
     let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let app = axum::Router::new()
-        .route(
-            "/{kind}",
-            axum::routing::post(
-                |State((seen, answer)): State<(Arc<Mutex<Vec<Value>>>, Arc<Mutex<u16>>)>,
-                 axum::Json(body): axum::Json<Value>| async move {
-                    seen.lock().unwrap().push(body);
-                    axum::http::StatusCode::from_u16(*answer.lock().unwrap()).unwrap()
-                },
-            ),
-        )
-        .with_state((seen.clone(), answer));
+    let app =
+        axum::Router::new()
+            .route(
+                "/{kind}",
+                axum::routing::post(
+                    |State((seen, answer)): State<HookState>,
+                     axum::Json(body): axum::Json<Value>| async move {
+                        seen.lock().unwrap().push(body);
+                        axum::http::StatusCode::from_u16(*answer.lock().unwrap()).unwrap()
+                    },
+                ),
+            )
+            .with_state((seen.clone(), answer));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
