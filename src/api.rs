@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest request body accepted (operator actions carry a short reason).
 const BODY_LIMIT: usize = 16 * 1024;
+/// Longest a request may take; an operator action waits for its rollout's current tick.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
 /// Largest page of the decision log.
 const MAX_PAGE: usize = 500;
 
@@ -44,7 +46,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{name}/assign", get(assign))
         .route("/api/v1/rollouts/{name}/{action}", post(act))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(timeout))
         .with_state(state)
+}
+
+/// Answers 503 instead of letting a request hang past `REQUEST_TIMEOUT`.
+async fn timeout(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the request took too long"),
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

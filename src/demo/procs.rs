@@ -165,3 +165,24 @@ pub async fn haproxy(
     }
     Ok((server, socket))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_server_says_what_to_install() {
+        let err = require(&[("canaryd-no-such-binary", "prometheus"), ("sh", "dash")])
+            .expect_err("missing binary");
+        let msg = err.to_string();
+        assert!(msg.contains("prometheus not installed"), "{msg}");
+        assert!(
+            msg.contains("apt-get install -y --no-install-recommends prometheus"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("dash"),
+            "present binaries are not listed: {msg}"
+        );
+    }
+}

@@ -723,3 +723,56 @@ async fn a_router_that_keeps_failing_ends_in_failed_with_traffic_left_in_place()
     );
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_live_runs_every_query_once_and_names_what_fails() {
+    let stack = Stack::start(&["v1", "v2"]).await;
+    stack.load(&stack.sims["v1"], 40.0);
+    let good = stack.dir.path().join("good.yaml");
+    let file = stack.dir.path().join("w.json");
+    let router = format!("  file: {{path: {}}}", file.display());
+    std::fs::write(
+        &good,
+        policy("live", "v1", "v2", &router, "[20, 50]", "3s", ""),
+    )
+    .expect("write");
+    let broken = stack.dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        policy("live", "v1", "v2", &router, "[20, 50]", "3s", "").replace(
+            "  - {name: errors, builtin: error_rate, max: 5%, min_samples: 20}",
+            "  - {name: errors, builtin: error_rate, max: 5%, min_samples: 20}\n  - {name: broken, query: 'sum(rate(model_requests_total{version=\"{{version}}\"}[{{window}}]) ((', max: 1}",
+        ),
+    )
+    .expect("write");
+    // Wait until Prometheus has two scrapes of stable's traffic, so `increase()` sees it.
+    let url = stack.prometheus_url();
+    wait_for("v1 scraped", Duration::from_secs(20), || async {
+        let r = reqwest::get(format!(
+            "{url}/api/v1/query?query=sum(increase(model_requests_total%7Bversion%3D%22v1%22%7D%5B1m%5D))%3E0"
+        ))
+        .await
+        .ok()?;
+        let v: Value = r.json().await.ok()?;
+        (!v["data"]["result"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    let run = |p: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .args(["check", "--live", "--prometheus", &stack.prometheus_url()])
+            .arg(p)
+            .output()
+            .expect("run check")
+    };
+    let ok = run(&good);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(text.contains("stable v1: data"), "{text}");
+    let bad = run(&broken);
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("broken") && text.contains("bad-query"),
+        "{text}"
+    );
+}
