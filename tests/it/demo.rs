@@ -81,6 +81,32 @@ async fn demo_promotes_the_good_canary_rolls_back_the_bad_and_feeds_every_dashbo
     assert!(text.contains("good canary v2   promoted"), "{text}");
     assert!(text.contains("bad canary v3    rolled-back"), "{text}");
 
+    // Prometheus scrapes every 5 s; the summary can come before it has seen the rollback.
+    let probe = reqwest::Client::new();
+    crate::support::wait_for(
+        "Prometheus to scrape the rollback",
+        Duration::from_secs(30),
+        || {
+            let probe = probe.clone();
+            async move {
+                let v: Value = probe
+                    .get("http://127.0.0.1:9090/api/v1/query")
+                    .query(&[(
+                        "query",
+                        "canaryd_rollout_phase{rollout=\"demo\",phase=\"rolled-back\"} == 1",
+                    )])
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (!v["data"]["result"].as_array()?.is_empty()).then_some(())
+            }
+        },
+    )
+    .await;
+
     // Every dashboard query and recording rule returns data for the demo's rollout.
     let mut vars = default_variables();
     vars.insert("rollout".into(), "demo".into());
