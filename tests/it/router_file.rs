@@ -1,18 +1,10 @@
 //! The file router and `from_policy`.
+use crate::support::fraud_target as target;
 
-use canaryd::router::{FileRouter, Router, RouterError, Target, from_policy};
+use canaryd::router::{FileRouter, Router, RouterError, from_policy};
 use canaryd::time::{ManualClock, Time};
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-fn target(canary_weight: f64) -> Target {
-    Target {
-        rollout: "fraud".into(),
-        stable: "v1".into(),
-        canary: "v2".into(),
-        canary_weight,
-    }
-}
 
 fn entries(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)

@@ -1,4 +1,5 @@
 //! The HAProxy router against a real haproxy with three servers behind one backend.
+use crate::support::fraud_target as target;
 
 use crate::support::{
     ChildGuard, count_answers, find_binary, free_port, http_client, serve_name, terminate,
@@ -113,15 +114,6 @@ async fn runtime(sock: &Path, cmd: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read answer");
     out
-}
-
-fn target(canary_weight: f64) -> Target {
-    Target {
-        rollout: "fraud".into(),
-        stable: "v1".into(),
-        canary: "v2".into(),
-        canary_weight,
-    }
 }
 
 #[tokio::test]

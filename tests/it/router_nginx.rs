@@ -1,24 +1,16 @@
 //! The nginx router against a real nginx that includes the file the router writes.
+use crate::support::fraud_target as target;
 
 use crate::support::{
     ChildGuard, count_answers, find_binary, free_port, http_client, serve_name, terminate,
     wait_for, wait_for_port,
 };
-use canaryd::router::{NginxRouter, Router, RouterError, Target};
+use canaryd::router::{NginxRouter, Router, RouterError};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn target(canary_weight: f64) -> Target {
-    Target {
-        rollout: "fraud".into(),
-        stable: "v1".into(),
-        canary: "v2".into(),
-        canary_weight,
-    }
-}
 
 /// Upstream servers for versions v1 (`stable`) and v2 (`canary`).
 async fn servers() -> BTreeMap<String, String> {

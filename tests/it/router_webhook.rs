@@ -1,4 +1,5 @@
 //! The webhook router against a small axum service that keeps the last split per rollout.
+use crate::support::fraud_target as target;
 
 use crate::support::free_port;
 use axum::extract::{Query, State};
@@ -55,15 +56,6 @@ pub async fn serve(posts: Posts) -> String {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
-}
-
-fn target(canary_weight: f64) -> Target {
-    Target {
-        rollout: "fraud".into(),
-        stable: "v1".into(),
-        canary: "v2".into(),
-        canary_weight,
-    }
 }
 
 fn router(url: &str) -> WebhookRouter {

@@ -159,3 +159,13 @@ pub fn terminate(child: &mut ChildGuard) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The split of the router tests' rollout `fraud` (stable v1, canary v2) at a canary weight.
+pub fn fraud_target(canary_weight: f64) -> canaryd::router::Target {
+    canaryd::router::Target {
+        rollout: "fraud".into(),
+        stable: "v1".into(),
+        canary: "v2".into(),
+        canary_weight,
+    }
+}
