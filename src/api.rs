@@ -434,52 +434,18 @@ mod tests {
     #[tokio::test]
     async fn actions_check_the_token_before_anything_else() {
         let s = state(true, Some("tok"));
-        assert_eq!(
-            call(s.clone(), "POST", "/api/v1/rollouts/r/abort", None)
-                .await
-                .0,
-            StatusCode::UNAUTHORIZED
-        );
-        assert_eq!(
-            call(
-                s.clone(),
-                "POST",
-                "/api/v1/rollouts/r/abort",
-                Some("Bearer nope")
-            )
-            .await
-            .0,
-            StatusCode::FORBIDDEN
-        );
-        assert_eq!(
-            call(
-                s.clone(),
-                "POST",
-                "/api/v1/rollouts/r/abort",
-                Some("Basic tok")
-            )
-            .await
-            .0,
-            StatusCode::UNAUTHORIZED
-        );
-        // With the right token, a rollout without a running task is not found.
-        assert_eq!(
-            call(
-                s.clone(),
-                "POST",
-                "/api/v1/rollouts/r/abort",
-                Some("Bearer tok")
-            )
-            .await
-            .0,
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            call(s, "GET", "/api/v1/rollouts/r/abort", Some("Bearer tok"))
-                .await
-                .0,
-            StatusCode::METHOD_NOT_ALLOWED
-        );
+        let cases = [
+            ("POST", None, StatusCode::UNAUTHORIZED),
+            ("POST", Some("Bearer nope"), StatusCode::FORBIDDEN),
+            ("POST", Some("Basic tok"), StatusCode::UNAUTHORIZED),
+            // With the right token, a rollout without a running task is not found.
+            ("POST", Some("Bearer tok"), StatusCode::NOT_FOUND),
+            ("GET", Some("Bearer tok"), StatusCode::METHOD_NOT_ALLOWED),
+        ];
+        for (method, auth, want) in cases {
+            let (got, body) = call(s.clone(), method, "/api/v1/rollouts/r/abort", auth).await;
+            assert_eq!(got, want, "{method} with {auth:?}: {body}");
+        }
     }
 
     #[test]
