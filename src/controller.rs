@@ -125,12 +125,6 @@ impl Registry {
     fn remove(&self, name: &str) -> Option<mpsc::Sender<Command>> {
         self.inner.write().ok()?.remove(name)
     }
-    fn names(&self) -> Vec<String> {
-        self.inner
-            .read()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    }
 }
 
 /// Sends an operator action to a rollout and waits for its decision.
@@ -532,7 +526,17 @@ impl Task {
             if let Some(id) = self.last_id {
                 let store = self.shared.store.clone();
                 let name = self.policy.name.clone();
-                let _ = tokio::task::spawn_blocking(move || store.mark_applied(&name, id)).await;
+                // A lost mark is harmless: the state reads as unapplied and the next tick
+                // re-applies the same weight. It is still worth knowing about.
+                match tokio::task::spawn_blocking(move || store.mark_applied(&name, id)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(rollout = %self.policy.name, error = %e, "cannot mark the decision applied")
+                    }
+                    Err(e) => {
+                        tracing::warn!(rollout = %self.policy.name, error = %e, "store task failed")
+                    }
+                }
             }
             if let Some(r) = record.as_mut() {
                 r.applied = true;
@@ -845,5 +849,4 @@ async fn scan(
             },
         );
     }
-    let _ = registry.names();
 }
