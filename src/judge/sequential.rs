@@ -807,15 +807,7 @@ fn create_tests(
             // Every boundary where stable's requests are not nearly all slower gets a test,
             // with equal weight: a median shift shows at the middle ones, a tail regression at
             // the high ones (the shell's slow boundary among them).
-            let les: Vec<f64> = c_b
-                .iter()
-                .map(|x| x.le)
-                .filter(|le| {
-                    Some(*le) == slow
-                        || stable_total <= 0.0
-                        || survival(stable_hist, stable_total, *le) <= MAX_EXCEEDANCE
-                })
-                .collect();
+            let les = tested_boundaries(c_b, slow, stable_hist, stable_total);
             let w = 1.0 / les.len().max(1) as f64;
             for le in &les {
                 tests.push(BoundTest::new(
@@ -864,6 +856,35 @@ fn create_tests(
         }
     }
     tests
+}
+
+/// The histogram boundaries a relative latency test watches: every boundary where stable's
+/// requests are not nearly all slower, up to and including the first that none of stable's
+/// requests exceeded. Above that one, stable's exceedance is as unknown (zero) as there, and
+/// every canary request slower than a higher boundary is also slower than that one, so a
+/// higher boundary could only repeat its evidence while diluting the mixture's weight.
+/// The shell's slow boundary is always kept.
+fn tested_boundaries(
+    c_b: &[Bucket],
+    slow: Option<f64>,
+    stable_hist: &[Bucket],
+    stable_total: f64,
+) -> Vec<f64> {
+    let mut les = Vec::new();
+    let mut past_empty_tail = false;
+    for le in c_b.iter().map(|x| x.le).filter(|le| le.is_finite()) {
+        let known = stable_total > 0.0;
+        let keep = Some(le) == slow
+            || !known
+            || (!past_empty_tail && survival(stable_hist, stable_total, le) <= MAX_EXCEEDANCE);
+        if keep {
+            les.push(le);
+        }
+        if known && count_at(stable_hist, le).is_some_and(|c| c >= stable_total) {
+            past_empty_tail = true;
+        }
+    }
+    les
 }
 
 fn step_two_sample(
@@ -1187,6 +1208,35 @@ mod tests {
         let mid = survival(&hist, 1000.0, 0.2);
         assert!(mid < s01 && mid > survival(&hist, 1000.0, 0.25));
         assert_eq!(survival(&hist, 1000.0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn boundaries_above_stables_empty_tail_are_not_tested() {
+        let b = |le: f64, count: f64| Bucket { le, count };
+        // Stable: 1% of requests at most 0.01 s, 95% at most 0.05 s, 3 above 0.5 s, none
+        // above 1 s.
+        let stable = vec![
+            b(0.01, 10.0),
+            b(0.05, 950.0),
+            b(0.5, 997.0),
+            b(1.0, 1000.0),
+            b(2.5, 1000.0),
+            b(5.0, 1000.0),
+        ];
+        let canary: Vec<Bucket> = stable.iter().map(|x| b(x.le, 0.0)).collect();
+        // 0.01 is exceeded by 99% of stable's requests: no slowdown can show there. 1.0 is the
+        // first boundary stable never exceeded; 2.5 and 5 would only repeat its evidence.
+        assert_eq!(
+            tested_boundaries(&canary, None, &stable, 1000.0),
+            vec![0.05, 0.5, 1.0]
+        );
+        // The shell's slow boundary stays, wherever it is.
+        assert_eq!(
+            tested_boundaries(&canary, Some(5.0), &stable, 1000.0),
+            vec![0.05, 0.5, 1.0, 5.0]
+        );
+        // Without stable's histogram nothing is known, so every boundary is tested.
+        assert_eq!(tested_boundaries(&canary, None, &[], 0.0).len(), 6);
     }
 
     #[test]
