@@ -211,6 +211,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             for (what, ok) in report::goals(&results.rows, judge, baseline) {
                 writeln!(out, "  [{}] {what}", if ok { "pass" } else { "FAIL" })?;
             }
+            for note in report::notes(&results.rows, judge) {
+                writeln!(out, "  [info] {note}")?;
+            }
         }
         writeln!(
             out,

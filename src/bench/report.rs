@@ -26,11 +26,16 @@ pub struct Summary {
     pub canary_requests_to_promote_mean: Option<f64>,
     pub stale_promotions: u32,
     pub oracle_bound: Option<f64>,
+    /// The oracle bound when the oracle, too, sees data only once Prometheus has it (missing
+    /// series, late labels); not one of the README's figures.
+    pub oracle_bound_delayed: Option<f64>,
     pub pipeline_floor: f64,
     /// Oracle bound over mean canary requests to the right decision (1 is the limit).
     pub efficiency: Option<f64>,
     /// (oracle bound + pipeline floor) over mean canary requests to roll back.
     pub efficiency_with_floor: Option<f64>,
+    /// (delayed oracle bound + pipeline floor) over mean canary requests to roll back.
+    pub efficiency_delayed: Option<f64>,
 }
 
 /// The two-sided 95 % Clopper–Pearson upper bound of a rate of `k` in `n`.
@@ -105,9 +110,65 @@ pub fn oracle_bound(policy: &Policy, sc: &Scenario) -> Option<f64> {
     (kl > 1e-12).then(|| wald_bound(a, a, kl))
 }
 
-/// Canary requests served during one scrape interval plus one evaluation interval, at the
-/// weight the schedule gives when the canary turns bad (the first step without an onset).
-pub fn pipeline_floor(policy: &Policy, sc: &Scenario) -> f64 {
+/// Wald's bound for an oracle that, like any judge, can use data only once Prometheus has it:
+/// the canary requests served, at the weight in force when the canary turns bad, until the data
+/// that could have been seen carries `d(1 − β ‖ α)` nats. Latency served while the canary's
+/// series is missing is never seen (the series restarts from zero), and a prediction counts
+/// only once its label has arrived (exponential delay, `coverage` of them at all). Without
+/// missing series or labels it equals [`oracle_bound`]. Only for bad canaries.
+pub fn delayed_oracle_bound(policy: &Policy, sc: &Scenario) -> Option<f64> {
+    if sc.expected != Expected::Rollback {
+        return None;
+    }
+    let a = 1.0 - policy.analysis.confidence;
+    let need = bernoulli_kl(1.0 - a, a);
+    let rate = canary_rpm_at_onset(policy, sc);
+    let kind_kl = |keep: fn(&MetricKind) -> bool| {
+        let mut p = policy.clone();
+        p.metrics.retain(|m| keep(&m.kind));
+        kl_per_request(&p, sc, true)
+    };
+    let kl_err = kind_kl(|k| matches!(k, MetricKind::ErrorRate));
+    let kl_lat = kind_kl(|k| matches!(k, MetricKind::Latency { .. }));
+    let kl_acc = kind_kl(|k| matches!(k, MetricKind::Accuracy));
+    if rate <= 0.0 || kl_err + kl_lat + kl_acc <= 1e-12 {
+        return None;
+    }
+    let onset = sc.onset();
+    // Minutes of data since the onset that a judge can have seen by minute `t` after it.
+    let seen_latency = |t: f64| match sc.lat_missing_c {
+        Some((from, to)) => t - ((onset + t).min(to) - onset.max(from)).max(0.0),
+        None => t,
+    };
+    let labelled = |t: f64| match sc.accuracy {
+        Some(acc) if acc.delay_mean_min > 0.0 => {
+            let d = acc.delay_mean_min;
+            t - d * (1.0 - (-t / d).exp())
+        }
+        _ => t,
+    };
+    let info = |t: f64| rate * (kl_err * t + kl_lat * seen_latency(t) + kl_acc * labelled(t));
+    let mut high = 1.0;
+    while info(high) < need {
+        high *= 2.0;
+        if high > 1e9 {
+            return None;
+        }
+    }
+    let mut low = 0.0;
+    for _ in 0..100 {
+        let mid = 0.5 * (low + high);
+        if info(mid) < need {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    Some(rate * high)
+}
+
+/// The canary's requests per minute at the weight the schedule gives when the canary turns bad.
+fn canary_rpm_at_onset(policy: &Policy, sc: &Scenario) -> f64 {
     let steps = policy.strategy.steps();
     let step_min = policy.strategy.step_duration().as_secs_f64() / 60.0;
     let idx = if step_min > 0.0 {
@@ -116,7 +177,13 @@ pub fn pipeline_floor(policy: &Policy, sc: &Scenario) -> f64 {
         0
     };
     let weight = steps.get(idx).copied().unwrap_or(100.0);
-    let rpm = sc.total_rpm * realized_share(sc, weight);
+    sc.total_rpm * realized_share(sc, weight)
+}
+
+/// Canary requests served during one scrape interval plus one evaluation interval, at the
+/// weight the schedule gives when the canary turns bad (the first step without an onset).
+pub fn pipeline_floor(policy: &Policy, sc: &Scenario) -> f64 {
+    let rpm = canary_rpm_at_onset(policy, sc);
     let delay_min = (SCRAPE_MS as f64 / 1000.0 + policy.strategy.interval.as_secs_f64()) / 60.0;
     rpm * delay_min
 }
@@ -154,10 +221,11 @@ pub fn summarise(policy: &Policy, sc: &Scenario, judge: &str, reps: &[RepResult]
         (Some(o), Some(m)) if m > 0.0 => Some((o / m).min(1.0)),
         _ => None,
     };
-    let efficiency_with_floor = match (sc.expected, oracle, mean(&rb_req)) {
+    let with_floor = |bound: Option<f64>| match (sc.expected, bound, mean(&rb_req)) {
         (Expected::Rollback, Some(o), Some(m)) if m > 0.0 => Some((o + floor) / m),
         _ => None,
     };
+    let delayed = delayed_oracle_bound(policy, sc);
     Summary {
         scenario: sc.name.clone(),
         judge: judge.to_owned(),
@@ -174,9 +242,11 @@ pub fn summarise(policy: &Policy, sc: &Scenario, judge: &str, reps: &[RepResult]
         canary_requests_to_promote_mean: mean(&pr_req),
         stale_promotions: reps.iter().filter(|r| r.stale_promotion).count() as u32,
         oracle_bound: oracle,
+        oracle_bound_delayed: delayed,
         pipeline_floor: floor,
         efficiency,
-        efficiency_with_floor,
+        efficiency_with_floor: with_floor(oracle),
+        efficiency_delayed: with_floor(delayed),
     }
 }
 
@@ -192,12 +262,12 @@ fn pct(x: f64) -> String {
 pub fn table(rows: &[Summary]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<28} {:<13} {:<8} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>9} {:>5} {:>8} {:>8} {:>6}\n",
-        "scenario", "judge", "expected", "rollbk", "ci95hi", "promote", "undec", "req_rb", "req_rb95", "min_rb", "min_pr", "req_pr", "stale", "oracle", "floor", "eta"
+        "{:<28} {:<13} {:<8} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>9} {:>5} {:>8} {:>8} {:>8} {:>6}\n",
+        "scenario", "judge", "expected", "rollbk", "ci95hi", "promote", "undec", "req_rb", "req_rb95", "min_rb", "min_pr", "req_pr", "stale", "oracle", "delayed", "floor", "eta"
     ));
     for r in rows {
         out.push_str(&format!(
-            "{:<28} {:<13} {:<8} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>9} {:>5} {:>8} {:>8} {:>6}\n",
+            "{:<28} {:<13} {:<8} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>7} {:>9} {:>5} {:>8} {:>8} {:>8} {:>6}\n",
             r.scenario,
             r.judge,
             r.expected,
@@ -212,6 +282,7 @@ pub fn table(rows: &[Summary]) -> String {
             cell(r.canary_requests_to_promote_mean, 0),
             r.stale_promotions,
             cell(r.oracle_bound, 0),
+            cell(r.oracle_bound_delayed, 0),
             format!("{:.0}", r.pipeline_floor),
             cell(r.efficiency, 3),
         ));
@@ -284,6 +355,25 @@ pub fn goals(rows: &[Summary], judge: &str, baseline: Option<&str>) -> Vec<(Stri
     out
 }
 
+/// Figures for one judge that are not goals: the efficiency against the delayed oracle, which
+/// also charges the oracle for data no judge can see yet.
+pub fn notes(rows: &[Summary], judge: &str) -> Vec<String> {
+    let effs: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.judge == judge)
+        .filter_map(|r| r.efficiency_delayed)
+        .collect();
+    if effs.is_empty() {
+        return Vec::new();
+    }
+    let g = (effs.iter().map(|e| e.ln()).sum::<f64>() / effs.len() as f64).exp();
+    vec![format!(
+        "geometric mean of (delayed oracle + floor) / requests over {} rollback scenarios: {g:.3} \
+         (the oracle too waits for missing series and late labels; not the README's figure)",
+        effs.len()
+    )]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +384,69 @@ mod tests {
         assert!((clopper_pearson_high(50, 1000) - 0.06539).abs() < 5e-5);
         assert!((clopper_pearson_high(0, 1000) - 0.003682).abs() < 5e-6);
         assert_eq!(clopper_pearson_high(3, 3), 1.0);
+    }
+
+    fn bench_policy(sc: &Scenario) -> Policy {
+        let base = crate::policy::load_str("bench.yaml", super::super::DEFAULT_POLICY)
+            .expect("the built-in policy is valid");
+        super::super::run::policy_for(&base, sc, crate::policy::Method::Sequential)
+    }
+
+    fn scenario(fields: &str) -> Scenario {
+        let text = format!(r#"{{"s": {{"expected": "rollback", {fields}}}}}"#);
+        let mut v = super::super::scenario::parse("t.json", &text).expect("valid scenario");
+        v.remove(0)
+    }
+
+    #[test]
+    fn without_delays_the_delayed_oracle_is_walds_bound() {
+        let sc = scenario(r#""p_s": 0.01, "p_c": 0.02"#);
+        let p = bench_policy(&sc);
+        let (plain, delayed) = (oracle_bound(&p, &sc), delayed_oracle_bound(&p, &sc));
+        let (plain, delayed) = (plain.expect("bad canary"), delayed.expect("bad canary"));
+        assert!(
+            (plain - delayed).abs() < 1e-6 * plain,
+            "{plain} vs {delayed}"
+        );
+        // 677 requests for 1 % against 2 %, as the README says.
+        assert!((plain - 677.0).abs() < 1.0, "{plain}");
+    }
+
+    #[test]
+    fn a_missing_series_costs_the_oracle_its_blind_minutes() {
+        let sc = scenario(r#""lat_shift_c": 0.22314355131420976, "lat_missing_c": [0, 10]"#);
+        let p = bench_policy(&sc);
+        let plain = oracle_bound(&p, &sc).expect("bad canary");
+        let delayed = delayed_oracle_bound(&p, &sc).expect("bad canary");
+        // The first step is 1 % of 20,000 requests a minute: ten blind minutes are 2,000
+        // requests, after which the oracle needs what it needs without delay.
+        assert!(
+            (delayed - (2000.0 + plain)).abs() < 1e-6 * delayed,
+            "{delayed}"
+        );
+    }
+
+    #[test]
+    fn late_labels_cost_the_oracle_the_wait_for_them() {
+        let sc = scenario(
+            r#""accuracy": {"coverage": 0.5, "delay_mean_min": 20, "q_s": 0.08, "q_c": 0.12}"#,
+        );
+        let p = bench_policy(&sc);
+        let plain = oracle_bound(&p, &sc).expect("bad canary");
+        let delayed = delayed_oracle_bound(&p, &sc).expect("bad canary");
+        // At 200 canary requests a minute, labels for `plain` requests' worth of predictions
+        // have arrived by minute t when t − 20·(1 − e^(−t/20)) = plain / 200.
+        let t = delayed / 200.0;
+        let arrived = t - 20.0 * (1.0 - (-t / 20.0_f64).exp());
+        assert!(
+            (arrived * 200.0 - plain).abs() < 1e-6 * plain,
+            "{t} {arrived}"
+        );
+        assert!(delayed > 4.0 * plain, "{delayed} vs {plain}");
+        // A good canary has no rollback to bound.
+        let mut good = scenario(r#""p_c": 0.01"#);
+        good.expected = Expected::Promote;
+        assert_eq!(delayed_oracle_bound(&bench_policy(&good), &good), None);
     }
 
     #[test]

@@ -91,6 +91,10 @@ fn bench_json_has_every_key_and_obvious_outcomes() {
         "a 10× error rate is always rolled back: {crash}"
     );
     assert!(crash["oracle_bound"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        crash["oracle_bound_delayed"], crash["oracle_bound"],
+        "nothing is delayed in this scenario, so the delayed oracle is Wald's bound"
+    );
     assert!(crash["canary_requests_to_rollback_mean"].as_f64().is_some());
     let aa = row(&rows, "aa_high_traffic", "sequential");
     assert_eq!(
