@@ -5,7 +5,7 @@
 use crate::api::{self, ApiState};
 use crate::controller::{self, Registry, RouterFactory, Shared, SourceFactory};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{self, Store};
 use crate::time::Clock;
 use std::future::Future;
 use std::path::PathBuf;
@@ -17,7 +17,7 @@ use tokio::sync::watch;
 /// How long an API client may take to send a request's line and headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Bounds on what clients may cost. `canaryd run` uses the defaults; tests
+/// Bounds on what clients and history may cost. `canaryd run` uses the defaults; tests
 /// shorten them.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -26,12 +26,15 @@ pub struct Limits {
     /// disconnected, so one that trickles headers forever (slowloris) holds neither a
     /// connection nor the shutdown.
     pub header_read_timeout: Duration,
+    /// Decisions kept in the log per rollout; see `Store::open_with_retention`.
+    pub decisions_kept: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_read_timeout: HEADER_READ_TIMEOUT,
+            decisions_kept: store::DEFAULT_DECISIONS_KEPT,
         }
     }
 }
@@ -68,7 +71,7 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open(&config.state)?;
+    let store = Store::open_with_retention(&config.state, limits.decisions_kept)?;
     let metrics = match config.metrics {
         Some(m) => m,
         None => Metrics::new(prometheus::Registry::new())?,

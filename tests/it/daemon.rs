@@ -328,6 +328,30 @@ async fn good_canary_walks_every_step_and_is_promoted() {
     d.stop().await;
 }
 
+#[tokio::test]
+async fn the_decision_log_keeps_only_the_newest_decisions_the_daemon_is_told_to() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let limits = Limits {
+        decisions_kept: 3,
+        ..Limits::default()
+    };
+    let d = Daemon::start_limited(dir.path(), router, source, limits).await;
+    d.wait_phase("demo", "promoted").await;
+    let (status, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    assert_eq!(status, 200);
+    let log = log["decisions"].as_array().unwrap();
+    let actions: Vec<&str> = log.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    // The walk records start, advance, promote and settle (and analyses): more than three.
+    assert_eq!(actions.first(), Some(&"settle"), "{actions:?}");
+    assert!(!actions.contains(&"start"), "{actions:?}");
+    assert!(
+        log.iter().skip(3).all(|e| e["applied"] == false),
+        "only unapplied decisions may outlive the limit: {log:?}"
+    );
+    d.stop().await;
+}
+
 /// A slowloris: a client that opens connections and never finishes a request's headers.
 #[tokio::test]
 async fn clients_that_never_finish_their_headers_are_disconnected() {
@@ -339,6 +363,7 @@ async fn clients_that_never_finish_their_headers_are_disconnected() {
     let (router, source) = fakes(Mode::Good);
     let limits = Limits {
         header_read_timeout: timeout,
+        ..Limits::default()
     };
     let d = Daemon::start_limited(dir.path(), router, source, limits).await;
     let addr = d.url.trim_start_matches("http://").to_owned();
