@@ -5,13 +5,39 @@
 use crate::api::{self, ApiState};
 use crate::controller::{self, Registry, RouterFactory, Shared, SourceFactory};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{self, Store};
 use crate::time::Clock;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long an API client may take to send a request's line and headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on what clients and history may cost. `canaryd run` uses the defaults; tests
+/// shorten them.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// How long the API waits for a request's line and headers, counted from when it starts
+    /// waiting for them, on a new connection or an idle kept-alive one. A slower client is
+    /// disconnected, so one that trickles headers forever (slowloris) holds neither a
+    /// connection nor the shutdown.
+    pub header_read_timeout: Duration,
+    /// Decisions kept in the log per rollout; see `Store::open_with_retention`.
+    pub decisions_kept: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            decisions_kept: store::DEFAULT_DECISIONS_KEPT,
+        }
+    }
+}
 
 /// Everything `serve` needs besides the listener.
 pub struct DaemonConfig {
@@ -35,7 +61,17 @@ pub async fn serve(
     config: DaemonConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open(&config.state)?;
+    serve_with(listener, config, Limits::default(), shutdown).await
+}
+
+/// `serve` with the given limits instead of the defaults.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    config: DaemonConfig,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = Store::open_with_retention(&config.state, limits.decisions_kept)?;
     let metrics = match config.metrics {
         Some(m) => m,
         None => Metrics::new(prometheus::Registry::new())?,
@@ -76,21 +112,78 @@ pub async fn serve(
         ready,
         token: config.token,
     });
-    let mut api_stop = stop_rx;
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = api_stop.wait_for(|s| *s).await;
-    });
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(serve_api(
+        listener,
+        app,
+        limits.header_read_timeout,
+        stop_rx,
+    ));
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight ticks");
     let _ = stop_tx.send(true);
     let _ = rollouts.await;
-    match server.await {
-        Ok(r) => r?,
-        Err(e) => return Err(e.into()),
-    }
+    server.await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves the API until `stop` turns true (or its sender is gone), then lets every open
+/// connection finish its request and waits for them.
+///
+/// This is `axum::serve` plus a header read timeout, which `axum::serve` has no setting for:
+/// without one, a client that never finishes its headers holds its connection, and the
+/// graceful shutdown waiting for it, forever. Only HTTP/1 is spoken (as with axum's `http1`
+/// feature), so the timeout runs from the moment a connection waits for a request; a server
+/// that first sniffs for the HTTP/2 preface would wait for those bytes without one.
+async fn serve_api(
+    mut listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    // Every connection task holds a receiver; once all are dropped, every connection is done.
+    let (open_tx, open_rx) = watch::channel(());
+    loop {
+        let (stream, peer) = tokio::select! {
+            // axum's accept retries failed accepts (after a pause on running out of file
+            // descriptors) instead of returning them.
+            conn = axum::serve::Listener::accept(&mut listener) => conn,
+            () = stopped(&mut stop) => break,
+        };
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut stop = stop.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                // Timeouts, resets and malformed requests are the client's business.
+                tracing::debug!(%peer, error = %e, "api connection ended with an error");
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    drop(open_rx);
+    open_tx.closed().await;
+}
+
+/// Completes once `stop` turns true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Completes on SIGINT or SIGTERM.

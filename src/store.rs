@@ -4,6 +4,11 @@
 //! is told, and marked applied once the router confirmed. A crash at any point therefore
 //! leaves either the old state (the decision is taken again) or the new one, unapplied (the
 //! router is told again); both are safe because applying a weight is idempotent.
+//!
+//! The log keeps a bounded number of decisions per rollout (`DEFAULT_DECISIONS_KEPT` unless
+//! the store is opened with another limit): each `record` deletes, in its own transaction,
+//! that rollout's applied decisions older than the newest ones kept. A decision not yet
+//! marked applied is never deleted, nor is a rollout's latest decision.
 
 use crate::judge::MetricReport;
 use crate::rollout::{Decision, RolloutState};
@@ -54,12 +59,19 @@ pub struct StoredRollout {
     pub applied: bool,
 }
 
+/// Decisions kept per rollout unless the store is opened with another limit: at one decision
+/// per analysis every 30 s, about three and a half days of a continuously analysed rollout.
+pub const DEFAULT_DECISIONS_KEPT: usize = 10_000;
+
 /// The store. Cheap to clone; calls block briefly on SQLite, so async callers run them in
 /// `spawn_blocking`.
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     path: String,
+    /// How many of a rollout's newest decisions `record` keeps (at least one); older ones
+    /// are deleted once applied.
+    decisions_kept: usize,
 }
 
 const SCHEMA: &str = "
@@ -90,8 +102,16 @@ CREATE INDEX IF NOT EXISTS decisions_by_rollout ON decisions (rollout, id);
 ";
 
 impl Store {
-    /// Opens (creating if needed) the store at `path`; `:memory:` for tests.
+    /// Opens (creating if needed) the store at `path`; `:memory:` for tests. Keeps
+    /// `DEFAULT_DECISIONS_KEPT` decisions per rollout.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_retention(path, DEFAULT_DECISIONS_KEPT)
+    }
+
+    /// Opens the store keeping the newest `decisions_kept` decisions of each rollout (a limit
+    /// below one counts as one), plus any older one not yet applied. A store that holds more
+    /// (a lower limit than last time) is trimmed at each rollout's next decision.
+    pub fn open_with_retention(path: &Path, decisions_kept: usize) -> Result<Store, StoreError> {
         let shown = path.display().to_string();
         let err = |source| StoreError::Sqlite {
             path: shown.clone(),
@@ -109,6 +129,7 @@ impl Store {
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path: shown,
+            decisions_kept: decisions_kept.max(1),
         })
     }
 
@@ -125,7 +146,8 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a decision and the state it leads to, atomically, as not yet applied.
+    /// Records a decision and the state it leads to, atomically, as not yet applied, and
+    /// trims the rollout's log to the retention limit in the same transaction.
     /// Returns the decision's id.
     pub fn record(&self, d: &Decision, now: Time) -> Result<i64, StoreError> {
         let state = serde_json::to_string(&d.state).map_err(|e| StoreError::Corrupt {
@@ -156,6 +178,18 @@ impl Store {
         )
         .map_err(|e| self.err(e))?;
         let id = tx.last_insert_rowid();
+        // The cut-off is the newest decision beyond the limit (none while the log is shorter,
+        // and then `id <= NULL` deletes nothing). Unapplied decisions stay: they are the
+        // record of a weight the router may not have.
+        tx.execute(
+            "DELETE FROM decisions WHERE rollout = ?1 AND applied = 1 AND id <= (
+                 SELECT id FROM decisions WHERE rollout = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            params![
+                d.state.name,
+                i64::try_from(self.decisions_kept).unwrap_or(i64::MAX)
+            ],
+        )
+        .map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT INTO rollouts (name, state, applied, updated_at) VALUES (?1, ?2, 0, ?3)
              ON CONFLICT(name) DO UPDATE SET state = excluded.state, applied = 0, updated_at = excluded.updated_at",
@@ -342,6 +376,99 @@ mod tests {
         assert_eq!(older.len(), 1);
         assert_eq!(store.names().unwrap(), ["a"]);
         assert!(store.load("missing").unwrap().is_none());
+    }
+
+    /// Records an applied decision of rollout `name` at step `step`; returns its id.
+    fn applied(store: &Store, name: &str, step: usize) -> i64 {
+        let d = decision(
+            state(name, Phase::Progressing, step, step as f64),
+            Action::Advance,
+        );
+        let id = store.record(&d, Time(step as i64)).unwrap();
+        store.mark_applied(name, id).unwrap();
+        id
+    }
+
+    fn ids(log: &[DecisionRecord]) -> Vec<i64> {
+        log.iter().map(|d| d.id).collect()
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_decisions_of_each_rollout_and_paging_still_works() {
+        let store = Store::open_with_retention(Path::new(":memory:"), 5).unwrap();
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for step in 0..12 {
+            a.push(applied(&store, "a", step));
+            // Rollout b logs as many decisions as the limit allows, interleaved with a's.
+            if step % 2 == 0 && b.len() < 5 {
+                b.push(applied(&store, "b", step));
+            }
+        }
+        let newest: Vec<i64> = a[7..].iter().rev().copied().collect();
+        assert_eq!(ids(&store.decisions("a", 100, None).unwrap()), newest);
+        let first = store.decisions("a", 2, None).unwrap();
+        assert_eq!(ids(&first), newest[..2]);
+        let second = store.decisions("a", 2, Some(first[1].id)).unwrap();
+        assert_eq!(ids(&second), newest[2..4]);
+        let last = store.decisions("a", 2, Some(second[1].id)).unwrap();
+        assert_eq!(ids(&last), newest[4..]);
+        assert!(
+            store
+                .decisions("a", 2, Some(last[0].id))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            ids(&store.decisions("b", 100, None).unwrap()),
+            b.iter().rev().copied().collect::<Vec<_>>(),
+            "another rollout's log is not trimmed by a's decisions"
+        );
+        let a_state = store.load("a").unwrap().unwrap();
+        assert_eq!(a_state.state.step, 11);
+        assert!(a_state.applied);
+    }
+
+    #[test]
+    fn retention_never_deletes_an_unapplied_or_the_latest_decision() {
+        let store = Store::open_with_retention(Path::new(":memory:"), 2).unwrap();
+        let record = |step: usize| {
+            let d = decision(
+                state("a", Phase::Progressing, step, step as f64),
+                Action::Advance,
+            );
+            store.record(&d, Time(step as i64)).unwrap()
+        };
+        let old_applied = applied(&store, "a", 0);
+        // The router was failing: these two never reached it.
+        let unapplied = [record(1), record(2)];
+        applied(&store, "a", 3);
+        let kept = [applied(&store, "a", 4), applied(&store, "a", 5)];
+        let log = store.decisions("a", 100, None).unwrap();
+        assert_eq!(ids(&log), [kept[1], kept[0], unapplied[1], unapplied[0]]);
+        assert!(!log.iter().any(|d| d.id == old_applied));
+        // The latest decision is kept before it is applied, and applying it still works.
+        let latest = record(6);
+        let log = store.decisions("a", 100, None).unwrap();
+        assert_eq!(ids(&log), [latest, kept[1], unapplied[1], unapplied[0]]);
+        store.mark_applied("a", latest).unwrap();
+        assert!(store.load("a").unwrap().unwrap().applied);
+    }
+
+    #[test]
+    fn a_limit_of_zero_still_keeps_the_latest_decision_and_a_lower_limit_trims_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let store = Store::open(&path).unwrap();
+            for step in 0..4 {
+                applied(&store, "a", step);
+            }
+            assert_eq!(store.decisions("a", 100, None).unwrap().len(), 4);
+        }
+        let store = Store::open_with_retention(&path, 0).unwrap();
+        let latest = applied(&store, "a", 4);
+        assert_eq!(ids(&store.decisions("a", 100, None).unwrap()), [latest]);
     }
 
     #[test]

@@ -1102,36 +1102,67 @@ impl Validator {
         let mut c = Convention::default();
         let Some(s) = &raw.series else { return c };
         for (key, at) in &s.value {
-            let v = at.value.clone();
-            let is_name = !v.is_empty()
-                && v.chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
-                && !v.starts_with(|ch: char| ch.is_ascii_digit());
-            let is_value_key = key.ends_with("_value");
-            if !is_value_key && !is_name {
-                self.err(
-                    at,
-                    format!("expected a Prometheus name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {v:?}"),
-                );
-                continue;
+            let (slot, kind) = match key.as_str() {
+                "requests" => (&mut c.requests, SeriesName::Metric),
+                "duration" => (&mut c.duration, SeriesName::Metric),
+                "scored" => (&mut c.scored, SeriesName::Metric),
+                "model_label" => (&mut c.model_label, SeriesName::Label),
+                "version_label" => (&mut c.version_label, SeriesName::Label),
+                "outcome_label" => (&mut c.outcome_label, SeriesName::Label),
+                "correct_label" => (&mut c.correct_label, SeriesName::Label),
+                "error_value" => (&mut c.error_value, SeriesName::LabelValue),
+                _ => (&mut c.correct_value, SeriesName::LabelValue),
+            };
+            let v = &at.value;
+            match kind {
+                SeriesName::Metric if !is_metric_name(v) => {
+                    self.err(
+                        at,
+                        format!(
+                            "expected a Prometheus metric name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {v:?}"
+                        ),
+                    );
+                    continue;
+                }
+                SeriesName::Label if !is_label_name(v) => {
+                    self.err(
+                        at,
+                        format!(
+                            "expected a Prometheus label name of [a-zA-Z_][a-zA-Z0-9_]* (colons are for metric names only), found {v:?}"
+                        ),
+                    );
+                    continue;
+                }
+                SeriesName::LabelValue => self.label_value(at),
+                _ => {}
             }
-            if is_value_key {
-                self.label_value(at);
-            }
-            match key.as_str() {
-                "requests" => c.requests = v,
-                "duration" => c.duration = v,
-                "scored" => c.scored = v,
-                "model_label" => c.model_label = v,
-                "version_label" => c.version_label = v,
-                "outcome_label" => c.outcome_label = v,
-                "error_value" => c.error_value = v,
-                "correct_label" => c.correct_label = v,
-                _ => c.correct_value = v,
-            }
+            *slot = v.clone();
         }
         c
     }
+}
+
+/// What a `series` entry names, which decides the characters it may have.
+enum SeriesName {
+    Metric,
+    Label,
+    LabelValue,
+}
+
+/// Prometheus's metric-name syntax, `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+fn is_metric_name(s: &str) -> bool {
+    prometheus_name(s, true)
+}
+
+/// Prometheus's label-name syntax, `[a-zA-Z_][a-zA-Z0-9_]*`: colons are reserved for
+/// recording rules' metric names, and a selector with one in a label name does not parse.
+fn is_label_name(s: &str) -> bool {
+    prometheus_name(s, false)
+}
+
+fn prometheus_name(s: &str, colons: bool) -> bool {
+    let ok = |ch: char| ch.is_ascii_alphanumeric() || ch == '_' || (colons && ch == ':');
+    !s.is_empty() && s.chars().all(ok) && !s.starts_with(|ch: char| ch.is_ascii_digit())
 }
 
 /// ` (did you mean "x"?)` when a misspelt value is close to one of the allowed ones.
@@ -1280,4 +1311,109 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
         amount,
         written: show(s),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid policy whose last line opens the `series` section; its entries are on line 13.
+    const BASE: &str = "name: demo
+stable: v1
+canary: v2
+strategy:
+  steps: [10, 50]
+  interval: 30s
+  min_step_duration: 1m
+metrics:
+  - {name: errors, builtin: error_rate, max: 1%}
+router:
+  file: {path: /dev/null}
+series:
+";
+
+    fn with_series(key: &str, value: &str) -> Result<Policy, PolicyError> {
+        load_str("p.yaml", &format!("{BASE}  {key}: '{value}'\n"))
+    }
+
+    fn field<'a>(c: &'a Convention, key: &str) -> &'a str {
+        match key {
+            "requests" => &c.requests,
+            "duration" => &c.duration,
+            "scored" => &c.scored,
+            "model_label" => &c.model_label,
+            "version_label" => &c.version_label,
+            "outcome_label" => &c.outcome_label,
+            "correct_label" => &c.correct_label,
+            "error_value" => &c.error_value,
+            "correct_value" => &c.correct_value,
+            other => panic!("no series key {other}"),
+        }
+    }
+
+    #[test]
+    fn series_names_that_prometheus_accepts_are_taken() {
+        let cases = [
+            ("requests", "http_requests_total"),
+            ("requests", "job:http_requests:rate5m"),
+            ("duration", "_private_seconds"),
+            ("scored", ":leading_colon"),
+            ("model_label", "_model"),
+            ("version_label", "release"),
+            ("outcome_label", "code2"),
+            ("correct_label", "Correct"),
+            ("error_value", "5xx"),
+            ("correct_value", "a:b c"),
+        ];
+        for (key, value) in cases {
+            match with_series(key, value) {
+                Ok(p) => assert_eq!(field(&p.convention, key), value, "{key}: {value:?}"),
+                Err(e) => panic!("{key}: {value:?} was rejected: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn series_names_that_prometheus_rejects_are_reported_where_they_are() {
+        const LABEL: &str = "expected a Prometheus label name of [a-zA-Z_][a-zA-Z0-9_]* (colons are for metric names only)";
+        const METRIC: &str = "expected a Prometheus metric name of [a-zA-Z_:][a-zA-Z0-9_:]*";
+        let cases = [
+            ("version_label", "app:version", LABEL),
+            ("model_label", ":model", LABEL),
+            ("outcome_label", "1outcome", LABEL),
+            ("correct_label", "is-correct", LABEL),
+            ("version_label", "versión", LABEL),
+            ("model_label", "", LABEL),
+            ("requests", "http-requests-total", METRIC),
+            ("duration", "9_seconds", METRIC),
+            ("scored", "scored total", METRIC),
+            ("requests", "", METRIC),
+        ];
+        for (key, value, expected) in cases {
+            let err = match with_series(key, value) {
+                Ok(_) => panic!("{key}: {value:?} was accepted"),
+                Err(e) => e,
+            };
+            let want = Problem {
+                // The value, after two spaces of indentation, the key and ": ".
+                pos: Pos {
+                    line: 13,
+                    column: 3 + key.len() as u64 + 2,
+                },
+                path: format!("series.{key}"),
+                message: format!("{expected}, found {value:?}"),
+            };
+            assert_eq!(err.problems, [want], "{key}: {value:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_label_name_reads_as_file_line_column_field_and_message() {
+        let err = with_series("version_label", "app:version").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p.yaml:13:18: series.version_label: expected a Prometheus label name of \
+             [a-zA-Z_][a-zA-Z0-9_]* (colons are for metric names only), found \"app:version\""
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! controller and decision core, with faults the fakes can produce on demand.
 
 use crate::support::wait_for;
+use canaryd::daemon::Limits;
 use canaryd::observation::{Counts, MetricReading, Reading, Sample};
 use canaryd::policy::Policy;
 use canaryd::router::{BoxFuture, Router, RouterError, Target};
@@ -129,7 +130,16 @@ impl Daemon {
     pub async fn start_real(dir: &Path, sources: canaryd::controller::SourceFactory) -> Daemon {
         let (router, source) = fakes(Mode::Good);
         let routers: canaryd::controller::RouterFactory = Arc::new(canaryd::router::from_policy);
-        Daemon::start_with(dir, router, source, None, routers, sources).await
+        Daemon::start_with(
+            dir,
+            router,
+            source,
+            None,
+            routers,
+            sources,
+            Default::default(),
+        )
+        .await
     }
 
     pub async fn start(
@@ -144,7 +154,32 @@ impl Daemon {
             Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>));
         let sources: canaryd::controller::SourceFactory =
             Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
-        Daemon::start_with(dir, router, source, token, routers, sources).await
+        Daemon::start_with(
+            dir,
+            router,
+            source,
+            token,
+            routers,
+            sources,
+            Default::default(),
+        )
+        .await
+    }
+
+    /// `start` without a token, with the given limits instead of the defaults.
+    pub async fn start_limited(
+        dir: &Path,
+        router: FakeRouter,
+        source: FakeSource,
+        limits: Limits,
+    ) -> Daemon {
+        let r = router.clone();
+        let s = source.clone();
+        let routers: canaryd::controller::RouterFactory =
+            Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>));
+        let sources: canaryd::controller::SourceFactory =
+            Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
+        Daemon::start_with(dir, router, source, None, routers, sources, limits).await
     }
 
     async fn start_with(
@@ -154,6 +189,7 @@ impl Daemon {
         token: Option<&str>,
         routers: canaryd::controller::RouterFactory,
         sources: canaryd::controller::SourceFactory,
+        limits: Limits,
     ) -> Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -169,9 +205,14 @@ impl Daemon {
             sources,
             metrics: None,
         };
-        let handle = tokio::spawn(canaryd::daemon::serve(listener, config, async move {
-            let _ = rx.await;
-        }));
+        let handle = tokio::spawn(canaryd::daemon::serve_with(
+            listener,
+            config,
+            limits,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         let d = Daemon {
             url,
             router,
@@ -285,6 +326,98 @@ async fn good_canary_walks_every_step_and_is_promoted() {
         "canaryd_analysis_value{metric=\"errors\",rollout=\"demo\",version=\"canary\"} 0.001"
     ));
     d.stop().await;
+}
+
+#[tokio::test]
+async fn the_decision_log_keeps_only_the_newest_decisions_the_daemon_is_told_to() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let limits = Limits {
+        decisions_kept: 3,
+        ..Limits::default()
+    };
+    let d = Daemon::start_limited(dir.path(), router, source, limits).await;
+    d.wait_phase("demo", "promoted").await;
+    let (status, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    assert_eq!(status, 200);
+    let log = log["decisions"].as_array().unwrap();
+    let actions: Vec<&str> = log.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    // The walk records start, advance, promote and settle (and analyses): more than three.
+    assert_eq!(actions.first(), Some(&"settle"), "{actions:?}");
+    assert!(!actions.contains(&"start"), "{actions:?}");
+    assert!(
+        log.iter().skip(3).all(|e| e["applied"] == false),
+        "only unapplied decisions may outlive the limit: {log:?}"
+    );
+    d.stop().await;
+}
+
+/// A slowloris: a client that opens connections and never finishes a request's headers.
+#[tokio::test]
+async fn clients_that_never_finish_their_headers_are_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let timeout = Duration::from_millis(200);
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let limits = Limits {
+        header_read_timeout: timeout,
+        ..Limits::default()
+    };
+    let d = Daemon::start_limited(dir.path(), router, source, limits).await;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+
+    // One client sends nothing at all; the other trickles an endless header, a byte at a time.
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    // Meanwhile the API answers everyone else.
+    let (status, _) = d.get("/api/v1/rollouts").await;
+    assert_eq!(status, 200);
+
+    let limit = Duration::from_secs(5);
+    let trickled = tokio::time::timeout(limit, async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut buf = [0u8; 256];
+        loop {
+            tokio::select! {
+                r = slow.read(&mut buf) => return r.map(|n| buf[..n].to_vec()),
+                _ = tick.tick() => {
+                    // A write may fail once the server has gone; the read then reports it.
+                    let _ = slow.write_all(b"a").await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the server still held the trickling connection after 5 s");
+    // An error is a reset (the server closed while a trickled byte was unread): a close too.
+    if let Ok(bytes) = trickled {
+        assert!(
+            bytes.is_empty(),
+            "expected the connection closed, got {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    let mut buf = [0u8; 16];
+    let silent_read = tokio::time::timeout(limit, silent.read(&mut buf))
+        .await
+        .expect("the server still held the silent connection after 5 s");
+    assert!(matches!(silent_read, Ok(0) | Err(_)), "{silent_read:?}");
+    // Closed by the timeout, not by anything sooner.
+    assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+
+    // A slow client does not hold the shutdown either.
+    let mut lingering = TcpStream::connect(&addr).await.unwrap();
+    lingering.write_all(b"GET /healthz HT").await.unwrap();
+    tokio::time::timeout(limit, d.stop())
+        .await
+        .expect("shutdown waited for a client that never finished its headers");
+    drop(lingering);
 }
 
 #[tokio::test]
