@@ -78,6 +78,10 @@ const LATENCY_SETUP_EVENTS: f64 = 200.0;
 const MAX_EXCEEDANCE: f64 = 0.9;
 /// Increments with fewer requests than this are not used to check the realised share.
 const SHARE_CHECK_MIN: f64 = 500.0;
+/// Per-look decay of the recent-rate average of stable's drift estimate (about four looks).
+const RECENT_DECAY: f64 = 0.25;
+/// Standard deviations of the recent count that do not count as drift.
+const DRIFT_NOISE_SD: f64 = 1.5;
 
 /// What the sequential judge remembers about one metric during one rollout.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -111,6 +115,13 @@ pub struct SequentialMemory {
     pub dispersion_terms: f64,
     /// Stable's previous increment (bad, total), for the dispersion estimate.
     pub previous_stable: Option<Counts>,
+    /// Stable's recent counts, decaying by `RECENT_DECAY` per look, for its drift.
+    #[serde(default)]
+    pub stable_recent: Counts,
+    /// The most stable's recent rate was clearly above its rate over the whole rollout, as a
+    /// ratio (at least 1; 0 until measured): how far its rate moved with time of day or load.
+    #[serde(default)]
+    pub stable_drift: f64,
     /// The configured weight at the last analysis, to check the realised share only within a
     /// step (an increment across a weight change mixes two weights).
     pub last_weight: Option<f64>,
@@ -601,6 +612,7 @@ fn update(
             bad: s_inc.bad,
             total: s_inc.total,
         });
+        track_drift(mem, s_inc, phi);
     }
 
     // Latency histograms: increments per boundary.
@@ -657,6 +669,7 @@ fn update(
     };
     let stable_hist = mem.stable_hist.clone();
     let stable_hist_total = mem.stable_hist_total;
+    let drift = mem.stable_drift.max(1.0);
 
     let accuracy = matches!(spec.kind, MetricKind::Accuracy);
     let b = &spec.bounds;
@@ -723,13 +736,15 @@ fn update(
                     step_two_sample(test, ci, si, r0, r_bad, phi, cap);
                 } else if p_s.is_finite() {
                     // Stable has no traffic (after promotion, blue-green): compare with its
-                    // rate from before.
+                    // rate from before, raised by as much as stable's own rate was seen to
+                    // drift over time. Without a concurrent control, load or time of day that
+                    // moves both versions' rates would otherwise read as a regression.
                     let p_ref = match test.le {
                         Some(le) if stable_hist_total > 0.0 => {
                             survival(&stable_hist, stable_hist_total, le)
                         }
                         _ => p_s,
-                    };
+                    } * drift;
                     step_one_sample(test, ci, p_ref * r0, p_ref * r_bad, phi, cap);
                 }
             }
@@ -765,6 +780,21 @@ fn update(
         }
     }
     mismatch
+}
+
+/// Updates stable's recent rate and the largest ratio by which it clearly exceeded stable's rate
+/// over the whole rollout: the recent count less `DRIFT_NOISE_SD` (dispersion-scaled) standard
+/// deviations, so that sampling noise alone hardly counts as drift.
+fn track_drift(mem: &mut SequentialMemory, s_inc: Increment, phi: f64) {
+    let r = &mut mem.stable_recent;
+    r.bad = r.bad * (1.0 - RECENT_DECAY) + s_inc.bad;
+    r.total = r.total * (1.0 - RECENT_DECAY) + s_inc.total;
+    let (bad, total) = (mem.stable.bad + s_inc.bad, mem.stable.total + s_inc.total);
+    if bad <= 0.0 || total <= 0.0 || r.total <= 0.0 {
+        return;
+    }
+    let lower = (r.bad - DRIFT_NOISE_SD * (r.bad * phi).sqrt()).max(0.0) / r.total;
+    mem.stable_drift = mem.stable_drift.max(lower / (bad / total)).max(1.0);
 }
 
 /// The dispersion φ ≥ 1 to divide log-likelihood ratios by.
@@ -1155,6 +1185,59 @@ mod tests {
         assert!((log_sum_exp(&[0.0, 0.0]) - 2f64.ln()).abs() < 1e-12);
         assert!((log_sum_exp(&[1000.0, 0.0]) - 1000.0).abs() < 1e-12);
         assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
+    }
+
+    /// Runs `before` looks with both versions at stable's rate `rate(look)`, then `after` looks
+    /// with all traffic on the canary at rate `after_rate`, and returns whether the canary failed
+    /// after the switch, and stable's measured drift.
+    fn watch(rate: impl Fn(u32) -> f64, after_rate: f64) -> (bool, f64) {
+        let spec = spec();
+        let ctx = ctx(0.95);
+        let mut memory = JudgeMemory::default();
+        let (mut s, mut c) = (Counts::default(), Counts::default());
+        for look in 0..40 {
+            let p = rate(look);
+            s.total += 10_000.0;
+            s.bad += 10_000.0 * p;
+            c.total += 500.0;
+            c.bad += 500.0 * p;
+            let r = judge(&ctx, &spec, &reading(s, c), &mut memory);
+            assert_ne!(r.verdict, Verdict::Fail, "no regression before the switch");
+        }
+        let mut failed = false;
+        for _ in 0..30 {
+            c.total += 10_000.0;
+            c.bad += 10_000.0 * after_rate;
+            failed |= judge(&ctx, &spec, &reading(s, c), &mut memory).verdict == Verdict::Fail;
+        }
+        let drift = memory.sequential.map_or(0.0, |m| m.stable_drift);
+        (failed, drift)
+    }
+
+    #[test]
+    fn after_the_switch_the_reference_allows_for_stables_own_drift() {
+        // Both versions' error rate doubles with load, from 1 % to 2 %, before the switch; the
+        // canary then stays at 2 %, which stable itself reached, a third above stable's rate
+        // over the whole rollout (1.5 %). Not a regression.
+        let ramp = |look: u32| 0.01 + 0.01 * f64::from(look) / 39.0;
+        let (failed, drift) = watch(ramp, 0.02);
+        assert!(
+            !failed,
+            "load-driven drift read as a regression (drift {drift})"
+        );
+        assert!(drift > 1.15, "a doubling is measured as drift: {drift}");
+        // Well beyond where stable went: still caught.
+        assert!(
+            watch(ramp, 0.02 * 1.6).0,
+            "a real regression after the switch"
+        );
+        // A steady stable gives no drift to hide behind: 1.33 times its rate is a regression.
+        let (failed, drift) = watch(|_| 0.015, 0.02);
+        assert!(
+            failed,
+            "a third more errors at the switch is a regression (drift {drift})"
+        );
+        assert!(drift < 1.02, "steady counts show no drift: {drift}");
     }
 
     #[test]
