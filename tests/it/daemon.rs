@@ -125,6 +125,22 @@ pub struct Daemon {
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// Factories that hand every policy the same fake router and source.
+fn factories(
+    router: &FakeRouter,
+    source: &FakeSource,
+) -> (
+    canaryd::controller::RouterFactory,
+    canaryd::controller::SourceFactory,
+) {
+    let (r, s) = (router.clone(), source.clone());
+    let routers: canaryd::controller::RouterFactory =
+        Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>));
+    let sources: canaryd::controller::SourceFactory =
+        Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
+    (routers, sources)
+}
+
 impl Daemon {
     /// A daemon with real edges: the routers its policies name and the given source.
     pub async fn start_real(dir: &Path, sources: canaryd::controller::SourceFactory) -> Daemon {
@@ -148,12 +164,7 @@ impl Daemon {
         source: FakeSource,
         token: Option<&str>,
     ) -> Daemon {
-        let r = router.clone();
-        let s = source.clone();
-        let routers: canaryd::controller::RouterFactory =
-            Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>));
-        let sources: canaryd::controller::SourceFactory =
-            Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
+        let (routers, sources) = factories(&router, &source);
         Daemon::start_with(
             dir,
             router,
@@ -173,12 +184,7 @@ impl Daemon {
         source: FakeSource,
         limits: Limits,
     ) -> Daemon {
-        let r = router.clone();
-        let s = source.clone();
-        let routers: canaryd::controller::RouterFactory =
-            Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>));
-        let sources: canaryd::controller::SourceFactory =
-            Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
+        let (routers, sources) = factories(&router, &source);
         Daemon::start_with(dir, router, source, None, routers, sources, limits).await
     }
 
