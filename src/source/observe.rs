@@ -7,14 +7,20 @@
 //! (after the retries), the remaining metrics of that observation read unavailable
 //! with the same error instead of waiting out the timeout again, so one observation costs
 //! at most about one query's retry budget when Prometheus is down.
+//!
+//! A policy judged by Mann–Whitney also gets each version's per-interval series, from one
+//! range query per metric sent alongside the instant queries. The series is extra evidence:
+//! when its query fails, the reading keeps its instant values with an empty series (the judge
+//! then falls back to remembering one value per analysis), and the failure is logged and
+//! reported to the observer like any other. Other methods send no range query.
 
 use super::error::SourceError;
-use super::prometheus::{Answer, PrometheusClient};
-use super::query::{self, DEFAULT_MIN_RANGE, Plan, Ranges};
+use super::prometheus::{Answer, Asked, PrometheusClient, RangeSeries};
+use super::query::{self, DEFAULT_MIN_RANGE, Plan, Ranges, SeriesPlan, Steps};
 use super::read::{self, VersionResult, Versions};
 use super::{MetricSource, Window};
 use crate::observation::{MetricReading, Reading};
-use crate::policy::{MetricSpec, Policy};
+use crate::policy::{Method, MetricSpec, Policy};
 use crate::router::BoxFuture;
 use crate::time::Time;
 use serde::Serialize;
@@ -36,6 +42,9 @@ pub struct QueryRecord<'a> {
     pub attempts: u32,
     /// Why the query failed; `error.kind()` is a bounded label. `None` on success.
     pub error: Option<&'a SourceError>,
+    /// Whether this was a range query (`/api/v1/query_range`) for a per-interval series,
+    /// rather than an instant query.
+    pub range: bool,
 }
 
 /// Receives a record of every query sent, so the daemon's metrics module can export
@@ -111,14 +120,37 @@ impl PrometheusSource {
         window: Window,
     ) -> Vec<(&'p MetricSpec, Outcome)> {
         let ranges = Ranges::new(&window, self.min_range);
+        // Only the Mann–Whitney judge compares per-interval values; no other method should
+        // cost Prometheus a range query.
+        let steps = match policy.analysis.method {
+            Method::MannWhitney => Steps::new(&window, self.min_range),
+            Method::Sequential | Method::Threshold => None,
+        };
         let mut down: Option<SourceError> = None;
         let mut out = Vec::with_capacity(policy.metrics.len());
         for spec in &policy.metrics {
             let plan = query::plan(policy, spec, ranges);
-            let queries = plan.queries().into_iter().map(str::to_owned).collect();
+            let series_plan = steps.map(|s| (query::series_plan(policy, spec, s.step), s));
+            let mut queries: Vec<String> = plan.queries().into_iter().map(str::to_owned).collect();
+            if let Some((sp, _)) = &series_plan {
+                queries.extend(sp.queries().into_iter().map(str::to_owned));
+            }
             let versions = match &down {
                 Some(e) => [Err(e.clone()), Err(e.clone())],
-                None => self.read_metric(policy, spec, &plan, window.at).await,
+                None => {
+                    let (mut versions, series) = tokio::join!(
+                        self.read_metric(policy, spec, &plan, window.at),
+                        self.read_series(policy, spec, series_plan.as_ref()),
+                    );
+                    if let Some(series) = series {
+                        for (v, s) in versions.iter_mut().zip(series) {
+                            if let Ok(Some(sample)) = v {
+                                sample.series = s;
+                            }
+                        }
+                    }
+                    versions
+                }
             };
             if down.is_none() {
                 down = versions
@@ -198,6 +230,46 @@ impl PrometheusSource {
         }
     }
 
+    /// Both versions' per-interval series of a metric, or `None` without a plan or when its
+    /// range query failed (already logged and reported to the observer).
+    async fn read_series(
+        &self,
+        policy: &Policy,
+        spec: &MetricSpec,
+        plan: Option<&(SeriesPlan, Steps)>,
+    ) -> Option<[Vec<f64>; 2]> {
+        let (plan, steps) = plan?;
+        let v = Versions {
+            label: &policy.convention.version_label,
+            stable: &policy.stable,
+            canary: &policy.canary,
+        };
+        match plan {
+            SeriesPlan::Split {
+                label,
+                value,
+                query,
+            } => {
+                let answer = self.ask_range(policy, spec, query, steps).await.ok()?;
+                Some(read::split_series(&v, label, value, &answer))
+            }
+            SeriesPlan::Latency { query } => {
+                let answer = self.ask_range(policy, spec, query, steps).await.ok()?;
+                Some(read::value_series(&v, &answer))
+            }
+            SeriesPlan::Template { stable, canary } => {
+                let (s, c) = tokio::join!(
+                    self.ask_range(policy, spec, stable, steps),
+                    self.ask_range(policy, spec, canary, steps)
+                );
+                Some([
+                    read::template_series(&s.ok()?),
+                    read::template_series(&c.ok()?),
+                ])
+            }
+        }
+    }
+
     /// Sends one query to the policy's Prometheus, and tells the observer and the log.
     async fn ask(
         &self,
@@ -208,6 +280,36 @@ impl PrometheusSource {
     ) -> Result<Answer, SourceError> {
         let url = policy.prometheus.as_ref().map(|p| p.url.as_str());
         let asked = self.client.query(url, promql, at).await;
+        self.report(policy, spec, promql, &asked, false);
+        asked.result
+    }
+
+    /// Sends one range query to the policy's Prometheus, and tells the observer and the log.
+    async fn ask_range(
+        &self,
+        policy: &Policy,
+        spec: &MetricSpec,
+        promql: &str,
+        steps: &Steps,
+    ) -> Result<Vec<RangeSeries>, SourceError> {
+        let url = policy.prometheus.as_ref().map(|p| p.url.as_str());
+        let asked = self
+            .client
+            .query_range(url, promql, steps.start, steps.end, steps.step)
+            .await;
+        self.report(policy, spec, promql, &asked, true);
+        asked.result
+    }
+
+    /// Tells the observer and the log how a query went.
+    fn report<T>(
+        &self,
+        policy: &Policy,
+        spec: &MetricSpec,
+        promql: &str,
+        asked: &Asked<T>,
+        range: bool,
+    ) {
         let error = asked.result.as_ref().err();
         if let Some(observer) = &self.observer {
             observer.query_done(&QueryRecord {
@@ -216,9 +318,18 @@ impl PrometheusSource {
                 elapsed: asked.elapsed,
                 attempts: asked.attempts,
                 error,
+                range,
             });
         }
         match error {
+            Some(e) if range => tracing::warn!(
+                rollout = %policy.name,
+                metric = %spec.name,
+                kind = e.kind(),
+                attempts = asked.attempts,
+                error = %e,
+                "prometheus range query failed; the metric's per-interval series stays empty"
+            ),
             Some(e) => tracing::warn!(
                 rollout = %policy.name,
                 metric = %spec.name,
@@ -232,10 +343,10 @@ impl PrometheusSource {
                 metric = %spec.name,
                 elapsed_ms = asked.elapsed.as_millis() as u64,
                 query = promql,
+                range,
                 "prometheus query"
             ),
         }
-        asked.result
     }
 
     /// Runs every query of `policy` once over `window` and reports, per metric and version,

@@ -1,6 +1,7 @@
-//! A small client for Prometheus's instant-query API (`GET /api/v1/query`).
+//! A small client for Prometheus's query API: instant queries (`GET /api/v1/query`) and, for
+//! the per-interval series of the Mann–Whitney judge, range queries (`GET /api/v1/query_range`).
 //!
-//! Every query names its evaluation `time` explicitly, so a rollout's stable and canary
+//! Every query names its evaluation `time` (or its range's `start`, `end` and `step`) explicitly, so a rollout's stable and canary
 //! readings (and a replay of them) refer to the same instant. Connection failures, timeouts and
 //! 5xx answers are retried a bounded number of times with exponential backoff; a query that
 //! Prometheus rejects is never retried, because asking again gives the same answer.
@@ -87,10 +88,19 @@ pub enum Answer {
     Vector(Vec<Series>),
 }
 
+/// One series of a range query's answer (a matrix): its value at each evaluation time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RangeSeries {
+    pub labels: BTreeMap<String, String>,
+    /// Evaluation time and value, in Prometheus's (ascending) order. Values may be NaN or
+    /// infinite; a time at which the expression had no value is absent.
+    pub points: Vec<(Time, f64)>,
+}
+
 /// The outcome of one query with what it cost, for the daemon's own metrics.
 #[derive(Debug)]
-pub struct Asked {
-    pub result: Result<Answer, SourceError>,
+pub struct Asked<T = Answer> {
+    pub result: Result<T, SourceError>,
     /// HTTP attempts made, retries included.
     pub attempts: u32,
     /// Wall time of all attempts and the waits between them.
@@ -156,13 +166,59 @@ impl PrometheusClient {
     /// Evaluates `promql` at `at` on the Prometheus at `base` (the default one when `None`),
     /// retrying transient failures.
     pub async fn query(&self, base: Option<&str>, promql: &str, at: Time) -> Asked {
+        let time = seconds(at);
+        let params = [("query", promql), ("time", time.as_str())];
+        self.send(base, "query", &params, |url, status, body| {
+            parse_answer(url, status, body, promql)
+        })
+        .await
+    }
+
+    /// Evaluates `promql` at `start`, `start + step`, ... up to `end` on the Prometheus at
+    /// `base` (the default one when `None`), retrying transient failures. Prometheus refuses
+    /// more than 11,000 evaluation times per query; the caller chooses a step that respects it.
+    pub async fn query_range(
+        &self,
+        base: Option<&str>,
+        promql: &str,
+        start: Time,
+        end: Time,
+        step: Duration,
+    ) -> Asked<Vec<RangeSeries>> {
+        let (start, end) = (seconds(start), seconds(end));
+        let step = format!("{:.3}", step.as_secs_f64());
+        let params = [
+            ("query", promql),
+            ("start", start.as_str()),
+            ("end", end.as_str()),
+            ("step", step.as_str()),
+        ];
+        self.send(base, "query_range", &params, |url, status, body| {
+            parse_matrix(url, status, body, promql)
+        })
+        .await
+    }
+
+    /// Sends `params` to `/api/v1/{endpoint}` and reads the answer with `parse`, retrying
+    /// transient failures (of the transport, or a 5xx answer) with exponential backoff.
+    async fn send<T>(
+        &self,
+        base: Option<&str>,
+        endpoint: &str,
+        params: &[(&str, &str)],
+        parse: impl Fn(&str, u16, &[u8]) -> Result<T, SourceError>,
+    ) -> Asked<T> {
         let base = base.map_or_else(|| self.default_url.clone(), trim_url);
         let started = tokio::time::Instant::now();
         let mut attempts = 0;
         let mut wait = self.options.backoff;
         let result = loop {
             attempts += 1;
-            match self.attempt(&base, promql, at).await {
+            let result = self
+                .attempt(&base, endpoint, params)
+                .await
+                .and_then(|(status, body)| parse(&base, status, &body));
+            match result {
                 Err(e) if e.is_transient() && attempts <= self.options.retries => {
                     tracing::debug!(url = %base, error = %e, attempts, "retrying prometheus query");
                     tokio::time::sleep(wait).await;
@@ -178,14 +234,20 @@ impl PrometheusClient {
         }
     }
 
-    async fn attempt(&self, base: &str, promql: &str, at: Time) -> Result<Answer, SourceError> {
-        let url = format!("{base}/api/v1/query");
-        let time = format!("{:.3}", at.as_secs_f64());
+    /// One HTTP request: the answer's status and body (at most [`MAX_ANSWER_BYTES`]).
+    async fn attempt(
+        &self,
+        base: &str,
+        endpoint: &str,
+        params: &[(&str, &str)],
+    ) -> Result<(u16, Vec<u8>), SourceError> {
+        let url = format!("{base}/api/v1/{endpoint}");
         let timeout = format!("{}ms", self.options.timeout.as_millis().max(1));
-        let mut req =
-            self.http
-                .get(&url)
-                .query(&[("query", promql), ("time", &time), ("timeout", &timeout)]);
+        let mut req = self
+            .http
+            .get(&url)
+            .query(params)
+            .query(&[("timeout", &timeout)]);
         if let Some(auth) = &self.options.auth
             && same_origin(base, &self.default_url)
         {
@@ -207,7 +269,7 @@ impl PrometheusClient {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_answer(base, status, &body, promql)
+        Ok((status, body))
     }
 
     fn transport_error(&self, base: &str, e: reqwest::Error) -> SourceError {
@@ -224,6 +286,11 @@ impl PrometheusClient {
             }
         }
     }
+}
+
+/// A time as the query API takes it: Unix seconds with milliseconds.
+fn seconds(t: Time) -> String {
+    format!("{:.3}", t.as_secs_f64())
 }
 
 /// `url` without trailing slashes, so paths can be appended.
@@ -284,7 +351,15 @@ struct RawSeries {
     value: (f64, String),
 }
 
-/// Reads an answer of the query API, given its HTTP status and body.
+#[derive(Deserialize)]
+struct RawRangeSeries {
+    metric: BTreeMap<String, String>,
+    /// Absent when the series holds only native-histogram samples, which are not read.
+    #[serde(default)]
+    values: Vec<(f64, String)>,
+}
+
+/// Reads an answer of the instant-query API, given its HTTP status and body.
 ///
 /// Prometheus answers 400 (`bad_data`) for a query it cannot parse and 422 (`execution`) for
 /// one it cannot run; both mean the policy is wrong and are reported with Prometheus's own
@@ -295,6 +370,88 @@ pub fn parse_answer(
     body: &[u8],
     query: &str,
 ) -> Result<Answer, SourceError> {
+    let data = parse_envelope(url, status, body, query)?;
+    let bad = |reason: String| SourceError::BadResponse {
+        url: url.to_owned(),
+        reason,
+    };
+    match data.result_type.as_str() {
+        "vector" => {
+            let raw: Vec<RawSeries> = serde_json::from_value(data.result)
+                .map_err(|e| bad(format!("vector result: {e}")))?;
+            let mut out = Vec::with_capacity(raw.len());
+            for s in raw {
+                let value = parse_value(&s.value.1)
+                    .ok_or_else(|| bad(format!("sample value {:?}", s.value.1)))?;
+                out.push(Series {
+                    labels: s.metric,
+                    value,
+                });
+            }
+            Ok(Answer::Vector(out))
+        }
+        "scalar" => {
+            let (_, v): (f64, String) = serde_json::from_value(data.result)
+                .map_err(|e| bad(format!("scalar result: {e}")))?;
+            let value = parse_value(&v).ok_or_else(|| bad(format!("scalar value {v:?}")))?;
+            Ok(Answer::Scalar(value))
+        }
+        other => Err(SourceError::BadQuery {
+            query: query.to_owned(),
+            message: format!(
+                "it returns a {other}, expected an instant vector or a scalar{}",
+                if other == "matrix" {
+                    " (wrap a range selector in a function such as increase() or rate())"
+                } else {
+                    ""
+                }
+            ),
+        }),
+    }
+}
+
+/// Reads an answer of the range-query API (a matrix), given its HTTP status and body.
+/// Failures are classified as [`parse_answer`] does.
+pub fn parse_matrix(
+    url: &str,
+    status: u16,
+    body: &[u8],
+    query: &str,
+) -> Result<Vec<RangeSeries>, SourceError> {
+    let data = parse_envelope(url, status, body, query)?;
+    let bad = |reason: String| SourceError::BadResponse {
+        url: url.to_owned(),
+        reason,
+    };
+    if data.result_type != "matrix" {
+        return Err(bad(format!(
+            "a range query answered with a {}, expected a matrix",
+            data.result_type
+        )));
+    }
+    let raw: Vec<RawRangeSeries> =
+        serde_json::from_value(data.result).map_err(|e| bad(format!("matrix result: {e}")))?;
+    let mut out = Vec::with_capacity(raw.len());
+    for s in raw {
+        let mut points = Vec::with_capacity(s.values.len());
+        for (t, v) in s.values {
+            let value = parse_value(&v).ok_or_else(|| bad(format!("sample value {v:?}")))?;
+            if !t.is_finite() {
+                return Err(bad(format!("sample time {t}")));
+            }
+            // Evaluation times are whole milliseconds; rounding undoes the float's noise.
+            points.push((Time((t * 1000.0).round() as i64), value));
+        }
+        out.push(RangeSeries {
+            labels: s.metric,
+            points,
+        });
+    }
+    Ok(out)
+}
+
+/// The `data` of a successful answer, or why there is none.
+fn parse_envelope(url: &str, status: u16, body: &[u8], query: &str) -> Result<Data, SourceError> {
     let envelope = serde_json::from_slice::<Envelope>(body);
     if !(200..300).contains(&status) {
         return Err(match envelope {
@@ -337,42 +494,9 @@ pub fn parse_answer(
     for w in &envelope.warnings {
         tracing::debug!(url, query, warning = %w, "prometheus warned about a query");
     }
-    let data = envelope
+    envelope
         .data
-        .ok_or_else(|| bad("a successful answer without data".into()))?;
-    match data.result_type.as_str() {
-        "vector" => {
-            let raw: Vec<RawSeries> = serde_json::from_value(data.result)
-                .map_err(|e| bad(format!("vector result: {e}")))?;
-            let mut out = Vec::with_capacity(raw.len());
-            for s in raw {
-                let value = parse_value(&s.value.1)
-                    .ok_or_else(|| bad(format!("sample value {:?}", s.value.1)))?;
-                out.push(Series {
-                    labels: s.metric,
-                    value,
-                });
-            }
-            Ok(Answer::Vector(out))
-        }
-        "scalar" => {
-            let (_, v): (f64, String) = serde_json::from_value(data.result)
-                .map_err(|e| bad(format!("scalar result: {e}")))?;
-            let value = parse_value(&v).ok_or_else(|| bad(format!("scalar value {v:?}")))?;
-            Ok(Answer::Scalar(value))
-        }
-        other => Err(SourceError::BadQuery {
-            query: query.to_owned(),
-            message: format!(
-                "it returns a {other}, expected an instant vector or a scalar{}",
-                if other == "matrix" {
-                    " (wrap a range selector in a function such as increase() or rate())"
-                } else {
-                    ""
-                }
-            ),
-        }),
-    }
+        .ok_or_else(|| bad("a successful answer without data".into()))
 }
 
 /// A sample value as Prometheus writes it: decimal text, `NaN`, `+Inf` or `-Inf`.
@@ -529,6 +653,96 @@ mod tests {
                     assert!(msg.contains(want_msg), "{msg:?} lacks {want_msg:?}");
                 }
                 Ok(a) => panic!("{body} parsed as {a:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn matrices_with_nan_values() {
+        let m = parse_matrix(
+            URL,
+            200,
+            br#"{"status":"success","data":{"resultType":"matrix","result":[
+                {"metric":{"version":"v1"},"values":[[1700000000,"0.5"],[1700000060.001,"NaN"]]},
+                {"metric":{"version":"v2"},"values":[[1700000000,"+Inf"]]},
+                {"metric":{"version":"v3"},"histograms":[[1700000000,{"count":"1"}]]}]}}"#,
+            "q",
+        );
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].labels, series(&[("version", "v1")], 0.0).labels);
+        assert_eq!(m[0].points[0], (Time(1_700_000_000_000), 0.5));
+        assert_eq!(m[0].points[1].0, Time(1_700_000_060_001));
+        assert!(m[0].points[1].1.is_nan());
+        assert_eq!(m[1].points, vec![(Time(1_700_000_000_000), f64::INFINITY)]);
+        // Native-histogram samples are not read; the series is there without values.
+        assert!(m[2].points.is_empty());
+        let empty = parse_matrix(
+            URL,
+            200,
+            br#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#,
+            "q",
+        );
+        assert_eq!(empty, Ok(vec![]));
+    }
+
+    #[test]
+    fn malformed_matrices_are_errors() {
+        let cases: &[(u16, &str, &str, &str)] = &[
+            (
+                200,
+                r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1,"x"]]}]}}"#,
+                "bad-response",
+                "sample value \"x\"",
+            ),
+            (
+                200,
+                r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[["a","1"]]}]}}"#,
+                "bad-response",
+                "matrix result",
+            ),
+            (
+                200,
+                r#"{"status":"success","data":{"resultType":"matrix","result":{"no":"list"}}}"#,
+                "bad-response",
+                "matrix result",
+            ),
+            (
+                200,
+                r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#,
+                "bad-response",
+                "answered with a vector, expected a matrix",
+            ),
+            (
+                200,
+                "<html>login</html>",
+                "bad-response",
+                "not query API JSON",
+            ),
+            (
+                400,
+                r#"{"status":"error","errorType":"bad_data","error":"exceeded maximum resolution of 11,000 points per timeseries"}"#,
+                "bad-query",
+                "11,000 points",
+            ),
+            (
+                503,
+                r#"{"status":"error","errorType":"unavailable","error":"tsdb not ready"}"#,
+                "http",
+                "answered http 503",
+            ),
+        ];
+        for (status, body, want_kind, want_msg) in cases {
+            match parse_matrix(URL, *status, body.as_bytes(), "q") {
+                Err(e) => {
+                    assert_eq!(e.kind(), *want_kind, "{body}");
+                    let msg = e.to_string();
+                    assert!(msg.contains(want_msg), "{msg:?} lacks {want_msg:?}");
+                }
+                Ok(m) => panic!("{body} parsed as {m:?}"),
             }
         }
     }

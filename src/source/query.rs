@@ -6,9 +6,13 @@
 //!
 //! Counters are read with `increase()` over a range that ends at the evaluation time, so a
 //! model server that restarts (and resets its counters) mid-rollout does not break the counts.
+//!
+//! For the Mann–Whitney judge, [`series_plan`] turns the same queries into a range query whose
+//! value at each step is the metric over that step alone: the per-interval series.
 
 use super::Window;
 use crate::policy::{Convention, MetricKind, MetricSpec, Policy};
+use crate::time::Time;
 use std::time::Duration;
 
 /// The shortest range a query covers by default.
@@ -195,6 +199,110 @@ pub fn plan(policy: &Policy, spec: &MetricSpec, ranges: Ranges) -> Plan {
     }
 }
 
+/// The most evaluation times Prometheus allows in one range query (per series); it refuses a
+/// query that asks for more.
+pub const MAX_RANGE_POINTS: i64 = 11_000;
+
+/// The evaluation times of the range query behind a metric's per-interval series: `end`,
+/// `end - step`, ... down to `start`. The value at time `t` covers `(t - step, t]`, so the
+/// intervals tile the end of the analysis window without overlapping and without reaching
+/// before its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steps {
+    pub start: Time,
+    pub end: Time,
+    /// The interval of each value, in whole seconds.
+    pub step: Duration,
+}
+
+impl Steps {
+    /// The steps over `w`'s analysis window (`since` to `at`): intervals of half `min_range`
+    /// rounded up to whole seconds, widened when the window would need more than
+    /// [`MAX_RANGE_POINTS`]. `None` when not even one interval fits in the window.
+    ///
+    /// `min_range` is the shortest range of the instant queries, four scrape intervals (see
+    /// [`DEFAULT_MIN_RANGE`]); half of it is two, the shortest range in which `increase()`
+    /// still finds the two samples it needs. The interval is kept that short because the
+    /// Mann–Whitney judge wants many values per step (the benchmark gives it one per scrape),
+    /// and the values it reads (shares of events, quantiles) do not depend on how far
+    /// `increase()` extrapolates, which scales every series of an interval alike.
+    pub fn new(w: &Window, min_range: Duration) -> Option<Steps> {
+        let span_ms = w.at.0.checked_sub(w.since.0)?;
+        let min_s = i64::try_from(ceil_secs(min_range / 2))
+            .unwrap_or(i64::MAX)
+            .max(1);
+        // The smallest whole number of seconds that keeps the count of intervals in bounds.
+        let widest_s = (span_ms / 1000 + MAX_RANGE_POINTS - 1) / MAX_RANGE_POINTS;
+        let step_s = min_s.max(widest_s);
+        let n = span_ms / step_s.saturating_mul(1000);
+        if n < 1 {
+            return None;
+        }
+        let step = Duration::from_secs(u64::try_from(step_s).ok()?);
+        Some(Steps {
+            start: Time(w.at.0 - (n - 1) * step_s * 1000),
+            end: w.at,
+            step,
+        })
+    }
+
+    /// How many values each series of the answer holds at most.
+    pub fn points(&self) -> i64 {
+        (self.end.0 - self.start.0) / (i64::try_from(self.step.as_secs()).unwrap_or(1) * 1000) + 1
+    }
+}
+
+/// The range query whose value at each step is one version's metric over that step alone.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeriesPlan {
+    /// Counts split by a label per step; each step's value is the share of marked events, as
+    /// [`Plan::Split`]'s window value is.
+    Split {
+        label: String,
+        value: String,
+        query: String,
+    },
+    /// The latency quantile per step; NaN at a step without requests.
+    Latency { query: String },
+    /// A raw template per version with `{{window}}` set to one step: stable, then canary.
+    Template { stable: String, canary: String },
+}
+
+impl SeriesPlan {
+    /// Every query, in the order they are listed in reports.
+    pub fn queries(&self) -> Vec<&str> {
+        match self {
+            SeriesPlan::Split { query, .. } | SeriesPlan::Latency { query } => vec![query],
+            SeriesPlan::Template { stable, canary } => vec![stable, canary],
+        }
+    }
+}
+
+/// The per-interval series of `spec` with intervals of `step`: the window queries of [`plan`]
+/// with the window set to one step, so that both read the metric alike.
+pub fn series_plan(policy: &Policy, spec: &MetricSpec, step: Duration) -> SeriesPlan {
+    let one_step = Ranges {
+        window: step,
+        cumulative: step,
+    };
+    match plan(policy, spec, one_step) {
+        Plan::Split {
+            label,
+            value,
+            window,
+            ..
+        } => SeriesPlan::Split {
+            label,
+            value,
+            query: window,
+        },
+        Plan::Latency { quantile_query, .. } => SeriesPlan::Latency {
+            query: quantile_query,
+        },
+        Plan::Template { stable, canary } => SeriesPlan::Template { stable, canary },
+    }
+}
+
 /// Fills a raw query's `{{version}}`, `{{model}}` and `{{window}}` (spaces inside the braces
 /// allowed). Templates put versions and models inside string literals, so those are escaped
 /// as string contents; unknown variables are left as written (validation rejects them).
@@ -326,6 +434,100 @@ mod tests {
             let got: Vec<&str> = plan.queries();
             assert_eq!(got, want, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn series_queries_golden() {
+        let p = policy("v1", "v2");
+        let step = Duration::from_secs(60);
+        let cases = [
+            (
+                MetricKind::ErrorRate,
+                vec![
+                    r#"sum by (version, outcome) (increase(model_requests_total{model="fraud",version=~"v1|v2"}[60s]))"#,
+                ],
+            ),
+            (
+                MetricKind::Accuracy,
+                vec![
+                    r#"sum by (version, correct) (increase(model_predictions_scored_total{model="fraud",version=~"v1|v2"}[60s]))"#,
+                ],
+            ),
+            (
+                MetricKind::Latency { quantile: 0.99 },
+                vec![
+                    r#"histogram_quantile(0.99, sum by (version, le) (increase(model_request_duration_seconds_bucket{model="fraud",version=~"v1|v2"}[60s])))"#,
+                ],
+            ),
+            (
+                MetricKind::Query {
+                    template: r#"sum(rate(x{version="{{version}}"}[{{window}}]))"#.into(),
+                },
+                vec![
+                    r#"sum(rate(x{version="v1"}[60s]))"#,
+                    r#"sum(rate(x{version="v2"}[60s]))"#,
+                ],
+            ),
+        ];
+        for (kind, want) in cases {
+            let plan = series_plan(&p, &spec(kind.clone()), step);
+            assert_eq!(plan.queries(), want, "{kind:?}");
+        }
+        match series_plan(&p, &spec(MetricKind::Accuracy), step) {
+            SeriesPlan::Split { label, value, .. } => {
+                assert_eq!((label.as_str(), value.as_str()), ("correct", "true"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn series_steps_tile_the_window_and_respect_the_point_limit() {
+        let at = Time(10_000_000);
+        let w = |secs: i64| Window {
+            at,
+            since: Time(at.0 - secs),
+            rollout_started: Time(0),
+        };
+        let min = Duration::from_secs(60);
+        // (window ms, shortest range) -> (start, step s, points)
+        let cases = [
+            // Five whole minutes: ten thirty-second intervals ending at `at`.
+            (w(300_000), min, Some((at.0 - 270_000, 30, 10))),
+            // A partial interval at the window's start is left out.
+            (w(315_500), min, Some((at.0 - 270_000, 30, 10))),
+            (w(30_000), min, Some((at.0, 30, 1))),
+            // Shorter than one interval, empty or reversed: no series.
+            (w(29_999), min, None),
+            (w(0), min, None),
+            (w(-5_000), min, None),
+            // Half a range that is not an even number of seconds is rounded up, to at least one.
+            (
+                w(12_000),
+                Duration::from_secs(3),
+                Some((at.0 - 10_000, 2, 6)),
+            ),
+            (
+                w(10_000),
+                Duration::from_millis(200),
+                Some((at.0 - 9_000, 1, 10)),
+            ),
+        ];
+        for (window, min, want) in cases {
+            let got = Steps::new(&window, min).map(|s| {
+                assert_eq!(s.end, at);
+                (s.start.0, s.step.as_secs(), s.points())
+            });
+            assert_eq!(got, want, "{window:?} {min:?}");
+        }
+        // Thirty days of one-second intervals would be 2.6 million points: the step widens
+        // to the smallest whole second that stays within Prometheus's limit.
+        let month = 30 * 86_400_000;
+        let s = Steps::new(&w(month), Duration::from_secs(2)).expect("steps");
+        assert_eq!(s.step, Duration::from_secs(236));
+        assert!(s.points() <= MAX_RANGE_POINTS, "{s:?}");
+        assert!(month / 235_000 > MAX_RANGE_POINTS);
+        assert!(s.start.0 > at.0 - month, "{s:?}");
     }
 
     #[test]

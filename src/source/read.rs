@@ -6,10 +6,15 @@
 //! - events since the rollout began but none in the window give a sample without a value;
 //! - ratios are computed here from counts, so a window without events never becomes 0/0;
 //! - NaN or an infinity where a count or a latency was expected is an error, never a number.
+//!
+//! The per-interval series of a range query are extra evidence, not the reading itself: an
+//! interval without events, or whose value is NaN or infinite, is left out of the series.
 
 use super::error::SourceError;
-use super::prometheus::{Answer, Series};
+use super::prometheus::{Answer, RangeSeries, Series};
 use crate::observation::{Bucket, Counts, Sample};
+use crate::time::Time;
+use std::collections::BTreeMap;
 /// One version's reading: a sample, no data (`None`), or why there is no answer.
 pub type VersionResult = Result<Option<Sample>, SourceError>;
 
@@ -340,10 +345,88 @@ pub fn template(answer: &Answer, query: &str, version: &str) -> VersionResult {
     }))
 }
 
+/// The series of `answer` whose version label is `version`.
+fn range_of_version<'s>(
+    answer: &'s [RangeSeries],
+    label: &str,
+    version: &str,
+) -> impl Iterator<Item = &'s RangeSeries> {
+    answer
+        .iter()
+        .filter(move |s| s.labels.get(label).is_some_and(|v| v == version))
+}
+
+/// Per-interval shares of marked events for both versions (stable, then canary) from a range
+/// query of split counts ([`super::query::SeriesPlan::Split`]): at each step, marked events
+/// over all events, as [`split`] computes the window's value. A step without events, or with
+/// a count that is NaN or infinite, gives no value.
+pub fn split_series(
+    v: &Versions<'_>,
+    label: &str,
+    marked_value: &str,
+    answer: &[RangeSeries],
+) -> [Vec<f64>; 2] {
+    v.both().map(|version| {
+        // Per step: marked and total events, or `None` once a count there is not a number.
+        let mut steps: BTreeMap<Time, Option<(f64, f64)>> = BTreeMap::new();
+        for s in range_of_version(answer, v.label, version) {
+            let marked = s.labels.get(label).is_some_and(|l| l == marked_value);
+            for &(t, n) in &s.points {
+                let step = steps.entry(t).or_insert(Some((0.0, 0.0)));
+                match step {
+                    Some((m, total)) if n.is_finite() => {
+                        let n = n.max(0.0);
+                        *total += n;
+                        if marked {
+                            *m += n;
+                        }
+                    }
+                    _ => *step = None,
+                }
+            }
+        }
+        steps
+            .into_values()
+            .flatten()
+            .filter(|(_, total)| *total > 0.0)
+            .map(|(marked, total)| marked.min(total) / total)
+            .collect()
+    })
+}
+
+/// Per-interval values for both versions (stable, then canary) from a range query with one
+/// series per version, such as the latency quantile ([`super::query::SeriesPlan::Latency`]),
+/// whose value is NaN at a step without requests. Only finite values are kept.
+pub fn value_series(v: &Versions<'_>, answer: &[RangeSeries]) -> [Vec<f64>; 2] {
+    v.both().map(|version| {
+        let mut steps: BTreeMap<Time, f64> = BTreeMap::new();
+        for s in range_of_version(answer, v.label, version) {
+            for &(t, x) in &s.points {
+                // Two series for one version cannot be told apart; the first one wins.
+                steps.entry(t).or_insert(x);
+            }
+        }
+        steps.into_values().filter(|x| x.is_finite()).collect()
+    })
+}
+
+/// Per-interval values of a raw template for one version: its only series' finite values.
+/// An answer with several series is as ambiguous as [`template`] says, so it gives none.
+pub fn template_series(answer: &[RangeSeries]) -> Vec<f64> {
+    match answer {
+        [one] => one
+            .points
+            .iter()
+            .map(|(_, x)| *x)
+            .filter(|x| x.is_finite())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -643,5 +726,76 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn range_row(pairs: &[(&str, &str)], points: &[(i64, f64)]) -> RangeSeries {
+        RangeSeries {
+            labels: labels(pairs),
+            points: points.iter().map(|(t, x)| (Time(*t), *x)).collect(),
+        }
+    }
+
+    #[test]
+    fn split_series_per_step_shares() {
+        let e = |v: &str, o: &str, points: &[(i64, f64)]| {
+            range_row(&[("version", v), ("outcome", o)], points)
+        };
+        let answer = vec![
+            e(
+                "v1",
+                "success",
+                &[(1000, 90.0), (2000, 0.0), (3000, 99.0), (4000, 9.0)],
+            ),
+            // The error series of stable appears only at the third step.
+            e("v1", "error", &[(3000, 1.0), (4000, 1.0)]),
+            e(
+                "v2",
+                "success",
+                &[(1000, 8.0), (2000, 6.0), (3000, f64::NAN)],
+            ),
+            e("v2", "error", &[(1000, 2.0), (2000, 4.0), (3000, 5.0)]),
+            // Other versions and series without the version label are ignored.
+            e("v3", "error", &[(1000, 50.0)]),
+            range_row(&[("outcome", "error")], &[(1000, 50.0)]),
+        ];
+        let [stable, canary] = split_series(&V, "outcome", "error", &answer);
+        // The step without requests gives no value; 0 errors is a value.
+        assert_eq!(stable, vec![0.0, 0.01, 0.1]);
+        // A NaN count at a step drops that step only.
+        assert_eq!(canary, vec![0.2, 0.4]);
+        // Accuracy is the share of correct predictions, as the window value is.
+        let c =
+            |v: &str, ok: &str, n: f64| range_row(&[("version", v), ("correct", ok)], &[(1000, n)]);
+        let answer = vec![c("v1", "true", 9.0), c("v1", "false", 1.0)];
+        assert_eq!(
+            split_series(&V, "correct", "true", &answer),
+            [vec![0.9], vec![]]
+        );
+    }
+
+    #[test]
+    fn value_series_keeps_finite_values_in_time_order() {
+        let answer = vec![
+            range_row(
+                &[("version", "v2")],
+                &[
+                    (3000, 0.3),
+                    (1000, 0.1),
+                    (2000, f64::NAN),
+                    (4000, f64::INFINITY),
+                ],
+            ),
+            range_row(&[("version", "v1")], &[(1000, 0.05)]),
+        ];
+        assert_eq!(value_series(&V, &answer), [vec![0.05], vec![0.1, 0.3]]);
+        assert_eq!(value_series(&V, &[]), [Vec::<f64>::new(), Vec::new()]);
+    }
+
+    #[test]
+    fn template_series_needs_one_series() {
+        let one = range_row(&[], &[(1000, 0.5), (2000, f64::NAN), (3000, 0.25)]);
+        assert_eq!(template_series(std::slice::from_ref(&one)), vec![0.5, 0.25]);
+        assert!(template_series(&[]).is_empty());
+        assert!(template_series(&[one.clone(), one]).is_empty());
     }
 }

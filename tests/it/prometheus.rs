@@ -48,19 +48,27 @@ fn options(timeout_ms: u64, retries: u32) -> ClientOptions {
     }
 }
 
-/// Remembers every query record: (metric, attempts, error kind).
+/// One query record: (metric, attempts, error kind, whether it was a range query).
+type Record = (String, u32, Option<&'static str>, bool);
+
+/// Remembers every query record.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<(String, u32, Option<&'static str>)>>);
+struct Recorder(Mutex<Vec<Record>>);
 
 impl QueryObserver for Recorder {
     fn query_done(&self, r: &QueryRecord<'_>) {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        v.push((r.metric.to_owned(), r.attempts, r.error.map(|e| e.kind())));
+        v.push((
+            r.metric.to_owned(),
+            r.attempts,
+            r.error.map(|e| e.kind()),
+            r.range,
+        ));
     }
 }
 
 impl Recorder {
-    fn take(&self) -> Vec<(String, u32, Option<&'static str>)> {
+    fn take(&self) -> Vec<Record> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -286,6 +294,78 @@ async fn fake_faults_are_classified_and_never_no_data() {
                 "{kind}: {seen}"
             );
         }
+    }
+}
+
+/// A Mann–Whitney policy's range query that fails or answers nonsense leaves the instant
+/// reading intact with an empty series, and is reported to the observer as a failed query.
+#[tokio::test]
+async fn failed_series_query_keeps_the_instant_reading() {
+    // (status and body of every range answer, expected error kind)
+    let cases = [
+        (404, "404 page not found", "http"),
+        (200, "{\"status\":\"succ", "bad-response"),
+        (
+            200,
+            r#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{"version":"v1"},"values":[[1,"many"]]}]}}"#,
+            "bad-response",
+        ),
+        (
+            200,
+            r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#,
+            "bad-response",
+        ),
+        (
+            400,
+            r#"{"status":"error","errorType":"bad_data","error":"exceeded maximum resolution"}"#,
+            "bad-query",
+        ),
+    ];
+    for (status, body, kind) in cases {
+        let app = axum::Router::new()
+            .route("/api/v1/query", get(|| async { OK_BODY }))
+            .route(
+                "/api/v1/query_range",
+                get(move || async move {
+                    (
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::IM_A_TEAPOT),
+                        body,
+                    )
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake prometheus");
+        let url = format!("http://{}", listener.local_addr().expect("fake address"));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let rec = Arc::new(Recorder::default());
+        let source =
+            PrometheusSource::new(PrometheusClient::new(&url, options(2000, 0)).expect("client"))
+                .with_observer(rec.clone());
+        let p = policy_with(
+            "v1",
+            "v2",
+            &[ERROR_RATE],
+            "analysis: {method: mann-whitney}\n",
+        );
+        let got = source
+            .observe(&p, window_ending(Time(1_700_000_000_000), 600))
+            .await;
+        let r = &got["errors"];
+        for (reading, want) in [(&r.stable, 0.01), (&r.canary, 0.02)] {
+            let s = data(reading);
+            assert_eq!(s.value, Some(want), "{kind}");
+            assert!(s.series.is_empty(), "{kind}: {s:?}");
+        }
+        let records = rec.take();
+        let range: Vec<_> = records.iter().filter(|r| r.3).collect();
+        assert_eq!(range.len(), 1, "{kind}: {records:?}");
+        assert_eq!(range[0].2, Some(kind), "{records:?}");
+        assert!(
+            records.iter().filter(|r| !r.3).all(|r| r.2.is_none()),
+            "{records:?}"
+        );
+        server.abort();
     }
 }
 
@@ -954,5 +1034,169 @@ async fn real_prometheus_over_tls_with_a_private_ca() {
             assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
         }
         Ok(a) => panic!("an unknown CA was trusted: {a:?}"),
+    }
+}
+
+/// A Mann–Whitney policy's live reading carries each version's per-interval series, read with
+/// one range query per metric; the values per interval are what the exporter served. A
+/// sequential policy's reading sends no range query and has no series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_prometheus_series_for_mann_whitney() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exported: Exported = Arc::default();
+    // Every batch a version serves has the same error share, latency bucket and accuracy, so
+    // each interval's value is known exactly whatever the interval holds.
+    let batch = |c: &mut Counters, version: &str, times: u64| {
+        for _ in 0..times {
+            if version == "v1" {
+                // 10 % errors, every latency in (0.05, 0.1], 90 % correct.
+                c.serve(1, [0, 10, 0, 0, 0, 0], 9, 1);
+            } else {
+                // 20 % errors, every latency in (0.25, 0.5], 70 % correct.
+                c.serve(2, [0, 0, 0, 10, 0, 0], 7, 3);
+            }
+        }
+    };
+    {
+        // The history before the step differs from every batch (half errors, all latencies
+        // at most 0.05 s, half correct), so a value that reached back before the step would
+        // show. It is large, so `increase()` never extrapolates a series down to zero.
+        let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+        for v in ["v1", "v2"] {
+            let mut c = Counters::default();
+            c.serve(500, [1000, 0, 0, 0, 0, 0], 500, 500);
+            e.insert(v, c);
+        }
+    }
+    let exporter = start_exporter(exported.clone()).await;
+    let (_prometheus, port) = start_prometheus(dir.path(), exporter);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let client = PrometheusClient::new(&url, options(3000, 1)).expect("client");
+    wait_for(
+        "prometheus to scrape the exporter",
+        Duration::from_secs(20),
+        || {
+            let client = &client;
+            async move {
+                (value_now(client, "sum(model_requests_total{model=\"m\"})").await == Some(2000.0))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Steady traffic on both versions from now on.
+    let load = {
+        let exported = exported.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+                for v in ["v1", "v2"] {
+                    if let Some(c) = e.get_mut(v) {
+                        batch(c, v, 1);
+                    }
+                }
+            }
+        })
+    };
+    let first = wait_for("traffic to be scraped", Duration::from_secs(10), || {
+        let client = &client;
+        async move {
+            let sum = value_now(client, "sum(model_requests_total{model=\"m\"})").await?;
+            let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))").await?;
+            (sum > 2000.0).then_some(ts)
+        }
+    })
+    .await;
+    // The step begins half a scrape before the first sample with traffic; twelve seconds of
+    // it make six two-second intervals.
+    let since = Time((first * 1000.0).round() as i64 - 500);
+    let at = Time(since.0 + 12_000);
+    wait_for("twelve seconds of traffic", Duration::from_secs(30), || {
+        let client = &client;
+        async move {
+            let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))").await?;
+            (ts * 1000.0 >= at.0 as f64).then_some(())
+        }
+    })
+    .await;
+    load.abort();
+    let window = Window {
+        at,
+        since,
+        rollout_started: since,
+    };
+    let rec = Arc::new(Recorder::default());
+    // A 1 s scrape interval allows three-second ranges, and so two-second intervals.
+    let source = PrometheusSource::new(client.clone())
+        .with_min_range(Duration::from_secs(3))
+        .with_observer(rec.clone());
+    let metrics = [
+        "{name: error-rate, builtin: error_rate, max_increase: 1pp}",
+        "{name: p50, builtin: latency, quantile: 0.5, max_increase: 10%}",
+        "{name: accuracy, builtin: accuracy, max_decrease: 1pp}",
+        "{name: error-share, query: 'sum(increase(model_requests_total{model=\"{{model}}\",version=\"{{version}}\",outcome=\"error\"}[{{window}}])) / sum(increase(model_requests_total{model=\"{{model}}\",version=\"{{version}}\"}[{{window}}]))', max: 50%}",
+    ];
+    // (metric, stable's value per interval, canary's)
+    let want = [
+        ("error-rate", 0.1, 0.2),
+        // Prometheus interpolates within the bucket: the middle of (0.05, 0.1] and (0.25, 0.5].
+        ("p50", 0.075, 0.375),
+        ("accuracy", 0.9, 0.7),
+        ("error-share", 0.1, 0.2),
+    ];
+
+    let mw = policy_with("v1", "v2", &metrics, "analysis: {method: mann-whitney}\n");
+    let got = source.observe(&mw, window).await;
+    for (metric, stable, canary) in want {
+        for (reading, value) in [(&got[metric].stable, stable), (&got[metric].canary, canary)] {
+            let s = data(reading);
+            assert!(
+                close(s.value.unwrap_or(-1.0), value, 1e-6),
+                "{metric}: window value {:?} vs {value}",
+                s.value
+            );
+            // Six intervals fit in the window; a scrape lost to a busy machine may leave one
+            // without the two samples `increase()` needs, hardly more.
+            assert!(
+                (5..=6).contains(&s.series.len()),
+                "{metric}: series {:?}",
+                s.series
+            );
+            assert!(
+                s.series.iter().all(|x| close(*x, value, 1e-6)),
+                "{metric}: series {:?} vs {value}",
+                s.series
+            );
+        }
+    }
+    let records = rec.take();
+    assert!(records.iter().all(|r| r.2.is_none()), "{records:?}");
+    let ranges: Vec<&str> = records
+        .iter()
+        .filter(|r| r.3)
+        .map(|r| r.0.as_str())
+        .collect();
+    // One range query per builtin metric, one per version for the raw query.
+    assert_eq!(ranges.len(), 5, "{records:?}");
+    for (metric, _, _) in want {
+        assert!(ranges.contains(&metric), "{metric}: {records:?}");
+    }
+
+    // The default (sequential) method sends the same instant queries and no range query.
+    let sequential = policy_with("v1", "v2", &metrics, "");
+    let got = source.observe(&sequential, window).await;
+    let records = rec.take();
+    assert_eq!(records.len(), 2 + 3 + 2 + 2, "{records:?}");
+    assert!(records.iter().all(|r| !r.3 && r.2.is_none()), "{records:?}");
+    for (metric, stable, canary) in want {
+        for (reading, value) in [(&got[metric].stable, stable), (&got[metric].canary, canary)] {
+            let s = data(reading);
+            assert!(close(s.value.unwrap_or(-1.0), value, 1e-6), "{metric}");
+            assert!(s.series.is_empty(), "{metric}: {:?}", s.series);
+        }
     }
 }
