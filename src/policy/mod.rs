@@ -336,6 +336,54 @@ pub struct Webhook {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrometheusConfig {
     pub url: String,
+    /// Credentials sent to `url` only, read from their files when the policy was loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<PrometheusAuth>,
+}
+
+/// How a policy authenticates to its own Prometheus. The secrets are read from files when the
+/// policy is loaded; only the files' paths are ever shown or serialised.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum PrometheusAuth {
+    /// `Authorization: Bearer <token>`.
+    Bearer {
+        /// Where the token was read from, resolved against the policy file's directory.
+        token_file: PathBuf,
+        #[serde(skip)]
+        token: Secret,
+    },
+    /// HTTP basic authentication.
+    Basic {
+        username: String,
+        /// Where the password was read from, resolved against the policy file's directory.
+        password_file: PathBuf,
+        #[serde(skip)]
+        password: Secret,
+    },
+}
+
+/// Text that must never be shown: `Debug` prints `<redacted>`, there is no `Display`, and
+/// the fields that hold one are left out when a policy is serialised (a deserialised policy
+/// therefore has an empty secret).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: String) -> Secret {
+        Secret(text)
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Series and label names of the model-server convention.

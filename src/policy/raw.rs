@@ -125,6 +125,14 @@ pub struct RawWebhook {
 #[derive(Debug, Default)]
 pub struct RawPrometheus {
     pub url: Option<At<String>>,
+    pub bearer_token_file: Option<At<String>>,
+    pub basic_auth: Option<At<RawBasicAuth>>,
+}
+
+#[derive(Debug, Default)]
+pub struct RawBasicAuth {
+    pub username: Option<At<String>>,
+    pub password_file: Option<At<String>>,
 }
 
 /// The keys of the `series` section (model-server convention overrides).
@@ -460,11 +468,7 @@ pub fn read(doc: &Node) -> (RawPolicy, Vec<Problem>) {
                 )
             })
         }
-        "prometheus" => {
-            raw.prometheus = w.at(n, p, &["url"], |w, r: &mut RawPrometheus, _, n, p| {
-                r.url = w.string(n, p)
-            })
-        }
+        "prometheus" => raw.prometheus = prometheus(w, n, p),
         _ => {
             let mut series = BTreeMap::new();
             let ok = w.map(n, &p, &SERIES_KEYS, |w, k, n, p| {
@@ -582,6 +586,29 @@ fn router(w: &mut Walker, n: &Node, p: String) -> Option<At<RawRouter>> {
                 r.file = w.at(n, p, &["path"], |w, f: &mut RawFileRouter, _, n, p| {
                     f.path = w.string(n, p)
                 })
+            }
+        },
+    )
+}
+
+fn prometheus(w: &mut Walker, n: &Node, p: String) -> Option<At<RawPrometheus>> {
+    w.at(
+        n,
+        p,
+        &["url", "bearer_token_file", "basic_auth"],
+        |w, r: &mut RawPrometheus, k, n, p| match k {
+            "url" => r.url = w.string(n, p),
+            "bearer_token_file" => r.bearer_token_file = w.string(n, p),
+            _ => {
+                r.basic_auth = w.at(
+                    n,
+                    p,
+                    &["username", "password_file"],
+                    |w, b: &mut RawBasicAuth, k, n, p| match k {
+                        "username" => b.username = w.string(n, p),
+                        _ => b.password_file = w.string(n, p),
+                    },
+                )
             }
         },
     )

@@ -44,11 +44,16 @@ impl fmt::Display for PolicyError {
 
 impl std::error::Error for PolicyError {}
 
-/// Reads and validates a policy file.
+/// The most a credentials file may hold; a token or password is far shorter, and a path to a
+/// device or a log file must not be read whole.
+const MAX_SECRET_BYTES: u64 = 64 << 10;
+
+/// Reads and validates a policy file, and reads the credentials files it names (relative
+/// paths are taken from the policy file's directory).
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
     let file = display_path(path);
     match std::fs::read_to_string(path) {
-        Ok(text) => load_str(&file, &text),
+        Ok(text) => load_in(&file, &text, path.parent().unwrap_or(Path::new(""))),
         Err(e) => Err(PolicyError {
             file,
             problems: vec![Problem {
@@ -60,8 +65,14 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
     }
 }
 
-/// Validates a policy's text; `file` names it in messages.
+/// Validates a policy's text; `file` names it in messages. Credentials files the policy names
+/// are read, relative paths from the current directory, as the text has no file of its own.
 pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
+    load_in(file, text, Path::new(""))
+}
+
+/// Validates a policy's text whose relative credentials paths start at `dir`.
+fn load_in(file: &str, text: &str, dir: &Path) -> Result<Policy, PolicyError> {
     let doc = tree::parse(text).map_err(|e| PolicyError {
         file: file.to_owned(),
         problems: vec![Problem {
@@ -89,6 +100,7 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
         problems: Vec::new(),
         doc_pos: doc.pos,
         reported: problems.iter().map(|p| p.path.clone()).collect(),
+        dir: dir.to_owned(),
     };
     let policy = v.policy(&raw);
     problems.append(&mut v.problems);
@@ -132,6 +144,8 @@ struct Validator {
     /// Field paths the first pass already reported (wrong type, say): such a field is
     /// present, so it must not be reported as missing too.
     reported: Vec<String>,
+    /// Where relative credentials paths start: the policy file's directory.
+    dir: PathBuf,
 }
 
 /// A parsed duration and whether it was valid.
@@ -294,18 +308,7 @@ impl Validator {
         let metrics = self.metrics(raw);
         let router = self.router(raw, stable, canary, name);
         let webhooks = self.webhooks(raw);
-        let prometheus = raw.prometheus.as_ref().and_then(|p| {
-            let url = self.required(
-                &p.value.url,
-                p.pos,
-                &format!("{}.url", p.path),
-                "Prometheus's URL",
-            )?;
-            self.url(url);
-            Some(PrometheusConfig {
-                url: url.value.trim_end_matches('/').to_owned(),
-            })
-        });
+        let prometheus = raw.prometheus.as_ref().and_then(|p| self.prometheus(p));
         let convention = self.series(raw);
         Some(Policy {
             name: name?.value.clone(),
@@ -320,6 +323,139 @@ impl Validator {
             prometheus,
             convention,
         })
+    }
+
+    /// The policy's own Prometheus and its credentials, whose files are read here.
+    fn prometheus(&mut self, p: &At<raw::RawPrometheus>) -> Option<PrometheusConfig> {
+        let r = &p.value;
+        let url = self.required(
+            &r.url,
+            p.pos,
+            &format!("{}.url", p.path),
+            "Prometheus's URL",
+        );
+        if let Some(u) = url {
+            self.url(u);
+            // Reqwest would send such a URL's user and password, and the URL is shown in
+            // messages and in `check --live`: secrets belong in files.
+            let v = &u.value;
+            let rest = v.split_once("://").map_or(v.as_str(), |(_, r)| r);
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+            if authority.contains('@') {
+                self.err(
+                    u,
+                    "expected a URL without a user name or password (use basic_auth with a \
+                     password_file), found credentials in it"
+                        .into(),
+                );
+            }
+        }
+        let bearer = r.bearer_token_file.as_ref().map(|t| {
+            let token = self.secret(t, "the bearer token");
+            token.map(|token| PrometheusAuth::Bearer {
+                token_file: self.dir.join(&t.value),
+                token,
+            })
+        });
+        let basic = r.basic_auth.as_ref().map(|b| {
+            let path = &b.path;
+            let user = self.required(
+                &b.value.username,
+                b.pos,
+                &format!("{path}.username"),
+                "the user name for basic authentication",
+            );
+            // RFC 7617: the user-id of basic authentication cannot contain a colon.
+            if let Some(u) = user
+                && (u.value.is_empty()
+                    || u.value.contains(':')
+                    || u.value.contains(char::is_control))
+            {
+                self.err(
+                    u,
+                    format!(
+                        "expected a user name without colons or control characters, found {:?}",
+                        u.value
+                    ),
+                );
+            }
+            let file = self.required(
+                &b.value.password_file,
+                b.pos,
+                &format!("{path}.password_file"),
+                "the path of a file holding the password",
+            );
+            let password = file.and_then(|f| self.secret(f, "the password"));
+            Some(PrometheusAuth::Basic {
+                username: user?.value.clone(),
+                password_file: self.dir.join(&file?.value),
+                password: password?,
+            })
+        });
+        let auth = match (bearer, basic) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    p,
+                    "expected either bearer_token_file or basic_auth, found both".into(),
+                );
+                return None;
+            }
+            (Some(a), None) | (None, Some(a)) => Some(a?),
+            (None, None) => None,
+        };
+        Some(PrometheusConfig {
+            url: url?.value.trim_end_matches('/').to_owned(),
+            auth,
+        })
+    }
+
+    /// Reads a credentials file named at `at`, resolved against the policy's directory. The
+    /// content never appears in a message; a trailing line end is not part of the secret.
+    fn secret(&mut self, at: &At<String>, what: &str) -> Option<Secret> {
+        use std::io::Read as _;
+        if at.value.trim().is_empty() {
+            self.err(
+                at,
+                format!("expected the path of a file holding {what}, found an empty path"),
+            );
+            return None;
+        }
+        let path = self.dir.join(&at.value);
+        let shown = path.display();
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes));
+        if let Err(e) = read {
+            self.err(
+                at,
+                format!("expected a readable file holding {what}, but cannot read {shown}: {e}"),
+            );
+            return None;
+        }
+        let problem = if bytes.len() as u64 > MAX_SECRET_BYTES {
+            Some(format!("more than {MAX_SECRET_BYTES} bytes"))
+        } else {
+            match std::str::from_utf8(&bytes) {
+                Err(_) => Some("text that is not UTF-8".to_owned()),
+                Ok(text) => {
+                    let text = text.trim_end_matches(['\n', '\r']);
+                    if text.is_empty() {
+                        Some("an empty file".to_owned())
+                    } else if text.contains(char::is_control) {
+                        Some("more than one line, or control characters".to_owned())
+                    } else {
+                        return Some(Secret::new(text.to_owned()));
+                    }
+                }
+            }
+        };
+        if let Some(found) = problem {
+            self.err(
+                at,
+                format!("expected {what} on one line in {shown}, found {found}"),
+            );
+        }
+        None
     }
 
     fn strategy(&mut self, raw: &RawPolicy) -> Option<Strategy> {
@@ -1405,6 +1541,110 @@ series:
             };
             assert_eq!(err.problems, [want], "{key}: {value:?}");
         }
+    }
+
+    /// `BASE` without its `series:` line, with a `prometheus` section, in `dir/p.yaml`.
+    fn with_prometheus(dir: &Path, section: &str) -> Result<Policy, PolicyError> {
+        let text = BASE.replace("series:\n", &format!("prometheus:\n{section}"));
+        let file = dir.join("p.yaml");
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("{e}"));
+        load_file(&file)
+    }
+
+    fn auth(p: &Policy) -> &PrometheusAuth {
+        match p.prometheus.as_ref().and_then(|c| c.auth.as_ref()) {
+            Some(a) => a,
+            None => panic!("no credentials in {p:?}"),
+        }
+    }
+
+    #[test]
+    fn credentials_files_are_read_from_the_policy_files_directory() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let d = dir.path();
+        std::fs::create_dir(d.join("secrets")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join("secrets/token"), "tok-1\r\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.join("password"), " pass word ").unwrap_or_else(|e| panic!("{e}"));
+
+        let p = with_prometheus(
+            d,
+            "  url: http://prom:9090/\n  bearer_token_file: secrets/token\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.prometheus.as_ref().map(|c| c.url.as_str()),
+            Some("http://prom:9090")
+        );
+        // A CRLF line end is not part of the token.
+        assert_eq!(
+            auth(&p),
+            &PrometheusAuth::Bearer {
+                token_file: d.join("secrets/token"),
+                token: Secret::new("tok-1".into()),
+            }
+        );
+
+        // An absolute path is taken as it is; spaces inside a password are the password's.
+        let absolute = d.join("password");
+        let p = with_prometheus(
+            d,
+            &format!(
+                "  url: http://prom:9090\n  basic_auth: {{username: ops, password_file: '{}'}}\n",
+                absolute.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            auth(&p),
+            &PrometheusAuth::Basic {
+                username: "ops".into(),
+                password_file: absolute,
+                password: Secret::new(" pass word ".into()),
+            }
+        );
+        assert!(!format!("{p:?}").contains("pass word"));
+
+        // Without credentials there are none.
+        let p = with_prometheus(d, "  url: http://prom:9090\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.prometheus.and_then(|c| c.auth), None);
+    }
+
+    #[test]
+    fn secrets_are_never_printed_nor_serialised() {
+        let a = PrometheusAuth::Basic {
+            username: "ops".into(),
+            password_file: PathBuf::from("/etc/pw"),
+            password: Secret::new("hunter2".into()),
+        };
+        let json = serde_json::to_string(&a).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            json,
+            r#"{"kind":"basic","username":"ops","password_file":"/etc/pw"}"#
+        );
+        assert!(!format!("{a:?}").contains("hunter2"));
+        assert_eq!(format!("{:?}", Secret::new("x".into())), "<redacted>");
+    }
+
+    #[test]
+    fn a_missing_credentials_file_names_the_field_and_the_path() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let err = match with_prometheus(
+            dir.path(),
+            "  url: http://prom:9090\n  bearer_token_file: gone.token\n",
+        ) {
+            Ok(p) => panic!("validated: {p:?}"),
+            Err(e) => e,
+        };
+        let file = dir.path().join("p.yaml");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:14:22: prometheus.bearer_token_file: expected a readable file holding the \
+                 bearer token, but cannot read {}: No such file or directory (os error 2)",
+                file.display(),
+                dir.path().join("gone.token").display()
+            )
+        );
     }
 
     #[test]

@@ -278,8 +278,10 @@ impl PrometheusSource {
         promql: &str,
         at: Time,
     ) -> Result<Answer, SourceError> {
-        let url = policy.prometheus.as_ref().map(|p| p.url.as_str());
-        let asked = self.client.query(url, promql, at).await;
+        let asked = self
+            .client
+            .query(policy.prometheus.as_ref(), promql, at)
+            .await;
         self.report(policy, spec, promql, &asked, false);
         asked.result
     }
@@ -292,10 +294,15 @@ impl PrometheusSource {
         promql: &str,
         steps: &Steps,
     ) -> Result<Vec<RangeSeries>, SourceError> {
-        let url = policy.prometheus.as_ref().map(|p| p.url.as_str());
         let asked = self
             .client
-            .query_range(url, promql, steps.start, steps.end, steps.step)
+            .query_range(
+                policy.prometheus.as_ref(),
+                promql,
+                steps.start,
+                steps.end,
+                steps.step,
+            )
             .await;
         self.report(policy, spec, promql, &asked, true);
         asked.result

@@ -7,6 +7,7 @@
 //! Prometheus rejects is never retried, because asking again gives the same answer.
 
 use super::error::SourceError;
+use crate::policy::{PrometheusAuth, PrometheusConfig};
 use crate::time::Time;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -20,7 +21,8 @@ const MAX_ANSWER_BYTES: usize = 16 << 20;
 /// How much of an unexpected answer's body is quoted in an error message.
 const QUOTE_BYTES: usize = 300;
 
-/// Credentials sent with every query to the daemon's default Prometheus.
+/// Credentials sent with every query to the daemon's default Prometheus (a policy's own
+/// Prometheus has its own, [`PrometheusAuth`]).
 #[derive(Clone, PartialEq)]
 pub enum Auth {
     /// `Authorization: Bearer <token>`.
@@ -30,6 +32,33 @@ pub enum Auth {
         user: String,
         password: Option<String>,
     },
+}
+
+impl Auth {
+    fn credentials(&self) -> Credentials<'_> {
+        match self {
+            Auth::Bearer(token) => Credentials::Bearer(token),
+            Auth::Basic { user, password } => Credentials::Basic(user, password.as_deref()),
+        }
+    }
+}
+
+/// The credentials one request carries, borrowed from the daemon's [`Auth`] or a policy's
+/// [`PrometheusAuth`].
+enum Credentials<'a> {
+    Bearer(&'a str),
+    Basic(&'a str, Option<&'a str>),
+}
+
+impl<'a> From<&'a PrometheusAuth> for Credentials<'a> {
+    fn from(a: &'a PrometheusAuth) -> Self {
+        match a {
+            PrometheusAuth::Bearer { token, .. } => Credentials::Bearer(token.expose()),
+            PrometheusAuth::Basic {
+                username, password, ..
+            } => Credentials::Basic(username, Some(password.expose())),
+        }
+    }
 }
 
 // Credentials never appear in logs or debug output.
@@ -163,23 +192,23 @@ impl PrometheusClient {
         &self.options
     }
 
-    /// Evaluates `promql` at `at` on the Prometheus at `base` (the default one when `None`),
-    /// retrying transient failures.
-    pub async fn query(&self, base: Option<&str>, promql: &str, at: Time) -> Asked {
+    /// Evaluates `promql` at `at` on a policy's own Prometheus, with its credentials, or on
+    /// the default one when `None`; retries transient failures.
+    pub async fn query(&self, own: Option<&PrometheusConfig>, promql: &str, at: Time) -> Asked {
         let time = seconds(at);
         let params = [("query", promql), ("time", time.as_str())];
-        self.send(base, "query", &params, |url, status, body| {
+        self.send(own, "query", &params, |url, status, body| {
             parse_answer(url, status, body, promql)
         })
         .await
     }
 
-    /// Evaluates `promql` at `start`, `start + step`, ... up to `end` on the Prometheus at
-    /// `base` (the default one when `None`), retrying transient failures. Prometheus refuses
+    /// Evaluates `promql` at `start`, `start + step`, ... up to `end` on a policy's own
+    /// Prometheus or the default one, as [`query`](Self::query) does. Prometheus refuses
     /// more than 11,000 evaluation times per query; the caller chooses a step that respects it.
     pub async fn query_range(
         &self,
-        base: Option<&str>,
+        own: Option<&PrometheusConfig>,
         promql: &str,
         start: Time,
         end: Time,
@@ -193,7 +222,7 @@ impl PrometheusClient {
             ("end", end.as_str()),
             ("step", step.as_str()),
         ];
-        self.send(base, "query_range", &params, |url, status, body| {
+        self.send(own, "query_range", &params, |url, status, body| {
             parse_matrix(url, status, body, promql)
         })
         .await
@@ -203,19 +232,20 @@ impl PrometheusClient {
     /// transient failures (of the transport, or a 5xx answer) with exponential backoff.
     async fn send<T>(
         &self,
-        base: Option<&str>,
+        own: Option<&PrometheusConfig>,
         endpoint: &str,
         params: &[(&str, &str)],
         parse: impl Fn(&str, u16, &[u8]) -> Result<T, SourceError>,
     ) -> Asked<T> {
-        let base = base.map_or_else(|| self.default_url.clone(), trim_url);
+        let base = own.map_or_else(|| self.default_url.clone(), |p| trim_url(&p.url));
+        let credentials = self.credentials(&base, own.and_then(|p| p.auth.as_ref()));
         let started = tokio::time::Instant::now();
         let mut attempts = 0;
         let mut wait = self.options.backoff;
         let result = loop {
             attempts += 1;
             let result = self
-                .attempt(&base, endpoint, params)
+                .attempt(&base, endpoint, params, credentials.as_ref())
                 .await
                 .and_then(|(status, body)| parse(&base, status, &body));
             match result {
@@ -234,12 +264,32 @@ impl PrometheusClient {
         }
     }
 
+    /// What a request to `base` carries: a policy's own credentials (`own`, which belong to
+    /// `base`), else the daemon's when `base` is the default Prometheus's origin, else none.
+    /// Reqwest drops the header if Prometheus redirects to another origin.
+    fn credentials<'a>(
+        &'a self,
+        base: &str,
+        own: Option<&'a PrometheusAuth>,
+    ) -> Option<Credentials<'a>> {
+        match own {
+            Some(a) => Some(a.into()),
+            None => self
+                .options
+                .auth
+                .as_ref()
+                .filter(|_| same_origin(base, &self.default_url))
+                .map(Auth::credentials),
+        }
+    }
+
     /// One HTTP request: the answer's status and body (at most [`MAX_ANSWER_BYTES`]).
     async fn attempt(
         &self,
         base: &str,
         endpoint: &str,
         params: &[(&str, &str)],
+        credentials: Option<&Credentials<'_>>,
     ) -> Result<(u16, Vec<u8>), SourceError> {
         let url = format!("{base}/api/v1/{endpoint}");
         let timeout = format!("{}ms", self.options.timeout.as_millis().max(1));
@@ -248,14 +298,11 @@ impl PrometheusClient {
             .get(&url)
             .query(params)
             .query(&[("timeout", &timeout)]);
-        if let Some(auth) = &self.options.auth
-            && same_origin(base, &self.default_url)
-        {
-            req = match auth {
-                Auth::Bearer(token) => req.bearer_auth(token),
-                Auth::Basic { user, password } => req.basic_auth(user, password.as_ref()),
-            };
-        }
+        req = match credentials {
+            Some(Credentials::Bearer(token)) => req.bearer_auth(token),
+            Some(Credentials::Basic(user, password)) => req.basic_auth(user, password.as_ref()),
+            None => req,
+        };
         let transport = |e: reqwest::Error| self.transport_error(base, e);
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();

@@ -5,7 +5,8 @@
 //! a deliberate change; review the diff as a user would read it.
 
 use canaryd::policy::{
-    self, MetricKind, OnNoData, RouterConfig, StrategyKind, ToleranceKind, WebhookEvent,
+    self, MetricKind, OnNoData, PrometheusAuth, RouterConfig, StrategyKind, ToleranceKind,
+    WebhookEvent,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -239,10 +240,25 @@ fn units_are_read_the_way_design_md_says() {
         vec![WebhookEvent::ConfirmPromotion, WebhookEvent::Rollback]
     );
     assert_eq!(p.webhooks[0].timeout, Duration::from_secs(10));
-    assert_eq!(
-        p.prometheus.as_ref().unwrap().url,
-        "http://prometheus.internal:9090"
-    );
+    let prom = p.prometheus.as_ref().unwrap();
+    assert_eq!(prom.url, "http://prometheus.internal:9090");
+    // The token file is named relative to the policy file, and its line end is not the token's.
+    match &prom.auth {
+        Some(PrometheusAuth::Bearer { token_file, token }) => {
+            assert_eq!(
+                token_file,
+                Path::new("tests/data/valid/secrets/prometheus.token")
+            );
+            assert_eq!(token.expose(), "every-field-token-7f3a");
+        }
+        other => panic!("auth {other:?}"),
+    }
+    // Neither the policy's debug form nor its JSON holds the token.
+    let json = serde_json::to_string(&p).unwrap();
+    for shown in [format!("{p:?}"), json] {
+        assert!(!shown.contains("every-field-token"), "{shown}");
+        assert!(shown.contains("secrets/prometheus.token"), "{shown}");
+    }
     assert_eq!(p.convention.requests, "http_requests_total");
     assert_eq!(p.convention.version_label, "release");
 }
@@ -312,6 +328,33 @@ fn check_exits_zero_when_all_files_are_valid() {
         out,
         "tests/data/valid/minimal.yaml: ok\ntests/data/valid/every-field.yaml: ok\n"
     );
+}
+
+#[test]
+fn check_never_prints_a_prometheus_secret() {
+    // The corpus's files name a token file that exists and one whose contents are refused:
+    // neither secret may reach the output, valid or not.
+    let (code, out, err) = canaryd(&[
+        "check",
+        "tests/data/valid/every-field.yaml",
+        "tests/data/invalid/prometheus-auth-both.yaml",
+        "tests/data/invalid/prometheus-token-file-two-lines.yaml",
+        "tests/data/invalid/prometheus-basic-auth-problems.yaml",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("every-field.yaml: ok"), "{out}");
+    for secret in [
+        "every-field-token",
+        "corpus-token",
+        "line-5c1d",
+        "line-88e0",
+        "hunter2",
+    ] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret}: {out}{err}"
+        );
+    }
 }
 
 #[test]

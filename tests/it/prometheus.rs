@@ -110,6 +110,9 @@ enum Script {
     },
     /// Never answers.
     Hang,
+    /// 401 unless the request's Authorization header is exactly this, like a Prometheus
+    /// behind an authenticating proxy; a vector as `FailFirst` gives once past it.
+    RequireAuth(String),
 }
 
 #[derive(Clone)]
@@ -153,6 +156,14 @@ async fn fake_query(
         ),
         Script::FailFirst { .. } => (StatusCode::OK, OK_BODY.to_owned()),
         Script::Hang => std::future::pending().await,
+        Script::RequireAuth(want) => {
+            let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+            if given == Some(want.as_str()) {
+                (StatusCode::OK, OK_BODY.to_owned())
+            } else {
+                (StatusCode::UNAUTHORIZED, "Unauthorized".to_owned())
+            }
+        }
     }
 }
 
@@ -444,6 +455,199 @@ async fn credentials_go_to_the_default_prometheus_only() {
         assert_eq!(auths(&default_fake), vec![Some(header.to_owned()); 2]);
         assert_eq!(auths(&other_fake), vec![None, None]);
     }
+}
+
+/// The Authorization headers a fake has seen since last asked, oldest first.
+fn auths(f: &Fake) -> Vec<Option<String>> {
+    std::mem::take(&mut *f.seen.lock().unwrap_or_else(|e| e.into_inner()))
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect()
+}
+
+/// A fake that answers every query, counting as "no credentials required".
+async fn open_fake() -> (String, Fake) {
+    start_fake(Script::FailFirst {
+        n: 0,
+        status: 200,
+        body: "",
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_policys_credentials_go_to_its_own_prometheus_only() {
+    const DAEMON: &str = "Bearer daemon-token-4d1c";
+    let (default_url, default_fake) = open_fake().await;
+    let (open_url, open_fake) = open_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "policy-token-93e2\n").unwrap();
+    std::fs::write(dir.path().join("password"), "policy-pw-0a7b\n").unwrap();
+    let opts = ClientOptions {
+        auth: Some(Auth::Bearer("daemon-token-4d1c".into())),
+        ..options(2000, 0)
+    };
+    let source = PrometheusSource::new(PrometheusClient::new(&default_url, opts).expect("client"));
+    let w = window_ending(Time(1_000_000), 60);
+    // A policy file beside its credentials files, which it names relative to itself.
+    let load = |prometheus: &str| {
+        let file = dir.path().join("p.yaml");
+        let text = format!(
+            "name: m\nstable: v1\ncanary: v2\nstrategy: {{steps: [10, 50], interval: 30s}}\n\
+             router: {{file: {{path: /tmp/canaryd-test-m.json}}}}\nmetrics: [{ERROR_RATE}]\n\
+             prometheus: {prometheus}\n"
+        );
+        std::fs::write(&file, text).unwrap();
+        canaryd::policy::load_file(&file).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let cases = [
+        (
+            "{bearer_token_file: token}",
+            "Bearer policy-token-93e2".to_owned(),
+        ),
+        (
+            "{basic_auth: {username: team-b, password_file: password}}",
+            // base64("team-b:policy-pw-0a7b")
+            "Basic dGVhbS1iOnBvbGljeS1wdy0wYTdi".to_owned(),
+        ),
+    ];
+    for (auth, header) in cases {
+        let (url, fake) = start_fake(Script::RequireAuth(header.clone())).await;
+        let with = load(&format!("{{url: '{url}', {}", &auth[1..]));
+        let without = load(&format!("{{url: '{url}'}}"));
+        // With its credentials the policy's Prometheus answers; it saw them and nothing else.
+        let got = source.observe(&with, w).await;
+        assert_eq!(data(&got["errors"].canary).value, Some(0.02), "{auth}");
+        assert_eq!(auths(&fake), vec![Some(header.clone()); 2], "{auth}");
+        // The same URL without them is refused: the daemon's token is not sent there.
+        let got = source.observe(&without, w).await;
+        let e = unavailable(&got["errors"].stable);
+        assert!(e.contains("answered http 401"), "{e}");
+        assert_eq!(auths(&fake), vec![None; 2], "{auth}");
+    }
+    // A policy with its own URL and no credentials sends none; the default Prometheus still
+    // gets the daemon's, and never a policy's.
+    let elsewhere = load(&format!("{{url: '{open_url}'}}"));
+    assert!(matches!(
+        source.observe(&elsewhere, w).await["errors"].stable,
+        Reading::Data(_)
+    ));
+    assert_eq!(auths(&open_fake), vec![None; 2]);
+    let default = policy_with("v1", "v2", &[ERROR_RATE], "");
+    assert!(matches!(
+        source.observe(&default, w).await["errors"].stable,
+        Reading::Data(_)
+    ));
+    assert_eq!(auths(&default_fake), vec![Some(DAEMON.to_owned()); 2]);
+}
+
+/// Log lines written while it is the thread's default subscriber, every level.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn the_daemon_reads_a_policys_prometheus_with_its_token_and_never_shows_it() {
+    const TOKEN: &str = "policy-token-c58f";
+    // The test's runtime has one thread, so every task of the daemon logs through this.
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (default_url, default_fake) = open_fake().await;
+    let (url, fake) = start_fake(Script::RequireAuth(format!("Bearer {TOKEN}"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("prometheus.token"), format!("{TOKEN}\n")).unwrap();
+    let policy = format!(
+        "name: demo\nstable: v1\ncanary: v2\n\
+         strategy: {{steps: [10, 50], interval: 50ms, min_step_duration: 100ms}}\n\
+         analysis: {{method: threshold}}\nmetrics: [{ERROR_RATE}]\n\
+         router: {{file: {{path: '{}'}}}}\n\
+         prometheus: {{url: '{url}', bearer_token_file: prometheus.token}}\n",
+        dir.path().join("weights.json").display()
+    );
+    std::fs::write(policies.join("demo.yaml"), policy).unwrap();
+    let opts = ClientOptions {
+        auth: Some(Auth::Bearer("daemon-token-e601".into())),
+        ..options(2000, 0)
+    };
+    let sources = canaryd::source::factory(&default_url, opts, Duration::from_secs(5), None)
+        .expect("source factory");
+    let d = crate::daemon::Daemon::start_real(dir.path(), sources).await;
+    // Answered: an analysis with both versions' values from the policy's Prometheus.
+    d_wait_answered(&d).await;
+    let seen = auths(&fake);
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter()
+            .all(|a| a.as_deref() == Some(&*format!("Bearer {TOKEN}"))),
+        "{seen:?}"
+    );
+    assert!(
+        auths(&default_fake).is_empty(),
+        "the default Prometheus was asked"
+    );
+
+    let mut shown = String::new();
+    for path in [
+        "/api/v1/rollouts",
+        "/api/v1/rollouts/demo",
+        "/api/v1/rollouts/demo/decisions",
+        "/metrics",
+    ] {
+        let r = reqwest::get(format!("{}{path}", d.url)).await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        shown.push_str(&r.text().await.unwrap());
+    }
+    assert!(shown.contains("\"demo\""), "{shown}");
+    d.stop().await;
+    let logs = logs.text();
+    assert!(
+        logs.contains("policy loaded"),
+        "no logs were captured:\n{logs}"
+    );
+    for (what, text) in [("the API", &shown), ("the logs", &logs)] {
+        assert!(!text.contains(TOKEN), "{what} hold the policy's token");
+        assert!(
+            !text.contains("daemon-token-e601"),
+            "{what} hold the daemon's token"
+        );
+    }
+}
+
+/// Waits until the rollout's latest analysis holds both versions' error rates.
+async fn d_wait_answered(d: &crate::daemon::Daemon) {
+    wait_for("an analysis with data", Duration::from_secs(10), || async {
+        let (status, v) = d.get("/api/v1/rollouts/demo").await;
+        let report = &v["recent_analyses"][0]["reports"][0];
+        (status == 200 && report["stable"] == 0.01 && report["canary"] == 0.02).then_some(())
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
