@@ -674,10 +674,39 @@ async fn spawn_rollout(
 
 /// What the watcher knows of one policy file.
 struct Known {
-    modified: Option<std::time::SystemTime>,
-    len: u64,
+    stamp: Stamp,
+    /// The files the last valid version read besides the policy file (its credentials), as
+    /// they were then: a rotated secret reloads the policy.
+    secrets: Vec<(PathBuf, Stamp)>,
+    /// The error of the last load, if it failed. A failed load is retried at every scan (a
+    /// credentials file it names may appear), but reported again only when the error changes.
+    error: Option<String>,
     /// The rollout name of the file's last valid version.
     name: Option<String>,
+}
+
+/// A file's modification time and size, or `None`s for a file that cannot be read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Stamp {
+    modified: Option<std::time::SystemTime>,
+    len: Option<u64>,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Stamp {
+        let meta = std::fs::metadata(path).ok();
+        Stamp {
+            modified: meta.as_ref().and_then(|m| m.modified().ok()),
+            len: meta.as_ref().map(std::fs::Metadata::len),
+        }
+    }
+}
+
+impl Known {
+    /// Whether the policy file and the files it read are as they were at the last load.
+    fn unchanged(&self, stamp: Stamp) -> bool {
+        self.stamp == stamp && self.secrets.iter().all(|(p, s)| Stamp::of(p) == *s)
+    }
 }
 
 /// Policy files in a directory, sorted.
@@ -769,18 +798,30 @@ async fn scan(
         }
     }
     for path in files {
-        let meta = std::fs::metadata(&path).ok();
-        let modified = meta.as_ref().and_then(|m| m.modified().ok());
-        let len = meta.as_ref().map_or(0, |m| m.len());
-        if known
-            .get(&path)
-            .is_some_and(|k| k.modified == modified && k.len == len)
-        {
+        let stamp = Stamp::of(&path);
+        let last = known.get(&path);
+        if last.is_some_and(|k| k.error.is_none() && k.unchanged(stamp)) {
             continue;
         }
         let file = path.display().to_string();
         let previous = known.get(&path).and_then(|k| k.name.clone());
-        let name = match policy::load_file(&path) {
+        let last_error = last.and_then(|k| k.error.clone());
+        let loaded = policy::load_file(&path);
+        let secrets: Vec<(PathBuf, Stamp)> = loaded.as_ref().map_or_else(
+            |_| Vec::new(),
+            |p| {
+                p.secret_files()
+                    .into_iter()
+                    .map(|f| (f.to_path_buf(), Stamp::of(f)))
+                    .collect()
+            },
+        );
+        let error = loaded.as_ref().err().map(ToString::to_string);
+        if error.is_some() && error == last_error {
+            // Still failing the same way: nothing new to report.
+            continue;
+        }
+        let name = match loaded {
             Ok(p) => {
                 if let Ok(mut e) = policy_errors.write() {
                     e.remove(&file);
@@ -843,8 +884,9 @@ async fn scan(
         known.insert(
             path,
             Known {
-                modified,
-                len,
+                stamp,
+                secrets,
+                error,
                 name,
             },
         );

@@ -425,6 +425,16 @@ impl Policy {
     pub fn metric(&self, name: &str) -> Option<&MetricSpec> {
         self.metrics.iter().find(|m| m.name == name)
     }
+
+    /// Files besides the policy file that the policy was read from (its credentials): a
+    /// change to one of them changes the policy.
+    pub fn secret_files(&self) -> Vec<&std::path::Path> {
+        match self.prometheus.as_ref().and_then(|p| p.auth.as_ref()) {
+            Some(PrometheusAuth::Bearer { token_file, .. }) => vec![token_file.as_path()],
+            Some(PrometheusAuth::Basic { password_file, .. }) => vec![password_file.as_path()],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// A policy file's path shown in messages: relative paths as given.

@@ -640,6 +640,55 @@ async fn the_daemon_reads_a_policys_prometheus_with_its_token_and_never_shows_it
     }
 }
 
+#[tokio::test]
+async fn a_created_or_rotated_token_file_is_picked_up_without_editing_the_policy() {
+    const TOKEN: &str = "rotated-token-7a1d";
+    let (default_url, _default_fake) = open_fake().await;
+    let (url, fake) = start_fake(Script::RequireAuth(format!("Bearer {TOKEN}"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let token_file = policies.join("prometheus.token");
+    let policy = format!(
+        "name: demo\nstable: v1\ncanary: v2\n\
+         strategy: {{steps: [10, 50], interval: 50ms, min_step_duration: 100ms}}\n\
+         analysis: {{method: threshold}}\nmetrics: [{ERROR_RATE}]\n\
+         router: {{file: {{path: '{}'}}}}\n\
+         prometheus: {{url: '{url}', bearer_token_file: prometheus.token}}\n",
+        dir.path().join("weights.json").display()
+    );
+    std::fs::write(policies.join("demo.yaml"), policy).unwrap();
+    let sources =
+        canaryd::source::factory(&default_url, options(2000, 0), Duration::from_secs(5), None)
+            .expect("source factory");
+    let d = crate::daemon::Daemon::start_real(dir.path(), sources).await;
+    // No token file yet: the policy is invalid, and says which field it cannot read.
+    wait_for(
+        "the missing token file reported",
+        Duration::from_secs(10),
+        || async {
+            let (status, v) = d.get("/api/v1/rollouts").await;
+            let invalid = v["invalid_policies"].to_string();
+            (status == 200 && invalid.contains("prometheus.bearer_token_file")).then_some(())
+        },
+    )
+    .await;
+    // The file appears, with a token Prometheus refuses: the policy now runs.
+    std::fs::write(&token_file, "stale-token\n").unwrap();
+    wait_for("the stale token sent", Duration::from_secs(10), || async {
+        let (status, _) = d.get("/api/v1/rollouts/demo").await;
+        let sent = auths(&fake)
+            .iter()
+            .any(|a| a.as_deref() == Some("Bearer stale-token"));
+        (status == 200 && sent).then_some(())
+    })
+    .await;
+    // Rotated in place, the policy file untouched: the next analyses use the new token.
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    d_wait_answered(&d).await;
+    d.stop().await;
+}
+
 /// Waits until the rollout's latest analysis holds both versions' error rates.
 async fn d_wait_answered(d: &crate::daemon::Daemon) {
     wait_for("an analysis with data", Duration::from_secs(10), || async {
