@@ -54,18 +54,8 @@ pub struct RunArgs {
     /// Prometheus used by policies that name none [default: http://127.0.0.1:9090].
     #[arg(long, env = "CANARYD_PROMETHEUS")]
     pub prometheus: Option<String>,
-    /// File holding a bearer token for Prometheus.
-    #[arg(long, env = "CANARYD_PROMETHEUS_TOKEN_FILE")]
-    pub prometheus_token_file: Option<PathBuf>,
-    /// User for HTTP basic authentication to Prometheus (password from --prometheus-password-file).
-    #[arg(long, env = "CANARYD_PROMETHEUS_USER")]
-    pub prometheus_user: Option<String>,
-    /// File holding the basic-auth password for Prometheus.
-    #[arg(long, env = "CANARYD_PROMETHEUS_PASSWORD_FILE")]
-    pub prometheus_password_file: Option<PathBuf>,
-    /// PEM file of extra CA certificates to trust for an https Prometheus.
-    #[arg(long, env = "CANARYD_PROMETHEUS_CA_FILE")]
-    pub prometheus_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub access: PrometheusAccess,
     /// Shortest range a query covers; at least four scrape intervals of your Prometheus.
     #[arg(long, env = "CANARYD_QUERY_MIN_RANGE", value_parser = humantime::parse_duration, default_value = "60s")]
     pub query_min_range: std::time::Duration,
@@ -86,6 +76,24 @@ pub struct RunArgs {
     pub insecure_no_auth: bool,
 }
 
+/// How to authenticate to the default Prometheus (a policy's own Prometheus has its own
+/// credentials in the policy).
+#[derive(Debug, clap::Args)]
+pub struct PrometheusAccess {
+    /// File holding a bearer token for Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_TOKEN_FILE")]
+    pub prometheus_token_file: Option<PathBuf>,
+    /// User for HTTP basic authentication to Prometheus (password from --prometheus-password-file).
+    #[arg(long, env = "CANARYD_PROMETHEUS_USER")]
+    pub prometheus_user: Option<String>,
+    /// File holding the basic-auth password for Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_PASSWORD_FILE")]
+    pub prometheus_password_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates to trust for an https Prometheus.
+    #[arg(long, env = "CANARYD_PROMETHEUS_CA_FILE")]
+    pub prometheus_ca_file: Option<PathBuf>,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
     /// Policy files (or directories of them).
@@ -101,6 +109,8 @@ pub struct CheckArgs {
         default_value = "http://127.0.0.1:9090"
     )]
     pub prometheus: String,
+    #[command(flatten)]
+    pub access: PrometheusAccess,
 }
 
 #[derive(Debug, clap::Args)]

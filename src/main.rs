@@ -143,26 +143,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let dry_run = args.dry_run || file.dry_run.unwrap_or(false);
-    let auth = match (&args.prometheus_token_file, &args.prometheus_user) {
-        (Some(_), Some(_)) => {
-            anyhow::bail!("give either --prometheus-token-file or --prometheus-user, not both")
-        }
-        (Some(t), None) => Some(canaryd::source::Auth::Bearer(read_token(t)?)),
-        (None, Some(user)) => Some(canaryd::source::Auth::Basic {
-            user: user.clone(),
-            password: args
-                .prometheus_password_file
-                .as_deref()
-                .map(read_token)
-                .transpose()?,
-        }),
-        (None, None) => None,
-    };
-    let options = canaryd::source::ClientOptions {
-        auth,
-        ca_file: args.prometheus_ca_file.clone(),
-        ..Default::default()
-    };
+    let options = client_options(&args.access)?;
     let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
     anyhow::ensure!(
         policies.is_dir(),
@@ -205,13 +186,40 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Runs every query of every valid policy once, now, over the last five minutes, and prints
 /// what each returned. Returns whether every query answered: no data is reported but is not an
 /// error (a canary may have no traffic yet).
+/// The Prometheus client's options from the command line's credentials flags.
+fn client_options(
+    access: &cli::PrometheusAccess,
+) -> anyhow::Result<canaryd::source::ClientOptions> {
+    let auth = match (&access.prometheus_token_file, &access.prometheus_user) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give either --prometheus-token-file or --prometheus-user, not both")
+        }
+        (Some(t), None) => Some(canaryd::source::Auth::Bearer(read_token(t)?)),
+        (None, Some(user)) => Some(canaryd::source::Auth::Basic {
+            user: user.clone(),
+            password: access
+                .prometheus_password_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?,
+        }),
+        (None, None) => None,
+    };
+    Ok(canaryd::source::ClientOptions {
+        auth,
+        ca_file: access.prometheus_ca_file.clone(),
+        ..Default::default()
+    })
+}
+
 async fn live(
     prometheus: &str,
+    options: canaryd::source::ClientOptions,
     policies: &[(PathBuf, canaryd::policy::Policy)],
 ) -> anyhow::Result<bool> {
     use canaryd::source::{PrometheusClient, PrometheusSource, Window};
     use canaryd::time::Clock;
-    let source = PrometheusSource::new(PrometheusClient::new(prometheus, Default::default())?);
+    let source = PrometheusSource::new(PrometheusClient::new(prometheus, options)?);
     let now = canaryd::time::SystemClock.now();
     let mut answered = true;
     for (file, policy) in policies {
@@ -269,7 +277,9 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
         }
     }
     if args.live && !valid.is_empty() {
-        match with_runtime(live(&args.prometheus, &valid)) {
+        let run = client_options(&args.access)
+            .and_then(|options| with_runtime(live(&args.prometheus, options, &valid)));
+        match run {
             Ok(true) => {}
             Ok(false) => ok = false,
             Err(e) => {

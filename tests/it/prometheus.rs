@@ -689,6 +689,56 @@ async fn a_created_or_rotated_token_file_is_picked_up_without_editing_the_policy
     d.stop().await;
 }
 
+#[tokio::test]
+async fn check_live_authenticates_to_the_default_prometheus_with_the_flags() {
+    const TOKEN: &str = "check-token-93b0";
+    let (url, fake) = start_fake(Script::RequireAuth(format!("Bearer {TOKEN}"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let policy = dir.path().join("demo.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "name: demo\nstable: v1\ncanary: v2\nstrategy: {{steps: [10, 50]}}\n\
+             metrics: [{ERROR_RATE}]\n\
+             router: {{file: {{path: '{}'}}}}\n",
+            dir.path().join("weights.json").display()
+        ),
+    )
+    .unwrap();
+    let check = |with_token: bool| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"));
+        cmd.args(["check", "--live", "--prometheus", &url])
+            .env_remove("CANARYD_PROMETHEUS_TOKEN_FILE")
+            .env_remove("CANARYD_PROMETHEUS_USER");
+        if with_token {
+            cmd.arg("--prometheus-token-file").arg(&token);
+        }
+        cmd.arg(&policy).kill_on_drop(true).output()
+    };
+    let without = tokio::time::timeout(Duration::from_secs(30), check(false))
+        .await
+        .expect("check finishes")
+        .expect("check runs");
+    assert_eq!(without.status.code(), Some(1), "{without:?}");
+    let out = String::from_utf8_lossy(&without.stdout);
+    assert!(out.contains("401"), "the refusal is shown: {out}");
+    let with = tokio::time::timeout(Duration::from_secs(30), check(true))
+        .await
+        .expect("check finishes")
+        .expect("check runs");
+    let out = String::from_utf8_lossy(&with.stdout);
+    assert_eq!(with.status.code(), Some(0), "{out}");
+    assert!(
+        auths(&fake)
+            .iter()
+            .any(|a| a.as_deref() == Some(&*format!("Bearer {TOKEN}"))),
+        "the token was sent"
+    );
+    assert!(!out.contains(TOKEN), "the token is not printed: {out}");
+}
+
 /// Waits until the rollout's latest analysis holds both versions' error rates.
 async fn d_wait_answered(d: &crate::daemon::Daemon) {
     wait_for("an analysis with data", Duration::from_secs(10), || async {
