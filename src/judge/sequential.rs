@@ -78,10 +78,22 @@ const LATENCY_SETUP_EVENTS: f64 = 200.0;
 const MAX_EXCEEDANCE: f64 = 0.9;
 /// Increments with fewer requests than this are not used to check the realised share.
 const SHARE_CHECK_MIN: f64 = 500.0;
+/// Stable events without one above a boundary before the boundaries above it count as
+/// repeating its evidence: a boundary that 1 % of requests exceed shows none in 2,000 with
+/// probability 2·10⁻⁹ (in 200, 13 %).
+const EMPTY_TAIL_EVENTS: f64 = 2000.0;
+/// A one-sample null rate at or above this cannot be exceeded by enough to show anything.
+const MAX_ONE_SAMPLE_NULL: f64 = 0.99;
 /// Per-look decay of the recent-rate average of stable's drift estimate (about four looks).
 const RECENT_DECAY: f64 = 0.25;
 /// Standard deviations of the recent count that do not count as drift.
 const DRIFT_NOISE_SD: f64 = 1.5;
+/// The most stable's drift may raise the reference after the switch: a burst on stable (an
+/// outage of a shared dependency) must not blind the watch to a real regression.
+const DRIFT_CAP: f64 = 1.5;
+/// Per-look decay of the log of the drift while stable serves: a rise that is not seen again
+/// fades (half-life about 35 looks).
+const DRIFT_FADE: f64 = 0.02;
 
 /// What the sequential judge remembers about one metric during one rollout.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -612,7 +624,11 @@ fn update(
             bad: s_inc.bad,
             total: s_inc.total,
         });
-        track_drift(mem, s_inc, phi);
+        if !latency {
+            // A latency metric's counts are exceedances of the shell's slow boundary, which
+            // may move between looks; its jumps are not drift.
+            track_drift(mem, s_inc, phi);
+        }
     }
 
     // Latency histograms: increments per boundary.
@@ -739,13 +755,18 @@ fn update(
                     // rate from before, raised by as much as stable's own rate was seen to
                     // drift over time. Without a concurrent control, load or time of day that
                     // moves both versions' rates would otherwise read as a regression.
-                    let p_ref = match test.le {
-                        Some(le) if stable_hist_total > 0.0 => {
-                            survival(&stable_hist, stable_hist_total, le)
-                        }
-                        _ => p_s,
-                    } * drift;
-                    step_one_sample(test, ci, p_ref * r0, p_ref * r_bad, phi, cap);
+                    let p_ref = raise_odds(
+                        match test.le {
+                            Some(le) if stable_hist_total > 0.0 => {
+                                survival(&stable_hist, stable_hist_total, le)
+                            }
+                            _ => p_s,
+                        },
+                        drift,
+                    );
+                    if p_ref * r0 < MAX_ONE_SAMPLE_NULL {
+                        step_one_sample(test, ci, p_ref * r0, p_ref * r_bad, phi, cap);
+                    }
                 }
             }
             TestKind::Absolute => {
@@ -784,8 +805,12 @@ fn update(
 
 /// Updates stable's recent rate and the largest ratio by which it clearly exceeded stable's rate
 /// over the whole rollout: the recent count less `DRIFT_NOISE_SD` (dispersion-scaled) standard
-/// deviations, so that sampling noise alone hardly counts as drift.
+/// deviations, so that sampling noise alone hardly counts as drift. The ratio fades by
+/// `DRIFT_FADE` per look unless seen again and never exceeds `DRIFT_CAP`.
 fn track_drift(mem: &mut SequentialMemory, s_inc: Increment, phi: f64) {
+    if mem.stable_drift > 1.0 {
+        mem.stable_drift = mem.stable_drift.powf(1.0 - DRIFT_FADE);
+    }
     let r = &mut mem.stable_recent;
     r.bad = r.bad * (1.0 - RECENT_DECAY) + s_inc.bad;
     r.total = r.total * (1.0 - RECENT_DECAY) + s_inc.total;
@@ -794,7 +819,19 @@ fn track_drift(mem: &mut SequentialMemory, s_inc: Increment, phi: f64) {
         return;
     }
     let lower = (r.bad - DRIFT_NOISE_SD * (r.bad * phi).sqrt()).max(0.0) / r.total;
-    mem.stable_drift = mem.stable_drift.max(lower / (bad / total)).max(1.0);
+    mem.stable_drift = mem
+        .stable_drift
+        .max(lower / (bad / total))
+        .clamp(1.0, DRIFT_CAP);
+}
+
+/// `p` with its odds multiplied by `factor`: raised like a rate for small `p`, never reaching 1.
+fn raise_odds(p: f64, factor: f64) -> f64 {
+    if factor <= 1.0 || !(0.0..1.0).contains(&p) {
+        return p;
+    }
+    let odds = p / (1.0 - p) * factor;
+    odds / (1.0 + odds)
 }
 
 /// The dispersion φ ≥ 1 to divide log-likelihood ratios by.
@@ -892,8 +929,9 @@ fn create_tests(
 /// requests are not nearly all slower, up to and including the first that none of stable's
 /// requests exceeded. Above that one, stable's exceedance is as unknown (zero) as there, and
 /// every canary request slower than a higher boundary is also slower than that one, so a
-/// higher boundary could only repeat its evidence while diluting the mixture's weight.
-/// The shell's slow boundary is always kept.
+/// higher boundary could only repeat its evidence while diluting the mixture's weight. Only a
+/// tail that `EMPTY_TAIL_EVENTS` of stable's requests left empty counts as empty. The shell's
+/// slow boundary is always kept.
 fn tested_boundaries(
     c_b: &[Bucket],
     slow: Option<f64>,
@@ -910,7 +948,9 @@ fn tested_boundaries(
         if keep {
             les.push(le);
         }
-        if known && count_at(stable_hist, le).is_some_and(|c| c >= stable_total) {
+        if stable_total >= EMPTY_TAIL_EVENTS
+            && count_at(stable_hist, le).is_some_and(|c| c >= stable_total)
+        {
             past_empty_tail = true;
         }
     }
@@ -1238,6 +1278,19 @@ mod tests {
             "a third more errors at the switch is a regression (drift {drift})"
         );
         assert!(drift < 1.02, "steady counts show no drift: {drift}");
+        // One look of a burst on stable (a shared dependency's outage) raises the reference by
+        // at most the cap, and fades: a canary at six times stable's rate is still caught.
+        let burst = |look: u32| if look == 20 { 0.3 } else { 0.01 };
+        let (failed, drift) = watch(burst, 0.06);
+        assert!(drift <= DRIFT_CAP, "{drift}");
+        assert!(
+            failed,
+            "a burst on stable must not blind the watch (drift {drift})"
+        );
+        // Raised on the odds scale, a reference never reaches 1.
+        assert!((raise_odds(0.01, 1.5) - 0.015 / 1.005).abs() < 1e-4);
+        assert!(raise_odds(0.9, 1.5) < 1.0);
+        assert_eq!(raise_odds(0.5, 1.0), 0.5);
     }
 
     #[test]
@@ -1296,30 +1349,33 @@ mod tests {
     #[test]
     fn boundaries_above_stables_empty_tail_are_not_tested() {
         let b = |le: f64, count: f64| Bucket { le, count };
-        // Stable: 1% of requests at most 0.01 s, 95% at most 0.05 s, 3 above 0.5 s, none
+        // Stable: 1% of requests at most 0.01 s, 95% at most 0.05 s, 30 above 0.5 s, none
         // above 1 s.
         let stable = vec![
-            b(0.01, 10.0),
-            b(0.05, 950.0),
-            b(0.5, 997.0),
-            b(1.0, 1000.0),
-            b(2.5, 1000.0),
-            b(5.0, 1000.0),
+            b(0.01, 100.0),
+            b(0.05, 9500.0),
+            b(0.5, 9970.0),
+            b(1.0, 10000.0),
+            b(2.5, 10000.0),
+            b(5.0, 10000.0),
         ];
         let canary: Vec<Bucket> = stable.iter().map(|x| b(x.le, 0.0)).collect();
         // 0.01 is exceeded by 99% of stable's requests: no slowdown can show there. 1.0 is the
         // first boundary stable never exceeded; 2.5 and 5 would only repeat its evidence.
         assert_eq!(
-            tested_boundaries(&canary, None, &stable, 1000.0),
+            tested_boundaries(&canary, None, &stable, 10000.0),
             vec![0.05, 0.5, 1.0]
         );
         // The shell's slow boundary stays, wherever it is.
         assert_eq!(
-            tested_boundaries(&canary, Some(5.0), &stable, 1000.0),
+            tested_boundaries(&canary, Some(5.0), &stable, 10000.0),
             vec![0.05, 0.5, 1.0, 5.0]
         );
         // Without stable's histogram nothing is known, so every boundary is tested.
         assert_eq!(tested_boundaries(&canary, None, &[], 0.0).len(), 6);
+        // Nor is an empty tail among a few hundred of stable's requests taken as empty.
+        let few: Vec<Bucket> = stable.iter().map(|x| b(x.le, x.count / 40.0)).collect();
+        assert_eq!(tested_boundaries(&canary, None, &few, 250.0).len(), 5);
     }
 
     #[test]
