@@ -102,6 +102,10 @@ pub struct CheckArgs {
     /// Also run every query once against Prometheus and report what returns no data.
     #[arg(long)]
     pub live: bool,
+    /// Check credentials files' paths without reading them (a CI machine without the
+    /// secrets); the daemon will still need them.
+    #[arg(long, conflicts_with = "live")]
+    pub no_secrets: bool,
     /// Prometheus for --live, for policies that name none.
     #[arg(
         long,

@@ -806,26 +806,37 @@ async fn scan(
         let file = path.display().to_string();
         let previous = known.get(&path).and_then(|k| k.name.clone());
         let last_error = last.and_then(|k| k.error.clone());
+        // Stamps of the credentials files taken before they are read, so that a rotation
+        // during the read shows as a change at the next scan.
+        let before: Vec<(PathBuf, Stamp)> = last.map_or_else(Vec::new, |k| {
+            k.secrets
+                .iter()
+                .map(|(p, _)| (p.clone(), Stamp::of(p)))
+                .collect()
+        });
         let loaded = policy::load_file(&path);
         let secrets: Vec<(PathBuf, Stamp)> = loaded.as_ref().map_or_else(
             |_| Vec::new(),
             |p| {
                 p.secret_files()
                     .into_iter()
-                    .map(|f| (f.to_path_buf(), Stamp::of(f)))
+                    .map(|f| {
+                        let stamp = before
+                            .iter()
+                            .find(|(b, _)| b.as_path() == f)
+                            .map_or_else(|| Stamp::of(f), |(_, s)| *s);
+                        (f.to_path_buf(), stamp)
+                    })
                     .collect()
             },
         );
-        let error = loaded.as_ref().err().map(ToString::to_string);
+        let mut error = loaded.as_ref().err().map(ToString::to_string);
         if error.is_some() && error == last_error {
             // Still failing the same way: nothing new to report.
             continue;
         }
         let name = match loaded {
             Ok(p) => {
-                if let Ok(mut e) = policy_errors.write() {
-                    e.remove(&file);
-                }
                 let clash =
                     registry.get(&p.name).is_some() && previous.as_deref() != Some(p.name.as_str());
                 if clash {
@@ -833,12 +844,19 @@ async fn scan(
                         "{file}: name: another policy file already runs rollout {:?}",
                         p.name
                     );
-                    tracing::error!("{msg}");
-                    if let Ok(mut e) = policy_errors.write() {
-                        e.insert(file.clone(), msg);
+                    // Retried at every scan (the other file may go away), reported once.
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("{msg}");
                     }
+                    if let Ok(mut e) = policy_errors.write() {
+                        e.insert(file.clone(), msg.clone());
+                    }
+                    error = Some(msg);
                     previous
                 } else {
+                    if let Ok(mut e) = policy_errors.write() {
+                        e.remove(&file);
+                    }
                     if let Some(old) = previous.as_ref().filter(|o| **o != p.name) {
                         // A renamed rollout is a different rollout: stop the old one.
                         if let Some(tx) = registry.remove(old) {

@@ -183,9 +183,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Runs every query of every valid policy once, now, over the last five minutes, and prints
-/// what each returned. Returns whether every query answered: no data is reported but is not an
-/// error (a canary may have no traffic yet).
 /// The Prometheus client's options from the command line's credentials flags.
 fn client_options(
     access: &cli::PrometheusAccess,
@@ -212,6 +209,9 @@ fn client_options(
     })
 }
 
+/// Runs every query of every valid policy once, now, over the last five minutes, and prints
+/// what each returned. Returns whether every query answered: no data is reported but is not an
+/// error (a canary may have no traffic yet).
 async fn live(
     prometheus: &str,
     options: canaryd::source::ClientOptions,
@@ -264,8 +264,13 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
         }
     }
     let mut valid = Vec::new();
+    let load = if args.no_secrets {
+        canaryd::policy::load_file_without_secrets
+    } else {
+        canaryd::policy::load_file
+    };
     for file in policy_files(&args.policies) {
-        match canaryd::policy::load_file(&file) {
+        match load(&file) {
             Ok(p) => {
                 println!("{}: ok", file.display());
                 valid.push((file, p));

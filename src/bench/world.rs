@@ -272,8 +272,11 @@ impl<'a> World<'a> {
                 if self.latency_missing(now_ms) {
                     continue;
                 }
-                // A series that was absent restarts where Prometheus first saw it again.
-                if let Some((_, to)) = self.sc.lat_missing_c {
+                // A series that was absent restarts where Prometheus first saw it again; before
+                // the gap it was there as usual.
+                let scraped_min = self.snapshots[now].at_ms as f64 / 60_000.0;
+                let gap = self.sc.lat_missing_c;
+                if let Some((_, to)) = gap.filter(|(from, _)| scraped_min >= *from) {
                     let back = (to * 60_000.0) as i64;
                     if back > 0 {
                         match self.first_index_from(back) {
@@ -407,6 +410,43 @@ mod tests {
         let q = histogram_quantile(0.75, &h).expect("data");
         assert!((q - 0.175).abs() < 1e-12);
         assert_eq!(histogram_quantile(0.5, &[0.0; 12]), None);
+    }
+
+    #[test]
+    fn a_latency_series_is_there_before_its_gap_and_restarts_after_it() {
+        use crate::observation::Reading;
+        use rand::SeedableRng;
+        let sc = super::super::scenario::parse(
+            "t",
+            r#"{"a": {"expected": "rollback", "lat_missing_c": [5, 10]}}"#,
+        )
+        .expect("valid")
+        .remove(0);
+        let policy = crate::policy::load_str("bench.yaml", super::super::DEFAULT_POLICY)
+            .expect("valid policy");
+        let spec = policy
+            .metrics
+            .iter()
+            .find(|m| matches!(m.kind, MetricKind::Latency { .. }))
+            .expect("a latency metric")
+            .clone();
+        let mut world = World::new(&sc);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        for i in 0..48 {
+            world.serve(&mut rng, i * SCRAPE_MS, (i + 1) * SCRAPE_MS, 0.05);
+            world.scrape((i + 1) * SCRAPE_MS);
+        }
+        let canary_events =
+            |minute: i64| match world.reading(&spec, minute * 60_000, 0, None, false).canary {
+                Reading::Data(s) => Some(s.window_events),
+                _ => None,
+            };
+        let before = canary_events(4).expect("there before the gap");
+        assert!(before > 0.0);
+        assert_eq!(canary_events(7), None, "absent during the gap");
+        let after = canary_events(12).expect("back after the gap");
+        // Counted from where it came back (minute 10): two minutes, not twelve.
+        assert!(after < before, "{after} vs {before}");
     }
 
     #[test]

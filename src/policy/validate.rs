@@ -51,9 +51,24 @@ const MAX_SECRET_BYTES: u64 = 64 << 10;
 /// Reads and validates a policy file, and reads the credentials files it names (relative
 /// paths are taken from the policy file's directory).
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
+    load_path(path, true)
+}
+
+/// As [`load_file`], but the credentials files are not read, only their paths checked: for
+/// `canaryd check` where the secrets are not (a CI machine). The policy's secrets are empty.
+pub fn load_file_without_secrets(path: &Path) -> Result<Policy, PolicyError> {
+    load_path(path, false)
+}
+
+fn load_path(path: &Path, read_secrets: bool) -> Result<Policy, PolicyError> {
     let file = display_path(path);
     match std::fs::read_to_string(path) {
-        Ok(text) => load_in(&file, &text, path.parent().unwrap_or(Path::new(""))),
+        Ok(text) => load_in(
+            &file,
+            &text,
+            path.parent().unwrap_or(Path::new("")),
+            read_secrets,
+        ),
         Err(e) => Err(PolicyError {
             file,
             problems: vec![Problem {
@@ -68,11 +83,11 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
 /// Validates a policy's text; `file` names it in messages. Credentials files the policy names
 /// are read, relative paths from the current directory, as the text has no file of its own.
 pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
-    load_in(file, text, Path::new(""))
+    load_in(file, text, Path::new(""), true)
 }
 
 /// Validates a policy's text whose relative credentials paths start at `dir`.
-fn load_in(file: &str, text: &str, dir: &Path) -> Result<Policy, PolicyError> {
+fn load_in(file: &str, text: &str, dir: &Path, read_secrets: bool) -> Result<Policy, PolicyError> {
     let doc = tree::parse(text).map_err(|e| PolicyError {
         file: file.to_owned(),
         problems: vec![Problem {
@@ -101,6 +116,7 @@ fn load_in(file: &str, text: &str, dir: &Path) -> Result<Policy, PolicyError> {
         doc_pos: doc.pos,
         reported: problems.iter().map(|p| p.path.clone()).collect(),
         dir: dir.to_owned(),
+        read_secrets,
     };
     let policy = v.policy(&raw);
     problems.append(&mut v.problems);
@@ -146,6 +162,8 @@ struct Validator {
     reported: Vec<String>,
     /// Where relative credentials paths start: the policy file's directory.
     dir: PathBuf,
+    /// Whether credentials files are read (else only their paths are checked).
+    read_secrets: bool,
 }
 
 /// A parsed duration and whether it was valid.
@@ -421,9 +439,21 @@ impl Validator {
             return None;
         }
         let path = self.dir.join(&at.value);
+        if !self.read_secrets {
+            return Some(Secret::new(String::new()));
+        }
         let shown = path.display();
         let mut bytes = Vec::new();
-        let read = std::fs::File::open(&path)
+        // Only a regular file: a FIFO would block the policy scan, a device never ends.
+        let read = std::fs::metadata(&path)
+            .and_then(|m| {
+                if m.is_file() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            })
+            .and_then(|()| std::fs::File::open(&path))
             .and_then(|f| f.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes));
         if let Err(e) = read {
             self.err(

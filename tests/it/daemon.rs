@@ -358,6 +358,51 @@ async fn the_decision_log_keeps_only_the_newest_decisions_the_daemon_is_told_to(
     d.stop().await;
 }
 
+#[tokio::test]
+async fn a_second_file_for_a_running_rollout_waits_and_starts_when_the_first_goes() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "promoted").await;
+    // The same rollout name in a second file: refused while demo.yaml runs it.
+    let second = dir.path().join("policies/zz-demo-copy.yaml");
+    std::fs::write(&second, POLICY.replace("canary: v2", "canary: v3")).unwrap();
+    wait_for("the clash reported", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts").await;
+        v["invalid_policies"]
+            .to_string()
+            .contains("another policy file already runs rollout")
+            .then_some(())
+    })
+    .await;
+    // Still reported after a later scan (one that loaded another file), not dropped once said.
+    let other = POLICY.replace("name: demo", "name: other");
+    std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
+    wait_for("a later scan", Duration::from_secs(10), || async {
+        (d.get("/api/v1/rollouts/other").await.0 == 200).then_some(())
+    })
+    .await;
+    let (_, v) = d.get("/api/v1/rollouts").await;
+    assert!(
+        v["invalid_policies"].to_string().contains("already runs"),
+        "{v}"
+    );
+    // The first file goes: the second one's rollout (v3) takes the name.
+    std::fs::remove_file(dir.path().join("policies/demo.yaml")).unwrap();
+    wait_for(
+        "the second file's rollout",
+        Duration::from_secs(10),
+        || async {
+            let (status, v) = d.get("/api/v1/rollouts/demo").await;
+            (status == 200 && v["canary"] == "v3").then_some(())
+        },
+    )
+    .await;
+    let (_, v) = d.get("/api/v1/rollouts").await;
+    assert_eq!(v["invalid_policies"], serde_json::json!([]), "{v}");
+    d.stop().await;
+}
+
 /// A slowloris: a client that opens connections and never finishes a request's headers.
 #[tokio::test]
 async fn clients_that_never_finish_their_headers_are_disconnected() {

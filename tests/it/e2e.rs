@@ -195,16 +195,26 @@ async fn follow(
     limit: Duration,
 ) -> Vec<f64> {
     let deadline = tokio::time::Instant::now() + limit;
+    // Splits the router held: a reading counts once it is read twice in a row, because a
+    // router that raises one server before lowering the other passes through a split for the
+    // moment between its two commands (HAProxy: 50 % → 66.7 % → 100 %).
     let mut seen: Vec<f64> = Vec::new();
+    let mut last: Option<f64> = None;
     loop {
-        if let Ok(w) = router.read(t).await {
-            let w = (w * 10.0).round() / 10.0;
-            if seen.last() != Some(&w) {
-                seen.push(w);
-            }
+        let now = router.read(t).await.ok().map(|w| (w * 10.0).round() / 10.0);
+        if let Some(w) = now.filter(|w| last == Some(*w) && seen.last() != Some(w)) {
+            seen.push(w);
         }
+        last = now;
         let (_, v) = d.get(&format!("/api/v1/rollouts/{name}")).await;
         if v["phase"] == phase && v["canary"] == t.canary.as_str() {
+            // The rollout reached its phase after the router confirmed the split: held.
+            if let Ok(w) = router.read(t).await {
+                let w = (w * 10.0).round() / 10.0;
+                if seen.last() != Some(&w) {
+                    seen.push(w);
+                }
+            }
             return seen;
         }
         assert!(

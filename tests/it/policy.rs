@@ -358,6 +358,65 @@ fn check_never_prints_a_prometheus_secret() {
 }
 
 #[test]
+fn check_without_secrets_checks_paths_but_reads_no_credentials_file() {
+    let missing = "tests/data/invalid/prometheus-token-file-missing.yaml";
+    let (code, out, _) = canaryd(&["check", missing]);
+    assert_eq!(code, 1, "the daemon would refuse it: {out}");
+    let (code, out, err) = canaryd(&["check", "--no-secrets", missing]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, format!("{missing}: ok\n"));
+    // Everything else is still checked.
+    let (code, out, _) = canaryd(&[
+        "check",
+        "--no-secrets",
+        "tests/data/invalid/prometheus-auth-both.yaml",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("expected either bearer_token_file or basic_auth"),
+        "{out}"
+    );
+    // And there is nothing to skip when Prometheus is asked.
+    let (code, _, err) = canaryd(&["check", "--no-secrets", "--live", missing]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--no-secrets"), "{err}");
+}
+
+#[tokio::test]
+async fn a_credentials_path_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let policy = dir.path().join("p.yaml");
+    std::fs::write(
+        &policy,
+        "name: p\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50]}\n\
+         metrics: [{name: e, builtin: error_rate, max: 1%}]\n\
+         router: {file: {path: /tmp/p.json}}\n\
+         prometheus: {url: 'http://127.0.0.1:9', bearer_token_file: token}\n",
+    )
+    .unwrap();
+    // Opening a FIFO without a writer blocks: the check must not even try.
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .arg("check")
+        .arg(&policy)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("canaryd check blocked on a FIFO")
+        .unwrap();
+    let (status, out) = (output.status, String::from_utf8_lossy(&output.stdout));
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("prometheus.bearer_token_file: expected a readable file")
+            && out.contains("not a regular file"),
+        "{out}"
+    );
+}
+
+#[test]
 fn check_exits_one_and_prints_every_error_when_any_file_is_invalid() {
     let bad = "tests/data/invalid/multiple-errors.yaml";
     let (code, out, _) = canaryd(&["check", "tests/data/valid/minimal.yaml", bad]);
