@@ -179,11 +179,15 @@ impl Store {
         .map_err(|e| self.err(e))?;
         let id = tx.last_insert_rowid();
         // The cut-off is the newest decision beyond the limit (none while the log is shorter,
-        // and then `id <= NULL` deletes nothing). Unapplied decisions stay: they are the
-        // record of a weight the router may not have.
+        // and then `id <= NULL` deletes nothing). Unapplied decisions newer than the newest
+        // applied one stay: they are the record of a weight the router may not have. Older
+        // ones were superseded by a decision the router did take, so a long router outage
+        // cannot grow the log for good.
         tx.execute(
-            "DELETE FROM decisions WHERE rollout = ?1 AND applied = 1 AND id <= (
-                 SELECT id FROM decisions WHERE rollout = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            "DELETE FROM decisions WHERE rollout = ?1 AND id <= (
+                 SELECT id FROM decisions WHERE rollout = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)
+             AND (applied = 1 OR id < (
+                 SELECT MAX(id) FROM decisions WHERE rollout = ?1 AND applied = 1))",
             params![
                 d.state.name,
                 i64::try_from(self.decisions_kept).unwrap_or(i64::MAX)
@@ -430,7 +434,7 @@ mod tests {
     }
 
     #[test]
-    fn retention_never_deletes_an_unapplied_or_the_latest_decision() {
+    fn retention_keeps_unapplied_decisions_until_superseded_and_always_the_latest() {
         let store = Store::open_with_retention(Path::new(":memory:"), 2).unwrap();
         let record = |step: usize| {
             let d = decision(
@@ -440,17 +444,20 @@ mod tests {
             store.record(&d, Time(step as i64)).unwrap()
         };
         let old_applied = applied(&store, "a", 0);
-        // The router was failing: these two never reached it.
-        let unapplied = [record(1), record(2)];
-        applied(&store, "a", 3);
+        // The router is failing: these three never reach it, and none is trimmed while no
+        // later decision has been applied.
+        let unapplied = [record(1), record(2), record(3)];
+        let log = store.decisions("a", 100, None).unwrap();
+        assert_eq!(ids(&log), [unapplied[2], unapplied[1], unapplied[0]]);
+        assert!(!log.iter().any(|d| d.id == old_applied));
+        // The router is back: the unapplied decisions it superseded go like any other.
         let kept = [applied(&store, "a", 4), applied(&store, "a", 5)];
         let log = store.decisions("a", 100, None).unwrap();
-        assert_eq!(ids(&log), [kept[1], kept[0], unapplied[1], unapplied[0]]);
-        assert!(!log.iter().any(|d| d.id == old_applied));
+        assert_eq!(ids(&log), [kept[1], kept[0]]);
         // The latest decision is kept before it is applied, and applying it still works.
         let latest = record(6);
         let log = store.decisions("a", 100, None).unwrap();
-        assert_eq!(ids(&log), [latest, kept[1], unapplied[1], unapplied[0]]);
+        assert_eq!(ids(&log), [latest, kept[1]]);
         store.mark_applied("a", latest).unwrap();
         assert!(store.load("a").unwrap().unwrap().applied);
     }
