@@ -579,19 +579,8 @@ async fn the_daemon_reads_a_policys_prometheus_with_its_token_and_never_shows_it
 
     let (default_url, default_fake) = open_fake().await;
     let (url, fake) = start_fake(Script::RequireAuth(format!("Bearer {TOKEN}"))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
+    let (dir, policies) = own_prometheus_policy(&url);
     std::fs::write(policies.join("prometheus.token"), format!("{TOKEN}\n")).unwrap();
-    let policy = format!(
-        "name: demo\nstable: v1\ncanary: v2\n\
-         strategy: {{steps: [10, 50], interval: 50ms, min_step_duration: 100ms}}\n\
-         analysis: {{method: threshold}}\nmetrics: [{ERROR_RATE}]\n\
-         router: {{file: {{path: '{}'}}}}\n\
-         prometheus: {{url: '{url}', bearer_token_file: prometheus.token}}\n",
-        dir.path().join("weights.json").display()
-    );
-    std::fs::write(policies.join("demo.yaml"), policy).unwrap();
     let opts = ClientOptions {
         auth: Some(Auth::Bearer("daemon-token-e601".into())),
         ..options(2000, 0)
@@ -645,19 +634,8 @@ async fn a_created_or_rotated_token_file_is_picked_up_without_editing_the_policy
     const TOKEN: &str = "rotated-token-7a1d";
     let (default_url, _default_fake) = open_fake().await;
     let (url, fake) = start_fake(Script::RequireAuth(format!("Bearer {TOKEN}"))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
+    let (dir, policies) = own_prometheus_policy(&url);
     let token_file = policies.join("prometheus.token");
-    let policy = format!(
-        "name: demo\nstable: v1\ncanary: v2\n\
-         strategy: {{steps: [10, 50], interval: 50ms, min_step_duration: 100ms}}\n\
-         analysis: {{method: threshold}}\nmetrics: [{ERROR_RATE}]\n\
-         router: {{file: {{path: '{}'}}}}\n\
-         prometheus: {{url: '{url}', bearer_token_file: prometheus.token}}\n",
-        dir.path().join("weights.json").display()
-    );
-    std::fs::write(policies.join("demo.yaml"), policy).unwrap();
     let sources =
         canaryd::source::factory(&default_url, options(2000, 0), Duration::from_secs(5), None)
             .expect("source factory");
@@ -737,6 +715,24 @@ async fn check_live_authenticates_to_the_default_prometheus_with_the_flags() {
         "the token was sent"
     );
     assert!(!out.contains(TOKEN), "the token is not printed: {out}");
+}
+
+/// A daemon directory whose one policy, `demo`, reads its own Prometheus at `url` with the
+/// bearer token in `policies/prometheus.token` (not written here).
+fn own_prometheus_policy(url: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let policy = format!(
+        "name: demo\nstable: v1\ncanary: v2\n\
+         strategy: {{steps: [10, 50], interval: 50ms, min_step_duration: 100ms}}\n\
+         analysis: {{method: threshold}}\nmetrics: [{ERROR_RATE}]\n\
+         router: {{file: {{path: '{}'}}}}\n\
+         prometheus: {{url: '{url}', bearer_token_file: prometheus.token}}\n",
+        dir.path().join("weights.json").display()
+    );
+    std::fs::write(policies.join("demo.yaml"), policy).unwrap();
+    (dir, policies)
 }
 
 /// Waits until the rollout's latest analysis holds both versions' error rates.
@@ -900,6 +896,14 @@ async fn value_now(client: &PrometheusClient, promql: &str) -> Option<f64> {
     }
 }
 
+/// Waits until an instant query evaluated now answers `want`.
+async fn wait_for_value(client: &PrometheusClient, what: &str, promql: &str, want: f64) {
+    wait_for(what, Duration::from_secs(20), || async move {
+        (value_now(client, promql).await == Some(want)).then_some(())
+    })
+    .await;
+}
+
 /// Prometheus's `histogram_quantile` over cumulative counts (`+Inf` last), for expectations.
 fn histogram_quantile(q: f64, cumulative: &[f64]) -> f64 {
     let total = cumulative[cumulative.len() - 1];
@@ -965,16 +969,11 @@ async fn real_prometheus_reads_both_versions() {
         .with_min_range(Duration::from_secs(3))
         .with_observer(rec.clone());
 
-    wait_for(
+    wait_for_value(
+        &client,
         "prometheus to scrape the zeros",
-        Duration::from_secs(20),
-        || {
-            let client = &client;
-            async move {
-                (value_now(client, "count(model_requests_total{model=\"m\"})").await == Some(4.0))
-                    .then_some(())
-            }
-        },
+        "count(model_requests_total{model=\"m\"})",
+        4.0,
     )
     .await;
 
@@ -987,13 +986,12 @@ async fn real_prometheus_reads_both_versions() {
         let v2 = e.get_mut("v2").expect("v2");
         v2.serve(10, [40, 60, 60, 30, 8, 2], 80, 20);
     }
-    wait_for("phase 1 to be scraped", Duration::from_secs(10), || {
-        let client = &client;
-        async move {
-            (value_now(client, "sum(model_requests_total{model=\"m\"})").await == Some(400.0))
-                .then_some(())
-        }
-    })
+    wait_for_value(
+        &client,
+        "phase 1 to be scraped",
+        "sum(model_requests_total{model=\"m\"})",
+        400.0,
+    )
     .await;
     let first = value_now(&client, "max(timestamp(model_requests_total{model=\"m\"}))")
         .await
@@ -1376,16 +1374,11 @@ async fn real_prometheus_series_for_mann_whitney() {
     let url = format!("http://127.0.0.1:{port}");
     wait_for_port(port, Duration::from_secs(20)).await;
     let client = PrometheusClient::new(&url, options(3000, 1)).expect("client");
-    wait_for(
+    wait_for_value(
+        &client,
         "prometheus to scrape the exporter",
-        Duration::from_secs(20),
-        || {
-            let client = &client;
-            async move {
-                (value_now(client, "sum(model_requests_total{model=\"m\"})").await == Some(2000.0))
-                    .then_some(())
-            }
-        },
+        "sum(model_requests_total{model=\"m\"})",
+        2000.0,
     )
     .await;
 
