@@ -804,7 +804,7 @@ async fn scan(
             continue;
         }
         let file = path.display().to_string();
-        let previous = known.get(&path).and_then(|k| k.name.clone());
+        let previous = last.and_then(|k| k.name.clone());
         let last_error = last.and_then(|k| k.error.clone());
         // Stamps of the credentials files taken before they are read, so that a rotation
         // during the read shows as a change at the next scan.

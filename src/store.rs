@@ -7,8 +7,8 @@
 //!
 //! The log keeps a bounded number of decisions per rollout (`DEFAULT_DECISIONS_KEPT` unless
 //! the store is opened with another limit): each `record` deletes, in its own transaction,
-//! that rollout's applied decisions older than the newest ones kept. A decision not yet
-//! marked applied is never deleted, nor is a rollout's latest decision.
+//! that rollout's decisions older than the newest ones kept, except those not yet marked
+//! applied that no applied decision has superseded; a rollout's latest decision always stays.
 
 use crate::judge::MetricReport;
 use crate::rollout::{Decision, RolloutState};
@@ -70,7 +70,7 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
     path: String,
     /// How many of a rollout's newest decisions `record` keeps (at least one); older ones
-    /// are deleted once applied.
+    /// are deleted once applied or superseded by an applied one.
     decisions_kept: usize,
 }
 
@@ -109,7 +109,8 @@ impl Store {
     }
 
     /// Opens the store keeping the newest `decisions_kept` decisions of each rollout (a limit
-    /// below one counts as one), plus any older one not yet applied. A store that holds more
+    /// below one counts as one), plus any older one not yet applied that no applied decision
+    /// has superseded. A store that holds more
     /// (a lower limit than last time) is trimmed at each rollout's next decision.
     pub fn open_with_retention(path: &Path, decisions_kept: usize) -> Result<Store, StoreError> {
         let shown = path.display().to_string();

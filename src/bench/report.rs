@@ -67,10 +67,15 @@ fn quantile(v: &[f64], q: f64) -> Option<f64> {
 /// KL divergence per canary request between the canary's and stable's observable data
 /// (`canary_first`: KL(canary ‖ stable), else the reverse), for the metrics the policy has.
 pub fn kl_per_request(policy: &Policy, sc: &Scenario, canary_first: bool) -> f64 {
-    let p_c = sc
-        .p_c_late
-        .filter(|_| sc.onset_min.is_some())
-        .unwrap_or(sc.p_c);
+    policy
+        .metrics
+        .iter()
+        .map(|m| metric_kl(&m.kind, sc, canary_first))
+        .sum()
+}
+
+/// One metric's share of [`kl_per_request`].
+fn metric_kl(kind: &MetricKind, sc: &Scenario, canary_first: bool) -> f64 {
     let pair = |a: f64, b: f64| {
         if canary_first {
             bernoulli_kl(a, b)
@@ -78,29 +83,28 @@ pub fn kl_per_request(policy: &Policy, sc: &Scenario, canary_first: bool) -> f64
             bernoulli_kl(b, a)
         }
     };
-    let mut kl = 0.0;
-    for m in &policy.metrics {
-        match m.kind {
-            MetricKind::ErrorRate => kl += pair(p_c, sc.p_s),
-            MetricKind::Latency { .. } => {
-                let (c, s) = (bucket_probs(sc, true), bucket_probs(sc, false));
-                let (a, b) = if canary_first { (c, s) } else { (s, c) };
-                kl += a
-                    .iter()
-                    .zip(b.iter())
-                    .filter(|(x, _)| **x > 0.0)
-                    .map(|(x, y)| x * (x / y.max(1e-300)).ln())
-                    .sum::<f64>();
-            }
-            MetricKind::Accuracy => {
-                if let Some(acc) = sc.accuracy {
-                    kl += acc.coverage * pair(acc.q_c, acc.q_s);
-                }
-            }
-            MetricKind::Query { .. } => {}
+    match kind {
+        MetricKind::ErrorRate => {
+            let p_c = sc
+                .p_c_late
+                .filter(|_| sc.onset_min.is_some())
+                .unwrap_or(sc.p_c);
+            pair(p_c, sc.p_s)
         }
+        MetricKind::Latency { .. } => {
+            let (c, s) = (bucket_probs(sc, true), bucket_probs(sc, false));
+            let (a, b) = if canary_first { (c, s) } else { (s, c) };
+            a.iter()
+                .zip(b.iter())
+                .filter(|(x, _)| **x > 0.0)
+                .map(|(x, y)| x * (x / y.max(1e-300)).ln())
+                .sum()
+        }
+        MetricKind::Accuracy => sc
+            .accuracy
+            .map_or(0.0, |acc| acc.coverage * pair(acc.q_c, acc.q_s)),
+        MetricKind::Query { .. } => 0.0,
     }
-    kl
 }
 
 /// Wald's bound on canary requests to the right decision, for α = β = 1 − confidence.
@@ -123,14 +127,17 @@ pub fn delayed_oracle_bound(policy: &Policy, sc: &Scenario) -> Option<f64> {
     let a = 1.0 - policy.analysis.confidence;
     let need = bernoulli_kl(1.0 - a, a);
     let rate = canary_rpm_at_onset(policy, sc);
-    let kind_kl = |keep: fn(&MetricKind) -> bool| {
-        let mut p = policy.clone();
-        p.metrics.retain(|m| keep(&m.kind));
-        kl_per_request(&p, sc, true)
-    };
-    let kl_err = kind_kl(|k| matches!(k, MetricKind::ErrorRate));
-    let kl_lat = kind_kl(|k| matches!(k, MetricKind::Latency { .. }));
-    let kl_acc = kind_kl(|k| matches!(k, MetricKind::Accuracy));
+    // Per canary request, by when the data shows: at once, once the latency series is back,
+    // once the label has arrived.
+    let (mut kl_err, mut kl_lat, mut kl_acc) = (0.0, 0.0, 0.0);
+    for m in &policy.metrics {
+        let kl = metric_kl(&m.kind, sc, true);
+        match m.kind {
+            MetricKind::Latency { .. } => kl_lat += kl,
+            MetricKind::Accuracy => kl_acc += kl,
+            _ => kl_err += kl,
+        }
+    }
     if rate <= 0.0 || kl_err + kl_lat + kl_acc <= 1e-12 {
         return None;
     }

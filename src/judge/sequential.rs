@@ -938,10 +938,10 @@ fn tested_boundaries(
     stable_hist: &[Bucket],
     stable_total: f64,
 ) -> Vec<f64> {
+    let known = stable_total > 0.0;
     let mut les = Vec::new();
     let mut past_empty_tail = false;
     for le in c_b.iter().map(|x| x.le).filter(|le| le.is_finite()) {
-        let known = stable_total > 0.0;
         let keep = Some(le) == slow
             || !known
             || (!past_empty_tail && survival(stable_hist, stable_total, le) <= MAX_EXCEEDANCE);
@@ -1227,9 +1227,9 @@ mod tests {
         assert_eq!(log_sum_exp(&[]), f64::NEG_INFINITY);
     }
 
-    /// Runs `before` looks with both versions at stable's rate `rate(look)`, then `after` looks
-    /// with all traffic on the canary at rate `after_rate`, and returns whether the canary failed
-    /// after the switch, and stable's measured drift.
+    /// Runs 40 looks with both versions at stable's rate `rate(look)`, then 30 with all traffic
+    /// on the canary at rate `after_rate`, and returns whether the canary failed after the
+    /// switch, and stable's measured drift.
     fn watch(rate: impl Fn(u32) -> f64, after_rate: f64) -> (bool, f64) {
         let spec = spec();
         let ctx = ctx(0.95);

@@ -329,21 +329,19 @@ impl PrometheusSource {
             });
         }
         match error {
-            Some(e) if range => tracing::warn!(
-                rollout = %policy.name,
-                metric = %spec.name,
-                kind = e.kind(),
-                attempts = asked.attempts,
-                error = %e,
-                "prometheus range query failed; the metric's per-interval series stays empty"
-            ),
             Some(e) => tracing::warn!(
                 rollout = %policy.name,
                 metric = %spec.name,
                 kind = e.kind(),
                 attempts = asked.attempts,
                 error = %e,
-                "prometheus query failed"
+                range,
+                "prometheus query failed{}",
+                if range {
+                    "; the metric's per-interval series stays empty"
+                } else {
+                    ""
+                }
             ),
             None => tracing::debug!(
                 rollout = %policy.name,

@@ -1,8 +1,9 @@
 //! A small client for Prometheus's query API: instant queries (`GET /api/v1/query`) and, for
 //! the per-interval series of the Mann–Whitney judge, range queries (`GET /api/v1/query_range`).
 //!
-//! Every query names its evaluation `time` (or its range's `start`, `end` and `step`) explicitly, so a rollout's stable and canary
-//! readings (and a replay of them) refer to the same instant. Connection failures, timeouts and
+//! Every query names its evaluation `time` (or its range's `start`, `end` and `step`)
+//! explicitly, so a rollout's stable and canary readings (and a replay of them) refer to the
+//! same instant. Connection failures, timeouts and
 //! 5xx answers are retried a bounded number of times with exponential backoff; a query that
 //! Prometheus rejects is never retried, because asking again gives the same answer.
 
