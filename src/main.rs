@@ -63,22 +63,25 @@ fn with_runtime<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> a
         .block_on(f)
 }
 
-fn read_token(path: &Path) -> anyhow::Result<String> {
-    let t = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the API token file {}", path.display()))?;
-    let t = t.trim().to_owned();
-    anyhow::ensure!(
-        !t.is_empty(),
-        "the API token file {} is empty",
-        path.display()
-    );
-    Ok(t)
+/// Reads a credentials file named by a flag (`what` names it in errors), as policies' own
+/// credentials files are read: one line, line ends dropped.
+fn read_token(what: &str, path: &Path) -> anyhow::Result<String> {
+    use canaryd::policy::SecretFileError;
+    match canaryd::policy::read_secret_file(path) {
+        Ok(secret) => Ok(secret.expose().to_owned()),
+        Err(SecretFileError::Unreadable(e)) => Err(anyhow::Error::new(e))
+            .with_context(|| format!("cannot read the {what} file {}", path.display())),
+        Err(SecretFileError::Malformed(found)) => anyhow::bail!(
+            "the {what} file {} must hold one line, but holds {found}",
+            path.display()
+        ),
+    }
 }
 
 fn action(name: &'static str, a: ActionArgs) -> ExitCode {
     outcome(with_runtime(async move {
         let token = match &a.api_token_file {
-            Some(p) => Some(read_token(p)?),
+            Some(p) => Some(read_token("API token", p)?),
             None => std::env::var("CANARYD_API_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
@@ -139,7 +142,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| "canaryd.db".into());
     let query_min_range = args.query_min_range;
     let token = match args.api_token_file.or(file.api_token_file) {
-        Some(p) => Some(read_token(&p)?),
+        Some(p) => Some(read_token("API token", &p)?),
         None => None,
     };
     let dry_run = args.dry_run || file.dry_run.unwrap_or(false);
@@ -191,13 +194,16 @@ fn client_options(
         (Some(_), Some(_)) => {
             anyhow::bail!("give either --prometheus-token-file or --prometheus-user, not both")
         }
-        (Some(t), None) => Some(canaryd::source::Auth::Bearer(read_token(t)?)),
+        (Some(t), None) => Some(canaryd::source::Auth::Bearer(read_token(
+            "Prometheus token",
+            t,
+        )?)),
         (None, Some(user)) => Some(canaryd::source::Auth::Basic {
             user: user.clone(),
             password: access
                 .prometheus_password_file
                 .as_deref()
-                .map(read_token)
+                .map(|p| read_token("Prometheus password", p))
                 .transpose()?,
         }),
         (None, None) => None,

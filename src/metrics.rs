@@ -1,7 +1,8 @@
 //! The daemon's own metrics (prefix `canaryd_`), on an injected registry.
 //!
 //! Label sets are bounded: rollout, metric, version (`stable`/`canary`), verdict, action,
-//! phase, bound kind, router kind, error kind — never a request id or free-form text.
+//! phase, bound kind, router kind, error kind, query type (`instant`/`range`) — never a request
+//! id or free-form text.
 
 use crate::judge::{MetricReport, Verdict};
 use crate::rollout::{Action, Decision, Phase};
@@ -14,6 +15,7 @@ impl crate::source::QueryObserver for Metrics {
     fn query_done(&self, record: &crate::source::QueryRecord<'_>) {
         self.query(
             record.rollout,
+            if record.range { "range" } else { "instant" },
             record.elapsed.as_secs_f64(),
             record.error.map(crate::source::SourceError::kind),
         );
@@ -158,14 +160,14 @@ impl Metrics {
             query_seconds: histogram(
                 r,
                 "canaryd_prometheus_query_duration_seconds",
-                "Latency of Prometheus queries",
-                &["rollout"],
+                "Latency of Prometheus queries, by query type (instant or range)",
+                &["rollout", "query"],
             )?,
             query_errors: counter(
                 r,
                 "canaryd_prometheus_query_errors_total",
-                "Failed Prometheus queries, by kind",
-                &["rollout", "kind"],
+                "Failed Prometheus queries, by query type (instant or range) and error kind",
+                &["rollout", "query", "kind"],
             )?,
             router_seconds: histogram(
                 r,
@@ -276,17 +278,20 @@ impl Metrics {
         }
         self.policy_invalid.with_label_values(&[rollout]).set(0);
         self.query_errors
-            .with_label_values(&[rollout, "unreachable"]);
+            .with_label_values(&[rollout, "instant", "unreachable"]);
         self.router_errors
             .with_label_values(&[rollout, router, "unreachable"]);
     }
 
-    pub fn query(&self, rollout: &str, seconds: f64, error_kind: Option<&str>) {
+    /// Records one Prometheus query; `query` is `instant` or `range`.
+    pub fn query(&self, rollout: &str, query: &str, seconds: f64, error_kind: Option<&str>) {
         self.query_seconds
-            .with_label_values(&[rollout])
+            .with_label_values(&[rollout, query])
             .observe(seconds);
         if let Some(kind) = error_kind {
-            self.query_errors.with_label_values(&[rollout, kind]).inc();
+            self.query_errors
+                .with_label_values(&[rollout, query, kind])
+                .inc();
         }
     }
 
@@ -321,5 +326,74 @@ impl Metrics {
         for p in Phase::ALL {
             let _ = self.phase.remove_label_values(&[rollout, p.as_str()]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{QueryObserver, QueryRecord, SourceError};
+    use std::time::Duration;
+
+    /// The value of `family{labels}` in the registry: a counter's value or a histogram's
+    /// sample count.
+    fn sample(m: &Metrics, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let f = m
+            .registry()
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == family)?;
+        f.get_metric()
+            .iter()
+            .find(|x| {
+                labels.iter().all(|(k, v)| {
+                    x.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|x| {
+                if x.get_histogram().get_sample_count() > 0 {
+                    x.get_histogram().get_sample_count() as f64
+                } else {
+                    x.get_counter().get_value()
+                }
+            })
+    }
+
+    #[test]
+    fn range_and_instant_queries_are_counted_apart() {
+        let m = Metrics::new(Registry::new()).expect("metrics");
+        let failed = SourceError::Timeout {
+            url: "http://127.0.0.1:9".into(),
+            timeout: Duration::from_secs(1),
+        };
+        let record = |range: bool, error: Option<&SourceError>| {
+            m.query_done(&QueryRecord {
+                rollout: "r",
+                metric: "latency",
+                elapsed: Duration::from_millis(20),
+                attempts: 1,
+                error,
+                range,
+            })
+        };
+        record(false, None);
+        record(false, None);
+        record(true, Some(&failed));
+        let duration = "canaryd_prometheus_query_duration_seconds";
+        let errors = "canaryd_prometheus_query_errors_total";
+        let r = ("rollout", "r");
+        assert_eq!(sample(&m, duration, &[r, ("query", "instant")]), Some(2.0));
+        assert_eq!(sample(&m, duration, &[r, ("query", "range")]), Some(1.0));
+        let timeout = ("kind", failed.kind());
+        assert_eq!(
+            sample(&m, errors, &[r, ("query", "range"), timeout]),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&m, errors, &[r, ("query", "instant"), timeout]),
+            None
+        );
     }
 }

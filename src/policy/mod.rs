@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use validate::{PolicyError, load_file, load_file_without_secrets, load_str};
+pub use validate::{
+    PolicyError, SecretFileError, load_file, load_file_without_secrets, load_str, read_secret_file,
+};
 
 /// A validated rollout policy: one model, one candidate version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

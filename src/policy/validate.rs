@@ -48,6 +48,52 @@ impl std::error::Error for PolicyError {}
 /// device or a log file must not be read whole.
 const MAX_SECRET_BYTES: u64 = 64 << 10;
 
+/// Why a credentials file could not be used.
+#[derive(Debug)]
+pub enum SecretFileError {
+    /// Missing, unreadable, or not a regular file.
+    Unreadable(std::io::Error),
+    /// Read, but not one line of text: what was found instead.
+    Malformed(String),
+}
+
+/// Reads a credentials file (a token or a password) the one way every credentials file is
+/// read, for policies and command-line flags alike: a regular file (a FIFO would block, a
+/// device never ends) of at most 64 KiB holding one line of UTF-8 text. Line ends at the end
+/// are dropped; anything else, spaces included, is part of the secret.
+pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, SecretFileError> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::metadata(path)
+        .and_then(|m| {
+            if m.is_file() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a regular file"))
+            }
+        })
+        .and_then(|()| std::fs::File::open(path))
+        .and_then(|f| f.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(SecretFileError::Unreadable)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(SecretFileError::Malformed(format!(
+            "more than {MAX_SECRET_BYTES} bytes"
+        )));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| SecretFileError::Malformed("text that is not UTF-8".to_owned()))?;
+    let text = text.trim_end_matches(['\n', '\r']);
+    if text.is_empty() {
+        Err(SecretFileError::Malformed("an empty file".to_owned()))
+    } else if text.contains(char::is_control) {
+        Err(SecretFileError::Malformed(
+            "more than one line, or control characters".to_owned(),
+        ))
+    } else {
+        Ok(Secret::new(text.to_owned()))
+    }
+}
+
 /// Reads and validates a policy file, and reads the credentials files it names (relative
 /// paths are taken from the policy file's directory).
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
@@ -430,7 +476,6 @@ impl Validator {
     /// Reads a credentials file named at `at`, resolved against the policy's directory. The
     /// content never appears in a message; a trailing line end is not part of the secret.
     fn secret(&mut self, at: &At<String>, what: &str) -> Option<Secret> {
-        use std::io::Read as _;
         if at.value.trim().is_empty() {
             self.err(
                 at,
@@ -442,50 +487,29 @@ impl Validator {
         if !self.read_secrets {
             return Some(Secret::new(String::new()));
         }
-        let shown = path.display();
-        let mut bytes = Vec::new();
-        // Only a regular file: a FIFO would block the policy scan, a device never ends.
-        let read = std::fs::metadata(&path)
-            .and_then(|m| {
-                if m.is_file() {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other("not a regular file"))
-                }
-            })
-            .and_then(|()| std::fs::File::open(&path))
-            .and_then(|f| f.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes));
-        if let Err(e) = read {
-            self.err(
-                at,
-                format!("expected a readable file holding {what}, but cannot read {shown}: {e}"),
-            );
-            return None;
-        }
-        let problem = if bytes.len() as u64 > MAX_SECRET_BYTES {
-            Some(format!("more than {MAX_SECRET_BYTES} bytes"))
-        } else {
-            match std::str::from_utf8(&bytes) {
-                Err(_) => Some("text that is not UTF-8".to_owned()),
-                Ok(text) => {
-                    let text = text.trim_end_matches(['\n', '\r']);
-                    if text.is_empty() {
-                        Some("an empty file".to_owned())
-                    } else if text.contains(char::is_control) {
-                        Some("more than one line, or control characters".to_owned())
-                    } else {
-                        return Some(Secret::new(text.to_owned()));
-                    }
-                }
+        match read_secret_file(&path) {
+            Ok(secret) => Some(secret),
+            Err(SecretFileError::Unreadable(e)) => {
+                self.err(
+                    at,
+                    format!(
+                        "expected a readable file holding {what}, but cannot read {}: {e}",
+                        path.display()
+                    ),
+                );
+                None
             }
-        };
-        if let Some(found) = problem {
-            self.err(
-                at,
-                format!("expected {what} on one line in {shown}, found {found}"),
-            );
+            Err(SecretFileError::Malformed(found)) => {
+                self.err(
+                    at,
+                    format!(
+                        "expected {what} on one line in {}, found {found}",
+                        path.display()
+                    ),
+                );
+                None
+            }
         }
-        None
     }
 
     fn strategy(&mut self, raw: &RawPolicy) -> Option<Strategy> {

@@ -11,7 +11,8 @@ pub mod read;
 
 pub use error::SourceError;
 pub use observe::{
-    LiveMetric, LiveOutcome, LiveReport, LiveVersion, PrometheusSource, QueryObserver, QueryRecord,
+    LiveMetric, LiveOutcome, LiveReport, LiveSeries, LiveVersion, PrometheusSource, QueryObserver,
+    QueryRecord,
 };
 pub use prometheus::{Auth, ClientOptions, PrometheusClient};
 pub use query::DEFAULT_MIN_RANGE;

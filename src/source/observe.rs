@@ -78,6 +78,9 @@ impl fmt::Debug for PrometheusSource {
 struct Outcome {
     queries: Vec<String>,
     versions: [VersionResult; 2],
+    /// The range query's result when the method needs per-interval series: each version's
+    /// number of intervals, or why the query failed.
+    series: Option<Result<[usize; 2], SourceError>>,
 }
 
 impl PrometheusSource {
@@ -135,21 +138,28 @@ impl PrometheusSource {
             if let Some((sp, _)) = &series_plan {
                 queries.extend(sp.queries().into_iter().map(str::to_owned));
             }
-            let versions = match &down {
-                Some(e) => [Err(e.clone()), Err(e.clone())],
+            let (versions, series) = match &down {
+                Some(e) => (
+                    [Err(e.clone()), Err(e.clone())],
+                    series_plan.as_ref().map(|_| Err(e.clone())),
+                ),
                 None => {
                     let (mut versions, series) = tokio::join!(
                         self.read_metric(policy, spec, &plan, window.at),
                         self.read_series(policy, spec, series_plan.as_ref()),
                     );
-                    if let Some(series) = series {
-                        for (v, s) in versions.iter_mut().zip(series) {
-                            if let Ok(Some(sample)) = v {
-                                sample.series = s;
+                    let lengths = series.map(|r| {
+                        r.map(|series| {
+                            let lengths = [series[0].len(), series[1].len()];
+                            for (v, s) in versions.iter_mut().zip(series) {
+                                if let Ok(Some(sample)) = v {
+                                    sample.series = s;
+                                }
                             }
-                        }
-                    }
-                    versions
+                            lengths
+                        })
+                    });
+                    (versions, lengths)
                 }
             };
             if down.is_none() {
@@ -157,7 +167,14 @@ impl PrometheusSource {
                     .iter()
                     .find_map(|v| v.as_ref().err().filter(|e| e.is_prometheus_down()).cloned());
             }
-            out.push((spec, Outcome { queries, versions }));
+            out.push((
+                spec,
+                Outcome {
+                    queries,
+                    versions,
+                    series,
+                },
+            ));
         }
         out
     }
@@ -230,44 +247,41 @@ impl PrometheusSource {
         }
     }
 
-    /// Both versions' per-interval series of a metric, or `None` without a plan or when its
-    /// range query failed (already logged and reported to the observer).
+    /// Both versions' per-interval series of a metric; `None` without a plan, an error when
+    /// its range query failed (already logged and reported to the observer).
     async fn read_series(
         &self,
         policy: &Policy,
         spec: &MetricSpec,
         plan: Option<&(SeriesPlan, Steps)>,
-    ) -> Option<[Vec<f64>; 2]> {
+    ) -> Option<Result<[Vec<f64>; 2], SourceError>> {
         let (plan, steps) = plan?;
         let v = Versions {
             label: &policy.convention.version_label,
             stable: &policy.stable,
             canary: &policy.canary,
         };
-        match plan {
+        Some(match plan {
             SeriesPlan::Split {
                 label,
                 value,
                 query,
-            } => {
-                let answer = self.ask_range(policy, spec, query, steps).await.ok()?;
-                Some(read::split_series(&v, label, value, &answer))
-            }
-            SeriesPlan::Latency { query } => {
-                let answer = self.ask_range(policy, spec, query, steps).await.ok()?;
-                Some(read::value_series(&v, &answer))
-            }
+            } => self
+                .ask_range(policy, spec, query, steps)
+                .await
+                .map(|answer| read::split_series(&v, label, value, &answer)),
+            SeriesPlan::Latency { query } => self
+                .ask_range(policy, spec, query, steps)
+                .await
+                .map(|answer| read::value_series(&v, &answer)),
             SeriesPlan::Template { stable, canary } => {
                 let (s, c) = tokio::join!(
                     self.ask_range(policy, spec, stable, steps),
                     self.ask_range(policy, spec, canary, steps)
                 );
-                Some([
-                    read::template_series(&s.ok()?),
-                    read::template_series(&c.ok()?),
-                ])
+                s.and_then(|s| c.map(|c| [read::template_series(&s), read::template_series(&c)]))
             }
-        }
+        })
     }
 
     /// Sends one query to the policy's Prometheus, and tells the observer and the log.
@@ -367,6 +381,13 @@ impl PrometheusSource {
                     name: spec.name.clone(),
                     kind: spec.kind.label(),
                     queries: o.queries,
+                    series: o.series.map(|r| match r {
+                        Ok([stable, canary]) => LiveSeries::Intervals { stable, canary },
+                        Err(e) => LiveSeries::Error {
+                            kind: e.kind(),
+                            message: e.to_string(),
+                        },
+                    }),
                     versions: vec![
                         LiveVersion::new("stable", &policy.stable, s),
                         LiveVersion::new("canary", &policy.canary, c),
@@ -439,6 +460,23 @@ pub struct LiveMetric {
     pub queries: Vec<String>,
     /// Stable, then canary.
     pub versions: Vec<LiveVersion>,
+    /// The per-interval series' range query, for methods that need one (Mann–Whitney);
+    /// absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub series: Option<LiveSeries>,
+}
+
+/// How the range query for a metric's per-interval series went in a [`LiveReport`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum LiveSeries {
+    /// Intervals with a value, per version.
+    Intervals { stable: usize, canary: usize },
+    Error {
+        /// [`SourceError::kind`].
+        kind: &'static str,
+        message: String,
+    },
 }
 
 /// One version's result in a [`LiveReport`].
@@ -497,6 +535,10 @@ impl LiveReport {
             .iter()
             .flat_map(|m| &m.versions)
             .any(|v| matches!(v.outcome, LiveOutcome::Error { .. }))
+            || self
+                .metrics
+                .iter()
+                .any(|m| matches!(m.series, Some(LiveSeries::Error { .. })))
     }
 }
 
@@ -527,6 +569,17 @@ impl fmt::Display for LiveReport {
                         writeln!(f, "error ({kind}): {message}")?
                     }
                 }
+            }
+            match &m.series {
+                None => {}
+                Some(LiveSeries::Intervals { stable, canary }) => writeln!(
+                    f,
+                    "    per-interval series (range query): stable {stable}, canary {canary} intervals"
+                )?,
+                Some(LiveSeries::Error { kind, message }) => writeln!(
+                    f,
+                    "    per-interval series (range query): error ({kind}): {message}"
+                )?,
             }
         }
         Ok(())

@@ -9,7 +9,7 @@ use canaryd::observation::{MetricReading, Reading, Sample};
 use canaryd::policy::Policy;
 use canaryd::source::prometheus::Answer;
 use canaryd::source::{
-    Auth, ClientOptions, LiveOutcome, MetricSource, PrometheusClient, PrometheusSource,
+    Auth, ClientOptions, LiveOutcome, LiveSeries, MetricSource, PrometheusClient, PrometheusSource,
     QueryObserver, QueryRecord, Window,
 };
 use canaryd::time::{Clock, SystemClock, Time};
@@ -376,6 +376,30 @@ async fn failed_series_query_keeps_the_instant_reading() {
             records.iter().filter(|r| !r.3).all(|r| r.2.is_none()),
             "{records:?}"
         );
+        // `check --live` names the failed range query, and counts it as a failure: the
+        // policy's method would judge without its series.
+        let report = source
+            .check_live(&p, window_ending(Time(1_700_000_000_000), 600))
+            .await;
+        assert!(report.has_errors(), "{kind}: {report}");
+        let m = &report.metrics[0];
+        assert!(
+            matches!(&m.series, Some(LiveSeries::Error { kind: k, .. }) if *k == kind),
+            "{kind}: {:?}",
+            m.series
+        );
+        assert!(
+            report.to_string().contains(&format!(
+                "per-interval series (range query): error ({kind})"
+            )),
+            "{report}"
+        );
+        assert!(
+            m.versions
+                .iter()
+                .all(|v| matches!(v.outcome, LiveOutcome::Data { .. })),
+            "{report}"
+        );
         server.abort();
     }
 }
@@ -715,6 +739,69 @@ async fn check_live_authenticates_to_the_default_prometheus_with_the_flags() {
         "the token was sent"
     );
     assert!(!out.contains(TOKEN), "the token is not printed: {out}");
+}
+
+/// A password file named by a flag is read as a policy's is: spaces are part of the password,
+/// only the line end goes; a file of two lines is refused with the flag's name, not used.
+#[tokio::test]
+async fn flag_credentials_files_keep_their_spaces_and_must_be_one_line() {
+    // base64("team-c: spaced pw ")
+    let header = "Basic dGVhbS1jOiBzcGFjZWQgcHcg".to_owned();
+    let (url, fake) = start_fake(Script::RequireAuth(header.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("demo.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "name: demo\nstable: v1\ncanary: v2\nstrategy: {{steps: [10, 50]}}\n\
+             metrics: [{ERROR_RATE}]\n\
+             router: {{file: {{path: '{}'}}}}\n",
+            dir.path().join("weights.json").display()
+        ),
+    )
+    .unwrap();
+    let check = |password: &str| {
+        let file = dir.path().join("password");
+        std::fs::write(&file, password).unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"));
+        cmd.args(["check", "--live", "--prometheus", &url])
+            .args(["--prometheus-user", "team-c", "--prometheus-password-file"])
+            .arg(&file)
+            .env_remove("CANARYD_PROMETHEUS_TOKEN_FILE")
+            .arg(&policy)
+            .kill_on_drop(true)
+            .output()
+    };
+    let run = |password: &'static str| async move {
+        tokio::time::timeout(Duration::from_secs(30), check(password))
+            .await
+            .expect("check finishes")
+            .expect("check runs")
+    };
+    let spaced = run(" spaced pw \r\n").await;
+    let out = String::from_utf8_lossy(&spaced.stdout);
+    assert_eq!(spaced.status.code(), Some(0), "{out}");
+    assert!(auths(&fake).contains(&Some(header)), "{:?}", auths(&fake));
+    assert!(
+        !out.contains("spaced pw"),
+        "the password is not printed: {out}"
+    );
+
+    let two_lines = run("spaced pw\nsecond line\n").await;
+    let err = String::from_utf8_lossy(&two_lines.stderr);
+    assert_ne!(two_lines.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("Prometheus password file") && err.contains("one line"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("second line"),
+        "the password is not printed: {err}"
+    );
+    assert!(
+        auths(&fake).is_empty(),
+        "nothing was sent with a refused file"
+    );
 }
 
 /// A daemon directory whose one policy, `demo`, reads its own Prometheus at `url` with the
@@ -1482,6 +1569,31 @@ async fn real_prometheus_series_for_mann_whitney() {
         assert!(ranges.contains(&metric), "{metric}: {records:?}");
     }
 
+    // `check --live` reports each metric's range query with its intervals per version.
+    let report = source.check_live(&mw, window).await;
+    let _ = rec.take();
+    assert!(!report.has_errors(), "{report}");
+    for m in &report.metrics {
+        assert!(
+            matches!(
+                m.series,
+                Some(LiveSeries::Intervals {
+                    stable: 5..=6,
+                    canary: 5..=6
+                })
+            ),
+            "{}: {:?}",
+            m.name,
+            m.series
+        );
+    }
+    assert!(
+        report
+            .to_string()
+            .contains("per-interval series (range query): stable "),
+        "{report}"
+    );
+
     // The default (sequential) method sends the same instant queries and no range query.
     let sequential = policy_with("v1", "v2", &metrics, "");
     let got = source.observe(&sequential, window).await;
@@ -1495,4 +1607,10 @@ async fn real_prometheus_series_for_mann_whitney() {
             assert!(s.series.is_empty(), "{metric}: {:?}", s.series);
         }
     }
+    let report = source.check_live(&sequential, window).await;
+    assert!(
+        report.metrics.iter().all(|m| m.series.is_none()),
+        "{report}"
+    );
+    assert!(!report.to_string().contains("per-interval"), "{report}");
 }
