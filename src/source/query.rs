@@ -29,18 +29,19 @@ pub const DEFAULT_MIN_RANGE: Duration = Duration::from_secs(60);
 pub struct Ranges {
     /// From the step's start (`Window::since`) to the evaluation time.
     pub window: Duration,
-    /// From the rollout's start (`Window::rollout_started`) to the evaluation time.
+    /// From the rollout's start (`Window::rollout_started`) to the evaluation time, exactly:
+    /// never widened, or its counts would include events from before the rollout (a previous
+    /// attempt's errors) and, while the widened range slides, stop growing.
     pub cumulative: Duration,
 }
 
 impl Ranges {
-    /// The ranges of `w`, each rounded up to whole seconds and at least `min`.
+    /// The ranges of `w`, rounded up to whole seconds: the window at least `min`, the
+    /// cumulative range at least one second (too short for `increase()` to find two samples,
+    /// so no counts until a second scrape falls inside it).
     pub fn new(w: &Window, min: Duration) -> Ranges {
-        let secs = |from| ceil_secs(w.at.since(from)).max(ceil_secs(min));
-        let window = secs(w.since);
-        // The cumulative range never ends up shorter than the window, even if the caller
-        // handed in a rollout start after the step start.
-        let cumulative = secs(w.rollout_started).max(window);
+        let window = ceil_secs(w.at.since(w.since)).max(ceil_secs(min));
+        let cumulative = ceil_secs(w.at.since(w.rollout_started)).max(1);
         Ranges {
             window: Duration::from_secs(window),
             cumulative: Duration::from_secs(cumulative),
@@ -374,12 +375,12 @@ mod tests {
             // (since, rollout_started) -> (window s, cumulative s)
             (w(1_000_000 - 300_000, 1_000_000 - 3_600_000), (300, 3600)),
             (w(1_000_000 - 299_001, 1_000_000 - 3_600_500), (300, 3601)),
-            // A step that just began reads the last minute.
-            (w(1_000_000 - 5_000, 1_000_000 - 5_000), (60, 60)),
+            // A step that just began reads the last minute; the counts since the rollout
+            // began cover only its five seconds.
+            (w(1_000_000 - 5_000, 1_000_000 - 5_000), (60, 5)),
+            (w(1_000_000 - 5_000, 1_000_000 - 45_000), (60, 45)),
             // Times after the evaluation time are treated as "just now".
-            (w(2_000_000, 2_000_000), (60, 60)),
-            // A rollout start after the step start never shortens the cumulative range.
-            (w(1_000_000 - 600_000, 1_000_000 - 100_000), (600, 600)),
+            (w(2_000_000, 2_000_000), (60, 1)),
         ];
         for (window, (ws, cs)) in cases {
             let r = Ranges::new(&window, min);

@@ -110,24 +110,24 @@ pub fn split(
             marked_value,
         )?;
         let (w_marked, w_total) = w.unwrap_or((0.0, 0.0));
-        let Some((c_marked, c_total)) = c.or(w) else {
-            return Ok(None);
-        };
+        let c_total = c.map_or(0.0, |(_, t)| t);
         if w_total <= 0.0 && c_total <= 0.0 {
             return Ok(None);
         }
-        let bad = if marked_is_bad {
-            c_marked
-        } else {
-            c_total - c_marked
-        };
+        // Counts since the rollout began, or none yet (its range may still be too short for
+        // two scrapes): never the window's, which may reach back before the rollout.
+        let cumulative = c.map(|(c_marked, c_total)| Counts {
+            bad: if marked_is_bad {
+                c_marked
+            } else {
+                c_total - c_marked
+            },
+            total: c_total,
+        });
         Ok(Some(Sample {
             value: (w_total > 0.0).then(|| w_marked / w_total),
             window_events: w_total,
-            cumulative: Some(Counts {
-                bad,
-                total: c_total,
-            }),
+            cumulative,
             ..Sample::default()
         }))
     })
@@ -496,6 +496,25 @@ mod tests {
                 total: 110.0
             })
         );
+    }
+
+    /// Early in a rollout the cumulative range is too short for counts while the (widened)
+    /// window has some: the window's value is kept, but its counts, which may reach back
+    /// before the rollout, never stand in for the cumulative ones.
+    #[test]
+    fn a_window_never_stands_in_for_counts_since_the_rollout_began() {
+        let window = Answer::Vector(vec![
+            outcome("v1", "success", 990.0),
+            outcome("v1", "error", 10.0),
+            outcome("v2", "success", 90.0),
+            outcome("v2", "error", 10.0),
+        ]);
+        let cumulative = Answer::Vector(vec![]);
+        for s in split(&V, "outcome", "error", true, &window, "w", &cumulative, "c") {
+            let s = sample(&s);
+            assert!(s.value.is_some_and(|v| v > 0.0), "{s:?}");
+            assert_eq!(s.cumulative, None, "{s:?}");
+        }
     }
 
     #[test]

@@ -48,6 +48,114 @@ fn options(timeout_ms: u64, retries: u32) -> ClientOptions {
     }
 }
 
+/// The counts the sequential judge differences are counts since the rollout began, from its
+/// first seconds on: never widened to the shortest query range, which would add a previous
+/// attempt's errors and, while that range slides, keep the counts from growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_since_the_rollout_began_exclude_what_came_before_and_keep_growing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exported: Exported = Arc::default();
+    {
+        let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+        for v in ["v1", "v2"] {
+            let mut c = Counters::default();
+            c.serve(0, [1, 0, 0, 0, 0, 0], 0, 0);
+            e.insert(v, c);
+        }
+    }
+    let exporter = start_exporter(exported.clone()).await;
+    let (_prometheus, port) = start_prometheus(dir.path(), exporter);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let client = PrometheusClient::new(&url, options(3000, 1)).expect("client");
+    wait_for_value(
+        &client,
+        "prometheus to scrape the exporter",
+        "sum(model_requests_total{model=\"m\"})",
+        2.0,
+    )
+    .await;
+    {
+        // A previous attempt, seen by Prometheus: the canary failed 1,000 of 2,000 requests.
+        let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+        for (v, errors) in [("v1", 0), ("v2", 1000)] {
+            if let Some(c) = e.get_mut(v) {
+                c.serve(errors, [2000, 0, 0, 0, 0, 0], 0, 0);
+            }
+        }
+    }
+    wait_for_value(
+        &client,
+        "prometheus to scrape the previous attempt",
+        "sum(model_requests_total{model=\"m\"})",
+        4002.0,
+    )
+    .await;
+    // The new attempt starts now: 10 requests per 100 ms per version, none failing.
+    let load = {
+        let exported = exported.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+                for v in ["v1", "v2"] {
+                    if let Some(c) = e.get_mut(v) {
+                        c.serve(0, [10, 0, 0, 0, 0, 0], 0, 0);
+                    }
+                }
+            }
+        })
+    };
+    let started = wait_for("traffic to be scraped", Duration::from_secs(10), || {
+        let client = &client;
+        async move {
+            let sum = value_now(client, "sum(model_requests_total{model=\"m\"})").await?;
+            let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))").await?;
+            (sum > 4002.0).then_some(ts)
+        }
+    })
+    .await;
+    let started = Time((started * 1000.0).round() as i64 - 500);
+    // The daemon's default shortest range (60 s), far longer than the looks below.
+    let source = PrometheusSource::new(client.clone());
+    let p = policy_with("v1", "v2", &[ERROR_RATE], "");
+    let mut last_total = 0.0;
+    for look in 1..=3 {
+        let at = Time(started.0 + 4_000 * look);
+        wait_for(
+            "the look's data to be scraped",
+            Duration::from_secs(20),
+            || {
+                let client = &client;
+                async move {
+                    let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))")
+                        .await?;
+                    (ts * 1000.0 >= at.0 as f64).then_some(())
+                }
+            },
+        )
+        .await;
+        let window = Window {
+            at,
+            since: started,
+            rollout_started: started,
+        };
+        let got = source.observe(&p, window).await;
+        let canary = data(&got["errors"].canary);
+        let counts = canary.cumulative.expect("counts since the rollout began");
+        // About 100 requests a second since the start, and not one of them failed; the
+        // previous attempt's 1,000 errors are not in them.
+        assert_eq!(counts.bad, 0.0, "look {look}: {counts:?}");
+        assert!(
+            counts.total > last_total && counts.total < 100.0 * 4.0 * look as f64 * 1.5,
+            "look {look}: {counts:?} after {last_total}"
+        );
+        last_total = counts.total;
+    }
+    load.abort();
+}
+
 /// One query record: (metric, attempts, error kind, whether it was a range query).
 type Record = (String, u32, Option<&'static str>, bool);
 
