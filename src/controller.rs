@@ -840,10 +840,14 @@ async fn scan(
                 let clash =
                     registry.get(&p.name).is_some() && previous.as_deref() != Some(p.name.as_str());
                 if clash {
-                    let msg = format!(
-                        "{file}: name: another policy file already runs rollout {:?}",
-                        p.name
-                    );
+                    let other = known
+                        .iter()
+                        .find(|(k, v)| **k != path && v.name.as_deref() == Some(p.name.as_str()))
+                        .map_or_else(
+                            || "another policy file".to_owned(),
+                            |(k, _)| k.display().to_string(),
+                        );
+                    let msg = crate::policy::name_clash(&path, &p.name, &other).to_string();
                     // Retried at every scan (the other file may go away), reported once.
                     if last_error.as_deref() != Some(msg.as_str()) {
                         tracing::error!("{msg}");

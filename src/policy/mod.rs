@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use validate::{
-    PolicyError, SecretFileError, load_file, load_file_without_secrets, load_str, read_secret_file,
+    PolicyError, SecretFileError, load_file, load_file_without_secrets, load_str, name_clash,
+    read_secret_file,
 };
 
 /// A validated rollout policy: one model, one candidate version.

@@ -241,6 +241,24 @@ impl Walker {
         })
     }
 
+    /// A number of percent, written bare (`25`) or with its sign (`25%`), as traffic
+    /// weights are.
+    fn percent(&mut self, node: &Node, path: String) -> Option<At<f64>> {
+        if let Value::Str(text) = &node.value
+            && let Some(x) = text
+                .trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<f64>().ok())
+        {
+            return Some(At {
+                value: x,
+                pos: node.pos,
+                path,
+            });
+        }
+        self.number(node, path)
+    }
+
     fn integer(&mut self, node: &Node, path: String) -> Option<At<i64>> {
         match &node.value {
             Value::Int(i) => Some(At {
@@ -504,7 +522,7 @@ fn strategy(w: &mut Walker, n: &Node, p: String) -> Option<At<RawStrategy>> {
     ];
     w.at(n, p, &KEYS, |w, s: &mut RawStrategy, k, n, p| match k {
         "kind" => s.kind = w.string(n, p),
-        "steps" => s.steps = w.seq(n, p, |w, n, p| w.number(n, p)),
+        "steps" => s.steps = w.seq(n, p, |w, n, p| w.percent(n, p)),
         "interval" => s.interval = w.string(n, p),
         "min_step_duration" => s.min_step_duration = w.string(n, p),
         "failure_limit" => s.failure_limit = w.integer(n, p),

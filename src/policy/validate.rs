@@ -132,6 +132,26 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
     load_in(file, text, Path::new(""), true)
 }
 
+/// The error for a policy file whose rollout name another file already uses: at the
+/// position of its `name` field (the document's start if the file no longer parses).
+pub fn name_clash(path: &Path, name: &str, other: &str) -> PolicyError {
+    let pos = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| tree::parse(&text).ok())
+        .and_then(|doc| raw::read(&doc).0.name.map(|n| n.pos))
+        .unwrap_or(Pos { line: 1, column: 1 });
+    PolicyError {
+        file: display_path(path),
+        problems: vec![Problem {
+            pos,
+            path: "name".into(),
+            message: format!(
+                "rollout {name:?} is already defined by {other}; every policy file needs its own name"
+            ),
+        }],
+    }
+}
+
 /// Validates a policy's text whose relative credentials paths start at `dir`.
 fn load_in(file: &str, text: &str, dir: &Path, read_secrets: bool) -> Result<Policy, PolicyError> {
     let doc = tree::parse(text).map_err(|e| PolicyError {
@@ -689,6 +709,12 @@ impl Validator {
             &path,
             "a list of canary weights in percent, like [1, 5, 25]",
         )?;
+        let item = format!("{path}[");
+        if self.reported.iter().any(|r| r.starts_with(&item)) {
+            // A step that is not a number was reported already; what is left of the list
+            // (possibly nothing) says nothing more.
+            return None;
+        }
         if steps.value.is_empty() {
             self.err(
                 steps,
@@ -1126,6 +1152,8 @@ impl Validator {
                 &format!("{p}.backend"),
                 "the backend's name",
             );
+            self.not_blank(socket, "a socket path or host:port");
+            self.not_blank(backend, "a backend name");
             let servers = self.servers(&h.value.servers, h, &versions, "HAProxy server names");
             return Some(RouterConfig::Haproxy {
                 socket: socket?.value.clone(),
@@ -1155,6 +1183,7 @@ impl Validator {
                     "expected a command and its arguments, found an empty list".into(),
                 );
             }
+            self.not_blank(file, "a file path");
             let servers = self.servers(&g.value.servers, g, &versions, "host:port addresses");
             let upstream = match &g.value.upstream {
                 Some(u) => u.value.clone(),
@@ -1190,9 +1219,23 @@ impl Validator {
             &format!("{}.path", f.path),
             "the weights file's path",
         )?;
+        if !self.not_blank(Some(path), "a file path") {
+            return None;
+        }
         Some(RouterConfig::File {
             path: PathBuf::from(&path.value),
         })
+    }
+
+    /// Reports a value that is empty or only spaces; true when it is not.
+    fn not_blank(&mut self, at: Option<&At<String>>, what: &str) -> bool {
+        match at {
+            Some(at) if at.value.trim().is_empty() => {
+                self.err(at, format!("expected {what}, found an empty string"));
+                false
+            }
+            _ => true,
+        }
     }
 
     fn servers<T>(
@@ -1310,6 +1353,15 @@ impl Validator {
                         at,
                         format!(
                             "expected a Prometheus metric name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {v:?}"
+                        ),
+                    );
+                    continue;
+                }
+                SeriesName::Label if v.starts_with("__") => {
+                    self.err(
+                        at,
+                        format!(
+                            "expected a label name of the model server's series, found {v:?} (names that begin with \"__\" are Prometheus's own)"
                         ),
                     );
                     continue;
@@ -1521,6 +1573,23 @@ router:
   file: {path: /dev/null}
 series:
 ";
+
+    #[test]
+    fn steps_may_carry_their_percent_sign() {
+        let text = BASE
+            .replace("steps: [10, 50]", "steps: [10%, 25 %, 50]")
+            .replace("series:\n", "");
+        let p = load_str("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.strategy.kind,
+            StrategyKind::Canary {
+                steps: vec![10.0, 25.0, 50.0]
+            }
+        );
+        // A percent sign does not make a word a number.
+        let e = load_str("p.yaml", &text.replace("10%", "ten%")).expect_err("not a number");
+        assert!(e.to_string().contains("steps[0]: expected a number"), "{e}");
+    }
 
     fn with_series(key: &str, value: &str) -> Result<Policy, PolicyError> {
         load_str("p.yaml", &format!("{BASE}  {key}: '{value}'\n"))

@@ -371,10 +371,20 @@ async fn a_second_file_for_a_running_rollout_waits_and_starts_when_the_first_goe
         let (_, v) = d.get("/api/v1/rollouts").await;
         v["invalid_policies"]
             .to_string()
-            .contains("another policy file already runs rollout")
+            .contains("is already defined by")
             .then_some(())
     })
     .await;
+    // It names the field's line and column and the file that holds the name.
+    let (_, v) = d.get("/api/v1/rollouts").await;
+    let shown = v["invalid_policies"].to_string();
+    let first = dir.path().join("policies/demo.yaml").display().to_string();
+    assert!(
+        shown.contains(&format!(
+            "zz-demo-copy.yaml:2:7: name: rollout \\\"demo\\\" is already defined by {first}"
+        )),
+        "{shown}"
+    );
     // Still reported after a later scan (one that loaded another file), not dropped once said.
     let other = POLICY.replace("name: demo", "name: other");
     std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
@@ -384,7 +394,9 @@ async fn a_second_file_for_a_running_rollout_waits_and_starts_when_the_first_goe
     .await;
     let (_, v) = d.get("/api/v1/rollouts").await;
     assert!(
-        v["invalid_policies"].to_string().contains("already runs"),
+        v["invalid_policies"]
+            .to_string()
+            .contains("already defined"),
         "{v}"
     );
     // The first file goes: the second one's rollout (v3) takes the name.
