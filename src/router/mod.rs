@@ -191,8 +191,11 @@ impl WeightsDoc {
     pub fn canary_share(&self, target: &Target, source: &str) -> Result<f64, RouterError> {
         if self.rollout != target.rollout {
             return Err(RouterError::BadResponse(format!(
-                "{source} describes rollout {:?}, expected {:?}",
-                self.rollout, target.rollout
+                "{source} belongs to rollout {:?}, not {:?}: another rollout, or this policy \
+                 under its name before a rename, owns this router. Give each rollout its own \
+                 router target; after a rename, `canaryd abort {}` sends all traffic to stable \
+                 and takes the router over",
+                self.rollout, target.rollout, target.rollout
             )));
         }
         if let Some((version, w)) = self

@@ -871,3 +871,55 @@ fn run_refuses_a_public_address_without_a_token() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("without an API token"), "{err}");
 }
+
+/// A policy renamed mid-rollout finds the weights file still owned by its old name: it does
+/// not touch the traffic, says so and how to take the file over, and `abort` does that.
+#[tokio::test]
+async fn a_renamed_policy_explains_the_owned_router_and_abort_takes_it_over() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let weights = dir.path().join("weights.json");
+    // The old rollout's last split: 10 % on the canary.
+    std::fs::write(
+        &weights,
+        r#"{"rollout": "demo", "stable": "v1", "canary": "v2", "weights": {"v1": 90, "v2": 10}}"#,
+    )
+    .unwrap();
+    let policy = POLICY.replace("name: demo", "name: demo-renamed").replace(
+        "file: {path: /dev/null}",
+        &format!("file: {{path: '{}'}}", weights.display()),
+    );
+    std::fs::write(dir.path().join("policies/demo.yaml"), policy).unwrap();
+    let (_, source) = fakes(Mode::Good);
+    let (_, sources) = factories(&FakeRouter::default(), &source);
+    let d = Daemon::start_real(dir.path(), sources).await;
+    let v = wait_for("the router error", Duration::from_secs(10), || async {
+        let (status, v) = d.get("/api/v1/rollouts/demo-renamed").await;
+        let e = v["router_error"].as_str().unwrap_or("").to_owned();
+        (status == 200 && e.contains("belongs to rollout \"demo\"")).then_some(v)
+    })
+    .await;
+    assert!(
+        v["router_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("canaryd abort demo-renamed")),
+        "{v}"
+    );
+    let untouched = std::fs::read_to_string(&weights).unwrap();
+    assert!(untouched.contains("\"rollout\": \"demo\""), "{untouched}");
+    assert_ne!(v["phase"], "progressing", "{v}");
+
+    let (status, body) = d
+        .post("/api/v1/rollouts/demo-renamed/abort", None, "{}")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = wait_for("the file taken over", Duration::from_secs(10), || async {
+        let text = std::fs::read_to_string(&weights).ok()?;
+        let doc: Value = serde_json::from_str(&text).ok()?;
+        (doc["rollout"] == "demo-renamed").then_some(doc)
+    })
+    .await;
+    assert_eq!(doc["weights"]["v2"], 0.0, "{doc}");
+    assert_eq!(doc["weights"]["v1"], 100.0, "{doc}");
+    d.stop().await;
+}
