@@ -125,6 +125,11 @@ impl Registry {
     fn remove(&self, name: &str) -> Option<mpsc::Sender<Command>> {
         self.inner.write().ok()?.remove(name)
     }
+    fn clear(&self) {
+        if let Ok(mut m) = self.inner.write() {
+            m.clear();
+        }
+    }
 }
 
 /// Sends an operator action to a rollout and waits for its decision.
@@ -288,6 +293,11 @@ impl Task {
     async fn apply(&mut self, now: Time) -> bool {
         if self.shared.dry_run {
             return true;
+        }
+        if !self.shared.store.may_write() {
+            // A replica whose leadership term may have ended leaves traffic to the next leader.
+            tracing::warn!(rollout = %self.policy.name, "not leading: the router is left alone");
+            return false;
         }
         let target = self.target();
         let Ok(router) = &self.router else {
@@ -759,6 +769,19 @@ pub async fn run(
     }
     // Tasks see the same shutdown signal and finish their current tick.
     while tasks.join_next().await.is_some() {}
+    // Nothing runs any more: a replica that stops leading shows no rollouts it no longer
+    // drives, and the next term starts from what is stored.
+    registry.clear();
+    if let Ok(mut v) = shared.views.write() {
+        for name in v.keys() {
+            shared.metrics.forget(name);
+        }
+        v.clear();
+    }
+    if let Ok(mut e) = policy_errors.write() {
+        e.clear();
+    }
+    ready.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
 async fn scan(

@@ -52,6 +52,17 @@ pub struct DaemonConfig {
     pub sources: SourceFactory,
     /// The metrics registry; a fresh one when `None`. Given when the source must report to it.
     pub metrics: Option<Metrics>,
+    /// Run as one replica of a highly available daemon, with state in etcd (`state` is then
+    /// unused); `None` for the embedded SQLite store.
+    pub ha: Option<HaConfig>,
+}
+
+/// Where a highly available daemon keeps its state and elects its leader.
+#[derive(Clone, Debug)]
+pub struct HaConfig {
+    /// etcd's client URL, like `http://127.0.0.1:2379`.
+    pub etcd: String,
+    pub election: crate::ha::ElectionConfig,
 }
 
 /// Runs the daemon until `shutdown` completes, then stops every rollout after its current
@@ -71,7 +82,29 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open_with_retention(&config.state, limits.decisions_kept)?;
+    let leadership = match &config.ha {
+        Some(ha) => {
+            // Every etcd call must give up well within a third of the lease, so that a stalled
+            // call never outlives the leadership term it was made in.
+            let timeout = (ha.election.ttl / 4).max(Duration::from_millis(200));
+            let etcd = crate::etcd::Etcd::new(&ha.etcd, timeout)
+                .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+            Some((
+                etcd.clone(),
+                crate::ha::Leadership::new(etcd, ha.election.clone()),
+            ))
+        }
+        None => None,
+    };
+    let store = match (&leadership, &config.ha) {
+        (Some((etcd, l)), Some(ha)) => Store::etcd(store::etcd::EtcdStore::new(
+            etcd.clone(),
+            &ha.election.prefix,
+            l.clone(),
+            limits.decisions_kept,
+        )?),
+        _ => Store::open_with_retention(&config.state, limits.decisions_kept)?,
+    };
     let metrics = match config.metrics {
         Some(m) => m,
         None => Metrics::new(prometheus::Registry::new())?,
@@ -94,15 +127,36 @@ pub async fn serve_with(
         dry_run: config.dry_run,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let rollouts = tokio::spawn(controller::run(
-        shared,
-        registry.clone(),
-        policy_errors.clone(),
-        config.policies,
-        config.poll,
-        ready.clone(),
-        stop_rx.clone(),
-    ));
+    // Every task of the daemon lives in this set, so that dropping `serve` (a crash in tests)
+    // ends them all with it.
+    let mut tasks = tokio::task::JoinSet::new();
+    let leader = leadership.map(|(_, l)| l);
+    match &leader {
+        None => {
+            tasks.spawn(controller::run(
+                shared,
+                registry.clone(),
+                policy_errors.clone(),
+                config.policies,
+                config.poll,
+                ready.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        Some(l) => {
+            tasks.spawn(l.clone().run(stop_rx.clone()));
+            tasks.spawn(lead(
+                l.clone(),
+                shared,
+                registry.clone(),
+                policy_errors.clone(),
+                config.policies,
+                config.poll,
+                ready.clone(),
+                stop_rx.clone(),
+            ));
+        }
+    }
     let app = api::router(ApiState {
         views,
         registry,
@@ -112,19 +166,88 @@ pub async fn serve_with(
         ready,
         token: config.token,
     });
-    let server = tokio::spawn(serve_api(
+    let mut server = tokio::spawn(serve_api(
         listener,
         app,
         limits.header_read_timeout,
         stop_rx,
     ));
+    // Aborted with `serve` itself, like the tasks in the set.
+    let _server_guard = AbortOnDrop(server.abort_handle());
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight ticks");
     let _ = stop_tx.send(true);
-    let _ = rollouts.await;
-    server.await?;
+    while tasks.join_next().await.is_some() {}
+    (&mut server).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the rollouts during each leadership term of this replica, and stops them (each after
+/// its current tick) when the term ends; the next term starts again from the stored state.
+#[allow(clippy::too_many_arguments)]
+async fn lead(
+    leadership: Arc<crate::ha::Leadership>,
+    shared: Shared,
+    registry: Registry,
+    policy_errors: controller::PolicyErrors,
+    policies: PathBuf,
+    poll: Duration,
+    ready: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut role = leadership.watch();
+    loop {
+        // Stand by until this replica leads.
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if *role.borrow_and_update() == crate::ha::Role::Leader {
+                break;
+            }
+            tokio::select! {
+                r = role.changed() => if r.is_err() { return },
+                _ = stop.changed() => {}
+            }
+        }
+        tracing::info!(replica = leadership.replica(), "running the rollouts");
+        let (term_tx, term_rx) = watch::channel(false);
+        let run = controller::run(
+            shared.clone(),
+            registry.clone(),
+            policy_errors.clone(),
+            policies.clone(),
+            poll,
+            ready.clone(),
+            term_rx,
+        );
+        tokio::pin!(run);
+        let not_leading = async {
+            while role.changed().await.is_ok() {
+                if *role.borrow_and_update() != crate::ha::Role::Leader {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = &mut run => continue,
+            () = not_leading => {
+                tracing::warn!(replica = leadership.replica(), "no longer leading: stopping the rollouts");
+            }
+            _ = stop.changed() => {}
+        }
+        let _ = term_tx.send(true);
+        run.await;
+    }
 }
 
 /// Serves the API until `stop` turns true (or its sender is gone), then lets every open

@@ -8,6 +8,8 @@ pub mod client;
 pub mod controller;
 pub mod daemon;
 pub mod demo;
+pub mod etcd;
+pub mod ha;
 pub mod judge;
 pub mod metrics;
 pub mod observation;

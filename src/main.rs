@@ -181,6 +181,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 Some(Arc::new(metrics.clone())),
             )?,
             metrics: Some(metrics),
+            ha: None,
         };
         canaryd::daemon::serve(listener, config, canaryd::daemon::signals()).await
     })

@@ -269,6 +269,7 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
             Some(Arc::new(metrics.clone())),
         )?,
         metrics: Some(metrics),
+        ha: None,
     };
     let mut stop = stop_rx.clone();
     let daemon = tokio::spawn(crate::daemon::serve(listener, daemon_cfg, async move {

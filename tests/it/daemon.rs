@@ -210,6 +210,7 @@ impl Daemon {
             routers,
             sources,
             metrics: None,
+            ha: None,
         };
         let handle = tokio::spawn(canaryd::daemon::serve_with(
             listener,

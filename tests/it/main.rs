@@ -8,6 +8,7 @@ mod dashboards;
 mod decide;
 mod demo;
 mod e2e;
+mod ha;
 mod policy;
 mod prometheus;
 mod properties;

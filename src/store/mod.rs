@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+pub mod etcd;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state store {path}: {source}")]
@@ -28,6 +30,11 @@ pub enum StoreError {
     },
     #[error("state store: corrupt record for rollout {rollout}: {detail}")]
     Corrupt { rollout: String, detail: String },
+    #[error("state store: {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// A highly available daemon that does not (or no longer) lead may not write.
+    #[error("state store: this replica does not lead: {0}")]
+    NotLeader(String),
 }
 
 /// One entry of the decision log.
@@ -63,10 +70,103 @@ pub struct StoredRollout {
 /// per analysis every 30 s, about three and a half days of a continuously analysed rollout.
 pub const DEFAULT_DECISIONS_KEPT: usize = 10_000;
 
-/// The store. Cheap to clone; calls block briefly on SQLite, so async callers run them in
-/// `spawn_blocking`.
+/// The store. Cheap to clone; calls block briefly (on SQLite, or on etcd for a highly
+/// available daemon), so async callers run them in `spawn_blocking`.
 #[derive(Clone)]
 pub struct Store {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Sqlite),
+    Etcd(etcd::EtcdStore),
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite store at `path`; `:memory:` for tests. Keeps
+    /// `DEFAULT_DECISIONS_KEPT` decisions per rollout.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_retention(path, DEFAULT_DECISIONS_KEPT)
+    }
+
+    /// Opens the SQLite store keeping the newest `decisions_kept` decisions of each rollout (a
+    /// limit below one counts as one), plus any older one not yet applied that no applied
+    /// decision has superseded. A store that holds more (a lower limit than last time) is
+    /// trimmed at each rollout's next decision.
+    pub fn open_with_retention(path: &Path, decisions_kept: usize) -> Result<Store, StoreError> {
+        Ok(Store {
+            backend: Backend::Sqlite(Sqlite::open(path, decisions_kept)?),
+        })
+    }
+
+    /// The store kept in etcd, written only while this replica leads.
+    pub fn etcd(store: etcd::EtcdStore) -> Store {
+        Store {
+            backend: Backend::Etcd(store),
+        }
+    }
+
+    /// Whether this replica may change state and traffic now: always for SQLite; for etcd,
+    /// only while it holds a leadership term it is sure has not expired.
+    pub fn may_write(&self) -> bool {
+        match &self.backend {
+            Backend::Sqlite(_) => true,
+            Backend::Etcd(e) => e.may_write(),
+        }
+    }
+
+    /// Records a decision and the state it leads to, atomically, as not yet applied, and
+    /// trims the rollout's log to the retention limit in the same transaction.
+    /// Returns the decision's id.
+    pub fn record(&self, d: &Decision, now: Time) -> Result<i64, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.record(d, now),
+            Backend::Etcd(e) => e.record(d, now),
+        }
+    }
+
+    /// Marks a decision (and its rollout's state) as confirmed by the router.
+    pub fn mark_applied(&self, rollout: &str, decision_id: i64) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.mark_applied(rollout, decision_id),
+            Backend::Etcd(e) => e.mark_applied(rollout, decision_id),
+        }
+    }
+
+    /// One rollout's stored state.
+    pub fn load(&self, name: &str) -> Result<Option<StoredRollout>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.load(name),
+            Backend::Etcd(e) => e.load(name),
+        }
+    }
+
+    /// Names of every stored rollout.
+    pub fn names(&self) -> Result<Vec<String>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.names(),
+            Backend::Etcd(e) => e.names(),
+        }
+    }
+
+    /// A page of a rollout's decision log, newest first, with ids below `before` if given.
+    pub fn decisions(
+        &self,
+        rollout: &str,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Vec<DecisionRecord>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.decisions(rollout, limit, before),
+            Backend::Etcd(e) => e.decisions(rollout, limit, before),
+        }
+    }
+}
+
+/// The embedded store: SQLite in one file.
+#[derive(Clone)]
+struct Sqlite {
     conn: Arc<Mutex<Connection>>,
     path: String,
     /// How many of a rollout's newest decisions `record` keeps (at least one); older ones
@@ -101,18 +201,8 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE INDEX IF NOT EXISTS decisions_by_rollout ON decisions (rollout, id);
 ";
 
-impl Store {
-    /// Opens (creating if needed) the store at `path`; `:memory:` for tests. Keeps
-    /// `DEFAULT_DECISIONS_KEPT` decisions per rollout.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Store::open_with_retention(path, DEFAULT_DECISIONS_KEPT)
-    }
-
-    /// Opens the store keeping the newest `decisions_kept` decisions of each rollout (a limit
-    /// below one counts as one), plus any older one not yet applied that no applied decision
-    /// has superseded. A store that holds more
-    /// (a lower limit than last time) is trimmed at each rollout's next decision.
-    pub fn open_with_retention(path: &Path, decisions_kept: usize) -> Result<Store, StoreError> {
+impl Sqlite {
+    fn open(path: &Path, decisions_kept: usize) -> Result<Sqlite, StoreError> {
         let shown = path.display().to_string();
         let err = |source| StoreError::Sqlite {
             path: shown.clone(),
@@ -127,7 +217,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(Store {
+        Ok(Sqlite {
             conn: Arc::new(Mutex::new(conn)),
             path: shown,
             decisions_kept: decisions_kept.max(1),
@@ -150,7 +240,7 @@ impl Store {
     /// Records a decision and the state it leads to, atomically, as not yet applied, and
     /// trims the rollout's log to the retention limit in the same transaction.
     /// Returns the decision's id.
-    pub fn record(&self, d: &Decision, now: Time) -> Result<i64, StoreError> {
+    fn record(&self, d: &Decision, now: Time) -> Result<i64, StoreError> {
         let state = serde_json::to_string(&d.state).map_err(|e| StoreError::Corrupt {
             rollout: d.state.name.clone(),
             detail: e.to_string(),
@@ -206,7 +296,7 @@ impl Store {
     }
 
     /// Marks a decision (and its rollout's state) as confirmed by the router.
-    pub fn mark_applied(&self, rollout: &str, decision_id: i64) -> Result<(), StoreError> {
+    fn mark_applied(&self, rollout: &str, decision_id: i64) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         tx.execute(
@@ -225,7 +315,7 @@ impl Store {
     }
 
     /// One rollout's stored state.
-    pub fn load(&self, name: &str) -> Result<Option<StoredRollout>, StoreError> {
+    fn load(&self, name: &str) -> Result<Option<StoredRollout>, StoreError> {
         let conn = self.lock();
         let row: Option<(String, bool)> = conn
             .query_row(
@@ -247,7 +337,7 @@ impl Store {
     }
 
     /// Names of every stored rollout.
-    pub fn names(&self) -> Result<Vec<String>, StoreError> {
+    fn names(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
             .prepare("SELECT name FROM rollouts ORDER BY name")
@@ -259,7 +349,7 @@ impl Store {
     }
 
     /// A page of a rollout's decision log, newest first, with ids below `before` if given.
-    pub fn decisions(
+    fn decisions(
         &self,
         rollout: &str,
         limit: usize,

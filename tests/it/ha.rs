@@ -1,0 +1,399 @@
+//! The highly available daemon against a real etcd started on 127.0.0.1: the etcd store keeps
+//! what the SQLite store keeps, only the leader writes (fenced by its term), and when the
+//! leader crashes another replica continues its rollouts at the step they had reached.
+
+use crate::daemon::{FakeRouter, FakeSource, Mode, POLICY};
+use crate::support::{ChildGuard, find_binary, free_port, wait_for, wait_for_port};
+use canaryd::daemon::{DaemonConfig, HaConfig, Limits};
+use canaryd::etcd::Etcd;
+use canaryd::ha::{ElectionConfig, Leadership, Role};
+use canaryd::rollout::{Action, Decision, Phase, RolloutState};
+use canaryd::router::Router;
+use canaryd::source::MetricSource;
+use canaryd::store::{Store, StoreError, etcd::EtcdStore};
+use canaryd::time::Time;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// An etcd of its own, on free loopback ports, with its data in a temporary directory.
+struct EtcdServer {
+    url: String,
+    _child: ChildGuard,
+    _dir: tempfile::TempDir,
+}
+
+fn start_etcd() -> EtcdServer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client, peer) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
+    let child = ChildGuard::spawn(
+        Command::new(find_binary("etcd"))
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log),
+    );
+    EtcdServer {
+        url: client_url,
+        _child: child,
+        _dir: dir,
+    }
+}
+
+async fn etcd_ready(server: &EtcdServer) -> Etcd {
+    let port = server
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let etcd = Etcd::new(&server.url, Duration::from_secs(2)).expect("client");
+    wait_for("etcd to answer", Duration::from_secs(20), || {
+        let etcd = etcd.clone();
+        async move { etcd.get("/ping").await.ok().map(|_| ()) }
+    })
+    .await;
+    etcd
+}
+
+fn election(replica: &str, ttl: Duration) -> ElectionConfig {
+    ElectionConfig {
+        prefix: "/canaryd-test".into(),
+        replica: replica.into(),
+        ttl,
+    }
+}
+
+async fn wait_role(l: &Leadership, want: Role) {
+    let mut rx = l.watch();
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|r| *r == want))
+        .await
+        .unwrap_or_else(|_| panic!("{} never became {want:?}", l.replica()))
+        .expect("election running");
+}
+
+fn state(name: &str, step: usize, weight: f64) -> RolloutState {
+    let policy = canaryd::policy::load_str(
+        "p.yaml",
+        &POLICY.replace("name: demo", &format!("name: {name}")),
+    )
+    .expect("policy");
+    let mut s = RolloutState::new(&policy);
+    s.phase = Phase::Progressing;
+    s.step = step;
+    s.weight = weight;
+    s
+}
+
+fn decision(s: RolloutState, action: Action) -> Decision {
+    Decision {
+        action,
+        weight: s.weight,
+        reason: format!("step {}", s.step),
+        who: None,
+        why: None,
+        reports: vec![],
+        state: s,
+    }
+}
+
+/// Runs a store call where blocking is allowed, as the daemon does.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("store task")
+}
+
+/// The etcd store keeps what the SQLite store keeps (state, log, applied marks, retention),
+/// and refuses every write from a replica that does not lead, or no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_store_keeps_state_and_log_and_only_the_leader_writes() {
+    let server = start_etcd();
+    let etcd = etcd_ready(&server).await;
+    let ttl = Duration::from_secs(2);
+    let a = Leadership::new(etcd.clone(), election("a", ttl));
+    let b = Leadership::new(etcd.clone(), election("b", ttl));
+    let (stop_a, rx) = tokio::sync::watch::channel(false);
+    let run_a = tokio::spawn(a.clone().run(rx));
+    wait_role(&a, Role::Leader).await;
+    let (stop_b, rx) = tokio::sync::watch::channel(false);
+    let run_b = tokio::spawn(b.clone().run(rx));
+    wait_role(
+        &b,
+        Role::Standby {
+            leader: Some("a".into()),
+        },
+    )
+    .await;
+
+    let store_a =
+        Store::etcd(EtcdStore::new(etcd.clone(), "/canaryd-test", a.clone(), 3).expect("store"));
+    let store_b =
+        Store::etcd(EtcdStore::new(etcd.clone(), "/canaryd-test", b.clone(), 3).expect("store"));
+    assert!(store_a.may_write() && !store_b.may_write());
+
+    // Five decisions, each applied but the last: the log keeps the newest three.
+    let mut ids = Vec::new();
+    for step in 0..5 {
+        let s = store_a.clone();
+        let d = decision(
+            state("demo", step, 10.0 * (step + 1) as f64),
+            Action::Advance,
+        );
+        let id = blocking(move || s.record(&d, Time(1_000 + step as i64)))
+            .await
+            .expect("record");
+        if step < 4 {
+            let s = store_a.clone();
+            blocking(move || s.mark_applied("demo", id))
+                .await
+                .expect("mark");
+        }
+        ids.push(id);
+    }
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+    let s = store_b.clone();
+    let (loaded, names, log) = blocking(move || {
+        (
+            s.load("demo").expect("load"),
+            s.names().expect("names"),
+            s.decisions("demo", 100, None).expect("decisions"),
+        )
+    })
+    .await;
+    // Any replica reads what the leader wrote.
+    let loaded = loaded.expect("stored");
+    assert_eq!(loaded.state.step, 4);
+    assert!(!loaded.applied, "the last decision was not applied");
+    assert_eq!(names, vec!["demo".to_owned()]);
+    let steps: Vec<usize> = log.iter().map(|d| d.step).collect();
+    assert_eq!(steps, vec![4, 3, 2], "newest first, three kept");
+    assert_eq!(
+        log.iter().map(|d| d.applied).collect::<Vec<_>>(),
+        vec![false, true, true]
+    );
+    // Pages: below an id.
+    let s = store_b.clone();
+    let before = ids[3];
+    let page = blocking(move || s.decisions("demo", 1, Some(before)).expect("page")).await;
+    assert_eq!(page.iter().map(|d| d.step).collect::<Vec<_>>(), vec![2]);
+
+    // The standby cannot write.
+    let s = store_b.clone();
+    let d = decision(state("demo", 1, 5.0), Action::Rollback);
+    let refused = blocking(move || s.record(&d, Time(9_000))).await;
+    assert!(
+        matches!(refused, Err(StoreError::NotLeader(_))),
+        "{refused:?}"
+    );
+
+    // The leader is cut off without giving up (its election task dies, its lease runs out):
+    // b takes over, and a's store refuses to write even before a hears about it.
+    run_a.abort();
+    let _ = run_a.await;
+    wait_role(&b, Role::Leader).await;
+    assert!(!store_a.may_write(), "a's term ran out by its own clock");
+    let s = store_a.clone();
+    let d = decision(state("demo", 1, 5.0), Action::Rollback);
+    let refused = blocking(move || s.record(&d, Time(9_000))).await;
+    assert!(
+        matches!(refused, Err(StoreError::NotLeader(_))),
+        "{refused:?}"
+    );
+    // The new leader continues the same log.
+    let s = store_b.clone();
+    let d = decision(state("demo", 4, 50.0), Action::Hold);
+    let id = blocking(move || s.record(&d, Time(10_000)))
+        .await
+        .expect("b records");
+    assert!(id > ids[4]);
+    let _ = stop_a.send(true);
+    let _ = stop_b.send(true);
+    run_b.await.expect("b stops");
+    // Giving up revokes the lease: the leader key is gone at once.
+    assert!(
+        etcd.get("/canaryd-test/leader")
+            .await
+            .expect("get")
+            .is_none()
+    );
+}
+
+/// One replica of a highly available daemon, in this process, with the shared fake router.
+struct Replica {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Replica {
+    async fn start(
+        dir: &Path,
+        name: &str,
+        etcd: &str,
+        router: &FakeRouter,
+        source: &FakeSource,
+    ) -> Replica {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (r, s) = (router.clone(), source.clone());
+        let config = DaemonConfig {
+            policies: dir.join("policies"),
+            state: dir.join(format!("unused-{name}.db")),
+            token: None,
+            dry_run: false,
+            poll: Duration::from_millis(50),
+            clock: Arc::new(canaryd::time::SystemClock),
+            routers: Arc::new(move |_p| Ok(Box::new(r.clone()) as Box<dyn Router>)),
+            sources: Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>),
+            metrics: None,
+            ha: Some(HaConfig {
+                etcd: etcd.to_owned(),
+                election: election(name, Duration::from_secs(2)),
+            }),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(canaryd::daemon::serve_with(
+            listener,
+            config,
+            Limits::default(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let health = format!("{url}/healthz");
+        wait_for("replica up", Duration::from_secs(10), || {
+            let health = health.clone();
+            async move {
+                reqwest::get(&health)
+                    .await
+                    .ok()?
+                    .status()
+                    .is_success()
+                    .then_some(())
+            }
+        })
+        .await;
+        Replica {
+            url,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(format!("{}{path}", self.url))
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Ends the replica as a crash would: no shutdown, no lease revoked.
+    async fn crash(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("join").expect("serve");
+        }
+    }
+}
+
+/// The leader crashes in the middle of a rollout: the other replica takes over within about a
+/// lease and continues from the stored step (it neither restarts the rollout nor moves traffic
+/// back), and the rollout ends promoted with one decision log across both leaders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_leaders_rollout_continues_on_the_standby_at_the_same_step() {
+    let server = start_etcd();
+    etcd_ready(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    // Long enough steps that the rollout is mid-way when the leader crashes.
+    let policy = POLICY
+        .replace("steps: [10, 50]", "steps: [10, 20, 30, 40, 50]")
+        .replace("min_step_duration: 150ms", "min_step_duration: 1500ms");
+    std::fs::write(dir.path().join("policies/demo.yaml"), policy).expect("policy");
+    let router = FakeRouter::default();
+    let source = FakeSource {
+        mode: Arc::new(Mutex::new(Mode::Good)),
+    };
+    let a = Replica::start(dir.path(), "a", &server.url, &router, &source).await;
+    let step_reached = wait_for(
+        "a to lead and reach the second step",
+        Duration::from_secs(20),
+        || async {
+            let (s, v) = a.get("/api/v1/rollouts/demo").await;
+            (s == 200 && v["step"].as_u64().is_some_and(|x| x >= 2)).then_some(v["step"].as_u64())
+        },
+    )
+    .await;
+    let b = Replica::start(dir.path(), "b", &server.url, &router, &source).await;
+    // The standby runs nothing.
+    let (_, list) = b.get("/api/v1/rollouts").await;
+    assert_eq!(list["rollouts"], serde_json::json!([]), "{list}");
+    let weight_at_crash = *router.weight.lock().unwrap_or_else(|e| e.into_inner());
+    a.crash().await;
+
+    let v = wait_for("b to take over", Duration::from_secs(20), || async {
+        let (s, v) = b.get("/api/v1/rollouts/demo").await;
+        (s == 200).then_some(v)
+    })
+    .await;
+    // It continues where a was: not from the first step, and traffic never went back.
+    assert!(v["step"].as_u64() >= step_reached, "{v}");
+    assert!(
+        router
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .all(|w| *w == 0.0 || *w >= 10.0),
+        "no weight below the first step after the start"
+    );
+    let v = wait_for(
+        "the rollout promoted by b",
+        Duration::from_secs(30),
+        || async {
+            let (s, v) = b.get("/api/v1/rollouts/demo").await;
+            (s == 200 && v["phase"] == "promoted").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["phase"], "promoted");
+    assert!(*router.weight.lock().unwrap_or_else(|e| e.into_inner()) >= weight_at_crash);
+    // One log: a's start and b's promotion.
+    let (_, log) = b.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    let actions: Vec<&str> = log["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .filter_map(|d| d["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"start"), "{actions:?}");
+    assert!(actions.contains(&"promote"), "{actions:?}");
+    assert_eq!(
+        actions.iter().filter(|a| **a == "start").count(),
+        1,
+        "the rollout was not started again: {actions:?}"
+    );
+    b.stop().await;
+}
