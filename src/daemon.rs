@@ -144,8 +144,11 @@ pub async fn serve_with(
             ));
         }
         Some(l) => {
-            tasks.spawn(l.clone().run(stop_rx.clone()));
-            tasks.spawn(lead(
+            // The election ends after the rollouts: a leader gives its term up (revoking the
+            // lease, so another replica takes over at once) only once its tasks have stopped.
+            let (election_tx, election_rx) = watch::channel(false);
+            tasks.spawn(l.clone().run(election_rx));
+            let lead = lead(
                 l.clone(),
                 shared,
                 registry.clone(),
@@ -154,7 +157,11 @@ pub async fn serve_with(
                 config.poll,
                 ready.clone(),
                 stop_rx.clone(),
-            ));
+            );
+            tasks.spawn(async move {
+                lead.await;
+                let _ = election_tx.send(true);
+            });
         }
     }
     let app = api::router(ApiState {

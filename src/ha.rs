@@ -143,7 +143,7 @@ impl Leadership {
             }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = stop.changed() => {}
+                r = stop.changed() => if r.is_err() { break },
             }
         }
         let held = self
