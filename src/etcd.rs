@@ -35,6 +35,8 @@ pub struct Kv {
     pub create_revision: i64,
     /// Revision of the key's last change.
     pub mod_revision: i64,
+    /// The lease the key is attached to (0 for none).
+    pub lease: i64,
 }
 
 /// A condition of a transaction; all must hold for its success branch to run.
@@ -314,6 +316,7 @@ impl Etcd {
                     value: decode("value")?,
                     create_revision: int(kv.get("create_revision")).unwrap_or(0),
                     mod_revision: int(kv.get("mod_revision")).unwrap_or(0),
+                    lease: int(kv.get("lease")).unwrap_or(0),
                 })
             })
             .collect()

@@ -217,11 +217,20 @@ impl Leadership {
             tracing::info!(replica = %self.config.replica, term = res.revision, "leading");
             self.set_role(Role::Leader);
         } else {
-            let leader = res
-                .gets
-                .first()
-                .and_then(|kvs| kvs.first())
-                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+            let holder = res.gets.first().and_then(|kvs| kvs.first());
+            if let Some(kv) = holder.filter(|kv| kv.lease == id) {
+                // The key is still on this replica's live lease: its term had only ended by
+                // its own clock (a slow round). It leads again, under the same term.
+                self.set_term(Some(Term {
+                    revision: kv.create_revision,
+                    lease: id,
+                    valid_until,
+                }));
+                tracing::info!(replica = %self.config.replica, term = kv.create_revision, "leading again");
+                self.set_role(Role::Leader);
+                return Ok(());
+            }
+            let leader = holder.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
             self.set_role(Role::Standby { leader });
         }
         Ok(())
