@@ -621,10 +621,19 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
         "nothing above changed the rollout"
     );
     let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(20_000));
-    let (s, _) = d
+    let (s, v) = d
         .post("/api/v1/rollouts/demo/pause", Some("s3cret"), &big)
         .await;
     assert_eq!(s, 413);
+    assert!(v["error"].is_string(), "413 answers JSON: {v}");
+    // The scheme's name is case-insensitive (RFC 7235); a wrong action shows it got past it.
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/rollouts/demo/explode", d.url))
+        .header("authorization", "bearer s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404, "lower-case bearer is accepted");
     let (s, rec) = d
         .post(
             "/api/v1/rollouts/demo/pause",
@@ -658,6 +667,17 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
     assert_eq!(s, 400);
     let (s, _) = d.get("/api/v1/rollouts/demo/decisions?limit=0").await;
     assert_eq!(s, 400);
+    let (s, v) = d.get("/api/v1/rollouts/demo/decisions?before=-5").await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d.get("/api/v1/rollouts/demo/assign?key=a&key=b").await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"], "expected exactly one key, found 2");
+    let (s, v) = d.get("/api/v1/nothing-here").await;
+    assert_eq!(s, 404);
+    assert!(v["error"].is_string(), "unknown paths answer JSON: {v}");
+    let (s, v) = d.get("/api/v1/rollouts/demo/pause").await;
+    assert_eq!(s, 405);
+    assert!(v["error"].is_string(), "wrong methods answer JSON: {v}");
     d.stop().await;
 }
 
