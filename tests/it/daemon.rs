@@ -511,6 +511,20 @@ async fn unavailable_source_holds_without_failures_then_continues() {
     assert_eq!(v2["step"], 1, "{v2}");
     assert_eq!(v2["state"]["consecutive_failures"], 0);
     assert_eq!(v["weight"], 10.0);
+    // The timeline says why each metric is unavailable, not only which.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["status", "demo", "--server", &d.url])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("metrics unavailable: errors")
+            && text.contains("why: canary unavailable: connection refused"),
+        "{text}"
+    );
     *d.source.mode.lock().unwrap() = Mode::Good;
     d.wait_phase("demo", "promoted").await;
     d.stop().await;
@@ -824,26 +838,32 @@ async fn status_and_actions_from_the_command_line() {
     d.wait_phase("demo", "progressing").await;
     let bin = env!("CARGO_BIN_EXE_canaryd");
     let run = |args: &[&str]| std::process::Command::new(bin).args(args).output().unwrap();
-    let table = run(&["status", "--server", &d.url]);
-    assert!(table.status.success());
+    // An address without a scheme is taken as http://.
+    let addr = d.url.strip_prefix("http://").unwrap();
+    let table = run(&["status", "--server", addr]);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains("demo") && text.contains("progressing") && text.contains("10%"),
         "{text}"
     );
-    let pause = run(&["pause", "demo", "--server", &d.url, "-m", "checking"]);
+    let pause = run(&["pause", "demo", "--server", addr, "-m", "checking"]);
     assert!(
         pause.status.success(),
         "{}",
         String::from_utf8_lossy(&pause.stderr)
     );
     d.wait_phase("demo", "paused").await;
-    let timeline = run(&["status", "demo", "--server", &d.url]);
+    let timeline = run(&["status", "demo", "--server", addr]);
     let text = String::from_utf8_lossy(&timeline.stdout);
     assert!(text.contains("pause") && text.contains("errors"), "{text}");
     // Refused (not paused any more after resume) and unknown rollouts exit 1.
     assert_eq!(
-        run(&["resume", "demo", "--server", &d.url]).status.code(),
+        run(&["resume", "demo", "--server", addr]).status.code(),
         Some(0)
     );
     assert_eq!(
