@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::store::{self, Store};
 use crate::time::Clock;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -71,60 +71,109 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open_with_retention(&config.state, limits.decisions_kept)?;
-    let metrics = match config.metrics {
-        Some(m) => m,
-        None => Metrics::new(prometheus::Registry::new())?,
-    };
-    let views = controller::Views::default();
-    let registry = Registry::default();
-    let policy_errors = controller::PolicyErrors::default();
-    let ready = Arc::new(AtomicBool::new(false));
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let shared = Shared {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        clock: config.clock,
-        views: views.clone(),
-        routers: config.routers,
-        sources: config.sources,
-        http,
-        dry_run: config.dry_run,
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let rollouts = tokio::spawn(controller::run(
-        shared,
-        registry.clone(),
-        policy_errors.clone(),
-        config.policies,
-        config.poll,
-        ready.clone(),
-        stop_rx.clone(),
-    ));
-    let app = api::router(ApiState {
-        views,
-        registry,
-        store,
-        metrics,
-        policy_errors,
-        ready,
-        token: config.token,
-    });
-    let server = tokio::spawn(serve_api(
-        listener,
-        app,
-        limits.header_read_timeout,
-        stop_rx,
-    ));
-    shutdown.await;
-    tracing::info!("shutting down: finishing in-flight ticks");
-    let _ = stop_tx.send(true);
-    let _ = rollouts.await;
-    server.await?;
-    tracing::info!("stopped");
-    Ok(())
+    Daemon::open(config, limits)?
+        .serve(listener, shutdown)
+        .await
+}
+
+/// A daemon whose store is open, not yet serving: `canaryd run` opens it before it says the
+/// daemon runs, so a bad `--state` is one clear startup error.
+pub struct Daemon {
+    config: DaemonConfig,
+    limits: Limits,
+    store: Store,
+}
+
+impl Daemon {
+    /// Opens the state store named by `config.state`.
+    pub fn open(config: DaemonConfig, limits: Limits) -> anyhow::Result<Daemon> {
+        let store = open_store(&config.state, limits.decisions_kept)?;
+        Ok(Daemon {
+            config,
+            limits,
+            store,
+        })
+    }
+
+    /// Runs the daemon until `shutdown` completes, as `serve` does.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Daemon {
+            config,
+            limits,
+            store,
+        } = self;
+        let metrics = match config.metrics {
+            Some(m) => m,
+            None => Metrics::new(prometheus::Registry::new())?,
+        };
+        let views = controller::Views::default();
+        let registry = Registry::default();
+        let policy_errors = controller::PolicyErrors::default();
+        let ready = Arc::new(AtomicBool::new(false));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let shared = Shared {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            clock: config.clock,
+            views: views.clone(),
+            routers: config.routers,
+            sources: config.sources,
+            http,
+            dry_run: config.dry_run,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let rollouts = tokio::spawn(controller::run(
+            shared,
+            registry.clone(),
+            policy_errors.clone(),
+            config.policies,
+            config.poll,
+            ready.clone(),
+            stop_rx.clone(),
+        ));
+        let app = api::router(ApiState {
+            views,
+            registry,
+            store,
+            metrics,
+            policy_errors,
+            ready,
+            token: config.token,
+        });
+        let server = tokio::spawn(serve_api(
+            listener,
+            app,
+            limits.header_read_timeout,
+            stop_rx,
+        ));
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight ticks");
+        let _ = stop_tx.send(true);
+        let _ = rollouts.await;
+        server.await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Opens the store with one error naming the path and the reason. SQLite's own message repeats
+/// itself down the error chain and does not say that a missing directory is the usual cause.
+fn open_store(path: &Path, decisions_kept: usize) -> anyhow::Result<Store> {
+    Store::open_with_retention(path, decisions_kept).map_err(|e| {
+        let why = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                format!("the directory {} does not exist", dir.display())
+            }
+            _ => std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string),
+        };
+        anyhow::anyhow!("cannot open the state store {}: {why}", path.display())
+    })
 }
 
 /// Serves the API until `stop` turns true (or its sender is gone), then lets every open

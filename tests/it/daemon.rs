@@ -899,3 +899,126 @@ fn run_refuses_a_public_address_without_a_token() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("without an API token"), "{err}");
 }
+
+/// `canaryd run` with `args` after `--listen 127.0.0.1:0 --policies DIR`, no config or
+/// Prometheus from the environment; its exit code and stderr. A daemon that starts instead of
+/// failing is killed after 30 s and fails the test.
+async fn run_daemon_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["run", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(dir.join("policies"))
+        .args(args)
+        .env_remove("CANARYD_PROMETHEUS")
+        .env_remove("CANARYD_CONFIG")
+        .env_remove("CANARYD_STATE")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("canaryd run to exit")
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn run_refuses_a_prometheus_that_is_not_a_url_before_it_runs() {
+    let dir = setup(POLICY);
+    let state = dir.path().join("s.db");
+    let state = state.to_str().unwrap();
+    let (code, err) =
+        run_daemon_expecting_failure(dir.path(), &["--state", state, "--prometheus", "notaurl"])
+            .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--prometheus") && err.contains("\"notaurl\""),
+        "the error names the flag and the value: {err}"
+    );
+    assert!(!err.contains("canaryd running"), "{err}");
+    let (code, err) = run_daemon_expecting_failure(
+        dir.path(),
+        &[
+            "--state",
+            state,
+            "--prometheus",
+            "http://ops:pw@127.0.0.1:9090",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("pw@"), "the password is not shown: {err}");
+    let config = dir.path().join("canaryd.yaml");
+    std::fs::write(&config, "prometheus: 127.0.0.1:9090\n").unwrap();
+    let (code, err) = run_daemon_expecting_failure(
+        dir.path(),
+        &["--state", state, "--config", config.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("prometheus in the config file") && err.contains("canaryd.yaml"),
+        "{err}"
+    );
+    assert!(!Path::new(state).exists(), "nothing was started");
+}
+
+#[tokio::test]
+async fn run_with_a_missing_state_directory_fails_once_naming_it() {
+    let dir = setup(POLICY);
+    let state = dir.path().join("missing/s.db");
+    let (code, err) =
+        run_daemon_expecting_failure(dir.path(), &["--state", state.to_str().unwrap()]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: cannot open the state store {}: the directory {} does not exist",
+            state.display(),
+            dir.path().join("missing").display()
+        ),
+        "one error, before the daemon says it runs"
+    );
+}
+
+#[tokio::test]
+async fn the_log_has_no_colour_codes_when_it_is_not_a_terminal() {
+    let dir = setup(POLICY);
+    let log = dir.path().join("canaryd.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["run", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(dir.path().join("policies"))
+        .arg("--state")
+        .arg(dir.path().join("s.db"))
+        .env_remove("CANARYD_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let text = wait_for("the daemon to log", Duration::from_secs(10), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("canaryd running").then_some(text)
+    })
+    .await;
+    child.kill().await.unwrap();
+    assert!(!text.contains('\x1b'), "escape codes in the log: {text:?}");
+}
+
+#[test]
+fn operator_commands_say_where_the_token_comes_from() {
+    for command in ["promote", "abort", "pause", "resume", "retry"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("CANARYD_API_TOKEN environment variable"),
+            "{command} --help: {help}"
+        );
+    }
+}
