@@ -982,15 +982,26 @@ async fn run_with_a_missing_state_directory_fails_once_naming_it() {
     );
 }
 
+/// The real daemon's log, through a pipe: plain text, and an automatic decision (the start,
+/// which needs only the router; Prometheus is a closed port) names nobody.
 #[tokio::test]
-async fn the_log_has_no_colour_codes_when_it_is_not_a_terminal() {
-    let dir = setup(POLICY);
+async fn the_log_is_plain_text_and_automatic_decisions_name_nobody() {
+    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
     let log = dir.path().join("canaryd.log");
+    let prometheus = format!("http://127.0.0.1:{}", crate::support::free_port());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
-        .args(["run", "--listen", "127.0.0.1:0", "--policies"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--prometheus",
+            &prometheus,
+        ])
+        .arg("--policies")
         .arg(dir.path().join("policies"))
         .arg("--state")
         .arg(dir.path().join("s.db"))
+        .current_dir(dir.path())
         .env_remove("CANARYD_CONFIG")
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
@@ -998,13 +1009,19 @@ async fn the_log_has_no_colour_codes_when_it_is_not_a_terminal() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let text = wait_for("the daemon to log", Duration::from_secs(10), || async {
+    let text = wait_for("the start decision", Duration::from_secs(15), || async {
         let text = std::fs::read_to_string(&log).ok()?;
-        text.contains("canaryd running").then_some(text)
+        text.contains("action=\"start\"").then_some(text)
     })
     .await;
     child.kill().await.unwrap();
+    assert!(text.contains("canaryd running"), "{text}");
     assert!(!text.contains('\x1b'), "escape codes in the log: {text:?}");
+    let start = text
+        .lines()
+        .find(|l| l.contains("action=\"start\""))
+        .unwrap();
+    assert!(!start.contains("who="), "{start}");
 }
 
 #[test]
