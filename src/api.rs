@@ -5,6 +5,7 @@ use crate::controller::{self, OperateError, PolicyErrors, Registry, Views};
 use crate::metrics::Metrics;
 use crate::observation::OperatorAction;
 use crate::store::Store;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +46,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/rollouts/{name}/decisions", get(decisions))
         .route("/api/v1/rollouts/{name}/assign", get(assign))
         .route("/api/v1/rollouts/{name}/{action}", post(act))
+        // Every error answers with the same JSON shape, unknown paths and methods included;
+        // the method fallback applies to the routes above, so it comes after them.
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(timeout))
         .with_state(state)
@@ -60,6 +65,21 @@ async fn timeout(req: axum::extract::Request, next: axum::middleware::Next) -> R
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint {}", uri.path()),
+    )
+}
+
+/// The router adds the `Allow` header listing the methods the path takes.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
@@ -124,7 +144,16 @@ async fn list(State(s): State<ApiState>) -> Response {
     Json(json!({"rollouts": rollouts, "invalid_policies": invalid})).into_response()
 }
 
-async fn one(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+/// Axum's own answer to a path it cannot decode (not UTF-8) is plain text.
+fn bad_path(r: &PathRejection) -> Response {
+    error(r.status(), r.body_text())
+}
+
+async fn one(State(s): State<ApiState>, name: Result<Path<String>, PathRejection>) -> Response {
+    let name = match name {
+        Ok(Path(n)) => n,
+        Err(r) => return bad_path(&r),
+    };
     match s.views.read().ok().and_then(|v| v.get(&name).cloned()) {
         Some(v) => Json(v).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
@@ -139,9 +168,13 @@ struct Page {
 
 async fn decisions(
     State(s): State<ApiState>,
-    Path(name): Path<String>,
-    page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    name: Result<Path<String>, PathRejection>,
+    page: Result<Query<Page>, QueryRejection>,
 ) -> Response {
+    let name = match name {
+        Ok(Path(n)) => n,
+        Err(r) => return bad_path(&r),
+    };
     let Ok(Query(page)) = page else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -153,6 +186,16 @@ async fn decisions(
         return error(
             StatusCode::BAD_REQUEST,
             format!("expected limit from 1 to {MAX_PAGE}, found {limit}"),
+        );
+    }
+    // Decision ids start at 1, so no decision is older than 0 or less: such a page would be
+    // empty, which reads as "no decisions" rather than as the mistake it is.
+    if let Some(before) = page.before.filter(|b| *b < 1) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "expected before to be a decision id (1 or more, as in next_before), found {before}"
+            ),
         );
     }
     let known = s
@@ -176,11 +219,6 @@ async fn decisions(
     }
 }
 
-#[derive(Deserialize)]
-struct AssignQuery {
-    key: Option<String>,
-}
-
 /// The bucket of a key in 0..10,000: FNV-1a over the rollout's name and the key, so that
 /// different rollouts choose different users and the answer never changes for a pair.
 pub fn bucket(rollout: &str, key: &str) -> u32 {
@@ -199,19 +237,42 @@ pub fn on_canary(bucket: u32, weight: f64) -> bool {
     f64::from(bucket) < weight * 100.0
 }
 
+/// Longest key `assign` takes, in bytes.
+const MAX_KEY: usize = 1024;
+
+/// The one `key` of an `assign` query, or why there is not exactly one usable key. Other
+/// parameters are ignored.
+fn assign_key(params: Vec<(String, String)>) -> Result<String, String> {
+    let mut keys = params
+        .into_iter()
+        .filter(|(k, _)| k == "key")
+        .map(|(_, v)| v);
+    match (keys.next(), keys.count()) {
+        (None, _) => Err("expected ?key=USER".into()),
+        (Some(_), more) if more > 0 => Err(format!("expected exactly one key, found {}", more + 1)),
+        (Some(k), _) if k.is_empty() || k.len() > MAX_KEY => Err(format!(
+            "expected a key of 1 to {MAX_KEY} bytes, found {}",
+            k.len()
+        )),
+        (Some(k), _) => Ok(k),
+    }
+}
+
 async fn assign(
     State(s): State<ApiState>,
-    Path(name): Path<String>,
-    q: Result<Query<AssignQuery>, axum::extract::rejection::QueryRejection>,
+    name: Result<Path<String>, PathRejection>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
-    let key = match q {
-        Ok(Query(AssignQuery { key: Some(k) })) if !k.is_empty() && k.len() <= 1024 => k,
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "expected ?key=USER (1 to 1024 characters)",
-            );
-        }
+    let name = match name {
+        Ok(Path(n)) => n,
+        Err(r) => return bad_path(&r),
+    };
+    let key = match q
+        .map_err(|r| r.body_text())
+        .and_then(|Query(p)| assign_key(p))
+    {
+        Ok(k) => k,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let Some(view) = s.views.read().ok().and_then(|v| v.get(&name).cloned()) else {
         return error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"));
@@ -241,6 +302,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// The credentials of an `Authorization: Bearer …` header. The scheme's name is
+/// case-insensitive (RFC 7235 section 2.1), so `bearer` and `BEARER` are the same scheme.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ActionBody {
@@ -252,15 +320,19 @@ struct ActionBody {
 
 async fn act(
     State(s): State<ApiState>,
-    Path((name, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Response {
+    let (name, action) = match path {
+        Ok(Path(p)) => p,
+        Err(r) => return bad_path(&r),
+    };
     if let Some(token) = &s.token {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer_token);
         match given {
             None => {
                 return (
@@ -282,6 +354,16 @@ async fn act(
             StatusCode::NOT_FOUND,
             format!("unknown action {action:?}; expected promote, abort, pause, resume or retry"),
         );
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("expected a body of at most {BODY_LIMIT} bytes"),
+            );
+        }
+        Err(r) => return error(r.status(), r.body_text()),
     };
     let parsed: ActionBody = if body.iter().all(u8::is_ascii_whitespace) {
         ActionBody::default()
@@ -440,12 +522,142 @@ mod tests {
             ("POST", Some("Basic tok"), StatusCode::UNAUTHORIZED),
             // With the right token, a rollout without a running task is not found.
             ("POST", Some("Bearer tok"), StatusCode::NOT_FOUND),
+            // RFC 7235: the scheme's name is case-insensitive.
+            ("POST", Some("bearer tok"), StatusCode::NOT_FOUND),
+            ("POST", Some("BEARER tok"), StatusCode::NOT_FOUND),
+            ("POST", Some("bearer nope"), StatusCode::FORBIDDEN),
+            ("POST", Some("Bearertok"), StatusCode::UNAUTHORIZED),
             ("GET", Some("Bearer tok"), StatusCode::METHOD_NOT_ALLOWED),
         ];
         for (method, auth, want) in cases {
             let (got, body) = call(s.clone(), method, "/api/v1/rollouts/r/abort", auth).await;
             assert_eq!(got, want, "{method} with {auth:?}: {body}");
         }
+    }
+
+    /// Sends `req` and returns the status, the `Allow` header and the body as JSON.
+    async fn send(
+        s: ApiState,
+        req: Request<Body>,
+    ) -> (StatusCode, Option<String>, serde_json::Value) {
+        let resp = router(s).oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let allow = resp
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let json = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!(
+                "{status}: body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&body)
+            )
+        });
+        (status, allow, json)
+    }
+
+    #[tokio::test]
+    async fn every_error_is_json_with_its_status() {
+        let get = |uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .body(Body::empty())
+                .expect("request")
+        };
+        let (status, _, body) = send(state(true, None), get("/api/v1/nope")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "no such endpoint /api/v1/nope");
+        let (status, _, body) = send(state(true, None), get("/nope")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body["error"].is_string(), "{body}");
+
+        let (status, allow, body) = send(state(true, None), get("/api/v1/rollouts/r/abort")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(allow.as_deref(), Some("POST"));
+        assert_eq!(body["error"], "/api/v1/rollouts/r/abort does not take GET");
+        let delete = Request::builder()
+            .method("DELETE")
+            .uri("/api/v1/rollouts")
+            .body(Body::empty())
+            .expect("request");
+        let (status, allow, body) = send(state(true, None), delete).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(allow.is_some_and(|a| a.contains("GET")));
+        assert!(body["error"].is_string(), "{body}");
+
+        let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(BODY_LIMIT));
+        let post = Request::builder()
+            .method("POST")
+            .uri("/api/v1/rollouts/r/pause")
+            .body(Body::from(big))
+            .expect("request");
+        let (status, _, body) = send(state(true, None), post).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            body["error"],
+            format!("expected a body of at most {BODY_LIMIT} bytes")
+        );
+
+        // A path that does not decode to UTF-8.
+        let (status, _, body) = send(state(true, None), get("/api/v1/rollouts/%FF")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["error"].is_string(), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_page_before_no_decision_is_refused() {
+        for before in ["-5", "0"] {
+            let uri = format!("/api/v1/rollouts/r/decisions?before={before}");
+            let (status, body) = call(state(true, None), "GET", &uri, None).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "before={before}: {body}");
+            assert!(
+                body.contains("expected before to be a decision id") && body.contains(before),
+                "{body}"
+            );
+        }
+        let (status, body) = call(
+            state(true, None),
+            "GET",
+            "/api/v1/rollouts/r/decisions?before=1",
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    #[tokio::test]
+    async fn assign_says_what_is_wrong_with_the_key() {
+        let cases = [
+            ("?key=a&key=b", "expected exactly one key, found 2"),
+            ("", "expected ?key=USER"),
+            ("?user=a", "expected ?key=USER"),
+            ("?key=", "expected a key of 1 to 1024 bytes, found 0"),
+        ];
+        for (query, want) in cases {
+            let uri = format!("/api/v1/rollouts/r/assign{query}");
+            let (status, body) = call(state(true, None), "GET", &uri, None).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            assert_eq!(v["error"], want, "{query}");
+        }
+        let long = format!("/api/v1/rollouts/r/assign?key={}", "k".repeat(MAX_KEY + 1));
+        let (status, body) = call(state(true, None), "GET", &long, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (status, body) = call(
+            state(true, None),
+            "GET",
+            "/api/v1/rollouts/r/assign?key=bob&other=1",
+            None,
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "other parameters are ignored: {body}"
+        );
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub struct CheckArgs {
 pub struct StatusArgs {
     /// A rollout's name, for its timeline.
     pub name: Option<String>,
-    /// The daemon's API.
+    /// The daemon's API (http:// is assumed when no scheme is given).
     #[arg(long, env = "CANARYD_SERVER", default_value = "http://127.0.0.1:9850")]
     pub server: String,
 }
@@ -130,10 +130,12 @@ pub struct StatusArgs {
 pub struct ActionArgs {
     /// The rollout's name.
     pub name: String,
-    /// The daemon's API.
+    /// The daemon's API (http:// is assumed when no scheme is given).
     #[arg(long, env = "CANARYD_SERVER", default_value = "http://127.0.0.1:9850")]
     pub server: String,
-    /// File holding the API token, when the daemon requires one.
+    /// File holding the API token, when the daemon requires one. Without this flag (or
+    /// CANARYD_API_TOKEN_FILE), the token itself is taken from the CANARYD_API_TOKEN
+    /// environment variable.
     #[arg(long, env = "CANARYD_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
     /// Why, recorded with the decision.

@@ -18,6 +18,17 @@ fn client() -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
+/// The API's base URL: `server` without a trailing slash, with `http://` in front when it
+/// names no scheme (`127.0.0.1:9850`, `localhost:9850`), as an address is commonly given.
+pub fn base_url(server: &str) -> String {
+    let server = server.trim().trim_end_matches('/');
+    if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    }
+}
+
 fn api_error(body: &Value) -> String {
     body.get("error")
         .and_then(Value::as_str)
@@ -34,10 +45,7 @@ pub async fn act(
     who: &str,
     reason: &str,
 ) -> anyhow::Result<Outcome> {
-    let url = format!(
-        "{}/api/v1/rollouts/{name}/{action}",
-        server.trim_end_matches('/')
-    );
+    let url = format!("{}/api/v1/rollouts/{name}/{action}", base_url(server));
     let mut req = client()?
         .post(&url)
         .json(&serde_json::json!({"who": who, "reason": reason}));
@@ -74,7 +82,7 @@ pub async fn act(
 }
 
 async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
-    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let url = format!("{}{path}", base_url(server));
     let resp = client()?
         .get(&url)
         .send()
@@ -175,6 +183,19 @@ pub fn table(body: &Value) -> String {
     out
 }
 
+/// Longest note shown for a metric that could not be judged, in characters.
+const MAX_NOTE: usize = 240;
+
+/// `text` on one line, cut to `max` characters with an ellipsis: a Prometheus error can carry
+/// a whole query or response body.
+fn shorten(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
 /// One rollout's state and decision timeline, with each analysis's evidence.
 pub fn timeline(view: &Value, log: &Value) -> String {
     let mut out = String::new();
@@ -257,7 +278,79 @@ pub fn timeline(view: &Value, log: &Value) -> String {
                 bounds.join(", "),
                 evidence
             );
+            // The decision's reason only lists the metrics that could not be judged; the
+            // report's note says why (Prometheus down, a query's error, no series).
+            let unjudged = matches!(r["verdict"].as_str(), Some("unavailable" | "no-data"));
+            match r["note"].as_str() {
+                Some(note) if unjudged && !note.is_empty() => {
+                    let _ = writeln!(out, "        why: {}", shorten(note, MAX_NOTE));
+                }
+                _ => {}
+            }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_without_a_scheme_is_http() {
+        let cases = [
+            ("127.0.0.1:19851", "http://127.0.0.1:19851"),
+            ("localhost:9850/", "http://localhost:9850"),
+            ("http://127.0.0.1:9850/", "http://127.0.0.1:9850"),
+            ("https://canaryd.example:443", "https://canaryd.example:443"),
+            (" 127.0.0.1:1 ", "http://127.0.0.1:1"),
+        ];
+        for (given, want) in cases {
+            assert_eq!(base_url(given), want, "{given:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_that_could_not_be_judged_say_why() {
+        let view = serde_json::json!({"name": "demo", "state": {"message": ""}});
+        let long = format!("canary unavailable: {}", "x".repeat(1000));
+        let log = serde_json::json!({"decisions": [{
+            "at": 0, "action": "hold", "phase": "progressing", "weight": 10,
+            "reason": "metrics unavailable: error-rate, p99",
+            "reports": [
+                {"metric": "error-rate", "verdict": "unavailable",
+                 "note": "canary unavailable: prometheus at http://p:9090: connection refused"},
+                {"metric": "p99", "verdict": "unavailable", "note": long},
+                {"metric": "good", "verdict": "pass", "note": "canary 0.1 within bounds"},
+            ],
+        }]});
+        let text = timeline(&view, &log);
+        assert!(
+            text.contains(
+                "why: canary unavailable: prometheus at http://p:9090: connection refused"
+            ),
+            "{text}"
+        );
+        let p99 = text
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("p99"))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            p99.contains("why: canary unavailable: xxx") && p99.ends_with('…'),
+            "{text}"
+        );
+        assert!(p99.chars().count() < MAX_NOTE + 20, "{p99}");
+        assert!(
+            !text.contains("within bounds"),
+            "a passing metric needs no why: {text}"
+        );
+    }
+
+    #[test]
+    fn shortening_keeps_whole_characters() {
+        assert_eq!(shorten("ab\ncd", 10), "ab cd");
+        assert_eq!(shorten("ééééé", 3), "ééé…");
+        assert_eq!(shorten("abc", 3), "abc");
+    }
 }

@@ -519,7 +519,7 @@ impl Task {
             .metrics
             .decision(&d, shown_step(&d.state, self.policy.strategy.steps().len()));
         if d.action != Action::Hold && d.action != Action::Reject {
-            tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref().unwrap_or(""), "decision");
+            tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref(), "decision");
             self.notify(&d);
         }
         // Idle rollouts own no traffic yet; everything else converges on the desired weight.

@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::store::{self, Store};
 use crate::time::Clock;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -82,112 +82,162 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let leadership = match &config.ha {
-        Some(ha) => {
-            // Every etcd call must give up well within a third of the lease, so that a stalled
-            // call never outlives the leadership term it was made in.
-            let timeout = (ha.election.ttl / 4).max(Duration::from_millis(200));
-            let etcd = crate::etcd::Etcd::new(&ha.etcd, timeout)
-                .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
-            Some((
-                etcd.clone(),
-                crate::ha::Leadership::new(etcd, ha.election.clone()),
-            ))
-        }
-        None => None,
-    };
-    let store = match (&leadership, &config.ha) {
-        (Some((etcd, l)), Some(ha)) => Store::etcd(store::etcd::EtcdStore::new(
-            etcd.clone(),
-            &ha.election.prefix,
-            l.clone(),
-            limits.decisions_kept,
-        )?),
-        _ => Store::open_with_retention(&config.state, limits.decisions_kept)?,
-    };
-    let metrics = match config.metrics {
-        Some(m) => m,
-        None => Metrics::new(prometheus::Registry::new())?,
-    };
-    let views = controller::Views::default();
-    let registry = Registry::default();
-    let policy_errors = controller::PolicyErrors::default();
-    let ready = Arc::new(AtomicBool::new(false));
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let shared = Shared {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        clock: config.clock,
-        views: views.clone(),
-        routers: config.routers,
-        sources: config.sources,
-        http,
-        dry_run: config.dry_run,
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Every task of the daemon lives in this set, so that dropping `serve` (a crash in tests)
-    // ends them all with it.
-    let mut tasks = tokio::task::JoinSet::new();
-    let leader = leadership.map(|(_, l)| l);
-    match &leader {
-        None => {
-            tasks.spawn(controller::run(
-                shared,
-                registry.clone(),
-                policy_errors.clone(),
-                config.policies,
-                config.poll,
-                ready.clone(),
-                stop_rx.clone(),
-            ));
-        }
-        Some(l) => {
-            // The election ends after the rollouts: a leader gives its term up (revoking the
-            // lease, so another replica takes over at once) only once its tasks have stopped.
-            let (election_tx, election_rx) = watch::channel(false);
-            tasks.spawn(l.clone().run(election_rx));
-            let lead = lead(
-                l.clone(),
-                shared,
-                registry.clone(),
-                policy_errors.clone(),
-                config.policies,
-                config.poll,
-                ready.clone(),
-                stop_rx.clone(),
-            );
-            tasks.spawn(async move {
-                lead.await;
-                let _ = election_tx.send(true);
-            });
-        }
+    Daemon::open(config, limits)?
+        .serve(listener, shutdown)
+        .await
+}
+
+/// A daemon whose store is open, not yet serving: `canaryd run` opens it before it says the
+/// daemon runs, so a bad `--state` is one clear startup error.
+pub struct Daemon {
+    config: DaemonConfig,
+    limits: Limits,
+    store: Store,
+    /// The election of a highly available daemon.
+    leadership: Option<Arc<crate::ha::Leadership>>,
+}
+
+impl Daemon {
+    /// Opens the state store: the SQLite file `config.state`, or, for a highly available
+    /// daemon, etcd (no request is sent yet: etcd may come up after the daemon). Must be called
+    /// inside the tokio runtime that will serve.
+    pub fn open(config: DaemonConfig, limits: Limits) -> anyhow::Result<Daemon> {
+        let (store, leadership) = match &config.ha {
+            Some(ha) => {
+                // Every etcd call must give up well within a third of the lease, so that a
+                // stalled call never outlives the leadership term it was made in.
+                let timeout = (ha.election.ttl / 4).max(Duration::from_millis(200));
+                let etcd = crate::etcd::Etcd::new(&ha.etcd, timeout)
+                    .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+                let leadership = crate::ha::Leadership::new(etcd.clone(), ha.election.clone());
+                let store = Store::etcd(store::etcd::EtcdStore::new(
+                    etcd,
+                    &ha.election.prefix,
+                    leadership.clone(),
+                    limits.decisions_kept,
+                )?);
+                (store, Some(leadership))
+            }
+            None => (open_store(&config.state, limits.decisions_kept)?, None),
+        };
+        Ok(Daemon {
+            config,
+            limits,
+            store,
+            leadership,
+        })
     }
-    let app = api::router(ApiState {
-        views,
-        registry,
-        store,
-        metrics,
-        policy_errors,
-        ready,
-        token: config.token,
-    });
-    let mut server = tokio::spawn(serve_api(
-        listener,
-        app,
-        limits.header_read_timeout,
-        stop_rx,
-    ));
-    // Aborted with `serve` itself, like the tasks in the set.
-    let _server_guard = AbortOnDrop(server.abort_handle());
-    shutdown.await;
-    tracing::info!("shutting down: finishing in-flight ticks");
-    let _ = stop_tx.send(true);
-    while tasks.join_next().await.is_some() {}
-    (&mut server).await?;
-    tracing::info!("stopped");
-    Ok(())
+
+    /// Runs the daemon until `shutdown` completes, as `serve` does.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Daemon {
+            config,
+            limits,
+            store,
+            leadership,
+        } = self;
+        let metrics = match config.metrics {
+            Some(m) => m,
+            None => Metrics::new(prometheus::Registry::new())?,
+        };
+        let views = controller::Views::default();
+        let registry = Registry::default();
+        let policy_errors = controller::PolicyErrors::default();
+        let ready = Arc::new(AtomicBool::new(false));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let shared = Shared {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            clock: config.clock,
+            views: views.clone(),
+            routers: config.routers,
+            sources: config.sources,
+            http,
+            dry_run: config.dry_run,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Every task of the daemon lives in this set, so that dropping `serve` (a crash in
+        // tests) ends them all with it.
+        let mut tasks = tokio::task::JoinSet::new();
+        match &leadership {
+            None => {
+                tasks.spawn(controller::run(
+                    shared,
+                    registry.clone(),
+                    policy_errors.clone(),
+                    config.policies,
+                    config.poll,
+                    ready.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            Some(l) => {
+                // The election ends after the rollouts: a leader gives its term up (revoking
+                // the lease, so another replica takes over at once) only once its tasks have
+                // stopped.
+                let (election_tx, election_rx) = watch::channel(false);
+                tasks.spawn(l.clone().run(election_rx));
+                let lead = lead(
+                    l.clone(),
+                    shared,
+                    registry.clone(),
+                    policy_errors.clone(),
+                    config.policies,
+                    config.poll,
+                    ready.clone(),
+                    stop_rx.clone(),
+                );
+                tasks.spawn(async move {
+                    lead.await;
+                    let _ = election_tx.send(true);
+                });
+            }
+        }
+        let app = api::router(ApiState {
+            views,
+            registry,
+            store,
+            metrics,
+            policy_errors,
+            ready,
+            token: config.token,
+        });
+        let mut server = tokio::spawn(serve_api(
+            listener,
+            app,
+            limits.header_read_timeout,
+            stop_rx,
+        ));
+        // Aborted with `serve` itself, like the tasks in the set.
+        let _server_guard = AbortOnDrop(server.abort_handle());
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight ticks");
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        (&mut server).await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Opens the store with one error naming the path and the reason. SQLite's own message repeats
+/// itself down the error chain and does not say that a missing directory is the usual cause.
+fn open_store(path: &Path, decisions_kept: usize) -> anyhow::Result<Store> {
+    Store::open_with_retention(path, decisions_kept).map_err(|e| {
+        let why = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                format!("the directory {} does not exist", dir.display())
+            }
+            _ => std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string),
+        };
+        anyhow::anyhow!("cannot open the state store {}: {why}", path.display())
+    })
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

@@ -109,12 +109,15 @@ struct ConfigFile {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // Colours only on a terminal: a log file or journal would keep the escape codes.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let file: ConfigFile = match &args.config {
         Some(p) => {
@@ -128,10 +131,21 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .policies
         .or(file.policies)
         .unwrap_or_else(|| "policies".into());
-    let prometheus = args
-        .prometheus
-        .or(file.prometheus)
-        .unwrap_or_else(|| "http://127.0.0.1:9090".into());
+    let prometheus = match (args.prometheus, file.prometheus) {
+        (Some(url), _) => {
+            check_prometheus_url(&url, "--prometheus (or CANARYD_PROMETHEUS)")?;
+            url
+        }
+        (None, Some(url)) => {
+            let config = args
+                .config
+                .as_deref()
+                .map_or_else(String::new, |p| format!(" {}", p.display()));
+            check_prometheus_url(&url, &format!("prometheus in the config file{config}"))?;
+            url
+        }
+        (None, None) => "http://127.0.0.1:9090".into(),
+    };
     let listen = args
         .listen
         .or(file.listen)
@@ -164,11 +178,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
+        // The address really listened on (`--listen 127.0.0.1:0` picks a port).
+        let addr = listener.local_addr().unwrap_or(addr);
         let metrics = canaryd::metrics::Metrics::new(prometheus_registry())?;
-        tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, dry_run, "canaryd running");
         let config = canaryd::daemon::DaemonConfig {
-            policies,
-            state,
+            policies: policies.clone(),
+            state: state.clone(),
             token,
             dry_run,
             poll: Duration::from_secs(2),
@@ -183,8 +198,32 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: Some(metrics),
             ha: None,
         };
-        canaryd::daemon::serve(listener, config, canaryd::daemon::signals()).await
+        // Everything that can fail at startup has been checked before the daemon says it runs.
+        let daemon = canaryd::daemon::Daemon::open(config, canaryd::daemon::Limits::default())?;
+        tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, dry_run, "canaryd running");
+        daemon.serve(listener, canaryd::daemon::signals()).await
     })
+}
+
+/// Refuses a default Prometheus URL that no query could use, at startup and naming where it
+/// was given (`from`), rather than failing every query later with "relative URL without a
+/// base". The rules are a policy's `prometheus.url`'s.
+fn check_prometheus_url(url: &str, from: &str) -> anyhow::Result<()> {
+    let expected = "expected an http:// or https:// URL like http://127.0.0.1:9090";
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("{from}: {expected}, found {url:?} ({e})"))?;
+    // The user name and password would be sent, and shown in the log; the URL is not echoed.
+    anyhow::ensure!(
+        parsed.username().is_empty() && parsed.password().is_none(),
+        "{from}: expected a URL without a user name or password \
+         (give --prometheus-user with --prometheus-password-file, or --prometheus-token-file)"
+    );
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "http" | "https")
+            && parsed.host_str().is_some_and(|h| !h.is_empty()),
+        "{from}: {expected}, found {url:?}"
+    );
+    Ok(())
 }
 
 /// The Prometheus client's options from the command line's credentials flags.
@@ -289,7 +328,8 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
         }
     }
     if args.live && !valid.is_empty() {
-        let run = client_options(&args.access)
+        let run = check_prometheus_url(&args.prometheus, "--prometheus (or CANARYD_PROMETHEUS)")
+            .and_then(|()| client_options(&args.access))
             .and_then(|options| with_runtime(live(&args.prometheus, options, &valid)));
         match run {
             Ok(true) => {}

@@ -524,6 +524,20 @@ async fn unavailable_source_holds_without_failures_then_continues() {
     assert_eq!(v2["step"], 1, "{v2}");
     assert_eq!(v2["state"]["consecutive_failures"], 0);
     assert_eq!(v["weight"], 10.0);
+    // The timeline says why each metric is unavailable, not only which.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["status", "demo", "--server", &d.url])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("metrics unavailable: errors")
+            && text.contains("why: canary unavailable: connection refused"),
+        "{text}"
+    );
     *d.source.mode.lock().unwrap() = Mode::Good;
     d.wait_phase("demo", "promoted").await;
     d.stop().await;
@@ -634,10 +648,19 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
         "nothing above changed the rollout"
     );
     let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(20_000));
-    let (s, _) = d
+    let (s, v) = d
         .post("/api/v1/rollouts/demo/pause", Some("s3cret"), &big)
         .await;
     assert_eq!(s, 413);
+    assert!(v["error"].is_string(), "413 answers JSON: {v}");
+    // The scheme's name is case-insensitive (RFC 7235); a wrong action shows it got past it.
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/rollouts/demo/explode", d.url))
+        .header("authorization", "bearer s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404, "lower-case bearer is accepted");
     let (s, rec) = d
         .post(
             "/api/v1/rollouts/demo/pause",
@@ -671,6 +694,17 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
     assert_eq!(s, 400);
     let (s, _) = d.get("/api/v1/rollouts/demo/decisions?limit=0").await;
     assert_eq!(s, 400);
+    let (s, v) = d.get("/api/v1/rollouts/demo/decisions?before=-5").await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d.get("/api/v1/rollouts/demo/assign?key=a&key=b").await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"], "expected exactly one key, found 2");
+    let (s, v) = d.get("/api/v1/nothing-here").await;
+    assert_eq!(s, 404);
+    assert!(v["error"].is_string(), "unknown paths answer JSON: {v}");
+    let (s, v) = d.get("/api/v1/rollouts/demo/pause").await;
+    assert_eq!(s, 405);
+    assert!(v["error"].is_string(), "wrong methods answer JSON: {v}");
     d.stop().await;
 }
 
@@ -817,26 +851,32 @@ async fn status_and_actions_from_the_command_line() {
     d.wait_phase("demo", "progressing").await;
     let bin = env!("CARGO_BIN_EXE_canaryd");
     let run = |args: &[&str]| std::process::Command::new(bin).args(args).output().unwrap();
-    let table = run(&["status", "--server", &d.url]);
-    assert!(table.status.success());
+    // An address without a scheme is taken as http://.
+    let addr = d.url.strip_prefix("http://").unwrap();
+    let table = run(&["status", "--server", addr]);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains("demo") && text.contains("progressing") && text.contains("10%"),
         "{text}"
     );
-    let pause = run(&["pause", "demo", "--server", &d.url, "-m", "checking"]);
+    let pause = run(&["pause", "demo", "--server", addr, "-m", "checking"]);
     assert!(
         pause.status.success(),
         "{}",
         String::from_utf8_lossy(&pause.stderr)
     );
     d.wait_phase("demo", "paused").await;
-    let timeline = run(&["status", "demo", "--server", &d.url]);
+    let timeline = run(&["status", "demo", "--server", addr]);
     let text = String::from_utf8_lossy(&timeline.stdout);
     assert!(text.contains("pause") && text.contains("errors"), "{text}");
     // Refused (not paused any more after resume) and unknown rollouts exit 1.
     assert_eq!(
-        run(&["resume", "demo", "--server", &d.url]).status.code(),
+        run(&["resume", "demo", "--server", addr]).status.code(),
         Some(0)
     );
     assert_eq!(
@@ -923,4 +963,144 @@ async fn a_renamed_policy_explains_the_owned_router_and_abort_takes_it_over() {
     assert_eq!(doc["weights"]["v2"], 0.0, "{doc}");
     assert_eq!(doc["weights"]["v1"], 100.0, "{doc}");
     d.stop().await;
+}
+
+/// `canaryd run` with `args` after `--listen 127.0.0.1:0 --policies DIR`, no config or
+/// Prometheus from the environment; its exit code and stderr. A daemon that starts instead of
+/// failing is killed after 30 s and fails the test.
+async fn run_daemon_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["run", "--listen", "127.0.0.1:0", "--policies"])
+        .arg(dir.join("policies"))
+        .args(args)
+        .env_remove("CANARYD_PROMETHEUS")
+        .env_remove("CANARYD_CONFIG")
+        .env_remove("CANARYD_STATE")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("canaryd run to exit")
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn run_refuses_a_prometheus_that_is_not_a_url_before_it_runs() {
+    let dir = setup(POLICY);
+    let state = dir.path().join("s.db");
+    let state = state.to_str().unwrap();
+    let (code, err) =
+        run_daemon_expecting_failure(dir.path(), &["--state", state, "--prometheus", "notaurl"])
+            .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--prometheus") && err.contains("\"notaurl\""),
+        "the error names the flag and the value: {err}"
+    );
+    assert!(!err.contains("canaryd running"), "{err}");
+    let (code, err) = run_daemon_expecting_failure(
+        dir.path(),
+        &[
+            "--state",
+            state,
+            "--prometheus",
+            "http://ops:pw@127.0.0.1:9090",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("pw@"), "the password is not shown: {err}");
+    let config = dir.path().join("canaryd.yaml");
+    std::fs::write(&config, "prometheus: 127.0.0.1:9090\n").unwrap();
+    let (code, err) = run_daemon_expecting_failure(
+        dir.path(),
+        &["--state", state, "--config", config.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("prometheus in the config file") && err.contains("canaryd.yaml"),
+        "{err}"
+    );
+    assert!(!Path::new(state).exists(), "nothing was started");
+}
+
+#[tokio::test]
+async fn run_with_a_missing_state_directory_fails_once_naming_it() {
+    let dir = setup(POLICY);
+    let state = dir.path().join("missing/s.db");
+    let (code, err) =
+        run_daemon_expecting_failure(dir.path(), &["--state", state.to_str().unwrap()]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: cannot open the state store {}: the directory {} does not exist",
+            state.display(),
+            dir.path().join("missing").display()
+        ),
+        "one error, before the daemon says it runs"
+    );
+}
+
+/// The real daemon's log, through a pipe: plain text, and an automatic decision (the start,
+/// which needs only the router; Prometheus is a closed port) names nobody.
+#[tokio::test]
+async fn the_log_is_plain_text_and_automatic_decisions_name_nobody() {
+    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
+    let log = dir.path().join("canaryd.log");
+    let prometheus = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--prometheus",
+            &prometheus,
+        ])
+        .arg("--policies")
+        .arg(dir.path().join("policies"))
+        .arg("--state")
+        .arg(dir.path().join("s.db"))
+        .current_dir(dir.path())
+        .env_remove("CANARYD_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let text = wait_for("the start decision", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("action=\"start\"").then_some(text)
+    })
+    .await;
+    child.kill().await.unwrap();
+    assert!(text.contains("canaryd running"), "{text}");
+    assert!(!text.contains('\x1b'), "escape codes in the log: {text:?}");
+    let start = text
+        .lines()
+        .find(|l| l.contains("action=\"start\""))
+        .unwrap();
+    assert!(!start.contains("who="), "{start}");
+}
+
+#[test]
+fn operator_commands_say_where_the_token_comes_from() {
+    for command in ["promote", "abort", "pause", "resume", "retry"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("CANARYD_API_TOKEN environment variable"),
+            "{command} --help: {help}"
+        );
+    }
 }
