@@ -34,6 +34,24 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     /// Bearer token required by POST actions; none means open (loopback only by default).
     pub token: Option<String>,
+    /// The election of a highly available daemon; `None` for a single daemon.
+    pub leadership: Option<Arc<crate::ha::Leadership>>,
+}
+
+/// A standby replica's role, for answers that depend on it: `None` when this daemon leads
+/// or is not highly available.
+fn standby(s: &ApiState) -> Option<Option<String>> {
+    match s.leadership.as_ref()?.role() {
+        crate::ha::Role::Leader => None,
+        crate::ha::Role::Standby { leader } => Some(leader),
+    }
+}
+
+fn leader_text(leader: &Option<String>) -> String {
+    leader.as_deref().map_or_else(
+        || "no replica leads yet".to_owned(),
+        |l| format!("the leader is {l}"),
+    )
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -83,6 +101,13 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
+    if let Some(leader) = standby(&s) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("standby: {}\n", leader_text(&leader)),
+        )
+            .into_response();
+    }
     if s.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -141,7 +166,15 @@ async fn list(State(s): State<ApiState>) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    Json(json!({"rollouts": rollouts, "invalid_policies": invalid})).into_response()
+    let mut body = json!({"rollouts": rollouts, "invalid_policies": invalid});
+    if let Some(l) = &s.leadership {
+        let (role, leader) = match l.role() {
+            crate::ha::Role::Leader => ("leader", Some(l.replica().to_owned())),
+            crate::ha::Role::Standby { leader } => ("standby", leader),
+        };
+        body["replica"] = json!({"name": l.replica(), "role": role, "leader": leader});
+    }
+    Json(body).into_response()
 }
 
 /// Axum's own answer to a path it cannot decode (not UTF-8) is plain text.
@@ -349,6 +382,16 @@ async fn act(
             Some(_) => {}
         }
     }
+    if let Some(leader) = standby(&s) {
+        // Only the leader runs rollouts: a standby would answer "no rollout named ...".
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this replica is on standby and runs no rollouts; {}: send operator actions there",
+                leader_text(&leader)
+            ),
+        );
+    }
     let Some(op) = OperatorAction::parse(&action) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -432,6 +475,7 @@ mod tests {
             policy_errors: PolicyErrors::default(),
             ready: Arc::new(AtomicBool::new(ready)),
             token: token.map(str::to_owned),
+            leadership: None,
         }
     }
 

@@ -45,7 +45,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Optional YAML config file with keys policies, prometheus, listen, state,
-    /// api_token_file, dry_run, insecure_no_auth.
+    /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica.
     #[arg(long, env = "CANARYD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of policy files [default: ./policies].
@@ -74,6 +74,21 @@ pub struct RunArgs {
     /// Allow listening on a non-loopback address without an API token.
     #[arg(long, env = "CANARYD_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Run as one replica of a highly available daemon: state in this etcd (client URL, like
+    /// http://127.0.0.1:2379) instead of --state; the replica that holds the leadership runs
+    /// the rollouts, the others stand by and take over when it stops.
+    #[arg(long, env = "CANARYD_ETCD")]
+    pub etcd: Option<String>,
+    /// Key prefix of this daemon's data in etcd [default: /canaryd]; replicas that share it
+    /// share the leadership and the state.
+    #[arg(long, env = "CANARYD_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// This replica's name, shown to the others [default: the host name and process id].
+    #[arg(long, env = "CANARYD_REPLICA")]
+    pub replica: Option<String>,
+    /// Lease of the leadership: a crashed leader is replaced after about this long.
+    #[arg(long, env = "CANARYD_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub lease_ttl: std::time::Duration,
 }
 
 /// How to authenticate to the default Prometheus (a policy's own Prometheus has its own

@@ -137,6 +137,18 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
 /// The rollouts table.
 pub fn table(body: &Value) -> String {
     let mut out = String::new();
+    let replica = &body["replica"];
+    if replica["role"] == "standby" {
+        let _ = writeln!(
+            out,
+            "replica {} is on standby and runs no rollouts; {}",
+            replica["name"].as_str().unwrap_or("?"),
+            replica["leader"].as_str().map_or_else(
+                || "no replica leads yet".to_owned(),
+                |l| format!("ask the leader, {l}")
+            )
+        );
+    }
     let _ = writeln!(
         out,
         "{:<24} {:<18} {:<10} {:<10} {:>7} {:>6}  LAST DECISION",
@@ -164,6 +176,14 @@ pub fn table(body: &Value) -> String {
                 )
             }
         );
+        if let Some(e) = r["router_error"].as_str() {
+            let _ = writeln!(
+                out,
+                "  ! the router is failing, so traffic may not be at {}%: {}",
+                num(&r["weight"]),
+                e.replace('\n', " ")
+            );
+        }
         if let Some(e) = r["policy_error"].as_str() {
             let _ = writeln!(
                 out,
@@ -352,5 +372,44 @@ mod tests {
         assert_eq!(shorten("ab\ncd", 10), "ab cd");
         assert_eq!(shorten("ééééé", 3), "ééé…");
         assert_eq!(shorten("abc", 3), "abc");
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_table_shows_a_failing_router_and_a_standby_replica() {
+        let body = json!({
+            "rollouts": [{
+                "name": "m1", "phase": "progressing", "stable": "v1", "canary": "v2",
+                "weight": 10.0, "step": 1, "steps": [10, 50],
+                "router_error": "cannot write /x/m1.json: No such file or directory",
+            }],
+            "invalid_policies": [],
+            "replica": {"name": "a", "role": "standby", "leader": "b"},
+        });
+        let t = table(&body);
+        assert!(
+            t.contains(
+                "! the router is failing, so traffic may not be at 10%: cannot write /x/m1.json"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.starts_with("replica a is on standby and runs no rollouts; ask the leader, b"),
+            "{t}"
+        );
+        // A leader, or a single daemon, says nothing of it; a working router neither.
+        let mut body = body;
+        body["replica"]["role"] = json!("leader");
+        body["rollouts"][0]["router_error"] = Value::Null;
+        let t = table(&body);
+        assert!(
+            !t.contains("standby") && !t.contains("router is failing"),
+            "{t}"
+        );
     }
 }

@@ -207,6 +207,7 @@ impl Daemon {
             policy_errors,
             ready,
             token: config.token,
+            leadership: leadership.clone(),
         });
         let mut server = tokio::spawn(serve_api(
             listener,

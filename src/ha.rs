@@ -122,7 +122,9 @@ impl Leadership {
     /// How long a renewal at some moment keeps the term certain: the lease's TTL less a
     /// sixth for clock drift.
     fn certain_for(&self) -> Duration {
-        self.config.ttl - self.config.ttl / 6
+        // etcd counts leases in whole seconds, and `Etcd::grant` rounds down.
+        let ttl = Duration::from_secs(self.config.ttl.as_secs().max(1));
+        ttl - ttl / 6
     }
 
     /// Campaigns, leads and stands by until `stop` turns true; then gives the leadership up

@@ -106,6 +106,9 @@ struct ConfigFile {
     api_token_file: Option<PathBuf>,
     dry_run: Option<bool>,
     insecure_no_auth: Option<bool>,
+    etcd: Option<String>,
+    etcd_prefix: Option<String>,
+    replica: Option<String>,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -160,6 +163,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let dry_run = args.dry_run || file.dry_run.unwrap_or(false);
+    let ha = ha_config(
+        args.etcd.or(file.etcd),
+        args.etcd_prefix.or(file.etcd_prefix),
+        args.replica.or(file.replica),
+        args.lease_ttl,
+    )?;
     let options = client_options(&args.access)?;
     let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
     anyhow::ensure!(
@@ -196,13 +205,78 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 Some(Arc::new(metrics.clone())),
             )?,
             metrics: Some(metrics),
-            ha: None,
+            ha: ha.clone(),
         };
         // Everything that can fail at startup has been checked before the daemon says it runs.
         let daemon = canaryd::daemon::Daemon::open(config, canaryd::daemon::Limits::default())?;
-        tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, dry_run, "canaryd running");
+        match &ha {
+            None => {
+                tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, dry_run, "canaryd running")
+            }
+            Some(ha) => {
+                tracing::info!(%addr, policies = %policies.display(), etcd = %ha.etcd, prefix = %ha.election.prefix, replica = %ha.election.replica, %prometheus, dry_run, "canaryd running as a replica; it runs the rollouts while it leads")
+            }
+        }
         daemon.serve(listener, canaryd::daemon::signals()).await
     })
+}
+
+/// The highly available daemon's settings, when an etcd is given.
+fn ha_config(
+    etcd: Option<String>,
+    prefix: Option<String>,
+    replica: Option<String>,
+    ttl: Duration,
+) -> anyhow::Result<Option<canaryd::daemon::HaConfig>> {
+    let Some(etcd) = etcd else {
+        anyhow::ensure!(
+            prefix.is_none() && replica.is_none(),
+            "--etcd-prefix and --replica are for a highly available daemon: give --etcd too"
+        );
+        return Ok(None);
+    };
+    let parsed = reqwest::Url::parse(&etcd).map_err(|e| {
+        anyhow::anyhow!(
+            "--etcd: expected etcd's client URL like http://127.0.0.1:2379, found {etcd:?} ({e})"
+        )
+    })?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some(),
+        "--etcd: expected etcd's client URL like http://127.0.0.1:2379, found {etcd:?}"
+    );
+    let prefix = prefix.unwrap_or_else(|| "/canaryd".into());
+    anyhow::ensure!(
+        prefix.starts_with('/') && prefix.len() > 1 && prefix.bytes().all(|b| b.is_ascii_graphic()),
+        "--etcd-prefix: expected a key prefix like /canaryd (a slash, then printable ASCII), found {prefix:?}"
+    );
+    let replica = match replica {
+        Some(r) => r,
+        None => {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "canaryd".into());
+            format!("{host}-{}", std::process::id())
+        }
+    };
+    anyhow::ensure!(
+        !replica.trim().is_empty(),
+        "--replica: expected a name, found an empty one"
+    );
+    anyhow::ensure!(
+        ttl >= Duration::from_secs(2),
+        "--lease-ttl: expected at least 2s, found {}",
+        humantime::format_duration(ttl)
+    );
+    Ok(Some(canaryd::daemon::HaConfig {
+        etcd,
+        election: canaryd::ha::ElectionConfig {
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            replica,
+            ttl,
+        },
+    }))
 }
 
 /// Refuses a default Prometheus URL that no query could use, at startup and naming where it

@@ -397,3 +397,136 @@ async fn a_crashed_leaders_rollout_continues_on_the_standby_at_the_same_step() {
     );
     b.stop().await;
 }
+
+/// `canaryd run --etcd` as real processes: the standby says who leads and refuses operator
+/// actions; `kill -9` of the leader hands its rollout, at its step, to the standby, which then
+/// drives the router (here, a weights file). No Prometheus: the rollout starts and holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
+    let server = start_etcd();
+    etcd_ready(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    let weights = dir.path().join("weights.json");
+    let policy = POLICY.replace("interval: 50ms", "interval: 200ms").replace(
+        "file: {path: /dev/null}",
+        &format!("file: {{path: '{}'}}", weights.display()),
+    );
+    std::fs::write(policies.join("demo.yaml"), policy).expect("policy");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let start = |name: &str| {
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log");
+        let child = ChildGuard::spawn(
+            Command::new(env!("CARGO_BIN_EXE_canaryd"))
+                .args(["run", "--policies"])
+                .arg(&policies)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--prometheus", &closed])
+                .args(["--etcd", &server.url, "--etcd-prefix", "/ha-e2e"])
+                .args(["--replica", name, "--lease-ttl", "2s"])
+                .env_remove("CANARYD_CONFIG")
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+        );
+        (child, format!("http://127.0.0.1:{port}"))
+    };
+    let get = |url: String| async move {
+        let r = reqwest::get(&url).await.ok()?;
+        let status = r.status().as_u16();
+        let text = r.text().await.ok()?;
+        Some((status, text))
+    };
+    let canary_weight = || -> Option<f64> {
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&weights).ok()?).ok()?;
+        doc["weights"]["v2"].as_f64()
+    };
+
+    let (a, a_url) = start("a");
+    wait_for(
+        "a to lead and start the rollout",
+        Duration::from_secs(30),
+        || {
+            let url = format!("{a_url}/api/v1/rollouts/demo");
+            async move {
+                let (status, text) = get(url).await?;
+                let v: Value = serde_json::from_str(&text).ok()?;
+                (status == 200 && v["phase"] == "progressing" && canary_weight() == Some(10.0))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let (_b, b_url) = start("b");
+    let (status, text) = wait_for("b to answer as a standby", Duration::from_secs(30), || {
+        let url = format!("{b_url}/readyz");
+        async move {
+            get(url)
+                .await
+                .filter(|(s, t)| *s == 503 && t.contains("the leader is"))
+        }
+    })
+    .await;
+    assert!(text.contains("standby: the leader is a"), "{status} {text}");
+    let refused = reqwest::Client::new()
+        .post(format!("{b_url}/api/v1/rollouts/demo/abort"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(refused.status().as_u16(), 503);
+    let body: Value = refused.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the leader is a")),
+        "{body}"
+    );
+
+    drop(a); // SIGKILL: no shutdown, the lease is left to expire.
+    let v: Value = wait_for(
+        "b to take the rollout over",
+        Duration::from_secs(30),
+        || {
+            let url = format!("{b_url}/api/v1/rollouts/demo");
+            async move {
+                let (status, text) = get(url).await?;
+                (status == 200)
+                    .then(|| serde_json::from_str(&text).ok())
+                    .flatten()
+            }
+        },
+    )
+    .await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    assert_eq!(v["step"], 1, "{v}");
+    assert_eq!(
+        canary_weight(),
+        Some(10.0),
+        "traffic stayed where a left it"
+    );
+    let (_, text) = get(format!("{b_url}/api/v1/rollouts/demo/decisions?limit=500"))
+        .await
+        .expect("decisions");
+    let log: Value = serde_json::from_str(&text).expect("json");
+    let starts = log["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .filter(|d| d["action"] == "start")
+        .count();
+    assert_eq!(starts, 1, "the rollout was not started again: {log}");
+    // The new leader drives the router: an abort takes the canary's traffic away.
+    let aborted = reqwest::Client::new()
+        .post(format!("{b_url}/api/v1/rollouts/demo/abort"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(aborted.status().as_u16(), 200);
+    wait_for(
+        "the canary's traffic gone",
+        Duration::from_secs(10),
+        || async { (canary_weight() == Some(0.0)).then_some(()) },
+    )
+    .await;
+}
