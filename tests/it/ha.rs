@@ -483,6 +483,13 @@ async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
         "{body}"
     );
 
+    // The standby reads the shared decision log.
+    let (status, text) = get(format!("{b_url}/api/v1/rollouts/demo/decisions"))
+        .await
+        .expect("decisions");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"action\":\"start\""), "{text}");
+
     drop(a); // SIGKILL: no shutdown, the lease is left to expire.
     let v: Value = wait_for(
         "b to take the rollout over",
