@@ -391,10 +391,24 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
     };
     for file in policy_files(&args.policies) {
         match load(&file) {
-            Ok(p) => {
-                println!("{}: ok", file.display());
-                valid.push((file, p));
-            }
+            // The daemon runs one rollout per name: a second file with a name already taken
+            // would never run.
+            Ok(p) => match valid
+                .iter()
+                .find(|(_, q): &&(PathBuf, canaryd::policy::Policy)| q.name == p.name)
+            {
+                Some((first, _)) => {
+                    ok = false;
+                    println!(
+                        "{}",
+                        canaryd::policy::name_clash(&file, &p.name, &first.display().to_string())
+                    );
+                }
+                None => {
+                    println!("{}: ok", file.display());
+                    valid.push((file, p));
+                }
+            },
             Err(e) => {
                 ok = false;
                 println!("{e}");

@@ -510,3 +510,36 @@ fn a_duplicate_key_names_the_key_in_the_users_terms() {
         "the position is given once: {err}"
     );
 }
+
+/// Two files with one rollout name: the daemon would run only one of them, so `check` fails
+/// the second, at its `name`, naming the first.
+#[test]
+fn check_refuses_a_rollout_name_defined_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let minimal = std::fs::read_to_string(root().join("tests/data/valid/minimal.yaml")).unwrap();
+    std::fs::write(dir.path().join("a.yaml"), &minimal).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), &minimal).unwrap();
+    let d = dir.path().display().to_string();
+    let (code, out, _) = canaryd(&["check", &d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("{d}/a.yaml: ok")), "{out}");
+    let name_line = minimal
+        .lines()
+        .position(|l| l.starts_with("name:"))
+        .unwrap()
+        + 1;
+    assert!(
+        out.contains(&format!(
+            "{d}/b.yaml:{name_line}:7: name: rollout \"minimal\" is already defined by {d}/a.yaml"
+        )),
+        "{out}"
+    );
+    // Another name, and both pass.
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        minimal.replace("name: minimal", "name: other"),
+    )
+    .unwrap();
+    let (code, out, _) = canaryd(&["check", &d]);
+    assert_eq!(code, 0, "{out}");
+}
