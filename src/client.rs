@@ -249,6 +249,11 @@ pub fn timeline(view: &Value, log: &Value) -> String {
             .as_str()
             .map(|w| format!(" by {w}"))
             .unwrap_or_default();
+        // The operator's reason (`-m`), when one was given.
+        let who = match d["why"].as_str().map(str::trim).filter(|w| !w.is_empty()) {
+            Some(why) => format!("{who}: {:?}", why.replace('\n', " ")),
+            None => who,
+        };
         let _ = writeln!(
             out,
             "{}  {:<9} {:<18} {:>6}%  {}{}{}",
@@ -411,5 +416,29 @@ mod table_tests {
             !t.contains("standby") && !t.contains("router is failing"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_timeline_shows_who_acted_and_why() {
+        let view = json!({"name": "m1", "phase": "rolled-back", "steps": [10, 50], "state": {}});
+        let log = json!({"decisions": [{
+            "at": 1_700_000_000_000_i64, "action": "rollback", "phase": "rolling-back",
+            "weight": 0.0, "reason": "operator abort", "who": "alice", "why": "p99 spikes\nin eu",
+            "applied": true, "reports": [],
+        }, {
+            "at": 1_700_000_000_000_i64, "action": "start", "phase": "progressing",
+            "weight": 10.0, "reason": "first step", "who": null, "why": null,
+            "applied": true, "reports": [],
+        }]});
+        let t = timeline(&view, &log);
+        assert!(
+            t.contains("operator abort by alice: \"p99 spikes in eu\""),
+            "{t}"
+        );
+        assert!(
+            t.contains("first step\n") || t.contains("first step"),
+            "{t}"
+        );
+        assert!(!t.contains("by null"), "{t}");
     }
 }

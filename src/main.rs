@@ -126,7 +126,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read the config file {}", p.display()))?;
-            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            config_file(&text).map_err(|e| anyhow::anyhow!("{}:{e}", p.display()))?
         }
         None => ConfigFile::default(),
     };
@@ -218,6 +218,31 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         daemon.serve(listener, canaryd::daemon::signals()).await
+    })
+}
+
+/// The config file's settings, or `line:column: message` for people (the file name goes in
+/// front), as policy errors are shown.
+fn config_file(text: &str) -> Result<ConfigFile, String> {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.duplicate_keys = serde_saphyr::options::DuplicateKeyPolicy::Error;
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options::<ConfigFile>(text, options).map_err(|e| {
+        let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+        let message = e.to_string();
+        let message = message.lines().next().unwrap_or_default();
+        // The position is in front already.
+        let message = message.trim_start_matches("error: ");
+        let message = match message.split_once(": ") {
+            Some((head, rest)) if head.starts_with("line ") && head.contains(" column ") => rest,
+            _ => message,
+        };
+        let message = match message.rfind(" at line ") {
+            Some(i) if message[i..].contains(", column ") => &message[..i],
+            _ => message,
+        };
+        format!("{line}:{column}: {message}")
     })
 }
 

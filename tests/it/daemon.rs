@@ -1029,6 +1029,55 @@ async fn run_refuses_a_prometheus_that_is_not_a_url_before_it_runs() {
     assert!(!Path::new(state).exists(), "nothing was started");
 }
 
+/// A config file's mistakes read like a policy's: `file:line:column: message`, once; and the
+/// highly available daemon's flags are checked before anything starts.
+#[tokio::test]
+async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
+    let dir = setup(POLICY);
+    let state = dir.path().join("s.db");
+    let state = state.to_str().unwrap();
+    let config = dir.path().join("canaryd.yaml");
+    let shown = config.display().to_string();
+    let cases = [
+        (
+            "polices: x\n",
+            format!("{shown}:1:1: unknown field `polices`"),
+        ),
+        ("dry_run: yes\n", format!("{shown}:1:10: invalid boolean")),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&config, text).unwrap();
+        let (code, err) = run_daemon_expecting_failure(
+            dir.path(),
+            &["--state", state, "--config", config.to_str().unwrap()],
+        )
+        .await;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(&want), "{want} in: {err}");
+        assert_eq!(err.matches(&shown).count(), 1, "said once: {err}");
+        assert!(!err.contains("<input>"), "{err}");
+    }
+    let flags: [(&[&str], &str); 3] = [
+        (
+            &["--etcd", "127.0.0.1:2379"],
+            "--etcd: expected etcd's client URL",
+        ),
+        (&["--replica", "a"], "give --etcd too"),
+        (
+            &["--etcd", "http://127.0.0.1:1", "--lease-ttl", "1s"],
+            "--lease-ttl: expected at least 2s",
+        ),
+    ];
+    for (args, want) in flags {
+        let mut all = vec!["--state", state];
+        all.extend_from_slice(args);
+        let (code, err) = run_daemon_expecting_failure(dir.path(), &all).await;
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("canaryd running"), "{err}");
+    }
+}
+
 #[tokio::test]
 async fn run_with_a_missing_state_directory_fails_once_naming_it() {
     let dir = setup(POLICY);
