@@ -470,23 +470,7 @@ impl Task {
             match tokio::task::spawn_blocking(move || store.record(&dd, now)).await {
                 Ok(Ok(id)) => {
                     self.last_id = Some(id);
-                    record = Some(DecisionRecord {
-                        id,
-                        rollout: d.state.name.clone(),
-                        at: now,
-                        action: d.action.as_str().into(),
-                        phase: d.state.phase.as_str().into(),
-                        step: d.state.step,
-                        weight: d.weight,
-                        attempt: d.state.attempt,
-                        stable: d.state.stable.clone(),
-                        canary: d.state.canary.clone(),
-                        reason: d.reason.clone(),
-                        who: d.who.clone(),
-                        why: d.why.clone(),
-                        reports: d.reports.clone(),
-                        applied: false,
-                    });
+                    record = Some(DecisionRecord::of(id, &d, now));
                 }
                 Ok(Err(e)) => {
                     // Without a durable record the decision must not reach the router.

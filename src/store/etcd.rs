@@ -152,23 +152,7 @@ impl EtcdStore {
             let last_id = previous.as_ref().map_or(0, |r| r.last_id);
             let last_applied_id = previous.as_ref().map_or(0, |r| r.last_applied_id);
             let id = last_id + 1;
-            let entry = DecisionRecord {
-                id,
-                rollout: name.clone(),
-                at: now,
-                action: d.action.as_str().into(),
-                phase: d.state.phase.as_str().into(),
-                step: d.state.step,
-                weight: d.weight,
-                attempt: d.state.attempt,
-                stable: d.state.stable.clone(),
-                canary: d.state.canary.clone(),
-                reason: d.reason.clone(),
-                who: d.who.clone(),
-                why: d.why.clone(),
-                reports: d.reports.clone(),
-                applied: false,
-            };
+            let entry = DecisionRecord::of(id, d, now);
             let record = Record {
                 state: d.state.clone(),
                 applied: false,

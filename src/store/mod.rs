@@ -59,6 +59,29 @@ pub struct DecisionRecord {
     pub applied: bool,
 }
 
+impl DecisionRecord {
+    /// The log entry of decision `d`, taken at `now`, with id `id`, not yet applied.
+    pub fn of(id: i64, d: &Decision, now: Time) -> DecisionRecord {
+        DecisionRecord {
+            id,
+            rollout: d.state.name.clone(),
+            at: now,
+            action: d.action.as_str().into(),
+            phase: d.state.phase.as_str().into(),
+            step: d.state.step,
+            weight: d.weight,
+            attempt: d.state.attempt,
+            stable: d.state.stable.clone(),
+            canary: d.state.canary.clone(),
+            reason: d.reason.clone(),
+            who: d.who.clone(),
+            why: d.why.clone(),
+            reports: d.reports.clone(),
+            applied: false,
+        }
+    }
+}
+
 /// A rollout's stored state and whether its last decision reached the router.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredRollout {

@@ -63,18 +63,7 @@ async fn counts_since_the_rollout_began_exclude_what_came_before_and_keep_growin
             e.insert(v, c);
         }
     }
-    let exporter = start_exporter(exported.clone()).await;
-    let (_prometheus, port) = start_prometheus(dir.path(), exporter);
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_port(port, Duration::from_secs(20)).await;
-    let client = PrometheusClient::new(&url, options(3000, 1)).expect("client");
-    wait_for_value(
-        &client,
-        "prometheus to scrape the exporter",
-        "sum(model_requests_total{model=\"m\"})",
-        2.0,
-    )
-    .await;
+    let (_prometheus, client) = scraped(dir.path(), &exported, 2.0).await;
     {
         // A previous attempt, seen by Prometheus: the canary failed 1,000 of 2,000 requests.
         let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
@@ -84,58 +73,17 @@ async fn counts_since_the_rollout_began_exclude_what_came_before_and_keep_growin
             }
         }
     }
-    wait_for_value(
-        &client,
-        "prometheus to scrape the previous attempt",
-        "sum(model_requests_total{model=\"m\"})",
-        4002.0,
-    )
-    .await;
+    wait_for_value(&client, "the previous attempt scraped", REQUESTS, 4002.0).await;
     // The new attempt starts now: 10 requests per 100 ms per version, none failing.
-    let load = {
-        let exported = exported.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
-                for v in ["v1", "v2"] {
-                    if let Some(c) = e.get_mut(v) {
-                        c.serve(0, [10, 0, 0, 0, 0, 0], 0, 0);
-                    }
-                }
-            }
-        })
-    };
-    let started = wait_for("traffic to be scraped", Duration::from_secs(10), || {
-        let client = &client;
-        async move {
-            let sum = value_now(client, "sum(model_requests_total{model=\"m\"})").await?;
-            let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))").await?;
-            (sum > 4002.0).then_some(ts)
-        }
-    })
-    .await;
-    let started = Time((started * 1000.0).round() as i64 - 500);
+    let load = steady_load(&exported, |c, _| c.serve(0, [10, 0, 0, 0, 0, 0], 0, 0));
+    let started = Time(first_scrape_above(&client, 4002.0).await.0 - 500);
     // The daemon's default shortest range (60 s), far longer than the looks below.
     let source = PrometheusSource::new(client.clone());
     let p = policy_with("v1", "v2", &[ERROR_RATE], "");
     let mut last_total = 0.0;
     for look in 1..=3 {
         let at = Time(started.0 + 4_000 * look);
-        wait_for(
-            "the look's data to be scraped",
-            Duration::from_secs(20),
-            || {
-                let client = &client;
-                async move {
-                    let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))")
-                        .await?;
-                    (ts * 1000.0 >= at.0 as f64).then_some(())
-                }
-            },
-        )
-        .await;
+        scraped_until(&client, at).await;
         let window = Window {
             at,
             since: started,
@@ -1092,6 +1040,75 @@ async fn value_now(client: &PrometheusClient, promql: &str) -> Option<f64> {
 }
 
 /// Waits until an instant query evaluated now answers `want`.
+/// An exporter serving `exported` and a Prometheus scraping it every second, once Prometheus
+/// has scraped the requests already in `exported` (`requests` of them).
+async fn scraped(
+    dir: &std::path::Path,
+    exported: &Exported,
+    requests: f64,
+) -> (ChildGuard, PrometheusClient) {
+    let exporter = start_exporter(exported.clone()).await;
+    let (prometheus, port) = start_prometheus(dir, exporter);
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let url = format!("http://127.0.0.1:{port}");
+    let client = PrometheusClient::new(&url, options(3000, 1)).expect("client");
+    wait_for_value(
+        &client,
+        "prometheus to scrape the exporter",
+        REQUESTS,
+        requests,
+    )
+    .await;
+    (prometheus, client)
+}
+
+/// Every 100 ms, `batch` serves each version's next requests, until the task is aborted.
+fn steady_load(
+    exported: &Exported,
+    batch: impl Fn(&mut Counters, &str) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let exported = exported.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
+            for v in ["v1", "v2"] {
+                if let Some(c) = e.get_mut(v) {
+                    batch(c, v);
+                }
+            }
+        }
+    })
+}
+
+/// The time of the first scrape that saw more than `requests` requests.
+async fn first_scrape_above(client: &PrometheusClient, requests: f64) -> Time {
+    let ts = wait_for(
+        "traffic to be scraped",
+        Duration::from_secs(10),
+        || async move {
+            let sum = value_now(client, REQUESTS).await?;
+            let ts = value_now(client, LAST_SCRAPE).await?;
+            (sum > requests).then_some(ts)
+        },
+    )
+    .await;
+    Time((ts * 1000.0).round() as i64)
+}
+
+/// Waits until Prometheus has scraped the exporter at or after `at`.
+async fn scraped_until(client: &PrometheusClient, at: Time) {
+    wait_for("a later scrape", Duration::from_secs(30), || async move {
+        let ts = value_now(client, LAST_SCRAPE).await?;
+        (ts * 1000.0 >= at.0 as f64).then_some(())
+    })
+    .await;
+}
+
+const REQUESTS: &str = "sum(model_requests_total{model=\"m\"})";
+const LAST_SCRAPE: &str = "max(timestamp(model_requests_total{model=\"m\"}))";
+
 async fn wait_for_value(client: &PrometheusClient, what: &str, promql: &str, want: f64) {
     wait_for(what, Duration::from_secs(20), || async move {
         (value_now(client, promql).await == Some(want)).then_some(())
@@ -1564,56 +1581,14 @@ async fn real_prometheus_series_for_mann_whitney() {
             e.insert(v, c);
         }
     }
-    let exporter = start_exporter(exported.clone()).await;
-    let (_prometheus, port) = start_prometheus(dir.path(), exporter);
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_port(port, Duration::from_secs(20)).await;
-    let client = PrometheusClient::new(&url, options(3000, 1)).expect("client");
-    wait_for_value(
-        &client,
-        "prometheus to scrape the exporter",
-        "sum(model_requests_total{model=\"m\"})",
-        2000.0,
-    )
-    .await;
-
+    let (_prometheus, client) = scraped(dir.path(), &exported, 2000.0).await;
     // Steady traffic on both versions from now on.
-    let load = {
-        let exported = exported.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                let mut e = exported.lock().unwrap_or_else(|e| e.into_inner());
-                for v in ["v1", "v2"] {
-                    if let Some(c) = e.get_mut(v) {
-                        batch(c, v, 1);
-                    }
-                }
-            }
-        })
-    };
-    let first = wait_for("traffic to be scraped", Duration::from_secs(10), || {
-        let client = &client;
-        async move {
-            let sum = value_now(client, "sum(model_requests_total{model=\"m\"})").await?;
-            let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))").await?;
-            (sum > 2000.0).then_some(ts)
-        }
-    })
-    .await;
+    let load = steady_load(&exported, move |c, v| batch(c, v, 1));
     // The step begins half a scrape before the first sample with traffic; twelve seconds of
     // it make six two-second intervals.
-    let since = Time((first * 1000.0).round() as i64 - 500);
+    let since = Time(first_scrape_above(&client, 2000.0).await.0 - 500);
     let at = Time(since.0 + 12_000);
-    wait_for("twelve seconds of traffic", Duration::from_secs(30), || {
-        let client = &client;
-        async move {
-            let ts = value_now(client, "max(timestamp(model_requests_total{model=\"m\"}))").await?;
-            (ts * 1000.0 >= at.0 as f64).then_some(())
-        }
-    })
-    .await;
+    scraped_until(&client, at).await;
     load.abort();
     let window = Window {
         at,
