@@ -165,17 +165,17 @@ impl Daemon {
         // Every task of the daemon lives in this set, so that dropping `serve` (a crash in
         // tests) ends them all with it.
         let mut tasks = tokio::task::JoinSet::new();
+        let rollouts = Rollouts {
+            shared,
+            registry: registry.clone(),
+            policy_errors: policy_errors.clone(),
+            policies: config.policies,
+            poll: config.poll,
+            ready: ready.clone(),
+        };
         match &leadership {
             None => {
-                tasks.spawn(controller::run(
-                    shared,
-                    registry.clone(),
-                    policy_errors.clone(),
-                    config.policies,
-                    config.poll,
-                    ready.clone(),
-                    stop_rx.clone(),
-                ));
+                tasks.spawn(rollouts.run(stop_rx.clone()));
             }
             Some(l) => {
                 // The election ends after the rollouts: a leader gives its term up (revoking
@@ -183,16 +183,7 @@ impl Daemon {
                 // stopped.
                 let (election_tx, election_rx) = watch::channel(false);
                 tasks.spawn(l.clone().run(election_rx));
-                let lead = lead(
-                    l.clone(),
-                    shared,
-                    registry.clone(),
-                    policy_errors.clone(),
-                    config.policies,
-                    config.poll,
-                    ready.clone(),
-                    stop_rx.clone(),
-                );
+                let lead = lead(l.clone(), rollouts, stop_rx.clone());
                 tasks.spawn(async move {
                     lead.await;
                     let _ = election_tx.send(true);
@@ -249,17 +240,36 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Runs the rollouts during each leadership term of this replica, and stops them (each after
-/// its current tick) when the term ends; the next term starts again from the stored state.
-#[allow(clippy::too_many_arguments)]
-async fn lead(
-    leadership: Arc<crate::ha::Leadership>,
+/// What `controller::run` needs, to start it again for every leadership term.
+struct Rollouts {
     shared: Shared,
     registry: Registry,
     policy_errors: controller::PolicyErrors,
     policies: PathBuf,
     poll: Duration,
     ready: Arc<AtomicBool>,
+}
+
+impl Rollouts {
+    /// Runs every policy's rollout until `stop` turns true.
+    fn run(&self, stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+        controller::run(
+            self.shared.clone(),
+            self.registry.clone(),
+            self.policy_errors.clone(),
+            self.policies.clone(),
+            self.poll,
+            self.ready.clone(),
+            stop,
+        )
+    }
+}
+
+/// Runs the rollouts during each leadership term of this replica, and stops them (each after
+/// its current tick) when the term ends; the next term starts again from the stored state.
+async fn lead(
+    leadership: Arc<crate::ha::Leadership>,
+    rollouts: Rollouts,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut role = leadership.watch();
@@ -279,15 +289,7 @@ async fn lead(
         }
         tracing::info!(replica = leadership.replica(), "running the rollouts");
         let (term_tx, term_rx) = watch::channel(false);
-        let run = controller::run(
-            shared.clone(),
-            registry.clone(),
-            policy_errors.clone(),
-            policies.clone(),
-            poll,
-            ready.clone(),
-            term_rx,
-        );
+        let run = rollouts.run(term_rx);
         tokio::pin!(run);
         let not_leading = async {
             while role.changed().await.is_ok() {

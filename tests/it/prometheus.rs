@@ -754,17 +754,7 @@ async fn check_live_authenticates_to_the_default_prometheus_with_the_flags() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let policy = dir.path().join("demo.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "name: demo\nstable: v1\ncanary: v2\nstrategy: {{steps: [10, 50]}}\n\
-             metrics: [{ERROR_RATE}]\n\
-             router: {{file: {{path: '{}'}}}}\n",
-            dir.path().join("weights.json").display()
-        ),
-    )
-    .unwrap();
+    let policy = write_check_policy(dir.path());
     let check = |with_token: bool| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"));
         cmd.args(["check", "--live", "--prometheus", &url])
@@ -797,6 +787,22 @@ async fn check_live_authenticates_to_the_default_prometheus_with_the_flags() {
     assert!(!out.contains(TOKEN), "the token is not printed: {out}");
 }
 
+/// `demo.yaml` in `dir`: one error-rate metric, a weights file beside it; for `check --live`.
+fn write_check_policy(dir: &std::path::Path) -> std::path::PathBuf {
+    let policy = dir.join("demo.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "name: demo\nstable: v1\ncanary: v2\nstrategy: {{steps: [10, 50]}}\n\
+             metrics: [{ERROR_RATE}]\n\
+             router: {{file: {{path: '{}'}}}}\n",
+            dir.join("weights.json").display()
+        ),
+    )
+    .unwrap();
+    policy
+}
+
 /// A password file named by a flag is read as a policy's is: spaces are part of the password,
 /// only the line end goes; a file of two lines is refused with the flag's name, not used.
 #[tokio::test]
@@ -805,17 +811,7 @@ async fn flag_credentials_files_keep_their_spaces_and_must_be_one_line() {
     let header = "Basic dGVhbS1jOiBzcGFjZWQgcHcg".to_owned();
     let (url, fake) = start_fake(Script::RequireAuth(header.clone())).await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("demo.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "name: demo\nstable: v1\ncanary: v2\nstrategy: {{steps: [10, 50]}}\n\
-             metrics: [{ERROR_RATE}]\n\
-             router: {{file: {{path: '{}'}}}}\n",
-            dir.path().join("weights.json").display()
-        ),
-    )
-    .unwrap();
+    let policy = write_check_policy(dir.path());
     let check = |password: &str| {
         let file = dir.path().join("password");
         std::fs::write(&file, password).unwrap();
