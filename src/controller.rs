@@ -294,11 +294,6 @@ impl Task {
         if self.shared.dry_run {
             return true;
         }
-        if !self.shared.store.may_write() {
-            // A replica whose leadership term may have ended leaves traffic to the next leader.
-            tracing::warn!(rollout = %self.policy.name, "not leading: the router is left alone");
-            return false;
-        }
         let target = self.target();
         let Ok(router) = &self.router else {
             self.router_failing_since.get_or_insert(now);
@@ -306,6 +301,12 @@ impl Task {
         };
         let mut delay = Duration::from_millis(200);
         for attempt in 1..=ROUTER_ATTEMPTS {
+            if !self.shared.store.may_write() {
+                // A replica whose leadership term may have ended leaves traffic to the next
+                // leader: checked before every attempt, as retries take time.
+                tracing::warn!(rollout = %self.policy.name, "not leading: the router is left alone");
+                return false;
+            }
             let started = tokio::time::Instant::now();
             let res = router.apply(&target).await;
             self.shared.metrics.router_call(

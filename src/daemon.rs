@@ -251,6 +251,19 @@ struct Rollouts {
 }
 
 impl Rollouts {
+    fn for_term(&self, revision: i64) -> Rollouts {
+        let mut shared = self.shared.clone();
+        shared.store = shared.store.for_term(revision);
+        Rollouts {
+            shared,
+            registry: self.registry.clone(),
+            policy_errors: self.policy_errors.clone(),
+            policies: self.policies.clone(),
+            poll: self.poll,
+            ready: self.ready.clone(),
+        }
+    }
+
     /// Runs every policy's rollout until `stop` turns true.
     fn run(&self, stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
         controller::run(
@@ -275,21 +288,31 @@ async fn lead(
     let mut role = leadership.watch();
     loop {
         // Stand by until this replica leads.
-        loop {
+        let term = loop {
             if *stop.borrow() {
                 return;
             }
-            if *role.borrow_and_update() == crate::ha::Role::Leader {
-                break;
+            let leading = *role.borrow_and_update() == crate::ha::Role::Leader;
+            if let Some(term) = leadership.term().filter(|_| leading) {
+                break term;
             }
+            // A role of leader whose term already ran out by this replica's clock waits for
+            // the election's next round, which renews the term or steps down.
             tokio::select! {
                 r = role.changed() => if r.is_err() { return },
                 _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if leading => {}
             }
-        }
-        tracing::info!(replica = leadership.replica(), "running the rollouts");
+        };
+        tracing::info!(
+            replica = leadership.replica(),
+            term = term.revision,
+            "running the rollouts"
+        );
         let (term_tx, term_rx) = watch::channel(false);
-        let run = rollouts.run(term_rx);
+        // The tasks of this term write (and touch the router) for this term only: a task still
+        // finishing its tick when the term ends cannot write under a later term of this replica.
+        let run = rollouts.for_term(term.revision).run(term_rx);
         tokio::pin!(run);
         let not_leading = async {
             while role.changed().await.is_ok() {

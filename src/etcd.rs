@@ -191,8 +191,15 @@ impl Etcd {
         let v = self
             .call("/v3/lease/keepalive", json!({"ID": lease.to_string()}))
             .await?;
-        // The gateway streams keep-alive answers: one `{"result": ...}` object here.
-        let r = v.get("result").unwrap_or(&v);
+        // The gateway streams keep-alive answers: one `{"result": ...}` object here, or an
+        // `{"error": ...}` one (with HTTP 200) when etcd could not renew it. Only a result
+        // without a time to live says the lease is gone.
+        if let Some(e) = v.get("error") {
+            return Err(self.bad(format!("lease keep-alive failed: {e}")));
+        }
+        let r = v
+            .get("result")
+            .ok_or_else(|| self.bad(format!("no keep-alive result in {v}")))?;
         Ok(int(r.get("TTL"))
             .filter(|t| *t > 0)
             .map(|t| Duration::from_secs(t.unsigned_abs())))
@@ -277,7 +284,10 @@ impl Etcd {
             )
             .await?;
         let succeeded = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
-        let revision = int(v.get("header").and_then(|h| h.get("revision"))).unwrap_or(0);
+        // Every answer carries the store's revision; without it a term could not be known.
+        let revision = int(v.get("header").and_then(|h| h.get("revision")))
+            .filter(|r| *r > 0)
+            .ok_or_else(|| self.bad(format!("no revision in the transaction's answer {v}")))?;
         let mut gets = Vec::new();
         for r in v
             .get("responses")

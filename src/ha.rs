@@ -134,6 +134,7 @@ impl Leadership {
         let pause = (self.config.ttl / 3).max(Duration::from_millis(100));
         let mut lease: Option<i64> = None;
         while !*stop.borrow() {
+            let began = Instant::now();
             match self.round(&mut lease).await {
                 Ok(()) => {}
                 Err(e) => {
@@ -143,8 +144,10 @@ impl Leadership {
                     }
                 }
             }
+            // Rounds start every `pause`, however long one took, so slow answers do not let
+            // the term run out between renewals.
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(pause.saturating_sub(began.elapsed())) => {}
                 r = stop.changed() => if r.is_err() { break },
             }
         }
@@ -188,10 +191,11 @@ impl Leadership {
         let valid_until = sent + self.certain_for();
         let held = *self.term.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = held.filter(|t| t.lease == id) {
+            // The renewal keeps the key, and the term, alive: extend it at once.
+            self.set_term(Some(Term { valid_until, ..t }));
             // Still ours? The key may have been deleted by hand.
             let now = self.etcd.get(&self.key).await?;
             if now.is_some_and(|kv| kv.create_revision == t.revision) {
-                self.set_term(Some(Term { valid_until, ..t }));
                 return Ok(());
             }
             self.lose("the leader key is gone");
@@ -220,7 +224,7 @@ impl Leadership {
             self.set_role(Role::Leader);
         } else {
             let holder = res.gets.first().and_then(|kvs| kvs.first());
-            if let Some(kv) = holder.filter(|kv| kv.lease == id) {
+            if let Some(kv) = holder.filter(|kv| kv.lease == id && kv.create_revision > 0) {
                 // The key is still on this replica's live lease: its term had only ended by
                 // its own clock (a slow round). It leads again, under the same term.
                 self.set_term(Some(Term {

@@ -27,6 +27,9 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct EtcdStore {
     inner: Arc<Inner>,
+    /// The leadership term this store writes for, once bound (`for_term`): the rollouts of
+    /// one term must not write under the next one, which may have decided otherwise.
+    term: Option<i64>,
 }
 
 struct Inner {
@@ -67,7 +70,16 @@ impl EtcdStore {
                 decisions_kept: decisions_kept.max(1),
                 runtime,
             }),
+            term: None,
         })
+    }
+
+    /// This store, writing only while the leadership term `revision` lasts.
+    pub fn for_term(&self, revision: i64) -> EtcdStore {
+        EtcdStore {
+            inner: self.inner.clone(),
+            term: Some(revision),
+        }
     }
 
     fn block<T>(&self, f: impl Future<Output = T>) -> T {
@@ -87,15 +99,22 @@ impl EtcdStore {
     }
 
     pub fn may_write(&self) -> bool {
-        self.inner.leadership.term().is_some()
+        self.fence().is_ok()
     }
 
-    /// The fencing compare of the current term, or why there is none.
+    /// The fencing compare of the term this store writes for, or why it may not write: no
+    /// term, or not the one it is bound to.
     fn fence(&self) -> Result<Compare, StoreError> {
         let l = &self.inner.leadership;
         let term = l.term().ok_or_else(|| {
             StoreError::NotLeader(format!("replica {} holds no leadership term", l.replica()))
         })?;
+        if self.term.is_some_and(|bound| bound != term.revision) {
+            return Err(StoreError::NotLeader(format!(
+                "replica {} leads in a later term than this rollout task's",
+                l.replica()
+            )));
+        }
         Ok(Compare::CreateRevision(l.key().to_owned(), term.revision))
     }
 
@@ -251,24 +270,27 @@ impl EtcdStore {
         before: Option<i64>,
     ) -> Result<Vec<DecisionRecord>, StoreError> {
         self.block(async {
-            let from = self.decisions_prefix(rollout);
-            let to = match before {
-                Some(b) if b <= 1 => return Ok(Vec::new()),
-                Some(b) => self.decision_key(rollout, b),
-                None => prefix_end(&from),
+            // Ids are contiguous per rollout (retention only removes the oldest), so the page
+            // below `before` is the id range [before - limit, before): read it ascending (etcd
+            // would read the whole log to sort it descending) and turn it round.
+            let Some((record, _)) = self.read_record(rollout).await? else {
+                return Ok(Vec::new());
             };
-            let kvs = self
+            let hi = before.map_or(record.last_id + 1, |b| b.min(record.last_id + 1));
+            let lo = (hi - i64::try_from(limit).unwrap_or(i64::MAX)).max(1);
+            if hi <= lo {
+                return Ok(Vec::new());
+            }
+            let mut kvs = self
                 .inner
                 .etcd
                 .range(
-                    &from,
-                    &to,
-                    RangeOptions {
-                        limit: i64::try_from(limit).unwrap_or(i64::MAX),
-                        descending: true,
-                    },
+                    &self.decision_key(rollout, lo),
+                    &self.decision_key(rollout, hi),
+                    RangeOptions::default(),
                 )
                 .await?;
+            kvs.reverse();
             // An unreadable entry must not hide the rest of the log.
             Ok(kvs
                 .into_iter()

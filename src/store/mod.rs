@@ -130,6 +130,17 @@ impl Store {
         }
     }
 
+    /// This store for the rollouts of one leadership term (`revision`): it refuses to write
+    /// once that term is over, even if this replica leads again. SQLite has no terms.
+    pub fn for_term(&self, revision: i64) -> Store {
+        match &self.backend {
+            Backend::Sqlite(_) => self.clone(),
+            Backend::Etcd(e) => Store {
+                backend: Backend::Etcd(e.for_term(revision)),
+            },
+        }
+    }
+
     /// Whether this replica may change state and traffic now: always for SQLite; for etcd,
     /// only while it holds a leadership term it is sure has not expired.
     pub fn may_write(&self) -> bool {
