@@ -261,7 +261,7 @@ async fn fencing_is_enforced_by_etcd_and_by_term_and_unapplied_decisions_stay() 
         from: "/canaryd-test/leader".into(),
         to: "/canaryd-test/leader\0".into(),
     };
-    etcd.txn(&[], &[delete.clone()], &[])
+    etcd.txn(&[], std::slice::from_ref(&delete), &[])
         .await
         .expect("delete the key");
     etcd.txn(
