@@ -175,6 +175,7 @@ impl Daemon {
         };
         match &leadership {
             None => {
+                rollouts.shared.metrics.set_leader(true);
                 tasks.spawn(rollouts.run(stop_rx.clone()));
             }
             Some(l) => {
@@ -309,6 +310,7 @@ async fn lead(
             term = term.revision,
             "running the rollouts"
         );
+        rollouts.shared.metrics.set_leader(true);
         let (term_tx, term_rx) = watch::channel(false);
         // The tasks of this term write (and touch the router) for this term only: a task still
         // finishing its tick when the term ends cannot write under a later term of this replica.
@@ -316,7 +318,11 @@ async fn lead(
         tokio::pin!(run);
         let not_leading = async {
             while role.changed().await.is_ok() {
-                if *role.borrow_and_update() != crate::ha::Role::Leader {
+                // A new term, even of this replica, ends this one: its tasks could not write.
+                let other_term = leadership
+                    .term()
+                    .is_some_and(|t| t.revision != term.revision);
+                if *role.borrow_and_update() != crate::ha::Role::Leader || other_term {
                     break;
                 }
             }
@@ -330,6 +336,7 @@ async fn lead(
         }
         let _ = term_tx.send(true);
         run.await;
+        rollouts.shared.metrics.set_leader(false);
     }
 }
 

@@ -42,6 +42,7 @@ pub struct Metrics {
     router_seconds: HistogramVec,
     router_errors: IntCounterVec,
     policy_invalid: IntGaugeVec,
+    leader: prometheus::IntGauge,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
@@ -187,6 +188,14 @@ impl Metrics {
                 "1 when the policy file's latest edit failed validation (the last good version keeps running)",
                 &["rollout"],
             )?,
+            leader: {
+                let g = prometheus::IntGauge::new(
+                    "canaryd_leader",
+                    "1 while this daemon runs the rollouts: always for a single daemon, while it leads for a replica of a highly available one",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             registry,
         })
     }
@@ -320,6 +329,11 @@ impl Metrics {
     }
 
     /// Drops a rollout's series when its policy is deleted.
+    /// Whether this daemon runs the rollouts now.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
     pub fn forget(&self, rollout: &str) {
         let _ = self.weight.remove_label_values(&[rollout]);
         let _ = self.step.remove_label_values(&[rollout]);

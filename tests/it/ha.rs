@@ -320,6 +320,16 @@ struct Replica {
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The replica's own metrics, as text.
+async fn metrics(r: &Replica) -> String {
+    reqwest::get(format!("{}/metrics", r.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 impl Replica {
     async fn start(
         dir: &Path,
@@ -435,6 +445,8 @@ async fn a_crashed_leaders_rollout_continues_on_the_standby_at_the_same_step() {
     // The standby runs nothing.
     let (_, list) = b.get("/api/v1/rollouts").await;
     assert_eq!(list["rollouts"], serde_json::json!([]), "{list}");
+    assert!(metrics(&b).await.contains("\ncanaryd_leader 0\n"));
+    assert!(metrics(&a).await.contains("\ncanaryd_leader 1\n"));
     let weight_at_crash = *router.weight.lock().unwrap_or_else(|e| e.into_inner());
     a.crash().await;
 
@@ -443,6 +455,7 @@ async fn a_crashed_leaders_rollout_continues_on_the_standby_at_the_same_step() {
         (s == 200).then_some(v)
     })
     .await;
+    assert!(metrics(&b).await.contains("\ncanaryd_leader 1\n"));
     // It continues where a was: not from the first step.
     assert!(v["step"].as_u64() >= step_reached, "{v}");
     let v = wait_for(
