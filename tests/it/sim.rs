@@ -998,3 +998,36 @@ async fn a_real_prometheus_scrapes_the_sim() {
     .await;
     assert_eq!(total, "5");
 }
+
+/// The simulator's log, written to a file, is plain text like the daemon's.
+#[tokio::test]
+async fn the_simulators_log_has_no_colour_codes_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sim.log");
+    let port = free_port();
+    let _server = ChildGuard::spawn(
+        canaryd()
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .args(["sim", "--version", "v2", "--listen"])
+            .arg(format!("127.0.0.1:{port}")),
+    );
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let put = reqwest::Client::new()
+        .put(format!("http://127.0.0.1:{port}/admin/config"))
+        .body(r#"{"error_rate": "3%"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    let text = wait_for(
+        "the knob change logged",
+        Duration::from_secs(10),
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("knobs changed").then_some(text)
+        },
+    )
+    .await;
+    assert!(!text.contains('\x1b'), "escape codes in the log: {text:?}");
+}
