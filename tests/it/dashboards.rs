@@ -390,6 +390,7 @@ fn every_dashboard_panel_has_a_promql_query() {
         "canaryd_router_call_duration_seconds",
         "canaryd_router_errors_total",
         "canaryd_policy_invalid",
+        "canaryd_leader",
         "model_version:model_request_error_ratio:rate1m",
         "model_version:model_request_duration_seconds:p99_1m",
         "model_version:model_prediction_accuracy:ratio5m",
