@@ -47,11 +47,12 @@ fn standby(s: &ApiState) -> Option<Option<String>> {
     }
 }
 
-fn leader_text(leader: &Option<String>) -> String {
-    leader.as_deref().map_or_else(
-        || "no replica leads yet".to_owned(),
-        |l| format!("the leader is {l}"),
-    )
+fn leader_text(s: &ApiState, leader: &Option<String>) -> String {
+    match (leader, s.leadership.as_ref().and_then(|l| l.error())) {
+        (Some(l), _) => format!("the leader is {l}"),
+        (None, Some(e)) => format!("no replica is known to lead: {e}"),
+        (None, None) => "no replica leads yet".to_owned(),
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -104,7 +105,7 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     if let Some(leader) = standby(&s) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("standby: {}\n", leader_text(&leader)),
+            format!("standby: {}\n", leader_text(&s, &leader)),
         )
             .into_response();
     }
@@ -388,7 +389,7 @@ async fn act(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "this replica is on standby and runs no rollouts; {}: send operator actions there",
-                leader_text(&leader)
+                leader_text(&s, &leader)
             ),
         );
     }

@@ -45,7 +45,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Optional YAML config file with keys policies, prometheus, listen, state,
-    /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica.
+    /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica, lease_ttl.
     #[arg(long, env = "CANARYD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of policy files [default: ./policies].
@@ -86,9 +86,9 @@ pub struct RunArgs {
     /// This replica's name, shown to the others [default: the host name and process id].
     #[arg(long, env = "CANARYD_REPLICA")]
     pub replica: Option<String>,
-    /// Lease of the leadership: a crashed leader is replaced after about this long.
-    #[arg(long, env = "CANARYD_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
-    pub lease_ttl: std::time::Duration,
+    /// Lease of the leadership: a crashed leader is replaced after about this long [default: 10s].
+    #[arg(long, env = "CANARYD_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<std::time::Duration>,
 }
 
 /// How to authenticate to the default Prometheus (a policy's own Prometheus has its own

@@ -124,7 +124,12 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
         Some(n) => {
             let (code, view) = get(server, &format!("/api/v1/rollouts/{n}")).await?;
             if code == 404 {
-                eprintln!("no rollout named {n:?}");
+                // A standby replica runs no rollouts: say so, and who does.
+                let (_, list) = get(server, "/api/v1/rollouts").await?;
+                match standby_note(&list) {
+                    Some(note) => eprintln!("{note}: ask it for {n:?}"),
+                    None => eprintln!("no rollout named {n:?}"),
+                }
                 return Ok(Outcome::Refused);
             }
             let (_, log) = get(server, &format!("/api/v1/rollouts/{n}/decisions?limit=30")).await?;
@@ -134,20 +139,26 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
     }
 }
 
-/// The rollouts table.
-pub fn table(body: &Value) -> String {
-    let mut out = String::new();
-    let replica = &body["replica"];
-    if replica["role"] == "standby" {
-        let _ = writeln!(
-            out,
+/// What a standby replica's rollouts list says of it, or `None` for a leader or a single daemon.
+fn standby_note(list: &Value) -> Option<String> {
+    let replica = &list["replica"];
+    (replica["role"] == "standby").then(|| {
+        format!(
             "replica {} is on standby and runs no rollouts; {}",
             replica["name"].as_str().unwrap_or("?"),
             replica["leader"].as_str().map_or_else(
                 || "no replica leads yet".to_owned(),
                 |l| format!("ask the leader, {l}")
             )
-        );
+        )
+    })
+}
+
+/// The rollouts table.
+pub fn table(body: &Value) -> String {
+    let mut out = String::new();
+    if let Some(note) = standby_note(body) {
+        let _ = writeln!(out, "{note}");
     }
     let _ = writeln!(
         out,

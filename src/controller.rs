@@ -473,6 +473,11 @@ impl Task {
                     self.last_id = Some(id);
                     record = Some(DecisionRecord::of(id, &d, now));
                 }
+                Ok(Err(crate::store::StoreError::NotLeader(why))) => {
+                    // Fencing at work: this replica's term is over; the next leader decides.
+                    tracing::warn!(rollout = %self.policy.name, why, "not leading any more: decision dropped");
+                    return None;
+                }
                 Ok(Err(e)) => {
                     // Without a durable record the decision must not reach the router.
                     tracing::error!(rollout = %self.policy.name, error = %e, "cannot record the decision; not applying it");
@@ -618,7 +623,8 @@ impl Task {
     }
 }
 
-/// Starts a rollout task for a valid policy.
+/// Starts a rollout task for a valid policy; or says why it cannot, to be retried at the next
+/// scan (the store may be unreachable for a moment, etcd in particular).
 async fn spawn_rollout(
     shared: &Shared,
     registry: &Registry,
@@ -626,10 +632,22 @@ async fn spawn_rollout(
     file: String,
     shutdown: watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
-) {
+) -> Result<(), String> {
     let store = shared.store.clone();
     let name = policy.name.clone();
-    let stored = tokio::task::spawn_blocking(move || store.load(&name)).await;
+    let stored = tokio::task::spawn_blocking(move || {
+        let state = store.load(&name)?;
+        // The newest decision, so the API shows it before the task decides anything (after a
+        // restart, or on the replica that took over).
+        let last = store.decisions(&name, 1, None)?.into_iter().next();
+        Ok::<_, crate::store::StoreError>((state, last))
+    })
+    .await;
+    let (stored, last) = match stored {
+        Ok(Ok((state, last))) => (Ok(Ok(state)), last),
+        Ok(Err(e)) => (Ok(Err(e)), None),
+        Err(e) => (Err(e), None),
+    };
     let (state, applied) = match stored {
         Ok(Ok(Some(s))) => {
             tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step = s.state.step + 1, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
@@ -638,18 +656,30 @@ async fn spawn_rollout(
         Ok(Ok(None)) => (RolloutState::new(&policy), true),
         Ok(Err(e)) => {
             // Starting over could move traffic the old state had settled; refuse instead.
-            tracing::error!(rollout = %policy.name, error = %e, "stored state unreadable; rollout not started");
-            return;
+            tracing::error!(rollout = %policy.name, error = %e, "stored state unreadable; rollout not started, retried at the next scan");
+            return Err(format!(
+                "rollout {} not started: its stored state cannot be read ({e}); retried at the next scan",
+                policy.name
+            ));
         }
         Err(e) => {
             tracing::error!(rollout = %policy.name, error = %e, "store task failed");
-            return;
+            return Err(format!("rollout {} not started: {e}", policy.name));
         }
     };
     let router = (shared.routers)(&policy);
     let router_kind = router.as_ref().map_or(policy.router.kind(), |r| r.kind());
     shared.metrics.init_rollout(&policy.name, router_kind);
-    let view = view_of(&policy, &file, &state);
+    let mut view = view_of(&policy, &file, &state);
+    view.last_decision = last.and_then(|d| {
+        Some(DecisionSummary {
+            id: d.id,
+            at: d.at,
+            action: *Action::ALL.iter().find(|a| a.as_str() == d.action)?,
+            reason: d.reason,
+            who: d.who,
+        })
+    });
     let task = Task {
         router,
         source: (shared.sources)(&policy),
@@ -665,6 +695,7 @@ async fn spawn_rollout(
     let (tx, rx) = mpsc::channel(16);
     registry.insert(task.policy.name.clone(), tx);
     tasks.spawn(task.run(rx, shutdown));
+    Ok(())
 }
 
 /// What the watcher knows of one policy file.
@@ -885,7 +916,7 @@ async fn scan(
                         }
                         None => {
                             tracing::info!(rollout = %name, file = %file, "policy loaded");
-                            spawn_rollout(
+                            let started = spawn_rollout(
                                 shared,
                                 registry,
                                 p,
@@ -894,6 +925,12 @@ async fn scan(
                                 tasks,
                             )
                             .await;
+                            if let Err(msg) = started {
+                                if let Ok(mut e) = policy_errors.write() {
+                                    e.insert(file.clone(), msg.clone());
+                                }
+                                error = Some(msg);
+                            }
                         }
                     }
                     Some(name)

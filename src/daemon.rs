@@ -334,9 +334,10 @@ async fn lead(
             }
             _ = stop.changed() => {}
         }
+        // The term is over now, whatever the tasks still finish.
+        rollouts.shared.metrics.set_leader(false);
         let _ = term_tx.send(true);
         run.await;
-        rollouts.shared.metrics.set_leader(false);
     }
 }
 

@@ -145,7 +145,7 @@ impl Etcd {
             .await
             .map_err(|e| EtcdError::Unreachable {
                 url: self.url.clone(),
-                reason: e.to_string(),
+                reason: chain(&e),
             })?;
         let status = res.status();
         let text = res.text().await.map_err(|e| EtcdError::Unreachable {
@@ -331,6 +331,22 @@ impl Etcd {
             })
             .collect()
     }
+}
+
+/// An error and its causes on one line: reqwest's own message hides the cause ("connection
+/// refused", a TLS problem) in its source.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// A 64-bit integer the gateway sent as a string (or, for small ones, a number).

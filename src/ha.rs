@@ -55,6 +55,9 @@ pub struct Leadership {
     config: ElectionConfig,
     term: Mutex<Option<Term>>,
     role: watch::Sender<Role>,
+    /// The last etcd error of the election, until a round succeeds: why no replica may be
+    /// known to lead.
+    error: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Leadership {
@@ -76,6 +79,7 @@ impl Leadership {
             config,
             term: Mutex::new(None),
             role,
+            error: Mutex::new(None),
         })
     }
 
@@ -91,6 +95,11 @@ impl Leadership {
 
     pub fn role(&self) -> Role {
         self.role.borrow().clone()
+    }
+
+    /// Why the election cannot reach etcd, while it cannot.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The key whose create revision fences writes.
@@ -135,14 +144,24 @@ impl Leadership {
         let mut lease: Option<i64> = None;
         while !*stop.borrow() {
             let began = Instant::now();
-            match self.round(&mut lease).await {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(replica = %self.config.replica, error = %e, "leader election: etcd call failed");
-                    if self.term().is_none() {
-                        self.lose("etcd unreachable");
-                    }
+            let result = self.round(&mut lease).await;
+            let error = result.as_ref().err().map(ToString::to_string);
+            let previous = std::mem::replace(
+                &mut *self.error.lock().unwrap_or_else(|p| p.into_inner()),
+                error.clone(),
+            );
+            match (&error, previous) {
+                // Said once per new error, not at every round.
+                (Some(e), last) if last.as_ref() != Some(e) => {
+                    tracing::warn!(replica = %self.config.replica, error = %e, "leader election: etcd call failed; retrying")
                 }
+                (None, Some(_)) => {
+                    tracing::info!(replica = %self.config.replica, "leader election: etcd answers again")
+                }
+                _ => {}
+            }
+            if error.is_some() && self.term().is_none() {
+                self.lose("etcd unreachable");
             }
             // Rounds start every `pause`, however long one took, so slow answers do not let
             // the term run out between renewals.
@@ -160,7 +179,10 @@ impl Leadership {
         self.set_role(Role::Standby { leader: None });
         if let Some(l) = held.or(lease) {
             match self.etcd.revoke(l).await {
-                Ok(()) => tracing::info!(replica = %self.config.replica, "leadership given up"),
+                Ok(()) if held.is_some() => {
+                    tracing::info!(replica = %self.config.replica, "leadership given up")
+                }
+                Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(replica = %self.config.replica, error = %e, "cannot revoke the lease; another replica takes over when it expires")
                 }
@@ -237,6 +259,14 @@ impl Leadership {
                 return Ok(());
             }
             let leader = holder.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+            if leader.as_deref() == Some(self.config.replica.as_str())
+                && self.role()
+                    != (Role::Standby {
+                        leader: leader.clone(),
+                    })
+            {
+                tracing::warn!(replica = %self.config.replica, "another replica leads under this replica's name: give every replica its own --replica");
+            }
             self.set_role(Role::Standby { leader });
         }
         Ok(())

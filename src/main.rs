@@ -109,6 +109,8 @@ struct ConfigFile {
     etcd: Option<String>,
     etcd_prefix: Option<String>,
     replica: Option<String>,
+    /// Like `--lease-ttl`: `10s`.
+    lease_ttl: Option<String>,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -153,6 +155,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .listen
         .or(file.listen)
         .unwrap_or_else(|| "127.0.0.1:9850".into());
+    let state_given = args.state.is_some() || file.state.is_some();
     let state = args
         .state
         .or(file.state)
@@ -163,12 +166,30 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let dry_run = args.dry_run || file.dry_run.unwrap_or(false);
+    // The flag's default applies unless the flag, its variable or the file gives one.
+    let lease_ttl = match (args.lease_ttl, file.lease_ttl) {
+        (Some(t), _) => t,
+        (None, Some(text)) => humantime::parse_duration(&text).map_err(|e| {
+            let config = args
+                .config
+                .as_deref()
+                .map_or_else(String::new, |p| format!(" {}", p.display()));
+            anyhow::anyhow!(
+                "lease_ttl in the config file{config}: expected a duration like 10s, found {text:?} ({e})"
+            )
+        })?,
+        (None, None) => Duration::from_secs(10),
+    };
     let ha = ha_config(
         args.etcd.or(file.etcd),
         args.etcd_prefix.or(file.etcd_prefix),
         args.replica.or(file.replica),
-        args.lease_ttl,
+        lease_ttl,
     )?;
+    anyhow::ensure!(
+        !(ha.is_some() && state_given),
+        "--state and --etcd exclude each other: a highly available daemon keeps its state in etcd"
+    );
     let options = client_options(&args.access)?;
     let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
     anyhow::ensure!(

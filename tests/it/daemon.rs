@@ -1044,6 +1044,10 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
             format!("{shown}:1:1: unknown field `polices`"),
         ),
         ("dry_run: yes\n", format!("{shown}:1:10: invalid boolean")),
+        (
+            "etcd: http://127.0.0.1:1\nlease_ttl: soon\n",
+            format!("lease_ttl in the config file {shown}: expected a duration like 10s"),
+        ),
     ];
     for (text, want) in cases {
         std::fs::write(&config, text).unwrap();
@@ -1057,7 +1061,7 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         assert_eq!(err.matches(&shown).count(), 1, "said once: {err}");
         assert!(!err.contains("<input>"), "{err}");
     }
-    let flags: [(&[&str], &str); 3] = [
+    let flags: [(&[&str], &str); 4] = [
         (
             &["--etcd", "127.0.0.1:2379"],
             "--etcd: expected etcd's client URL",
@@ -1066,6 +1070,10 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         (
             &["--etcd", "http://127.0.0.1:1", "--lease-ttl", "1s"],
             "--lease-ttl: expected at least 2s",
+        ),
+        (
+            &["--etcd", "http://127.0.0.1:1"],
+            "--state and --etcd exclude each other",
         ),
     ];
     for (args, want) in flags {
@@ -1152,4 +1160,33 @@ fn operator_commands_say_where_the_token_comes_from() {
             "{command} --help: {help}"
         );
     }
+}
+
+/// After a restart (or on the replica that took over) the API shows each rollout's last
+/// decision from the store at once, even for a rollout that decides nothing new.
+#[tokio::test]
+async fn a_restarted_daemon_shows_the_stored_last_decision() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router.clone(), source.clone(), None).await;
+    d.wait_phase("demo", "promoted").await;
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=1").await;
+    let newest = log["decisions"][0].clone();
+    d.stop().await;
+
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    let last = &list["rollouts"][0]["last_decision"];
+    // The stored one, or (if the daemon decided since) a newer one: never none.
+    assert!(
+        last["id"]
+            .as_i64()
+            .is_some_and(|id| Some(id) >= newest["id"].as_i64()),
+        "{list} after {newest}"
+    );
+    assert!(
+        last["action"].is_string() && last["reason"].is_string(),
+        "{list}"
+    );
+    d.stop().await;
 }

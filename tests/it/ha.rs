@@ -582,6 +582,17 @@ async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
         "{body}"
     );
 
+    // `canaryd status NAME` on the standby says who runs the rollout.
+    let out = Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["status", "demo", "--server", &b_url])
+        .output()
+        .expect("status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("replica b is on standby and runs no rollouts; ask the leader, a"),
+        "{err}"
+    );
     // The standby reads the shared decision log.
     let (status, text) = get(format!("{b_url}/api/v1/rollouts/demo/decisions?limit=500"))
         .await
