@@ -656,16 +656,12 @@ async fn spawn_rollout(
         Ok(Ok(None)) => (RolloutState::new(&policy), true),
         Ok(Err(e)) => {
             // Starting over could move traffic the old state had settled; refuse instead.
-            tracing::error!(rollout = %policy.name, error = %e, "stored state unreadable; rollout not started, retried at the next scan");
             return Err(format!(
                 "rollout {} not started: its stored state cannot be read ({e}); retried at the next scan",
                 policy.name
             ));
         }
-        Err(e) => {
-            tracing::error!(rollout = %policy.name, error = %e, "store task failed");
-            return Err(format!("rollout {} not started: {e}", policy.name));
-        }
+        Err(e) => return Err(format!("rollout {} not started: {e}", policy.name)),
     };
     let router = (shared.routers)(&policy);
     let router_kind = router.as_ref().map_or(policy.router.kind(), |r| r.kind());
@@ -926,6 +922,10 @@ async fn scan(
                             )
                             .await;
                             if let Err(msg) = started {
+                                // Retried at every scan, said once.
+                                if last_error.as_deref() != Some(msg.as_str()) {
+                                    tracing::error!(rollout = %name, "{msg}");
+                                }
                                 if let Ok(mut e) = policy_errors.write() {
                                     e.insert(file.clone(), msg.clone());
                                 }

@@ -1190,3 +1190,52 @@ async fn a_restarted_daemon_shows_the_stored_last_decision() {
     );
     d.stop().await;
 }
+
+/// A rollout whose stored state cannot be read is not started over (that could move traffic
+/// the old state had settled): the API says why, and the daemon tries again at every scan, so
+/// the rollout runs as soon as the state is readable (for etcd: reachable) again.
+#[tokio::test]
+async fn an_unreadable_stored_state_is_reported_and_retried() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router.clone(), source.clone(), None).await;
+    d.wait_phase("demo", "promoted").await;
+    d.stop().await;
+    let db = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+    let good: String = db
+        .query_row("SELECT state FROM rollouts WHERE name = 'demo'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    db.execute(
+        "UPDATE rollouts SET state = '{not json' WHERE name = 'demo'",
+        [],
+    )
+    .unwrap();
+
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    wait_for(
+        "the unreadable state reported",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts").await;
+            v["invalid_policies"]
+                .to_string()
+                .contains("its stored state cannot be read")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(d.get("/api/v1/rollouts/demo").await.0, 404);
+    // Readable again: the next scan starts it where it was.
+    db.execute(
+        "UPDATE rollouts SET state = ?1 WHERE name = 'demo'",
+        rusqlite::params![good],
+    )
+    .unwrap();
+    let v = d.wait_phase("demo", "promoted").await;
+    assert_eq!(v["phase"], "promoted");
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    d.stop().await;
+}
