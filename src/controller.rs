@@ -594,7 +594,14 @@ impl Task {
                         None | Some(Command::Stop) => return,
                         Some(Command::Operator { action, who, why, reply }) => {
                             let res = self.operator(action, who, why).await;
+                            let moving = res.is_ok()
+                                && matches!(self.state.phase, Phase::RollingBack | Phase::Promoting);
                             let _ = reply.send(res);
+                            if moving {
+                                // Tick now: once the router confirms the weight the rollout
+                                // settles, so a `retry` need not wait a whole interval.
+                                break;
+                            }
                         }
                         Some(Command::Policy(p, file)) => {
                             if p.router != self.policy.router {

@@ -1239,3 +1239,21 @@ async fn an_unreadable_stored_state_is_reported_and_retried() {
     assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
     d.stop().await;
 }
+
+/// An abort settles as soon as the router confirms it, not an interval later, so a `retry`
+/// right after it is accepted.
+#[tokio::test]
+async fn retry_right_after_an_abort_is_accepted() {
+    let slow = POLICY.replace("interval: 50ms", "interval: 1h");
+    let dir = setup(&slow);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    d.wait_phase_for("demo", "rolled-back", Duration::from_secs(10))
+        .await;
+    let (status, body) = d.post("/api/v1/rollouts/demo/retry", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    d.stop().await;
+}
