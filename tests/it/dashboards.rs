@@ -237,6 +237,25 @@ pub fn recording_rules() -> Vec<(String, String)> {
     out
 }
 
+/// Every alerting rule of the rule files: (name, expression).
+pub fn alerting_rules() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for path in rule_files() {
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let rules: Value = serde_saphyr::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
+        for g in rules["groups"].as_array().into_iter().flatten() {
+            for r in g["rules"].as_array().into_iter().flatten() {
+                if let (Some(alert), Some(expr)) = (r["alert"].as_str(), r["expr"].as_str()) {
+                    out.push((alert.to_string(), expr.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A Prometheus on a free loopback port with an empty TSDB in a tempdir, loading `rule_files`
 /// and scraping nothing. Killed when dropped.
 pub struct TestPrometheus {
@@ -444,8 +463,13 @@ async fn every_dashboard_query_and_recording_rule_parses_in_prometheus() {
         .unwrap();
 
     // The rule files load: every group is there and every rule is healthy once evaluated.
-    let expected = recording_rules().len();
-    assert!(expected > 0, "no recording rules");
+    let alerts = alerting_rules();
+    assert!(
+        alerts.iter().any(|(name, _)| name == "CanarydNoLeader"),
+        "{alerts:?}"
+    );
+    let expected = recording_rules().len() + alerts.len();
+    assert!(expected > alerts.len(), "no recording rules");
     let rules_url = prom.url("/api/v1/rules");
     let loaded = wait_for(
         "every recording rule loaded and evaluated",
