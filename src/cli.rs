@@ -45,7 +45,8 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Optional YAML config file with keys policies, prometheus, listen, state,
-    /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica, lease_ttl.
+    /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica, lease_ttl,
+    /// etcd_ca_file, etcd_cert_file, etcd_key_file.
     #[arg(long, env = "CANARYD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of policy files [default: ./policies].
@@ -83,6 +84,16 @@ pub struct RunArgs {
     /// share the leadership and the state.
     #[arg(long, env = "CANARYD_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
+    /// PEM CA certificates to trust for an https etcd (besides the system's).
+    #[arg(long, env = "CANARYD_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for an etcd that requires one (--client-cert-auth); needs
+    /// --etcd-key-file.
+    #[arg(long, env = "CANARYD_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of --etcd-cert-file.
+    #[arg(long, env = "CANARYD_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
     /// This replica's name, shown to the others [default: the host name and process id].
     #[arg(long, env = "CANARYD_REPLICA")]
     pub replica: Option<String>,

@@ -62,6 +62,8 @@ pub struct DaemonConfig {
 pub struct HaConfig {
     /// etcd's client URL, like `http://127.0.0.1:2379`.
     pub etcd: String,
+    /// For an https etcd: CA and client certificate.
+    pub tls: crate::etcd::EtcdTls,
     pub election: crate::ha::ElectionConfig,
 }
 
@@ -107,7 +109,7 @@ impl Daemon {
                 // Every etcd call must give up well within a third of the lease, so that a
                 // stalled call never outlives the leadership term it was made in.
                 let timeout = (ha.election.ttl / 4).max(Duration::from_millis(200));
-                let etcd = crate::etcd::Etcd::new(&ha.etcd, timeout)
+                let etcd = crate::etcd::Etcd::with_tls(&ha.etcd, timeout, &ha.tls)
                     .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
                 let leadership = crate::ha::Leadership::new(etcd.clone(), ha.election.clone());
                 let store = Store::etcd(store::etcd::EtcdStore::new(

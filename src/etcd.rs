@@ -86,6 +86,17 @@ pub struct RangeOptions {
     pub descending: bool,
 }
 
+/// TLS settings for an etcd served over https: a CA to trust (besides the system's), and a
+/// client certificate for etcd's `--client-cert-auth`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate (chain) of this client; needs `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
 /// The client. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Etcd {
@@ -110,6 +121,11 @@ impl Etcd {
     /// A client of the etcd whose client URL is `url` (`http://127.0.0.1:2379`); every
     /// request gives up after `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<Etcd, EtcdError> {
+        Etcd::with_tls(url, timeout, &EtcdTls::default())
+    }
+
+    /// `new`, with TLS settings for an https etcd.
+    pub fn with_tls(url: &str, timeout: Duration, tls: &EtcdTls) -> Result<Etcd, EtcdError> {
         let url = url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&url).map_err(|e| EtcdError::Unreachable {
             url: url.clone(),
@@ -121,14 +137,52 @@ impl Etcd {
                 reason: "expected an http:// or https:// URL".into(),
             });
         }
-        let http = reqwest::Client::builder()
+        let config = |reason: String| EtcdError::Unreachable {
+            url: url.clone(),
+            reason,
+        };
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| config(format!("cannot read the {what} {}: {e}", path.display())))
+        };
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| EtcdError::Unreachable {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+            .connect_timeout(timeout);
+        if let Some(path) = &tls.ca_file {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(path, "CA file")?)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    config(format!(
+                        "the CA file {} holds no PEM certificate",
+                        path.display()
+                    ))
+                })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read(key, "client key")?;
+                pem.push(b'\n');
+                pem.extend(read(cert, "client certificate")?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    config(format!(
+                        "the client certificate {} and key {} are not a PEM certificate and its key: {}",
+                        cert.display(),
+                        key.display(),
+                        chain(&e)
+                    ))
+                })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(config(
+                    "a client certificate needs its key, and a key its certificate".into(),
+                ));
+            }
+        }
+        let http = builder.build().map_err(|e| config(chain(&e)))?;
         Ok(Etcd { http, url })
     }
 

@@ -111,6 +111,9 @@ struct ConfigFile {
     replica: Option<String>,
     /// Like `--lease-ttl`: `10s`.
     lease_ttl: Option<String>,
+    etcd_ca_file: Option<PathBuf>,
+    etcd_cert_file: Option<PathBuf>,
+    etcd_key_file: Option<PathBuf>,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -180,11 +183,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         })?,
         (None, None) => Duration::from_secs(10),
     };
+    let tls = canaryd::etcd::EtcdTls {
+        ca_file: args.etcd_ca_file.or(file.etcd_ca_file),
+        cert_file: args.etcd_cert_file.or(file.etcd_cert_file),
+        key_file: args.etcd_key_file.or(file.etcd_key_file),
+    };
     let ha = ha_config(
         args.etcd.or(file.etcd),
         args.etcd_prefix.or(file.etcd_prefix),
         args.replica.or(file.replica),
         lease_ttl,
+        tls,
     )?;
     anyhow::ensure!(
         !(ha.is_some() && state_given),
@@ -273,14 +282,19 @@ fn ha_config(
     prefix: Option<String>,
     replica: Option<String>,
     ttl: Duration,
+    tls: canaryd::etcd::EtcdTls,
 ) -> anyhow::Result<Option<canaryd::daemon::HaConfig>> {
     let Some(etcd) = etcd else {
         anyhow::ensure!(
-            prefix.is_none() && replica.is_none(),
-            "--etcd-prefix and --replica are for a highly available daemon: give --etcd too"
+            prefix.is_none() && replica.is_none() && tls == canaryd::etcd::EtcdTls::default(),
+            "--etcd-prefix, --replica and the --etcd-*-file flags are for a highly available daemon: give --etcd too"
         );
         return Ok(None);
     };
+    anyhow::ensure!(
+        tls.cert_file.is_some() == tls.key_file.is_some(),
+        "--etcd-cert-file and --etcd-key-file go together"
+    );
     let parsed = reqwest::Url::parse(&etcd).map_err(|e| {
         anyhow::anyhow!(
             "--etcd: expected etcd's client URL like http://127.0.0.1:2379, found {etcd:?} ({e})"
@@ -317,6 +331,7 @@ fn ha_config(
     );
     Ok(Some(canaryd::daemon::HaConfig {
         etcd,
+        tls,
         election: canaryd::ha::ElectionConfig {
             prefix: prefix.trim_end_matches('/').to_owned(),
             replica,

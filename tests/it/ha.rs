@@ -5,7 +5,7 @@
 use crate::daemon::{FakeRouter, FakeSource, Mode, POLICY};
 use crate::support::{ChildGuard, find_binary, free_port, wait_for, wait_for_port};
 use canaryd::daemon::{DaemonConfig, HaConfig, Limits};
-use canaryd::etcd::{Etcd, Op};
+use canaryd::etcd::{Etcd, EtcdTls, Op};
 use canaryd::ha::{ElectionConfig, Leadership, Role};
 use canaryd::rollout::{Action, Decision, Phase, RolloutState};
 use canaryd::router::Router;
@@ -26,23 +26,45 @@ struct EtcdServer {
 }
 
 fn start_etcd() -> EtcdServer {
+    start_etcd_with(false)
+}
+
+/// The test TLS material for etcd.
+fn tls_file(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tls-etcd")
+        .join(name)
+}
+
+/// An etcd; with `tls`, served over https and requiring a client certificate signed by the
+/// test CA.
+fn start_etcd_with(tls: bool) -> EtcdServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let (client, peer) = (free_port(), free_port());
-    let client_url = format!("http://127.0.0.1:{client}");
+    let scheme = if tls { "https" } else { "http" };
+    let client_url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
-    let child = ChildGuard::spawn(
-        Command::new(find_binary("etcd"))
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log),
-    );
+    let mut cmd = Command::new(find_binary("etcd"));
+    cmd.args(["--name", "test", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("test={peer_url}")])
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log);
+    if tls {
+        cmd.arg("--cert-file")
+            .arg(tls_file("server.pem"))
+            .arg("--key-file")
+            .arg(tls_file("server.key"))
+            .arg("--trusted-ca-file")
+            .arg(tls_file("ca.pem"))
+            .arg("--client-cert-auth");
+    }
+    let child = ChildGuard::spawn(&mut cmd);
     EtcdServer {
         url: client_url,
         _child: child,
@@ -51,6 +73,10 @@ fn start_etcd() -> EtcdServer {
 }
 
 async fn etcd_ready(server: &EtcdServer) -> Etcd {
+    etcd_ready_with(server, &EtcdTls::default()).await
+}
+
+async fn etcd_ready_with(server: &EtcdServer, tls: &EtcdTls) -> Etcd {
     let port = server
         .url
         .rsplit(':')
@@ -58,7 +84,7 @@ async fn etcd_ready(server: &EtcdServer) -> Etcd {
         .and_then(|p| p.parse().ok())
         .expect("port");
     wait_for_port(port, Duration::from_secs(20)).await;
-    let etcd = Etcd::new(&server.url, Duration::from_secs(2)).expect("client");
+    let etcd = Etcd::with_tls(&server.url, Duration::from_secs(2), tls).expect("client");
     wait_for("etcd to answer", Duration::from_secs(20), || {
         let etcd = etcd.clone();
         async move { etcd.get("/ping").await.ok().map(|_| ()) }
@@ -355,6 +381,7 @@ impl Replica {
             metrics: None,
             ha: Some(HaConfig {
                 etcd: etcd.to_owned(),
+                tls: Default::default(),
                 election: election(name, Duration::from_secs(2)),
             }),
         };
@@ -644,6 +671,85 @@ async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
         "the canary's traffic gone",
         Duration::from_secs(10),
         || async { (canary_weight() == Some(0.0)).then_some(()) },
+    )
+    .await;
+}
+
+/// An etcd that requires TLS and a client certificate: the replica leads with the CA and its
+/// certificate given by the flags; without its certificate, or without the CA, etcd cannot be
+/// used, and the error says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_leads_through_an_etcd_that_requires_client_certificates() {
+    let server = start_etcd_with(true);
+    let tls = EtcdTls {
+        ca_file: Some(tls_file("ca.pem")),
+        cert_file: Some(tls_file("client.pem")),
+        key_file: Some(tls_file("client.key")),
+    };
+    etcd_ready_with(&server, &tls).await;
+    let without_cert = EtcdTls {
+        ca_file: tls.ca_file.clone(),
+        ..EtcdTls::default()
+    };
+    let without_ca = EtcdTls {
+        ca_file: None,
+        ..tls.clone()
+    };
+    for (what, t) in [
+        ("no client certificate", without_cert),
+        ("no CA", without_ca),
+    ] {
+        let etcd = Etcd::with_tls(&server.url, Duration::from_secs(2), &t).expect("client");
+        let e = etcd.get("/x").await.expect_err(what);
+        assert!(e.to_string().contains("cannot reach etcd"), "{what}: {e}");
+    }
+    let bad = EtcdTls {
+        key_file: None,
+        ..tls.clone()
+    };
+    assert!(Etcd::with_tls(&server.url, Duration::from_secs(2), &bad).is_err());
+
+    // The real binary, with the flags.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    std::fs::write(dir.path().join("policies/demo.yaml"), POLICY).expect("policy");
+    let port = free_port();
+    let _replica = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .args(["run", "--policies"])
+            .arg(dir.path().join("policies"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--prometheus", &format!("http://127.0.0.1:{}", free_port())])
+            .args([
+                "--etcd",
+                &server.url,
+                "--replica",
+                "tls-a",
+                "--lease-ttl",
+                "2s",
+            ])
+            .arg("--etcd-ca-file")
+            .arg(tls_file("ca.pem"))
+            .arg("--etcd-cert-file")
+            .arg(tls_file("client.pem"))
+            .arg("--etcd-key-file")
+            .arg(tls_file("client.key"))
+            .env_remove("CANARYD_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    wait_for(
+        "the replica to lead",
+        Duration::from_secs(30),
+        || async move {
+            let v: Value = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/rollouts"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["replica"]["role"] == "leader" && v["rollouts"][0]["name"] == "demo").then_some(())
+        },
     )
     .await;
 }
