@@ -4,6 +4,7 @@
 //! compare-and-swap transactions and leases. Keys and values travel base64-encoded; 64-bit
 //! integers come back as JSON strings.
 
+use crate::source::prometheus::error_chain as chain;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
@@ -385,22 +386,6 @@ impl Etcd {
             })
             .collect()
     }
-}
-
-/// An error and its causes on one line: reqwest's own message hides the cause ("connection
-/// refused", a TLS problem) in its source.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// A 64-bit integer the gateway sent as a string (or, for small ones, a number).

@@ -359,8 +359,8 @@ fn same_origin(a: &str, b: &str) -> bool {
 }
 
 /// An error and its causes on one line: reqwest's top-level message alone ("error sending
-/// request") hides the useful part ("connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// request") hides the useful part ("connection refused"). Also used for etcd's client.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -218,6 +218,22 @@ pub fn rule_files() -> Vec<PathBuf> {
 
 /// Every recording rule of the rule files: (where, expression).
 pub fn recording_rules() -> Vec<(String, String)> {
+    rules_of_kind("record")
+        .into_iter()
+        .map(|(file, group, name, expr)| (format!("{file} › group {group} › {name}"), expr))
+        .collect()
+}
+
+/// Every alerting rule of the rule files: (name, expression).
+pub fn alerting_rules() -> Vec<(String, String)> {
+    rules_of_kind("alert")
+        .into_iter()
+        .map(|(_, _, name, expr)| (name, expr))
+        .collect()
+}
+
+/// The rules with a `kind` key (`record` or `alert`): (file, group, name, expression).
+fn rules_of_kind(kind: &str) -> Vec<(String, Value, String, String)> {
     let mut out = Vec::new();
     for path in rule_files() {
         let text = std::fs::read_to_string(&path)
@@ -227,28 +243,13 @@ pub fn recording_rules() -> Vec<(String, String)> {
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
         for g in rules["groups"].as_array().into_iter().flatten() {
             for r in g["rules"].as_array().into_iter().flatten() {
-                if let (Some(record), Some(expr)) = (r["record"].as_str(), r["expr"].as_str()) {
-                    let at = format!("{file} › group {} › {record}", g["name"]);
-                    out.push((at, expr.to_string()));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Every alerting rule of the rule files: (name, expression).
-pub fn alerting_rules() -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for path in rule_files() {
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        let rules: Value = serde_saphyr::from_str(&text)
-            .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
-        for g in rules["groups"].as_array().into_iter().flatten() {
-            for r in g["rules"].as_array().into_iter().flatten() {
-                if let (Some(alert), Some(expr)) = (r["alert"].as_str(), r["expr"].as_str()) {
-                    out.push((alert.to_string(), expr.to_string()));
+                if let (Some(name), Some(expr)) = (r[kind].as_str(), r["expr"].as_str()) {
+                    out.push((
+                        file.clone(),
+                        g["name"].clone(),
+                        name.to_string(),
+                        expr.to_string(),
+                    ));
                 }
             }
         }
