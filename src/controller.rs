@@ -650,25 +650,23 @@ async fn spawn_rollout(
         Ok::<_, crate::store::StoreError>((state, last))
     })
     .await;
+    // Starting over could move traffic the old state had settled; refuse instead.
     let (stored, last) = match stored {
-        Ok(Ok((state, last))) => (Ok(Ok(state)), last),
-        Ok(Err(e)) => (Ok(Err(e)), None),
-        Err(e) => (Err(e), None),
-    };
-    let (state, applied) = match stored {
-        Ok(Ok(Some(s))) => {
-            tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step = s.state.step + 1, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
-            (s.state, s.applied)
-        }
-        Ok(Ok(None)) => (RolloutState::new(&policy), true),
+        Ok(Ok(found)) => found,
         Ok(Err(e)) => {
-            // Starting over could move traffic the old state had settled; refuse instead.
             return Err(format!(
                 "rollout {} not started: its stored state cannot be read ({e}); retried at the next scan",
                 policy.name
             ));
         }
         Err(e) => return Err(format!("rollout {} not started: {e}", policy.name)),
+    };
+    let (state, applied) = match stored {
+        Some(s) => {
+            tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step = s.state.step + 1, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
+            (s.state, s.applied)
+        }
+        None => (RolloutState::new(&policy), true),
     };
     let router = (shared.routers)(&policy);
     let router_kind = router.as_ref().map_or(policy.router.kind(), |r| r.kind());

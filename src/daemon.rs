@@ -244,6 +244,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// What `controller::run` needs, to start it again for every leadership term.
+#[derive(Clone)]
 struct Rollouts {
     shared: Shared,
     registry: Registry,
@@ -255,16 +256,9 @@ struct Rollouts {
 
 impl Rollouts {
     fn for_term(&self, revision: i64) -> Rollouts {
-        let mut shared = self.shared.clone();
-        shared.store = shared.store.for_term(revision);
-        Rollouts {
-            shared,
-            registry: self.registry.clone(),
-            policy_errors: self.policy_errors.clone(),
-            policies: self.policies.clone(),
-            poll: self.poll,
-            ready: self.ready.clone(),
-        }
+        let mut term = self.clone();
+        term.shared.store = term.shared.store.for_term(revision);
+        term
     }
 
     /// Runs every policy's rollout until `stop` turns true.

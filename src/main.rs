@@ -295,15 +295,10 @@ fn ha_config(
         tls.cert_file.is_some() == tls.key_file.is_some(),
         "--etcd-cert-file and --etcd-key-file go together"
     );
-    let parsed = reqwest::Url::parse(&etcd).map_err(|e| {
-        anyhow::anyhow!(
-            "--etcd: expected etcd's client URL like http://127.0.0.1:2379, found {etcd:?} ({e})"
-        )
-    })?;
-    anyhow::ensure!(
-        matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some(),
-        "--etcd: expected etcd's client URL like http://127.0.0.1:2379, found {etcd:?}"
-    );
+    http_url(
+        &etcd,
+        "--etcd: expected etcd's client URL like http://127.0.0.1:2379",
+    )?;
     let prefix = prefix.unwrap_or_else(|| "/canaryd".into());
     anyhow::ensure!(
         prefix.starts_with('/') && prefix.len() > 1 && prefix.bytes().all(|b| b.is_ascii_graphic()),
@@ -344,21 +339,35 @@ fn ha_config(
 /// was given (`from`), rather than failing every query later with "relative URL without a
 /// base". The rules are a policy's `prometheus.url`'s.
 fn check_prometheus_url(url: &str, from: &str) -> anyhow::Result<()> {
-    let expected = "expected an http:// or https:// URL like http://127.0.0.1:9090";
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| anyhow::anyhow!("{from}: {expected}, found {url:?} ({e})"))?;
+    let parsed = http_url(
+        url,
+        &format!("{from}: expected an http:// or https:// URL like http://127.0.0.1:9090"),
+    )?;
     // The user name and password would be sent, and shown in the log; the URL is not echoed.
     anyhow::ensure!(
         parsed.username().is_empty() && parsed.password().is_none(),
         "{from}: expected a URL without a user name or password \
          (give --prometheus-user with --prometheus-password-file, or --prometheus-token-file)"
     );
+    Ok(())
+}
+
+/// `url` parsed, when it is an http(s) URL with a host; otherwise the error `expected, found
+/// ...`. A URL with a user name or password in it is not echoed.
+fn http_url(url: &str, expected: &str) -> anyhow::Result<reqwest::Url> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("{expected}, found {url:?} ({e})"))?;
+    let shown = if parsed.username().is_empty() && parsed.password().is_none() {
+        format!("{url:?}")
+    } else {
+        "a URL with a user name or password".to_owned()
+    };
     anyhow::ensure!(
         matches!(parsed.scheme(), "http" | "https")
             && parsed.host_str().is_some_and(|h| !h.is_empty()),
-        "{from}: {expected}, found {url:?}"
+        "{expected}, found {shown}"
     );
-    Ok(())
+    Ok(parsed)
 }
 
 /// The Prometheus client's options from the command line's credentials flags.

@@ -3,7 +3,8 @@
 //!
 //! Keys, under the daemon's prefix:
 //!
-//! * `rollouts/<name>`: `{state, applied, last_id, last_applied_id}` as JSON;
+//! * `rollouts/<name>`: `{state, last_id, last_applied_id}` as JSON (the state is applied when
+//!   its decision, the newest, is);
 //! * `decisions/<name>/<id>`: one decision record as JSON, the id zero-padded to 20 digits so
 //!   that key order is id order.
 //!
@@ -44,7 +45,6 @@ struct Inner {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
     state: RolloutState,
-    applied: bool,
     /// The newest decision's id.
     last_id: i64,
     /// The newest decision the router confirmed (0: none).
@@ -174,7 +174,6 @@ impl EtcdStore {
             let entry = DecisionRecord::of(id, d, now);
             let record = Record {
                 state: d.state.clone(),
-                applied: false,
                 last_id: id,
                 last_applied_id,
             };
@@ -225,10 +224,7 @@ impl EtcdStore {
                     lease: None,
                 });
             }
-            // Only the latest decision's application makes the stored state applied.
-            if record.last_id == decision_id {
-                record.applied = true;
-            }
+            // The stored state is applied once its decision, the newest, is.
             record.last_applied_id = record.last_applied_id.max(decision_id);
             ops.push(Op::Put {
                 key: self.rollout_key(rollout),
@@ -243,7 +239,7 @@ impl EtcdStore {
         self.block(async {
             Ok(self.read_record(name).await?.map(|(r, _)| StoredRollout {
                 state: r.state,
-                applied: r.applied,
+                applied: r.last_applied_id == r.last_id,
             }))
         })
     }
