@@ -46,7 +46,7 @@ pub enum Command {
 pub struct RunArgs {
     /// Optional YAML config file with keys policies, prometheus, listen, state,
     /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica, lease_ttl,
-    /// etcd_ca_file, etcd_cert_file, etcd_key_file.
+    /// etcd_ca_file, etcd_cert_file, etcd_key_file, etcd_user, etcd_password_file.
     #[arg(long, env = "CANARYD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of policy files [default: ./policies].
@@ -94,6 +94,13 @@ pub struct RunArgs {
     /// PEM private key of --etcd-cert-file.
     #[arg(long, env = "CANARYD_ETCD_KEY_FILE")]
     pub etcd_key_file: Option<PathBuf>,
+    /// User to sign in as, for an etcd with authentication enabled; needs
+    /// --etcd-password-file. The user needs read and write access to the --etcd-prefix keys.
+    #[arg(long, env = "CANARYD_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// A file holding the password of --etcd-user (one line).
+    #[arg(long, env = "CANARYD_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
     /// This replica's name, shown to the others [default: the host name and process id].
     #[arg(long, env = "CANARYD_REPLICA")]
     pub replica: Option<String>,

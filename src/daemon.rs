@@ -64,6 +64,8 @@ pub struct HaConfig {
     pub etcd: String,
     /// For an https etcd: CA and client certificate.
     pub tls: crate::etcd::EtcdTls,
+    /// For an etcd with authentication enabled: the user canaryd signs in as.
+    pub auth: Option<crate::etcd::EtcdAuth>,
     pub election: crate::ha::ElectionConfig,
 }
 
@@ -109,8 +111,11 @@ impl Daemon {
                 // Every etcd call must give up well within a third of the lease, so that a
                 // stalled call never outlives the leadership term it was made in.
                 let timeout = (ha.election.ttl / 4).max(Duration::from_millis(200));
-                let etcd = crate::etcd::Etcd::with_tls(&ha.etcd, timeout, &ha.tls)
+                let mut etcd = crate::etcd::Etcd::with_tls(&ha.etcd, timeout, &ha.tls)
                     .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+                if let Some(auth) = &ha.auth {
+                    etcd = etcd.with_auth(auth.clone());
+                }
                 let leadership = crate::ha::Leadership::new(etcd.clone(), ha.election.clone());
                 let store = Store::etcd(store::etcd::EtcdStore::new(
                     etcd,

@@ -3,11 +3,17 @@
 //! serves on its client port. Only what the HA store and the leader election need: ranges,
 //! compare-and-swap transactions and leases. Keys and values travel base64-encoded; 64-bit
 //! integers come back as JSON strings.
+//!
+//! An etcd with authentication enabled gets a user and password ([`EtcdAuth`]): the client
+//! asks `/v3/auth/authenticate` for a token, sends it in the `Authorization` header, and asks
+//! for a new one when etcd says it has expired (simple tokens expire after `--auth-token-ttl`
+//! of disuse, and whenever etcd restarts).
 
 use crate::source::prometheus::error_chain as chain;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -98,11 +104,35 @@ pub struct EtcdTls {
     pub key_file: Option<std::path::PathBuf>,
 }
 
-/// The client. Cheap to clone.
+/// A user of an etcd with authentication enabled (`etcdctl auth enable`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .field("password", &"<secret>")
+            .finish()
+    }
+}
+
+/// A user's credentials and the token etcd gave for them last.
+#[derive(Debug)]
+struct Session {
+    auth: EtcdAuth,
+    token: Mutex<Option<String>>,
+}
+
+/// The client. Cheap to clone; clones share one authentication token.
 #[derive(Clone, Debug)]
 pub struct Etcd {
     http: reqwest::Client,
     url: String,
+    session: Option<Arc<Session>>,
 }
 
 /// The first key after every key that starts with `prefix`, for prefix ranges.
@@ -184,24 +214,105 @@ impl Etcd {
             }
         }
         let http = builder.build().map_err(|e| config(chain(&e)))?;
-        Ok(Etcd { http, url })
+        Ok(Etcd {
+            http,
+            url,
+            session: None,
+        })
+    }
+
+    /// This client, authenticating as `auth` to an etcd that has authentication enabled.
+    pub fn with_auth(mut self, auth: EtcdAuth) -> Etcd {
+        self.session = Some(Arc::new(Session {
+            auth,
+            token: Mutex::new(None),
+        }));
+        self
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
+    /// One request, with the authentication token when there is a user: a token etcd no
+    /// longer knows is replaced once and the request sent again (etcd refused it unread).
     async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
-        let res = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
+        let Some(session) = &self.session else {
+            return self.post(path, &body, None).await;
+        };
+        let mut renewed = false;
+        loop {
+            let cached = session.token.lock().map(|t| t.clone()).unwrap_or_default();
+            let token = match cached {
+                Some(t) => t,
+                None => {
+                    let t = self.authenticate(&session.auth).await?;
+                    renewed = true;
+                    if let Ok(mut slot) = session.token.lock() {
+                        *slot = Some(t.clone());
+                    }
+                    t
+                }
+            };
+            match self.post(path, &body, Some(&token)).await {
+                // Unauthenticated: the token expired, or etcd restarted and forgot it.
+                Err(EtcdError::Http { status: 401, .. }) if !renewed => {}
+                other => return other,
+            }
+            // Forget the stale token unless another request already replaced it.
+            if let Ok(mut slot) = session.token.lock()
+                && slot.as_deref() == Some(token.as_str())
+            {
+                *slot = None;
+            }
+            renewed = true;
+        }
+    }
+
+    /// A token for `auth`, from `/v3/auth/authenticate`.
+    async fn authenticate(&self, auth: &EtcdAuth) -> Result<String, EtcdError> {
+        let body = json!({"name": auth.user, "password": auth.password});
+        let v = self
+            .post("/v3/auth/authenticate", &body, None)
             .await
-            .map_err(|e| EtcdError::Unreachable {
-                url: self.url.clone(),
-                reason: chain(&e),
+            .map_err(|e| match e {
+                EtcdError::Http {
+                    url,
+                    status,
+                    message,
+                } => EtcdError::Http {
+                    url,
+                    status,
+                    message: format!("authenticating as {:?}: {message}", auth.user),
+                },
+                e => e,
             })?;
+        v.get("token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                self.bad(format!(
+                    "no token in the answer to authenticating as {:?}",
+                    auth.user
+                ))
+            })
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Value, EtcdError> {
+        let mut request = self.http.post(format!("{}{path}", self.url)).json(body);
+        if let Some(token) = token {
+            request = request.header(reqwest::header::AUTHORIZATION, token);
+        }
+        let res = request.send().await.map_err(|e| EtcdError::Unreachable {
+            url: self.url.clone(),
+            reason: chain(&e),
+        })?;
         let status = res.status();
         let text = res.text().await.map_err(|e| EtcdError::Unreachable {
             url: self.url.clone(),

@@ -114,6 +114,8 @@ struct ConfigFile {
     etcd_ca_file: Option<PathBuf>,
     etcd_cert_file: Option<PathBuf>,
     etcd_key_file: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -188,12 +190,30 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cert_file: args.etcd_cert_file.or(file.etcd_cert_file),
         key_file: args.etcd_key_file.or(file.etcd_key_file),
     };
+    let auth = match (
+        args.etcd_user.or(file.etcd_user),
+        args.etcd_password_file.or(file.etcd_password_file),
+    ) {
+        (None, None) => None,
+        (Some(user), Some(path)) => {
+            anyhow::ensure!(
+                !user.trim().is_empty(),
+                "--etcd-user: expected a user name, found an empty one"
+            );
+            Some(canaryd::etcd::EtcdAuth {
+                user,
+                password: read_token("etcd password", &path)?,
+            })
+        }
+        _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
+    };
     let ha = ha_config(
         args.etcd.or(file.etcd),
         args.etcd_prefix.or(file.etcd_prefix),
         args.replica.or(file.replica),
         lease_ttl,
         tls,
+        auth,
     )?;
     anyhow::ensure!(
         !(ha.is_some() && state_given),
@@ -283,11 +303,15 @@ fn ha_config(
     replica: Option<String>,
     ttl: Duration,
     tls: canaryd::etcd::EtcdTls,
+    auth: Option<canaryd::etcd::EtcdAuth>,
 ) -> anyhow::Result<Option<canaryd::daemon::HaConfig>> {
     let Some(etcd) = etcd else {
         anyhow::ensure!(
-            prefix.is_none() && replica.is_none() && tls == canaryd::etcd::EtcdTls::default(),
-            "--etcd-prefix, --replica and the --etcd-*-file flags are for a highly available daemon: give --etcd too"
+            prefix.is_none()
+                && replica.is_none()
+                && tls == canaryd::etcd::EtcdTls::default()
+                && auth.is_none(),
+            "--etcd-prefix, --replica, --etcd-user and the --etcd-*-file flags are for a highly available daemon: give --etcd too"
         );
         return Ok(None);
     };
@@ -327,6 +351,7 @@ fn ha_config(
     Ok(Some(canaryd::daemon::HaConfig {
         etcd,
         tls,
+        auth,
         election: canaryd::ha::ElectionConfig {
             prefix: prefix.trim_end_matches('/').to_owned(),
             replica,

@@ -1061,10 +1061,25 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         assert_eq!(err.matches(&shown).count(), 1, "said once: {err}");
         assert!(!err.contains("<input>"), "{err}");
     }
-    let flags: [(&[&str], &str); 4] = [
+    let flags: [(&[&str], &str); 6] = [
         (
             &["--etcd", "127.0.0.1:2379"],
             "--etcd: expected etcd's client URL",
+        ),
+        (
+            &["--etcd", "http://127.0.0.1:1", "--etcd-user", "cd"],
+            "--etcd-user and --etcd-password-file go together",
+        ),
+        (
+            &[
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--etcd-user",
+                "cd",
+                "--etcd-password-file",
+                "/nonexistent/password",
+            ],
+            "cannot read the etcd password file /nonexistent/password",
         ),
         (&["--replica", "a"], "give --etcd too"),
         (

@@ -21,8 +21,10 @@ use std::time::Duration;
 /// An etcd of its own, on free loopback ports, with its data in a temporary directory.
 struct EtcdServer {
     url: String,
-    _child: ChildGuard,
-    _dir: tempfile::TempDir,
+    child: Option<ChildGuard>,
+    dir: tempfile::TempDir,
+    peer_url: String,
+    tls: bool,
 }
 
 fn start_etcd() -> EtcdServer {
@@ -42,33 +44,53 @@ fn start_etcd_with(tls: bool) -> EtcdServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let (client, peer) = (free_port(), free_port());
     let scheme = if tls { "https" } else { "http" };
-    let client_url = format!("{scheme}://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
-    let mut cmd = Command::new(find_binary("etcd"));
-    cmd.args(["--name", "test", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &client_url])
-        .args(["--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url])
-        .args(["--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("test={peer_url}")])
-        .stdout(log.try_clone().expect("log file"))
-        .stderr(log);
-    if tls {
-        cmd.arg("--cert-file")
-            .arg(tls_file("server.pem"))
-            .arg("--key-file")
-            .arg(tls_file("server.key"))
-            .arg("--trusted-ca-file")
-            .arg(tls_file("ca.pem"))
-            .arg("--client-cert-auth");
+    let mut server = EtcdServer {
+        url: format!("{scheme}://127.0.0.1:{client}"),
+        child: None,
+        dir,
+        peer_url: format!("http://127.0.0.1:{peer}"),
+        tls,
+    };
+    server.spawn();
+    server
+}
+
+impl EtcdServer {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("log file");
+        let mut cmd = Command::new(find_binary("etcd"));
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.url])
+            .args(["--advertise-client-urls", &self.url])
+            .args(["--listen-peer-urls", &self.peer_url])
+            .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &format!("test={}", self.peer_url)])
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        if self.tls {
+            cmd.arg("--cert-file")
+                .arg(tls_file("server.pem"))
+                .arg("--key-file")
+                .arg(tls_file("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(tls_file("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        self.child = Some(ChildGuard::spawn(&mut cmd));
     }
-    let child = ChildGuard::spawn(&mut cmd);
-    EtcdServer {
-        url: client_url,
-        _child: child,
-        _dir: dir,
+
+    /// Stops etcd and starts it again on the same data and ports.
+    fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.0.kill();
+            let _ = child.0.wait();
+        }
+        self.spawn();
     }
 }
 
@@ -382,6 +404,7 @@ impl Replica {
             ha: Some(HaConfig {
                 etcd: etcd.to_owned(),
                 tls: Default::default(),
+                auth: None,
                 election: election(name, Duration::from_secs(2)),
             }),
         };
@@ -752,4 +775,163 @@ async fn a_replica_leads_through_an_etcd_that_requires_client_certificates() {
         },
     )
     .await;
+}
+
+/// Calls one endpoint of etcd's gateway as `token` (none before authentication is enabled).
+async fn gateway(url: &str, path: &str, body: Value, token: Option<&str>) -> Value {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/v3/{path}"))
+        .json(&body);
+    if let Some(t) = token {
+        req = req.header("Authorization", t);
+    }
+    let res = req.send().await.expect("etcd answers");
+    let status = res.status();
+    let v: Value = res.json().await.expect("json");
+    assert!(status.is_success(), "{path}: {status} {v}");
+    v
+}
+
+/// An etcd with authentication enabled: canaryd signs in with a user and password, may use
+/// only the keys its role grants, gets a new token when etcd forgot the old one (a restart),
+/// and the real binary leads with `--etcd-user` and `--etcd-password-file`; a wrong password
+/// is shown on `/readyz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_signs_in_to_an_etcd_with_authentication() {
+    use base64::Engine as _;
+    use canaryd::etcd::EtcdAuth;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut server = start_etcd();
+    etcd_ready(&server).await;
+    let url = server.url.clone();
+    let prefix = "/canaryd-test";
+    for (path, body) in [
+        (
+            "auth/user/add",
+            serde_json::json!({"name": "root", "password": "root-pw"}),
+        ),
+        (
+            "auth/user/grant",
+            serde_json::json!({"user": "root", "role": "root"}),
+        ),
+        ("auth/role/add", serde_json::json!({"name": "canaryd"})),
+        (
+            "auth/role/grant",
+            serde_json::json!({"name": "canaryd", "perm": {"permType": "READWRITE",
+                "key": b64(prefix), "range_end": b64(&canaryd::etcd::prefix_end(prefix))}}),
+        ),
+        (
+            "auth/user/add",
+            serde_json::json!({"name": "cd", "password": "s3cret pw"}),
+        ),
+        (
+            "auth/user/grant",
+            serde_json::json!({"user": "cd", "role": "canaryd"}),
+        ),
+        ("auth/enable", serde_json::json!({})),
+    ] {
+        gateway(&url, path, body, None).await;
+    }
+    let client = |password: &str| {
+        Etcd::new(&url, Duration::from_secs(2))
+            .expect("client")
+            .with_auth(EtcdAuth {
+                user: "cd".into(),
+                password: password.into(),
+            })
+    };
+    // Without a user, and with a wrong password, etcd refuses, and the error says why.
+    let anonymous = Etcd::new(&url, Duration::from_secs(2)).expect("client");
+    let e = anonymous.get("/canaryd-test/x").await.expect_err("no user");
+    assert!(e.to_string().contains("user name is empty"), "{e}");
+    let e = client("wrong")
+        .get("/canaryd-test/x")
+        .await
+        .expect_err("wrong password");
+    assert!(
+        e.to_string().contains("authenticating as \"cd\"")
+            && e.to_string().contains("authentication failed"),
+        "{e}"
+    );
+    // The right password: reads and writes under the granted prefix, nothing else.
+    let etcd = client("s3cret pw");
+    let put = |key: &str, value: &str| Op::Put {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        lease: None,
+    };
+    etcd.txn(&[], &[put("/canaryd-test/x", "1")], &[])
+        .await
+        .expect("write under the prefix");
+    let e = etcd
+        .txn(&[], &[put("/elsewhere", "1")], &[])
+        .await
+        .expect_err("outside the granted keys");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+    // etcd forgets its tokens when it restarts: the client signs in again by itself.
+    server.restart();
+    let value = wait_for(
+        "etcd back, read with a new token",
+        Duration::from_secs(20),
+        || {
+            let etcd = etcd.clone();
+            async move { etcd.get("/canaryd-test/x").await.ok().flatten() }
+        },
+    )
+    .await;
+    assert_eq!(value.value, b"1");
+
+    // The real binary, with the flags; and one with a wrong password.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    std::fs::write(dir.path().join("policies/demo.yaml"), POLICY).expect("policy");
+    std::fs::write(dir.path().join("password"), "s3cret pw\n").expect("password");
+    std::fs::write(dir.path().join("wrong"), "wrong\n").expect("password");
+    let replica = |name: &str, password: &str, port: u16| {
+        ChildGuard::spawn(
+            Command::new(env!("CARGO_BIN_EXE_canaryd"))
+                .args(["run", "--policies"])
+                .arg(dir.path().join("policies"))
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--prometheus", &format!("http://127.0.0.1:{}", free_port())])
+                .args(["--etcd", &url, "--etcd-prefix", prefix])
+                .args(["--replica", name, "--lease-ttl", "2s", "--etcd-user", "cd"])
+                .arg("--etcd-password-file")
+                .arg(dir.path().join(password))
+                .env_remove("CANARYD_CONFIG")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+    };
+    let (good, bad) = (free_port(), free_port());
+    let _good = replica("auth-a", "password", good);
+    let _bad = replica("auth-b", "wrong", bad);
+    wait_for(
+        "the replica with the password to lead",
+        Duration::from_secs(30),
+        || async move {
+            let v: Value = reqwest::get(format!("http://127.0.0.1:{good}/api/v1/rollouts"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["replica"]["role"] == "leader" && v["rollouts"][0]["name"] == "demo").then_some(())
+        },
+    )
+    .await;
+    let why = wait_for(
+        "the replica with a wrong password to say so",
+        Duration::from_secs(30),
+        || async move {
+            let res = reqwest::get(format!("http://127.0.0.1:{bad}/readyz"))
+                .await
+                .ok()?;
+            let status = res.status().as_u16();
+            let text = res.text().await.ok()?;
+            (status == 503 && text.contains("authentication failed")).then_some(text)
+        },
+    )
+    .await;
+    assert!(why.contains("\"cd\""), "{why}");
 }
