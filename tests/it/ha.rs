@@ -761,8 +761,13 @@ async fn a_replica_leads_through_an_etcd_that_requires_client_certificates() {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null()),
     );
+    wait_leads_demo(port).await;
+}
+
+/// Waits until the replica whose API is on `port` leads and runs the `demo` rollout.
+async fn wait_leads_demo(port: u16) {
     wait_for(
-        "the replica to lead",
+        "the replica to lead the demo rollout",
         Duration::from_secs(30),
         || async move {
             let v: Value = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/rollouts"))
@@ -906,20 +911,7 @@ async fn a_replica_signs_in_to_an_etcd_with_authentication() {
     let (good, bad) = (free_port(), free_port());
     let _good = replica("auth-a", "password", good);
     let _bad = replica("auth-b", "wrong", bad);
-    wait_for(
-        "the replica with the password to lead",
-        Duration::from_secs(30),
-        || async move {
-            let v: Value = reqwest::get(format!("http://127.0.0.1:{good}/api/v1/rollouts"))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (v["replica"]["role"] == "leader" && v["rollouts"][0]["name"] == "demo").then_some(())
-        },
-    )
-    .await;
+    wait_leads_demo(good).await;
     let why = wait_for(
         "the replica with a wrong password to say so",
         Duration::from_secs(30),
