@@ -272,6 +272,22 @@ impl Task {
         match result {
             Ok(w) => {
                 self.view.router_weight = Some(w);
+                if (w - self.state.weight).abs() < 0.01 {
+                    self.router_failing_since = None;
+                } else if let Some(since) = self.router_failing_since {
+                    // It answers reads but did not take the last weight it was told: as much
+                    // a failing router as one that cannot be read, deadline included.
+                    let error = format!(
+                        "it still sends {w}% to the canary; applying {}% failed: {}",
+                        self.state.weight,
+                        self.view.router_error.as_deref().unwrap_or("unknown error")
+                    );
+                    return RouterStatus::Failing {
+                        since,
+                        error,
+                        confirmed: Some(w),
+                    };
+                }
                 self.view.router_error = None;
                 RouterStatus::Ok { canary_weight: w }
             }
@@ -512,11 +528,16 @@ impl Task {
             tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref(), "decision");
             self.notify(&d);
         }
-        // Idle rollouts own no traffic yet; everything else converges on the desired weight.
-        let needs_apply = self.state.phase != Phase::Idle
-            && router_weight.is_none_or(|w| {
+        // Idle rollouts own no traffic yet, and a failed one leaves the router to the operator
+        // after its one attempt to keep the safe weight; everything else converges on the
+        // desired weight.
+        let needs_apply = match self.state.phase {
+            Phase::Idle => false,
+            Phase::Failed => d.action == Action::Fail,
+            _ => router_weight.is_none_or(|w| {
                 (w - d.weight).abs() >= 0.01 || d.weight != prev.weight || !self.applied
-            });
+            }),
+        };
         if needs_apply {
             self.applied = self.apply(now).await;
         } else if self.state.phase != Phase::Idle {

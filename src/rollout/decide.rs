@@ -307,6 +307,20 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
     if confirmed.is_some_and(|w| (w - state.weight).abs() < 0.01) {
         state.safe_weight = state.weight;
     }
+    // A step's time counts only while the router really sends its weight: a router that did
+    // not take it (a failed apply, a router restarted with other weights, a daemon restarted
+    // after someone reset them) starts the step's clock again once it does.
+    if matches!(
+        state.phase,
+        Phase::Progressing | Phase::Paused | Phase::WaitingPromotion
+    ) && let RouterStatus::Ok { canary_weight } = obs.router
+    {
+        if (canary_weight - state.weight).abs() >= 0.01 {
+            state.step_started_at = None;
+        } else if state.step_started_at.is_none() {
+            state.step_started_at = Some(now);
+        }
+    }
     match state.phase {
         Phase::Idle => tick_idle(policy, state, obs, now),
         Phase::Progressing | Phase::Paused | Phase::WaitingPromotion => {
@@ -334,7 +348,8 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
                 decision(Action::Hold, state, Vec::new(), why)
             }
         }
-        Phase::Promoted | Phase::RolledBack | Phase::Failed => {
+        Phase::Failed => tick_failed(policy, state, obs, now),
+        Phase::Promoted | Phase::RolledBack => {
             let reason = state.message.clone();
             decision(Action::Hold, state, Vec::new(), reason)
         }
@@ -362,6 +377,17 @@ fn fail(mut state: RolloutState, reason: String, now: Time) -> Decision {
     let safe = state.safe_weight;
     state.set_weight(safe, now);
     decision(Action::Fail, state, Vec::new(), reason)
+}
+
+/// A failed rollout leaves the router alone until an operator acts, but its canary is still
+/// judged: one that turns out bad is rolled back, which is always allowed.
+fn tick_failed(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+    let reports = analyse(policy, &mut state, obs);
+    if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
+        return rollback(state, reports, format!("failed rollout: {why}"), now);
+    }
+    let reason = state.message.clone();
+    decision(Action::Hold, state, reports, reason)
 }
 
 fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {

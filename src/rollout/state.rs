@@ -72,6 +72,7 @@ impl Phase {
                 | Phase::Paused
                 | Phase::WaitingPromotion
                 | Phase::Promoting
+                | Phase::Failed
         )
     }
 }

@@ -18,6 +18,8 @@ use std::time::Duration;
 pub struct FakeRouter {
     pub weight: Arc<Mutex<f64>>,
     pub failing: Arc<Mutex<bool>>,
+    /// Reads work, applies fail.
+    pub refusing: Arc<Mutex<bool>>,
     pub applied: Arc<Mutex<Vec<f64>>>,
 }
 
@@ -29,6 +31,9 @@ impl Router for FakeRouter {
         Box::pin(async move {
             if *self.failing.lock().unwrap() {
                 return Err(RouterError::Unreachable("fake router is down".into()));
+            }
+            if *self.refusing.lock().unwrap() {
+                return Err(RouterError::Rejected("fake router refuses writes".into()));
             }
             *self.weight.lock().unwrap() = t.canary_weight;
             self.applied.lock().unwrap().push(t.canary_weight);
@@ -606,6 +611,62 @@ async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
     let (s, _) = d.post("/api/v1/rollouts/demo/abort", None, "").await;
     assert_eq!(s, 200);
     d.wait_phase("demo", "rolled-back").await;
+    assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
+    d.stop().await;
+}
+
+/// A router that answers reads but refuses writes is as failing as one that is down: the
+/// rollout fails after the deadline. A failed rollout then leaves the router alone (someone
+/// reset it to stable: canaryd does not put the canary back), but still judges the canary and
+/// rolls it back when it turns bad.
+#[tokio::test]
+async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alone_but_judges() {
+    let policy = POLICY.replace(
+        "progress_deadline: 1h",
+        "progress_deadline: 1h\n  router_deadline: 300ms",
+    );
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    wait_for("weight 10 applied", Duration::from_secs(5), || async {
+        (*d.router.weight.lock().unwrap() == 10.0).then_some(())
+    })
+    .await;
+    *d.router.refusing.lock().unwrap() = true;
+    let v = d.wait_phase("demo", "failed").await;
+    assert_eq!(v["weight"], 10.0, "the last weight the router took: {v}");
+    let error = v["router_error"].as_str().unwrap_or_default();
+    assert!(error.contains("refuses writes"), "{v}");
+    // Someone resets the router to stable.
+    let applied = d.router.applied.lock().unwrap().len();
+    *d.router.refusing.lock().unwrap() = false;
+    *d.router.weight.lock().unwrap() = 0.0;
+    let analyses = |v: &Value| v["state"]["analyses"].as_u64().unwrap_or_default();
+    let seen = analyses(&d.get("/api/v1/rollouts/demo").await.1);
+    let v = wait_for("three more analyses", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (analyses(&v) >= seen + 3).then_some(v)
+    })
+    .await;
+    assert_eq!(v["phase"], "failed", "{v}");
+    assert_eq!(
+        *d.router.weight.lock().unwrap(),
+        0.0,
+        "a failed rollout does not push the canary back"
+    );
+    assert_eq!(d.router.applied.lock().unwrap().len(), applied);
+    // The canary turns bad: it is rolled back.
+    *d.source.mode.lock().unwrap() = Mode::Bad;
+    d.wait_phase("demo", "rolled-back").await;
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    let rollback = log["decisions"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["action"] == "rollback"))
+        .cloned()
+        .unwrap_or_default();
+    let reason = rollback["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("failed rollout: "), "{log}");
     assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
     d.stop().await;
 }

@@ -85,7 +85,25 @@ fn advancing_needs_the_router_to_confirm_the_weight() {
                 tick(good().router(9.0)),
                 expect(Hold, Progressing, 10.0),
             ),
-            (120, tick(good()), expect(Advance, Progressing, 50.0)),
+            // Confirmed now: the step's time starts here, not when it was decided.
+            (
+                120,
+                tick(good()),
+                expect(Hold, Progressing, 10.0).reason("step 1 at 10%: 1m left"),
+            ),
+            (150, tick(good()), expect(Hold, Progressing, 10.0)),
+            (180, tick(good()), expect(Advance, Progressing, 50.0)),
+            // A router that loses the weight (restarted with its own) stops the clock again.
+            (
+                210,
+                tick(good().router(0.0)),
+                expect(Hold, Progressing, 50.0),
+            ),
+            (
+                240,
+                tick(good()),
+                expect(Hold, Progressing, 50.0).reason("step 2 at 50%: 1m left"),
+            ),
         ],
     );
 }

@@ -404,10 +404,15 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
             }
         }
 
-        // Final phases stay final: ticks change nothing; of the operator's actions only retry
-        // and abort (the documented way back to stable from `promoted` and `failed`) apply.
+        // Final phases stay final: ticks change nothing, except that a failed rollout whose
+        // canary is judged bad is rolled back; of the operator's actions only retry and abort
+        // (the documented way back to stable from `promoted` and `failed`) apply.
         if s.phase.is_final() {
             match &input {
+                Input::Tick(_) if s.phase == Phase::Failed && d.action == Action::Rollback => {
+                    prop_assert_eq!(d.state.phase, Phase::RollingBack, "{}", what);
+                    prop_assert_eq!(d.weight, 0.0, "{}", what);
+                }
                 Input::Tick(_) => {
                     prop_assert_eq!(d.state.phase, s.phase, "{}", what);
                     prop_assert_eq!(d.weight, s.weight, "{}", what);
