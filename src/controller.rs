@@ -540,6 +540,8 @@ impl Task {
         };
         if needs_apply {
             self.applied = self.apply(now).await;
+        } else if self.state.phase == Phase::Failed {
+            self.applied = router_weight.is_some_and(|w| (w - d.weight).abs() < 0.01);
         } else if self.state.phase != Phase::Idle {
             self.applied = true;
         }
