@@ -436,6 +436,35 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
     decision(Action::Start, state, reports, reason)
 }
 
+/// After an edit of the policy's steps: a rollout past the new last step goes back to it, and
+/// one whose weight is above its step's new weight comes down to it (never up: more traffic
+/// waits for the next advance). Says what changed, if anything.
+fn fit_to_steps(policy: &Policy, state: &mut RolloutState, now: Time) -> Option<String> {
+    let steps = policy.strategy.steps();
+    if policy.strategy.is_blue_green() || steps.is_empty() {
+        return None;
+    }
+    let last = steps.len() - 1;
+    let step = state.step.min(last);
+    let weight = state.weight.min(steps[step]);
+    if step == state.step && weight == state.weight {
+        return None;
+    }
+    let why = format!(
+        "the policy's steps changed: now step {} of {} at {}% (was {}%)",
+        step + 1,
+        steps.len(),
+        fmt_pct(weight),
+        fmt_pct(state.weight)
+    );
+    state.step = step;
+    if weight != state.weight {
+        state.set_weight(weight, now);
+        state.step_started_at = Some(now);
+    }
+    Some(why)
+}
+
 fn tick_progressing(
     policy: &Policy,
     mut state: RolloutState,
@@ -461,6 +490,9 @@ fn tick_progressing(
         Outcome::Failed(why) | Outcome::Hold(why) => Some(why),
         Outcome::Pass => None,
     };
+    if let Some(why) = fit_to_steps(policy, &mut state, now) {
+        return decision(Action::Hold, state, reports, why);
+    }
     if let Some(why) = router_failed_too_long(policy, obs, now) {
         return fail(state, why, now);
     }

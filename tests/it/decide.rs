@@ -1190,3 +1190,51 @@ fn sequential_rejection_rolls_back_at_once_whatever_the_failure_limit() {
         "a canary with 30x the errors is rejected within 60 looks"
     );
 }
+
+/// Steps edited while a rollout runs: a rollout past the new last step goes back to it, a
+/// weight above its step's new weight comes down to it, and a larger new weight waits for the
+/// next advance.
+#[test]
+fn edited_steps_bring_the_weight_down_to_the_new_schedule_never_up() {
+    let three = load(&BASE.replace("steps: [10, 50]", "steps: [10, 30, 60]"));
+    let at_60 = drive(
+        &three,
+        fresh(&three),
+        &[(0, tick(good())), (60, tick(good())), (120, tick(good()))],
+    );
+    assert_eq!((at_60.step, at_60.weight), (2, 60.0));
+    let shorter = load(&BASE.replace("steps: [10, 50]", "steps: [10, 20]"));
+    let d = check(
+        "shorter",
+        &shorter,
+        at_60.clone(),
+        &[(
+            150,
+            tick(good()),
+            expect(Hold, Progressing, 20.0).reason("now step 2 of 2 at 20% (was 60%)"),
+        )],
+    );
+    assert_eq!(d.state.step, 1);
+    // Then the rollout goes on from there: a full step at 20%, then promotion.
+    check(
+        "shorter, then on",
+        &shorter,
+        d.state,
+        &[
+            (
+                180,
+                tick(good()),
+                expect(Hold, Progressing, 20.0).reason("step 2 at 20%: 30s left"),
+            ),
+            (210, tick(good()), expect(Promote_, Promoting, 100.0)),
+        ],
+    );
+    // A larger weight for the current step does not raise traffic by itself.
+    let larger = load(&BASE.replace("steps: [10, 50]", "steps: [10, 80, 90]"));
+    check(
+        "larger",
+        &larger,
+        at_60,
+        &[(150, tick(good()), expect(Hold, Progressing, 60.0))],
+    );
+}
