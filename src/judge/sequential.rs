@@ -399,6 +399,14 @@ pub fn judge(
             ratio_note(estimate)
         );
         Verdict::Fail
+    } else if canary.window_events <= 0.0 {
+        // The evidence so far still stands (and could still reject), but a step in which the
+        // canary served nothing (a router or a scrape outage) says nothing about it.
+        report.note = format!(
+            "no canary events in this analysis's window (evidence so far: log e-value {:.2} of {:.2})",
+            log_bad, threshold
+        );
+        Verdict::NoData
     } else if mem.canary.total < need || (two_sample && mem.stable.total < need) {
         // Not enough data to let the canary go further: more may still arrive (late labels
         // for accuracy, traffic at a low weight).
@@ -1042,6 +1050,74 @@ mod tests {
             stable: sample(stable),
             canary: sample(canary),
         }
+    }
+
+    /// A look whose window holds no canary events is no data, whatever the evidence so far;
+    /// evidence of harm still fails it.
+    #[test]
+    fn a_window_without_canary_events_is_no_data_but_a_rejection_stands() {
+        let quiet = |r: MetricReading| MetricReading {
+            canary: match r.canary {
+                Reading::Data(s) => Reading::Data(Sample {
+                    window_events: 0.0,
+                    value: None,
+                    ..s
+                }),
+                other => other,
+            },
+            ..r
+        };
+        let (stable, canary) = (
+            Counts {
+                bad: 100.0,
+                total: 10_000.0,
+            },
+            Counts {
+                bad: 10.0,
+                total: 1_000.0,
+            },
+        );
+        let mut memory = JudgeMemory::default();
+        let r = judge(&ctx(0.95), &spec(), &reading(stable, canary), &mut memory);
+        assert_eq!(r.verdict, Verdict::Pass, "{}", r.note);
+        let r = judge(
+            &ctx(0.95),
+            &spec(),
+            &quiet(reading(stable, canary)),
+            &mut memory,
+        );
+        assert_eq!(r.verdict, Verdict::NoData, "{}", r.note);
+        assert!(r.note.contains("no canary events"), "{}", r.note);
+        // A canary with ten times stable's error rate is rejected; a quiet look after that
+        // still fails.
+        let mut memory = JudgeMemory::default();
+        let mut bad = Counts::default();
+        let mut look = |k: f64, memory: &mut JudgeMemory| {
+            let stable = Counts {
+                bad: 100.0 * k,
+                total: 10_000.0 * k,
+            };
+            bad = Counts {
+                bad: 100.0 * k,
+                total: 1_000.0 * k,
+            };
+            (
+                judge(&ctx(0.95), &spec(), &reading(stable, bad), memory),
+                stable,
+            )
+        };
+        let (mut r, mut stable) = look(1.0, &mut memory);
+        for k in 2..=5 {
+            (r, stable) = look(f64::from(k), &mut memory);
+        }
+        assert_eq!(r.verdict, Verdict::Fail, "{}", r.note);
+        let r = judge(
+            &ctx(0.95),
+            &spec(),
+            &quiet(reading(stable, bad)),
+            &mut memory,
+        );
+        assert_eq!(r.verdict, Verdict::Fail, "{}", r.note);
     }
 
     #[test]
