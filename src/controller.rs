@@ -11,6 +11,7 @@ use crate::observation::{Gate, Input, Observation, OperatorAction, RouterStatus}
 use crate::policy::{self, Policy, WebhookEvent};
 use crate::rollout::{Action, Decision, Phase, RolloutState, decide};
 use crate::router::{Router, RouterError, Target};
+use crate::source::prometheus::error_chain;
 use crate::source::{MetricSource, Window};
 use crate::store::{DecisionRecord, Store};
 use crate::time::{Clock, Time};
@@ -407,13 +408,19 @@ impl Task {
             .json(&body)
             .send()
             .await;
+        // The reason is recorded and shown everywhere: the gate's URL can hold secrets in its
+        // path or query, so only its origin is named, and reqwest's error without the URL.
+        let gate = policy::url_origin(&hook.url);
         match res {
             Ok(r) if r.status().is_success() => Gate::Open,
             Ok(r) => Gate::Closed {
-                reason: format!("{} answered {}", hook.url, r.status()),
+                reason: format!("the webhook at {gate} answered {}", r.status()),
             },
             Err(e) => Gate::Closed {
-                reason: format!("{} did not answer: {e}", hook.url),
+                reason: format!(
+                    "the webhook at {gate} did not answer: {}",
+                    error_chain(&e.without_url())
+                ),
             },
         }
     }
@@ -454,14 +461,17 @@ impl Task {
                 .post(&hook.url)
                 .timeout(hook.timeout)
                 .json(&body);
-            let url = hook.url.clone();
+            // Only the origin is logged: the URL can hold secrets in its path or query.
+            let webhook = policy::url_origin(&hook.url);
             tokio::spawn(async move {
                 match req.send().await {
                     Ok(r) if r.status().is_success() => {}
                     Ok(r) => {
-                        tracing::warn!(%url, status = %r.status(), "webhook refused the event")
+                        tracing::warn!(event = %name, %webhook, status = %r.status(), "webhook refused the event")
                     }
-                    Err(e) => tracing::warn!(%url, error = %e, "webhook failed"),
+                    Err(e) => {
+                        tracing::warn!(event = %name, %webhook, error = %error_chain(&e.without_url()), "webhook failed")
+                    }
                 }
             });
         }

@@ -445,6 +445,44 @@ pub fn display_path(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// A webhook's URL as logs, decisions, the API and messages show it: its origin (scheme, host
+/// and port as written), nothing else. Services hand out URLs with secrets in them (a Slack
+/// hook's path, a `?token=`), so the path, query and fragment are never shown, nor a user or
+/// password. Any text is accepted, so that a malformed URL can be named too.
+pub fn url_origin(url: &str) -> String {
+    let (scheme, authority) = url_parts(url);
+    // The user and password end at the authority's last '@'.
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match scheme {
+        Some(s) => format!("{s}://{host}"),
+        None => host.to_owned(),
+    }
+}
+
+/// Whether a URL carries a user name or password (`http://user:password@host/`).
+pub fn url_has_credentials(url: &str) -> bool {
+    url_parts(url).1.contains('@')
+}
+
+/// A URL's scheme, if it has one, and its authority (`user:password@host:port`).
+fn url_parts(url: &str) -> (Option<&str>, &str) {
+    let (scheme, rest) = match url.split_once("://") {
+        // A "://" inside the path or query does not end a scheme.
+        Some((s, rest))
+            if s.starts_with(|c: char| c.is_ascii_alphabetic())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+        {
+            (Some(s), rest)
+        }
+        _ => (None, url),
+    };
+    // For http(s), the authority ends at the path, query or fragment, and a backslash is a
+    // slash there (WHATWG), as reqwest reads it.
+    let authority = rest.split(['/', '\\', '?', '#']).next().unwrap_or(rest);
+    (scheme, authority)
+}
+
 /// Durations stored as milliseconds in JSON (state, API).
 pub mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -455,5 +493,55 @@ pub mod duration_ms {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_shown_by_its_origin_only() {
+        let cases = [
+            (
+                "http://alice:s3cr3t@127.0.0.1:22080/gate?token=tok123",
+                "http://127.0.0.1:22080",
+            ),
+            (
+                "https://hooks.slack.com/services/T0/B0/XXXX",
+                "https://hooks.slack.com",
+            ),
+            ("https://h.internal?token=t#frag", "https://h.internal"),
+            ("http://h.internal\\@evil/x", "http://h.internal"),
+            ("http://[::1]:8080/x", "http://[::1]:8080"),
+            ("http://a@b@h:1/", "http://h:1"),
+            // Malformed: no scheme, or a "://" only in the query.
+            ("router.internal/weights", "router.internal"),
+            ("h.internal/x?next=http://y", "h.internal"),
+            ("http://", "http://"),
+            ("", ""),
+        ];
+        for (url, origin) in cases {
+            assert_eq!(url_origin(url), origin, "{url}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_found_in_the_authority_only() {
+        for url in [
+            "http://alice:s3cr3t@h/",
+            "https://alice@h",
+            "http://:pw@h:1?x",
+        ] {
+            assert!(url_has_credentials(url), "{url}");
+        }
+        for url in [
+            "https://chat.internal/hooks/@team?token=x",
+            "http://h/?to=a@b",
+            "http://h#@x",
+            "http://h\\@x",
+        ] {
+            assert!(!url_has_credentials(url), "{url}");
+        }
     }
 }

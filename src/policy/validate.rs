@@ -44,6 +44,10 @@ impl fmt::Display for PolicyError {
 
 impl std::error::Error for PolicyError {}
 
+/// Where a webhook's secret belongs instead of its URL's user or password.
+const WEBHOOK_SECRET: &str =
+    "put a secret in its path or query instead: only the URL's origin is shown";
+
 /// The most a credentials file may hold; a token or password is far shorter, and a path to a
 /// device or a log file must not be read whole.
 const MAX_SECRET_BYTES: u64 = 64 << 10;
@@ -336,18 +340,46 @@ impl Validator {
         }
     }
 
+    /// An http(s) URL. It is shown by its origin only: its user, password, path and query
+    /// can hold secrets, and `canaryd check` prints its messages to CI logs.
     fn url(&mut self, at: &At<String>) {
         let v = &at.value;
+        let origin = url_origin(v);
+        let shown = if origin.len() < v.len() {
+            format!("{origin}/…")
+        } else {
+            origin
+        };
         let rest = v
             .strip_prefix("http://")
             .or_else(|| v.strip_prefix("https://"));
-        // A URL with whitespace in it is a copy-paste accident, never a reachable endpoint.
-        if rest
-            .is_none_or(|r| r.is_empty() || r.starts_with('/') || r.contains(char::is_whitespace))
-        {
+        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
             self.err(
                 at,
-                format!("expected an http:// or https:// URL, found {v:?}"),
+                format!("expected an http:// or https:// URL, found {shown:?}"),
+            );
+        } else if v.contains(char::is_whitespace) {
+            // A copy-paste accident, never a reachable endpoint.
+            self.err(
+                at,
+                format!(
+                    "expected an http:// or https:// URL without whitespace, found whitespace \
+                     in {shown:?}"
+                ),
+            );
+        }
+    }
+
+    /// Refuses a URL with a user name or password in it: reqwest would send them, and they
+    /// would show wherever the URL does. `instead` says where such a secret belongs.
+    fn no_credentials(&mut self, at: &At<String>, instead: &str) {
+        if url_has_credentials(&at.value) {
+            self.err(
+                at,
+                format!(
+                    "expected a URL without a user name or password ({instead}), found \
+                     credentials in it"
+                ),
             );
         }
     }
@@ -420,19 +452,8 @@ impl Validator {
         );
         if let Some(u) = url {
             self.url(u);
-            // Reqwest would send such a URL's user and password, and the URL is shown in
-            // messages and in `check --live`: secrets belong in files.
-            let v = &u.value;
-            let rest = v.split_once("://").map_or(v.as_str(), |(_, r)| r);
-            let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-            if authority.contains('@') {
-                self.err(
-                    u,
-                    "expected a URL without a user name or password (use basic_auth with a \
-                     password_file), found credentials in it"
-                        .into(),
-                );
-            }
+            // The URL is also shown in messages and by `check --live`: secrets belong in files.
+            self.no_credentials(u, "use basic_auth with a password_file");
         }
         let bearer = r.bearer_token_file.as_ref().map(|t| {
             let token = self.secret(t, "the bearer token");
@@ -1205,6 +1226,7 @@ impl Validator {
             );
             if let Some(u) = url {
                 self.url(u);
+                self.no_credentials(u, WEBHOOK_SECRET);
             }
             let timeout = self.duration(&wh.value.timeout, Duration::from_secs(5));
             return Some(RouterConfig::Webhook {
@@ -1318,6 +1340,7 @@ impl Validator {
             );
             if let Some(u) = url {
                 self.url(u);
+                self.no_credentials(u, WEBHOOK_SECRET);
             }
             let timeout = self.duration(&h.value.timeout, Duration::from_secs(10));
             if let (Some(on), Some(url)) = (event, url) {

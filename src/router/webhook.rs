@@ -5,8 +5,13 @@
 //! `?rollout=<name>` and expects the same shape back; the canary's share is its weight over the
 //! sum of all weights given, and a canary the answer does not mention gets no traffic. Both
 //! calls are bounded by the configured timeout.
+//!
+//! Messages name the endpoint by its origin only: services hand out URLs with secrets in the
+//! path or query, and router errors reach the log, the API and `canaryd status`.
 
 use super::{BoxFuture, Router, RouterError, Target, WeightsDoc, check_target};
+use crate::policy::url_origin;
+use crate::source::prometheus::error_chain;
 use std::time::Duration;
 
 /// How much of an error answer's body a message carries.
@@ -15,21 +20,31 @@ const MAX_BODY_SHOWN: usize = 512;
 const MAX_BODY: usize = 1024 * 1024;
 
 /// Sets and reads the split through an HTTP endpoint.
-#[derive(Debug)]
 pub struct WebhookRouter {
     /// The endpoint, for POST and GET alike.
     url: reqwest::Url,
+    /// The endpoint as messages name it: `the webhook at <origin>`.
+    shown: String,
     /// The client, with the configured timeout on every request.
     client: reqwest::Client,
 }
 
+impl std::fmt::Debug for WebhookRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookRouter")
+            .field("url", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
 impl WebhookRouter {
     pub fn new(url: &str, timeout: Duration) -> Result<WebhookRouter, RouterError> {
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| RouterError::Config(format!("webhook router url {url:?}: {e}")))?;
+        let shown = format!("the webhook at {}", url_origin(url));
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| RouterError::Config(format!("{shown}: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(RouterError::Config(format!(
-                "webhook router url {url:?}: expected http or https"
+                "{shown}: expected an http or https URL"
             )));
         }
         let client = reqwest::Client::builder()
@@ -38,25 +53,44 @@ impl WebhookRouter {
             // A redirected POST turns into a GET and would read as success without applying.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| RouterError::Config(format!("webhook router client for {url:?}: {e}")))?;
+            .map_err(|e| {
+                RouterError::Config(format!("a client for {shown}: {}", error_chain(&e)))
+            })?;
         Ok(WebhookRouter {
             url: parsed,
+            shown,
             client,
         })
     }
-}
 
-/// A request that got no HTTP answer: connection refused, DNS, timeout.
-fn transport_error(what: &str, url: &reqwest::Url, e: reqwest::Error) -> RouterError {
-    // `{:#}`-style chains are not available on reqwest errors; walk the sources so the message
-    // says "connection refused", not only "error sending request".
-    let mut msg = format!("{what} {url}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
+    /// A request that got no (whole) HTTP answer: connection refused, DNS, timeout. Reqwest's
+    /// message names the URL, so it is left out; its causes say what happened.
+    fn transport_error(&self, what: &str, e: reqwest::Error) -> RouterError {
+        RouterError::Unreachable(format!(
+            "{} did not answer the {what}: {}",
+            self.shown,
+            error_chain(&e.without_url())
+        ))
     }
-    RouterError::Unreachable(msg)
+
+    async fn refusal(&self, what: &str, mut resp: reqwest::Response) -> RouterError {
+        let status = resp.status();
+        // The body only decorates the message, so a failure to read it is not worth reporting.
+        let body = body_limited(&mut resp, MAX_BODY)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let body: String = String::from_utf8_lossy(&body)
+            .trim()
+            .chars()
+            .take(MAX_BODY_SHOWN)
+            .collect();
+        RouterError::Rejected(format!(
+            "{} answered the {what} with {status}: {body:?}",
+            self.shown
+        ))
+    }
 }
 
 /// The body, or `None` once it grows past `limit`; the service is not trusted to be small.
@@ -74,22 +108,6 @@ async fn body_limited(
     Ok(Some(body))
 }
 
-async fn refusal(what: &str, url: &reqwest::Url, mut resp: reqwest::Response) -> RouterError {
-    let status = resp.status();
-    // The body only decorates the message, so a failure to read it is not worth reporting.
-    let body = body_limited(&mut resp, MAX_BODY)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    let body: String = String::from_utf8_lossy(&body)
-        .trim()
-        .chars()
-        .take(MAX_BODY_SHOWN)
-        .collect();
-    RouterError::Rejected(format!("{what} {url} answered {status}: {body:?}"))
-}
-
 impl Router for WebhookRouter {
     fn kind(&self) -> &'static str {
         "webhook"
@@ -105,9 +123,9 @@ impl Router for WebhookRouter {
                 .json(&doc)
                 .send()
                 .await
-                .map_err(|e| transport_error("POST", &self.url, e))?;
+                .map_err(|e| self.transport_error("POST", e))?;
             if !resp.status().is_success() {
-                return Err(refusal("POST", &self.url, resp).await);
+                return Err(self.refusal("POST", resp).await);
             }
             Ok(())
         })
@@ -121,23 +139,23 @@ impl Router for WebhookRouter {
                 .query(&[("rollout", target.rollout.as_str())])
                 .send()
                 .await
-                .map_err(|e| transport_error("GET", &self.url, e))?;
+                .map_err(|e| self.transport_error("GET", e))?;
             // A router that has never been told a split for this rollout routes nothing to
             // its canary; saying so with 404 is the natural answer, not a failure.
             if resp.status() == reqwest::StatusCode::NOT_FOUND {
                 return Ok(0.0);
             }
             if !resp.status().is_success() {
-                return Err(refusal("GET", &self.url, resp).await);
+                return Err(self.refusal("GET", resp).await);
             }
             // A body cut off by the timeout is a transport failure, not a bad document.
             let body = body_limited(&mut resp, MAX_BODY)
                 .await
-                .map_err(|e| transport_error("GET", &self.url, e))?
+                .map_err(|e| self.transport_error("GET", e))?
                 .ok_or_else(|| {
                     RouterError::BadResponse(format!(
-                        "GET {} answered with more than {MAX_BODY} bytes",
-                        self.url
+                        "{} answered the GET with more than {MAX_BODY} bytes",
+                        self.shown
                     ))
                 })?;
             let doc: WeightsDoc = serde_json::from_slice(&body).map_err(|e| {
@@ -146,11 +164,11 @@ impl Router for WebhookRouter {
                     .take(MAX_BODY_SHOWN)
                     .collect();
                 RouterError::BadResponse(format!(
-                    "GET {} answered {shown:?}, not a weights document: {e}",
-                    self.url
+                    "{} answered the GET with {shown:?}, not a weights document: {e}",
+                    self.shown
                 ))
             })?;
-            doc.canary_share(target, &format!("GET {}", self.url))
+            doc.canary_share(target, &format!("the split {} reports", self.shown))
         })
     }
 }

@@ -832,14 +832,15 @@ async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
 /// Received event bodies, and the status code the receiver answers with.
 type HookState = (Arc<Mutex<Vec<Value>>>, Arc<Mutex<u16>>);
 
-/// A tiny webhook receiver: records every POST body, answers with the status in `answer`.
+/// A tiny webhook receiver: records every POST body to any path, answers with the status in
+/// `answer`.
 async fn hooks(answer: Arc<Mutex<u16>>) -> (String, Arc<Mutex<Vec<Value>>>) {
     use axum::extract::State;
     let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
     let app =
         axum::Router::new()
             .route(
-                "/{kind}",
+                "/{*path}",
                 axum::routing::post(
                     |State((seen, answer)): State<HookState>,
                      axum::Json(body): axum::Json<Value>| async move {
@@ -897,6 +898,143 @@ async fn a_closed_promotion_gate_holds_and_event_webhooks_are_called() {
     );
     assert!(events.contains(&"advance".to_string()), "{events:?}");
     d.stop().await;
+}
+
+/// A confirm-promotion gate's URL at `base` with secrets in its path and query, as a service
+/// that authenticates its callers that way (a Slack hook, `?token=`) hands it out.
+fn secret_gate_policy(base: &str) -> String {
+    format!(
+        "{POLICY}webhooks:\n  - {{on: confirm-promotion, url: \"{base}/hooks/PATHSECRET/gate?token=QUERYSECRET\", timeout: 1s}}\n"
+    )
+}
+
+/// Regression (acceptance test): a closed gate's reason held the gate's whole URL, and with it
+/// the secrets in its path and query, in the decision log, the API and `canaryd status`. Only
+/// the URL's origin is shown, whether the gate refuses or cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_gate_shows_its_origin_never_the_secrets_in_its_url() {
+    let (url, seen) = hooks(Arc::new(Mutex::new(403))).await;
+    let dir = setup(&secret_gate_policy(&url));
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let message = |v: &Value| v["state"]["message"].as_str().unwrap_or("").to_owned();
+    let v = wait_for("the gate to refuse", Duration::from_secs(15), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        message(&v).contains("promotion gate closed").then_some(v)
+    })
+    .await;
+    let refused = format!("promotion gate closed: the webhook at {url} answered 403 Forbidden");
+    assert_eq!(message(&v), refused);
+    assert!(
+        !seen.lock().unwrap().is_empty(),
+        "the gate was asked, at the URL with its secrets"
+    );
+
+    // The gate moves to where nothing listens: reqwest's error names the URL, which must not
+    // reach the reason either.
+    let dead = format!("http://127.0.0.1:{}", crate::support::free_port());
+    std::fs::write(
+        dir.path().join("policies/demo.yaml"),
+        secret_gate_policy(&dead),
+    )
+    .unwrap();
+    let unreachable = format!("promotion gate closed: the webhook at {dead} did not answer: ");
+    let v = wait_for(
+        "the gate to be unreachable",
+        Duration::from_secs(15),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            message(&v).contains(&dead).then_some(v)
+        },
+    )
+    .await;
+    assert!(message(&v).starts_with(&unreachable), "{v}");
+    assert_eq!(v["phase"], "progressing", "a closed gate never promotes");
+
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    let log = log.to_string();
+    assert!(
+        log.contains(&refused) && log.contains(&unreachable),
+        "{log}"
+    );
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    let status = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .args(["status"])
+            .args(args)
+            .args(["--server", &d.url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The commands block this thread; the daemon answers on another.
+    let (table, timeline) = tokio::task::block_in_place(|| (status(&[]), status(&["demo"])));
+    assert!(timeline.contains(&refused), "{timeline}");
+    for (what, text) in [
+        ("the rollout", v.to_string()),
+        ("the rollouts", list.to_string()),
+        ("the decision log", log),
+        ("canaryd status", table),
+        ("canaryd status demo", timeline),
+    ] {
+        assert!(!text.contains("SECRET"), "{what} shows a secret: {text}");
+    }
+    d.stop().await;
+}
+
+/// Regression (acceptance test): the log named a failed event webhook by its whole URL.
+#[tokio::test]
+async fn a_failed_event_webhook_is_logged_by_its_origin_only() {
+    let (refusing, _) = hooks(Arc::new(Mutex::new(403))).await;
+    let dead = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let policy = format!(
+        "{}webhooks:\n  - {{on: rollout, url: \"{dead}/hooks/PATHSECRET?token=QUERYSECRET\"}}\n  - {{on: rollout, url: \"{refusing}/hooks/PATHSECRET?token=QUERYSECRET\"}}\n",
+        POLICY.replace("/dev/null", "weights.json")
+    );
+    let dir = setup(&policy);
+    let log = dir.path().join("canaryd.log");
+    // Prometheus is a closed port: the start needs only the router, and calls the hooks.
+    let prometheus = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--prometheus",
+            &prometheus,
+        ])
+        .arg("--policies")
+        .arg(dir.path().join("policies"))
+        .arg("--state")
+        .arg(dir.path().join("s.db"))
+        .current_dir(dir.path())
+        .env_remove("CANARYD_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let text = wait_for("both webhooks to fail", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.contains("webhook failed") && text.contains("webhook refused the event"))
+            .then_some(text)
+    })
+    .await;
+    child.kill().await.unwrap();
+    assert!(!text.contains("SECRET"), "{text}");
+    let failed = text.lines().find(|l| l.contains("webhook failed")).unwrap();
+    assert!(failed.contains(&format!("webhook={dead} ")), "{failed}");
+    assert!(failed.contains("event=rollout"), "{failed}");
+    let refused = text
+        .lines()
+        .find(|l| l.contains("webhook refused the event"))
+        .unwrap();
+    assert!(
+        refused.contains(&format!("webhook={refusing} ")),
+        "{refused}"
+    );
 }
 
 // Multi-threaded: the commands block one thread while the daemon answers on another.

@@ -357,6 +357,51 @@ fn check_never_prints_a_prometheus_secret() {
     }
 }
 
+/// Regression (acceptance test): a webhook's URL with a user and password was accepted, and
+/// the URL was shown whole. `check` refuses the credentials and never shows a webhook URL's
+/// user, password, path or query, which can all hold secrets.
+#[test]
+fn check_never_prints_a_webhook_urls_secrets() {
+    let (code, out, err) = canaryd(&["check", "tests/data/invalid/webhook-credentials.yaml"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("webhooks[0].url: expected a URL without a user name or password"),
+        "{out}"
+    );
+    for secret in [
+        "hunter2", "s3cr3t", "alice", "tok123", "XXXX", "ml ops", "/hook",
+    ] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret}: {out}{err}"
+        );
+    }
+}
+
+/// Secrets in a webhook URL's path or query (a Slack hook, `?token=`) are how many services
+/// authenticate: they are accepted and kept as written, and only the origin is ever shown.
+#[test]
+fn webhook_urls_may_hold_secrets_in_their_path_and_query() {
+    let slack = "https://hooks.slack.com/services/T0/B0/XXXX";
+    let gate = "http://127.0.0.1:22080/gate/p4th-s3cret?token=tok123";
+    let router = "https://traffic.internal/v1/splits/fraud?key=k3y";
+    let text = format!(
+        "name: demo\nstable: v1\ncanary: v2\nstrategy: {{steps: [10, 50]}}\n\
+         metrics:\n  - {{name: errors, builtin: error_rate, max: 1%}}\n\
+         router:\n  webhook: {{url: '{router}'}}\n\
+         webhooks:\n  - {{on: promote, url: '{slack}'}}\n  - {{on: confirm-promotion, url: '{gate}'}}\n"
+    );
+    let p = policy::load_str("demo.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let urls: Vec<&str> = p.webhooks.iter().map(|w| w.url.as_str()).collect();
+    assert_eq!(urls, [slack, gate]);
+    assert!(
+        matches!(&p.router, RouterConfig::Webhook { url, .. } if url == router),
+        "{:?}",
+        p.router
+    );
+    assert_eq!(policy::url_origin(slack), "https://hooks.slack.com");
+    assert_eq!(policy::url_origin(gate), "http://127.0.0.1:22080");
+}
 #[test]
 fn check_without_secrets_checks_paths_but_reads_no_credentials_file() {
     let missing = "tests/data/invalid/prometheus-token-file-missing.yaml";

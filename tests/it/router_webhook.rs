@@ -140,8 +140,8 @@ async fn webhook_errors_are_classified() {
     let err = hang.read(&target(5.0)).await.expect_err("timeout");
     assert!(matches!(err, RouterError::Unreachable(_)), "{err}");
 
-    let closed = format!("http://127.0.0.1:{}/weights", free_port());
-    let err = router(&closed)
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let err = router(&format!("{closed}/weights"))
         .apply(&target(5.0))
         .await
         .expect_err("nothing listening");
@@ -179,7 +179,81 @@ async fn webhook_errors_are_classified() {
 
     let err = WebhookRouter::new("ftp://x/", Duration::from_secs(1)).expect_err("scheme");
     assert!(
-        matches!(&err, RouterError::Config(m) if m.contains("ftp://x/")),
+        matches!(&err, RouterError::Config(m) if m.contains("ftp://x")),
         "{err}"
     );
+}
+
+/// Regression (acceptance test): the router's errors carried its whole URL, and with it the
+/// secrets a service may hand out in the path or query. They name the URL's origin only.
+#[tokio::test]
+async fn webhook_errors_name_the_origin_never_the_secrets_in_the_url() {
+    let base = serve(Posts::default()).await;
+    let secret = "?token=QUERYSECRET";
+    let at = |path: &str| router(&format!("{base}{path}{secret}"));
+    let mut errors = vec![
+        at("/fail")
+            .apply(&target(5.0))
+            .await
+            .expect_err("500 on POST"),
+        at("/fail")
+            .read(&target(5.0))
+            .await
+            .expect_err("500 on GET"),
+        at("/garbage")
+            .read(&target(5.0))
+            .await
+            .expect_err("bad json"),
+        at("/other")
+            .read(&target(5.0))
+            .await
+            .expect_err("another rollout"),
+        at("/huge")
+            .read(&target(5.0))
+            .await
+            .expect_err("2 MiB answer"),
+        at("/moved")
+            .apply(&target(5.0))
+            .await
+            .expect_err("303 on POST"),
+        WebhookRouter::new(&format!("{base}/hang{secret}"), Duration::from_millis(300))
+            .expect("valid")
+            .read(&target(5.0))
+            .await
+            .expect_err("timeout"),
+    ];
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let dead = router(&format!("{closed}/PATHSECRET/weights{secret}"));
+    errors.push(
+        dead.apply(&target(5.0))
+            .await
+            .expect_err("nothing listening"),
+    );
+    errors.push(
+        dead.read(&target(5.0))
+            .await
+            .expect_err("nothing listening"),
+    );
+    errors.push(
+        WebhookRouter::new("ftp://user:PASSSECRET@x/PATHSECRET", Duration::from_secs(1))
+            .expect_err("scheme"),
+    );
+    let (dead_origin, last) = (errors.len() - 3, errors.len() - 1);
+    for (i, e) in errors.iter().enumerate() {
+        let m = e.to_string();
+        assert!(!m.contains("SECRET"), "{m}");
+        let origin = match i {
+            i if i == last => "ftp://x",
+            i if i >= dead_origin => &closed,
+            _ => &base,
+        };
+        assert!(m.contains(&format!("webhook at {origin}")), "{m}");
+    }
+    // The reqwest error's causes are kept: they say why.
+    assert!(
+        errors[dead_origin].to_string().contains("onnect"),
+        "{}",
+        errors[dead_origin]
+    );
+    assert!(!format!("{dead:?}").contains("SECRET"), "{dead:?}");
 }
