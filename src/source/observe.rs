@@ -19,6 +19,7 @@ use super::prometheus::{Answer, Asked, PrometheusClient, RangeSeries};
 use super::query::{self, DEFAULT_MIN_RANGE, Plan, Ranges, SeriesPlan, Steps};
 use super::read::{self, VersionResult, Versions};
 use super::{MetricSource, Window};
+use crate::judge::{fmt_count, fmt_value};
 use crate::observation::{MetricReading, Reading};
 use crate::policy::{Method, MetricSpec, Policy};
 use crate::router::BoxFuture;
@@ -450,6 +451,9 @@ pub struct LiveReport {
     pub metrics: Vec<LiveMetric>,
 }
 
+/// [`LiveMetric::kind`] of a raw `query:` metric.
+const QUERY_KIND: &str = "query";
+
 /// One metric's result in a [`LiveReport`].
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LiveMetric {
@@ -557,10 +561,19 @@ impl fmt::Display for LiveReport {
             for v in &m.versions {
                 write!(f, "    {} {}: ", v.role, v.version)?;
                 match &v.outcome {
+                    // A raw query reads a value, not events: its count is a placeholder.
+                    LiveOutcome::Data { value: Some(x), .. } if m.kind == QUERY_KIND => {
+                        writeln!(f, "data: {}", fmt_value(*x))?
+                    }
                     LiveOutcome::Data {
                         value: Some(x),
                         window_events,
-                    } => writeln!(f, "data: {x} over {window_events} events")?,
+                    } => writeln!(
+                        f,
+                        "data: {} over {} events",
+                        fmt_value(*x),
+                        fmt_count(*window_events)
+                    )?,
                     LiveOutcome::Data { value: None, .. } => {
                         writeln!(f, "data, but no events in the window (only earlier)")?
                     }
@@ -583,5 +596,88 @@ impl fmt::Display for LiveReport {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(value: f64, window_events: f64) -> LiveOutcome {
+        LiveOutcome::Data {
+            value: Some(value),
+            window_events,
+        }
+    }
+
+    fn metric(
+        name: &str,
+        kind: &'static str,
+        stable: LiveOutcome,
+        canary: LiveOutcome,
+    ) -> LiveMetric {
+        LiveMetric {
+            name: name.into(),
+            kind,
+            queries: Vec::new(),
+            versions: vec![
+                LiveVersion {
+                    role: "stable",
+                    version: "v1".into(),
+                    outcome: stable,
+                },
+                LiveVersion {
+                    role: "canary",
+                    version: "v2".into(),
+                    outcome: canary,
+                },
+            ],
+            series: None,
+        }
+    }
+
+    #[test]
+    fn the_raw_query_kind_is_the_policys_label() {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            "name: t\nstable: a\ncanary: b\nstrategy: {steps: [5, 50]}\n\
+             metrics:\n  - {name: q, query: 'sum(up{version=\"{{version}}\"})', max: 1}\n\
+             router: {file: {path: /tmp/t.json}}\n",
+        )
+        .expect("valid policy");
+        assert_eq!(policy.metrics[0].kind.label(), QUERY_KIND);
+    }
+
+    /// Regression: a raw query printed "data: 30 over 1 events", though it has no events.
+    #[test]
+    fn check_live_shows_a_raw_querys_value_alone_and_counts_rounded() {
+        let report = LiveReport {
+            policy: "p".into(),
+            prometheus: "http://127.0.0.1:9090".into(),
+            at: Time(0),
+            metrics: vec![
+                metric(
+                    "conversion",
+                    QUERY_KIND,
+                    data(30.0, 1.0),
+                    data(0.1 + 0.2, 1.0),
+                ),
+                metric(
+                    "errors",
+                    "error_rate",
+                    data(0.01, 1234.5),
+                    data(0.02, 29.900000000000002),
+                ),
+            ],
+        };
+        let text = report.to_string();
+        for want in [
+            "    stable v1: data: 30\n",
+            "    canary v2: data: 0.3\n",
+            "    stable v1: data: 0.01 over 1234 events\n",
+            "    canary v2: data: 0.02 over 29.9 events\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
     }
 }
