@@ -177,6 +177,7 @@ impl PrometheusSource {
                 },
             ));
         }
+        log_failures(policy, &out);
         out
     }
 
@@ -343,20 +344,18 @@ impl PrometheusSource {
                 range,
             });
         }
+        // A failure is logged at `warn` once per observation, for every metric it left
+        // without a reading (`log_failures`); this is each query's detail.
         match error {
-            Some(e) => tracing::warn!(
+            Some(e) => tracing::debug!(
                 rollout = %policy.name,
                 metric = %spec.name,
                 kind = e.kind(),
                 attempts = asked.attempts,
                 error = %e,
+                query = promql,
                 range,
-                "prometheus query failed{}",
-                if range {
-                    "; the metric's per-interval series stays empty"
-                } else {
-                    ""
-                }
+                "prometheus query failed"
             ),
             None => tracing::debug!(
                 rollout = %policy.name,
@@ -403,6 +402,45 @@ impl PrometheusSource {
             metrics,
         }
     }
+}
+
+/// Logs an observation's failed queries as one line that names every metric they left
+/// unavailable, with each distinct error once. Once Prometheus proves down, the metrics after
+/// the first fail without being asked, so per-query lines would name only the first. A failed
+/// range query leaves the metric's instant reading as it is, and is named as its series.
+fn log_failures(policy: &Policy, outcomes: &[(&MetricSpec, Outcome)]) {
+    let mut metrics: Vec<String> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    for (spec, o) in outcomes {
+        let instant: Vec<&SourceError> =
+            o.versions.iter().filter_map(|v| v.as_ref().err()).collect();
+        let series = match &o.series {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        };
+        match (instant.is_empty(), series) {
+            (true, None) => continue,
+            (true, Some(_)) => metrics.push(format!("{} (per-interval series)", spec.name)),
+            (false, _) => metrics.push(spec.name.clone()),
+        }
+        for e in instant.into_iter().chain(series) {
+            let e = format!("{}: {e}", e.kind());
+            if !errors.contains(&e) {
+                errors.push(e);
+            }
+        }
+    }
+    if metrics.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        rollout = %policy.name,
+        metrics = %metrics.join(", "),
+        error = %errors.join("; "),
+        "prometheus queries failed for {} of {} metrics",
+        metrics.len(),
+        outcomes.len()
+    );
 }
 
 /// How a version's reading appears in the observation: the error names the metric, so a
