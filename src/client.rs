@@ -15,6 +15,7 @@ pub enum Outcome {
 fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(40))
+        .user_agent(crate::USER_AGENT)
         .build()?)
 }
 
