@@ -25,7 +25,7 @@ pub enum Command {
     Status(StatusArgs),
     /// Send all traffic to the canary now (skips the remaining steps and the gate).
     Promote(ActionArgs),
-    /// Roll back now: all traffic to stable.
+    /// Roll back now: all traffic to stable; also undoes a promotion (a promoted rollout).
     Abort(ActionArgs),
     /// Stop advancing (analyses continue and can still roll back).
     Pause(ActionArgs),

@@ -15,6 +15,7 @@ pub enum Outcome {
 fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(40))
+        .user_agent(crate::USER_AGENT)
         .build()?)
 }
 
@@ -227,6 +228,51 @@ fn shorten(text: &str, max: usize) -> String {
     }
 }
 
+/// One bound of a metric report: as written, with the limit it set on the canary's value when
+/// the judge computed one. The sequential judge tests a relative bound on counts against
+/// stable's and computes no limit on the value.
+fn bound(b: &Value) -> String {
+    let kind = b["kind"].as_str().unwrap_or("?");
+    let written = b["written"].as_str().unwrap_or("?");
+    match (b["limit"].is_number(), kind) {
+        (true, _) => format!("{kind} {written} (limit {})", num(&b["limit"])),
+        (false, "max_increase" | "max_decrease") => format!("{kind} {written} vs stable"),
+        (false, _) => format!("{kind} {written}"),
+    }
+}
+
+/// A log e-value, to two decimals as the judge's notes give it.
+fn log_e(v: &Value) -> String {
+    v.as_f64().map_or_else(|| "-".into(), |x| format!("{x:.2}"))
+}
+
+/// A report's evidence, briefly: the sequential judge's log e-values against "harmful" (which
+/// rolls back) and, when it runs one, "good" (which lets it promote), each with the threshold
+/// both must reach; Mann–Whitney's shift estimate and interval.
+fn evidence(ev: &Value) -> String {
+    if ev["log_e_value"].is_number() {
+        let threshold = log_e(&ev["log_threshold"]);
+        let harm = log_e(&ev["log_e_value"]);
+        if ev["log_e_value_good"].is_number() {
+            format!(
+                " log-e harm {harm} / {threshold}, good {} / {threshold}",
+                log_e(&ev["log_e_value_good"])
+            )
+        } else {
+            format!(" log-e harm {harm} / {threshold}")
+        }
+    } else if ev["estimate"].is_number() {
+        format!(
+            " shift {} [{}, {}]",
+            num(&ev["estimate"]),
+            num(&ev["ci_low"]),
+            num(&ev["ci_high"])
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// One rollout's state and decision timeline, with each analysis's evidence.
 pub fn timeline(view: &Value, log: &Value) -> String {
     let mut out = String::new();
@@ -285,25 +331,9 @@ pub fn timeline(view: &Value, log: &Value) -> String {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|b| {
-                    format!(
-                        "{} {} (limit {})",
-                        b["kind"].as_str().unwrap_or("?"),
-                        b["written"].as_str().unwrap_or("?"),
-                        num(&b["limit"])
-                    )
-                })
+                .map(bound)
                 .collect();
-            let ev = &r["evidence"];
-            let evidence = if ev.is_null() {
-                String::new()
-            } else {
-                format!(
-                    " log-e {} / {}",
-                    num(&ev["log_e_value"]),
-                    num(&ev["log_threshold"])
-                )
-            };
+            let evidence = evidence(&r["evidence"]);
             let _ = writeln!(
                 out,
                 "      {:<16} {:<11} stable {} canary {}  {}{}",
@@ -427,6 +457,45 @@ mod table_tests {
             !t.contains("standby") && !t.contains("router is failing"),
             "{t}"
         );
+    }
+
+    /// Regression: a relative bound of the sequential judge showed `(limit -)`, and only the
+    /// rollback e-value while the rollout held for the promotion evidence.
+    #[test]
+    fn the_timeline_shows_relative_bounds_and_both_e_values() {
+        let view = json!({"name": "m1", "phase": "progressing", "steps": [10, 50], "state": {}});
+        let log = json!({"decisions": [{
+            "at": 1_700_000_000_000_i64, "action": "hold", "phase": "progressing",
+            "weight": 10.0, "reason": "gathering evidence: accuracy", "applied": true,
+            "reports": [{
+                "metric": "accuracy", "verdict": "hold", "stable": 0.93, "canary": 0.92,
+                "bounds": [{"kind": "max_decrease", "written": "1pp", "limit": null, "ok": null}],
+                "evidence": {"test": "e-value", "log_e_value": -0.4213, "log_threshold": 4.0943,
+                             "log_e_value_good": 1.8049},
+            }, {
+                "metric": "error-rate", "verdict": "pass", "stable": 0.01, "canary": 0.011,
+                "bounds": [
+                    {"kind": "max", "written": "1%", "limit": 0.01, "ok": true},
+                    {"kind": "max_increase", "written": "15%", "limit": null, "ok": null},
+                ],
+                "evidence": {"test": "e-value", "log_e_value": 0.1, "log_threshold": 4.0943,
+                             "log_e_value_good": null},
+            }, {
+                "metric": "p99", "verdict": "pass", "stable": 0.2, "canary": 0.21,
+                "bounds": [{"kind": "max_increase", "written": "10%", "limit": 1.1, "ok": true}],
+                "evidence": {"test": "mann-whitney", "log_e_value": null, "estimate": 0.01,
+                             "ci_low": -0.002, "ci_high": 0.02},
+            }],
+        }]});
+        let t = timeline(&view, &log);
+        assert!(!t.contains("limit -") && !t.contains("- / -"), "{t}");
+        for want in [
+            "max_decrease 1pp vs stable log-e harm -0.42 / 4.09, good 1.80 / 4.09",
+            "max 1% (limit 0.01), max_increase 15% vs stable log-e harm 0.10 / 4.09\n",
+            "max_increase 10% (limit 1.1) shift 0.01 [-0.002, 0.02]",
+        ] {
+            assert!(t.contains(want), "{want:?} not in:\n{t}");
+        }
     }
 
     #[test]

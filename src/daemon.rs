@@ -155,8 +155,10 @@ impl Daemon {
         let registry = Registry::default();
         let policy_errors = controller::PolicyErrors::default();
         let ready = Arc::new(AtomicBool::new(false));
+        // The client of the policies' webhooks and promotion gates.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            .user_agent(crate::USER_AGENT)
             .build()?;
         let shared = Shared {
             store: store.clone(),

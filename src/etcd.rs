@@ -178,7 +178,8 @@ impl Etcd {
         };
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout);
+            .connect_timeout(timeout)
+            .user_agent(crate::USER_AGENT);
         if let Some(path) = &tls.ca_file {
             let certs = reqwest::Certificate::from_pem_bundle(&read(path, "CA file")?)
                 .ok()

@@ -2,6 +2,10 @@
 //!
 //! See ARCHITECTURE.md for the map of this crate and its invariants.
 
+/// The `User-Agent` of every HTTP request canaryd makes (Prometheus, etcd, routers, webhooks,
+/// the promotion gate, the command line's API calls), so the receiver's logs say who asked.
+pub const USER_AGENT: &str = concat!("canaryd/", env!("CARGO_PKG_VERSION"));
+
 pub mod api;
 pub mod bench;
 pub mod client;

@@ -279,6 +279,7 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
     let api = format!("http://127.0.0.1:{API_PORT}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .user_agent(crate::USER_AGENT)
         .build()?;
     let mut acts = Vec::new();
 

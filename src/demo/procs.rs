@@ -72,6 +72,7 @@ fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Se
 pub async fn wait_http(name: &str, url: &str, log: &Path, limit: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
+        .user_agent(crate::USER_AGENT)
         .build()?;
     let deadline = tokio::time::Instant::now() + limit;
     loop {

@@ -206,7 +206,7 @@ pub fn judge(
         report.note = format!(
             "canary has {} values over {} events, needs {MIN_POINTS} values and {} events",
             xs.len(),
-            canary.window_events,
+            super::fmt_count(canary.window_events),
             spec.min_samples
         );
         return report;
@@ -274,7 +274,7 @@ pub fn judge(
                 }
                 if c.worse {
                     broken.push(format!(
-                        "the shift's {}% interval [{:.6}, {:.6}] and effect {:.4} ({})",
+                        "the shift's {:.0}% interval [{:.6}, {:.6}] and effect {:.4} ({})",
                         CONFIDENCE * 100.0,
                         c.interval.low,
                         c.interval.high,

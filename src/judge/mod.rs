@@ -163,6 +163,52 @@ pub fn samples<'a>(
     Some((canary, stable))
 }
 
+/// An event count for people. Counts read through `increase()` are extrapolated, so they are
+/// fractional: whole counts (and float noise around them) show without decimals, others with
+/// one decimal, rounded down so that a count short of `min_samples` never reads as enough
+/// (29.97 shows as 29.9, not 30). From a thousand on, decimals say nothing.
+pub fn fmt_count(x: f64) -> String {
+    if !x.is_finite() {
+        return x.to_string();
+    }
+    let whole = x.round();
+    if (x - whole).abs() <= 1e-9 * whole.abs().max(1.0) {
+        return format!("{whole:.0}");
+    }
+    if x.abs() >= 1000.0 {
+        return format!("{:.0}", x.floor());
+    }
+    // The small nudge keeps 29.9, stored as 29.899999…, from showing as 29.8.
+    let tenths = (x * 10.0 + 1e-6).floor() / 10.0;
+    trim_zeros(format!("{tenths:.1}"))
+}
+
+/// A metric's value for people: at most six decimals, without trailing zeros.
+pub fn fmt_value(v: f64) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let shown = trim_zeros(format!("{v:.6}"));
+    // A value too small for six decimals would read as 0.
+    if shown == "0" || shown == "-0" {
+        if v == 0.0 {
+            "0".into()
+        } else {
+            format!("{v:.2e}")
+        }
+    } else {
+        shown
+    }
+}
+
+fn trim_zeros(s: String) -> String {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        s
+    }
+}
+
 /// What a judge may remember between analyses of one metric in one rollout.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct JudgeMemory {
@@ -201,5 +247,45 @@ pub fn evaluate(
         Method::Threshold => threshold::judge(ctx, spec, reading),
         Method::Sequential => sequential::judge(ctx, spec, reading, memory),
         Method::MannWhitney => mann_whitney::judge(ctx, spec, reading, memory),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_show_rounded_down_to_a_tenth_and_never_as_enough_when_short() {
+        let cases = [
+            (29.900000000000002, "29.9"),
+            (29.9, "29.9"),
+            (29.97, "29.9"),
+            (30.000000000000004, "30"),
+            (30.0, "30"),
+            (0.0, "0"),
+            (0.25, "0.2"),
+            (100.5, "100.5"),
+            (1234.56, "1234"),
+            (1e6, "1000000"),
+            (f64::NAN, "NaN"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(fmt_count(x), want, "{x}");
+        }
+    }
+
+    #[test]
+    fn values_show_at_most_six_decimals() {
+        let cases = [
+            (0.1 + 0.2, "0.3"),
+            (0.012345678, "0.012346"),
+            (250.0, "250"),
+            (-1.5, "-1.5"),
+            (0.0, "0"),
+            (1.234e-9, "1.23e-9"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(fmt_value(x), want, "{x}");
+        }
     }
 }

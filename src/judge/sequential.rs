@@ -37,7 +37,8 @@
 //! quasi-likelihood correction.
 
 use super::{
-    BoundCheck, BoundKind, Evidence, JudgeContext, JudgeMemory, MetricReport, Verdict, samples,
+    BoundCheck, BoundKind, Evidence, JudgeContext, JudgeMemory, MetricReport, Verdict, fmt_count,
+    samples,
 };
 use crate::observation::{Bucket, Counts, MetricReading, Sample};
 use crate::policy::{MetricKind, MetricSpec, Tolerance, ToleranceKind};
@@ -455,10 +456,6 @@ pub fn judge(
         Verdict::Pass
     };
     report
-}
-
-fn fmt_count(x: f64) -> String {
-    format!("{x:.0}")
 }
 
 fn ratio_note(estimate: Option<f64>) -> String {
@@ -1151,6 +1148,35 @@ mod tests {
             e.ln()
         );
         assert!((ev.log_threshold.expect("threshold") - 20f64.ln()).abs() < 1e-12);
+    }
+
+    /// Regression: counts from `increase()` are fractional, and 99.7 of 100 needed events
+    /// read as "canary 100 … of 100 needed".
+    #[test]
+    fn a_fractional_count_short_of_min_samples_never_reads_as_enough() {
+        let mut memory = JudgeMemory::default();
+        let r = judge(
+            &ctx(0.95),
+            &spec(),
+            &reading(
+                Counts {
+                    bad: 10.0,
+                    total: 1000.0,
+                },
+                Counts {
+                    bad: 1.0,
+                    total: 99.7,
+                },
+            ),
+            &mut memory,
+        );
+        assert_eq!(r.verdict, Verdict::Hold, "{}", r.note);
+        assert!(
+            r.note
+                .starts_with("gathering data: canary 99.7 and stable 1000 events of 100 needed"),
+            "{}",
+            r.note
+        );
     }
 
     /// Simulates looks at a canary whose error rate is `ratio` × stable's and returns how

@@ -1,7 +1,7 @@
 //! The threshold judge: Flagger's and Argo Rollouts' fixed bounds, checked on the values over
 //! the analysis window, with canary-vs-stable comparison built in.
 
-use super::{BoundCheck, BoundKind, JudgeContext, MetricReport, Verdict};
+use super::{BoundCheck, BoundKind, JudgeContext, MetricReport, Verdict, fmt_count, fmt_value};
 use crate::observation::{MetricReading, Reading};
 use crate::policy::MetricSpec;
 
@@ -34,7 +34,8 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
                 report.verdict = Verdict::NoData;
                 report.note = format!(
                     "canary has {} events, needs {}",
-                    s.window_events, spec.min_samples
+                    fmt_count(s.window_events),
+                    spec.min_samples
                 );
                 return report;
             }
@@ -126,9 +127,44 @@ fn check(kind: BoundKind, written: &str, limit: Option<f64>, canary: f64) -> Bou
     }
 }
 
-fn fmt_value(v: f64) -> String {
-    format!("{v:.6}")
-        .trim_end_matches('0')
-        .trim_end_matches('.')
-        .to_owned()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observation::Sample;
+    use crate::policy::Method;
+
+    /// Regression: `increase()` extrapolates, and the reason read "canary has
+    /// 29.900000000000002 events, needs 30".
+    #[test]
+    fn a_fractional_event_count_reads_rounded_in_the_note() {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            "name: t\nstable: a\ncanary: b\nstrategy: {steps: [5, 50]}\n\
+             analysis: {method: threshold}\n\
+             metrics:\n  - {name: errors, builtin: error_rate, max: 5%, min_samples: 30}\n\
+             router: {file: {path: /tmp/t.json}}\n",
+        )
+        .expect("valid policy");
+        let ctx = JudgeContext {
+            method: Method::Threshold,
+            confidence: 0.95,
+            metric_count: 1,
+            baseline: None,
+            configured_weight: 5.0,
+        };
+        let sample = |events: f64| {
+            Reading::Data(Sample {
+                value: Some(0.01),
+                window_events: events,
+                ..Sample::default()
+            })
+        };
+        let reading = MetricReading {
+            stable: sample(1000.0),
+            canary: sample(29.900000000000002),
+        };
+        let r = judge(&ctx, &policy.metrics[0], &reading);
+        assert_eq!(r.verdict, Verdict::NoData);
+        assert_eq!(r.note, "canary has 29.9 events, needs 30");
+    }
 }

@@ -36,8 +36,9 @@ use std::time::Duration;
 const TOTALS: [u32; 3] = [100, 1000, 10000];
 /// How long the reload command may run.
 const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// How much of the reload command's stderr an error carries.
-const MAX_STDERR: usize = 4096;
+/// How much of the reload command's stderr an error carries, in characters: enough for nginx's
+/// few lines of `nginx -t`, short enough for one log line.
+const MAX_STDERR: usize = 600;
 
 /// Writes one upstream block and reloads nginx.
 #[derive(Debug)]
@@ -190,17 +191,32 @@ impl NginxRouter {
         if output.status.success() {
             return Ok(());
         }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let stderr = stderr.trim();
-        // The end of stderr is where the reason usually is.
-        let tail = match stderr.char_indices().rev().nth(MAX_STDERR) {
-            Some((i, _)) => &stderr[i..],
-            None => stderr,
+        let stderr = one_line(&String::from_utf8_lossy(&output.stderr), MAX_STDERR);
+        let stderr = if stderr.is_empty() {
+            "nothing on stderr".to_owned()
+        } else {
+            stderr
         };
         Err(RouterError::Rejected(format!(
-            "nginx reload command {shown:?} exited with {}: {tail}",
+            "nginx reload command {shown:?} exited with {}: {stderr}",
             output.status
         )))
+    }
+}
+
+/// A command's output as one line, so that a log entry or an API error stays one line: its
+/// non-empty lines, trimmed, joined with "; ", and cut to its last `max` characters (the
+/// reason is usually at the end) behind an ellipsis.
+fn one_line(output: &str, max: usize) -> String {
+    let line = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match line.char_indices().rev().nth(max.saturating_sub(1)) {
+        Some((i, _)) if i > 0 => format!("…{}", &line[i..]),
+        _ => line,
     }
 }
 
@@ -355,6 +371,80 @@ mod tests {
             "server h:1 weight=1 backup;",
         ] {
             assert_eq!(parse_server_line(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_output_becomes_one_line_cut_from_the_front() {
+        let cases = [
+            ("", 10, ""),
+            ("  \n\n", 10, ""),
+            ("one\n", 10, "one"),
+            (" a \r\n\n b\n", 10, "a; b"),
+            ("abcdef\nghij", 8, "…ef; ghij"),
+            ("abc", 3, "abc"),
+            ("ééééé", 3, "…ééé"),
+        ];
+        for (output, max, want) in cases {
+            assert_eq!(one_line(output, max), want, "{output:?} {max}");
+        }
+    }
+
+    /// Regression: the reload command's stderr went into the error as it was, so one log
+    /// entry spanned several lines.
+    #[test]
+    fn a_failed_reload_is_reported_on_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = "echo 'nginx: the configuration file /etc/nginx/nginx.conf syntax is ok' >&2; \
+                      echo 'nginx: configuration file /etc/nginx/nginx.conf test is successful' >&2; \
+                      echo >&2; \
+                      echo 'nginx: [error] invalid PID number \"\" in \"/run/nginx.pid\"' >&2; \
+                      exit 1";
+        let servers = BTreeMap::from([
+            ("v1".to_string(), "h:1".to_string()),
+            ("v2".to_string(), "h:2".to_string()),
+        ]);
+        let r = NginxRouter::new(
+            dir.path().join("weights.conf"),
+            vec!["sh".into(), "-c".into(), script.into()],
+            "up",
+            servers,
+        );
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let e = match rt.block_on(r.run_reload()) {
+            Err(RouterError::Rejected(e)) => e,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.ends_with(
+                "exited with exit status: 1: \
+                 nginx: the configuration file /etc/nginx/nginx.conf syntax is ok; \
+                 nginx: configuration file /etc/nginx/nginx.conf test is successful; \
+                 nginx: [error] invalid PID number \"\" in \"/run/nginx.pid\""
+            ),
+            "{e}"
+        );
+        let silent = NginxRouter::new(
+            dir.path().join("weights.conf"),
+            vec!["false".into()],
+            "up",
+            BTreeMap::from([("v1".to_string(), "h:1".to_string())]),
+        );
+        let silent = match silent {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        match rt.block_on(silent.run_reload()) {
+            Err(RouterError::Rejected(e)) => assert!(e.ends_with(": nothing on stderr"), "{e}"),
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 

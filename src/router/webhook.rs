@@ -50,6 +50,7 @@ impl WebhookRouter {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            .user_agent(crate::USER_AGENT)
             // A redirected POST turns into a GET and would read as success without applying.
             .redirect(reqwest::redirect::Policy::none())
             .build()

@@ -134,6 +134,7 @@ pub async fn load_with_progress<F: Future>(
     config.validate()?;
     let client = reqwest::Client::builder()
         .timeout(config.timeout)
+        .user_agent(crate::USER_AGENT)
         .build()
         .context("building the HTTP client")?;
     let mut rng = SmallRng::seed_from_u64(config.seed.unwrap_or_else(super::server::random_seed));

@@ -19,6 +19,7 @@ use super::prometheus::{Answer, Asked, PrometheusClient, RangeSeries};
 use super::query::{self, DEFAULT_MIN_RANGE, Plan, Ranges, SeriesPlan, Steps};
 use super::read::{self, VersionResult, Versions};
 use super::{MetricSource, Window};
+use crate::judge::{fmt_count, fmt_value};
 use crate::observation::{MetricReading, Reading};
 use crate::policy::{Method, MetricSpec, Policy};
 use crate::router::BoxFuture;
@@ -176,6 +177,7 @@ impl PrometheusSource {
                 },
             ));
         }
+        log_failures(policy, &out);
         out
     }
 
@@ -342,20 +344,18 @@ impl PrometheusSource {
                 range,
             });
         }
+        // A failure is logged at `warn` once per observation, for every metric it left
+        // without a reading (`log_failures`); this is each query's detail.
         match error {
-            Some(e) => tracing::warn!(
+            Some(e) => tracing::debug!(
                 rollout = %policy.name,
                 metric = %spec.name,
                 kind = e.kind(),
                 attempts = asked.attempts,
                 error = %e,
+                query = promql,
                 range,
-                "prometheus query failed{}",
-                if range {
-                    "; the metric's per-interval series stays empty"
-                } else {
-                    ""
-                }
+                "prometheus query failed"
             ),
             None => tracing::debug!(
                 rollout = %policy.name,
@@ -404,6 +404,45 @@ impl PrometheusSource {
     }
 }
 
+/// Logs an observation's failed queries as one line that names every metric they left
+/// unavailable, with each distinct error once. Once Prometheus proves down, the metrics after
+/// the first fail without being asked, so per-query lines would name only the first. A failed
+/// range query leaves the metric's instant reading as it is, and is named as its series.
+fn log_failures(policy: &Policy, outcomes: &[(&MetricSpec, Outcome)]) {
+    let mut metrics: Vec<String> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    for (spec, o) in outcomes {
+        let instant: Vec<&SourceError> =
+            o.versions.iter().filter_map(|v| v.as_ref().err()).collect();
+        let series = match &o.series {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        };
+        match (instant.is_empty(), series) {
+            (true, None) => continue,
+            (true, Some(_)) => metrics.push(format!("{} (per-interval series)", spec.name)),
+            (false, _) => metrics.push(spec.name.clone()),
+        }
+        for e in instant.into_iter().chain(series) {
+            let e = format!("{}: {e}", e.kind());
+            if !errors.contains(&e) {
+                errors.push(e);
+            }
+        }
+    }
+    if metrics.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        rollout = %policy.name,
+        metrics = %metrics.join(", "),
+        error = %errors.join("; "),
+        "prometheus queries failed for {} of {} metrics",
+        metrics.len(),
+        outcomes.len()
+    );
+}
+
 /// How a version's reading appears in the observation: the error names the metric, so a
 /// message shown on its own (API, logs, dashboards) still says where to look.
 fn reading(metric: &str, r: VersionResult) -> Reading {
@@ -449,6 +488,9 @@ pub struct LiveReport {
     pub at: Time,
     pub metrics: Vec<LiveMetric>,
 }
+
+/// [`LiveMetric::kind`] of a raw `query:` metric.
+const QUERY_KIND: &str = "query";
 
 /// One metric's result in a [`LiveReport`].
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -557,10 +599,19 @@ impl fmt::Display for LiveReport {
             for v in &m.versions {
                 write!(f, "    {} {}: ", v.role, v.version)?;
                 match &v.outcome {
+                    // A raw query reads a value, not events: its count is a placeholder.
+                    LiveOutcome::Data { value: Some(x), .. } if m.kind == QUERY_KIND => {
+                        writeln!(f, "data: {}", fmt_value(*x))?
+                    }
                     LiveOutcome::Data {
                         value: Some(x),
                         window_events,
-                    } => writeln!(f, "data: {x} over {window_events} events")?,
+                    } => writeln!(
+                        f,
+                        "data: {} over {} events",
+                        fmt_value(*x),
+                        fmt_count(*window_events)
+                    )?,
                     LiveOutcome::Data { value: None, .. } => {
                         writeln!(f, "data, but no events in the window (only earlier)")?
                     }
@@ -583,5 +634,88 @@ impl fmt::Display for LiveReport {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(value: f64, window_events: f64) -> LiveOutcome {
+        LiveOutcome::Data {
+            value: Some(value),
+            window_events,
+        }
+    }
+
+    fn metric(
+        name: &str,
+        kind: &'static str,
+        stable: LiveOutcome,
+        canary: LiveOutcome,
+    ) -> LiveMetric {
+        LiveMetric {
+            name: name.into(),
+            kind,
+            queries: Vec::new(),
+            versions: vec![
+                LiveVersion {
+                    role: "stable",
+                    version: "v1".into(),
+                    outcome: stable,
+                },
+                LiveVersion {
+                    role: "canary",
+                    version: "v2".into(),
+                    outcome: canary,
+                },
+            ],
+            series: None,
+        }
+    }
+
+    #[test]
+    fn the_raw_query_kind_is_the_policys_label() {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            "name: t\nstable: a\ncanary: b\nstrategy: {steps: [5, 50]}\n\
+             metrics:\n  - {name: q, query: 'sum(up{version=\"{{version}}\"})', max: 1}\n\
+             router: {file: {path: /tmp/t.json}}\n",
+        )
+        .expect("valid policy");
+        assert_eq!(policy.metrics[0].kind.label(), QUERY_KIND);
+    }
+
+    /// Regression: a raw query printed "data: 30 over 1 events", though it has no events.
+    #[test]
+    fn check_live_shows_a_raw_querys_value_alone_and_counts_rounded() {
+        let report = LiveReport {
+            policy: "p".into(),
+            prometheus: "http://127.0.0.1:9090".into(),
+            at: Time(0),
+            metrics: vec![
+                metric(
+                    "conversion",
+                    QUERY_KIND,
+                    data(30.0, 1.0),
+                    data(0.1 + 0.2, 1.0),
+                ),
+                metric(
+                    "errors",
+                    "error_rate",
+                    data(0.01, 1234.5),
+                    data(0.02, 29.900000000000002),
+                ),
+            ],
+        };
+        let text = report.to_string();
+        for want in [
+            "    stable v1: data: 30\n",
+            "    canary v2: data: 0.3\n",
+            "    stable v1: data: 0.01 over 1234 events\n",
+            "    canary v2: data: 0.02 over 29.9 events\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
     }
 }

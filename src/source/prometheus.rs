@@ -155,7 +155,7 @@ impl PrometheusClient {
         let mut builder = reqwest::Client::builder()
             .timeout(options.timeout)
             .connect_timeout(options.timeout)
-            .user_agent(concat!("canaryd/", env!("CARGO_PKG_VERSION")));
+            .user_agent(crate::USER_AGENT);
         if let Some(path) = &options.ca_file {
             let pem = std::fs::read(path).map_err(|e| {
                 SourceError::Config(format!("cannot read ca file {}: {e}", path.display()))

@@ -837,19 +837,24 @@ type HookState = (Arc<Mutex<Vec<Value>>>, Arc<Mutex<u16>>);
 async fn hooks(answer: Arc<Mutex<u16>>) -> (String, Arc<Mutex<Vec<Value>>>) {
     use axum::extract::State;
     let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let app =
-        axum::Router::new()
-            .route(
-                "/{*path}",
-                axum::routing::post(
-                    |State((seen, answer)): State<HookState>,
-                     axum::Json(body): axum::Json<Value>| async move {
-                        seen.lock().unwrap().push(body);
-                        axum::http::StatusCode::from_u16(*answer.lock().unwrap()).unwrap()
-                    },
-                ),
-            )
-            .with_state((seen.clone(), answer));
+    let app = axum::Router::new()
+        .route(
+            "/{*path}",
+            axum::routing::post(
+                |State((seen, answer)): State<HookState>,
+                 headers: axum::http::HeaderMap,
+                 axum::Json(mut body): axum::Json<Value>| async move {
+                    // Kept with the event, for the test to check who sent it.
+                    body["user_agent"] = headers
+                        .get("user-agent")
+                        .and_then(|v| v.to_str().ok())
+                        .into();
+                    seen.lock().unwrap().push(body);
+                    axum::http::StatusCode::from_u16(*answer.lock().unwrap()).unwrap()
+                },
+            ),
+        )
+        .with_state((seen.clone(), answer));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -897,6 +902,10 @@ async fn a_closed_promotion_gate_holds_and_event_webhooks_are_called() {
         "{events:?}"
     );
     assert!(events.contains(&"advance".to_string()), "{events:?}");
+    let want = format!("canaryd/{}", env!("CARGO_PKG_VERSION"));
+    for e in seen.lock().unwrap().iter() {
+        assert_eq!(e["user_agent"], want.as_str(), "{e}");
+    }
     d.stop().await;
 }
 

@@ -18,3 +18,4 @@ mod router_nginx;
 mod router_webhook;
 mod sim;
 mod support;
+mod user_agent;

@@ -477,6 +477,49 @@ async fn closed_port_is_unreachable() {
     );
 }
 
+/// Regression: with Prometheus down, the log named only the first metric (the others fail
+/// without being asked), once per query. One line per observation names them all.
+#[tokio::test]
+async fn failed_queries_are_logged_once_per_observation_naming_every_metric() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let client = PrometheusClient::new(&url, options(1000, 0)).expect("client");
+    let p = policy_with(
+        "v1",
+        "v2",
+        &[
+            ERROR_RATE,
+            "{name: p99, builtin: latency, max: 250ms}",
+            "{name: acc, builtin: accuracy, min: 90%}",
+        ],
+        "",
+    );
+    let got = PrometheusSource::new(client)
+        .observe(&p, window_ending(Time(1_000_000), 60))
+        .await;
+    for metric in ["errors", "p99", "acc"] {
+        unavailable(&got[metric].canary);
+    }
+    let text = logs.text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("prometheus")).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0].contains("WARN")
+            && lines[0].contains("prometheus queries failed for 3 of 3 metrics")
+            && lines[0].contains("metrics=errors, p99, acc")
+            && lines[0].contains("error=unreachable: cannot reach prometheus at"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn credentials_go_to_the_default_prometheus_only() {
     let (default_url, default_fake) = start_fake(Script::FailFirst {
