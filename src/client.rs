@@ -304,7 +304,7 @@ pub fn timeline(view: &Value, log: &Value) -> String {
     for d in log["decisions"].as_array().into_iter().flatten() {
         let who = d["who"]
             .as_str()
-            .map(|w| format!(" by {w}"))
+            .map(|w| format!(" ({w})"))
             .unwrap_or_default();
         // The operator's reason (`-m`), when one was given.
         let who = match d["why"].as_str().map(str::trim).filter(|w| !w.is_empty()) {
@@ -503,7 +503,7 @@ mod table_tests {
         let view = json!({"name": "m1", "phase": "rolled-back", "steps": [10, 50], "state": {}});
         let log = json!({"decisions": [{
             "at": 1_700_000_000_000_i64, "action": "rollback", "phase": "rolling-back",
-            "weight": 0.0, "reason": "operator abort", "who": "alice", "why": "p99 spikes\nin eu",
+            "weight": 0.0, "reason": "aborted by an operator", "who": "alice", "why": "p99 spikes\nin eu",
             "applied": true, "reports": [],
         }, {
             "at": 1_700_000_000_000_i64, "action": "start", "phase": "progressing",
@@ -512,7 +512,7 @@ mod table_tests {
         }]});
         let t = timeline(&view, &log);
         assert!(
-            t.contains("operator abort by alice: \"p99 spikes in eu\""),
+            t.contains("aborted by an operator (alice): \"p99 spikes in eu\""),
             "{t}"
         );
         assert!(

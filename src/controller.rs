@@ -306,6 +306,36 @@ impl Task {
         }
     }
 
+    /// Before a policy edit moves the rollout to another router: a rollout still judging its
+    /// canary sends the old router's traffic back to stable, so that traffic no one drives any
+    /// more does not stay on an unproven canary. A promotion (the canary now serves all) and a
+    /// failed rollout (left to the operator) keep the old router as it is. One attempt.
+    async fn release_old_router(&mut self) {
+        let judging = matches!(
+            self.state.phase,
+            Phase::Progressing | Phase::Paused | Phase::WaitingPromotion | Phase::RollingBack
+        );
+        let Ok(router) = &self.router else { return };
+        if !judging || self.shared.dry_run || !self.shared.store.may_write() {
+            if self.state.phase != Phase::Idle {
+                tracing::warn!(rollout = %self.policy.name, phase = self.state.phase.as_str(), "the policy names another router; the old one is left as it is");
+            }
+            return;
+        }
+        let target = Target {
+            canary_weight: 0.0,
+            ..self.target()
+        };
+        match router.apply(&target).await {
+            Ok(()) => {
+                tracing::info!(rollout = %self.policy.name, "the policy names another router: the old one now sends all traffic to stable")
+            }
+            Err(e) => {
+                tracing::warn!(rollout = %self.policy.name, error = %e, "the policy names another router, and the old one could not be set to send all traffic to stable")
+            }
+        }
+    }
+
     /// Tells the router the current target, retrying with backoff within this tick.
     async fn apply(&mut self, now: Time) -> bool {
         if self.shared.dry_run {
@@ -463,14 +493,15 @@ impl Task {
                 .json(&body);
             // Only the origin is logged: the URL can hold secrets in its path or query.
             let webhook = policy::url_origin(&hook.url);
+            let rollout = self.policy.name.clone();
             tokio::spawn(async move {
                 match req.send().await {
                     Ok(r) if r.status().is_success() => {}
                     Ok(r) => {
-                        tracing::warn!(event = %name, %webhook, status = %r.status(), "webhook refused the event")
+                        tracing::warn!(%rollout, event = %name, %webhook, status = %r.status(), "webhook refused the event")
                     }
                     Err(e) => {
-                        tracing::warn!(event = %name, %webhook, error = %error_chain(&e.without_url()), "webhook failed")
+                        tracing::warn!(%rollout, event = %name, %webhook, error = %error_chain(&e.without_url()), "webhook failed")
                     }
                 }
             });
@@ -484,6 +515,13 @@ impl Task {
         now: Time,
         router_weight: Option<f64>,
     ) -> Option<DecisionRecord> {
+        if d.action == Action::Reject {
+            // A refused action changes nothing: the operator gets the reason in the answer,
+            // and the decision log keeps the rollout's own history rather than a flood of
+            // refusals.
+            tracing::info!(rollout = %self.policy.name, who = d.who.as_deref(), reason = %d.reason, "operator action refused");
+            return None;
+        }
         let prev = self.state.clone();
         // Final phases tick forever without news; only changes and analyses are logged.
         let worth_logging = d.action != Action::Hold
@@ -549,6 +587,14 @@ impl Task {
             }),
         };
         if needs_apply {
+            if let Some(w) = router_weight
+                && (w - d.weight).abs() >= 0.01
+                && d.weight == prev.weight
+                && self.applied
+            {
+                // Someone or something (a router restart) changed the split behind our back.
+                tracing::warn!(rollout = %self.policy.name, router_weight = w, weight = d.weight, "the router sends another split than the rollout's; applying the rollout's again");
+            }
             self.applied = self.apply(now).await;
         } else if self.state.phase == Phase::Failed {
             self.applied = router_weight.is_some_and(|w| (w - d.weight).abs() < 0.01);
@@ -638,6 +684,7 @@ impl Task {
                         }
                         Some(Command::Policy(p, file)) => {
                             if p.router != self.policy.router {
+                                self.release_old_router().await;
                                 self.router = (self.shared.routers)(&p);
                             }
                             if p.prometheus != self.policy.prometheus {

@@ -262,15 +262,24 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
     }
     let unavailable = names(&|r| r.verdict == Verdict::Unavailable);
     let no_data = names(&|r| r.verdict == Verdict::NoData);
-    let failed = names(&|r| {
-        r.verdict == Verdict::Fail
-            || (r.verdict == Verdict::NoData && policy.strategy.on_no_data == OnNoData::Fail)
-    });
+    let no_data_fails = policy.strategy.on_no_data == OnNoData::Fail;
+    let failed: Vec<String> = reports
+        .iter()
+        .filter_map(|r| match r.verdict {
+            Verdict::Fail => Some(r.metric.clone()),
+            Verdict::NoData if no_data_fails => {
+                Some(format!("{} (no data, on_no_data: fail)", r.metric))
+            }
+            _ => None,
+        })
+        .collect();
     if !failed.is_empty() {
         state.consecutive_failures += 1;
         let limit = policy.strategy.failure_limit;
+        // The count is of analyses: the metrics named are this analysis's, which may differ
+        // from the earlier ones'.
         let what = format!(
-            "failed: {} ({} of {} consecutive)",
+            "failed: {}; {} of {} failed analyses in a row",
             failed.join(", "),
             state.consecutive_failures,
             limit
@@ -342,7 +351,10 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
                         format!("rolling back; router failing: {error}")
                     }
                     RouterStatus::Ok { canary_weight } => {
-                        format!("rolling back; router still sends {canary_weight}% to the canary")
+                        format!(
+                            "rolling back; router still sends {}% to the canary",
+                            fmt_pct(*canary_weight)
+                        )
                     }
                 };
                 decision(Action::Hold, state, Vec::new(), why)
@@ -432,7 +444,11 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
         }
     }
     let state = start(policy, state, now);
-    let reason = format!("rollout of {} started at {}%", state.canary, state.weight);
+    let reason = format!(
+        "rollout of {} started at {}%",
+        state.canary,
+        fmt_pct(state.weight)
+    );
     decision(Action::Start, state, reports, reason)
 }
 
@@ -734,10 +750,25 @@ fn operator(
     }
 }
 
+/// A weight for people: whole numbers as they are, others to at most two decimals (a router
+/// may read back 33.333333333333336).
 fn fmt_pct(w: f64) -> String {
-    if w.fract() == 0.0 {
-        format!("{w:.0}")
-    } else {
-        format!("{w}")
+    let s = format!("{w:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn weights_read_as_people_write_them() {
+        for (w, want) in [
+            (10.0, "10"),
+            (0.0, "0"),
+            (2.5, "2.5"),
+            (33.333333333333336, "33.33"),
+            (99.999, "100"),
+        ] {
+            assert_eq!(super::fmt_pct(w), want);
+        }
     }
 }

@@ -708,6 +708,23 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
         v["phase"], "progressing",
         "nothing above changed the rollout"
     );
+    // Refusals are answered, not logged as decisions: they would bury the rollout's history.
+    for _ in 0..5 {
+        let (s, _) = d
+            .post("/api/v1/rollouts/demo/resume", Some("s3cret"), "")
+            .await;
+        assert_eq!(s, 409);
+    }
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    let actions: Vec<&str> = log["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["action"].as_str())
+        .collect();
+    assert!(!actions.contains(&"reject"), "{actions:?}");
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert_ne!(v["last_decision"]["action"], "reject", "{v}");
     let big = format!("{{\"reason\": \"{}\"}}", "x".repeat(20_000));
     let (s, v) = d
         .post("/api/v1/rollouts/demo/pause", Some("s3cret"), &big)
@@ -1478,5 +1495,49 @@ async fn retry_right_after_an_abort_is_accepted() {
         .await;
     let (status, body) = d.post("/api/v1/rollouts/demo/retry", None, "{}").await;
     assert_eq!(status, 200, "{body}");
+    d.stop().await;
+}
+
+/// A policy edited to another router mid-rollout: the old router sends all traffic to stable
+/// (nobody drives it any more), and the new one takes the rollout's weight.
+#[tokio::test]
+async fn a_rollout_moved_to_another_router_leaves_the_old_one_on_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let (old, new) = (dir.path().join("old.json"), dir.path().join("new.json"));
+    let policy = |path: &Path| {
+        POLICY
+            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+            .replace("progress_deadline: 1h", "progress_deadline: 3h")
+            .replace(
+                "file: {path: /dev/null}",
+                &format!("file: {{path: '{}'}}", path.display()),
+            )
+    };
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(&file, policy(&old)).unwrap();
+    let (_, source) = fakes(Mode::Good);
+    let (_, sources) = factories(&FakeRouter::default(), &source);
+    let d = Daemon::start_real(dir.path(), sources).await;
+    let canary = |path: &Path| -> Option<f64> {
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        doc["weights"]["v2"].as_f64()
+    };
+    wait_for("10% on the old router", Duration::from_secs(10), || async {
+        (canary(&old) == Some(10.0)).then_some(())
+    })
+    .await;
+    std::fs::write(&file, policy(&new)).unwrap();
+    wait_for("10% on the new router", Duration::from_secs(10), || async {
+        (canary(&new) == Some(10.0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        canary(&old),
+        Some(0.0),
+        "the old router sends all to stable"
+    );
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert_eq!(v["phase"], "progressing", "{v}");
     d.stop().await;
 }

@@ -288,7 +288,7 @@ fn consecutive_failures_reset_on_a_pass_and_survive_holds() {
             (
                 90,
                 tick(bad()),
-                expect(Rollback, RollingBack, 0.0).reason("3 of 3 consecutive"),
+                expect(Rollback, RollingBack, 0.0).reason("3 of 3 failed analyses in a row"),
             ),
         ],
     );
