@@ -440,6 +440,14 @@ pub fn judge(
             ratio_note(estimate)
         );
         Verdict::Hold
+    } else if let Some(beyond) = beyond_absolute_bound(spec, canary.value) {
+        // Not proven yet, but the estimate itself breaks a bound the user set on the canary:
+        // no more traffic until the test decides either way.
+        report.note = format!(
+            "{beyond}; holding the step until the test decides (log e-value {:.2} of {:.2})",
+            log_bad, threshold
+        );
+        Verdict::Hold
     } else {
         report.promotable = promotable;
         report.note = format!(
@@ -469,6 +477,27 @@ fn ratio_estimate(mem: &SequentialMemory) -> Option<f64> {
     let c = mem.canary.rate()?;
     let s = mem.stable.rate()?;
     (s > 0.0).then(|| c / s)
+}
+
+/// Which absolute bound (`max`, `min`) the canary's value in this analysis is beyond, said
+/// for people.
+fn beyond_absolute_bound(spec: &MetricSpec, value: Option<f64>) -> Option<String> {
+    let v = value.filter(|v| v.is_finite())?;
+    let b = &spec.bounds;
+    if let Some(m) = b.max.as_ref().filter(|m| v > m.value) {
+        return Some(format!(
+            "the canary's value {} is above max {}",
+            super::fmt_value(v),
+            m.written
+        ));
+    }
+    b.min.as_ref().filter(|m| v < m.value).map(|m| {
+        format!(
+            "the canary's value {} is below min {}",
+            super::fmt_value(v),
+            m.written
+        )
+    })
 }
 
 fn bound_checks(spec: &MetricSpec, rejected: bool, promotable: bool) -> Vec<BoundCheck> {
@@ -1047,6 +1076,36 @@ mod tests {
             stable: sample(stable),
             canary: sample(canary),
         }
+    }
+
+    /// A canary whose value breaks an absolute bound is held even before the test rejects it.
+    #[test]
+    fn a_value_beyond_an_absolute_bound_holds_before_the_test_decides() {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            &ONE_METRIC.replace("max_increase: 15%}", "max: 5%, min_samples: 10}"),
+        )
+        .expect("valid policy");
+        let spec = &policy.metrics[0];
+        let stable = Counts {
+            bad: 5.0,
+            total: 1_000.0,
+        };
+        let mut memory = JudgeMemory::default();
+        let within = Counts {
+            bad: 1.0,
+            total: 40.0,
+        };
+        let r = judge(&ctx(0.95), spec, &reading(stable, within), &mut memory);
+        assert_eq!(r.verdict, Verdict::Pass, "{}", r.note);
+        let mut memory = JudgeMemory::default();
+        let above = Counts {
+            bad: 5.0,
+            total: 40.0,
+        };
+        let r = judge(&ctx(0.95), spec, &reading(stable, above), &mut memory);
+        assert_eq!(r.verdict, Verdict::Hold, "{}", r.note);
+        assert!(r.note.contains("above max 5%"), "{}", r.note);
     }
 
     /// A look whose window holds no canary events is no data, whatever the evidence so far;
