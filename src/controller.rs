@@ -466,6 +466,10 @@ impl Task {
             "weight": self.state.weight,
             "step": shown_step(&self.state, self.policy.strategy.steps().len()),
             "reason": reason,
+            // Whether the router has taken `weight` (false while it is failing: a `promote`
+            // event then announces a decision traffic does not follow yet).
+            "applied": self.applied,
+            "router_error": self.view.router_error,
         })
     }
 
@@ -574,7 +578,6 @@ impl Task {
             .decision(&d, shown_step(&d.state, self.policy.strategy.steps().len()));
         if d.action != Action::Hold && d.action != Action::Reject {
             tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref(), "decision");
-            self.notify(&d);
         }
         // Idle rollouts own no traffic yet, and a failed one leaves the router to the operator
         // after its one attempt to keep the safe weight; everything else converges on the
@@ -600,6 +603,10 @@ impl Task {
             self.applied = router_weight.is_some_and(|w| (w - d.weight).abs() < 0.01);
         } else if self.state.phase != Phase::Idle {
             self.applied = true;
+        }
+        // After the router call, so that the event can say whether the router took the weight.
+        if d.action != Action::Hold {
+            self.notify(&d);
         }
         if self.applied {
             if let Some(id) = self.last_id {

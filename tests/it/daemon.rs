@@ -621,10 +621,16 @@ async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
 /// rolls it back when it turns bad.
 #[tokio::test]
 async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alone_but_judges() {
-    let policy = POLICY.replace(
-        "progress_deadline: 1h",
-        "progress_deadline: 1h\n  router_deadline: 300ms",
-    );
+    let (hook, seen) = hooks(Arc::new(Mutex::new(200))).await;
+    let policy = POLICY
+        .replace(
+            "progress_deadline: 1h",
+            "progress_deadline: 1h\n  router_deadline: 300ms",
+        )
+        .replace(
+            "router:",
+            &format!("webhooks:\n  - {{on: failed, url: '{hook}/failed'}}\nrouter:"),
+        );
     let dir = setup(&policy);
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
@@ -638,6 +644,18 @@ async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alo
     assert_eq!(v["weight"], 10.0, "the last weight the router took: {v}");
     let error = v["router_error"].as_str().unwrap_or_default();
     assert!(error.contains("refuses writes"), "{v}");
+    // The `failed` event says the router did not take the weight, and why.
+    let event = wait_for("the failed event", Duration::from_secs(5), || async {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"] == "failed")
+            .cloned()
+    })
+    .await;
+    assert_eq!(event["applied"], false, "{event}");
+    let why = event["router_error"].as_str().unwrap_or_default();
+    assert!(why.contains("refuses writes"), "{event}");
     // Someone resets the router to stable.
     let applied = d.router.applied.lock().unwrap().len();
     *d.router.refusing.lock().unwrap() = false;
@@ -919,6 +937,12 @@ async fn a_closed_promotion_gate_holds_and_event_webhooks_are_called() {
         "{events:?}"
     );
     assert!(events.contains(&"advance".to_string()), "{events:?}");
+    for e in seen.lock().unwrap().iter() {
+        if e["event"] == "promote" {
+            assert_eq!(e["applied"], true, "sent once the router took it: {e}");
+            assert_eq!(e["weight"], 100.0, "{e}");
+        }
+    }
     let want = format!("canaryd/{}", env!("CARGO_PKG_VERSION"));
     for e in seen.lock().unwrap().iter() {
         assert_eq!(e["user_agent"], want.as_str(), "{e}");
