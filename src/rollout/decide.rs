@@ -737,6 +737,20 @@ fn operator(
                 format!("resumed by an operator ({})", back.as_str()),
             )
         }
+        (OperatorAction::Retry, RolledBack | Failed)
+            if policy.has_candidate() && policy.strategy.is_blue_green() && state.weight == 0.0 =>
+        {
+            // A blue-green switch needs its pre-checks again (a router that answers, a stable
+            // baseline): the next tick starts it from `idle`, which owns no traffic.
+            state.set_phase(Idle, now);
+            state.paused_from = None;
+            decision(
+                Action::Retry,
+                state,
+                Vec::new(),
+                "retried by an operator: switching again once the pre-checks pass".into(),
+            )
+        }
         (OperatorAction::Retry, RolledBack | Failed) if policy.has_candidate() => {
             let state = start(policy, state, now);
             let reason = format!(

@@ -513,11 +513,26 @@ fn blue_green_compares_with_the_baseline_from_before_the_switch_and_switches_bac
         .unwrap();
     assert!((inc.limit.unwrap() - 0.24).abs() < 1e-9, "{inc:?}");
     assert_eq!(inc.ok, Some(false));
-    check(
+    let d = check(
         "blue-green switched back",
         &p,
         d.state,
         &[(90, tick(good()), expect(Settle, RolledBack, 0.0))],
+    );
+    // A retry runs the pre-checks again: no switch while the router fails.
+    check(
+        "blue-green retried",
+        &p,
+        d.state,
+        &[
+            (120, op(Retry), expect(Retry_, Idle, 0.0)),
+            (
+                150,
+                tick(good().failing(140)),
+                expect(Hold, Idle, 0.0).reason("not started: router failing"),
+            ),
+            (180, tick(good()), expect(Start, Progressing, 100.0)),
+        ],
     );
 }
 
