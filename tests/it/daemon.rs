@@ -1045,27 +1045,7 @@ async fn a_failed_event_webhook_is_logged_by_its_origin_only() {
     let dir = setup(&policy);
     let log = dir.path().join("canaryd.log");
     // Prometheus is a closed port: the start needs only the router, and calls the hooks.
-    let prometheus = format!("http://127.0.0.1:{}", crate::support::free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--prometheus",
-            &prometheus,
-        ])
-        .arg("--policies")
-        .arg(dir.path().join("policies"))
-        .arg("--state")
-        .arg(dir.path().join("s.db"))
-        .current_dir(dir.path())
-        .env_remove("CANARYD_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_logging_daemon(dir.path(), &log);
     let text = wait_for("both webhooks to fail", Duration::from_secs(15), || async {
         let text = std::fs::read_to_string(&log).ok()?;
         (text.contains("webhook failed") && text.contains("webhook refused the event"))
@@ -1368,14 +1348,11 @@ async fn run_with_a_missing_state_directory_fails_once_naming_it() {
     );
 }
 
-/// The real daemon's log, through a pipe: plain text, and an automatic decision (the start,
-/// which needs only the router; Prometheus is a closed port) names nobody.
-#[tokio::test]
-async fn the_log_is_plain_text_and_automatic_decisions_name_nobody() {
-    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
-    let log = dir.path().join("canaryd.log");
+/// The real `canaryd run` on `dir`'s policies and a SQLite state there, its log in `log`, with
+/// Prometheus a closed port (a start needs only the router).
+fn spawn_logging_daemon(dir: &Path, log: &Path) -> tokio::process::Child {
     let prometheus = format!("http://127.0.0.1:{}", crate::support::free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
         .args([
             "run",
             "--listen",
@@ -1384,17 +1361,26 @@ async fn the_log_is_plain_text_and_automatic_decisions_name_nobody() {
             &prometheus,
         ])
         .arg("--policies")
-        .arg(dir.path().join("policies"))
+        .arg(dir.join("policies"))
         .arg("--state")
-        .arg(dir.path().join("s.db"))
-        .current_dir(dir.path())
+        .arg(dir.join("s.db"))
+        .current_dir(dir)
         .env_remove("CANARYD_CONFIG")
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// The real daemon's log, through a pipe: plain text, and an automatic decision (the start,
+/// which needs only the router; Prometheus is a closed port) names nobody.
+#[tokio::test]
+async fn the_log_is_plain_text_and_automatic_decisions_name_nobody() {
+    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
+    let log = dir.path().join("canaryd.log");
+    let mut child = spawn_logging_daemon(dir.path(), &log);
     let text = wait_for("the start decision", Duration::from_secs(15), || async {
         let text = std::fs::read_to_string(&log).ok()?;
         text.contains("action=\"start\"").then_some(text)
