@@ -580,6 +580,18 @@ async fn restart_resumes_at_the_recorded_step() {
     d.stop().await;
 }
 
+/// A daemon with fakes (a good canary) whose rollout runs at 10 % on the router.
+async fn started_at_ten_percent(dir: &Path) -> Daemon {
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir, router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    wait_for("weight 10 applied", Duration::from_secs(5), || async {
+        (*d.router.weight.lock().unwrap() == 10.0).then_some(())
+    })
+    .await;
+    d
+}
+
 #[tokio::test]
 async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
     let policy = POLICY.replace(
@@ -587,13 +599,7 @@ async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
         "progress_deadline: 1h\n  router_deadline: 300ms",
     );
     let dir = setup(&policy);
-    let (router, source) = fakes(Mode::Good);
-    let d = Daemon::start(dir.path(), router, source, None).await;
-    d.wait_phase("demo", "progressing").await;
-    wait_for("weight 10 applied", Duration::from_secs(5), || async {
-        (*d.router.weight.lock().unwrap() == 10.0).then_some(())
-    })
-    .await;
+    let d = started_at_ten_percent(dir.path()).await;
     *d.router.failing.lock().unwrap() = true;
     let v = d.wait_phase("demo", "failed").await;
     assert_eq!(
@@ -632,13 +638,7 @@ async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alo
             &format!("webhooks:\n  - {{on: failed, url: '{hook}/failed'}}\nrouter:"),
         );
     let dir = setup(&policy);
-    let (router, source) = fakes(Mode::Good);
-    let d = Daemon::start(dir.path(), router, source, None).await;
-    d.wait_phase("demo", "progressing").await;
-    wait_for("weight 10 applied", Duration::from_secs(5), || async {
-        (*d.router.weight.lock().unwrap() == 10.0).then_some(())
-    })
-    .await;
+    let d = started_at_ten_percent(dir.path()).await;
     *d.router.refusing.lock().unwrap() = true;
     let v = d.wait_phase("demo", "failed").await;
     assert_eq!(v["weight"], 10.0, "the last weight the router took: {v}");
