@@ -153,6 +153,7 @@ async fn list(State(s): State<ApiState>) -> Response {
                         "applied": r.applied,
                         "router_error": r.router_error,
                         "policy_error": r.policy_error,
+                        "stopped": r.stopped,
                     })
                 })
                 .collect()
@@ -163,7 +164,7 @@ async fn list(State(s): State<ApiState>) -> Response {
         .read()
         .map(|e| {
             e.iter()
-                .map(|(f, m)| json!({"file": f, "error": m}))
+                .map(|(f, p)| json!({"file": f, "name": p.name, "error": p.error}))
                 .collect()
         })
         .unwrap_or_default();
@@ -190,6 +191,23 @@ async fn one(State(s): State<ApiState>, name: Result<Path<String>, PathRejection
     };
     match s.views.read().ok().and_then(|v| v.get(&name).cloned()) {
         Some(v) => Json(v).into_response(),
+        None => no_rollout(&s, &name),
+    }
+}
+
+/// The answer for a name no rollout has: 404, pointing to the error of a policy file that
+/// gives this name but runs no rollout (invalid from the start, or refused), if there is one.
+fn no_rollout(s: &ApiState, name: &str) -> Response {
+    let invalid = s.policy_errors.read().ok().and_then(|e| {
+        e.iter()
+            .find(|(_, p)| p.name.as_deref() == Some(name))
+            .map(|(file, p)| format!("its policy file {file} was not accepted:\n{}", p.error))
+    });
+    match invalid {
+        Some(why) => error(
+            StatusCode::NOT_FOUND,
+            format!("rollout {name:?} is not running: {why}"),
+        ),
         None => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
     }
 }
@@ -440,7 +458,19 @@ async fn act(
     match controller::operate(&s.registry, &name, op, who, why).await {
         Ok(rec) => Json(rec).into_response(),
         Err(OperateError::NotFound) => {
-            error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"))
+            // A stopped rollout is still shown, but nothing runs it to act on.
+            let stopped = s.views.read().ok().and_then(|v| {
+                v.get(&name)
+                    .filter(|r| r.stopped)
+                    .map(|r| r.policy_error.clone().unwrap_or_default())
+            });
+            match stopped {
+                Some(why) => error(
+                    StatusCode::CONFLICT,
+                    format!("rollout {name:?} is stopped, nothing runs it: {why}"),
+                ),
+                None => no_rollout(&s, &name),
+            }
         }
         Err(OperateError::Rejected(reason)) => error(StatusCode::CONFLICT, reason),
         Err(OperateError::Unavailable) => error(
@@ -556,6 +586,47 @@ mod tests {
             .0,
             StatusCode::BAD_REQUEST
         );
+    }
+
+    /// A name no rollout runs: pointed to the policy file that gives it, if one is refused; a
+    /// stopped rollout refuses actions with why it stopped.
+    #[tokio::test]
+    async fn a_missing_rollout_points_to_its_policy_error_and_a_stopped_one_says_why() {
+        let s = state(true, None);
+        s.policy_errors.write().expect("lock").insert(
+            "p/nd.yaml".into(),
+            crate::controller::InvalidPolicy {
+                name: Some("nd".into()),
+                error: "p/nd.yaml:3:1: strategy: expected a mapping".into(),
+            },
+        );
+        let (status, body) = call(s.clone(), "GET", "/api/v1/rollouts/nd", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(
+            v["error"],
+            "rollout \"nd\" is not running: its policy file p/nd.yaml was not accepted:\n\
+             p/nd.yaml:3:1: strategy: expected a mapping"
+        );
+        let (_, body) = call(s.clone(), "GET", "/api/v1/rollouts", None).await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["invalid_policies"][0]["name"], "nd", "{v}");
+        let (status, body) = call(s.clone(), "POST", "/api/v1/rollouts/nd/pause", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("p/nd.yaml:3:1"), "{body}");
+        let (_, body) = call(s.clone(), "GET", "/api/v1/rollouts/other", None).await;
+        assert!(body.contains("no rollout named \\\"other\\\""), "{body}");
+
+        if let Some(r) = s.views.write().expect("lock").get_mut("r") {
+            r.stopped = true;
+            r.policy_error = Some("policy file t.yaml deleted: rollout stopped".into());
+        }
+        let (status, body) = call(s.clone(), "POST", "/api/v1/rollouts/r/pause", None).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(body.contains("t.yaml deleted"), "{body}");
+        let (_, body) = call(s, "GET", "/api/v1/rollouts", None).await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["rollouts"][0]["stopped"], true, "{v}");
     }
 
     #[tokio::test]

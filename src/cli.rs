@@ -19,7 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: judge every rollout in the policies directory and drive its router.
     Run(RunArgs),
-    /// Validate policy files; exits 0 only when all are valid.
+    /// Validate policy files; exits 0 only when all are valid and no two share a rollout name
+    /// or a router target.
     Check(CheckArgs),
     /// Show every rollout as a table, or one rollout's timeline with its evidence.
     Status(StatusArgs),

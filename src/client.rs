@@ -127,9 +127,11 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
             if code == 404 {
                 // A standby replica runs no rollouts: say so, and who does.
                 let (_, list) = get(server, "/api/v1/rollouts").await?;
+                // Otherwise the daemon's own answer: it points to an invalid policy of that
+                // name, if there is one.
                 match standby_note(&list) {
                     Some(note) => eprintln!("{note}: ask it for {n:?}"),
-                    None => eprintln!("no rollout named {n:?}"),
+                    None => eprintln!("{}", api_error(&view)),
                 }
                 return Ok(Outcome::Refused);
             }
@@ -196,12 +198,18 @@ pub fn table(body: &Value) -> String {
                 e.replace('\n', " ")
             );
         }
-        if let Some(e) = r["policy_error"].as_str() {
-            let _ = writeln!(
-                out,
-                "  ! policy edit rejected, last good version running:\n    {}",
-                e.replace('\n', "\n    ")
-            );
+        match r["policy_error"].as_str() {
+            Some(e) if r["stopped"] == true => {
+                let _ = writeln!(out, "  ! {}", e.replace('\n', "\n    "));
+            }
+            Some(e) => {
+                let _ = writeln!(
+                    out,
+                    "  ! policy edit rejected, last good version running:\n    {}",
+                    e.replace('\n', "\n    ")
+                );
+            }
+            None => {}
         }
     }
     for p in body["invalid_policies"].as_array().into_iter().flatten() {
@@ -294,11 +302,17 @@ pub fn timeline(view: &Value, log: &Value) -> String {
     if let Some(e) = view["router_error"].as_str() {
         let _ = writeln!(out, "  router error: {e}");
     }
-    if let Some(e) = view["policy_error"].as_str() {
-        let _ = writeln!(
-            out,
-            "  policy edit rejected (last good version running): {e}"
-        );
+    match view["policy_error"].as_str() {
+        Some(e) if view["stopped"] == true => {
+            let _ = writeln!(out, "  stopped: {e}");
+        }
+        Some(e) => {
+            let _ = writeln!(
+                out,
+                "  policy edit rejected (last good version running): {e}"
+            );
+        }
+        None => {}
     }
     let _ = writeln!(out, "\nDECISIONS (newest first)");
     for d in log["decisions"].as_array().into_iter().flatten() {
@@ -457,6 +471,27 @@ mod table_tests {
             !t.contains("standby") && !t.contains("router is failing"),
             "{t}"
         );
+    }
+
+    /// A rollout stopped by its policy file's deletion reads as stopped, not as a rejected edit.
+    #[test]
+    fn the_table_and_timeline_show_a_stopped_rollout() {
+        let note =
+            "policy file p/m1.yaml deleted: rollout stopped, traffic left at 10% on the canary";
+        let body = json!({
+            "rollouts": [{
+                "name": "m1", "phase": "progressing", "stable": "v1", "canary": "v2",
+                "weight": 10.0, "step": 1, "steps": [10, 50], "policy_error": note,
+                "stopped": true,
+            }],
+            "invalid_policies": [],
+        });
+        let t = table(&body);
+        assert!(t.contains(&format!("  ! {note}\n")), "{t}");
+        assert!(!t.contains("policy edit rejected"), "{t}");
+        let t = timeline(&body["rollouts"][0], &json!({"decisions": []}));
+        assert!(t.contains(&format!("  stopped: {note}\n")), "{t}");
+        assert!(!t.contains("policy edit rejected"), "{t}");
     }
 
     /// Regression: a relative bound of the sequential judge showed `(limit -)`, and only the

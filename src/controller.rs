@@ -8,7 +8,7 @@
 use crate::judge::MetricReport;
 use crate::metrics::Metrics;
 use crate::observation::{Gate, Input, Observation, OperatorAction, RouterStatus};
-use crate::policy::{self, Policy, WebhookEvent};
+use crate::policy::{self, Policy, RouterTarget, WebhookEvent};
 use crate::rollout::{Action, Decision, Phase, RolloutState, decide};
 use crate::router::{Router, RouterError, Target};
 use crate::source::prometheus::error_chain;
@@ -58,8 +58,13 @@ pub struct RolloutView {
     pub router_error: Option<String>,
     /// Whether the router confirmed the last decision's weight.
     pub applied: bool,
-    /// Validation errors of the policy file's latest edit, while the last good version runs.
+    /// Validation errors of the policy file's latest edit, while the last good version runs;
+    /// for a stopped rollout, why it stopped and where traffic was left.
     pub policy_error: Option<String>,
+    /// Its policy file was deleted: nothing drives the rollout any more, and the router keeps
+    /// the split it had. Shown until the policy comes back (the rollout then resumes) or the
+    /// daemon stops.
+    pub stopped: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -218,6 +223,7 @@ pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView
         router_error: None,
         applied: true,
         policy_error: None,
+        stopped: false,
     }
 }
 
@@ -717,6 +723,94 @@ impl Task {
     }
 }
 
+/// Why the scan stopped a rollout's task, which decides what is left of its view once the
+/// task has ended. Either way traffic is left as it is.
+#[derive(Clone, Debug)]
+enum Stopped {
+    /// Its policy file names another rollout now: no policy defines this one any more, and
+    /// its view goes away.
+    Renamed,
+    /// Its policy file (this path, as shown) was deleted: the view stays, marked, so that
+    /// people still see the rollout whose traffic the router may still split.
+    Deleted(String),
+}
+
+/// A rollout task as the scan knows it.
+struct Started {
+    /// Tells the task why it was stopped; taken when it is.
+    why: Option<oneshot::Sender<Stopped>>,
+    /// Closed once the task has ended and settled its view.
+    done: oneshot::Receiver<()>,
+}
+
+/// The rollout tasks `run` started.
+#[derive(Default)]
+struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    /// By rollout name, until the task has ended. A task told to stop finishes its tick first
+    /// (it may still record, publish and call the router), so another task of that name starts
+    /// only once it has ended: two tasks never drive one rollout, and a stopped task never
+    /// publishes over its successor's view.
+    started: BTreeMap<String, Started>,
+}
+
+impl Tasks {
+    /// Whether a task of this rollout is still running or finishing its tick.
+    fn busy(&mut self, name: &str) -> bool {
+        let running = self
+            .started
+            .get_mut(name)
+            .is_some_and(|t| matches!(t.done.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        if !running {
+            self.started.remove(name);
+        }
+        running
+    }
+
+    /// Forgets the tasks that have ended.
+    fn reap(&mut self) {
+        while self.set.try_join_next().is_some() {}
+        self.started
+            .retain(|_, t| matches!(t.done.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+    }
+
+    /// Stops a rollout's task after its current tick, without touching traffic; its view is
+    /// settled as `why` says once it has ended.
+    async fn stop(&mut self, registry: &Registry, name: &str, why: Stopped) {
+        if let Some(tell) = self.started.get_mut(name).and_then(|t| t.why.take()) {
+            let _ = tell.send(why);
+        }
+        if let Some(tx) = registry.remove(name) {
+            let _ = tx.send(Command::Stop).await;
+        }
+    }
+}
+
+/// What is left of a stopped rollout once its task has ended: the task published its last
+/// view before it saw the stop, so this comes after it.
+fn settle(shared: &Shared, name: &str, why: Stopped) {
+    shared.metrics.forget(name);
+    let Ok(mut views) = shared.views.write() else {
+        return;
+    };
+    match why {
+        Stopped::Renamed => {
+            views.remove(name);
+        }
+        Stopped::Deleted(file) => {
+            if let Some(v) = views.get_mut(name) {
+                // Where the router was last seen sending traffic, which is where it stays.
+                let weight = v.router_weight.unwrap_or(v.weight);
+                v.stopped = true;
+                v.policy_error = Some(format!(
+                    "policy file {file} deleted: rollout stopped, traffic left at {weight}% on \
+                     the canary; restore the file to resume it"
+                ));
+            }
+        }
+    }
+}
+
 /// Starts a rollout task for a valid policy; or says why it cannot, to be retried at the next
 /// scan (the store may be unreachable for a moment, etcd in particular).
 async fn spawn_rollout(
@@ -725,7 +819,7 @@ async fn spawn_rollout(
     policy: Policy,
     file: String,
     shutdown: watch::Receiver<bool>,
-    tasks: &mut tokio::task::JoinSet<()>,
+    tasks: &mut Tasks,
 ) -> Result<(), String> {
     let store = shared.store.clone();
     let name = policy.name.clone();
@@ -780,9 +874,28 @@ async fn spawn_rollout(
         view,
         policy,
     };
+    let name = task.policy.name.clone();
     let (tx, rx) = mpsc::channel(16);
-    registry.insert(task.policy.name.clone(), tx);
-    tasks.spawn(task.run(rx, shutdown));
+    let (why_tx, mut why_rx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    registry.insert(name.clone(), tx);
+    let shared = shared.clone();
+    let ended = name.clone();
+    tasks.set.spawn(async move {
+        task.run(rx, shutdown).await;
+        // Stopped by the scan, rather than by the shutdown (which clears every view).
+        if let Ok(why) = why_rx.try_recv() {
+            settle(&shared, &ended, why);
+        }
+        drop(done_tx);
+    });
+    tasks.started.insert(
+        name,
+        Started {
+            why: Some(why_tx),
+            done: done_rx,
+        },
+    );
     Ok(())
 }
 
@@ -795,8 +908,11 @@ struct Known {
     /// The error of the last load, if it failed. A failed load is retried at every scan (a
     /// credentials file it names may appear), but reported again only when the error changes.
     error: Option<String>,
-    /// The rollout name of the file's last valid version.
+    /// The rollout the file's last valid version runs, if one runs.
     name: Option<String>,
+    /// What that version's router changes (none for a webhook router): no other policy may
+    /// route it while this one runs.
+    router: Option<RouterTarget>,
 }
 
 /// A file's modification time and size, or `None`s for a file that cannot be read.
@@ -836,8 +952,18 @@ pub fn policy_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Errors of policy files that are not running (invalid from the start), for the API.
-pub type PolicyErrors = Arc<RwLock<BTreeMap<String, String>>>;
+/// A policy file that runs no rollout, or whose latest version is refused while the last
+/// good one runs, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct InvalidPolicy {
+    /// The rollout name the file gives, when it can be read: `canaryd status NAME` then points
+    /// to this error.
+    pub name: Option<String>,
+    pub error: String,
+}
+
+/// Policy files with errors, by file, for the API.
+pub type PolicyErrors = Arc<RwLock<BTreeMap<String, InvalidPolicy>>>;
 
 /// Runs the daemon's rollouts until `shutdown` turns true: loads the policies directory,
 /// starts one task per valid policy, and polls the directory for edits every `poll`.
@@ -850,7 +976,7 @@ pub async fn run(
     ready: Arc<std::sync::atomic::AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Tasks::default();
     let mut known: BTreeMap<PathBuf, Known> = BTreeMap::new();
     loop {
         scan(
@@ -868,11 +994,11 @@ pub async fn run(
             _ = tokio::time::sleep(poll) => {}
             _ = shutdown.changed() => break,
         }
-        // Reap tasks that ended on their own.
-        while tasks.try_join_next().is_some() {}
+        // Reap tasks that ended, on their own or stopped.
+        tasks.reap();
     }
     // Tasks see the same shutdown signal and finish their current tick.
-    while tasks.join_next().await.is_some() {}
+    while tasks.set.join_next().await.is_some() {}
     // Nothing runs any more: a replica that stops leading shows no rollouts it no longer
     // drives, and the next term starts from what is stored.
     registry.clear();
@@ -888,6 +1014,36 @@ pub async fn run(
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// Why the daemon refuses a valid policy from `path`: another running policy has its rollout
+/// name or its router target. `previous` is the rollout the file itself runs.
+fn clash(
+    registry: &Registry,
+    known: &BTreeMap<PathBuf, Known>,
+    path: &Path,
+    policy: &Policy,
+    previous: Option<&str>,
+) -> Option<policy::PolicyError> {
+    let others = || known.iter().filter(|(k, _)| k.as_path() != path);
+    if registry.get(&policy.name).is_some() && previous != Some(policy.name.as_str()) {
+        let other = others()
+            .find(|(_, v)| v.name.as_deref() == Some(policy.name.as_str()))
+            .map_or_else(
+                || "another policy file".to_owned(),
+                |(k, _)| k.display().to_string(),
+            );
+        return Some(policy::name_clash(path, &policy.name, &other));
+    }
+    let target = policy.router.target()?;
+    let (other_file, other) = others().find(|(_, v)| v.router.as_ref() == Some(&target))?;
+    let other_name = other.name.as_deref()?;
+    Some(policy::router_clash(
+        path,
+        &target,
+        other_name,
+        &other_file.display().to_string(),
+    ))
+}
+
 async fn scan(
     shared: &Shared,
     registry: &Registry,
@@ -895,7 +1051,7 @@ async fn scan(
     dir: &Path,
     known: &mut BTreeMap<PathBuf, Known>,
     shutdown: &watch::Receiver<bool>,
-    tasks: &mut tokio::task::JoinSet<()>,
+    tasks: &mut Tasks,
 ) {
     let files = policy_files(dir);
     // Deleted files stop their rollouts without touching traffic.
@@ -909,16 +1065,9 @@ async fn scan(
             name: Some(name), ..
         }) = known.remove(&path)
         {
-            {
-                tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is");
-                if let Some(tx) = registry.remove(&name) {
-                    let _ = tx.send(Command::Stop).await;
-                }
-                if let Ok(mut v) = shared.views.write() {
-                    v.remove(&name);
-                }
-                shared.metrics.forget(&name);
-            }
+            tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is");
+            let file = path.display().to_string();
+            tasks.stop(registry, &name, Stopped::Deleted(file)).await;
         }
         if let Ok(mut e) = policy_errors.write() {
             e.remove(&path.display().to_string());
@@ -932,6 +1081,7 @@ async fn scan(
         }
         let file = path.display().to_string();
         let previous = last.and_then(|k| k.name.clone());
+        let previous_router = last.and_then(|k| k.router.clone());
         let last_error = last.and_then(|k| k.error.clone());
         // Stamps of the credentials files taken before they are read, so that a rotation
         // during the read shows as a change at the next scan.
@@ -962,45 +1112,52 @@ async fn scan(
             // Still failing the same way: nothing new to report.
             continue;
         }
-        let name = match loaded {
-            Ok(p) => {
-                let clash =
-                    registry.get(&p.name).is_some() && previous.as_deref() != Some(p.name.as_str());
-                if clash {
-                    let other = known
-                        .iter()
-                        .find(|(k, v)| **k != path && v.name.as_deref() == Some(p.name.as_str()))
-                        .map_or_else(
-                            || "another policy file".to_owned(),
-                            |(k, _)| k.display().to_string(),
-                        );
-                    let msg = crate::policy::name_clash(&path, &p.name, &other).to_string();
-                    // Retried at every scan (the other file may go away), reported once.
+        let (name, router) = match loaded {
+            Ok(p) => match clash(registry, known, &path, &p, previous.as_deref()) {
+                Some(refused) => {
+                    // Like an invalid edit: the file's last good version (if any) keeps
+                    // running. Retried at every scan (the other policy may go away), reported
+                    // once.
+                    let msg = refused.to_string();
                     if last_error.as_deref() != Some(msg.as_str()) {
                         tracing::error!("{msg}");
+                        if let Some(tx) = previous.as_ref().and_then(|n| registry.get(n)) {
+                            let _ = tx.send(Command::PolicyError(msg.clone())).await;
+                        }
                     }
                     if let Ok(mut e) = policy_errors.write() {
-                        e.insert(file.clone(), msg.clone());
+                        let invalid = InvalidPolicy {
+                            name: Some(p.name.clone()),
+                            error: msg.clone(),
+                        };
+                        e.insert(file.clone(), invalid);
                     }
                     error = Some(msg);
-                    previous
-                } else {
+                    (previous, previous_router)
+                }
+                None => {
                     if let Ok(mut e) = policy_errors.write() {
                         e.remove(&file);
                     }
                     if let Some(old) = previous.as_ref().filter(|o| **o != p.name) {
-                        // A renamed rollout is a different rollout: stop the old one.
-                        if let Some(tx) = registry.remove(old) {
-                            let _ = tx.send(Command::Stop).await;
-                        }
-                        if let Ok(mut v) = shared.views.write() {
-                            v.remove(old);
-                        }
+                        // A renamed rollout is a different rollout: no policy defines the old
+                        // one any more.
+                        tracing::info!(rollout = %old, file = %file, renamed = %p.name, "policy renamed; rollout stopped, traffic left as it is");
+                        tasks.stop(registry, old, Stopped::Renamed).await;
                     }
                     let name = p.name.clone();
+                    let target = p.router.target();
                     match registry.get(&name) {
                         Some(tx) => {
                             let _ = tx.send(Command::Policy(Box::new(p), file.clone())).await;
+                            (Some(name), target)
+                        }
+                        None if tasks.busy(&name) => {
+                            // A stopped task of this name is finishing its tick: start at a
+                            // later scan, once it has ended, as if the file were new.
+                            tracing::debug!(rollout = %name, file = %file, "waiting for the rollout's stopped task to end");
+                            known.remove(&path);
+                            continue;
                         }
                         None => {
                             tracing::info!(rollout = %name, file = %file, "policy loaded");
@@ -1013,21 +1170,28 @@ async fn scan(
                                 tasks,
                             )
                             .await;
-                            if let Err(msg) = started {
-                                // Retried at every scan, said once.
-                                if last_error.as_deref() != Some(msg.as_str()) {
-                                    tracing::error!(rollout = %name, "{msg}");
+                            match started {
+                                Ok(()) => (Some(name), target),
+                                Err(msg) => {
+                                    // Retried at every scan, said once.
+                                    if last_error.as_deref() != Some(msg.as_str()) {
+                                        tracing::error!(rollout = %name, "{msg}");
+                                    }
+                                    if let Ok(mut e) = policy_errors.write() {
+                                        let invalid = InvalidPolicy {
+                                            name: Some(name),
+                                            error: msg.clone(),
+                                        };
+                                        e.insert(file.clone(), invalid);
+                                    }
+                                    error = Some(msg);
+                                    (None, None)
                                 }
-                                if let Ok(mut e) = policy_errors.write() {
-                                    e.insert(file.clone(), msg.clone());
-                                }
-                                error = Some(msg);
                             }
                         }
                     }
-                    Some(name)
                 }
-            }
+            },
             Err(e) => {
                 let msg = e.to_string();
                 tracing::error!(file = %file, "invalid policy; {}:\n{msg}", if previous.is_some() { "the last good version keeps running" } else { "not started" });
@@ -1035,9 +1199,13 @@ async fn scan(
                     let _ = tx.send(Command::PolicyError(msg.clone())).await;
                 }
                 if let Ok(mut errs) = policy_errors.write() {
-                    errs.insert(file.clone(), msg);
+                    let invalid = InvalidPolicy {
+                        name: policy::declared_name(&path),
+                        error: msg,
+                    };
+                    errs.insert(file.clone(), invalid);
                 }
-                previous
+                (previous, previous_router)
             }
         };
         known.insert(
@@ -1047,6 +1215,7 @@ async fn scan(
                 secrets,
                 error,
                 name,
+                router,
             },
         );
     }

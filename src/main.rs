@@ -465,6 +465,32 @@ fn policy_files(paths: &[PathBuf]) -> Vec<PathBuf> {
     out
 }
 
+/// Why the daemon would not run `policy` (from `file`) beside the valid policies before it:
+/// its rollout name, or its router target, is taken.
+fn clash(
+    file: &Path,
+    policy: &canaryd::policy::Policy,
+    valid: &[(PathBuf, canaryd::policy::Policy)],
+) -> Option<canaryd::policy::PolicyError> {
+    if let Some((first, _)) = valid.iter().find(|(_, q)| q.name == policy.name) {
+        return Some(canaryd::policy::name_clash(
+            file,
+            &policy.name,
+            &first.display().to_string(),
+        ));
+    }
+    let target = policy.router.target()?;
+    let (first, other) = valid
+        .iter()
+        .find(|(_, q)| q.router.target().as_ref() == Some(&target))?;
+    Some(canaryd::policy::router_clash(
+        file,
+        &target,
+        &other.name,
+        &first.display().to_string(),
+    ))
+}
+
 fn check(args: &cli::CheckArgs) -> ExitCode {
     let mut ok = true;
     // A directory without policies is almost always a wrong path; passing it silently would
@@ -486,18 +512,12 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
     };
     for file in policy_files(&args.policies) {
         match load(&file) {
-            // The daemon runs one rollout per name: a second file with a name already taken
-            // would never run.
-            Ok(p) => match valid
-                .iter()
-                .find(|(_, q): &&(PathBuf, canaryd::policy::Policy)| q.name == p.name)
-            {
-                Some((first, _)) => {
+            // The daemon runs one rollout per name and one per router target: a second file
+            // with a name or a target already taken would never run.
+            Ok(p) => match clash(&file, &p, &valid) {
+                Some(e) => {
                     ok = false;
-                    println!(
-                        "{}",
-                        canaryd::policy::name_clash(&file, &p.name, &first.display().to_string())
-                    );
+                    println!("{e}");
                 }
                 None => {
                     println!("{}: ok", file.display());

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use validate::{
-    PolicyError, SecretFileError, load_file, load_file_without_secrets, load_str, name_clash,
-    read_secret_file,
+    PolicyError, SecretFileError, declared_name, load_file, load_file_without_secrets, load_str,
+    name_clash, read_secret_file, router_clash,
 };
 
 /// A validated rollout policy: one model, one candidate version.
@@ -301,6 +301,76 @@ impl RouterConfig {
             RouterConfig::File { .. } => "file",
         }
     }
+
+    /// The traffic this router changes, for refusing a second policy on it; `None` for a
+    /// webhook router, whose payload names the rollout, so one service can split many.
+    pub fn target(&self) -> Option<RouterTarget> {
+        match self {
+            RouterConfig::Haproxy {
+                socket, backend, ..
+            } => Some(RouterTarget::HaproxyBackend {
+                address: haproxy_address(socket),
+                backend: backend.clone(),
+            }),
+            RouterConfig::Nginx { weights_file, .. } => {
+                Some(RouterTarget::File(lexical(weights_file)))
+            }
+            RouterConfig::File { path } => Some(RouterTarget::File(lexical(path))),
+            RouterConfig::Webhook { .. } => None,
+        }
+    }
+}
+
+/// What a router changes. Two rollouts on one target would each set their own weights on it at
+/// every interval, undoing the other's, so the daemon runs one rollout per target.
+///
+/// Targets are compared as written, without touching the filesystem or DNS: `tcp://` and
+/// `unix://` prefixes and `.` path components are dropped, but a symbolic link, `..`, or a host
+/// written another way (`localhost`, `127.0.0.1`) is not seen through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouterTarget {
+    /// One backend of one HAProxy, known by its runtime API's address.
+    HaproxyBackend { address: String, backend: String },
+    /// A file canaryd writes whole: an nginx router's weights file or a file router's file.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for RouterTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouterTarget::HaproxyBackend { address, backend } => {
+                write!(f, "backend {backend:?} of the HAProxy at {address}")
+            }
+            RouterTarget::File(path) => write!(f, "the weights file {}", path.display()),
+        }
+    }
+}
+
+/// An HAProxy runtime API address in one spelling: `tcp://host:port` for TCP, the path for a
+/// unix socket, read as `router::haproxy::Endpoint::parse` reads it.
+fn haproxy_address(socket: &str) -> String {
+    let tcp = |hostport: &str| format!("tcp://{hostport}");
+    if let Some(rest) = socket.strip_prefix("tcp://") {
+        return tcp(rest);
+    }
+    if let Some(rest) = socket.strip_prefix("unix://") {
+        return lexical(Path::new(rest)).display().to_string();
+    }
+    let has_port = socket.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok()
+    });
+    if !socket.starts_with('/') && !socket.starts_with('.') && has_port {
+        tcp(socket)
+    } else {
+        lexical(Path::new(socket)).display().to_string()
+    }
+}
+
+/// A path without its `.` components (`./w.conf` is `w.conf`); nothing else is resolved.
+fn lexical(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }
 
 /// When a webhook is called.
@@ -524,6 +594,60 @@ mod tests {
         for (url, origin) in cases {
             assert_eq!(url_origin(url), origin, "{url}");
         }
+    }
+
+    #[test]
+    fn router_targets_are_compared_as_the_routers_read_them() {
+        use crate::router::haproxy::Endpoint;
+        let sockets = [
+            "127.0.0.1:9999",
+            "tcp://127.0.0.1:9999",
+            "127.0.0.1:9998",
+            "lb.internal:9999",
+            "/run/haproxy.sock",
+            "unix:///run/haproxy.sock",
+            "/run/./haproxy.sock",
+            "/run/other.sock",
+            "./x:1",
+            "unix://x:1",
+            "x:1",
+            "haproxy.sock",
+            "./haproxy.sock",
+        ];
+        // The same address exactly when the router would reach the same endpoint (unix paths
+        // without their `.` components).
+        let endpoint = |s: &str| match Endpoint::parse(s) {
+            Ok(Endpoint::Unix(p)) => format!("unix {}", lexical(Path::new(&p)).display()),
+            Ok(Endpoint::Tcp(a)) => format!("tcp {a}"),
+            Err(e) => panic!("{s}: {e}"),
+        };
+        for a in sockets {
+            for b in sockets {
+                assert_eq!(
+                    haproxy_address(a) == haproxy_address(b),
+                    endpoint(a) == endpoint(b),
+                    "{a} and {b}"
+                );
+            }
+        }
+        let file = |p: &str| RouterConfig::File { path: p.into() };
+        let nginx = |p: &str| RouterConfig::Nginx {
+            weights_file: p.into(),
+            reload: vec!["true".into()],
+            upstream: "u".into(),
+            servers: BTreeMap::new(),
+        };
+        assert_eq!(file("w/a.json").target(), file("./w/./a.json").target());
+        assert_eq!(
+            nginx("/etc/nginx/w.conf").target(),
+            file("/etc/nginx/w.conf").target()
+        );
+        assert_ne!(file("w/a.json").target(), file("w/b.json").target());
+        let webhook = RouterConfig::Webhook {
+            url: "https://r.internal/split".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(webhook.target(), None);
     }
 
     #[test]

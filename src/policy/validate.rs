@@ -136,24 +136,80 @@ pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
     load_in(file, text, Path::new(""), true)
 }
 
-/// The error for a policy file whose rollout name another file already uses: at the
-/// position of its `name` field (the document's start if the file no longer parses).
-pub fn name_clash(path: &Path, name: &str, other: &str) -> PolicyError {
-    let pos = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| tree::parse(&text).ok())
-        .and_then(|doc| raw::read(&doc).0.name.map(|n| n.pos))
-        .unwrap_or(Pos { line: 1, column: 1 });
+/// The fields of a policy file as written, if it parses as YAML.
+fn read_raw(path: &Path) -> Option<RawPolicy> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc = tree::parse(&text).ok()?;
+    Some(raw::read(&doc).0)
+}
+
+/// The rollout name a policy file gives, valid or not: to find an invalid policy by the name
+/// its rollout would have.
+pub fn declared_name(path: &Path) -> Option<String> {
+    read_raw(path)?.name.map(|n| n.value)
+}
+
+/// One problem of a policy file at a field found by `field` (the document's start if the file
+/// no longer parses or lacks it).
+fn problem_at(
+    path: &Path,
+    field: impl FnOnce(RawPolicy) -> Option<(Pos, String)>,
+    fallback: &str,
+    message: String,
+) -> PolicyError {
+    let (pos, field) = read_raw(path)
+        .and_then(field)
+        .unwrap_or_else(|| (Pos { line: 1, column: 1 }, fallback.to_owned()));
     PolicyError {
         file: display_path(path),
         problems: vec![Problem {
             pos,
-            path: "name".into(),
-            message: format!(
-                "rollout {name:?} is already defined by {other}; every policy file needs its own name"
-            ),
+            path: field,
+            message,
         }],
     }
+}
+
+/// The error for a policy file whose rollout name another file already uses: at the
+/// position of its `name` field (the document's start if the file no longer parses).
+pub fn name_clash(path: &Path, name: &str, other: &str) -> PolicyError {
+    problem_at(
+        path,
+        |raw| raw.name.map(|n| (n.pos, "name".to_owned())),
+        "name",
+        format!(
+            "rollout {name:?} is already defined by {other}; every policy file needs its own name"
+        ),
+    )
+}
+
+/// The error for a policy file whose router drives what another policy's already drives: at
+/// the field that names the target (`router.haproxy.backend`, `router.nginx.weights_file` or
+/// `router.file.path`). `other` is the other policy's rollout name and `other_file` its file.
+pub fn router_clash(
+    path: &Path,
+    target: &RouterTarget,
+    other: &str,
+    other_file: &str,
+) -> PolicyError {
+    problem_at(
+        path,
+        |raw| {
+            let r = raw.router?.value;
+            let at = match (r.haproxy, r.nginx, r.file) {
+                (Some(h), _, _) => h.value.backend,
+                (_, Some(n), _) => n.value.weights_file,
+                (_, _, Some(f)) => f.value.path,
+                _ => None,
+            }?;
+            Some((at.pos, at.path))
+        },
+        "router",
+        format!(
+            "{target} is already routed by rollout {other:?} of {other_file}; two rollouts on \
+             one router target undo each other's weights, so each needs its own"
+        ),
+    )
 }
 
 /// Validates a policy's text whose relative credentials paths start at `dir`.

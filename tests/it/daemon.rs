@@ -392,7 +392,9 @@ async fn a_second_file_for_a_running_rollout_waits_and_starts_when_the_first_goe
         "{shown}"
     );
     // Still reported after a later scan (one that loaded another file), not dropped once said.
-    let other = POLICY.replace("name: demo", "name: other");
+    let other = POLICY
+        .replace("name: demo", "name: other")
+        .replace("/dev/null", "/dev/null/other");
     std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
     wait_for("a later scan", Duration::from_secs(10), || async {
         (d.get("/api/v1/rollouts/other").await.0 == 200).then_some(())
@@ -847,14 +849,10 @@ async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
     .await;
     let weight = *d.router.weight.lock().unwrap();
     std::fs::remove_file(&file).unwrap();
-    wait_for(
-        "the rollout to disappear",
-        Duration::from_secs(10),
-        || async {
-            let (s, _) = d.get("/api/v1/rollouts/demo").await;
-            (s == 404).then_some(())
-        },
-    )
+    wait_for("the rollout to stop", Duration::from_secs(10), || async {
+        let (s, v) = d.get("/api/v1/rollouts/demo").await;
+        (s == 200 && v["stopped"] == true).then_some(())
+    })
     .await;
     assert_eq!(
         *d.router.weight.lock().unwrap(),
@@ -1549,5 +1547,277 @@ async fn a_rollout_moved_to_another_router_leaves_the_old_one_on_stable() {
     );
     let (_, v) = d.get("/api/v1/rollouts/demo").await;
     assert_eq!(v["phase"], "progressing", "{v}");
+    d.stop().await;
+}
+
+/// A source that holds one rollout's observations until `open` turns true, so that a test can
+/// act while that rollout's task is in the middle of a tick. `alive` counts the sources of that
+/// rollout that still exist: its task's, and the factory's template.
+#[derive(Clone)]
+struct HeldSource {
+    inner: FakeSource,
+    open: tokio::sync::watch::Receiver<bool>,
+    /// Observations of the held rollout begun so far.
+    entered: Arc<std::sync::atomic::AtomicUsize>,
+    _alive: Arc<()>,
+}
+
+impl MetricSource for HeldSource {
+    fn observe<'a>(
+        &'a self,
+        policy: &'a Policy,
+        w: Window,
+    ) -> BoxFuture<'a, BTreeMap<String, MetricReading>> {
+        Box::pin(async move {
+            self.entered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|o| *o).await;
+            self.inner.observe(policy, w).await
+        })
+    }
+}
+
+/// Regression (UAT): `search` renamed to `search2` and back to `search` left a ghost `search2`
+/// (idle, "the router is failing") in the API and `canaryd status` until a restart. The
+/// `search2` task was stopped in the middle of a tick and published its view after the scan
+/// had removed it. A rollout whose name no policy file defines any more must go away.
+#[tokio::test]
+async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
+    let policy = POLICY
+        .replace("name: demo", "name: search")
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let file = dir.path().join("policies/search.yaml");
+    std::fs::write(&file, &policy).unwrap();
+    let (router, source) = fakes(Mode::Good);
+    let (open_tx, open) = tokio::sync::watch::channel(false);
+    let alive = Arc::new(());
+    let held = HeldSource {
+        inner: source.clone(),
+        open,
+        entered: Arc::default(),
+        _alive: alive.clone(),
+    };
+    let entered = held.entered.clone();
+    // This test's handle and the factory's template.
+    let unused = Arc::strong_count(&alive);
+    let plain = source.clone();
+    let sources: canaryd::controller::SourceFactory = Arc::new(move |p| {
+        if p.name == "search2" {
+            Arc::new(held.clone()) as Arc<dyn MetricSource>
+        } else {
+            Arc::new(plain.clone()) as Arc<dyn MetricSource>
+        }
+    });
+    let (routers, _) = factories(&router, &source);
+    let d = Daemon::start_with(
+        dir.path(),
+        router,
+        source,
+        None,
+        routers,
+        sources,
+        Default::default(),
+    )
+    .await;
+    d.wait_phase("search", "progressing").await;
+
+    std::fs::write(&file, policy.replace("name: search", "name: search2")).unwrap();
+    wait_for(
+        "search2's task in the middle of a tick",
+        Duration::from_secs(10),
+        || async { (entered.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(()) },
+    )
+    .await;
+    std::fs::write(&file, &policy).unwrap();
+    d.wait_phase("search", "progressing").await;
+    // search2's tick ends now; then its task sees that it was stopped, and ends.
+    open_tx.send(true).unwrap();
+    wait_for("search2's task to end", Duration::from_secs(10), || async {
+        (Arc::strong_count(&alive) == unused).then_some(())
+    })
+    .await;
+    let list = wait_for("search2 to be gone", Duration::from_secs(5), || async {
+        let (_, list) = d.get("/api/v1/rollouts").await;
+        let names: Vec<&str> = list["rollouts"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        (names == ["search"]).then_some(list.clone())
+    })
+    .await;
+    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    assert_eq!(d.get("/api/v1/rollouts/search2").await.0, 404);
+    d.stop().await;
+}
+
+/// Regression (UAT): a deleted policy's rollout vanished from the API and `canaryd status`
+/// although its router may still send the canary its share (deleting a policy stops the rollout
+/// without touching traffic). It stays listed, stopped, saying where traffic was left, until
+/// the policy comes back and it resumes.
+#[tokio::test]
+async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_returns() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::remove_file(&file).unwrap();
+    let v = wait_for(
+        "the rollout marked stopped",
+        Duration::from_secs(10),
+        || async {
+            let (s, v) = d.get("/api/v1/rollouts/demo").await;
+            (s == 200 && v["stopped"] == true).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!("policy file {} deleted", file.display()))
+            && note.contains("rollout stopped, traffic left at 10%"),
+        "{v}"
+    );
+    assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
+    // `canaryd status` shows it, as a stopped rollout rather than a rejected edit.
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    let table = canaryd::client::table(&list);
+    assert!(
+        table.contains("rollout stopped, traffic left at 10%")
+            && !table.contains("policy edit rejected"),
+        "{table}"
+    );
+    // Nothing drives it: operator actions are refused with the reason.
+    let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deleted"),
+        "{body}"
+    );
+    // The policy comes back: the rollout resumes where it was.
+    std::fs::write(&file, &policy).unwrap();
+    let v = wait_for("the rollout resumed", Duration::from_secs(10), || async {
+        let (s, v) = d.get("/api/v1/rollouts/demo").await;
+        (s == 200 && v["stopped"] == false && v["policy_error"].is_null()).then_some(v)
+    })
+    .await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    assert_eq!(v["step"], 1, "{v}");
+    d.stop().await;
+}
+
+/// Regression (UAT): `canaryd status nd` answered `no rollout named "nd"` for a policy that was
+/// invalid from the start; it points to the policy's error instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_rollout_whose_policy_is_invalid_shows_the_policy_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let file = dir.path().join("policies/nd.yaml");
+    std::fs::write(
+        &file,
+        POLICY
+            .replace("name: demo", "name: nd")
+            .replace("failure_limit", "failure_limt"),
+    )
+    .unwrap();
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let (_, list) = wait_for("the invalid policy", Duration::from_secs(10), || async {
+        let (s, v) = d.get("/api/v1/rollouts").await;
+        (v["invalid_policies"].as_array()?.len() == 1).then_some((s, v))
+    })
+    .await;
+    assert_eq!(list["invalid_policies"][0]["name"], "nd", "{list}");
+    let (status, body) = d.get("/api/v1/rollouts/nd").await;
+    assert_eq!(status, 404, "{body}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["status", "nd", "--server", &d.url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rollout \"nd\" is not running")
+            && err.contains(&format!("{}:", file.display()))
+            && err.contains("failure_limt"),
+        "{err}"
+    );
+    d.stop().await;
+}
+
+/// Regression (UAT): fraud-a (v1 → v2) and fraud-b (v1 → v3) on one HAProxy backend flipped
+/// its weights every 2 s, both reported healthy. The second policy on a router target is
+/// refused like a second file with a taken name, and the first keeps running.
+#[tokio::test]
+async fn a_second_policy_on_a_router_target_is_refused_and_the_first_keeps_running() {
+    let haproxy = |name: &str, canary: &str, socket: &str, backend: &str| {
+        POLICY
+            .replace("name: demo", &format!("name: {name}"))
+            .replace("canary: v2", &format!("canary: {canary}"))
+            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+            .replace("progress_deadline: 1h", "progress_deadline: 3h")
+            .replace(
+                "  file: {path: /dev/null}",
+                &format!(
+                    "  haproxy:\n    socket: {socket}\n    backend: {backend}\n    servers: {{v1: a, v2: b, v3: c}}"
+                ),
+            )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let a = haproxy("fraud-a", "v2", "127.0.0.1:9999", "fraud");
+    // The same HAProxy, written another way.
+    let b = haproxy("fraud-b", "v3", "tcp://127.0.0.1:9999", "fraud");
+    std::fs::write(policies.join("fraud-a.yaml"), &a).unwrap();
+    std::fs::write(policies.join("fraud-b.yaml"), &b).unwrap();
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("fraud-a", "progressing").await;
+    let backend_line = b.lines().position(|l| l.contains("backend:")).unwrap() + 1;
+    let expected = format!(
+        "{}:{backend_line}:14: router.haproxy.backend: ",
+        policies.join("fraud-b.yaml").display()
+    );
+    let first = policies.join("fraud-a.yaml").display().to_string();
+    let shown = wait_for("fraud-b refused", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts").await;
+        let shown = v["invalid_policies"][0]["error"].as_str()?.to_owned();
+        shown.contains(&expected).then_some(shown)
+    })
+    .await;
+    assert!(shown.contains(&first), "{shown}");
+    assert_eq!(d.get("/api/v1/rollouts/fraud-b").await.0, 404);
+    // Its own backend: it runs.
+    let own = b.replace("backend: fraud", "backend: fraud-b");
+    std::fs::write(policies.join("fraud-b.yaml"), &own).unwrap();
+    d.wait_phase("fraud-b", "progressing").await;
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    // An edit onto fraud-a's backend is refused; the last good version keeps running.
+    std::fs::write(policies.join("fraud-b.yaml"), &b).unwrap();
+    let v = wait_for("the edit refused", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/fraud-b").await;
+        v["policy_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&expected))
+            .then_some(v)
+    })
+    .await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    let (_, a_view) = d.get("/api/v1/rollouts/fraud-a").await;
+    assert_eq!(a_view["phase"], "progressing", "{a_view}");
+    assert!(a_view["policy_error"].is_null(), "{a_view}");
     d.stop().await;
 }

@@ -579,12 +579,114 @@ fn check_refuses_a_rollout_name_defined_twice() {
         )),
         "{out}"
     );
-    // Another name, and both pass.
+    // Another name (and its own router file), and both pass.
     std::fs::write(
         dir.path().join("b.yaml"),
-        minimal.replace("name: minimal", "name: other"),
+        minimal
+            .replace("name: minimal", "name: other")
+            .replace("minimal.json", "other.json"),
     )
     .unwrap();
     let (code, out, _) = canaryd(&["check", &d]);
     assert_eq!(code, 0, "{out}");
+}
+
+/// Two policies driving one router target undo each other's weights at every interval (UAT:
+/// fraud-a and fraud-b on one HAProxy backend flipped its weights every 2 s, both reported
+/// healthy). `check` fails the second, at the field naming the target, naming the first file;
+/// webhook routers are exempt, as their payload names the rollout.
+#[test]
+fn check_refuses_two_policies_on_one_router_target() {
+    let haproxy = |socket: &str, backend: &str| {
+        format!(
+            "  haproxy:\n    socket: {socket}\n    backend: {backend}\n    servers: {{v1: a, v2: b}}"
+        )
+    };
+    let nginx = |file: &str| {
+        format!(
+            "  nginx:\n    weights_file: {file}\n    reload: [nginx, -s, reload]\n    servers: {{v1: '127.0.0.1:1', v2: '127.0.0.1:2'}}"
+        )
+    };
+    let file = |path: &str| format!("  file:\n    path: {path}");
+    let webhook = |url: &str| format!("  webhook:\n    url: {url}");
+    // (first router, second router, the second's refused field and its column, if refused)
+    let cases = [
+        (
+            haproxy("127.0.0.1:9999", "fraud"),
+            haproxy("tcp://127.0.0.1:9999", "fraud"),
+            Some(("router.haproxy.backend", 14)),
+        ),
+        (
+            haproxy("/run/haproxy.sock", "fraud"),
+            haproxy("unix:///run/haproxy.sock", "fraud"),
+            Some(("router.haproxy.backend", 14)),
+        ),
+        (
+            haproxy("/run/haproxy.sock", "fraud"),
+            haproxy("/run/haproxy.sock", "fraud-b"),
+            None,
+        ),
+        (
+            haproxy("/run/haproxy.sock", "fraud"),
+            haproxy("/run/other.sock", "fraud"),
+            None,
+        ),
+        (
+            nginx("weights/fraud.conf"),
+            nginx("./weights/fraud.conf"),
+            Some(("router.nginx.weights_file", 19)),
+        ),
+        (
+            nginx("/etc/nginx/fraud.conf"),
+            file("/etc/nginx/fraud.conf"),
+            Some(("router.file.path", 11)),
+        ),
+        (
+            file("/tmp/fraud.json"),
+            file("/tmp/fraud.json"),
+            Some(("router.file.path", 11)),
+        ),
+        (file("/tmp/fraud.json"), file("/tmp/fraud-b.json"), None),
+        (
+            webhook("https://router.internal/split"),
+            webhook("https://router.internal/split"),
+            None,
+        ),
+    ];
+    for (first, second, refused) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |name: &str, canary: &str, router: &str| {
+            format!(
+                "name: {name}\nstable: v1\ncanary: {canary}\nstrategy:\n  steps: [10, 50]\nmetrics:\n  - {{name: errors, builtin: error_rate, max: 1%}}\nrouter:\n{router}\n"
+            )
+        };
+        let b = policy("fraud-b", "v2", &second);
+        std::fs::write(
+            dir.path().join("fraud-a.yaml"),
+            policy("fraud-a", "v2", &first),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("fraud-b.yaml"), &b).unwrap();
+        let d = dir.path().display().to_string();
+        let (code, out, _) = canaryd(&["check", &d]);
+        assert!(out.contains(&format!("{d}/fraud-a.yaml: ok")), "{out}");
+        match refused {
+            Some((field, column)) => {
+                assert_eq!(code, 1, "{first} / {second}: {out}");
+                let key = field.rsplit('.').next().unwrap();
+                let line = b
+                    .lines()
+                    .position(|l| l.trim_start().starts_with(&format!("{key}:")))
+                    .unwrap()
+                    + 1;
+                let at = format!("{d}/fraud-b.yaml:{line}:{column}: {field}: ");
+                assert!(
+                    out.lines()
+                        .any(|l| l.starts_with(&at) && l.contains(&format!("{d}/fraud-a.yaml"))),
+                    "expected {at}… naming fraud-a.yaml: {out}"
+                );
+            }
+            None => assert_eq!(code, 0, "{first} / {second}: {out}"),
+        }
+    }
 }
