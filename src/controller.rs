@@ -279,7 +279,9 @@ impl Task {
         match result {
             Ok(w) => {
                 self.view.router_weight = Some(w);
-                if (w - self.state.weight).abs() < 0.01 {
+                // A failed rollout leaves the router alone: a router that reads is simply
+                // working again, whatever weight it sends.
+                if (w - self.state.weight).abs() < 0.01 || self.state.phase == Phase::Failed {
                     self.router_failing_since = None;
                 } else if let Some(since) = self.router_failing_since {
                     // It answers reads but did not take the last weight it was told: as much

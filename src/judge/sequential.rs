@@ -570,6 +570,15 @@ fn difference(last: Option<Counts>, now: Counts) -> Increment {
     }
 }
 
+/// Whether counts fell below the last ones. Counts since the rollout began come from
+/// `increase()`, which extrapolates to the ends of its range and so wobbles by a few events
+/// from one look to the next even without traffic. A dip adds nothing and the last counts stay
+/// the reference, so that the rebound does not count the same events again (differencing
+/// against the dip would read phantom traffic into an outage).
+fn below(last: Option<Counts>, now: Counts) -> bool {
+    last.is_some_and(|l| now.total < l.total || now.bad < l.bad)
+}
+
 /// Finite, sorted, non-decreasing cumulative buckets, or nothing.
 fn clean_buckets(b: &[Bucket]) -> Vec<Bucket> {
     let mut v: Vec<Bucket> = b
@@ -616,10 +625,11 @@ fn update(
     let s_inc = s_counts
         .map(|c| difference(mem.last_stable, c))
         .unwrap_or_default();
-    if let Some(c) = c_counts {
+    // A look below the last counts adds nothing and leaves them as the reference.
+    if let Some(c) = c_counts.filter(|c| !below(mem.last_canary, *c)) {
         mem.last_canary = Some(c);
     }
-    if let Some(s) = s_counts {
+    if let Some(s) = s_counts.filter(|s| !below(mem.last_stable, *s)) {
         mem.last_stable = Some(s);
     }
 
@@ -829,8 +839,10 @@ fn update(
         mem.stable_hist_total += st;
     }
     if use_hist {
-        mem.last_canary_buckets = c_b;
-        if !s_b.is_empty() {
+        if c_hist.is_some() {
+            mem.last_canary_buckets = c_b;
+        }
+        if s_hist.is_some() {
             mem.last_stable_buckets = s_b;
         }
     }
@@ -1452,6 +1464,45 @@ mod tests {
         assert!((raise_odds(0.01, 1.5) - 0.015 / 1.005).abs() < 1e-4);
         assert!(raise_odds(0.9, 1.5) < 1.0);
         assert_eq!(raise_odds(0.5, 1.0), 0.5);
+    }
+
+    /// `increase()` over a range that grows with each look wobbles without traffic: the dip
+    /// and the rebound add nothing, and real new events after it still count once.
+    #[test]
+    fn wobbling_counts_without_traffic_add_no_phantom_events() {
+        let mut memory = JudgeMemory::default();
+        let stable = |total: f64| Counts {
+            bad: total / 100.0,
+            total,
+        };
+        let canary = |total: f64| Counts { bad: 2.0, total };
+        for (s, c) in [
+            (10_000.0, 170.0),
+            (9_950.0, 168.0),
+            (10_000.0, 173.9),
+            (9_940.0, 167.8),
+            (10_000.0, 173.9),
+        ] {
+            judge(
+                &ctx(0.95),
+                &spec(),
+                &reading(stable(s), canary(c)),
+                &mut memory,
+            );
+        }
+        let seen = |m: &JudgeMemory| {
+            m.sequential
+                .as_ref()
+                .map(|q| (q.canary.total, q.stable.total))
+        };
+        assert_eq!(seen(&memory), Some((173.9, 10_000.0)));
+        judge(
+            &ctx(0.95),
+            &spec(),
+            &reading(stable(10_500.0), canary(200.0)),
+            &mut memory,
+        );
+        assert_eq!(seen(&memory), Some((200.0, 10_500.0)));
     }
 
     #[test]

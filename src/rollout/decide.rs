@@ -322,12 +322,19 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
     if matches!(
         state.phase,
         Phase::Progressing | Phase::Paused | Phase::WaitingPromotion
-    ) && let RouterStatus::Ok { canary_weight } = obs.router
-    {
-        if (canary_weight - state.weight).abs() >= 0.01 {
-            state.step_started_at = None;
-        } else if state.step_started_at.is_none() {
-            state.step_started_at = Some(now);
+    ) {
+        // A failing router's last confirmed weight counts too: an apply that failed leaves it
+        // at the step before.
+        let (seen, read) = match &obs.router {
+            RouterStatus::Ok { canary_weight } => (Some(*canary_weight), true),
+            RouterStatus::Failing { confirmed, .. } => (*confirmed, false),
+        };
+        match seen {
+            Some(w) if (w - state.weight).abs() >= 0.01 => state.step_started_at = None,
+            Some(_) if read && state.step_started_at.is_none() => {
+                state.step_started_at = Some(now);
+            }
+            _ => {}
         }
     }
     match state.phase {
@@ -551,6 +558,9 @@ fn tick_progressing(
     let step_duration = policy.strategy.step_duration();
     if in_step < step_duration {
         let left = step_duration - in_step;
+        // Whole seconds, rounded up: "0s left" would read as done.
+        let left =
+            std::time::Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0));
         let reason = format!(
             "step {} at {}%: {} left",
             state.step + 1,

@@ -114,6 +114,8 @@ pub enum RouterSays {
     Weight(f64),
     /// Failing since this many seconds after `T0`.
     FailingSince(u64),
+    /// Failing since then, having last confirmed this weight (reads work, applies fail).
+    Refusing(u64, f64),
 }
 
 /// An observation under construction; the router's answer is resolved against the state.
@@ -183,6 +185,11 @@ impl Obs {
         self
     }
 
+    pub fn refusing(mut self, since: u64, confirmed: f64) -> Obs {
+        self.router = RouterSays::Refusing(since, confirmed);
+        self
+    }
+
     pub fn gate(mut self, g: Gate) -> Obs {
         self.gate = g;
         self
@@ -200,6 +207,11 @@ impl Obs {
                     since: at(s),
                     error: "connection refused".into(),
                     confirmed: None,
+                },
+                RouterSays::Refusing(s, w) => RouterStatus::Failing {
+                    since: at(s),
+                    error: "the router refused the change".into(),
+                    confirmed: Some(w),
                 },
             },
             gate: self.gate.clone(),

@@ -675,6 +675,8 @@ async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alo
         0.0,
         "a failed rollout does not push the canary back"
     );
+    assert!(v["router_error"].is_null(), "the router works again: {v}");
+    assert_eq!(v["router_weight"], 0.0, "{v}");
     assert_eq!(d.router.applied.lock().unwrap().len(), applied);
     // The canary turns bad: it is rolled back.
     *d.source.mode.lock().unwrap() = Mode::Bad;

@@ -104,6 +104,17 @@ fn advancing_needs_the_router_to_confirm_the_weight() {
                 tick(good()),
                 expect(Hold, Progressing, 50.0).reason("step 2 at 50%: 1m left"),
             ),
+            // So does one that refuses the weight while still sending an earlier one.
+            (
+                270,
+                tick(good().refusing(260, 10.0)),
+                expect(Hold, Progressing, 50.0),
+            ),
+            (
+                300,
+                tick(good()),
+                expect(Hold, Progressing, 50.0).reason("step 2 at 50%: 1m left"),
+            ),
         ],
     );
 }
