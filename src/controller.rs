@@ -173,6 +173,9 @@ pub enum OperateError {
     Unavailable,
 }
 
+/// Deliveries of one alert webhook event before it is given up.
+const WEBHOOK_ATTEMPTS: u32 = 3;
+
 /// One rollout's task.
 struct Task {
     shared: Shared,
@@ -507,14 +510,30 @@ impl Task {
             let webhook = policy::url_origin(&hook.url);
             let rollout = self.policy.name.clone();
             tokio::spawn(async move {
-                match req.send().await {
-                    Ok(r) if r.status().is_success() => {}
-                    Ok(r) => {
-                        tracing::warn!(%rollout, event = %name, %webhook, status = %r.status(), "webhook refused the event")
+                // A receiver that is briefly down or overloaded (no answer, 5xx, 429) gets the
+                // event again, after 1 s and 4 s; any other answer is final.
+                let mut delay = Duration::from_secs(1);
+                for attempt in 1..=WEBHOOK_ATTEMPTS {
+                    let Some(r) = req.try_clone() else { return };
+                    let retry = match r.send().await {
+                        Ok(r) if r.status().is_success() => return,
+                        Ok(r) => {
+                            let status = r.status();
+                            let retry = status.is_server_error()
+                                || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                            tracing::warn!(%rollout, event = %name, %webhook, %status, attempt, "webhook refused the event");
+                            retry
+                        }
+                        Err(e) => {
+                            tracing::warn!(%rollout, event = %name, %webhook, error = %error_chain(&e.without_url()), attempt, "webhook failed");
+                            true
+                        }
+                    };
+                    if !retry || attempt == WEBHOOK_ATTEMPTS {
+                        return;
                     }
-                    Err(e) => {
-                        tracing::warn!(%rollout, event = %name, %webhook, error = %error_chain(&e.without_url()), "webhook failed")
-                    }
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
                 }
             });
         }

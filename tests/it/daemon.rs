@@ -1823,3 +1823,34 @@ async fn a_second_policy_on_a_router_target_is_refused_and_the_first_keeps_runni
     assert!(a_view["policy_error"].is_null(), "{a_view}");
     d.stop().await;
 }
+
+/// An alert webhook that is briefly unavailable (503) gets the event again.
+#[tokio::test]
+async fn an_alert_webhook_that_answers_503_gets_the_event_again() {
+    let answer = Arc::new(Mutex::new(503));
+    let (url, seen) = hooks(answer.clone()).await;
+    let policy = POLICY.replace(
+        "router:",
+        &format!("webhooks:\n  - {{on: rollout, url: '{url}/rollout'}}\nrouter:"),
+    );
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let rollouts = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "rollout")
+            .count()
+    };
+    wait_for("the first delivery", Duration::from_secs(10), || async {
+        (rollouts() >= 1).then_some(())
+    })
+    .await;
+    *answer.lock().unwrap() = 200;
+    wait_for("the event sent again", Duration::from_secs(10), || async {
+        (rollouts() >= 2).then_some(())
+    })
+    .await;
+    d.stop().await;
+}
