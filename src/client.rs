@@ -157,6 +157,19 @@ fn standby_note(list: &Value) -> Option<String> {
     })
 }
 
+/// Where traffic really is, when the router answers with another split than the rollout's
+/// (a failed rollout leaves the router alone; someone may have reset it).
+fn router_differs(view: &Value) -> Option<String> {
+    let (w, r) = (view["weight"].as_f64()?, view["router_weight"].as_f64()?);
+    ((w - r).abs() >= 0.01 && view["router_error"].is_null()).then(|| {
+        format!(
+            "the router sends {}% to the canary, not {}%",
+            num(&view["router_weight"]),
+            num(&view["weight"])
+        )
+    })
+}
+
 /// The rollouts table.
 pub fn table(body: &Value) -> String {
     let mut out = String::new();
@@ -197,6 +210,8 @@ pub fn table(body: &Value) -> String {
                 num(&r["weight"]),
                 e.replace('\n', " ")
             );
+        } else if let Some(note) = router_differs(r) {
+            let _ = writeln!(out, "  ! {note}");
         }
         match r["policy_error"].as_str() {
             Some(e) if r["stopped"] == true => {
@@ -299,6 +314,9 @@ pub fn timeline(view: &Value, log: &Value) -> String {
         view["router"].as_str().unwrap_or("?"),
     );
     let _ = writeln!(out, "  {}", view["state"]["message"].as_str().unwrap_or(""));
+    if let Some(note) = router_differs(view) {
+        let _ = writeln!(out, "  {note}");
+    }
     if let Some(e) = view["router_error"].as_str() {
         let _ = writeln!(out, "  router error: {e}");
     }
@@ -439,6 +457,22 @@ mod tests {
 mod table_tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_router_with_another_split_is_shown_in_the_table_and_the_timeline() {
+        let view = json!({
+            "name": "m1", "phase": "failed", "stable": "v1", "canary": "v2",
+            "weight": 10.0, "router_weight": 0.0, "router_error": null,
+            "step": 1, "steps": [10, 50], "state": {},
+        });
+        let want = "the router sends 0% to the canary, not 10%";
+        let t = table(&json!({"rollouts": [view.clone()], "invalid_policies": []}));
+        assert!(t.contains(want), "{t}");
+        let t = timeline(&view, &json!({"decisions": []}));
+        assert!(t.contains(want), "{t}");
+        let same = json!({"weight": 10.0, "router_weight": 10.0, "router_error": null});
+        assert_eq!(router_differs(&same), None);
+    }
 
     #[test]
     fn the_table_shows_a_failing_router_and_a_standby_replica() {
