@@ -290,8 +290,9 @@ impl Task {
                     // It answers reads but did not take the last weight it was told: as much
                     // a failing router as one that cannot be read, deadline included.
                     let error = format!(
-                        "it still sends {w}% to the canary; applying {}% failed: {}",
-                        self.state.weight,
+                        "it still sends {}% to the canary; applying {}% failed: {}",
+                        crate::rollout::fmt_pct(w),
+                        crate::rollout::fmt_pct(self.state.weight),
                         self.view.router_error.as_deref().unwrap_or("unknown error")
                     );
                     return RouterStatus::Failing {
@@ -824,8 +825,9 @@ fn settle(shared: &Shared, name: &str, why: Stopped) {
                 let weight = v.router_weight.unwrap_or(v.weight);
                 v.stopped = true;
                 v.policy_error = Some(format!(
-                    "policy file {file} deleted: rollout stopped, traffic left at {weight}% on \
-                     the canary; restore the file to resume it"
+                    "policy file {file} deleted: rollout stopped, traffic left at {}% on \
+                     the canary; restore the file to resume it",
+                    crate::rollout::fmt_pct(weight)
                 ));
             }
         }

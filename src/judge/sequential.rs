@@ -483,21 +483,22 @@ fn ratio_estimate(mem: &SequentialMemory) -> Option<f64> {
 /// for people.
 fn beyond_absolute_bound(spec: &MetricSpec, value: Option<f64>) -> Option<String> {
     let v = value.filter(|v| v.is_finite())?;
-    let b = &spec.bounds;
-    if let Some(m) = b.max.as_ref().filter(|m| v > m.value) {
-        return Some(format!(
-            "the canary's value {} is above max {}",
-            super::fmt_value(v),
-            m.written
-        ));
-    }
-    b.min.as_ref().filter(|m| v < m.value).map(|m| {
-        format!(
-            "the canary's value {} is below min {}",
-            super::fmt_value(v),
-            m.written
-        )
-    })
+    super::threshold::absolute_checks(&spec.bounds, v)
+        .into_iter()
+        .find(|c| c.ok == Some(false))
+        .map(|c| {
+            let side = if c.kind == BoundKind::Max {
+                "above"
+            } else {
+                "below"
+            };
+            format!(
+                "the canary's value {} is {side} {} {}",
+                super::fmt_value(v),
+                c.kind.as_str(),
+                c.written
+            )
+        })
 }
 
 fn bound_checks(spec: &MetricSpec, rejected: bool, promotable: bool) -> Vec<BoundCheck> {
@@ -562,7 +563,7 @@ fn difference(last: Option<Counts>, now: Counts) -> Increment {
             bad: now.bad,
             total: now.total,
         },
-        Some(l) if now.total < l.total || now.bad < l.bad => Increment::default(),
+        Some(l) if below(Some(l), now) => Increment::default(),
         Some(l) => Increment {
             bad: now.bad - l.bad,
             total: now.total - l.total,

@@ -56,19 +56,7 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
     };
 
     let b = &spec.bounds;
-    if let Some(max) = &b.max {
-        report
-            .bounds
-            .push(check(BoundKind::Max, &max.written, Some(max.value), canary));
-    }
-    if let Some(minb) = &b.min {
-        report.bounds.push(check(
-            BoundKind::Min,
-            &minb.written,
-            Some(minb.value),
-            canary,
-        ));
-    }
+    report.bounds.extend(absolute_checks(b, canary));
     let stable_value = match reference {
         Reference::Value(v) => Some(v),
         _ => None,
@@ -112,6 +100,19 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
         report.note = format!("canary {} within bounds", fmt_value(canary));
     }
     report
+}
+
+/// The canary's value against the absolute bounds (`max`, `min`).
+pub(super) fn absolute_checks(b: &crate::policy::Bounds, canary: f64) -> Vec<BoundCheck> {
+    let max = b
+        .max
+        .iter()
+        .map(|m| check(BoundKind::Max, &m.written, Some(m.value), canary));
+    let min = b
+        .min
+        .iter()
+        .map(|m| check(BoundKind::Min, &m.written, Some(m.value), canary));
+    max.chain(min).collect()
 }
 
 fn check(kind: BoundKind, written: &str, limit: Option<f64>, canary: f64) -> BoundCheck {

@@ -776,7 +776,7 @@ fn operator(
 
 /// A weight for people: whole numbers as they are, others to at most two decimals (a router
 /// may read back 33.333333333333336).
-fn fmt_pct(w: f64) -> String {
+pub fn fmt_pct(w: f64) -> String {
     let s = format!("{w:.2}");
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }

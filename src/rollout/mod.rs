@@ -5,5 +5,5 @@
 mod decide;
 mod state;
 
-pub use decide::{Action, Decision, decide};
+pub use decide::{Action, Decision, decide, fmt_pct};
 pub use state::{Phase, RolloutState, WeightChange};
