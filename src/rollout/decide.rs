@@ -1,9 +1,9 @@
 //! `decide(policy, state, input, now) -> Decision`: every rule of a rollout in one place.
 
-use super::state::{Phase, RolloutState};
+use super::state::{Activity, Phase, RolloutState};
 use crate::judge::{self, JudgeContext, MetricReport, Verdict};
-use crate::observation::{Gate, Input, Observation, OperatorAction, RouterStatus};
-use crate::policy::{Method, OnNoData, Policy};
+use crate::observation::{Gate, Input, MetricReading, Observation, OperatorAction, RouterStatus};
+use crate::policy::{Method, MetricKind, MetricSpec, OnNoData, Policy};
 use crate::time::Time;
 use serde::{Deserialize, Serialize};
 
@@ -133,7 +133,7 @@ fn start(policy: &Policy, mut state: RolloutState, now: Time) -> RolloutState {
     state.attempt += 1;
     state.step = 0;
     state.started_at = Some(now);
-    state.step_started_at = Some(now);
+    state.restart_step_clock(Some(now));
     state.promoted_at = None;
     state.consecutive_failures = 0;
     state.seen_data.clear();
@@ -181,10 +181,19 @@ fn router_confirms(obs: &Observation, weight: f64) -> bool {
 }
 
 /// Judges every metric of the policy against the observation.
-fn analyse(policy: &Policy, state: &mut RolloutState, obs: &Observation) -> Vec<MetricReport> {
+fn analyse(
+    policy: &Policy,
+    state: &mut RolloutState,
+    obs: &Observation,
+    now: Time,
+) -> Vec<MetricReport> {
     // Stable loses its traffic after a blue-green switch and after a promotion; from then on
     // the relative bounds compare with what stable did before.
     let use_baseline = state.weight >= 100.0;
+    let stepping = matches!(
+        state.phase,
+        Phase::Progressing | Phase::Paused | Phase::WaitingPromotion
+    );
     let mut reports = Vec::with_capacity(policy.metrics.len());
     for spec in &policy.metrics {
         let ctx = JudgeContext {
@@ -202,7 +211,10 @@ fn analyse(policy: &Policy, state: &mut RolloutState, obs: &Observation) -> Vec<
             crate::observation::MetricReading::unavailable("metric not queried")
         });
         let memory = state.memory.entry(spec.name.clone()).or_default();
-        let report = judge::evaluate(&ctx, spec, &reading, memory);
+        let mut report = judge::evaluate(&ctx, spec, &reading, memory);
+        if stepping {
+            check_activity(policy, state, spec, &reading, &mut report, now);
+        }
         if report.canary.is_some() && report.verdict != Verdict::NoData {
             state.seen_data.insert(spec.name.clone());
         }
@@ -219,7 +231,75 @@ fn analyse(policy: &Policy, state: &mut RolloutState, obs: &Observation) -> Vec<
         reports.push(report);
     }
     state.analyses += 1;
+    state.last_analysis_at = Some(now);
     reports
+}
+
+/// Whether an analysis saw nothing of the canary: a source that could not be asked, or a
+/// metric whose window holds no canary events or stopped growing. Thin data (fewer events than
+/// `min_samples`) is data, and its time counts.
+fn blind(policy: &Policy, state: &RolloutState, reports: &[MetricReport], now: Time) -> bool {
+    reports.iter().any(|r| match r.verdict {
+        Verdict::Unavailable => true,
+        Verdict::NoData => {
+            r.canary_events <= 0.0
+                || state
+                    .activity
+                    .get(&r.metric)
+                    .is_some_and(|a| now.since(a.grew_at) >= stall_after(policy))
+        }
+        _ => false,
+    })
+}
+
+/// How long a step's window may go without a new canary event before the canary counts as
+/// having no data: longer than any sensible scrape interval, and than a few analyses.
+pub fn stall_after(policy: &Policy) -> std::time::Duration {
+    (3 * policy.strategy.interval).max(std::time::Duration::from_secs(120))
+}
+
+/// A step's window holds every canary event since the step began, so it goes on reading as
+/// data after the canary's traffic stops (a router or client outage, a quiet night). A built-in
+/// metric whose window has not grown for [`stall_after`] has no new data: the judge's pass or
+/// hold becomes no-data, which `on_no_data` then governs and which stops the step's clock.
+fn check_activity(
+    policy: &Policy,
+    state: &mut RolloutState,
+    spec: &MetricSpec,
+    reading: &MetricReading,
+    report: &mut MetricReport,
+    now: Time,
+) {
+    // A raw query's value is no count of events; and without a step clock there is no step
+    // window to watch.
+    if matches!(spec.kind, MetricKind::Query { .. }) || state.step_started_at.is_none() {
+        return;
+    }
+    let Some(events) = reading.canary.sample().map(|s| s.window_events) else {
+        return;
+    };
+    let activity = state.activity.entry(spec.name.clone()).or_insert(Activity {
+        most: events,
+        grew_at: now,
+    });
+    // Half an event: `increase()` extrapolates, so counts are fractional, and with no traffic
+    // they only shrink as the window grows.
+    if events > activity.most + 0.5 {
+        activity.most = events;
+        activity.grew_at = now;
+        return;
+    }
+    let quiet = now.since(activity.grew_at);
+    if quiet >= stall_after(policy) && matches!(report.verdict, Verdict::Pass | Verdict::Hold) {
+        report.verdict = Verdict::NoData;
+        report.promotable = false;
+        report.note = format!(
+            "no new canary events for {} (the step's window still holds {} from before); was: {}",
+            humantime::format_duration(std::time::Duration::from_secs(quiet.as_secs())),
+            crate::judge::fmt_count(events),
+            report.note
+        );
+    }
 }
 
 /// What the verdicts of one analysis add up to.
@@ -330,9 +410,9 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
             RouterStatus::Failing { confirmed, .. } => (*confirmed, false),
         };
         match seen {
-            Some(w) if (w - state.weight).abs() >= 0.01 => state.step_started_at = None,
+            Some(w) if (w - state.weight).abs() >= 0.01 => state.restart_step_clock(None),
             Some(_) if read && state.step_started_at.is_none() => {
-                state.step_started_at = Some(now);
+                state.restart_step_clock(Some(now));
             }
             _ => {}
         }
@@ -392,6 +472,7 @@ fn router_failed_too_long(policy: &Policy, obs: &Observation, now: Time) -> Opti
 
 fn fail(mut state: RolloutState, reason: String, now: Time) -> Decision {
     state.set_phase(Phase::Failed, now);
+    state.failure = Some(reason.clone());
     state.paused_from = None;
     let safe = state.safe_weight;
     state.set_weight(safe, now);
@@ -401,11 +482,24 @@ fn fail(mut state: RolloutState, reason: String, now: Time) -> Decision {
 /// A failed rollout leaves the router alone until an operator acts, but its canary is still
 /// judged: one that turns out bad is rolled back, which is always allowed.
 fn tick_failed(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
-    let reports = analyse(policy, &mut state, obs);
+    let reports = analyse(policy, &mut state, obs, now);
     if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
         return rollback(state, reports, format!("failed rollout: {why}"), now);
     }
-    let reason = state.message.clone();
+    // Why it failed stays; what the router does now is news (a state from before `failure`
+    // existed has the reason as its message).
+    let why = state
+        .failure
+        .get_or_insert_with(|| state.message.clone())
+        .clone();
+    let router = match &obs.router {
+        RouterStatus::Ok { canary_weight } => format!(
+            "the router answers again and sends {}% to the canary",
+            fmt_pct(*canary_weight)
+        ),
+        RouterStatus::Failing { error, .. } => format!("the router still fails: {error}"),
+    };
+    let reason = format!("failed: {why}. Now {router}; an operator must `retry` or `abort`");
     decision(Action::Hold, state, reports, reason)
 }
 
@@ -427,7 +521,7 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
         );
     }
     // Record stable's values before any traffic moves: blue-green compares with them.
-    let reports = analyse(policy, &mut state, obs);
+    let reports = analyse(policy, &mut state, obs, now);
     state.analyses = 0;
     state.seen_data.clear();
     state.memory.clear();
@@ -483,7 +577,7 @@ fn fit_to_steps(policy: &Policy, state: &mut RolloutState, now: Time) -> Option<
     state.step = step;
     if weight != state.weight {
         state.set_weight(weight, now);
-        state.step_started_at = Some(now);
+        state.restart_step_clock(Some(now));
     }
     Some(why)
 }
@@ -494,7 +588,8 @@ fn tick_progressing(
     obs: &Observation,
     now: Time,
 ) -> Decision {
-    let reports = analyse(policy, &mut state, obs);
+    let last_look = state.last_analysis_at;
+    let reports = analyse(policy, &mut state, obs, now);
     // A rollback goes before a router failure: `failed` keeps the last confirmed weight as
     // the target, which must never be the choice for a canary that is known to be bad or out
     // of time. Rolling back keeps 0 as the target until the router takes it.
@@ -510,7 +605,19 @@ fn tick_progressing(
     }
     let not_passed = match outcome(policy, &mut state, &reports) {
         Outcome::Rollback(why) => return rollback(state, reports, why, now),
-        Outcome::Failed(why) | Outcome::Hold(why) => Some(why),
+        Outcome::Hold(why) => {
+            // Time in which the canary served nothing measurable, or could not be looked at,
+            // does not count towards the step: a canary whose traffic stopped mid-step is not
+            // moved on as soon as it comes back.
+            if blind(policy, &state, &reports, now)
+                && let Some(started) = state.step_started_at
+            {
+                let from = last_look.unwrap_or(started).max(started);
+                state.step_blind += now.since(from);
+            }
+            Some(why)
+        }
+        Outcome::Failed(why) => Some(why),
         Outcome::Pass => None,
     };
     if let Some(why) = fit_to_steps(policy, &mut state, now) {
@@ -553,26 +660,30 @@ fn tick_progressing(
         let reason = format!("waiting for the router to apply {}%", fmt_pct(state.weight));
         return decision(Action::Hold, state, reports, reason);
     }
-    let step_started = state.step_started_at.unwrap_or(now);
-    let in_step = now.since(step_started);
+    let in_step = state.time_in_step(now).unwrap_or_default();
     let step_duration = policy.strategy.step_duration();
     if in_step < step_duration {
-        let left = step_duration - in_step;
-        // Whole seconds, rounded up: "0s left" would read as done.
-        let left =
-            std::time::Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0));
+        let left = whole_secs_up(step_duration - in_step);
+        let blind = if state.step_blind.is_zero() {
+            String::new()
+        } else {
+            format!(
+                " ({} without data not counted)",
+                humantime::format_duration(whole_secs_up(state.step_blind))
+            )
+        };
         let reason = format!(
-            "step {} at {}%: {} left",
+            "step {} at {}%: {} left{blind}",
             state.step + 1,
             fmt_pct(state.weight),
-            humantime::format_duration(std::time::Duration::from_secs(left.as_secs()))
+            humantime::format_duration(left)
         );
         return decision(Action::Hold, state, reports, reason);
     }
     let steps = policy.strategy.steps();
     if state.step + 1 < steps.len() {
         state.step += 1;
-        state.step_started_at = Some(now);
+        state.restart_step_clock(Some(now));
         state.seen_data.clear();
         let w = step_weight(policy, state.step);
         state.set_weight(w, now);
@@ -655,7 +766,7 @@ fn tick_promoting(
     let mut reports = Vec::new();
     // Only within the watch: once it is over the promotion stands, whatever comes after.
     if watching {
-        reports = analyse(policy, &mut state, obs);
+        reports = analyse(policy, &mut state, obs, now);
         if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
             return rollback(state, reports, format!("post-promotion watch: {why}"), now);
         }
@@ -772,6 +883,11 @@ fn operator(
         }
         _ => reject(state, action),
     }
+}
+
+/// Whole seconds, rounded up: "0s left" would read as done.
+fn whole_secs_up(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 /// A weight for people: whole numbers as they are, others to at most two decimals (a router

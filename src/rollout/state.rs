@@ -5,6 +5,7 @@ use crate::policy::{Policy, WebhookEvent};
 use crate::time::Time;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 /// Where a rollout is. Final phases stay final until a new canary or `retry`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -77,6 +78,15 @@ impl Phase {
     }
 }
 
+/// How one metric's canary events grew within the current step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    /// The most canary events the step's window has held.
+    pub most: f64,
+    /// When `most` last grew.
+    pub grew_at: Time,
+}
+
 /// A change of the desired canary weight.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WeightChange {
@@ -108,6 +118,17 @@ pub struct RolloutState {
     pub attempt: u32,
     pub started_at: Option<Time>,
     pub step_started_at: Option<Time>,
+    /// Time since `step_started_at` that does not count towards the step: analyses that had
+    /// no canary data or could not ask the source (see `decide`'s blind holds).
+    #[serde(default)]
+    pub step_blind: Duration,
+    /// When the canary was last analysed.
+    #[serde(default)]
+    pub last_analysis_at: Option<Time>,
+    /// Per metric, how many canary events the step's window has held at most and when that
+    /// last grew: a window that stops growing means the canary stopped getting traffic.
+    #[serde(default)]
+    pub activity: BTreeMap<String, Activity>,
     pub promoted_at: Option<Time>,
     /// When the phase last changed.
     pub phase_since: Option<Time>,
@@ -126,6 +147,9 @@ pub struct RolloutState {
     pub analyses: u64,
     /// Why the rollout is where it is, for people.
     pub message: String,
+    /// While `failed`: why it failed (the message then also says what the router does now).
+    #[serde(default)]
+    pub failure: Option<String>,
 }
 
 impl RolloutState {
@@ -143,6 +167,9 @@ impl RolloutState {
             attempt: 0,
             started_at: None,
             step_started_at: None,
+            step_blind: Duration::ZERO,
+            last_analysis_at: None,
+            activity: BTreeMap::new(),
             promoted_at: None,
             phase_since: None,
             consecutive_failures: 0,
@@ -156,6 +183,7 @@ impl RolloutState {
             } else {
                 "no candidate: canary equals stable".into()
             },
+            failure: None,
         }
     }
 
@@ -188,6 +216,23 @@ impl RolloutState {
             self.phase = phase;
             self.phase_since = Some(now);
         }
+        if phase != Phase::Failed {
+            self.failure = None;
+        }
+    }
+
+    /// Starts the step's clock at `at`, or stops it (`None`) until the router confirms the
+    /// step's weight; either way nothing measured so far counts for the step any more.
+    pub(crate) fn restart_step_clock(&mut self, at: Option<Time>) {
+        self.step_started_at = at;
+        self.step_blind = Duration::ZERO;
+        self.activity.clear();
+    }
+
+    /// How long the current step has counted at `now`: its time less its blind time.
+    pub fn time_in_step(&self, now: Time) -> Option<Duration> {
+        self.step_started_at
+            .map(|t| now.since(t).saturating_sub(self.step_blind))
     }
 
     pub(crate) fn set_weight(&mut self, weight: f64, now: Time) {

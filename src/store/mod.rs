@@ -444,6 +444,9 @@ mod tests {
             attempt: 1,
             started_at: Some(Time(1)),
             step_started_at: Some(Time(1)),
+            step_blind: Default::default(),
+            last_analysis_at: None,
+            activity: Default::default(),
             promoted_at: None,
             phase_since: None,
             consecutive_failures: 0,
@@ -453,6 +456,7 @@ mod tests {
             weight_history: vec![],
             analyses: 0,
             message: String::new(),
+            failure: None,
         };
         s.message = format!("at {weight}");
         s

@@ -124,6 +124,9 @@ pub struct Obs {
     pub metrics: BTreeMap<String, MetricReading>,
     pub router: RouterSays,
     pub gate: Gate,
+    /// Whether the canary's windows keep growing, as a step's window does while the canary
+    /// gets traffic (see `resolve`).
+    pub growing: bool,
 }
 
 impl Obs {
@@ -133,6 +136,7 @@ impl Obs {
             metrics: BTreeMap::new(),
             router: RouterSays::Echo,
             gate: Gate::NotAsked,
+            growing: true,
         }
         .set("errors", val(0.01), val(0.01))
         .set("latency", val(0.2), val(0.2))
@@ -195,9 +199,28 @@ impl Obs {
         self
     }
 
-    pub fn resolve(&self, state: &RolloutState) -> Observation {
+    /// The canary gets no traffic: its windows keep the counts they were given, whenever
+    /// they are read.
+    pub fn stalled(mut self) -> Obs {
+        self.growing = false;
+        self
+    }
+
+    /// The observation at `now`. A growing canary window gains a fiftieth of an event per
+    /// second since `T0` on top of its count, as a step's window keeps gaining events while
+    /// the canary serves: too few to change any verdict, enough to show traffic.
+    pub fn resolve(&self, state: &RolloutState, now: Time) -> Observation {
+        let mut metrics = self.metrics.clone();
+        if self.growing {
+            let gained = now.since(Time(T0)).as_secs_f64() / 50.0;
+            for m in metrics.values_mut() {
+                if let Reading::Data(s) = &mut m.canary {
+                    s.window_events += gained;
+                }
+            }
+        }
         Observation {
-            metrics: self.metrics.clone(),
+            metrics,
             router: match self.router {
                 RouterSays::Echo => RouterStatus::Ok {
                     canary_weight: state.weight,
@@ -287,9 +310,9 @@ impl Expect {
 pub type Row = (u64, Do, Expect);
 
 /// Turns a row's input into `decide`'s input for the current state.
-pub fn input(d: &Do, state: &RolloutState) -> Input {
+pub fn input(d: &Do, state: &RolloutState, now: Time) -> Input {
     match d {
-        Do::Tick(o) => Input::Tick(o.resolve(state)),
+        Do::Tick(o) => Input::Tick(o.resolve(state, now)),
         Do::Op(a) => Input::Operator {
             action: *a,
             who: "tester".into(),
@@ -301,7 +324,7 @@ pub fn input(d: &Do, state: &RolloutState) -> Input {
 /// Feeds rows without expectations; returns the state after the last.
 pub fn drive(policy: &Policy, state: RolloutState, rows: &[(u64, Do)]) -> RolloutState {
     rows.iter().fold(state, |s, (t, d)| {
-        decide(policy, &s, &input(d, &s), at(*t)).state
+        decide(policy, &s, &input(d, &s, at(*t)), at(*t)).state
     })
 }
 
@@ -311,7 +334,7 @@ pub fn check(case: &str, policy: &Policy, state: RolloutState, rows: &[Row]) -> 
     let mut state = state;
     let mut last = None;
     for (i, (t, d, e)) in rows.iter().enumerate() {
-        let dec = decide(policy, &state, &input(d, &state), at(*t));
+        let dec = decide(policy, &state, &input(d, &state, at(*t)), at(*t));
         let got = (dec.action, dec.state.phase, dec.weight);
         let want = (e.action, e.phase, e.weight);
         assert_eq!(

@@ -169,6 +169,14 @@ fn no_data_holds_fails_or_passes_as_on_no_data_says() {
                 tick(quiet.clone()),
                 expect(Hold, Progressing, 10.0).failures(0),
             ),
+            // The 90 s without any canary data do not count towards the step; the 30 s of
+            // thin data do.
+            (
+                140,
+                tick(good()),
+                expect(Hold, Progressing, 10.0)
+                    .reason("10s left (1m 30s without data not counted)"),
+            ),
             (150, tick(good()), expect(Advance, Progressing, 50.0)),
         ],
     );
@@ -248,7 +256,14 @@ fn an_unavailable_source_never_advances_and_never_counts_as_a_failure() {
                 tick(stable_down),
                 expect(Hold, Progressing, 10.0).failures(0),
             ),
-            (3060, tick(good()), expect(Advance, Progressing, 50.0)),
+            // None of the time without an answer counted towards the step.
+            (
+                3060,
+                tick(good()),
+                expect(Hold, Progressing, 10.0)
+                    .reason("30s left (50m 30s without data not counted)"),
+            ),
+            (3090, tick(good()), expect(Advance, Progressing, 50.0)),
         ],
     );
 }
@@ -664,8 +679,21 @@ fn a_failing_router_fails_the_rollout_only_after_its_deadline() {
                 tick(good().failing(90)),
                 expect(Fail, Failed, 10.0).reason("router failing for 5m"),
             ),
-            // Failed is final even when the router comes back: an operator must act.
-            (420, tick(good()), expect(Hold, Failed, 10.0)),
+            // Failed is final even when the router comes back: an operator must act. The
+            // reason keeps why it failed and says what the router does now.
+            (
+                400,
+                tick(good().failing(90)),
+                expect(Hold, Failed, 10.0).reason("Now the router still fails: connection refused"),
+            ),
+            (
+                420,
+                tick(good()),
+                expect(Hold, Failed, 10.0).reason(
+                    "failed: router failing for 5m (deadline 5m): connection refused. Now the \
+                     router answers again and sends 10% to the canary",
+                ),
+            ),
             (450, op(Retry), expect(Retry_, Progressing, 10.0)),
         ],
     );
@@ -990,7 +1018,7 @@ fn operator_actions_in_every_phase() {
     assert_eq!(table.len(), Phase::ALL.len() * 5);
     for &(phase, action, want_action, want_phase, want_weight) in table {
         let (p, s) = state_in(phase);
-        let d: Decision = decide(&p, &s, &input(&op(action), &s), at(1000));
+        let d: Decision = decide(&p, &s, &input(&op(action), &s, at(1000)), at(1000));
         let case = format!("{action:?} in {phase:?}: {}", d.reason);
         assert_eq!(d.action, want_action, "{case}");
         assert_eq!(d.state.phase, want_phase, "{case}");
@@ -1023,7 +1051,7 @@ fn abort_after_promotion_sends_traffic_back_to_stable() {
 fn decisions_explain_every_metric_with_values_and_bounds() {
     let p = base();
     let s = drive(&p, fresh(&p), &[(0, tick(good()))]);
-    let d = decide(&p, &s, &input(&tick(bad()), &s), at(30));
+    let d = decide(&p, &s, &input(&tick(bad()), &s, at(30)), at(30));
     assert_eq!(d.reports.len(), 2);
     let errors = &d.reports[0];
     assert_eq!(errors.metric, "errors");
@@ -1133,8 +1161,8 @@ fn state_round_trips_through_json() {
     let text = serde_json::to_string(&s).unwrap();
     let back: RolloutState = serde_json::from_str(&text).unwrap();
     assert_eq!(back, s);
-    let a = decide(&p, &s, &input(&tick(bad()), &s), at(60));
-    let b = decide(&p, &back, &input(&tick(bad()), &back), at(60));
+    let a = decide(&p, &s, &input(&tick(bad()), &s, at(60)), at(60));
+    let b = decide(&p, &back, &input(&tick(bad()), &back, at(60)), at(60));
     assert_eq!(a, b);
     assert_eq!(a.state.phase, RollingBack);
 }
@@ -1262,5 +1290,105 @@ fn edited_steps_bring_the_weight_down_to_the_new_schedule_never_up() {
         &larger,
         at_60,
         &[(150, tick(good()), expect(Hold, Progressing, 60.0))],
+    );
+}
+
+#[test]
+fn a_canary_whose_traffic_stops_mid_step_waits_and_the_quiet_time_does_not_count() {
+    // Regression: a step's window holds every event since the step began, so after the
+    // canary's traffic stopped it still read as data and passed, and the step's clock ran
+    // on: the rollout advanced with no new evidence at all.
+    let mut p = base();
+    p.strategy.min_step_duration = 5 * MIN;
+    let quiet = good().stalled();
+    let d = check(
+        "traffic stops mid-step",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Hold, Progressing, 10.0)),
+            (90, tick(good()), expect(Hold, Progressing, 10.0)),
+            // The window stops growing after 90 s; not yet long enough to tell.
+            (150, tick(quiet.clone()), expect(Hold, Progressing, 10.0)),
+            (180, tick(quiet.clone()), expect(Hold, Progressing, 10.0)),
+            (
+                210,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 10.0)
+                    .failures(0)
+                    .reason("waiting for data: errors, latency"),
+            ),
+            (240, tick(quiet.clone()), expect(Hold, Progressing, 10.0)),
+            (300, tick(quiet.clone()), expect(Hold, Progressing, 10.0)),
+            // Traffic is back: 330 s have passed, but 120 of them without data (from the
+            // first look that saw the stall).
+            (
+                330,
+                tick(good()),
+                expect(Hold, Progressing, 10.0).reason("1m 30s left (2m without data not counted)"),
+            ),
+            (419, tick(good()), expect(Hold, Progressing, 10.0)),
+            (420, tick(good()), expect(Advance, Progressing, 50.0)),
+        ],
+    );
+    assert_eq!(
+        d.state.step_blind,
+        Duration::ZERO,
+        "a new step starts with a clean clock"
+    );
+
+    // The reason is on the metric too.
+    let s = drive(
+        &p,
+        fresh(&p),
+        &[(0, tick(good())), (60, tick(good())), (90, tick(good()))],
+    );
+    let obs = quiet.resolve(&s, at(240));
+    let d = decide(&p, &s, &canaryd::observation::Input::Tick(obs), at(240));
+    let errors = d.reports.iter().find(|r| r.metric == "errors");
+    let errors = errors.expect("an errors report");
+    assert_eq!(errors.verdict, Verdict::NoData);
+    assert!(
+        errors.note.contains("no new canary events for 2m 30s"),
+        "{}",
+        errors.note
+    );
+
+    // `on_no_data` governs a stall like any other lack of data.
+    let mut fail = with_limit(p.clone(), 2);
+    fail.strategy.on_no_data = OnNoData::Fail;
+    check(
+        "traffic stops, on_no_data: fail",
+        &fail,
+        fresh(&fail),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (90, tick(good()), expect(Hold, Progressing, 10.0)),
+            (
+                180,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 10.0).failures(0),
+            ),
+            (
+                210,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 10.0).failures(1),
+            ),
+            (240, tick(quiet.clone()), expect(Rollback, RollingBack, 0.0)),
+        ],
+    );
+    let mut pass = p.clone();
+    pass.strategy.on_no_data = OnNoData::Pass;
+    pass.strategy.min_step_duration = MIN;
+    check(
+        "traffic stops, on_no_data: pass",
+        &pass,
+        fresh(&pass),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (30, tick(good()), expect(Hold, Progressing, 10.0)),
+            (150, tick(quiet.clone()), expect(Advance, Progressing, 50.0)),
+        ],
     );
 }
