@@ -477,6 +477,7 @@ async fn act(
             StatusCode::SERVICE_UNAVAILABLE,
             "the rollout did not answer in time",
         ),
+        Err(OperateError::Unrecorded(why)) => error(StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 

@@ -70,12 +70,16 @@ pub struct RunArgs {
     /// File holding the bearer token that operator actions must present.
     #[arg(long, env = "CANARYD_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
-    /// Decide and record, but never change the router's weights.
-    #[arg(long, env = "CANARYD_DRY_RUN")]
-    pub dry_run: bool,
+    /// Decide, but never change the routers' weights; the state is kept in memory only.
+    /// `--dry-run=false` (or CANARYD_DRY_RUN=false) overrides the config file.
+    #[arg(long, env = "CANARYD_DRY_RUN", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub dry_run: Option<bool>,
     /// Allow listening on a non-loopback address without an API token.
-    #[arg(long, env = "CANARYD_INSECURE_NO_AUTH")]
-    pub insecure_no_auth: bool,
+    /// `--insecure-no-auth=false` (or the variable) overrides the config file.
+    #[arg(long, env = "CANARYD_INSECURE_NO_AUTH", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure_no_auth: Option<bool>,
     /// Run as one replica of a highly available daemon: state in this etcd (client URL, like
     /// http://127.0.0.1:2379) instead of --state; the replica that holds the leadership runs
     /// the rollouts, the others stand by and take over when it stops.

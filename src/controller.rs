@@ -65,6 +65,13 @@ pub struct RolloutView {
     /// the split it had. Shown until the policy comes back (the rollout then resumes) or the
     /// daemon stops.
     pub stopped: bool,
+    /// The daemon runs with `--dry-run`: it never changes the router and keeps its state in
+    /// memory only, so the weights and steps shown are what it would have set.
+    pub dry_run: bool,
+    /// Why the state store refused the last decision, while it does: nothing new is
+    /// recorded, decisions that would send the canary more traffic are not applied, and those
+    /// that send it less (a rollback, an abort) are applied anyway.
+    pub store_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -92,7 +99,7 @@ pub enum Command {
         action: OperatorAction,
         who: String,
         why: String,
-        reply: oneshot::Sender<Result<DecisionRecord, String>>,
+        reply: oneshot::Sender<Result<DecisionRecord, OperateError>>,
     },
     Policy(Box<Policy>, String),
     PolicyError(String),
@@ -157,8 +164,7 @@ pub async fn operate(
     .await
     .map_err(|_| OperateError::Unavailable)?;
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
-        Ok(Ok(Ok(rec))) => Ok(rec),
-        Ok(Ok(Err(reason))) => Err(OperateError::Rejected(reason)),
+        Ok(Ok(res)) => res,
         _ => Err(OperateError::Unavailable),
     }
 }
@@ -171,6 +177,9 @@ pub enum OperateError {
     Rejected(String),
     #[error("the rollout did not answer in time")]
     Unavailable,
+    /// The state store could not record the action's decision.
+    #[error("{0}")]
+    Unrecorded(String),
 }
 
 /// Deliveries of one alert webhook event before it is given up.
@@ -187,6 +196,9 @@ struct Task {
     applied: bool,
     /// Id of the last recorded decision, to mark it applied.
     last_id: Option<i64>,
+    /// What the last commit could not record, if anything: the store's error and whether
+    /// the decision was applied all the same.
+    unrecorded: Option<String>,
     router_failing_since: Option<Time>,
     view: RolloutView,
 }
@@ -227,6 +239,8 @@ pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView
         applied: true,
         policy_error: None,
         stopped: false,
+        dry_run: false,
+        store_error: None,
     }
 }
 
@@ -251,6 +265,7 @@ impl Task {
         v.method = self.policy.analysis.method.as_str().to_owned();
         v.state = self.state.clone();
         v.applied = self.applied;
+        v.dry_run = self.shared.dry_run;
         if let Ok(mut views) = self.shared.views.write() {
             views.insert(self.policy.name.clone(), v.clone());
         }
@@ -407,16 +422,7 @@ impl Task {
             &fresh
         };
         if state.wants_analysis(&self.policy) {
-            let lookback = self.policy.strategy.interval.max(Duration::from_secs(60));
-            let window = Window {
-                at: now,
-                since: state
-                    .step_started_at
-                    .unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
-                rollout_started: state
-                    .started_at
-                    .unwrap_or(Time(now.0 - lookback.as_millis() as i64)),
-            };
+            let window = analysis_window(state, self.policy.strategy.interval, now);
             // The source reports each query's latency and errors to the metrics itself.
             metrics = self.source.observe(&self.policy, window).await;
         }
@@ -556,17 +562,22 @@ impl Task {
         }
         let prev = self.state.clone();
         // Final phases tick forever without news; only changes and analyses are logged.
+        // After a decision the store refused, the next one is recorded whatever it is, so
+        // that the stored state catches up with the one in memory.
         let worth_logging = d.action != Action::Hold
             || !d.reports.is_empty()
             || d.state.phase != prev.phase
-            || d.who.is_some();
+            || d.who.is_some()
+            || self.view.store_error.is_some();
         let mut record = None;
+        self.unrecorded = None;
         if worth_logging {
             let store = self.shared.store.clone();
             let dd = d.clone();
             match tokio::task::spawn_blocking(move || store.record(&dd, now)).await {
                 Ok(Ok(id)) => {
                     self.last_id = Some(id);
+                    self.view.store_error = None;
                     record = Some(DecisionRecord::of(id, &d, now));
                 }
                 Ok(Err(crate::store::StoreError::NotLeader(why))) => {
@@ -575,9 +586,25 @@ impl Task {
                     return None;
                 }
                 Ok(Err(e)) => {
-                    // Without a durable record the decision must not reach the router.
-                    tracing::error!(rollout = %self.policy.name, error = %e, "cannot record the decision; not applying it");
-                    return None;
+                    self.shared.metrics.store_error(&self.policy.name);
+                    self.view.store_error = Some(e.to_string());
+                    // Without a durable record, a decision that sends the canary more traffic
+                    // must not reach the router. One that sends it less (a rollback, an abort)
+                    // goes ahead: rollback stays reachable even on a broken disk. It lives in
+                    // memory only, so a restart before the store works again resumes from the
+                    // last recorded decision.
+                    if d.weight > prev.weight || d.state.phase == Phase::Promoting {
+                        tracing::error!(rollout = %self.policy.name, error = %e, "cannot record the decision; not applying it");
+                        self.unrecorded = Some(format!(
+                            "the state store could not record the decision, so nothing was changed: {e}"
+                        ));
+                        self.publish();
+                        return None;
+                    }
+                    tracing::error!(rollout = %self.policy.name, error = %e, action = d.action.as_str(), weight = d.weight, "cannot record the decision; applying it all the same, as it sends the canary no more traffic");
+                    self.unrecorded = Some(format!(
+                        "the state store could not record the decision ({e}); it was applied all the same, as it sends the canary no more traffic, but a restart before the store works again resumes from the last recorded decision"
+                    ));
                 }
                 Err(e) => {
                     tracing::error!(rollout = %self.policy.name, error = %e, "store task failed");
@@ -636,7 +663,7 @@ impl Task {
         if d.action != Action::Hold {
             self.notify(&d);
         }
-        if self.applied {
+        if self.applied && self.unrecorded.is_none() {
             if let Some(id) = self.last_id {
                 let store = self.shared.store.clone();
                 let name = self.policy.name.clone();
@@ -677,16 +704,20 @@ impl Task {
         action: OperatorAction,
         who: String,
         why: String,
-    ) -> Result<DecisionRecord, String> {
+    ) -> Result<DecisionRecord, OperateError> {
         let now = self.shared.clock.now();
         let input = Input::Operator { action, who, why };
         let d = decide(&self.policy, &self.state, &input, now);
         let rejected = (d.action == Action::Reject).then(|| d.reason.clone());
         let rec = self.commit(d, now, None).await;
-        match (rejected, rec) {
-            (Some(reason), _) => Err(reason),
-            (None, Some(rec)) => Ok(rec),
-            (None, None) => Err("the decision could not be recorded; see the daemon's log".into()),
+        match (rejected, rec, self.unrecorded.take()) {
+            (Some(reason), _, _) => Err(OperateError::Rejected(reason)),
+            (None, _, Some(why)) => Err(OperateError::Unrecorded(why)),
+            (None, Some(rec), None) => Ok(rec),
+            // A replica whose term ended, or a store task that failed: see the log.
+            (None, None, None) => Err(OperateError::Unrecorded(
+                "the decision could not be recorded; see the daemon's log".into(),
+            )),
         }
     }
 
@@ -893,6 +924,7 @@ async fn spawn_rollout(
         state,
         applied,
         last_id: None,
+        unrecorded: None,
         router_failing_since: None,
         view,
         policy,
@@ -1241,5 +1273,52 @@ async fn scan(
                 router,
             },
         );
+    }
+}
+
+/// The window an analysis at `now` covers: the current step, or while the step's clock is
+/// stopped (a router that did not take the weight) the last minute or interval; never back
+/// before the rollout (this attempt) began, whose data a previous attempt's would pollute.
+fn analysis_window(state: &RolloutState, interval: Duration, now: Time) -> Window {
+    let lookback = interval.max(Duration::from_secs(60));
+    let recent = Time(now.0.saturating_sub(lookback.as_millis() as i64));
+    let rollout_started = state.started_at.unwrap_or(recent);
+    Window {
+        at: now,
+        since: state.step_started_at.unwrap_or(recent).max(rollout_started),
+        rollout_started,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_analysis_never_looks_back_before_its_rollout_began() {
+        let p = crate::policy::load_str(
+            "p.yaml",
+            "name: p\nstable: v1\ncanary: v2\nstrategy: {steps: [10]}\nmetrics: [{name: e, builtin: error_rate, max: 1%}]\nrouter: {file: {path: /tmp/p.json}}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut s = RolloutState::new(&p);
+        let at = |secs: i64| Time(1_000_000_000 + secs * 1000);
+        let iv = Duration::from_secs(30);
+        // Not started: the last minute.
+        let w = analysis_window(&s, iv, at(100));
+        assert_eq!((w.since, w.rollout_started), (at(40), at(40)));
+        // A retry 10 s ago whose step clock stopped (the router was found at another split):
+        // the last minute would reach into the previous attempt.
+        s.started_at = Some(at(90));
+        s.step_started_at = None;
+        let w = analysis_window(&s, iv, at(100));
+        assert_eq!((w.since, w.rollout_started), (at(90), at(90)));
+        // Long after the start, the stopped clock reads the last minute.
+        let w = analysis_window(&s, iv, at(1000));
+        assert_eq!((w.since, w.rollout_started), (at(940), at(90)));
+        // A running step reads from its start.
+        s.step_started_at = Some(at(500));
+        let w = analysis_window(&s, iv, at(1000));
+        assert_eq!((w.since, w.rollout_started), (at(500), at(90)));
     }
 }

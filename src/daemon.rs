@@ -102,10 +102,15 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Opens the state store: the SQLite file `config.state`, or, for a highly available
-    /// daemon, etcd (no request is sent yet: etcd may come up after the daemon). Must be called
+    /// Opens the state store: the SQLite file `config.state` (an in-memory one for a dry
+    /// run, which must not leave progress for a real daemon to resume), or, for a highly
+    /// available daemon, etcd (no request is sent yet: etcd may come up after the daemon). Must be called
     /// inside the tokio runtime that will serve.
     pub fn open(config: DaemonConfig, limits: Limits) -> anyhow::Result<Daemon> {
+        anyhow::ensure!(
+            !(config.dry_run && config.ha.is_some()),
+            "--dry-run and --etcd exclude each other: a dry run keeps its state in memory, and a replica's is shared with the others"
+        );
         let (store, leadership) = match &config.ha {
             Some(ha) => {
                 // Every etcd call must give up well within a third of the lease, so that a
@@ -125,6 +130,13 @@ impl Daemon {
                 )?);
                 (store, Some(leadership))
             }
+            // A dry run keeps its made-up progress in memory: stored, it would be resumed
+            // by the next real daemon, which would then push the dry run's weights to the
+            // router at once.
+            None if config.dry_run => (
+                Store::open_with_retention(Path::new(":memory:"), limits.decisions_kept)?,
+                None,
+            ),
             None => (open_store(&config.state, limits.decisions_kept)?, None),
         };
         Ok(Daemon {

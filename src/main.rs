@@ -170,7 +170,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => Some(read_token("API token", &p)?),
         None => None,
     };
-    let dry_run = args.dry_run || file.dry_run.unwrap_or(false);
+    // The flag or its variable, when given, wins over the file either way.
+    let dry_run = args.dry_run.or(file.dry_run).unwrap_or(false);
     // The flag's default applies unless the flag, its variable or the file gives one.
     let lease_ttl = match (args.lease_ttl, file.lease_ttl) {
         (Some(t), _) => t,
@@ -220,7 +221,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "--state and --etcd exclude each other: a highly available daemon keeps its state in etcd"
     );
     let options = client_options(&args.access)?;
-    let insecure = args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+    let insecure = args
+        .insecure_no_auth
+        .or(file.insecure_no_auth)
+        .unwrap_or(false);
     anyhow::ensure!(
         policies.is_dir(),
         "the policies directory {} does not exist (give --policies DIR)",
@@ -261,7 +265,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let daemon = canaryd::daemon::Daemon::open(config, canaryd::daemon::Limits::default())?;
         match &ha {
             None => {
-                tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, dry_run, "canaryd running")
+                if dry_run {
+                    tracing::info!(%addr, policies = %policies.display(), %prometheus, "canaryd running a dry run: the routers are never changed, and the state is kept in memory only (--state is not used)")
+                } else {
+                    tracing::info!(%addr, policies = %policies.display(), state = %state.display(), %prometheus, "canaryd running")
+                }
             }
             Some(ha) => {
                 tracing::info!(%addr, policies = %policies.display(), etcd = %ha.etcd, prefix = %ha.election.prefix, replica = %ha.election.replica, %prometheus, dry_run, "canaryd running as a replica; it runs the rollouts while it leads")

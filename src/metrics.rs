@@ -42,6 +42,7 @@ pub struct Metrics {
     router_seconds: HistogramVec,
     router_errors: IntCounterVec,
     policy_invalid: IntGaugeVec,
+    store_errors: IntCounterVec,
     leader: prometheus::IntGauge,
 }
 
@@ -188,6 +189,12 @@ impl Metrics {
                 "1 when the policy file's latest edit failed validation (the last good version keeps running)",
                 &["rollout"],
             )?,
+            store_errors: counter(
+                r,
+                "canaryd_store_errors_total",
+                "Decisions the state store could not record",
+                &["rollout"],
+            )?,
             leader: {
                 let g = prometheus::IntGauge::new(
                     "canaryd_leader",
@@ -286,6 +293,7 @@ impl Metrics {
             self.decisions.with_label_values(&[rollout, a.as_str()]);
         }
         self.policy_invalid.with_label_values(&[rollout]).set(0);
+        self.store_errors.with_label_values(&[rollout]);
         self.query_errors
             .with_label_values(&[rollout, "instant", "unreachable"]);
         self.router_errors
@@ -320,6 +328,11 @@ impl Metrics {
                 .with_label_values(&[rollout, router, kind])
                 .inc();
         }
+    }
+
+    /// A decision the state store could not record.
+    pub fn store_error(&self, rollout: &str) {
+        self.store_errors.with_label_values(&[rollout]).inc();
     }
 
     pub fn policy_invalid(&self, rollout: &str, invalid: bool) {

@@ -109,12 +109,13 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
             next_eval += interval_ms;
             // As the daemon's source queries it: the window covers the step, but never less
             // than the shortest range (`DEFAULT_MIN_RANGE`), so a step's first looks see the
-            // last minute rather than nothing.
+            // last minute rather than nothing, and never from before the rollout began.
             let shortest = crate::source::DEFAULT_MIN_RANGE.as_millis() as i64;
             let step_start = state
                 .step_started_at
                 .map_or(0, |t| t.millis())
-                .min(now - shortest);
+                .min(now - shortest)
+                .max(state.started_at.map_or(0, |t| t.millis()));
             let metrics = policy
                 .metrics
                 .iter()

@@ -545,11 +545,22 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
         }
     }
     let state = start(policy, state, now);
-    let reason = format!(
+    let mut reason = format!(
         "rollout of {} started at {}%",
         state.canary,
         fmt_pct(state.weight)
     );
+    // Traffic on a canary that has no rollout on record (a state file lost or replaced, a
+    // router set by hand): the rollout starts over from its first step, and says so.
+    if let RouterStatus::Ok { canary_weight } = obs.router
+        && canary_weight >= 0.01
+        && (canary_weight - state.weight).abs() >= 0.01
+    {
+        reason.push_str(&format!(
+            "; the router sent {}% to the canary before, with no rollout of it on record",
+            fmt_pct(canary_weight)
+        ));
+    }
     decision(Action::Start, state, reports, reason)
 }
 

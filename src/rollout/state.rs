@@ -120,7 +120,7 @@ pub struct RolloutState {
     pub step_started_at: Option<Time>,
     /// Time since `step_started_at` that does not count towards the step: analyses that had
     /// no canary data or could not ask the source (see `decide`'s blind holds).
-    #[serde(default)]
+    #[serde(default, with = "crate::policy::duration_ms")]
     pub step_blind: Duration,
     /// When the canary was last analysed.
     #[serde(default)]

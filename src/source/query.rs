@@ -36,12 +36,15 @@ pub struct Ranges {
 }
 
 impl Ranges {
-    /// The ranges of `w`, rounded up to whole seconds: the window at least `min`, the
-    /// cumulative range at least one second (too short for `increase()` to find two samples,
-    /// so no counts until a second scrape falls inside it).
+    /// The ranges of `w`, rounded up to whole seconds: the window at least `min` but never
+    /// back before the rollout began (a previous attempt's events are not this one's: a retry
+    /// right after a rollback would read the bad canary's last minute), the cumulative range
+    /// at least one second (too short for `increase()` to find two samples, so no counts
+    /// until a second scrape falls inside it).
     pub fn new(w: &Window, min: Duration) -> Ranges {
-        let window = ceil_secs(w.at.since(w.since)).max(ceil_secs(min));
+        let step = ceil_secs(w.at.since(w.since));
         let cumulative = ceil_secs(w.at.since(w.rollout_started)).max(1);
+        let window = step.max(ceil_secs(min).min(cumulative));
         Ranges {
             window: Duration::from_secs(window),
             cumulative: Duration::from_secs(cumulative),
@@ -375,12 +378,13 @@ mod tests {
             // (since, rollout_started) -> (window s, cumulative s)
             (w(1_000_000 - 300_000, 1_000_000 - 3_600_000), (300, 3600)),
             (w(1_000_000 - 299_001, 1_000_000 - 3_600_500), (300, 3601)),
-            // A step that just began reads the last minute; the counts since the rollout
-            // began cover only its five seconds.
-            (w(1_000_000 - 5_000, 1_000_000 - 5_000), (60, 5)),
-            (w(1_000_000 - 5_000, 1_000_000 - 45_000), (60, 45)),
+            // A step that just began reads the last minute, but never from before the
+            // rollout began: a rollout five seconds old has five seconds of data.
+            (w(1_000_000 - 5_000, 1_000_000 - 5_000), (5, 5)),
+            (w(1_000_000 - 5_000, 1_000_000 - 45_000), (45, 45)),
+            (w(1_000_000 - 5_000, 1_000_000 - 600_000), (60, 600)),
             // Times after the evaluation time are treated as "just now".
-            (w(2_000_000, 2_000_000), (60, 1)),
+            (w(2_000_000, 2_000_000), (1, 1)),
         ];
         for (window, (ws, cs)) in cases {
             let r = Ranges::new(&window, min);

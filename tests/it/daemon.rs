@@ -159,6 +159,7 @@ impl Daemon {
             routers,
             sources,
             Default::default(),
+            false,
         )
         .await
     }
@@ -178,6 +179,7 @@ impl Daemon {
             routers,
             sources,
             Default::default(),
+            false,
         )
         .await
     }
@@ -190,9 +192,17 @@ impl Daemon {
         limits: Limits,
     ) -> Daemon {
         let (routers, sources) = factories(&router, &source);
-        Daemon::start_with(dir, router, source, None, routers, sources, limits).await
+        Daemon::start_with(dir, router, source, None, routers, sources, limits, false).await
     }
 
+    /// `start` with `--dry-run`.
+    pub async fn start_dry(dir: &Path, router: FakeRouter, source: FakeSource) -> Daemon {
+        let (routers, sources) = factories(&router, &source);
+        let limits = Default::default();
+        Daemon::start_with(dir, router, source, None, routers, sources, limits, true).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn start_with(
         dir: &Path,
         router: FakeRouter,
@@ -201,6 +211,7 @@ impl Daemon {
         routers: canaryd::controller::RouterFactory,
         sources: canaryd::controller::SourceFactory,
         limits: Limits,
+        dry_run: bool,
     ) -> Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -209,7 +220,7 @@ impl Daemon {
             policies: dir.join("policies"),
             state: dir.join("state.db"),
             token: token.map(str::to_owned),
-            dry_run: false,
+            dry_run,
             poll: Duration::from_millis(50),
             clock: Arc::new(canaryd::time::SystemClock),
             routers,
@@ -1623,6 +1634,7 @@ async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
         routers,
         sources,
         Default::default(),
+        false,
     )
     .await;
     d.wait_phase("search", "progressing").await;
@@ -1853,4 +1865,112 @@ async fn an_alert_webhook_that_answers_503_gets_the_event_again() {
     })
     .await;
     d.stop().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_leaves_the_router_and_the_state_file_alone() {
+    // Regression: a dry run recorded its made-up progress in the state file, and the next
+    // real daemon resumed it and sent the dry run's 100% to the router at once.
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start_dry(dir.path(), router.clone(), source.clone()).await;
+    let v = d.wait_phase("demo", "promoted").await;
+    assert_eq!(v["dry_run"], true, "{v}");
+    assert_eq!(v["weight"], 100.0, "{v}");
+    d.stop().await;
+    assert!(
+        router.applied.lock().unwrap().is_empty(),
+        "a dry run changed the router"
+    );
+    assert!(
+        !dir.path().join("state.db").exists(),
+        "a dry run wrote the state file"
+    );
+    // A real daemon then starts the rollout from its first step.
+    let d = Daemon::start(dir.path(), router.clone(), source, None).await;
+    wait_for("a weight applied", Duration::from_secs(10), || async {
+        (!router.applied.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(router.applied.lock().unwrap()[0], 10.0);
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert_eq!(v["dry_run"], false, "{v}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_state_store_that_refuses_writes_blocks_more_traffic_but_not_an_abort() {
+    // Regression: with the state store failing, nothing showed it, and neither a rollback
+    // nor an operator's abort reached the router ("rollback stays reachable").
+    let policy = POLICY.replace("min_step_duration: 150ms", "min_step_duration: 2s");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router.clone(), source, None).await;
+    wait_for("10% applied", Duration::from_secs(10), || async {
+        (*router.weight.lock().unwrap() == 10.0).then_some(())
+    })
+    .await;
+    // Another process holds the database's write lock: every write fails once the store's
+    // busy timeout (5 s) runs out.
+    let lock = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let v = wait_for("the store error shown", Duration::from_secs(30), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        v["store_error"].is_string().then_some(v)
+    })
+    .await;
+    assert!(v["store_error"].as_str().unwrap().contains("locked"), "{v}");
+    // The step's time is up, but an advance it cannot record does not reach the router.
+    assert_eq!(*router.weight.lock().unwrap(), 10.0);
+    assert_eq!(v["weight"], 10.0, "{v}");
+    let (status, body) = d
+        .post(
+            "/api/v1/rollouts/demo/abort",
+            None,
+            r#"{"reason": "disk trouble"}"#,
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("applied all the same"),
+        "{body}"
+    );
+    assert_eq!(
+        *router.weight.lock().unwrap(),
+        0.0,
+        "the abort reached the router"
+    );
+    let (_, metrics) = {
+        let r = reqwest::get(format!("{}/metrics", d.url)).await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("canaryd_store_errors_total{rollout=\"demo\"}") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    // Once the store works again, the state in memory is recorded: a restart resumes the
+    // rollback, not the step.
+    lock.execute_batch("COMMIT").unwrap();
+    wait_for("the store error gone", Duration::from_secs(30), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        v["store_error"].is_null().then_some(())
+    })
+    .await;
+    d.stop().await;
+    let store = canaryd::store::Store::open(&dir.path().join("state.db")).unwrap();
+    let stored = store.load("demo").unwrap().unwrap();
+    assert!(
+        matches!(
+            stored.state.phase,
+            canaryd::rollout::Phase::RollingBack | canaryd::rollout::Phase::RolledBack
+        ),
+        "{:?}",
+        stored.state.phase
+    );
+    assert_eq!(stored.state.weight, 0.0);
 }

@@ -1153,6 +1153,36 @@ fn idle_waits_for_a_working_router_before_starting() {
 }
 
 #[test]
+fn a_start_over_traffic_already_on_the_canary_says_so() {
+    // A lost state file, or weights set by hand: the rollout starts from its first step, and
+    // the move of traffic is not silent.
+    let p = base();
+    check(
+        "start with the canary at 100%",
+        &p,
+        fresh(&p),
+        &[(
+            0,
+            tick(good().router(100.0)),
+            expect(Start, Progressing, 10.0).reason(
+                "started at 10%; the router sent 100% to the canary before, with no rollout of it on record",
+            ),
+        )],
+    );
+    let started = check(
+        "start with the canary at 0%",
+        &p,
+        fresh(&p),
+        &[(
+            0,
+            tick(good().router(0.0)),
+            expect(Start, Progressing, 10.0),
+        )],
+    );
+    assert_eq!(started.reason, "rollout of v2 started at 10%");
+}
+
+#[test]
 fn state_round_trips_through_json() {
     // The store persists the state as JSON after every decision; a resumed rollout must
     // decide exactly as the one that was interrupted.
