@@ -264,6 +264,8 @@ impl Task {
         v.steps = self.policy.strategy.steps();
         v.method = self.policy.analysis.method.as_str().to_owned();
         v.state = self.state.clone();
+        // The view shows the router's kind; its configuration may hold a webhook's secret.
+        v.state.router = None;
         v.applied = self.applied;
         v.dry_run = self.shared.dry_run;
         if let Ok(mut views) = self.shared.views.write() {
@@ -361,6 +363,27 @@ impl Task {
                 tracing::warn!(rollout = %self.policy.name, error = %e, "the policy names another router, and the old one could not be set to send all traffic to stable")
             }
         }
+    }
+
+    /// At startup: a rollout whose traffic was last set on another router than the policy's
+    /// (the policy was edited while the daemon was down) releases that router as a live edit
+    /// would.
+    async fn release_router_from_before(&mut self) {
+        let Some(old) = self.state.router.clone() else {
+            return;
+        };
+        if old == self.policy.router || !self.state.matches(&self.policy) {
+            return;
+        }
+        tracing::info!(rollout = %self.policy.name, old = old.kind(), new = self.policy.router.kind(), "the policy names another router than the one this rollout's traffic was last set on");
+        let mut before = self.policy.clone();
+        before.router = old;
+        let router = (self.shared.routers)(&before);
+        let policy = std::mem::replace(&mut self.policy, before);
+        let current = std::mem::replace(&mut self.router, router);
+        self.release_old_router().await;
+        self.policy = policy;
+        self.router = current;
     }
 
     /// Tells the router the current target, retrying with backoff within this tick.
@@ -549,7 +572,7 @@ impl Task {
     /// Persists a decision, then applies it, then publishes it.
     async fn commit(
         &mut self,
-        d: Decision,
+        mut d: Decision,
         now: Time,
         router_weight: Option<f64>,
     ) -> Option<DecisionRecord> {
@@ -561,6 +584,9 @@ impl Task {
             return None;
         }
         let prev = self.state.clone();
+        if self.state.phase != Phase::Idle || d.state.phase != Phase::Idle {
+            d.state.router = Some(self.policy.router.clone());
+        }
         // Final phases tick forever without news; only changes and analyses are logged.
         // After a decision the store refused, the next one is recorded whatever it is, so
         // that the stored state catches up with the one in memory.
@@ -727,6 +753,7 @@ impl Task {
         mut shutdown: watch::Receiver<bool>,
     ) {
         self.publish();
+        self.release_router_from_before().await;
         loop {
             self.tick().await;
             let sleep = tokio::time::sleep(self.policy.strategy.interval);

@@ -150,6 +150,11 @@ pub struct RolloutState {
     /// While `failed`: why it failed (the message then also says what the router does now).
     #[serde(default)]
     pub failure: Option<String>,
+    /// The router this rollout's traffic was last set on, recorded by the shell: a daemon
+    /// restarted with another router in the policy sends the old one's traffic to stable, as
+    /// a live edit does. Not for people: it may hold a webhook's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<crate::policy::RouterConfig>,
 }
 
 impl RolloutState {
@@ -184,6 +189,7 @@ impl RolloutState {
                 "no candidate: canary equals stable".into()
             },
             failure: None,
+            router: None,
         }
     }
 

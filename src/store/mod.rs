@@ -457,6 +457,7 @@ mod tests {
             analyses: 0,
             message: String::new(),
             failure: None,
+            router: None,
         };
         s.message = format!("at {weight}");
         s

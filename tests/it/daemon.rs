@@ -1561,6 +1561,30 @@ async fn a_rollout_moved_to_another_router_leaves_the_old_one_on_stable() {
     let (_, v) = d.get("/api/v1/rollouts/demo").await;
     assert_eq!(v["phase"], "progressing", "{v}");
     d.stop().await;
+
+    // The same edit while the daemon is down: the restarted daemon releases the router the
+    // traffic was last set on.
+    let (third, sources) = (dir.path().join("third.json"), sources_of(&source));
+    std::fs::write(&file, policy(&third)).unwrap();
+    let d = Daemon::start_real(dir.path(), sources).await;
+    wait_for(
+        "10% on the third router",
+        Duration::from_secs(10),
+        || async { (canary(&third) == Some(10.0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        canary(&new),
+        Some(0.0),
+        "the router from before the restart sends all to stable"
+    );
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert!(v["state"].get("router").is_none(), "{v}");
+    d.stop().await;
+}
+
+fn sources_of(source: &FakeSource) -> canaryd::controller::SourceFactory {
+    factories(&FakeRouter::default(), source).1
 }
 
 /// A source that holds one rollout's observations until `open` turns true, so that a test can
