@@ -201,6 +201,14 @@ pub fn shown_step(state: &RolloutState, steps: usize) -> usize {
     }
 }
 
+fn strategy_kind(policy: &Policy) -> &'static str {
+    if policy.strategy.is_blue_green() {
+        "blue-green"
+    } else {
+        "canary"
+    }
+}
+
 pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView {
     RolloutView {
         name: policy.name.clone(),
@@ -213,11 +221,7 @@ pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView
         step: shown_step(state, policy.strategy.steps().len()),
         steps: policy.strategy.steps(),
         method: policy.analysis.method.as_str().to_owned(),
-        strategy: if policy.strategy.is_blue_green() {
-            "blue-green".into()
-        } else {
-            "canary".into()
-        },
+        strategy: strategy_kind(policy).to_owned(),
         router: policy.router.kind().to_owned(),
         state: state.clone(),
         last_decision: None,
@@ -240,8 +244,12 @@ impl Task {
         }
     }
 
+    /// Shows the state and the policy as they are now: every field that comes from the policy
+    /// follows an edit (the router's kind too, once the rollout has moved to another router).
     fn publish(&mut self) {
         let v = &mut self.view;
+        v.file = self.file.clone();
+        v.model = self.policy.model.clone();
         v.stable = self.state.stable.clone();
         v.canary = self.state.canary.clone();
         v.phase = self.state.phase;
@@ -249,6 +257,8 @@ impl Task {
         v.step = shown_step(&self.state, self.policy.strategy.steps().len());
         v.steps = self.policy.strategy.steps();
         v.method = self.policy.analysis.method.as_str().to_owned();
+        v.strategy = strategy_kind(&self.policy).to_owned();
+        v.router = self.policy.router.kind().to_owned();
         v.state = self.state.clone();
         v.applied = self.applied;
         if let Ok(mut views) = self.shared.views.write() {

@@ -1552,6 +1552,37 @@ async fn a_rollout_moved_to_another_router_leaves_the_old_one_on_stable() {
     d.stop().await;
 }
 
+/// Regression (UAT): after an edit moved a rollout from the file router to HAProxy, the API
+/// and `canaryd status` still said `"router": "file"` while traffic (and /metrics) had moved.
+/// Every field of the view that comes from the policy follows the edit.
+#[tokio::test]
+async fn the_view_shows_the_router_an_edit_moved_the_rollout_to() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let v = d.wait_phase("demo", "progressing").await;
+    assert_eq!(v["router"], "file", "{v}");
+    let edited = policy.replace("steps: [10, 50]", "steps: [10, 60]").replace(
+        "  file: {path: /dev/null}",
+        "  haproxy:\n    socket: 127.0.0.1:9999\n    backend: demo\n    servers: {v1: a, v2: b}",
+    );
+    std::fs::write(dir.path().join("policies/demo.yaml"), edited).unwrap();
+    // The edited steps show that the edit has been taken.
+    let v = wait_for("the edit taken", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (v["steps"] == serde_json::json!([10.0, 60.0])).then_some(v)
+    })
+    .await;
+    assert_eq!(v["router"], "haproxy", "{v}");
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions").await;
+    let status = canaryd::client::timeline(&v, &log);
+    assert!(status.contains("haproxy router]"), "{status}");
+    d.stop().await;
+}
+
 /// A source that holds one rollout's observations until `open` turns true, so that a test can
 /// act while that rollout's task is in the middle of a tick. `alive` counts the sources of that
 /// rollout that still exist: its task's, and the factory's template.
