@@ -1044,6 +1044,7 @@ pub async fn run(
     if let Ok(mut e) = policy_errors.write() {
         e.clear();
     }
+    shared.metrics.invalid_policy_files(0);
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
@@ -1251,5 +1252,8 @@ async fn scan(
                 router,
             },
         );
+    }
+    if let Ok(e) = policy_errors.read() {
+        shared.metrics.invalid_policy_files(e.len());
     }
 }

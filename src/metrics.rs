@@ -42,6 +42,7 @@ pub struct Metrics {
     router_seconds: HistogramVec,
     router_errors: IntCounterVec,
     policy_invalid: IntGaugeVec,
+    invalid_policy_files: prometheus::IntGauge,
     leader: prometheus::IntGauge,
 }
 
@@ -188,6 +189,14 @@ impl Metrics {
                 "1 when the policy file's latest edit failed validation (the last good version keeps running)",
                 &["rollout"],
             )?,
+            invalid_policy_files: {
+                let g = prometheus::IntGauge::new(
+                    "canaryd_invalid_policy_files",
+                    "Policy files listed under invalid_policies: invalid, refused (a name or router target another policy has) or not started, new files and edits of running rollouts alike",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             leader: {
                 let g = prometheus::IntGauge::new(
                     "canaryd_leader",
@@ -328,12 +337,20 @@ impl Metrics {
             .set(i64::from(invalid));
     }
 
-    /// Drops a rollout's series when its policy is deleted.
+    /// How many policy files the API lists under `invalid_policies`. One number rather than a
+    /// series per file: file names are not a bounded label set.
+    pub fn invalid_policy_files(&self, count: usize) {
+        self.invalid_policy_files
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// Whether this daemon runs the rollouts now.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
     }
 
+    /// Drops the series of a rollout that no policy defines any more (renamed), or that this
+    /// daemon no longer runs (its leadership term ended).
     pub fn forget(&self, rollout: &str) {
         let _ = self.weight.remove_label_values(&[rollout]);
         let _ = self.step.remove_label_values(&[rollout]);

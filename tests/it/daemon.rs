@@ -1855,6 +1855,80 @@ async fn a_second_policy_on_a_router_target_is_refused_and_the_first_keeps_runni
     d.stop().await;
 }
 
+/// The daemon's /metrics text.
+async fn metrics_text(d: &Daemon) -> String {
+    reqwest::get(format!("{}/metrics", d.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Regression (UAT): `canaryd_policy_invalid` counts running rollouts only, so new policy files
+/// that were broken or refused (listed under `invalid_policies`) showed nowhere in /metrics.
+/// `canaryd_invalid_policy_files` counts every file that list holds.
+#[tokio::test]
+async fn every_invalid_or_refused_policy_file_is_counted_in_the_metrics() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    assert!(
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 0\n")
+    );
+    let policies = dir.path().join("policies");
+    // A YAML error, an unknown key, and a second file for the running rollout's name.
+    std::fs::write(policies.join("broken.yaml"), "name: broken\nstable: [\n").unwrap();
+    std::fs::write(
+        policies.join("typo.yaml"),
+        policy
+            .replace("name: demo", "name: typo")
+            .replace("failure_limit", "failure_limt"),
+    )
+    .unwrap();
+    std::fs::write(policies.join("twin.yaml"), &policy).unwrap();
+    wait_for("three files counted", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 3\n")
+            .then_some(())
+    })
+    .await;
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"].as_array().map(Vec::len), Some(3));
+    // A bad edit of the running rollout is one more file in the list, as in the metric.
+    std::fs::write(
+        policies.join("demo.yaml"),
+        policy.replace("failure_limit", "failure_limt"),
+    )
+    .unwrap();
+    wait_for("four files counted", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 4\n")
+            .then_some(())
+    })
+    .await;
+    for f in ["broken.yaml", "typo.yaml", "twin.yaml"] {
+        std::fs::remove_file(policies.join(f)).unwrap();
+    }
+    std::fs::write(policies.join("demo.yaml"), &policy).unwrap();
+    wait_for("none counted", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 0\n")
+            .then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
 /// An alert webhook that is briefly unavailable (503) gets the event again.
 #[tokio::test]
 async fn an_alert_webhook_that_answers_503_gets_the_event_again() {
