@@ -821,15 +821,17 @@ impl Tasks {
 /// What is left of a stopped rollout once its task has ended: the task published its last
 /// view before it saw the stop, so this comes after it.
 fn settle(shared: &Shared, name: &str, why: Stopped) {
-    shared.metrics.forget(name);
     let Ok(mut views) = shared.views.write() else {
         return;
     };
     match why {
         Stopped::Renamed => {
+            shared.metrics.forget(name);
             views.remove(name);
         }
         Stopped::Deleted(file) => {
+            // Its phase, weight and step series stay, like its view: the router may still
+            // split traffic for it.
             if let Some(v) = views.get_mut(name) {
                 // Where the router was last seen sending traffic, which is where it stays.
                 let weight = v.router_weight.unwrap_or(v.weight);

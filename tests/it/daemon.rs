@@ -1720,6 +1720,15 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
         "{v}"
     );
     assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
+    // Its series stay too, as the API keeps it (regression, UAT: they were dropped).
+    let m = metrics_text(&d).await;
+    for series in [
+        "canaryd_rollout_phase{phase=\"progressing\",rollout=\"demo\"} 1",
+        "canaryd_rollout_canary_weight{rollout=\"demo\"} 10",
+        "canaryd_rollout_step{rollout=\"demo\"} 1",
+    ] {
+        assert!(m.contains(series), "{series} missing from\n{m}");
+    }
     // `canaryd status` shows it, as a stopped rollout rather than a rejected edit.
     let (_, list) = d.get("/api/v1/rollouts").await;
     let table = canaryd::client::table(&list);
