@@ -560,8 +560,9 @@ impl Task {
         if d.action == Action::Reject {
             // A refused action changes nothing: the operator gets the reason in the answer,
             // and the decision log keeps the rollout's own history rather than a flood of
-            // refusals.
+            // refusals. The metric counts it, as a number cannot crowd anything out.
             tracing::info!(rollout = %self.policy.name, who = d.who.as_deref(), reason = %d.reason, "operator action refused");
+            self.shared.metrics.refused(&self.policy.name);
             return None;
         }
         let prev = self.state.clone();

@@ -245,6 +245,14 @@ impl Metrics {
         }
     }
 
+    /// Counts an operator action `decide` refused (`Action::Reject`): it changes nothing and
+    /// stays out of the decision log, but `canaryd_decisions_total` counts it.
+    pub fn refused(&self, rollout: &str) {
+        self.decisions
+            .with_label_values(&[rollout, Action::Reject.as_str()])
+            .inc();
+    }
+
     fn report(&self, rollout: &str, r: &MetricReport) {
         let m = r.metric.as_str();
         for (version, v) in [("stable", r.stable), ("canary", r.canary)] {

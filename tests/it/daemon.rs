@@ -1938,6 +1938,37 @@ async fn every_invalid_or_refused_policy_file_is_counted_in_the_metrics() {
     d.stop().await;
 }
 
+/// Regression (UAT): `canaryd_decisions_total{action="reject"}` stayed at 0: a refused
+/// operator action returned before it was counted. It stays out of the decision log (on
+/// purpose) but is counted.
+#[tokio::test]
+async fn a_refused_action_is_counted_but_kept_out_of_the_decision_log() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let (status, body) = d.post("/api/v1/rollouts/demo/resume", None, "{}").await;
+    assert_eq!(status, 409, "{body}");
+    let m = metrics_text(&d).await;
+    assert!(
+        m.contains("canaryd_decisions_total{action=\"reject\",rollout=\"demo\"} 1"),
+        "{m}"
+    );
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    assert!(
+        log["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["action"] != "reject"),
+        "{log}"
+    );
+    d.stop().await;
+}
+
 /// An alert webhook that is briefly unavailable (503) gets the event again.
 #[tokio::test]
 async fn an_alert_webhook_that_answers_503_gets_the_event_again() {

@@ -350,7 +350,7 @@ impl TestPrometheus {
 
     /// Runs a range query over the last `span` (by Prometheus' clock) with `step`; returns the
     /// HTTP status and the JSON body. For queries such as the decision annotations
-    /// (`changes(...[30s]) > 0`) that only have data around the moment something happened.
+    /// (`increase(...[30s]) > 0`) that only have data around the moment something happened.
     pub async fn query_range(
         &self,
         client: &reqwest::Client,
@@ -568,10 +568,96 @@ async fn every_dashboard_query_and_recording_rule_parses_in_prometheus() {
     );
 }
 
+/// Serves `text` (shared, so a test can change it) as `/metrics` on a loopback port.
+async fn serve_metrics(text: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = text.lock().unwrap().clone();
+            async move { ([("content-type", "text/plain; version=0.0.4")], text) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the exporter");
+    let addr = listener.local_addr().expect("exporter address").to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 /// The value of an instant query's first series, if it has one.
 async fn value(prom: &TestPrometheus, client: &reqwest::Client, promql: &str) -> Option<f64> {
     let (_, body) = prom.query(client, promql).await;
     body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// Regression (UAT): the decision annotations used `changes(...)`, which also counts a counter's
+/// reset, so every daemon restart drew false marks. A counter that went back to zero (`b`, a
+/// restart) marks nothing; one that went up (`a`, a rollback after the restart) is marked.
+#[tokio::test(flavor = "multi_thread")]
+async fn decision_annotations_mark_decisions_not_daemon_restarts() {
+    let counters = |a: u32, b: u32| {
+        format!(
+            "# TYPE canaryd_decisions_total counter\n\
+             canaryd_decisions_total{{rollout=\"a\",action=\"rollback\"}} {a}\n\
+             canaryd_decisions_total{{rollout=\"b\",action=\"rollback\"}} {b}\n"
+        )
+    };
+    let text = std::sync::Arc::new(std::sync::Mutex::new(counters(0, 1)));
+    let target = serve_metrics(text.clone()).await;
+    let prom = TestPrometheus::scraping(&[], &[target]).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_for(
+        "two scrapes before the restart",
+        Duration::from_secs(20),
+        || async {
+            let n = value(
+                &prom,
+                &client,
+                "count_over_time(canaryd_decisions_total{rollout=\"b\"}[1m])",
+            )
+            .await?;
+            (n >= 2.0).then_some(())
+        },
+    )
+    .await;
+    *text.lock().unwrap() = counters(1, 0);
+    wait_for(
+        "a scrape after the restart",
+        Duration::from_secs(20),
+        || async {
+            let a = value(&prom, &client, "canaryd_decisions_total{rollout=\"a\"}").await?;
+            (a == 1.0).then_some(())
+        },
+    )
+    .await;
+    let mut marked = Vec::new();
+    for rollout in ["a", "b"] {
+        let mut vars = default_variables();
+        vars.insert("rollout".into(), rollout.into());
+        for (at, q) in dashboard_queries_with(&vars) {
+            if !at.contains("annotation") {
+                continue;
+            }
+            let (status, body) = prom.query(&client, &q).await;
+            assert_eq!(status, 200, "{at}: {q}: {body}");
+            for series in body["data"]["result"].as_array().into_iter().flatten() {
+                let marked_rollout = series["metric"]["rollout"].as_str().unwrap_or("?");
+                marked.push((marked_rollout.to_owned(), at.clone()));
+            }
+        }
+    }
+    assert!(
+        marked.iter().all(|(rollout, _)| rollout != "b"),
+        "a counter reset is marked: {marked:#?}"
+    );
+    assert!(
+        marked.iter().any(|(rollout, _)| rollout == "a"),
+        "the rollback is not marked: {marked:#?}"
+    );
 }
 
 /// Regression (UAT): a new policy file that is broken or refused was listed under
