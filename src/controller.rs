@@ -615,7 +615,9 @@ impl Task {
         self.shared
             .metrics
             .decision(&d, shown_step(&d.state, self.policy.strategy.steps().len()));
-        if d.action != Action::Hold && d.action != Action::Reject {
+        // Every decision that moves traffic or changes the phase, a hold included (edited steps
+        // bring the weight down with a hold).
+        if d.action != Action::Hold || d.weight != prev.weight || d.state.phase != prev.phase {
             tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref(), "decision");
         }
         // Idle rollouts own no traffic yet, and a failed one leaves the router to the operator

@@ -1969,6 +1969,46 @@ async fn a_refused_action_is_counted_but_kept_out_of_the_decision_log() {
     d.stop().await;
 }
 
+/// Regression (UAT): after an edit of `steps` the weight went from 60% to 20% with a `hold`
+/// decision, and the log said nothing: only non-hold decisions were logged. Every decision that
+/// moves traffic is (Prometheus is a closed port here, so the rollout holds at its first step).
+#[tokio::test]
+async fn a_hold_that_moves_traffic_is_logged() {
+    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
+    let log = dir.path().join("canaryd.log");
+    let mut child = spawn_logging_daemon(dir.path(), &log);
+    wait_for("the start decision", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("action=\"start\"").then_some(())
+    })
+    .await;
+    std::fs::write(
+        dir.path().join("policies/demo.yaml"),
+        POLICY
+            .replace("/dev/null", "weights.json")
+            .replace("steps: [10, 50]", "steps: [5, 50]"),
+    )
+    .unwrap();
+    let weights = dir.path().join("weights.json");
+    wait_for(
+        "the weight brought down",
+        Duration::from_secs(15),
+        || async {
+            let doc: Value = serde_json::from_str(&std::fs::read_to_string(&weights).ok()?).ok()?;
+            (doc["weights"]["v2"].as_f64() == Some(5.0)).then_some(())
+        },
+    )
+    .await;
+    // The decision is logged before the router hears of it.
+    let text = std::fs::read_to_string(&log).unwrap();
+    child.kill().await.unwrap();
+    let hold = text
+        .lines()
+        .find(|l| l.contains("action=\"hold\"") && l.contains("the policy's steps changed"));
+    assert!(hold.is_some(), "{text}");
+    assert!(hold.unwrap().contains("weight=5"), "{text}");
+}
+
 /// An alert webhook that is briefly unavailable (503) gets the event again.
 #[tokio::test]
 async fn an_alert_webhook_that_answers_503_gets_the_event_again() {
