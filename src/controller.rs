@@ -834,7 +834,8 @@ fn settle(shared: &Shared, name: &str, why: Stopped) {
         }
         Stopped::Deleted(file) => {
             // Its phase, weight and step series stay, like its view: the router may still
-            // split traffic for it.
+            // split traffic for it. No file of it is invalid any more.
+            shared.metrics.policy_invalid(name, false);
             if let Some(v) = views.get_mut(name) {
                 // Where the router was last seen sending traffic, which is where it stays.
                 let weight = v.router_weight.unwrap_or(v.weight);

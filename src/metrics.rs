@@ -365,6 +365,7 @@ impl Metrics {
         for p in Phase::ALL {
             let _ = self.phase.remove_label_values(&[rollout, p.as_str()]);
         }
+        let _ = self.policy_invalid.remove_label_values(&[rollout]);
     }
 }
 

@@ -1938,6 +1938,40 @@ async fn every_invalid_or_refused_policy_file_is_counted_in_the_metrics() {
     d.stop().await;
 }
 
+/// A deleted policy file whose last edit was refused is not invalid any more: nothing lists it
+/// under `invalid_policies`, and `canaryd_policy_invalid` goes back to 0 rather than stay at 1
+/// (and keep `CanarydPolicyInvalid`'s old form firing) until the file returns.
+#[tokio::test]
+async fn a_deleted_policy_whose_edit_was_refused_is_not_counted_invalid() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(&file, policy.replace("failure_limit", "failure_limt")).unwrap();
+    let invalid = "canaryd_policy_invalid{rollout=\"demo\"}";
+    wait_for("the edit refused", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains(&format!("{invalid} 1"))
+            .then_some(())
+    })
+    .await;
+    std::fs::remove_file(&file).unwrap();
+    wait_for("the rollout stopped", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (v["stopped"] == true).then_some(())
+    })
+    .await;
+    let m = metrics_text(&d).await;
+    assert!(m.contains(&format!("{invalid} 0")), "{m}");
+    assert!(m.contains("\ncanaryd_invalid_policy_files 0\n"), "{m}");
+    d.stop().await;
+}
+
 /// Regression (UAT): `canaryd_decisions_total{action="reject"}` stayed at 0: a refused
 /// operator action returned before it was counted. It stays out of the decision log (on
 /// purpose) but is counted.
