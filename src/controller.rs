@@ -213,6 +213,14 @@ pub fn shown_step(state: &RolloutState, steps: usize) -> usize {
     }
 }
 
+fn strategy_kind(policy: &Policy) -> &'static str {
+    if policy.strategy.is_blue_green() {
+        "blue-green"
+    } else {
+        "canary"
+    }
+}
+
 pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView {
     RolloutView {
         name: policy.name.clone(),
@@ -225,11 +233,7 @@ pub fn view_of(policy: &Policy, file: &str, state: &RolloutState) -> RolloutView
         step: shown_step(state, policy.strategy.steps().len()),
         steps: policy.strategy.steps(),
         method: policy.analysis.method.as_str().to_owned(),
-        strategy: if policy.strategy.is_blue_green() {
-            "blue-green".into()
-        } else {
-            "canary".into()
-        },
+        strategy: strategy_kind(policy).to_owned(),
         router: policy.router.kind().to_owned(),
         state: state.clone(),
         last_decision: None,
@@ -254,8 +258,12 @@ impl Task {
         }
     }
 
+    /// Shows the state and the policy as they are now: every field that comes from the policy
+    /// follows an edit (the router's kind too, once the rollout has moved to another router).
     fn publish(&mut self) {
         let v = &mut self.view;
+        v.file = self.file.clone();
+        v.model = self.policy.model.clone();
         v.stable = self.state.stable.clone();
         v.canary = self.state.canary.clone();
         v.phase = self.state.phase;
@@ -263,6 +271,8 @@ impl Task {
         v.step = shown_step(&self.state, self.policy.strategy.steps().len());
         v.steps = self.policy.strategy.steps();
         v.method = self.policy.analysis.method.as_str().to_owned();
+        v.strategy = strategy_kind(&self.policy).to_owned();
+        v.router = self.policy.router.kind().to_owned();
         v.state = self.state.clone();
         // The view shows the router's kind; its configuration may hold a webhook's secret.
         v.state.router = None;
@@ -579,8 +589,9 @@ impl Task {
         if d.action == Action::Reject {
             // A refused action changes nothing: the operator gets the reason in the answer,
             // and the decision log keeps the rollout's own history rather than a flood of
-            // refusals.
+            // refusals. The metric counts it, as a number cannot crowd anything out.
             tracing::info!(rollout = %self.policy.name, who = d.who.as_deref(), reason = %d.reason, "operator action refused");
+            self.shared.metrics.refused(&self.policy.name);
             return None;
         }
         let prev = self.state.clone();
@@ -657,7 +668,9 @@ impl Task {
         self.shared
             .metrics
             .decision(&d, shown_step(&d.state, self.policy.strategy.steps().len()));
-        if d.action != Action::Hold && d.action != Action::Reject {
+        // Every decision that moves traffic or changes the phase, a hold included (edited steps
+        // bring the weight down with a hold).
+        if d.action != Action::Hold || d.weight != prev.weight || d.state.phase != prev.phase {
             tracing::info!(rollout = %self.policy.name, action = d.action.as_str(), phase = d.state.phase.as_str(), weight = d.weight, reason = %d.reason, who = d.who.as_deref(), "decision");
         }
         // Idle rollouts own no traffic yet, and a failed one leaves the router to the operator
@@ -869,15 +882,18 @@ impl Tasks {
 /// What is left of a stopped rollout once its task has ended: the task published its last
 /// view before it saw the stop, so this comes after it.
 fn settle(shared: &Shared, name: &str, why: Stopped) {
-    shared.metrics.forget(name);
     let Ok(mut views) = shared.views.write() else {
         return;
     };
     match why {
         Stopped::Renamed => {
+            shared.metrics.forget(name);
             views.remove(name);
         }
         Stopped::Deleted(file) => {
+            // Its phase, weight and step series stay, like its view: the router may still
+            // split traffic for it. No file of it is invalid any more.
+            shared.metrics.policy_invalid(name, false);
             if let Some(v) = views.get_mut(name) {
                 // Where the router was last seen sending traffic, which is where it stays.
                 let weight = v.router_weight.unwrap_or(v.weight);
@@ -1093,6 +1109,7 @@ pub async fn run(
     if let Ok(mut e) = policy_errors.write() {
         e.clear();
     }
+    shared.metrics.invalid_policy_files(0);
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
@@ -1300,6 +1317,9 @@ async fn scan(
                 router,
             },
         );
+    }
+    if let Ok(e) = policy_errors.read() {
+        shared.metrics.invalid_policy_files(e.len());
     }
 }
 

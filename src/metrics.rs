@@ -43,6 +43,7 @@ pub struct Metrics {
     router_errors: IntCounterVec,
     policy_invalid: IntGaugeVec,
     store_errors: IntCounterVec,
+    invalid_policy_files: prometheus::IntGauge,
     leader: prometheus::IntGauge,
 }
 
@@ -195,6 +196,14 @@ impl Metrics {
                 "Decisions the state store could not record",
                 &["rollout"],
             )?,
+            invalid_policy_files: {
+                let g = prometheus::IntGauge::new(
+                    "canaryd_invalid_policy_files",
+                    "Policy files listed under invalid_policies: invalid, refused (a name or router target another policy has) or not started, new files and edits of running rollouts alike",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             leader: {
                 let g = prometheus::IntGauge::new(
                     "canaryd_leader",
@@ -241,6 +250,14 @@ impl Metrics {
         for r in &d.reports {
             self.report(name, r);
         }
+    }
+
+    /// Counts an operator action `decide` refused (`Action::Reject`): it changes nothing and
+    /// stays out of the decision log, but `canaryd_decisions_total` counts it.
+    pub fn refused(&self, rollout: &str) {
+        self.decisions
+            .with_label_values(&[rollout, Action::Reject.as_str()])
+            .inc();
     }
 
     fn report(&self, rollout: &str, r: &MetricReport) {
@@ -341,18 +358,27 @@ impl Metrics {
             .set(i64::from(invalid));
     }
 
-    /// Drops a rollout's series when its policy is deleted.
+    /// How many policy files the API lists under `invalid_policies`. One number rather than a
+    /// series per file: file names are not a bounded label set.
+    pub fn invalid_policy_files(&self, count: usize) {
+        self.invalid_policy_files
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// Whether this daemon runs the rollouts now.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
     }
 
+    /// Drops the series of a rollout that no policy defines any more (renamed), or that this
+    /// daemon no longer runs (its leadership term ended).
     pub fn forget(&self, rollout: &str) {
         let _ = self.weight.remove_label_values(&[rollout]);
         let _ = self.step.remove_label_values(&[rollout]);
         for p in Phase::ALL {
             let _ = self.phase.remove_label_values(&[rollout, p.as_str()]);
         }
+        let _ = self.policy_invalid.remove_label_values(&[rollout]);
     }
 }
 

@@ -1587,6 +1587,37 @@ fn sources_of(source: &FakeSource) -> canaryd::controller::SourceFactory {
     factories(&FakeRouter::default(), source).1
 }
 
+/// Regression (UAT): after an edit moved a rollout from the file router to HAProxy, the API
+/// and `canaryd status` still said `"router": "file"` while traffic (and /metrics) had moved.
+/// Every field of the view that comes from the policy follows the edit.
+#[tokio::test]
+async fn the_view_shows_the_router_an_edit_moved_the_rollout_to() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let v = d.wait_phase("demo", "progressing").await;
+    assert_eq!(v["router"], "file", "{v}");
+    let edited = policy.replace("steps: [10, 50]", "steps: [10, 60]").replace(
+        "  file: {path: /dev/null}",
+        "  haproxy:\n    socket: 127.0.0.1:9999\n    backend: demo\n    servers: {v1: a, v2: b}",
+    );
+    std::fs::write(dir.path().join("policies/demo.yaml"), edited).unwrap();
+    // The edited steps show that the edit has been taken.
+    let v = wait_for("the edit taken", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (v["steps"] == serde_json::json!([10.0, 60.0])).then_some(v)
+    })
+    .await;
+    assert_eq!(v["router"], "haproxy", "{v}");
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions").await;
+    let status = canaryd::client::timeline(&v, &log);
+    assert!(status.contains("haproxy router]"), "{status}");
+    d.stop().await;
+}
+
 /// A source that holds one rollout's observations until `open` turns true, so that a test can
 /// act while that rollout's task is in the middle of a tick. `alive` counts the sources of that
 /// rollout that still exist: its task's, and the factory's template.
@@ -1725,6 +1756,15 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
         "{v}"
     );
     assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
+    // Its series stay too, as the API keeps it (regression, UAT: they were dropped).
+    let m = metrics_text(&d).await;
+    for series in [
+        "canaryd_rollout_phase{phase=\"progressing\",rollout=\"demo\"} 1",
+        "canaryd_rollout_canary_weight{rollout=\"demo\"} 10",
+        "canaryd_rollout_step{rollout=\"demo\"} 1",
+    ] {
+        assert!(m.contains(series), "{series} missing from\n{m}");
+    }
     // `canaryd status` shows it, as a stopped rollout rather than a rejected edit.
     let (_, list) = d.get("/api/v1/rollouts").await;
     let table = canaryd::client::table(&list);
@@ -1858,6 +1898,185 @@ async fn a_second_policy_on_a_router_target_is_refused_and_the_first_keeps_runni
     assert_eq!(a_view["phase"], "progressing", "{a_view}");
     assert!(a_view["policy_error"].is_null(), "{a_view}");
     d.stop().await;
+}
+
+/// The daemon's /metrics text.
+async fn metrics_text(d: &Daemon) -> String {
+    reqwest::get(format!("{}/metrics", d.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Regression (UAT): `canaryd_policy_invalid` counts running rollouts only, so new policy files
+/// that were broken or refused (listed under `invalid_policies`) showed nowhere in /metrics.
+/// `canaryd_invalid_policy_files` counts every file that list holds.
+#[tokio::test]
+async fn every_invalid_or_refused_policy_file_is_counted_in_the_metrics() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    assert!(
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 0\n")
+    );
+    let policies = dir.path().join("policies");
+    // A YAML error, an unknown key, and a second file for the running rollout's name.
+    std::fs::write(policies.join("broken.yaml"), "name: broken\nstable: [\n").unwrap();
+    std::fs::write(
+        policies.join("typo.yaml"),
+        policy
+            .replace("name: demo", "name: typo")
+            .replace("failure_limit", "failure_limt"),
+    )
+    .unwrap();
+    std::fs::write(policies.join("twin.yaml"), &policy).unwrap();
+    wait_for("three files counted", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 3\n")
+            .then_some(())
+    })
+    .await;
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"].as_array().map(Vec::len), Some(3));
+    // A bad edit of the running rollout is one more file in the list, as in the metric.
+    std::fs::write(
+        policies.join("demo.yaml"),
+        policy.replace("failure_limit", "failure_limt"),
+    )
+    .unwrap();
+    wait_for("four files counted", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 4\n")
+            .then_some(())
+    })
+    .await;
+    for f in ["broken.yaml", "typo.yaml", "twin.yaml"] {
+        std::fs::remove_file(policies.join(f)).unwrap();
+    }
+    std::fs::write(policies.join("demo.yaml"), &policy).unwrap();
+    wait_for("none counted", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains("\ncanaryd_invalid_policy_files 0\n")
+            .then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
+/// A deleted policy file whose last edit was refused is not invalid any more: nothing lists it
+/// under `invalid_policies`, and `canaryd_policy_invalid` goes back to 0 rather than stay at 1
+/// (and keep `CanarydPolicyInvalid`'s old form firing) until the file returns.
+#[tokio::test]
+async fn a_deleted_policy_whose_edit_was_refused_is_not_counted_invalid() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(&file, policy.replace("failure_limit", "failure_limt")).unwrap();
+    let invalid = "canaryd_policy_invalid{rollout=\"demo\"}";
+    wait_for("the edit refused", Duration::from_secs(10), || async {
+        metrics_text(&d)
+            .await
+            .contains(&format!("{invalid} 1"))
+            .then_some(())
+    })
+    .await;
+    std::fs::remove_file(&file).unwrap();
+    wait_for("the rollout stopped", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (v["stopped"] == true).then_some(())
+    })
+    .await;
+    let m = metrics_text(&d).await;
+    assert!(m.contains(&format!("{invalid} 0")), "{m}");
+    assert!(m.contains("\ncanaryd_invalid_policy_files 0\n"), "{m}");
+    d.stop().await;
+}
+
+/// Regression (UAT): `canaryd_decisions_total{action="reject"}` stayed at 0: a refused
+/// operator action returned before it was counted. It stays out of the decision log (on
+/// purpose) but is counted.
+#[tokio::test]
+async fn a_refused_action_is_counted_but_kept_out_of_the_decision_log() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    let (status, body) = d.post("/api/v1/rollouts/demo/resume", None, "{}").await;
+    assert_eq!(status, 409, "{body}");
+    let m = metrics_text(&d).await;
+    assert!(
+        m.contains("canaryd_decisions_total{action=\"reject\",rollout=\"demo\"} 1"),
+        "{m}"
+    );
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    assert!(
+        log["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["action"] != "reject"),
+        "{log}"
+    );
+    d.stop().await;
+}
+
+/// Regression (UAT): after an edit of `steps` the weight went from 60% to 20% with a `hold`
+/// decision, and the log said nothing: only non-hold decisions were logged. Every decision that
+/// moves traffic is (Prometheus is a closed port here, so the rollout holds at its first step).
+#[tokio::test]
+async fn a_hold_that_moves_traffic_is_logged() {
+    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
+    let log = dir.path().join("canaryd.log");
+    let mut child = spawn_logging_daemon(dir.path(), &log);
+    wait_for("the start decision", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("action=\"start\"").then_some(())
+    })
+    .await;
+    std::fs::write(
+        dir.path().join("policies/demo.yaml"),
+        POLICY
+            .replace("/dev/null", "weights.json")
+            .replace("steps: [10, 50]", "steps: [5, 50]"),
+    )
+    .unwrap();
+    let weights = dir.path().join("weights.json");
+    wait_for(
+        "the weight brought down",
+        Duration::from_secs(15),
+        || async {
+            let doc: Value = serde_json::from_str(&std::fs::read_to_string(&weights).ok()?).ok()?;
+            (doc["weights"]["v2"].as_f64() == Some(5.0)).then_some(())
+        },
+    )
+    .await;
+    // The decision is logged before the router hears of it.
+    let text = std::fs::read_to_string(&log).unwrap();
+    child.kill().await.unwrap();
+    let hold = text
+        .lines()
+        .find(|l| l.contains("action=\"hold\"") && l.contains("the policy's steps changed"));
+    assert!(hold.is_some(), "{text}");
+    assert!(hold.unwrap().contains("weight=5"), "{text}");
 }
 
 /// An alert webhook that is briefly unavailable (503) gets the event again.

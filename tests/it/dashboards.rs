@@ -258,7 +258,7 @@ fn rules_of_kind(kind: &str) -> Vec<(String, Value, String, String)> {
 }
 
 /// A Prometheus on a free loopback port with an empty TSDB in a tempdir, loading `rule_files`
-/// and scraping nothing. Killed when dropped.
+/// and scraping nothing, or the given targets. Killed when dropped.
 pub struct TestPrometheus {
     pub port: u16,
     pub child: ChildGuard,
@@ -267,12 +267,25 @@ pub struct TestPrometheus {
 
 impl TestPrometheus {
     pub async fn start(rule_files: &[PathBuf]) -> TestPrometheus {
+        TestPrometheus::scraping(rule_files, &[]).await
+    }
+
+    /// Scrapes `targets` (`host:port`, job `canaryd`) every second.
+    pub async fn scraping(rule_files: &[PathBuf], targets: &[String]) -> TestPrometheus {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = String::from("global:\n  evaluation_interval: 1s\nrule_files:\n");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n",
+        );
         for f in rule_files {
             config.push_str(&format!("  - {:?}\n", f.display().to_string()));
         }
-        config.push_str("scrape_configs: []\n");
+        if targets.is_empty() {
+            config.push_str("scrape_configs: []\n");
+        } else {
+            config.push_str(&format!(
+                "scrape_configs:\n  - job_name: canaryd\n    static_configs:\n      - targets: {targets:?}\n"
+            ));
+        }
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).expect("write config");
         let port = free_port();
@@ -337,7 +350,7 @@ impl TestPrometheus {
 
     /// Runs a range query over the last `span` (by Prometheus' clock) with `step`; returns the
     /// HTTP status and the JSON body. For queries such as the decision annotations
-    /// (`changes(...[30s]) > 0`) that only have data around the moment something happened.
+    /// (`increase(...[30s]) > 0`) that only have data around the moment something happened.
     pub async fn query_range(
         &self,
         client: &reqwest::Client,
@@ -410,6 +423,7 @@ fn every_dashboard_panel_has_a_promql_query() {
         "canaryd_router_call_duration_seconds",
         "canaryd_router_errors_total",
         "canaryd_policy_invalid",
+        "canaryd_invalid_policy_files",
         "canaryd_leader",
         "model_version:model_request_error_ratio:rate1m",
         "model_version:model_request_duration_seconds:p99_1m",
@@ -552,4 +566,152 @@ async fn every_dashboard_query_and_recording_rule_parses_in_prometheus() {
         body["data"]["result"][0]["values"].as_array().map(Vec::len),
         Some(13)
     );
+}
+
+/// Serves `text` (shared, so a test can change it) as `/metrics` on a loopback port.
+async fn serve_metrics(text: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = text.lock().unwrap().clone();
+            async move { ([("content-type", "text/plain; version=0.0.4")], text) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the exporter");
+    let addr = listener.local_addr().expect("exporter address").to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// The value of an instant query's first series, if it has one.
+async fn value(prom: &TestPrometheus, client: &reqwest::Client, promql: &str) -> Option<f64> {
+    let (_, body) = prom.query(client, promql).await;
+    body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// Regression (UAT): the decision annotations used `changes(...)`, which also counts a counter's
+/// reset, so every daemon restart drew false marks. A counter that went back to zero (`b`, a
+/// restart) marks nothing; one that went up (`a`, a rollback after the restart) is marked.
+#[tokio::test(flavor = "multi_thread")]
+async fn decision_annotations_mark_decisions_not_daemon_restarts() {
+    let counters = |a: u32, b: u32| {
+        format!(
+            "# TYPE canaryd_decisions_total counter\n\
+             canaryd_decisions_total{{rollout=\"a\",action=\"rollback\"}} {a}\n\
+             canaryd_decisions_total{{rollout=\"b\",action=\"rollback\"}} {b}\n"
+        )
+    };
+    let text = std::sync::Arc::new(std::sync::Mutex::new(counters(0, 1)));
+    let target = serve_metrics(text.clone()).await;
+    let prom = TestPrometheus::scraping(&[], &[target]).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    wait_for(
+        "two scrapes before the restart",
+        Duration::from_secs(20),
+        || async {
+            let n = value(
+                &prom,
+                &client,
+                "count_over_time(canaryd_decisions_total{rollout=\"b\"}[1m])",
+            )
+            .await?;
+            (n >= 2.0).then_some(())
+        },
+    )
+    .await;
+    *text.lock().unwrap() = counters(1, 0);
+    wait_for(
+        "a scrape after the restart",
+        Duration::from_secs(20),
+        || async {
+            let a = value(&prom, &client, "canaryd_decisions_total{rollout=\"a\"}").await?;
+            (a == 1.0).then_some(())
+        },
+    )
+    .await;
+    let mut marked = Vec::new();
+    for rollout in ["a", "b"] {
+        let mut vars = default_variables();
+        vars.insert("rollout".into(), rollout.into());
+        for (at, q) in dashboard_queries_with(&vars) {
+            if !at.contains("annotation") {
+                continue;
+            }
+            let (status, body) = prom.query(&client, &q).await;
+            assert_eq!(status, 200, "{at}: {q}: {body}");
+            for series in body["data"]["result"].as_array().into_iter().flatten() {
+                let marked_rollout = series["metric"]["rollout"].as_str().unwrap_or("?");
+                marked.push((marked_rollout.to_owned(), at.clone()));
+            }
+        }
+    }
+    assert!(
+        marked.iter().all(|(rollout, _)| rollout != "b"),
+        "a counter reset is marked: {marked:#?}"
+    );
+    assert!(
+        marked.iter().any(|(rollout, _)| rollout == "a"),
+        "the rollback is not marked: {marked:#?}"
+    );
+}
+
+/// Regression (UAT): a new policy file that is broken or refused was listed under
+/// `invalid_policies`, but nothing in /metrics counted it, so neither the "Invalid policies"
+/// panel nor the `CanarydPolicyInvalid` alert saw it. The daemon, scraped by a Prometheus with
+/// the shipped rules, has one valid policy and one new file with an unknown key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_invalid_policy_file_shows_on_the_panel_and_raises_the_alert() {
+    use crate::daemon::{Daemon, FakeRouter, FakeSource, Mode, POLICY, setup};
+    let dir = setup(POLICY);
+    std::fs::write(
+        dir.path().join("policies/other.yaml"),
+        POLICY
+            .replace("name: demo", "name: other")
+            .replace("failure_limit", "failure_limt"),
+    )
+    .unwrap();
+    let source = FakeSource {
+        mode: std::sync::Arc::new(std::sync::Mutex::new(Mode::Good)),
+    };
+    let d = Daemon::start(dir.path(), FakeRouter::default(), source, None).await;
+    let target = d.url.trim_start_matches("http://").to_owned();
+    let prom = TestPrometheus::scraping(&rule_files(), &[target]).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let alerts = prom.url("/api/v1/alerts");
+    let alert = wait_for(
+        "CanarydPolicyInvalid to be pending",
+        Duration::from_secs(30),
+        || async {
+            let body: Value = client.get(&alerts).send().await.ok()?.json().await.ok()?;
+            body["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| a["labels"]["alertname"] == "CanarydPolicyInvalid")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(
+        alert["value"].as_str().map(str::parse::<f64>),
+        Some(Ok(1.0)),
+        "{alert}"
+    );
+    let (at, panel) = dashboard_queries()
+        .into_iter()
+        .find(|(at, _)| at.contains("canaryd-overview.json › panel \"Invalid policies\""))
+        .expect("the overview's Invalid policies panel");
+    assert_eq!(
+        value(&prom, &client, &panel).await,
+        Some(1.0),
+        "{at}: {panel}"
+    );
+    d.stop().await;
 }
