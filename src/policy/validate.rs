@@ -935,6 +935,10 @@ impl Validator {
                 );
             }
         }
+        // A kind whose details are wrong (a quantile out of range, a broken template) is still
+        // known well enough to check the bounds' units, so that every problem of the metric is
+        // reported at once; `kind_ok` keeps the metric from validating.
+        let mut kind_ok = true;
         let kind = match (&r.builtin, &r.query) {
             (Some(b), Some(q)) => {
                 self.err(
@@ -958,9 +962,9 @@ impl Validator {
                 "error_rate" => Some(MetricKind::ErrorRate),
                 "accuracy" => Some(MetricKind::Accuracy),
                 "latency" => {
-                    let q = match &r.quantile {
-                        None => Some(0.99),
-                        Some(q) if q.value > 0.0 && q.value < 1.0 => Some(q.value),
+                    let quantile = match &r.quantile {
+                        None => 0.99,
+                        Some(q) if q.value > 0.0 && q.value < 1.0 => q.value,
                         Some(q) => {
                             self.err(
                                 q,
@@ -969,10 +973,11 @@ impl Validator {
                                     q.value
                                 ),
                             );
-                            None
+                            kind_ok = false;
+                            0.99
                         }
                     };
-                    q.map(|quantile| MetricKind::Latency { quantile })
+                    Some(MetricKind::Latency { quantile })
                 }
                 other => {
                     let hint = did_you_mean(other, &["error_rate", "latency", "accuracy"]);
@@ -983,9 +988,12 @@ impl Validator {
                     None
                 }
             },
-            (None, Some(q)) => self.template(q).then(|| MetricKind::Query {
-                template: q.value.trim().to_owned(),
-            }),
+            (None, Some(q)) => {
+                kind_ok = self.template(q);
+                Some(MetricKind::Query {
+                    template: q.value.trim().to_owned(),
+                })
+            }
         };
         if let (Some(q), Some(k)) = (&r.quantile, &kind)
             && !matches!(k, MetricKind::Latency { .. })
@@ -1028,11 +1036,14 @@ impl Validator {
             }
         };
         let kind = kind?;
-        let bounds = self.bounds(r, m, &kind)?;
+        let bounds = self.bounds(r, m, &kind);
+        if !kind_ok {
+            return None;
+        }
         Some(MetricSpec {
             name: name?.value.clone(),
             kind,
-            bounds,
+            bounds: bounds?,
             min_samples,
             critical: r.critical.as_ref().is_some_and(|c| c.value),
         })
