@@ -180,7 +180,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .as_deref()
                 .map_or_else(String::new, |p| format!(" {}", p.display()));
             anyhow::anyhow!(
-                "lease_ttl in the config file{config}: expected a duration like 10s, found {text:?} ({e})"
+                "lease_ttl in the config file{config}: expected a duration like 10s, found {} ({e})",
+                canaryd::text::quoted(&text)
             )
         })?,
         (None, None) => Duration::from_secs(10),
@@ -326,7 +327,8 @@ fn ha_config(
     let prefix = prefix.unwrap_or_else(|| "/canaryd".into());
     anyhow::ensure!(
         prefix.starts_with('/') && prefix.len() > 1 && prefix.bytes().all(|b| b.is_ascii_graphic()),
-        "--etcd-prefix: expected a key prefix like /canaryd (a slash, then printable ASCII), found {prefix:?}"
+        "--etcd-prefix: expected a key prefix like /canaryd (a slash, then printable ASCII), found {}",
+        canaryd::text::quoted(&prefix)
     );
     let replica = match replica {
         Some(r) => r,
@@ -380,10 +382,10 @@ fn check_prometheus_url(url: &str, from: &str) -> anyhow::Result<()> {
 /// `url` parsed, when it is an http(s) URL with a host; otherwise the error `expected, found
 /// ...`. A URL with a user name or password in it is not echoed.
 fn http_url(url: &str, expected: &str) -> anyhow::Result<reqwest::Url> {
-    let parsed =
-        reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("{expected}, found {url:?} ({e})"))?;
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("{expected}, found {} ({e})", canaryd::text::quoted(url)))?;
     let shown = if parsed.username().is_empty() && parsed.password().is_none() {
-        format!("{url:?}")
+        canaryd::text::quoted(url)
     } else {
         "a URL with a user name or password".to_owned()
     };

@@ -23,6 +23,7 @@
 //! is one connection, bounded by a timeout covering connect, write and read.
 
 use super::{BoxFuture, Router, RouterError, Target, canary_share, check_target, integer_split};
+use crate::text::quoted;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -223,7 +224,8 @@ fn parse_set_answer(cmd: &str, answer: &str) -> Result<(), RouterError> {
         Ok(())
     } else {
         Err(RouterError::Rejected(format!(
-            "haproxy answered {cmd:?} with {text:?}"
+            "haproxy answered {cmd:?} with {}",
+            quoted(text)
         )))
     }
 }
@@ -239,15 +241,18 @@ fn parse_get_answer(cmd: &str, answer: &str) -> Result<u32, RouterError> {
     match parsed {
         Some(w) if w <= 256 => Ok(w),
         Some(_) => Err(RouterError::BadResponse(format!(
-            "haproxy answered {cmd:?} with {text:?}, a weight above 256"
+            "haproxy answered {cmd:?} with {}, a weight above 256",
+            quoted(text)
         ))),
         // An answer that is one line of words is HAProxy refusing the command ("No such
         // server.", "Permission denied"); anything else is not an answer we know.
         None if is_error_text(text) => Err(RouterError::Rejected(format!(
-            "haproxy answered {cmd:?} with {text:?}"
+            "haproxy answered {cmd:?} with {}",
+            quoted(text)
         ))),
         None => Err(RouterError::BadResponse(format!(
-            "haproxy answered {cmd:?} with {text:?}, expected \"<weight> (initial <weight>)\""
+            "haproxy answered {cmd:?} with {}, expected \"<weight> (initial <weight>)\"",
+            quoted(text)
         ))),
     }
 }
