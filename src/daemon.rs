@@ -234,7 +234,14 @@ fn open_store(path: &Path, decisions_kept: usize) -> anyhow::Result<Store> {
     Store::open_with_retention(path, decisions_kept).map_err(|e| {
         let why = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-                format!("the directory {} does not exist", dir.display())
+                // A file where a directory of the path should be (`./token/x.db` with
+                // `./token` a file) is named, rather than said not to exist.
+                match dir.ancestors().find(|a| a.exists()) {
+                    Some(file) if !file.as_os_str().is_empty() && !file.is_dir() => {
+                        format!("{} is not a directory", file.display())
+                    }
+                    _ => format!("the directory {} does not exist", dir.display()),
+                }
             }
             _ => std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string),
         };

@@ -1348,6 +1348,28 @@ async fn run_with_a_missing_state_directory_fails_once_naming_it() {
     );
 }
 
+/// Regression: `--state ./token/x.db` with `./token` a file said that the directory did not
+/// exist.
+#[tokio::test]
+async fn run_with_a_file_in_the_state_path_says_it_is_not_a_directory() {
+    let dir = setup(POLICY);
+    let file = dir.path().join("token");
+    std::fs::write(&file, "secret\n").unwrap();
+    for state in [file.join("s.db"), file.join("deeper/s.db")] {
+        let (code, err) =
+            run_daemon_expecting_failure(dir.path(), &["--state", state.to_str().unwrap()]).await;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.trim().starts_with(&format!(
+                "error: cannot open the state store {}: {} is not a directory",
+                state.display(),
+                file.display()
+            )),
+            "{err}"
+        );
+    }
+}
+
 /// The real `canaryd run` on `dir`'s policies and a SQLite state there, its log in `log`, with
 /// Prometheus a closed port (a start needs only the router).
 fn spawn_logging_daemon(dir: &Path, log: &Path) -> tokio::process::Child {
