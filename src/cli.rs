@@ -61,7 +61,8 @@ pub struct RunArgs {
     /// Shortest range a query covers; at least four scrape intervals of your Prometheus.
     #[arg(long, env = "CANARYD_QUERY_MIN_RANGE", value_parser = humantime::parse_duration, default_value = "60s")]
     pub query_min_range: std::time::Duration,
-    /// Address of the HTTP API [default: 127.0.0.1:9850].
+    /// Address of the HTTP API, an IP address or a host name with a port [default:
+    /// 127.0.0.1:9850].
     #[arg(long, env = "CANARYD_LISTEN")]
     pub listen: Option<String>,
     /// State store (SQLite file) [default: ./canaryd.db].

@@ -227,19 +227,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "the policies directory {} does not exist (give --policies DIR)",
         policies.display()
     );
-    let addr: std::net::SocketAddr = listen
-        .parse()
-        .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:9850"))?;
-    anyhow::ensure!(
-        addr.ip().is_loopback() || token.is_some() || insecure,
-        "refusing to listen on {addr} without an API token: give --api-token-file, or --insecure-no-auth if the network is trusted"
-    );
+    let addrs = listen_addresses(&listen)?;
+    canaryd::daemon::check_listen(&listen, &addrs, token.is_some(), insecure)?;
     with_runtime(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
+        // The first address of a name that can be bound, as a client connecting to the name
+        // tries them in turn.
+        let listener = tokio::net::TcpListener::bind(addrs.as_slice())
             .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+            .with_context(|| format!("cannot listen on {listen}"))?;
         // The address really listened on (`--listen 127.0.0.1:0` picks a port).
-        let addr = listener.local_addr().unwrap_or(addr);
+        let addr = listener.local_addr().unwrap_or(addrs[0]);
         let metrics = canaryd::metrics::Metrics::new(prometheus_registry())?;
         let config = canaryd::daemon::DaemonConfig {
             policies: policies.clone(),
@@ -270,6 +267,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         daemon.serve(listener, canaryd::daemon::signals()).await
     })
+}
+
+/// The addresses `--listen` names: an IP address with a port, or a host name with a port
+/// (`localhost:9850`) resolved once, at start.
+fn listen_addresses(listen: &str) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let expected = "is not an address like 127.0.0.1:9850 or a host name with a port like \
+                    localhost:9850";
+    let quoted = canaryd::text::quoted(listen);
+    let addrs: Vec<_> = listen
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {quoted} {expected}"))?
+        .collect();
+    anyhow::ensure!(
+        !addrs.is_empty(),
+        "--listen {quoted} {expected}: the name resolves to no address"
+    );
+    Ok(addrs)
 }
 
 /// The config file's settings, or `line:column: message` for people (the file name goes in

@@ -1142,6 +1142,76 @@ fn run_refuses_a_public_address_without_a_token() {
     assert!(err.contains("without an API token"), "{err}");
 }
 
+/// Regression: `--listen localhost:20055` was refused as "invalid socket address syntax". A
+/// host name is resolved, and the daemon listens on what it resolves to.
+#[tokio::test]
+async fn run_listens_on_a_host_name() {
+    let dir = setup(POLICY);
+    let log = dir.path().join("canaryd.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["run", "--listen", "localhost:0", "--policies"])
+        .arg(dir.path().join("policies"))
+        .arg("--state")
+        .arg(dir.path().join("s.db"))
+        .env_remove("CANARYD_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let line = wait_for("the daemon to run", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        assert!(!text.contains("error:"), "{text}");
+        text.lines()
+            .find(|l| l.contains("canaryd running"))
+            .map(str::to_owned)
+    })
+    .await;
+    child.kill().await.unwrap();
+    let addr: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{line}");
+}
+
+/// The rule that a public API needs a token holds for what a name resolves to: a name with any
+/// address that is not loopback is a public address.
+#[test]
+fn a_listen_name_is_judged_by_every_address_it_resolves_to() {
+    use canaryd::daemon::check_listen;
+    let addrs = |list: &[&str]| -> Vec<std::net::SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    };
+    let loopback = addrs(&["127.0.0.1:9850", "[::1]:9850"]);
+    assert!(check_listen("localhost:9850", &loopback, false, false).is_ok());
+    for public in [
+        addrs(&["10.0.0.5:9850"]),
+        addrs(&["127.0.0.1:9850", "10.0.0.5:9850"]),
+    ] {
+        let err = check_listen("api.internal:9850", &public, false, false)
+            .expect_err("a public address without a token")
+            .to_string();
+        assert!(
+            err.contains(
+                "refusing to listen on api.internal:9850 (10.0.0.5:9850) without an API token"
+            ),
+            "{err}"
+        );
+        assert!(check_listen("api.internal:9850", &public, true, false).is_ok());
+        assert!(check_listen("api.internal:9850", &public, false, true).is_ok());
+    }
+    let err = check_listen("0.0.0.0:9850", &addrs(&["0.0.0.0:9850"]), false, false)
+        .expect_err("the unspecified address is public");
+    assert!(
+        err.to_string()
+            .starts_with("refusing to listen on 0.0.0.0:9850 without"),
+        "{err}"
+    );
+}
+
 /// A policy renamed mid-rollout finds the weights file still owned by its old name: it does
 /// not touch the traffic, says so and how to take the file over, and `abort` does that.
 #[tokio::test]
