@@ -61,13 +61,7 @@ pub async fn act(
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     match status.as_u16() {
         200 => {
-            println!(
-                "{name}: {} -> {} at {}% ({})",
-                body["action"].as_str().unwrap_or("?"),
-                body["phase"].as_str().unwrap_or("?"),
-                body["weight"],
-                body["reason"].as_str().unwrap_or("")
-            );
+            println!("{}", action_line(name, &body));
             Ok(Outcome::Done)
         }
         404 | 409 => {
@@ -80,6 +74,23 @@ pub async fn act(
         ),
         _ => anyhow::bail!("{action} failed: HTTP {status}: {}", api_error(&body)),
     }
+}
+
+/// What an operator action did: `fraud: resume -> progressing at 10%: resumed by an operator
+/// (progressing)`. The reason follows a colon, as in the table's last decision: it may hold
+/// parentheses of its own.
+fn action_line(name: &str, decision: &Value) -> String {
+    let reason = decision["reason"].as_str().unwrap_or("").trim();
+    let mut line = format!(
+        "{name}: {} -> {} at {}%",
+        decision["action"].as_str().unwrap_or("?"),
+        decision["phase"].as_str().unwrap_or("?"),
+        pct(&decision["weight"])
+    );
+    if !reason.is_empty() {
+        let _ = write!(line, ": {reason}");
+    }
+    line
 }
 
 async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
@@ -106,6 +117,12 @@ fn num(v: &Value) -> String {
             .to_owned(),
         None => "-".into(),
     }
+}
+
+/// A traffic weight, written as every other part of canaryd writes one (`10`, `2.5`).
+fn pct(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), crate::rollout::fmt_pct)
 }
 
 fn time(v: &Value) -> String {
@@ -164,8 +181,8 @@ fn router_differs(view: &Value) -> Option<String> {
     ((w - r).abs() >= 0.01 && view["router_error"].is_null()).then(|| {
         format!(
             "the router sends {}% to the canary, not {}%",
-            num(&view["router_weight"]),
-            num(&view["weight"])
+            pct(&view["router_weight"]),
+            pct(&view["weight"])
         )
     })
 }
@@ -191,7 +208,7 @@ pub fn table(body: &Value) -> String {
             r["phase"].as_str().unwrap_or("?"),
             r["stable"].as_str().unwrap_or("?"),
             r["canary"].as_str().unwrap_or("?"),
-            num(&r["weight"]),
+            pct(&r["weight"]),
             format!("{}/{}", r["step"], steps),
             if last.is_null() {
                 String::new()
@@ -207,7 +224,7 @@ pub fn table(body: &Value) -> String {
             let _ = writeln!(
                 out,
                 "  ! the router is failing, so traffic may not be at {}%: {}",
-                num(&r["weight"]),
+                pct(&r["weight"]),
                 e.replace('\n', " ")
             );
         } else if let Some(note) = router_differs(r) {
@@ -306,7 +323,7 @@ pub fn timeline(view: &Value, log: &Value) -> String {
         view["stable"].as_str().unwrap_or("?"),
         view["canary"].as_str().unwrap_or("?"),
         view["phase"].as_str().unwrap_or("?"),
-        num(&view["weight"]),
+        pct(&view["weight"]),
         view["step"],
         view["steps"].as_array().map_or(0, Vec::len),
         view["strategy"].as_str().unwrap_or("?"),
@@ -349,7 +366,7 @@ pub fn timeline(view: &Value, log: &Value) -> String {
             time(&d["at"]),
             d["action"].as_str().unwrap_or("?"),
             d["phase"].as_str().unwrap_or("?"),
-            num(&d["weight"]),
+            pct(&d["weight"]),
             d["reason"].as_str().unwrap_or(""),
             who,
             if d["applied"].as_bool() == Some(false) {
@@ -442,6 +459,27 @@ mod tests {
         assert!(
             !text.contains("within bounds"),
             "a passing metric needs no why: {text}"
+        );
+    }
+
+    /// Regression: an action printed `resume -> progressing at 10.0% (resumed by an operator
+    /// (progressing))`.
+    #[test]
+    fn an_action_reads_as_decisions_do() {
+        let decision = serde_json::json!({
+            "action": "resume", "phase": "progressing", "weight": 10.0,
+            "reason": "resumed by an operator (progressing)",
+        });
+        assert_eq!(
+            action_line("fraud", &decision),
+            "fraud: resume -> progressing at 10%: resumed by an operator (progressing)"
+        );
+        let decision = serde_json::json!({
+            "action": "retry", "phase": "progressing", "weight": 33.333333333333336, "reason": "",
+        });
+        assert_eq!(
+            action_line("fraud", &decision),
+            "fraud: retry -> progressing at 33.33%"
         );
     }
 

@@ -1104,9 +1104,13 @@ async fn status_and_actions_from_the_command_line() {
     let text = String::from_utf8_lossy(&timeline.stdout);
     assert!(text.contains("pause") && text.contains("errors"), "{text}");
     // Refused (not paused any more after resume) and unknown rollouts exit 1.
-    assert_eq!(
-        run(&["resume", "demo", "--server", addr]).status.code(),
-        Some(0)
+    let resume = run(&["resume", "demo", "--server", addr]);
+    assert_eq!(resume.status.code(), Some(0));
+    // The weight as decisions write it, and the reason after a colon.
+    let said = String::from_utf8_lossy(&resume.stdout);
+    assert!(
+        said.starts_with("demo: resume -> progressing at 10%: resumed by an operator"),
+        "{said}"
     );
     assert_eq!(
         run(&["resume", "demo", "--server", &d.url]).status.code(),
