@@ -47,7 +47,8 @@ pub enum Command {
 pub struct RunArgs {
     /// Optional YAML config file with keys policies, prometheus, listen, state,
     /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica, lease_ttl,
-    /// etcd_ca_file, etcd_cert_file, etcd_key_file, etcd_user, etcd_password_file.
+    /// etcd_ca_file, etcd_cert_file, etcd_key_file, etcd_user, etcd_password_file. Its relative
+    /// paths are read from its own directory.
     #[arg(long, env = "CANARYD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of policy files [default: ./policies].

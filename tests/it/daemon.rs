@@ -1272,10 +1272,21 @@ async fn a_renamed_policy_explains_the_owned_router_and_abort_takes_it_over() {
 /// Prometheus from the environment; its exit code and stderr. A daemon that starts instead of
 /// failing is killed after 30 s and fails the test.
 async fn run_daemon_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let policies = dir.join("policies");
+    let mut all = vec!["--policies", policies.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_expecting_failure(dir, &all).await
+}
+
+/// `canaryd run --listen 127.0.0.1:0` with `args`, from `dir`, no config, state or Prometheus
+/// from the environment; as `run_daemon_expecting_failure`.
+async fn run_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
-        .args(["run", "--listen", "127.0.0.1:0", "--policies"])
-        .arg(dir.join("policies"))
+        .args(["run", "--listen", "127.0.0.1:0"])
         .args(args)
+        .current_dir(dir)
+        .env_remove("CANARYD_POLICIES")
+        .env_remove("CANARYD_API_TOKEN_FILE")
         .env_remove("CANARYD_PROMETHEUS")
         .env_remove("CANARYD_CONFIG")
         .env_remove("CANARYD_STATE")
@@ -1414,12 +1425,102 @@ async fn run_with_a_missing_state_directory_fails_once_naming_it() {
     assert_eq!(
         err.trim(),
         format!(
-            "error: cannot open the state store {}: the directory {} does not exist",
+            "error: --state (or CANARYD_STATE): cannot open the state store {}: the directory {} \
+             does not exist",
             state.display(),
             dir.path().join("missing").display()
         ),
         "one error, before the daemon says it runs"
     );
+}
+
+/// Regression: a config file's relative `policies` was read from the working directory, and
+/// the error said `(give --policies DIR)` although no flag was given. Relative paths of the
+/// config file start at its directory.
+#[tokio::test]
+async fn run_reads_the_config_file_s_relative_paths_from_its_directory() {
+    let dir = setup(POLICY);
+    std::fs::create_dir(dir.path().join("conf")).unwrap();
+    let config = dir.path().join("conf/canaryd.yaml");
+    std::fs::write(&config, "policies: ../policies\nstate: ../s.db\n").unwrap();
+    let log = dir.path().join("canaryd.log");
+    let prometheus = format!("http://127.0.0.1:{}", crate::support::free_port());
+    // Started from `dir`, where `../policies` is not the policies directory.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--prometheus",
+            &prometheus,
+        ])
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env_remove("CANARYD_POLICIES")
+        .env_remove("CANARYD_STATE")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for("the daemon to run", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        assert!(!text.starts_with("error:"), "{text}");
+        text.contains("canaryd running").then_some(())
+    })
+    .await;
+    child.kill().await.unwrap();
+    assert!(dir.path().join("s.db").is_file(), "the state beside conf/");
+
+    // A wrong path names where it came from: the config file, or the flag.
+    let shown = config.display();
+    let cases: [(&str, &[&str], String); 4] = [
+        (
+            "policies: missing\n",
+            &[],
+            format!(
+                "error: policies in the config file {shown}: the policies directory {} does not exist",
+                dir.path().join("conf/missing").display()
+            ),
+        ),
+        (
+            "policies: ../policies\nstate: ../canaryd.log/s.db\n",
+            &[],
+            format!(
+                "error: state in the config file {shown}: cannot open the state store {}: {} is \
+                 not a directory",
+                dir.path().join("conf/../canaryd.log/s.db").display(),
+                dir.path().join("conf/../canaryd.log").display()
+            ),
+        ),
+        (
+            "policies: ../policies\napi_token_file: token\n",
+            &["--state", "s.db"],
+            format!(
+                "error: api_token_file in the config file {shown}: cannot read the API token \
+                 file {}",
+                dir.path().join("conf/token").display()
+            ),
+        ),
+        (
+            "policies: ../policies\n",
+            &["--policies", "missing"],
+            "error: --policies (or CANARYD_POLICIES): the policies directory missing does not \
+             exist"
+                .to_owned(),
+        ),
+    ];
+    for (text, flags, want) in cases {
+        std::fs::write(&config, text).unwrap();
+        let mut args = vec!["--config", config.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let (code, err) = run_expecting_failure(dir.path(), &args).await;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.starts_with(&want), "{want}\nnot at the start of: {err}");
+        assert!(!err.contains("give --policies"), "{err}");
+    }
 }
 
 /// Regression: `--state ./token/x.db` with `./token` a file said that the directory did not
@@ -1435,7 +1536,8 @@ async fn run_with_a_file_in_the_state_path_says_it_is_not_a_directory() {
         assert_eq!(code, Some(2), "{err}");
         assert!(
             err.trim().starts_with(&format!(
-                "error: cannot open the state store {}: {} is not a directory",
+                "error: --state (or CANARYD_STATE): cannot open the state store {}: {} is not a \
+                 directory",
                 state.display(),
                 file.display()
             )),
