@@ -47,7 +47,8 @@ pub enum Command {
 pub struct RunArgs {
     /// Optional YAML config file with keys policies, prometheus, listen, state,
     /// api_token_file, dry_run, insecure_no_auth, etcd, etcd_prefix, replica, lease_ttl,
-    /// etcd_ca_file, etcd_cert_file, etcd_key_file, etcd_user, etcd_password_file.
+    /// etcd_ca_file, etcd_cert_file, etcd_key_file, etcd_user, etcd_password_file. Its relative
+    /// paths are read from its own directory.
     #[arg(long, env = "CANARYD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of policy files [default: ./policies].
@@ -61,7 +62,8 @@ pub struct RunArgs {
     /// Shortest range a query covers; at least four scrape intervals of your Prometheus.
     #[arg(long, env = "CANARYD_QUERY_MIN_RANGE", value_parser = humantime::parse_duration, default_value = "60s")]
     pub query_min_range: std::time::Duration,
-    /// Address of the HTTP API [default: 127.0.0.1:9850].
+    /// Address of the HTTP API, an IP address or a host name with a port [default:
+    /// 127.0.0.1:9850].
     #[arg(long, env = "CANARYD_LISTEN")]
     pub listen: Option<String>,
     /// State store (SQLite file) [default: ./canaryd.db].

@@ -61,13 +61,7 @@ pub async fn act(
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     match status.as_u16() {
         200 => {
-            println!(
-                "{name}: {} -> {} at {}% ({})",
-                body["action"].as_str().unwrap_or("?"),
-                body["phase"].as_str().unwrap_or("?"),
-                body["weight"],
-                body["reason"].as_str().unwrap_or("")
-            );
+            println!("{}", action_line(name, &body));
             Ok(Outcome::Done)
         }
         404 | 409 => {
@@ -80,6 +74,23 @@ pub async fn act(
         ),
         _ => anyhow::bail!("{action} failed: HTTP {status}: {}", api_error(&body)),
     }
+}
+
+/// What an operator action did: `fraud: resume -> progressing at 10%: resumed by an operator
+/// (progressing)`. The reason follows a colon, as in the table's last decision: it may hold
+/// parentheses of its own.
+fn action_line(name: &str, decision: &Value) -> String {
+    let reason = decision["reason"].as_str().unwrap_or("").trim();
+    let mut line = format!(
+        "{name}: {} -> {} at {}%",
+        decision["action"].as_str().unwrap_or("?"),
+        decision["phase"].as_str().unwrap_or("?"),
+        pct(&decision["weight"])
+    );
+    if !reason.is_empty() {
+        let _ = write!(line, ": {reason}");
+    }
+    line
 }
 
 async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
@@ -106,6 +117,12 @@ fn num(v: &Value) -> String {
             .to_owned(),
         None => "-".into(),
     }
+}
+
+/// A traffic weight, written as every other part of canaryd writes one (`10`, `2.5`).
+fn pct(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), crate::rollout::fmt_pct)
 }
 
 fn time(v: &Value) -> String {
@@ -164,10 +181,23 @@ fn router_differs(view: &Value) -> Option<String> {
     ((w - r).abs() >= 0.01 && view["router_error"].is_null()).then(|| {
         format!(
             "the router sends {}% to the canary, not {}%",
-            num(&view["router_weight"]),
-            num(&view["weight"])
+            pct(&view["router_weight"]),
+            pct(&view["weight"])
         )
     })
+}
+
+/// The rollout's weight, with the router's as last read when that is another (a rollback the
+/// router has not taken, a failed rollout's router reset by someone): `0% (router: 10%)`, so
+/// that the weight shown is never only one the traffic does not follow.
+fn weight(view: &Value) -> String {
+    let shown = format!("{}%", pct(&view["weight"]));
+    match (view["weight"].as_f64(), view["router_weight"].as_f64()) {
+        (Some(w), Some(r)) if (w - r).abs() >= 0.01 => {
+            format!("{shown} (router: {}%)", crate::rollout::fmt_pct(r))
+        }
+        _ => shown,
+    }
 }
 
 /// The rollouts table.
@@ -176,22 +206,30 @@ pub fn table(body: &Value) -> String {
     if let Some(note) = standby_note(body) {
         let _ = writeln!(out, "{note}");
     }
+    let rollouts = body["rollouts"].as_array().map_or(&[][..], Vec::as_slice);
+    // Wide enough for a weight with the router's beside it.
+    let width = rollouts
+        .iter()
+        .map(|r| weight(r).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("WEIGHT".len() + 1);
     let _ = writeln!(
         out,
-        "{:<24} {:<18} {:<10} {:<10} {:>7} {:>6}  LAST DECISION",
+        "{:<24} {:<18} {:<10} {:<10} {:>width$} {:>6}  LAST DECISION",
         "NAME", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP"
     );
-    for r in body["rollouts"].as_array().into_iter().flatten() {
+    for r in rollouts {
         let steps = r["steps"].as_array().map_or(0, Vec::len);
         let last = &r["last_decision"];
         let _ = writeln!(
             out,
-            "{:<24} {:<18} {:<10} {:<10} {:>6}% {:>6}  {}",
+            "{:<24} {:<18} {:<10} {:<10} {:>width$} {:>6}  {}",
             r["name"].as_str().unwrap_or("?"),
             r["phase"].as_str().unwrap_or("?"),
             r["stable"].as_str().unwrap_or("?"),
             r["canary"].as_str().unwrap_or("?"),
-            num(&r["weight"]),
+            weight(r),
             format!("{}/{}", r["step"], steps),
             if last.is_null() {
                 String::new()
@@ -207,7 +245,7 @@ pub fn table(body: &Value) -> String {
             let _ = writeln!(
                 out,
                 "  ! the router is failing, so traffic may not be at {}%: {}",
-                num(&r["weight"]),
+                pct(&r["weight"]),
                 e.replace('\n', " ")
             );
         } else if let Some(note) = router_differs(r) {
@@ -301,12 +339,12 @@ pub fn timeline(view: &Value, log: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} ({} → {}): {} at {}%, step {}/{} [{} strategy, {} judge, {} router]",
+        "{} ({} → {}): {} at {}, step {}/{} [{} strategy, {} judge, {} router]",
         view["name"].as_str().unwrap_or("?"),
         view["stable"].as_str().unwrap_or("?"),
         view["canary"].as_str().unwrap_or("?"),
         view["phase"].as_str().unwrap_or("?"),
-        num(&view["weight"]),
+        weight(view),
         view["step"],
         view["steps"].as_array().map_or(0, Vec::len),
         view["strategy"].as_str().unwrap_or("?"),
@@ -349,7 +387,7 @@ pub fn timeline(view: &Value, log: &Value) -> String {
             time(&d["at"]),
             d["action"].as_str().unwrap_or("?"),
             d["phase"].as_str().unwrap_or("?"),
-            num(&d["weight"]),
+            pct(&d["weight"]),
             d["reason"].as_str().unwrap_or(""),
             who,
             if d["applied"].as_bool() == Some(false) {
@@ -445,6 +483,27 @@ mod tests {
         );
     }
 
+    /// Regression: an action printed `resume -> progressing at 10.0% (resumed by an operator
+    /// (progressing))`.
+    #[test]
+    fn an_action_reads_as_decisions_do() {
+        let decision = serde_json::json!({
+            "action": "resume", "phase": "progressing", "weight": 10.0,
+            "reason": "resumed by an operator (progressing)",
+        });
+        assert_eq!(
+            action_line("fraud", &decision),
+            "fraud: resume -> progressing at 10%: resumed by an operator (progressing)"
+        );
+        let decision = serde_json::json!({
+            "action": "retry", "phase": "progressing", "weight": 33.333333333333336, "reason": "",
+        });
+        assert_eq!(
+            action_line("fraud", &decision),
+            "fraud: retry -> progressing at 33.33%"
+        );
+    }
+
     #[test]
     fn shortening_keeps_whole_characters() {
         assert_eq!(shorten("ab\ncd", 10), "ab cd");
@@ -472,6 +531,39 @@ mod table_tests {
         assert!(t.contains(want), "{t}");
         let same = json!({"weight": 10.0, "router_weight": 10.0, "router_error": null});
         assert_eq!(router_differs(&same), None);
+    }
+
+    /// Regression: a rollout rolling back while the router failed showed `rolling-back at 0%`
+    /// while the router still sent 10%.
+    #[test]
+    fn a_weight_the_router_does_not_send_is_shown_with_the_router_s() {
+        let view = json!({
+            "name": "fraud", "phase": "rolling-back", "stable": "v1", "canary": "v2",
+            "weight": 0.0, "router_weight": 10.0, "router_error": "router unreachable: x",
+            "step": 1, "steps": [10, 50], "state": {},
+        });
+        let t = table(&json!({"rollouts": [view.clone()], "invalid_policies": []}));
+        let row = t.lines().nth(1).unwrap_or_default();
+        assert!(
+            row.contains("rolling-back") && row.contains(" 0% (router: 10%) "),
+            "{t}"
+        );
+        // The header's columns stay above the row's.
+        let header = t.lines().next().unwrap_or_default();
+        assert_eq!(
+            header.find("STEP").map(|i| i + 4),
+            row.find("1/2").map(|i| i + 3),
+            "{t}"
+        );
+        let t = timeline(&view, &json!({"decisions": []}));
+        assert!(
+            t.starts_with("fraud (v1 → v2): rolling-back at 0% (router: 10%), step 1/2"),
+            "{t}"
+        );
+        // A router that sends the rollout's weight adds nothing.
+        let same = json!({"weight": 10.0, "router_weight": 10.0});
+        assert_eq!(weight(&same), "10%");
+        assert_eq!(weight(&json!({"weight": 2.5})), "2.5%");
     }
 
     #[test]

@@ -240,13 +240,50 @@ impl Daemon {
     }
 }
 
+/// Refuses to serve the API where anyone could act without a token: `listen` (as the user gave
+/// it: `127.0.0.1:9850`, or a host name with a port such as `localhost:9850`) resolves to
+/// `addrs`, and unless each of them is a loopback address, the API needs a token (`token`) or
+/// an explicit `insecure` (`--insecure-no-auth`). A name is judged by what it resolves to,
+/// every address of it, since the listener may bind any of them.
+pub fn check_listen(
+    listen: &str,
+    addrs: &[std::net::SocketAddr],
+    token: bool,
+    insecure: bool,
+) -> anyhow::Result<()> {
+    let public: Vec<String> = addrs
+        .iter()
+        .filter(|a| !a.ip().is_loopback())
+        .map(ToString::to_string)
+        .collect();
+    if public.is_empty() || token || insecure {
+        return Ok(());
+    }
+    let shown = if public.len() == 1 && public[0] == listen {
+        listen.to_owned()
+    } else {
+        format!("{listen} ({})", public.join(", "))
+    };
+    anyhow::bail!(
+        "refusing to listen on {shown} without an API token: give --api-token-file, or \
+         --insecure-no-auth if the network is trusted"
+    )
+}
+
 /// Opens the store with one error naming the path and the reason. SQLite's own message repeats
 /// itself down the error chain and does not say that a missing directory is the usual cause.
 fn open_store(path: &Path, decisions_kept: usize) -> anyhow::Result<Store> {
     Store::open_with_retention(path, decisions_kept).map_err(|e| {
         let why = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-                format!("the directory {} does not exist", dir.display())
+                // A file where a directory of the path should be (`./token/x.db` with
+                // `./token` a file) is named, rather than said not to exist.
+                match dir.ancestors().find(|a| a.exists()) {
+                    Some(file) if !file.as_os_str().is_empty() && !file.is_dir() => {
+                        format!("{} is not a directory", file.display())
+                    }
+                    _ => format!("the directory {} does not exist", dir.display()),
+                }
             }
             _ => std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string),
         };

@@ -23,4 +23,5 @@ pub mod router;
 pub mod sim;
 pub mod source;
 pub mod store;
+pub mod text;
 pub mod time;

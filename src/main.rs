@@ -118,6 +118,71 @@ struct ConfigFile {
     etcd_password_file: Option<PathBuf>,
 }
 
+impl ConfigFile {
+    /// Takes the file's relative paths from the file's directory, as most tools read their
+    /// config files: the daemon may be started from anywhere.
+    fn resolve_paths(&mut self, dir: &Path) {
+        for path in [
+            &mut self.policies,
+            &mut self.state,
+            &mut self.api_token_file,
+            &mut self.etcd_ca_file,
+            &mut self.etcd_cert_file,
+            &mut self.etcd_key_file,
+            &mut self.etcd_password_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
+    }
+}
+
+/// Where a setting of `canaryd run` came from, to name it in errors.
+enum Origin<'a> {
+    /// The flag, or its environment variable: `--policies`.
+    Flag(&'static str),
+    /// The config file's key, and the file.
+    File(&'static str, &'a Path),
+    /// Neither: the default.
+    Default,
+}
+
+impl std::fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Flag(flag) => {
+                let env = flag
+                    .trim_start_matches('-')
+                    .replace('-', "_")
+                    .to_uppercase();
+                write!(f, "{flag} (or CANARYD_{env})")
+            }
+            Origin::File(key, file) => write!(f, "{key} in the config file {}", file.display()),
+            Origin::Default => write!(f, "the default"),
+        }
+    }
+}
+
+/// A setting from its flag (or environment variable), else from the config file, with where it
+/// came from.
+fn setting<'a, T>(
+    flag: Option<T>,
+    file: Option<T>,
+    flag_name: &'static str,
+    key: &'static str,
+    config: Option<&'a Path>,
+) -> (Option<T>, Origin<'a>) {
+    match (flag, file, config) {
+        (Some(v), _, _) => (Some(v), Origin::Flag(flag_name)),
+        (None, Some(v), Some(config)) => (Some(v), Origin::File(key, config)),
+        _ => (None, Origin::Default),
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     // Colours only on a terminal: a log file or journal would keep the escape codes.
@@ -133,14 +198,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read the config file {}", p.display()))?;
-            config_file(&text).map_err(|e| anyhow::anyhow!("{}:{e}", p.display()))?
+            let mut file =
+                config_file(&text).map_err(|e| anyhow::anyhow!("{}:{e}", p.display()))?;
+            file.resolve_paths(p.parent().unwrap_or(Path::new("")));
+            file
         }
         None => ConfigFile::default(),
     };
-    let policies = args
-        .policies
-        .or(file.policies)
-        .unwrap_or_else(|| "policies".into());
+    let config = args.config.as_deref();
+    let (policies, policies_from) = setting(
+        args.policies,
+        file.policies,
+        "--policies",
+        "policies",
+        config,
+    );
+    let policies = policies.unwrap_or_else(|| "policies".into());
     let prometheus = match (args.prometheus, file.prometheus) {
         (Some(url), _) => {
             check_prometheus_url(&url, "--prometheus (or CANARYD_PROMETHEUS)")?;
@@ -160,15 +233,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .listen
         .or(file.listen)
         .unwrap_or_else(|| "127.0.0.1:9850".into());
-    let state_given = args.state.is_some() || file.state.is_some();
-    let state = args
-        .state
-        .or(file.state)
-        .unwrap_or_else(|| "canaryd.db".into());
+    let (state, state_from) = setting(args.state, file.state, "--state", "state", config);
+    let state_given = state.is_some();
+    let state = state.unwrap_or_else(|| "canaryd.db".into());
     let query_min_range = args.query_min_range;
-    let token = match args.api_token_file.or(file.api_token_file) {
-        Some(p) => Some(read_token("API token", &p)?),
-        None => None,
+    let token = match setting(
+        args.api_token_file,
+        file.api_token_file,
+        "--api-token-file",
+        "api_token_file",
+        config,
+    ) {
+        (Some(p), from) => Some(read_token("API token", &p).with_context(|| from.to_string())?),
+        (None, _) => None,
     };
     // The flag or its variable, when given, wins over the file either way.
     let dry_run = args.dry_run.or(file.dry_run).unwrap_or(false);
@@ -181,7 +258,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .as_deref()
                 .map_or_else(String::new, |p| format!(" {}", p.display()));
             anyhow::anyhow!(
-                "lease_ttl in the config file{config}: expected a duration like 10s, found {text:?} ({e})"
+                "lease_ttl in the config file{config}: expected a duration like 10s, found {} ({e})",
+                canaryd::text::quoted(&text)
             )
         })?,
         (None, None) => Duration::from_secs(10),
@@ -225,24 +303,33 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .insecure_no_auth
         .or(file.insecure_no_auth)
         .unwrap_or(false);
-    anyhow::ensure!(
-        policies.is_dir(),
-        "the policies directory {} does not exist (give --policies DIR)",
-        policies.display()
-    );
-    let addr: std::net::SocketAddr = listen
-        .parse()
-        .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:9850"))?;
-    anyhow::ensure!(
-        addr.ip().is_loopback() || token.is_some() || insecure,
-        "refusing to listen on {addr} without an API token: give --api-token-file, or --insecure-no-auth if the network is trusted"
-    );
+    if !policies.is_dir() {
+        let why = if policies.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
+        match policies_from {
+            Origin::Default => anyhow::bail!(
+                "the policies directory {} {why} (give --policies DIR)",
+                policies.display()
+            ),
+            from => anyhow::bail!(
+                "{from}: the policies directory {} {why}",
+                policies.display()
+            ),
+        }
+    }
+    let addrs = listen_addresses(&listen)?;
+    canaryd::daemon::check_listen(&listen, &addrs, token.is_some(), insecure)?;
     with_runtime(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
+        // The first address of a name that can be bound, as a client connecting to the name
+        // tries them in turn.
+        let listener = tokio::net::TcpListener::bind(addrs.as_slice())
             .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+            .with_context(|| format!("cannot listen on {listen}"))?;
         // The address really listened on (`--listen 127.0.0.1:0` picks a port).
-        let addr = listener.local_addr().unwrap_or(addr);
+        let addr = listener.local_addr().unwrap_or(addrs[0]);
         let metrics = canaryd::metrics::Metrics::new(prometheus_registry())?;
         let config = canaryd::daemon::DaemonConfig {
             policies: policies.clone(),
@@ -262,7 +349,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             ha: ha.clone(),
         };
         // Everything that can fail at startup has been checked before the daemon says it runs.
-        let daemon = canaryd::daemon::Daemon::open(config, canaryd::daemon::Limits::default())?;
+        let daemon = canaryd::daemon::Daemon::open(config, canaryd::daemon::Limits::default())
+            .map_err(|e| match (&ha, &state_from) {
+                (None, Origin::Flag(_) | Origin::File(..)) => e.context(state_from.to_string()),
+                _ => e,
+            })?;
         match &ha {
             None => {
                 if dry_run {
@@ -277,6 +368,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         daemon.serve(listener, canaryd::daemon::signals()).await
     })
+}
+
+/// The addresses `--listen` names: an IP address with a port, or a host name with a port
+/// (`localhost:9850`) resolved once, at start.
+fn listen_addresses(listen: &str) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let expected = "is not an address like 127.0.0.1:9850 or a host name with a port like \
+                    localhost:9850";
+    let quoted = canaryd::text::quoted(listen);
+    let addrs: Vec<_> = listen
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {quoted} {expected}"))?
+        .collect();
+    anyhow::ensure!(
+        !addrs.is_empty(),
+        "--listen {quoted} {expected}: the name resolves to no address"
+    );
+    Ok(addrs)
 }
 
 /// The config file's settings, or `line:column: message` for people (the file name goes in
@@ -334,7 +443,8 @@ fn ha_config(
     let prefix = prefix.unwrap_or_else(|| "/canaryd".into());
     anyhow::ensure!(
         prefix.starts_with('/') && prefix.len() > 1 && prefix.bytes().all(|b| b.is_ascii_graphic()),
-        "--etcd-prefix: expected a key prefix like /canaryd (a slash, then printable ASCII), found {prefix:?}"
+        "--etcd-prefix: expected a key prefix like /canaryd (a slash, then printable ASCII), found {}",
+        canaryd::text::quoted(&prefix)
     );
     let replica = match replica {
         Some(r) => r,
@@ -388,10 +498,10 @@ fn check_prometheus_url(url: &str, from: &str) -> anyhow::Result<()> {
 /// `url` parsed, when it is an http(s) URL with a host; otherwise the error `expected, found
 /// ...`. A URL with a user name or password in it is not echoed.
 fn http_url(url: &str, expected: &str) -> anyhow::Result<reqwest::Url> {
-    let parsed =
-        reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("{expected}, found {url:?} ({e})"))?;
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("{expected}, found {} ({e})", canaryd::text::quoted(url)))?;
     let shown = if parsed.username().is_empty() && parsed.password().is_none() {
-        format!("{url:?}")
+        canaryd::text::quoted(url)
     } else {
         "a URL with a user name or password".to_owned()
     };

@@ -191,12 +191,13 @@ impl Walker {
                 let hint = closest(&key.name, allowed)
                     .map(|c| format!(" (did you mean `{c}`?)"))
                     .unwrap_or_default();
+                // A long key (a file that is not a policy) is shown by its start.
                 self.problem(
                     key.pos,
-                    &p,
+                    &join(path, &crate::text::cut(&key.name)),
                     format!(
                         "unknown field `{}`{hint}, expected one of: {}",
-                        key.name,
+                        crate::text::cut(&key.name),
                         allowed.join(", ")
                     ),
                 );

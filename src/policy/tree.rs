@@ -55,7 +55,7 @@ impl Value {
             Value::Bool(b) => format!("{b}"),
             Value::Int(i) => format!("{i}"),
             Value::Float(f) => format!("{f}"),
-            Value::Str(s) => format!("{s:?}"),
+            Value::Str(s) => crate::text::quoted(s),
             Value::Seq(_) => "a list".into(),
             Value::Map(_) => "a mapping".into(),
         }

@@ -4,6 +4,7 @@
 use super::raw::{self, At, Problem, RawMetric, RawPolicy, Scalar};
 use super::tree::{self, Pos};
 use super::*;
+use crate::text::quoted;
 use std::fmt;
 use std::path::Path;
 
@@ -337,7 +338,10 @@ impl Validator {
             Some(d) if d.is_zero() => {
                 self.err(
                     at,
-                    format!("expected a duration above zero, found {:?}", at.value),
+                    format!(
+                        "expected a duration above zero, found {}",
+                        quoted(&at.value)
+                    ),
                 );
                 default
             }
@@ -357,8 +361,8 @@ impl Validator {
                 self.err(
                     at,
                     format!(
-                        "expected a duration like 30s or 1m30s, found {:?}",
-                        at.value
+                        "expected a duration like 30s or 1m30s, found {}",
+                        quoted(&at.value)
                     ),
                 );
                 default
@@ -377,8 +381,8 @@ impl Validator {
             self.err(
                 at,
                 format!(
-                    "expected {what} of lowercase letters, digits and dashes (at most 63), found {:?}",
-                    at.value
+                    "expected {what} of lowercase letters, digits and dashes (at most 63), found {}",
+                    quoted(&at.value)
                 ),
             );
         }
@@ -389,8 +393,8 @@ impl Validator {
             self.err(
                 at,
                 format!(
-                    "expected a label value without quotes or backslashes, found {:?}",
-                    at.value
+                    "expected a label value without quotes or backslashes, found {}",
+                    quoted(&at.value)
                 ),
             );
         }
@@ -412,7 +416,10 @@ impl Validator {
         if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
             self.err(
                 at,
-                format!("expected an http:// or https:// URL, found {shown:?}"),
+                format!(
+                    "expected an http:// or https:// URL, found {}",
+                    quoted(&shown)
+                ),
             );
         } else if v.contains(char::is_whitespace) {
             // A copy-paste accident, never a reachable endpoint.
@@ -420,7 +427,8 @@ impl Validator {
                 at,
                 format!(
                     "expected an http:// or https:// URL without whitespace, found whitespace \
-                     in {shown:?}"
+                     in {}",
+                    quoted(&shown)
                 ),
             );
         }
@@ -470,8 +478,8 @@ impl Validator {
             self.err(
                 c,
                 format!(
-                    "expected a version different from stable, found {:?} for both",
-                    c.value
+                    "expected a version different from stable, found {} for both",
+                    quoted(&c.value)
                 ),
             );
         }
@@ -535,8 +543,8 @@ impl Validator {
                 self.err(
                     u,
                     format!(
-                        "expected a user name without colons or control characters, found {:?}",
-                        u.value
+                        "expected a user name without colons or control characters, found {}",
+                        quoted(&u.value)
                     ),
                 );
             }
@@ -642,7 +650,7 @@ impl Validator {
                 let hint = did_you_mean(other, &["hold", "fail", "pass"]);
                 self.err(
                     o,
-                    format!("expected hold, fail or pass, found {other:?}{hint}"),
+                    format!("expected hold, fail or pass, found {}{hint}", quoted(other)),
                 );
                 OnNoData::Hold
             }
@@ -654,8 +662,8 @@ impl Validator {
                         b,
                         format!(
                             "expected no bake in a canary strategy (bake is for blue-green; \
-                             canary steps last min_step_duration), found {:?}",
-                            b.value
+                             canary steps last min_step_duration), found {}",
+                            quoted(&b.value)
                         ),
                     );
                 }
@@ -679,8 +687,8 @@ impl Validator {
                         m,
                         format!(
                             "expected no min_step_duration in a blue-green strategy (use bake), \
-                             found {:?}",
-                            m.value
+                             found {}",
+                            quoted(&m.value)
                         ),
                     );
                 }
@@ -696,7 +704,10 @@ impl Validator {
                     let hint = did_you_mean(other, &["canary", "blue-green"]);
                     self.err(
                         k,
-                        format!("expected canary or blue-green, found {other:?}{hint}"),
+                        format!(
+                            "expected canary or blue-green, found {}{hint}",
+                            quoted(other)
+                        ),
                     );
                 }
                 None
@@ -738,10 +749,10 @@ impl Validator {
                 self.err(
                     pd,
                     format!(
-                        "expected at least {total} ({n} step{} of at least {} each), found {:?}",
+                        "expected at least {total} ({n} step{} of at least {} each), found {}",
                         if n == 1 { "" } else { "s" },
                         humantime::format_duration(per_step),
-                        pd.value
+                        quoted(&pd.value)
                     ),
                 );
             } else if let Some(at) = length.as_ref() {
@@ -770,8 +781,8 @@ impl Validator {
             self.err(
                 iv,
                 format!(
-                    "expected an interval shorter than progress_deadline, found {:?}",
-                    iv.value
+                    "expected an interval shorter than progress_deadline, found {}",
+                    quoted(&iv.value)
                 ),
             );
         }
@@ -856,8 +867,8 @@ impl Validator {
                 None => self.err(
                     m,
                     format!(
-                        "expected sequential, threshold or mann-whitney, found {:?}",
-                        m.value
+                        "expected sequential, threshold or mann-whitney, found {}",
+                        quoted(&m.value)
                     ),
                 ),
             }
@@ -901,7 +912,10 @@ impl Validator {
                 if seen.contains(&n.value.as_str()) {
                     self.err(
                         n,
-                        format!("expected a unique metric name, found {:?} twice", n.value),
+                        format!(
+                            "expected a unique metric name, found {} twice",
+                            quoted(&n.value)
+                        ),
                     );
                     ok = false;
                 }
@@ -931,17 +945,21 @@ impl Validator {
             if !ok {
                 self.err(
                     n,
-                    format!("expected a metric name of lowercase letters, digits, dashes and underscores, found {:?}", n.value),
+                    format!("expected a metric name of lowercase letters, digits, dashes and underscores, found {}", quoted(&n.value)),
                 );
             }
         }
+        // A kind whose details are wrong (a quantile out of range, a broken template) is still
+        // known well enough to check the bounds' units, so that every problem of the metric is
+        // reported at once; `kind_ok` keeps the metric from validating.
+        let mut kind_ok = true;
         let kind = match (&r.builtin, &r.query) {
             (Some(b), Some(q)) => {
                 self.err(
                     q,
                     format!(
-                        "expected either builtin or query, found both (builtin {:?})",
-                        b.value
+                        "expected either builtin or query, found both (builtin {})",
+                        quoted(&b.value)
                     ),
                 );
                 None
@@ -958,9 +976,9 @@ impl Validator {
                 "error_rate" => Some(MetricKind::ErrorRate),
                 "accuracy" => Some(MetricKind::Accuracy),
                 "latency" => {
-                    let q = match &r.quantile {
-                        None => Some(0.99),
-                        Some(q) if q.value > 0.0 && q.value < 1.0 => Some(q.value),
+                    let quantile = match &r.quantile {
+                        None => 0.99,
+                        Some(q) if q.value > 0.0 && q.value < 1.0 => q.value,
                         Some(q) => {
                             self.err(
                                 q,
@@ -969,23 +987,30 @@ impl Validator {
                                     q.value
                                 ),
                             );
-                            None
+                            kind_ok = false;
+                            0.99
                         }
                     };
-                    q.map(|quantile| MetricKind::Latency { quantile })
+                    Some(MetricKind::Latency { quantile })
                 }
                 other => {
                     let hint = did_you_mean(other, &["error_rate", "latency", "accuracy"]);
                     self.err(
                         b,
-                        format!("expected error_rate, latency or accuracy, found {other:?}{hint}"),
+                        format!(
+                            "expected error_rate, latency or accuracy, found {}{hint}",
+                            quoted(other)
+                        ),
                     );
                     None
                 }
             },
-            (None, Some(q)) => self.template(q).then(|| MetricKind::Query {
-                template: q.value.trim().to_owned(),
-            }),
+            (None, Some(q)) => {
+                kind_ok = self.template(q);
+                Some(MetricKind::Query {
+                    template: q.value.trim().to_owned(),
+                })
+            }
         };
         if let (Some(q), Some(k)) = (&r.quantile, &kind)
             && !matches!(k, MetricKind::Latency { .. })
@@ -1028,11 +1053,14 @@ impl Validator {
             }
         };
         let kind = kind?;
-        let bounds = self.bounds(r, m, &kind)?;
+        let bounds = self.bounds(r, m, &kind);
+        if !kind_ok {
+            return None;
+        }
         Some(MetricSpec {
             name: name?.value.clone(),
             kind,
-            bounds,
+            bounds: bounds?,
             min_samples,
             critical: r.critical.as_ref().is_some_and(|c| c.value),
         })
@@ -1331,7 +1359,7 @@ impl Validator {
             &format!("a mapping of version to {what}"),
         )?;
         let mut ok = true;
-        let present: Vec<String> = s.value.keys().map(|k| format!("{k:?}")).collect();
+        let present: Vec<String> = s.value.keys().map(|k| quoted(k)).collect();
         let present = if present.is_empty() {
             "no entries".to_owned()
         } else {
@@ -1342,8 +1370,8 @@ impl Validator {
                 self.err(
                     s,
                     format!(
-                        "expected an entry for version {:?}, found {present}",
-                        v.value
+                        "expected an entry for version {}, found {present}",
+                        quoted(&v.value)
                     ),
                 );
                 ok = false;
@@ -1380,9 +1408,9 @@ impl Validator {
                     self.err(
                         o,
                         format!(
-                            "expected one of {}, found {:?}{hint}",
+                            "expected one of {}, found {}{hint}",
                             names.join(", "),
-                            o.value
+                            quoted(&o.value)
                         ),
                     );
                 }
@@ -1431,7 +1459,7 @@ impl Validator {
                     self.err(
                         at,
                         format!(
-                            "expected a Prometheus metric name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {v:?}"
+                            "expected a Prometheus metric name of [a-zA-Z_:][a-zA-Z0-9_:]*, found {}", quoted(v)
                         ),
                     );
                     continue;
@@ -1440,7 +1468,7 @@ impl Validator {
                     self.err(
                         at,
                         format!(
-                            "expected a label name of the model server's series, found {v:?} (names that begin with \"__\" are Prometheus's own)"
+                            "expected a label name of the model server's series, found {} (names that begin with \"__\" are Prometheus's own)", quoted(v)
                         ),
                     );
                     continue;
@@ -1449,7 +1477,7 @@ impl Validator {
                     self.err(
                         at,
                         format!(
-                            "expected a Prometheus label name of [a-zA-Z_][a-zA-Z0-9_]* (colons are for metric names only), found {v:?}"
+                            "expected a Prometheus label name of [a-zA-Z_][a-zA-Z0-9_]* (colons are for metric names only), found {}", quoted(v)
                         ),
                     );
                     continue;
@@ -1503,7 +1531,7 @@ fn article(label: &str) -> String {
 fn found(s: &Scalar) -> String {
     match s {
         Scalar::Num(n) => format!("{n}"),
-        Scalar::Text(t) => format!("{t:?}"),
+        Scalar::Text(t) => quoted(t),
     }
 }
 

@@ -13,6 +13,17 @@
 //! the target's percentage, so a split that integers can only approximate still reads back as
 //! applied.
 //!
+//! Servers of the backend that no version names are not canaryd's to set, but they take their
+//! share of the traffic: a canary at 60 % of the configured servers' weights gets 50 % once an
+//! unnamed server has weight 20 beside them. `read` therefore lists the backend's servers
+//! (`show stat <backend> 4 -1`) and fails, as a misconfigured router, while an unnamed server
+//! could take traffic: an active (not `backup`) server, not in maintenance, with a weight above
+//! 0. The error says what share it takes and what the canary really gets. Failing rather than
+//! reporting the real share is deliberate: canaryd cannot move that share, so a read of 50 %
+//! would only be re-applied forever, and a step's time must not count while the canary does
+//! not get its step's weight. The rollout holds (and, past `router_deadline`, fails) with the
+//! reason in its status until the server is named, set to weight 0 or put in maintenance.
+//!
 //! Runtime weights live in HAProxy's memory only: a reload or restart puts every server back
 //! to the weight in the configuration file, unless the configuration loads a
 //! `server-state-file` saved before the reload. canaryd copes either way, because every tick
@@ -23,6 +34,7 @@
 //! is one connection, bounded by a timeout covering connect, write and read.
 
 use super::{BoxFuture, Router, RouterError, Target, canary_share, check_target, integer_split};
+use crate::text::quoted;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,8 +43,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const TOTALS: [u32; 3] = [100, 200, 256];
 /// How long one runtime API command may take, connect to last byte.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// An answer longer than this is not one HAProxy gives to these commands.
-const MAX_ANSWER: u64 = 64 * 1024;
+/// An answer longer than this is not one HAProxy gives to these commands: `show stat` of one
+/// backend takes about 700 bytes per server, so this allows well over a thousand servers.
+const MAX_ANSWER: u64 = 1024 * 1024;
 
 /// Where the runtime API listens.
 #[derive(Clone, Debug, PartialEq)]
@@ -183,6 +196,88 @@ impl HaproxyRouter {
         let answer = self.command(&cmd).await?;
         parse_get_answer(&cmd, &answer)
     }
+
+    /// The backend's servers that no version names and that could take traffic now: active
+    /// (not `backup`), not in maintenance, with a weight above 0; with their weights.
+    async fn unmanaged_servers(&self) -> Result<Vec<(String, u32)>, RouterError> {
+        // Type 4: servers only, not the backend's own line.
+        let cmd = format!("show stat {} 4 -1", self.backend);
+        let answer = self.command(&cmd).await?;
+        let servers = parse_stat_answer(&cmd, &answer, &self.backend)?;
+        Ok(servers
+            .into_iter()
+            .filter(|s| !s.backup && !s.maintenance && s.weight > 0)
+            .filter(|s| !self.servers.values().any(|m| *m == s.name))
+            .map(|s| (s.name, s.weight))
+            .collect())
+    }
+}
+
+/// One server of a backend as `show stat` lists it.
+#[derive(Debug, PartialEq)]
+struct StatServer {
+    name: String,
+    weight: u32,
+    /// A `backup` server, which gets traffic only when no active server is up.
+    backup: bool,
+    /// In maintenance (`MAINT`, `MAINT (via …)`, `MAINT (resolution)`): gets no traffic.
+    maintenance: bool,
+}
+
+/// `show stat` answers CSV: a header line `# pxname,svname,...` naming the columns (their
+/// number and order change between HAProxy versions), then one line per proxy or server.
+/// Lines of other proxies, and the backend's own line, are skipped.
+fn parse_stat_answer(
+    cmd: &str,
+    answer: &str,
+    backend: &str,
+) -> Result<Vec<StatServer>, RouterError> {
+    let text = answer.trim();
+    let Some(header) = text.lines().next().and_then(|l| l.strip_prefix("# ")) else {
+        return Err(if is_error_text(text) {
+            RouterError::Rejected(format!("haproxy answered {cmd:?} with {}", quoted(text)))
+        } else {
+            RouterError::BadResponse(format!(
+                "haproxy answered {cmd:?} with {}, expected CSV with a `# pxname,svname,...` \
+                 header",
+                quoted(text)
+            ))
+        });
+    };
+    let columns: Vec<&str> = header.split(',').collect();
+    let column = |name: &str| {
+        columns.iter().position(|c| *c == name).ok_or_else(|| {
+            RouterError::BadResponse(format!("haproxy answered {cmd:?} without a {name} column"))
+        })
+    };
+    let (px, sv, status, weight, bck) = (
+        column("pxname")?,
+        column("svname")?,
+        column("status")?,
+        column("weight")?,
+        column("bck")?,
+    );
+    let mut servers = Vec::new();
+    for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let field = |i: usize| fields.get(i).copied().unwrap_or("");
+        if field(px) != backend || matches!(field(sv), "BACKEND" | "FRONTEND") {
+            continue;
+        }
+        let weight = field(weight).parse::<u32>().map_err(|_| {
+            RouterError::BadResponse(format!(
+                "haproxy answered {cmd:?} with {}, whose weight is not a number",
+                quoted(line)
+            ))
+        })?;
+        servers.push(StatServer {
+            name: field(sv).to_owned(),
+            weight,
+            backup: field(bck) == "1",
+            maintenance: field(status).starts_with("MAINT"),
+        });
+    }
+    Ok(servers)
 }
 
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
@@ -223,7 +318,8 @@ fn parse_set_answer(cmd: &str, answer: &str) -> Result<(), RouterError> {
         Ok(())
     } else {
         Err(RouterError::Rejected(format!(
-            "haproxy answered {cmd:?} with {text:?}"
+            "haproxy answered {cmd:?} with {}",
+            quoted(text)
         )))
     }
 }
@@ -239,15 +335,18 @@ fn parse_get_answer(cmd: &str, answer: &str) -> Result<u32, RouterError> {
     match parsed {
         Some(w) if w <= 256 => Ok(w),
         Some(_) => Err(RouterError::BadResponse(format!(
-            "haproxy answered {cmd:?} with {text:?}, a weight above 256"
+            "haproxy answered {cmd:?} with {}, a weight above 256",
+            quoted(text)
         ))),
         // An answer that is one line of words is HAProxy refusing the command ("No such
         // server.", "Permission denied"); anything else is not an answer we know.
         None if is_error_text(text) => Err(RouterError::Rejected(format!(
-            "haproxy answered {cmd:?} with {text:?}"
+            "haproxy answered {cmd:?} with {}",
+            quoted(text)
         ))),
         None => Err(RouterError::BadResponse(format!(
-            "haproxy answered {cmd:?} with {text:?}, expected \"<weight> (initial <weight>)\""
+            "haproxy answered {cmd:?} with {}, expected \"<weight> (initial <weight>)\"",
+            quoted(text)
         ))),
     }
 }
@@ -257,6 +356,47 @@ fn is_error_text(text: &str) -> bool {
         && !text.contains('\n')
         && text.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && !text.chars().any(|c| c.is_ascii_digit())
+}
+
+impl HaproxyRouter {
+    /// Why a backend with servers no version names cannot be read as the rollout's split: what
+    /// they take, what the canary really gets, and how to fix it.
+    fn unmanaged_error(
+        &self,
+        unmanaged: &[(String, u32)],
+        managed: &BTreeMap<&str, u32>,
+        canary_server: &str,
+    ) -> RouterError {
+        let canary = f64::from(managed.get(canary_server).copied().unwrap_or(0));
+        let managed_total: f64 = managed.values().map(|w| f64::from(*w)).sum();
+        let unmanaged_total: f64 = unmanaged.iter().map(|(_, w)| f64::from(*w)).sum();
+        let total = managed_total + unmanaged_total;
+        let pct = |w: f64| crate::rollout::fmt_pct((w * 100.0 / total).round());
+        let listed: Vec<String> = unmanaged
+            .iter()
+            .map(|(name, w)| format!("{name} (weight {w})"))
+            .collect();
+        let (first, _) = &unmanaged[0];
+        let managed_share = if managed_total > 0.0 {
+            crate::rollout::fmt_pct((canary * 100.0 / managed_total).round())
+        } else {
+            "0".to_owned()
+        };
+        RouterError::Config(format!(
+            "haproxy backend {} has servers that no version in router.haproxy.servers names, \
+             with weights above 0: {}. They take {}% of the traffic, so the canary gets {}%, not \
+             the {managed_share}% it has among the named servers. Name each in \
+             router.haproxy.servers \
+             (canaryd then sets it to 0 while it is neither stable nor canary), or take it out \
+             of the backend (`set weight {}/{first} 0`, or `set server {}/{first} state maint`)",
+            self.backend,
+            listed.join(", "),
+            pct(unmanaged_total),
+            pct(canary),
+            self.backend,
+            self.backend,
+        ))
+    }
 }
 
 impl Router for HaproxyRouter {
@@ -294,6 +434,10 @@ impl Router for HaproxyRouter {
             let mut weights = BTreeMap::new();
             for server in self.servers.values() {
                 weights.insert(server.as_str(), self.get_weight(server).await?);
+            }
+            let unmanaged = self.unmanaged_servers().await?;
+            if !unmanaged.is_empty() {
+                return Err(self.unmanaged_error(&unmanaged, &weights, canary_server));
             }
             // Integer weights cannot hold every percentage. When the backend has exactly the
             // weights `apply` sets for this target, report the target itself, so that a 0.3 %
@@ -354,6 +498,48 @@ mod tests {
             assert!(
                 matches!(Endpoint::parse(bad), Err(RouterError::Config(_))),
                 "{bad}"
+            );
+        }
+    }
+
+    /// `show stat` as HAProxy 2.6 answers it, cut to the columns that matter plus one other
+    /// (real answers have about a hundred).
+    #[test]
+    fn stat_answers() {
+        let answer = "# pxname,svname,qcur,status,weight,act,bck,\n\
+                      be,stable,0,UP,30,1,0,\n\
+                      be,canary,0,no check,50,1,0,\n\
+                      be,spare,0,UP,10,0,1,\n\
+                      be,off,0,MAINT,10,1,0,\n\
+                      be,BACKEND,0,UP,90,2,1,\n\
+                      other,x,0,UP,5,1,0,\n\n";
+        let servers = parse_stat_answer("c", answer, "be").expect("parsed");
+        let server = |name: &str, weight, backup, maintenance| StatServer {
+            name: name.into(),
+            weight,
+            backup,
+            maintenance,
+        };
+        assert_eq!(
+            servers,
+            vec![
+                server("stable", 30, false, false),
+                server("canary", 50, false, false),
+                server("spare", 10, true, false),
+                server("off", 10, false, true),
+            ]
+        );
+        assert!(matches!(
+            parse_stat_answer("c", "No such proxy.\n", "be"),
+            Err(RouterError::Rejected(m)) if m.contains("No such proxy")
+        ));
+        for junk in ["", "1,2,3", "# pxname,svname,status,bck\nbe,a,UP,0"] {
+            assert!(
+                matches!(
+                    parse_stat_answer("c", junk, "be"),
+                    Err(RouterError::BadResponse(_))
+                ),
+                "{junk:?}"
             );
         }
     }

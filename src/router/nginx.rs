@@ -27,6 +27,7 @@
 
 use super::file::{read_error, read_if_exists, remove_durably, write_atomic, write_error};
 use super::{BoxFuture, Router, RouterError, Target, canary_share, check_target, integer_split};
+use crate::text::quoted;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -310,8 +311,8 @@ impl Router for NginxRouter {
                 Some((_, l)) if l == header => {}
                 other => {
                     return Err(bad(format!(
-                        "expected {header:?} first, found {:?}",
-                        other.map(|(_, l)| l)
+                        "expected {header:?} first, found {}",
+                        other.map_or_else(|| "nothing".to_owned(), |(_, l)| quoted(l))
                     )));
                 }
             }
@@ -321,7 +322,8 @@ impl Router for NginxRouter {
             for (n, line) in lines {
                 if closed {
                     return Err(bad(format!(
-                        "line {n}: unexpected {line:?} after the upstream block"
+                        "line {n}: unexpected {} after the upstream block",
+                        quoted(line)
                     )));
                 }
                 if line == "}" {
@@ -330,12 +332,14 @@ impl Router for NginxRouter {
                 }
                 let (addr, w) = parse_server_line(line).ok_or_else(|| {
                     bad(format!(
-                        "line {n}: expected \"server <host:port> weight=<n>|down;\", found {line:?}"
+                        "line {n}: expected \"server <host:port> weight=<n>|down;\", found {}",
+                        quoted(line)
                     ))
                 })?;
                 if !self.servers.values().any(|a| a == addr) {
                     return Err(bad(format!(
-                        "line {n}: server {addr:?} is not one of the configured {:?}",
+                        "line {n}: server {} is not one of the configured {:?}",
+                        quoted(addr),
                         self.servers
                     )));
                 }

@@ -1115,9 +1115,13 @@ async fn status_and_actions_from_the_command_line() {
     let text = String::from_utf8_lossy(&timeline.stdout);
     assert!(text.contains("pause") && text.contains("errors"), "{text}");
     // Refused (not paused any more after resume) and unknown rollouts exit 1.
-    assert_eq!(
-        run(&["resume", "demo", "--server", addr]).status.code(),
-        Some(0)
+    let resume = run(&["resume", "demo", "--server", addr]);
+    assert_eq!(resume.status.code(), Some(0));
+    // The weight as decisions write it, and the reason after a colon.
+    let said = String::from_utf8_lossy(&resume.stdout);
+    assert!(
+        said.starts_with("demo: resume -> progressing at 10%: resumed by an operator"),
+        "{said}"
     );
     assert_eq!(
         run(&["resume", "demo", "--server", &d.url]).status.code(),
@@ -1151,6 +1155,76 @@ fn run_refuses_a_public_address_without_a_token() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("without an API token"), "{err}");
+}
+
+/// Regression: `--listen localhost:20055` was refused as "invalid socket address syntax". A
+/// host name is resolved, and the daemon listens on what it resolves to.
+#[tokio::test]
+async fn run_listens_on_a_host_name() {
+    let dir = setup(POLICY);
+    let log = dir.path().join("canaryd.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["run", "--listen", "localhost:0", "--policies"])
+        .arg(dir.path().join("policies"))
+        .arg("--state")
+        .arg(dir.path().join("s.db"))
+        .env_remove("CANARYD_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let line = wait_for("the daemon to run", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        assert!(!text.starts_with("error:"), "{text}");
+        text.lines()
+            .find(|l| l.contains("canaryd running"))
+            .map(str::to_owned)
+    })
+    .await;
+    child.kill().await.unwrap();
+    let addr: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{line}");
+}
+
+/// The rule that a public API needs a token holds for what a name resolves to: a name with any
+/// address that is not loopback is a public address.
+#[test]
+fn a_listen_name_is_judged_by_every_address_it_resolves_to() {
+    use canaryd::daemon::check_listen;
+    let addrs = |list: &[&str]| -> Vec<std::net::SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    };
+    let loopback = addrs(&["127.0.0.1:9850", "[::1]:9850"]);
+    assert!(check_listen("localhost:9850", &loopback, false, false).is_ok());
+    for public in [
+        addrs(&["10.0.0.5:9850"]),
+        addrs(&["127.0.0.1:9850", "10.0.0.5:9850"]),
+    ] {
+        let err = check_listen("api.internal:9850", &public, false, false)
+            .expect_err("a public address without a token")
+            .to_string();
+        assert!(
+            err.contains(
+                "refusing to listen on api.internal:9850 (10.0.0.5:9850) without an API token"
+            ),
+            "{err}"
+        );
+        assert!(check_listen("api.internal:9850", &public, true, false).is_ok());
+        assert!(check_listen("api.internal:9850", &public, false, true).is_ok());
+    }
+    let err = check_listen("0.0.0.0:9850", &addrs(&["0.0.0.0:9850"]), false, false)
+        .expect_err("the unspecified address is public");
+    assert!(
+        err.to_string()
+            .starts_with("refusing to listen on 0.0.0.0:9850 without"),
+        "{err}"
+    );
 }
 
 /// A policy renamed mid-rollout finds the weights file still owned by its old name: it does
@@ -1209,10 +1283,21 @@ async fn a_renamed_policy_explains_the_owned_router_and_abort_takes_it_over() {
 /// Prometheus from the environment; its exit code and stderr. A daemon that starts instead of
 /// failing is killed after 30 s and fails the test.
 async fn run_daemon_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let policies = dir.join("policies");
+    let mut all = vec!["--policies", policies.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_expecting_failure(dir, &all).await
+}
+
+/// `canaryd run --listen 127.0.0.1:0` with `args`, from `dir`, no config, state or Prometheus
+/// from the environment; as `run_daemon_expecting_failure`.
+async fn run_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
-        .args(["run", "--listen", "127.0.0.1:0", "--policies"])
-        .arg(dir.join("policies"))
+        .args(["run", "--listen", "127.0.0.1:0"])
         .args(args)
+        .current_dir(dir)
+        .env_remove("CANARYD_POLICIES")
+        .env_remove("CANARYD_API_TOKEN_FILE")
         .env_remove("CANARYD_PROMETHEUS")
         .env_remove("CANARYD_CONFIG")
         .env_remove("CANARYD_STATE")
@@ -1351,12 +1436,125 @@ async fn run_with_a_missing_state_directory_fails_once_naming_it() {
     assert_eq!(
         err.trim(),
         format!(
-            "error: cannot open the state store {}: the directory {} does not exist",
+            "error: --state (or CANARYD_STATE): cannot open the state store {}: the directory {} \
+             does not exist",
             state.display(),
             dir.path().join("missing").display()
         ),
         "one error, before the daemon says it runs"
     );
+}
+
+/// Regression: a config file's relative `policies` was read from the working directory, and
+/// the error said `(give --policies DIR)` although no flag was given. Relative paths of the
+/// config file start at its directory.
+#[tokio::test]
+async fn run_reads_the_config_file_s_relative_paths_from_its_directory() {
+    let dir = setup(POLICY);
+    std::fs::create_dir(dir.path().join("conf")).unwrap();
+    let config = dir.path().join("conf/canaryd.yaml");
+    std::fs::write(&config, "policies: ../policies\nstate: ../s.db\n").unwrap();
+    let log = dir.path().join("canaryd.log");
+    let prometheus = format!("http://127.0.0.1:{}", crate::support::free_port());
+    // Started from `dir`, where `../policies` is not the policies directory.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--prometheus",
+            &prometheus,
+        ])
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env_remove("CANARYD_POLICIES")
+        .env_remove("CANARYD_STATE")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for("the daemon to run", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        assert!(!text.starts_with("error:"), "{text}");
+        text.contains("canaryd running").then_some(())
+    })
+    .await;
+    child.kill().await.unwrap();
+    assert!(dir.path().join("s.db").is_file(), "the state beside conf/");
+
+    // A wrong path names where it came from: the config file, or the flag.
+    let shown = config.display();
+    let cases: [(&str, &[&str], String); 4] = [
+        (
+            "policies: missing\n",
+            &[],
+            format!(
+                "error: policies in the config file {shown}: the policies directory {} does not exist",
+                dir.path().join("conf/missing").display()
+            ),
+        ),
+        (
+            "policies: ../policies\nstate: ../canaryd.log/s.db\n",
+            &[],
+            format!(
+                "error: state in the config file {shown}: cannot open the state store {}: {} is \
+                 not a directory",
+                dir.path().join("conf/../canaryd.log/s.db").display(),
+                dir.path().join("conf/../canaryd.log").display()
+            ),
+        ),
+        (
+            "policies: ../policies\napi_token_file: token\n",
+            &["--state", "s.db"],
+            format!(
+                "error: api_token_file in the config file {shown}: cannot read the API token \
+                 file {}",
+                dir.path().join("conf/token").display()
+            ),
+        ),
+        (
+            "policies: ../policies\n",
+            &["--policies", "missing"],
+            "error: --policies (or CANARYD_POLICIES): the policies directory missing does not \
+             exist"
+                .to_owned(),
+        ),
+    ];
+    for (text, flags, want) in cases {
+        std::fs::write(&config, text).unwrap();
+        let mut args = vec!["--config", config.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let (code, err) = run_expecting_failure(dir.path(), &args).await;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.starts_with(&want), "{want}\nnot at the start of: {err}");
+        assert!(!err.contains("give --policies"), "{err}");
+    }
+}
+
+/// Regression: `--state ./token/x.db` with `./token` a file said that the directory did not
+/// exist.
+#[tokio::test]
+async fn run_with_a_file_in_the_state_path_says_it_is_not_a_directory() {
+    let dir = setup(POLICY);
+    let file = dir.path().join("token");
+    std::fs::write(&file, "secret\n").unwrap();
+    for state in [file.join("s.db"), file.join("deeper/s.db")] {
+        let (code, err) =
+            run_daemon_expecting_failure(dir.path(), &["--state", state.to_str().unwrap()]).await;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.trim().starts_with(&format!(
+                "error: --state (or CANARYD_STATE): cannot open the state store {}: {} is not a \
+                 directory",
+                state.display(),
+                file.display()
+            )),
+            "{err}"
+        );
+    }
 }
 
 /// The real `canaryd run` on `dir`'s policies and a SQLite state there, its log in `log`, with

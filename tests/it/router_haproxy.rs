@@ -317,6 +317,59 @@ async fn haproxy_refusals_and_missing_sockets_are_classified() {
     );
 }
 
+/// Regression: a server of the backend that no version names took its share unseen. With it
+/// at weight 20 beside a 40/60 split, canaryd read 60 % while the canary got 50 %.
+#[tokio::test]
+async fn haproxy_read_fails_while_a_server_no_version_names_takes_traffic() {
+    let h = Haproxy::start().await;
+    // `old` is in the backend but not in the policy's servers.
+    let servers = BTreeMap::from([
+        ("v1".to_string(), "stable".to_string()),
+        ("v2".to_string(), "canary".to_string()),
+    ]);
+    let router = HaproxyRouter::new(&h.sock.display().to_string(), "be", servers).expect("valid");
+    router.apply(&target(60.0)).await.expect("apply 60 %");
+    assert_eq!(runtime(&h.sock, "set weight be/old 20").await.trim(), "");
+    let err = router
+        .read(&target(60.0))
+        .await
+        .expect_err("an unnamed server takes traffic");
+    let RouterError::Config(message) = &err else {
+        panic!("{err}")
+    };
+    for want in [
+        "old (weight 20)",
+        "They take 17% of the traffic",
+        "the canary gets 50%, not the 60% it has among the named servers",
+        "set weight be/old 0",
+    ] {
+        assert!(message.contains(want), "{want:?} not in: {message}");
+    }
+    // canaryd does not touch a server it was not given.
+    router.apply(&target(60.0)).await.expect("apply 60 %");
+    assert_eq!(
+        runtime(&h.sock, "get weight be/old").await.trim(),
+        "20 (initial 1)"
+    );
+    // In maintenance, or at weight 0, it takes nothing, and the split reads as it is.
+    assert_eq!(
+        runtime(&h.sock, "set server be/old state maint")
+            .await
+            .trim(),
+        ""
+    );
+    assert_eq!(router.read(&target(60.0)).await.expect("read"), 60.0);
+    assert_eq!(
+        runtime(&h.sock, "set server be/old state ready")
+            .await
+            .trim(),
+        ""
+    );
+    assert!(router.read(&target(60.0)).await.is_err());
+    assert_eq!(runtime(&h.sock, "set weight be/old 0").await.trim(), "");
+    assert_eq!(router.read(&target(60.0)).await.expect("read"), 60.0);
+}
+
 #[tokio::test]
 async fn haproxy_silent_socket_times_out() {
     // A listener that accepts and never answers stands in for a hung haproxy.
