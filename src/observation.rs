@@ -51,6 +51,20 @@ pub struct Sample {
     pub series: Vec<f64>,
 }
 
+impl Sample {
+    /// Events since the rollout began, when the reading has them: the cumulative counts'
+    /// total, or for latency the cumulative histogram's largest bucket.
+    pub fn events_since_start(&self) -> Option<f64> {
+        self.cumulative.map(|c| c.total).or_else(|| {
+            self.buckets
+                .iter()
+                .map(|b| b.count)
+                .filter(|c| c.is_finite())
+                .reduce(f64::max)
+        })
+    }
+}
+
 /// One version's reading of one metric.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]

@@ -107,15 +107,24 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
         }
         if now == next_eval {
             next_eval += interval_ms;
-            // As the daemon's source queries it: the window covers the step, but never less
+            // As the daemon queries it (`controller::analysis_window`, `Ranges`): the window
+            // covers the step but at most a step's worth (`min_step_duration`), and never less
             // than the shortest range (`DEFAULT_MIN_RANGE`), so a step's first looks see the
-            // last minute rather than nothing, and never from before the rollout began.
+            // last minute rather than nothing; never from before the rollout began.
             let shortest = crate::source::DEFAULT_MIN_RANGE.as_millis() as i64;
+            let span = policy
+                .strategy
+                .min_step_duration
+                .max(policy.strategy.interval)
+                .as_millis() as i64;
+            let started = state.started_at.map_or(0, |t| t.millis());
             let step_start = state
                 .step_started_at
                 .map_or(0, |t| t.millis())
+                .max(now - span)
+                .max(started)
                 .min(now - shortest)
-                .max(state.started_at.map_or(0, |t| t.millis()));
+                .max(started);
             let metrics = policy
                 .metrics
                 .iter()

@@ -258,10 +258,11 @@ pub fn stall_after(policy: &Policy) -> std::time::Duration {
     (3 * policy.strategy.interval).max(std::time::Duration::from_secs(120))
 }
 
-/// A step's window holds every canary event since the step began, so it goes on reading as
-/// data after the canary's traffic stops (a router or client outage, a quiet night). A built-in
-/// metric whose window has not grown for [`stall_after`] has no new data: the judge's pass or
-/// hold becomes no-data, which `on_no_data` then governs and which stops the step's clock.
+/// An analysis window spans up to a step's worth of time, so it goes on reading as data for
+/// that long after the canary's traffic stops (a router or client outage, a quiet night). A
+/// built-in metric whose canary events (counted since the rollout began) have not grown for
+/// [`stall_after`] has no new data: the judge's pass or hold becomes no-data, which
+/// `on_no_data` then governs and which stops the step's clock.
 fn check_activity(
     policy: &Policy,
     state: &mut RolloutState,
@@ -275,7 +276,14 @@ fn check_activity(
     if matches!(spec.kind, MetricKind::Query { .. }) || state.step_started_at.is_none() {
         return;
     }
-    let Some(events) = reading.canary.sample().map(|s| s.window_events) else {
+    // Counts since the rollout began grow with every canary event whatever the window does
+    // (an analysis window is capped, and slides); a reading without them falls back on the
+    // window's.
+    let Some(events) = reading
+        .canary
+        .sample()
+        .map(|s| s.events_since_start().unwrap_or(s.window_events))
+    else {
         return;
     };
     let activity = state.activity.entry(spec.name.clone()).or_insert(Activity {
@@ -294,9 +302,9 @@ fn check_activity(
         report.verdict = Verdict::NoData;
         report.promotable = false;
         report.note = format!(
-            "no new canary events for {} (the step's window still holds {} from before); was: {}",
+            "no new canary events for {} (the analysis window still holds {} from before); was: {}",
             humantime::format_duration(std::time::Duration::from_secs(quiet.as_secs())),
-            crate::judge::fmt_count(events),
+            crate::judge::fmt_count(report.canary_events),
             report.note
         );
     }
@@ -520,7 +528,11 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
             format!("not started: router failing: {error}"),
         );
     }
-    // Record stable's values before any traffic moves: blue-green compares with them.
+    // Record stable's values before any traffic moves: blue-green compares with them. A
+    // baseline from an earlier attempt does not count: the pre-check wants one from now.
+    if policy.strategy.is_blue_green() {
+        state.baseline.clear();
+    }
     let reports = analyse(policy, &mut state, obs, now);
     state.analyses = 0;
     state.seen_data.clear();

@@ -81,7 +81,8 @@ impl Phase {
 /// How one metric's canary events grew within the current step.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Activity {
-    /// The most canary events the step's window has held.
+    /// The most canary events counted since the rollout began (in the analysis window, for a
+    /// reading without such counts).
     pub most: f64,
     /// When `most` last grew.
     pub grew_at: Time,
@@ -125,8 +126,8 @@ pub struct RolloutState {
     /// When the canary was last analysed.
     #[serde(default)]
     pub last_analysis_at: Option<Time>,
-    /// Per metric, how many canary events the step's window has held at most and when that
-    /// last grew: a window that stops growing means the canary stopped getting traffic.
+    /// Per metric, how many canary events were counted at most and when that last grew:
+    /// counts that stop growing mean the canary stopped getting traffic.
     #[serde(default)]
     pub activity: BTreeMap<String, Activity>,
     pub promoted_at: Option<Time>,

@@ -459,6 +459,73 @@ async fn webhook_and_file_routers_promote_a_good_canary() {
     d.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn blue_green_with_the_sequential_judge_switches_a_bad_version_back_and_promotes_a_good_one()
+{
+    // Regression: the sequential judge counted stable's events only from the switch, after
+    // which stable has no traffic, so it held for want of stable's data ("gathering data:
+    // canary 19138 and stable 40 events of 50 needed"): a good version was never promoted,
+    // and a bad one kept all traffic until the progress deadline.
+    let stack = Stack::start(&["v1", "v2"]).await;
+    stack.set_error_rate("v1", 0.05).await;
+    stack.set_error_rate("v2", 0.3).await;
+    let nginx = crate::router_nginx::Nginx::start(&stack.addrs, 0.0).await;
+    let frontend = format!("http://127.0.0.1:{}", nginx.port);
+    stack.load(&frontend, 80.0);
+    let reload = serde_json::to_string(&nginx.reload).expect("json");
+    stack.write_policy(
+        "bg.yaml",
+        &format!(
+            "name: bg\nmodel: {MODEL}\nstable: v1\ncanary: v2\nstrategy:\n  kind: blue-green\n  bake: 20s\n  interval: 1s\n  progress_deadline: 3h\nmetrics:\n  - {{name: errors, builtin: error_rate, max_increase: 50%, min_samples: 1000}}\nrouter:\n  nginx:\n    weights_file: {}\n    reload: {reload}\n    upstream: fraud\n    servers: {{v1: \"{}\", v2: \"{}\"}}\n",
+            nginx.weights.display(),
+            stack.addrs["v1"],
+            stack.addrs["v2"]
+        ),
+    );
+    let d = Daemon::start_real(stack.dir.path(), stack.sources()).await;
+    let v = d
+        .wait_phase_for("bg", "rolled-back", Duration::from_secs(90))
+        .await;
+    let (_, log) = d.get("/api/v1/rollouts/bg/decisions?limit=500").await;
+    let rollback = log["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .find(|d| d["action"] == "rollback")
+        .expect("a rollback");
+    assert!(
+        rollback["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("sequential test rejected the canary: errors"),
+        "{rollback}\n{v}"
+    );
+    // Fixed, and tried again: after the bake, the new version is promoted on the evidence.
+    stack.set_error_rate("v2", 0.05).await;
+    let (status, body) = d
+        .post("/api/v1/rollouts/bg/retry", None, r#"{"reason": "fixed"}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    d.wait_phase_for("bg", "promoted", Duration::from_secs(120))
+        .await;
+    let acts: Vec<(String, f64)> = actions(&d, "bg").await;
+    assert_eq!(
+        acts.iter()
+            .map(|(a, w)| (a.as_str(), *w))
+            .collect::<Vec<_>>(),
+        [
+            ("start", 100.0),
+            ("rollback", 0.0),
+            ("settle", 0.0),
+            ("retry", 0.0),
+            ("start", 100.0),
+            ("promote", 100.0),
+            ("settle", 100.0)
+        ],
+    );
+    d.stop().await;
+}
+
 fn run_daemon(dir: &Path, prometheus: &str, api_port: u16) -> ChildGuard {
     ChildGuard::spawn(
         Command::new(env!("CARGO_BIN_EXE_canaryd"))
