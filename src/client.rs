@@ -174,6 +174,22 @@ fn standby_note(list: &Value) -> Option<String> {
     })
 }
 
+/// What the daemon says of its own work on a rollout: a dry run that tells no router
+/// anything, a state store that could not record the last decisions.
+fn daemon_notes(view: &Value) -> Vec<String> {
+    let mut notes = Vec::new();
+    if view["dry_run"] == true {
+        notes.push("dry run: decisions are made and shown but no router is told".to_owned());
+    }
+    if let Some(e) = view["store_error"].as_str() {
+        notes.push(format!(
+            "the state store failed, so decisions since may be lost on a restart: {}",
+            shorten(e, MAX_NOTE)
+        ));
+    }
+    notes
+}
+
 /// Where traffic really is, when the router answers with another split than the rollout's
 /// (a failed rollout leaves the router alone; someone may have reset it).
 fn router_differs(view: &Value) -> Option<String> {
@@ -241,6 +257,9 @@ pub fn table(body: &Value) -> String {
                 )
             }
         );
+        for note in daemon_notes(r) {
+            let _ = writeln!(out, "  ! {note}");
+        }
         if let Some(e) = r["router_error"].as_str() {
             let _ = writeln!(
                 out,
@@ -352,6 +371,9 @@ pub fn timeline(view: &Value, log: &Value) -> String {
         view["router"].as_str().unwrap_or("?"),
     );
     let _ = writeln!(out, "  {}", view["state"]["message"].as_str().unwrap_or(""));
+    for note in daemon_notes(view) {
+        let _ = writeln!(out, "  {note}");
+    }
     if let Some(note) = router_differs(view) {
         let _ = writeln!(out, "  {note}");
     }
@@ -414,11 +436,15 @@ pub fn timeline(view: &Value, log: &Value) -> String {
                 bounds.join(", "),
                 evidence
             );
-            // The decision's reason only lists the metrics that could not be judged; the
-            // report's note says why (Prometheus down, a query's error, no series).
-            let unjudged = matches!(r["verdict"].as_str(), Some("unavailable" | "no-data"));
+            // The decision's reason only names the metrics that hold it or could not be
+            // judged; the report's note says why (Prometheus down, a query's error, no series,
+            // evidence leaning towards harm, labels still arriving, a rejection).
+            let explained = matches!(
+                r["verdict"].as_str(),
+                Some("unavailable" | "no-data" | "hold" | "fail")
+            );
             match r["note"].as_str() {
-                Some(note) if unjudged && !note.is_empty() => {
+                Some(note) if explained && !note.is_empty() => {
                     let _ = writeln!(out, "        why: {}", shorten(note, MAX_NOTE));
                 }
                 _ => {}
@@ -480,6 +506,36 @@ mod tests {
         assert!(
             !text.contains("within bounds"),
             "a passing metric needs no why: {text}"
+        );
+    }
+
+    /// Regression: `status NAME` said "gathering evidence: accuracy" without the judge's
+    /// note saying what it waits for, and never said that a daemon was a dry run.
+    #[test]
+    fn holding_metrics_say_why_and_the_daemon_says_what_it_does_not_do() {
+        let view = serde_json::json!({
+            "name": "demo", "state": {"message": ""}, "dry_run": true,
+            "store_error": "etcd: request timed out",
+        });
+        let log = serde_json::json!({"decisions": [{
+            "at": 0, "action": "hold", "phase": "progressing", "weight": 10,
+            "reason": "gathering evidence: accuracy",
+            "reports": [{"metric": "accuracy", "verdict": "hold",
+                         "note": "waiting for labels: accuracy not yet shown within tolerance"}],
+        }]});
+        let text = timeline(&view, &log);
+        assert!(text.contains("why: waiting for labels: accuracy"), "{text}");
+        assert!(text.contains("dry run: decisions are made"), "{text}");
+        assert!(
+            text.contains("state store failed") && text.contains("etcd: request timed out"),
+            "{text}"
+        );
+        let mut row = view.clone();
+        row["dry_run"] = serde_json::json!(false);
+        let t = table(&serde_json::json!({"rollouts": [row], "invalid_policies": []}));
+        assert!(
+            t.contains("! the state store failed") && !t.contains("dry run"),
+            "{t}"
         );
     }
 

@@ -113,6 +113,15 @@ pub struct MetricReport {
 }
 
 impl MetricReport {
+    /// Whether the evidence leans towards harm: a sequential e-value past the fraction of its
+    /// threshold at which the judge holds the step (`sequential::SUSPICION`).
+    pub fn suspicious(&self) -> bool {
+        self.evidence.as_ref().is_some_and(|e| {
+            matches!((e.log_e_value, e.log_threshold), (Some(v), Some(t))
+                if v >= sequential::SUSPICION * t)
+        })
+    }
+
     /// A report holding both versions' window values and event counts, verdict `Hold`, for a
     /// judge to complete.
     pub fn blank(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> MetricReport {

@@ -58,7 +58,7 @@ const MIN_GAP: f64 = 1.1;
 const DISPERSION_PRIOR: f64 = 2.0;
 /// A rollback e-value above this fraction of the threshold (in logs) holds the rollout at its
 /// step: the canary looks suspicious and should not get more traffic until that resolves.
-const SUSPICION: f64 = 0.5;
+pub const SUSPICION: f64 = 0.5;
 /// Until the dispersion estimate rests on this many increments, one look's log-likelihood
 /// ratio is capped at `EARLY_CAP`: before the noise level is known, one burst of errors must
 /// not be able to roll a canary back. Capping a likelihood ratio keeps it an e-value.

@@ -605,6 +605,32 @@ fn fit_to_steps(policy: &Policy, state: &mut RolloutState, now: Time) -> Option<
     Some(why)
 }
 
+/// The accuracy metrics that alone keep the rollout from going on (or, with `to_promote`, from
+/// promoting), for want of labels: no data yet, too few, or not yet proven within tolerance.
+/// `None` when any metric fails or leans towards harm, or another metric holds (or, with
+/// `to_promote`, is not yet good enough to promote).
+fn waiting_only_for_labels(
+    policy: &Policy,
+    reports: &[MetricReport],
+    to_promote: bool,
+) -> Option<Vec<String>> {
+    let mut late = Vec::new();
+    for r in reports {
+        let accuracy = policy
+            .metric(&r.metric)
+            .is_some_and(|m| matches!(m.kind, MetricKind::Accuracy));
+        let done = r.verdict == Verdict::Pass && (r.promotable || !to_promote);
+        let lacking =
+            matches!(r.verdict, Verdict::Pass | Verdict::Hold | Verdict::NoData) && !r.suspicious();
+        match (done, accuracy && lacking) {
+            (true, _) => {}
+            (false, true) => late.push(r.metric.clone()),
+            (false, false) => return None,
+        }
+    }
+    (!late.is_empty()).then_some(late)
+}
+
 fn tick_progressing(
     policy: &Policy,
     mut state: RolloutState,
@@ -620,10 +646,20 @@ fn tick_progressing(
         && let Some(started) = state.started_at
         && now.since(started) > policy.strategy.progress_deadline
     {
-        let why = format!(
-            "progress deadline {} passed without promotion",
-            humantime::format_duration(policy.strategy.progress_deadline)
-        );
+        let deadline = humantime::format_duration(policy.strategy.progress_deadline);
+        // Labels that did not arrive in time are not evidence against the canary: a person
+        // who knows why they are late decides, instead of a rollback nobody asked for.
+        if let Some(late) = waiting_only_for_labels(policy, &reports, true) {
+            state.set_phase(Phase::WaitingPromotion, now);
+            let why = format!(
+                "progress deadline {deadline} passed before the labels for {} showed the canary \
+                 within tolerance; no metric shows harm: waiting for an operator to promote \
+                 or abort",
+                late.join(", ")
+            );
+            return decision(Action::Wait, state, reports, why);
+        }
+        let why = format!("progress deadline {deadline} passed without promotion");
         return rollback(state, reports, why, now);
     }
     let not_passed = match outcome(policy, &mut state, &reports) {
@@ -650,12 +686,25 @@ fn tick_progressing(
         return fail(state, why, now);
     }
     if let Some(why) = not_passed {
-        let action = if state.phase == Phase::WaitingPromotion {
-            Action::Wait
-        } else {
-            Action::Hold
+        if state.phase == Phase::WaitingPromotion {
+            let why = format!("waiting for an operator to promote; {why}");
+            return decision(Action::Wait, state, reports, why);
+        }
+        let why = match (
+            waiting_only_for_labels(policy, &reports, false),
+            state.started_at,
+        ) {
+            (Some(_), Some(started)) if state.phase == Phase::Progressing => {
+                let end = policy.strategy.progress_deadline;
+                let left = end.saturating_sub(now.since(started));
+                format!(
+                    "{why}; labels can arrive until the progress deadline in {}",
+                    humantime::format_duration(whole_secs_up(left))
+                )
+            }
+            _ => why,
         };
-        return decision(action, state, reports, why);
+        return decision(Action::Hold, state, reports, why);
     }
     if let RouterStatus::Failing { error, .. } = &obs.router {
         return decision(

@@ -383,6 +383,91 @@ fn the_progress_deadline_rolls_back_a_rollout_that_does_not_finish() {
 }
 
 #[test]
+fn labels_late_at_the_deadline_ask_an_operator_instead_of_rolling_back() {
+    let mut p = load(&BASE.replace(
+        "\nrouter:\n",
+        "\n  - name: accuracy\n    builtin: accuracy\n    max_decrease: 1pp\nrouter:\n",
+    ));
+    p.strategy.progress_deadline = 5 * MIN;
+    let unlabelled = good().set("accuracy", val(0.9), no_data());
+    check(
+        "labels late",
+        &p,
+        fresh(&p),
+        &[
+            (
+                0,
+                tick(unlabelled.clone()),
+                expect(Start, Progressing, 10.0),
+            ),
+            (
+                60,
+                tick(unlabelled.clone()),
+                expect(Hold, Progressing, 10.0)
+                    .reason("labels can arrive until the progress deadline in 4m"),
+            ),
+            (
+                330,
+                tick(unlabelled.clone()),
+                expect(Wait, WaitingPromotion, 10.0)
+                    .reason("progress deadline 5m passed before the labels for accuracy"),
+            ),
+            (
+                360,
+                tick(unlabelled.clone()),
+                expect(Wait, WaitingPromotion, 10.0)
+                    .reason("waiting for an operator to promote; waiting for data: accuracy"),
+            ),
+            (370, op(Promote), expect(Promote_, Promoting, 100.0)),
+        ],
+    );
+    // Late labels do not excuse another metric without data: the deadline rolls back.
+    let blind = unlabelled.clone().canary("latency", no_data());
+    check(
+        "labels late, latency missing",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(blind.clone()), expect(Start, Progressing, 10.0)),
+            (
+                60,
+                tick(blind.clone()),
+                expect(Hold, Progressing, 10.0).reason("waiting for data: latency, accuracy"),
+            ),
+            (
+                330,
+                tick(blind),
+                expect(Rollback, RollingBack, 0.0).reason("progress deadline"),
+            ),
+        ],
+    );
+    // Nor a canary that is bad while it waits for a person.
+    let waiting = drive(
+        &p,
+        fresh(&p),
+        &[(0, tick(unlabelled.clone())), (330, tick(unlabelled))],
+    );
+    let bad_unlabelled = bad().set("accuracy", val(0.9), no_data());
+    check(
+        "labels late, bad while waiting",
+        &p,
+        waiting,
+        &[
+            (
+                360,
+                tick(bad_unlabelled.clone()),
+                expect(Wait, WaitingPromotion, 10.0).failures(1),
+            ),
+            (
+                390,
+                tick(bad_unlabelled),
+                expect(Rollback, RollingBack, 0.0),
+            ),
+        ],
+    );
+}
+
+#[test]
 fn manual_promotion_waits_at_the_last_step_for_an_operator() {
     let mut p = manual(base());
     p.strategy.progress_deadline = 10 * MIN;
