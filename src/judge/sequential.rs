@@ -45,10 +45,10 @@ use crate::policy::{MetricKind, MetricSpec, Tolerance, ToleranceKind};
 use serde::{Deserialize, Serialize};
 
 /// Ratios of the rollback alternatives to the null boundary `r0`.
-const BAD_GRID: [f64; 8] = [1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
+const BAD_GRID: [f64; 7] = [1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
 /// Betting fractions λ of the rollback components and their prior weights. λ = 1 is the plain
 /// likelihood-ratio martingale; the smaller ones forget old good news.
-const LAMBDAS: [(f64, f64); 3] = [(1.0, 0.5), (0.2, 0.3), (0.04, 0.2)];
+const LAMBDAS: [(f64, f64); 3] = [(1.0, 0.6), (0.2, 0.25), (0.04, 0.15)];
 /// Ratios of the promotion alternatives to the "bad" boundary `r_bad`.
 const GOOD_GRID: [f64; 4] = [0.85, 0.7, 0.5, 0.3];
 /// The least distance between the null boundary and the "bad" one, as a ratio, so that
@@ -1200,16 +1200,16 @@ mod tests {
             &mut memory,
         );
         // By hand: θ(r) = nc·r / (nc·r + ns), r0 = 1.15, alternatives r0·g; each λ-component
-        // is 1 − λ + λ·LR; the mixture weighs λ by (0.5, 0.3, 0.2) and g uniformly.
+        // is 1 − λ + λ·LR; the mixture weighs λ by (0.6, 0.25, 0.15) and g uniformly.
         let theta = |r: f64| nc * r / (nc * r + ns);
         let t0 = theta(1.15);
         let mut e = 0.0;
-        for (lambda, w) in [(1.0, 0.5), (0.2, 0.3), (0.04, 0.2)] {
-            for g in [1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0] {
+        for (lambda, w) in [(1.0, 0.6), (0.2, 0.25), (0.04, 0.15)] {
+            for g in [1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0] {
                 let t1 = theta(1.15 * g);
                 let lr = (t1 / t0).powf(ec) * ((1.0 - t1) / (1.0 - t0)).powf(es);
                 assert!(lr.ln() < EARLY_CAP, "the example must not reach the cap");
-                e += w / 8.0 * (1.0 - lambda + lambda * lr);
+                e += w / 7.0 * (1.0 - lambda + lambda * lr);
             }
         }
         let ev = r.evidence.expect("evidence");
