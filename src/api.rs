@@ -198,6 +198,17 @@ async fn one(State(s): State<ApiState>, name: Result<Path<String>, PathRejection
 /// The answer for a name no rollout has: 404, pointing to the error of a policy file that
 /// gives this name but runs no rollout (invalid from the start, or refused), if there is one.
 fn no_rollout(s: &ApiState, name: &str) -> Response {
+    if let Some(leader) = standby(s) {
+        // Only the leader runs rollouts: "no rollout named" would send people looking for a
+        // mistake in the name.
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this replica is on standby and runs no rollouts; {}: ask it for {name:?}",
+                leader_text(s, &leader)
+            ),
+        );
+    }
     let invalid = s.policy_errors.read().ok().and_then(|e| {
         e.iter()
             .find(|(_, p)| p.name.as_deref() == Some(name))
@@ -265,7 +276,7 @@ async fn decisions(
                 .flatten();
             Json(json!({"decisions": list, "next_before": next})).into_response()
         }
-        Ok(Ok(_)) => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+        Ok(Ok(_)) => no_rollout(&s, &name),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -327,7 +338,7 @@ async fn assign(
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let Some(view) = s.views.read().ok().and_then(|v| v.get(&name).cloned()) else {
-        return error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"));
+        return no_rollout(&s, &name);
     };
     let b = bucket(&name, &key);
     let canary = on_canary(b, view.weight);

@@ -64,7 +64,9 @@ pub async fn act(
             println!("{}", action_line(name, &body));
             Ok(Outcome::Done)
         }
-        404 | 409 => {
+        // 503: a standby replica (it names the leader), or an action the state store could
+        // not record (it says what the router was told).
+        404 | 409 | 503 => {
             eprintln!("{name}: {action} refused: {}", api_error(&body));
             Ok(Outcome::Refused)
         }
@@ -141,7 +143,7 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
         }
         Some(n) => {
             let (code, view) = get(server, &format!("/api/v1/rollouts/{n}")).await?;
-            if code == 404 {
+            if code == 404 || code == 503 {
                 // A standby replica runs no rollouts: say so, and who does.
                 let (_, list) = get(server, "/api/v1/rollouts").await?;
                 // Otherwise the daemon's own answer: it points to an invalid policy of that

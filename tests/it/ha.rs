@@ -643,6 +643,26 @@ async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
         err.contains("replica b is on standby and runs no rollouts; ask the leader, a"),
         "{err}"
     );
+    // Asked for the rollout itself, the standby says who runs it rather than "no rollout".
+    let (status, text) = get(format!("{b_url}/api/v1/rollouts/demo"))
+        .await
+        .expect("rollout");
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("on standby and runs no rollouts; the leader is a"),
+        "{text}"
+    );
+    // An operator action from the command line is refused (exit 1), naming the leader.
+    let out = Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["pause", "demo", "--server", &b_url])
+        .output()
+        .expect("pause");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("the leader is a"),
+        "{err}"
+    );
     // The standby reads the shared decision log.
     let (status, text) = get(format!("{b_url}/api/v1/rollouts/demo/decisions?limit=500"))
         .await
