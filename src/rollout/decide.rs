@@ -836,11 +836,18 @@ fn tick_promoting(
     let promoted_at = state.promoted_at.unwrap_or(now);
     let watching = now.since(promoted_at) < watch;
     let mut reports = Vec::new();
+    // What the watch has seen short of a rollback (a failed analysis, a metric without data),
+    // for the reason: "watching" alone would hide the first of `failure_limit` failures.
+    let mut concern = None;
     // Only within the watch: once it is over the promotion stands, whatever comes after.
     if watching {
         reports = analyse(policy, &mut state, obs, now);
-        if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
-            return rollback(state, reports, format!("post-promotion watch: {why}"), now);
+        match outcome(policy, &mut state, &reports) {
+            Outcome::Rollback(why) => {
+                return rollback(state, reports, format!("post-promotion watch: {why}"), now);
+            }
+            Outcome::Failed(why) | Outcome::Hold(why) => concern = Some(why),
+            Outcome::Pass => {}
         }
     }
     if !router_confirms(obs, 100.0) {
@@ -857,8 +864,9 @@ fn tick_promoting(
     if watching {
         let left = watch - now.since(promoted_at);
         let reason = format!(
-            "promoted; watching for {} more",
-            humantime::format_duration(std::time::Duration::from_secs(left.as_secs()))
+            "promoted; watching for {} more{}",
+            humantime::format_duration(std::time::Duration::from_secs(left.as_secs())),
+            concern.map(|c| format!(": {c}")).unwrap_or_default()
         );
         return decision(Action::Hold, state, reports, reason);
     }

@@ -696,7 +696,9 @@ fn the_post_promotion_watch_rolls_back_a_canary_that_degrades() {
             (
                 180,
                 tick(degraded.clone()),
-                expect(Hold, Promoting, 100.0).failures(1),
+                expect(Hold, Promoting, 100.0)
+                    .failures(1)
+                    .reason("watching for 9m more: failed: latency; 1 of 2"),
             ),
             (
                 210,
