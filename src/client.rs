@@ -78,9 +78,9 @@ pub async fn act(
     }
 }
 
-/// What an operator action did: `fraud: resume -> progressing at 10%: resumed by an operator
-/// (progressing)`. The reason follows a colon, as in the table's last decision: it may hold
-/// parentheses of its own.
+/// What an operator action did: `fraud: resume -> progressing at 10%: resumed by an operator`.
+/// The reason follows a colon, as in the table's last decision: it may hold parentheses of its
+/// own.
 fn action_line(name: &str, decision: &Value) -> String {
     let reason = decision["reason"].as_str().unwrap_or("").trim();
     let mut line = format!(
@@ -547,11 +547,11 @@ mod tests {
     fn an_action_reads_as_decisions_do() {
         let decision = serde_json::json!({
             "action": "resume", "phase": "progressing", "weight": 10.0,
-            "reason": "resumed by an operator (progressing)",
+            "reason": "resumed by an operator",
         });
         assert_eq!(
             action_line("fraud", &decision),
-            "fraud: resume -> progressing at 10%: resumed by an operator (progressing)"
+            "fraud: resume -> progressing at 10%: resumed by an operator"
         );
         let decision = serde_json::json!({
             "action": "retry", "phase": "progressing", "weight": 33.333333333333336, "reason": "",

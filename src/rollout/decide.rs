@@ -817,13 +817,12 @@ fn tick_progressing(
             }
         }
     }
-    promote(
-        state,
-        policy,
-        reports,
-        "every step passed: promoting".into(),
-        now,
-    )
+    let reason = if gated {
+        "every step passed and the confirm-promotion gate is open: promoting"
+    } else {
+        "every step passed: promoting"
+    };
+    promote(state, policy, reports, reason.into(), now)
 }
 
 fn tick_promoting(
@@ -935,7 +934,7 @@ fn operator(
                 Action::Resume,
                 state,
                 Vec::new(),
-                format!("resumed by an operator ({})", back.as_str()),
+                "resumed by an operator".into(),
             )
         }
         (OperatorAction::Retry, RolledBack | Failed)

@@ -530,7 +530,7 @@ fn the_confirm_promotion_gate_must_be_open_to_promote() {
             (
                 180,
                 tick(good().gate(Gate::Open)),
-                expect(Promote_, Promoting, 100.0),
+                expect(Promote_, Promoting, 100.0).reason("the confirm-promotion gate is open"),
             ),
         ],
     );
