@@ -455,9 +455,31 @@ impl Task {
             &fresh
         };
         if state.wants_analysis(&self.policy) {
-            let window = analysis_window(state, &self.policy, now);
+            let window = analysis_window(state, &self.policy, now, true);
             // The source reports each query's latency and errors to the metrics itself.
             metrics = self.source.observe(&self.policy, window).await;
+            // A step's worth with too few canary events to judge (low traffic) reaches back to
+            // the step's start: a long step holds more, and a rollout must not hold forever
+            // for a count no capped window can reach.
+            let whole_step = analysis_window(state, &self.policy, now, false);
+            if whole_step.since < window.since {
+                let thin: Vec<_> = self
+                    .policy
+                    .metrics
+                    .iter()
+                    .filter(|m| {
+                        metrics
+                            .get(&m.name)
+                            .is_some_and(|r| r.canary_thin(m.min_samples))
+                    })
+                    .cloned()
+                    .collect();
+                if !thin.is_empty() {
+                    let mut sub = self.policy.clone();
+                    sub.metrics = thin;
+                    metrics.extend(self.source.observe(&sub, whole_step).await);
+                }
+            }
         }
         let gate = if state.wants_gate(&self.policy) {
             self.ask_gate().await
@@ -1326,8 +1348,9 @@ async fn scan(
 /// The window an analysis at `now` covers:
 /// - the current step, or while the step's clock is stopped (a router that did not take the
 ///   weight) the last minute or interval;
-/// - but no more than the last `min_step_duration` (a step's worth): a long bake, watch or
-///   hold would otherwise average a late regression away;
+/// - with `capped`, no more than the last `min_step_duration` (a step's worth): a long bake,
+///   watch or hold would otherwise average a late regression away (the shell widens it again
+///   for a metric with too few events in it);
 /// - and never back before the rollout (this attempt) began, whose data a previous attempt's
 ///   would pollute.
 ///
@@ -1337,7 +1360,7 @@ async fn scan(
 /// against), but never before the canary's traffic last went to zero.
 const BLUE_GREEN_BASELINE: Duration = Duration::from_secs(600);
 
-fn analysis_window(state: &RolloutState, policy: &Policy, now: Time) -> Window {
+fn analysis_window(state: &RolloutState, policy: &Policy, now: Time, capped: bool) -> Window {
     let minute_or_interval = policy.strategy.interval.max(Duration::from_secs(60));
     let ago = |d: Duration| Time(now.0.saturating_sub(d.as_millis() as i64));
     let recent = ago(minute_or_interval);
@@ -1345,6 +1368,7 @@ fn analysis_window(state: &RolloutState, policy: &Policy, now: Time) -> Window {
         .strategy
         .min_step_duration
         .max(policy.strategy.interval);
+    let cap = if capped { ago(step_span) } else { Time(0) };
     // The canary has had no traffic since its weight last went to zero before this attempt
     // (a rollback): anything earlier is an earlier attempt's.
     let quiet_since = |before: Time| {
@@ -1376,7 +1400,7 @@ fn analysis_window(state: &RolloutState, policy: &Policy, now: Time) -> Window {
             .step_started_at
             .filter(|_| running)
             .unwrap_or(recent)
-            .max(ago(step_span))
+            .max(cap)
             .max(started)
             .max(rollout_started),
         rollout_started,
@@ -1400,7 +1424,7 @@ mod tests {
         let mut s = RolloutState::new(&p);
         let at = |secs: i64| Time(1_000_000_000 + secs * 1000);
         let window = |s: &RolloutState, p: &Policy, now: i64| {
-            let w = analysis_window(s, p, at(now));
+            let w = analysis_window(s, p, at(now), true);
             (w.since, w.rollout_started)
         };
         // Not started: the last minute.
@@ -1417,6 +1441,12 @@ mod tests {
         s.step_started_at = Some(at(500));
         assert_eq!(window(&s, &p, 700), (at(500), at(90)));
         assert_eq!(window(&s, &p, 1000), (at(700), at(90)));
+        // Uncapped (for a metric too thin in a step's worth), it reaches back to the step's
+        // start, and still not before the rollout's.
+        assert_eq!(analysis_window(&s, &p, at(1000), false).since, at(500));
+        s.step_started_at = Some(at(50));
+        assert_eq!(analysis_window(&s, &p, at(1000), false).since, at(90));
+        s.step_started_at = Some(at(500));
 
         // Blue-green: counts start ten minutes before the switch (stable's traffic from
         // before it), but not before the canary's last rollback; a long bake reads its last step's

@@ -95,6 +95,12 @@ pub struct MetricReading {
 }
 
 impl MetricReading {
+    /// Whether the canary has data but fewer than `min` events in the window: too few to
+    /// judge on, where a longer window might hold enough.
+    pub fn canary_thin(&self, min: u64) -> bool {
+        matches!(&self.canary, Reading::Data(s) if s.window_events < min as f64)
+    }
+
     pub fn unavailable(error: &str) -> Self {
         MetricReading {
             stable: Reading::Unavailable {

@@ -117,23 +117,29 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
                 .min_step_duration
                 .max(policy.strategy.interval)
                 .as_millis() as i64;
+            // A metric with too few canary events in a step's worth reads the whole step, as
+            // the daemon widens it.
             let started = state.started_at.map_or(0, |t| t.millis());
-            let step_start = state
-                .step_started_at
-                .map_or(0, |t| t.millis())
-                .max(now - span)
-                .max(started)
-                .min(now - shortest)
-                .max(started);
+            let since = |cap: i64| {
+                state
+                    .step_started_at
+                    .map_or(0, |t| t.millis())
+                    .max(cap)
+                    .max(started)
+                    .min(now - shortest)
+                    .max(started)
+            };
+            let (step_start, whole_step) = (since(now - span), since(0));
             let metrics = policy
                 .metrics
                 .iter()
                 .map(|m| {
                     let le = slow.get(&m.name).copied().flatten();
-                    (
-                        m.name.clone(),
-                        world.reading(m, now, step_start, le, series),
-                    )
+                    let mut r = world.reading(m, now, step_start, le, series);
+                    if whole_step < step_start && r.canary_thin(m.min_samples) {
+                        r = world.reading(m, now, whole_step, le, series);
+                    }
+                    (m.name.clone(), r)
                 })
                 .collect();
             let obs = Observation {

@@ -2415,3 +2415,87 @@ async fn a_state_store_that_refuses_writes_blocks_more_traffic_but_not_an_abort(
     );
     assert_eq!(stored.state.weight, 0.0);
 }
+
+/// Answers with as many canary events as its window is long in hundredths of a second (100
+/// requests a second, none of them failing), and remembers the longest window it was asked for.
+#[derive(Clone, Default)]
+struct TrafficSource {
+    longest_ms: Arc<Mutex<i64>>,
+}
+
+impl MetricSource for TrafficSource {
+    fn observe<'a>(
+        &'a self,
+        policy: &'a Policy,
+        w: Window,
+    ) -> BoxFuture<'a, BTreeMap<String, MetricReading>> {
+        Box::pin(async move {
+            let span = w.at.0 - w.since.0;
+            {
+                let mut longest = self.longest_ms.lock().unwrap();
+                *longest = (*longest).max(span);
+            }
+            let events = (span / 10) as f64;
+            let reading = |events: f64| {
+                Reading::Data(Sample {
+                    value: Some(0.0),
+                    window_events: events,
+                    ..Default::default()
+                })
+            };
+            policy
+                .metrics
+                .iter()
+                .map(|m| {
+                    let r = MetricReading {
+                        stable: reading(events * 10.0),
+                        canary: reading(events),
+                    };
+                    (m.name.clone(), r)
+                })
+                .collect()
+        })
+    }
+}
+
+/// A step's worth (`min_step_duration`) with fewer canary events than `min_samples` is read
+/// over the whole step instead: at low traffic a capped window never holds enough, and the
+/// rollout would hold until its deadline.
+#[tokio::test]
+async fn a_metric_too_thin_for_a_steps_worth_is_read_over_the_whole_step() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    // A step's worth (150 ms) holds at most 15 events; 40 take 400 ms of the step.
+    let policy = POLICY.replace("max: 1%}", "max: 1%, min_samples: 40}");
+    std::fs::write(dir.path().join("policies/demo.yaml"), policy).unwrap();
+    let source = TrafficSource::default();
+    let (router, fake) = fakes(Mode::Good);
+    let (routers, _) = factories(&router, &fake);
+    let s = source.clone();
+    let sources: canaryd::controller::SourceFactory =
+        Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
+    let d = Daemon::start_with(
+        dir.path(),
+        router,
+        fake,
+        None,
+        routers,
+        sources,
+        Default::default(),
+        false,
+    )
+    .await;
+    let v = wait_for(
+        "the rollout to be promoted",
+        Duration::from_secs(20),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            (v["phase"] == "promoted").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["weight"], 100.0, "{v}");
+    let longest = *source.longest_ms.lock().unwrap();
+    assert!(longest >= 400, "the longest window was {longest} ms");
+    d.stop().await;
+}
