@@ -184,6 +184,14 @@ impl Daemon {
         .await
     }
 
+    /// A daemon with the fake router and the given metric sources.
+    pub async fn start_sourced(dir: &Path, sources: canaryd::controller::SourceFactory) -> Daemon {
+        let (router, source) = fakes(Mode::Good);
+        let (routers, _) = factories(&router, &source);
+        let limits = Limits::default();
+        Daemon::start_with(dir, router, source, None, routers, sources, limits, false).await
+    }
+
     /// `start` without a token, with the given limits instead of the defaults.
     pub async fn start_limited(
         dir: &Path,
@@ -2463,37 +2471,16 @@ impl MetricSource for TrafficSource {
 /// rollout would hold until its deadline.
 #[tokio::test]
 async fn a_metric_too_thin_for_a_steps_worth_is_read_over_the_whole_step() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
     // A step's worth (150 ms) holds at most 15 events; 40 take 400 ms of the step.
-    let policy = POLICY.replace("max: 1%}", "max: 1%, min_samples: 40}");
-    std::fs::write(dir.path().join("policies/demo.yaml"), policy).unwrap();
+    let dir = setup(&POLICY.replace("max: 1%}", "max: 1%, min_samples: 40}"));
     let source = TrafficSource::default();
-    let (router, fake) = fakes(Mode::Good);
-    let (routers, _) = factories(&router, &fake);
     let s = source.clone();
     let sources: canaryd::controller::SourceFactory =
         Arc::new(move |_p| Arc::new(s.clone()) as Arc<dyn MetricSource>);
-    let d = Daemon::start_with(
-        dir.path(),
-        router,
-        fake,
-        None,
-        routers,
-        sources,
-        Default::default(),
-        false,
-    )
-    .await;
-    let v = wait_for(
-        "the rollout to be promoted",
-        Duration::from_secs(20),
-        || async {
-            let (_, v) = d.get("/api/v1/rollouts/demo").await;
-            (v["phase"] == "promoted").then_some(v)
-        },
-    )
-    .await;
+    let d = Daemon::start_sourced(dir.path(), sources).await;
+    let v = d
+        .wait_phase_for("demo", "promoted", Duration::from_secs(20))
+        .await;
     assert_eq!(v["weight"], 100.0, "{v}");
     let longest = *source.longest_ms.lock().unwrap();
     assert!(longest >= 400, "the longest window was {longest} ms");
