@@ -225,6 +225,8 @@ pub fn table(body: &Value) -> String {
         let _ = writeln!(out, "{note}");
     }
     let rollouts = body["rollouts"].as_array().map_or(&[][..], Vec::as_slice);
+    // A standby's rollouts are the leader's to list: an empty table would read as "none".
+    let header = !(body["replica"]["role"] == "standby" && rollouts.is_empty());
     // Wide enough for a weight with the router's beside it.
     let width = rollouts
         .iter()
@@ -232,11 +234,13 @@ pub fn table(body: &Value) -> String {
         .max()
         .unwrap_or(0)
         .max("WEIGHT".len() + 1);
-    let _ = writeln!(
-        out,
-        "{:<24} {:<18} {:<10} {:<10} {:>width$} {:>6}  LAST DECISION",
-        "NAME", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP"
-    );
+    if header {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<18} {:<10} {:<10} {:>width$} {:>6}  LAST DECISION",
+            "NAME", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP"
+        );
+    }
     for r in rollouts {
         let steps = r["steps"].as_array().map_or(0, Vec::len);
         let last = &r["last_decision"];
@@ -645,6 +649,13 @@ mod table_tests {
         assert!(
             t.starts_with("replica a is on standby and runs no rollouts; ask the leader, b"),
             "{t}"
+        );
+        // Without rollouts of its own a standby prints no empty table.
+        let mut none = body.clone();
+        none["rollouts"] = json!([]);
+        assert_eq!(
+            table(&none),
+            "replica a is on standby and runs no rollouts; ask the leader, b\n"
         );
         // A leader, or a single daemon, says nothing of it; a working router neither.
         let mut body = body;
