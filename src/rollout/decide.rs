@@ -90,13 +90,16 @@ pub struct Decision {
 pub fn decide(policy: &Policy, state: &RolloutState, input: &Input, now: Time) -> Decision {
     // A policy whose candidate changed starts over; the old rollout is forgotten here and
     // kept in the decision log.
-    let state = if state.matches(policy) {
+    let ours = state.matches(policy);
+    let state = if ours {
         state.clone()
     } else {
         RolloutState::new(policy)
     };
     match input {
-        Input::Tick(obs) => tick(policy, state, obs, now),
+        // The shell reads the router for the state's versions: after a change of candidate,
+        // the weight it read is the old canary's.
+        Input::Tick(obs) => tick(policy, state, obs, now, ours),
         Input::Operator { action, who, why } => {
             let mut d = operator(policy, state, *action, now);
             d.who = Some(who.clone());
@@ -394,7 +397,13 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
     Outcome::Pass
 }
 
-fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+fn tick(
+    policy: &Policy,
+    mut state: RolloutState,
+    obs: &Observation,
+    now: Time,
+    read_for_this_canary: bool,
+) -> Decision {
     // The weight the router confirmed last is where traffic is known to be safe: read back
     // now, or confirmed by the shell's last successful call before the router began failing.
     let confirmed = match &obs.router {
@@ -426,7 +435,7 @@ fn tick(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) 
         }
     }
     match state.phase {
-        Phase::Idle => tick_idle(policy, state, obs, now),
+        Phase::Idle => tick_idle(policy, state, obs, now, read_for_this_canary),
         Phase::Progressing | Phase::Paused | Phase::WaitingPromotion => {
             tick_progressing(policy, state, obs, now)
         }
@@ -511,7 +520,15 @@ fn tick_failed(policy: &Policy, mut state: RolloutState, obs: &Observation, now:
     decision(Action::Hold, state, reports, reason)
 }
 
-fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
+/// `read_for_this_canary`: whether the router's weight in `obs` is this rollout's canary's
+/// (not the previous candidate's, read before the change of candidate reached the state).
+fn tick_idle(
+    policy: &Policy,
+    mut state: RolloutState,
+    obs: &Observation,
+    now: Time,
+    read_for_this_canary: bool,
+) -> Decision {
     if !policy.has_candidate() {
         return decision(
             Action::Hold,
@@ -565,6 +582,7 @@ fn tick_idle(policy: &Policy, mut state: RolloutState, obs: &Observation, now: T
     // Traffic on a canary that has no rollout on record (a state file lost or replaced, a
     // router set by hand): the rollout starts over from its first step, and says so.
     if let RouterStatus::Ok { canary_weight } = obs.router
+        && read_for_this_canary
         && canary_weight >= 0.01
         && (canary_weight - state.weight).abs() >= 0.01
     {

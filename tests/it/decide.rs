@@ -959,6 +959,8 @@ fn changing_the_canary_starts_a_new_rollout() {
         )],
     );
     assert_eq!((d.state.canary.as_str(), d.state.attempt), ("v3", 1));
+    // The 100 % the router was read at is v2's, now stable: nothing to explain about v3.
+    assert_eq!(d.reason, "rollout of v3 started at 10%");
 
     // Mid-rollout, too: the old rollout is dropped and the new one starts at its first step.
     let progressing = drive(&p, fresh(&p), &[(0, tick(good())), (60, tick(good()))]);
