@@ -1379,21 +1379,18 @@ fn analysis_window(state: &RolloutState, policy: &Policy, now: Time, capped: boo
             .find(|c| c.at <= before && c.weight <= 0.0)
             .map(|c| c.at)
     };
-    let rollout_started = match state.started_at {
-        Some(t) if state.phase != Phase::Idle && policy.strategy.is_blue_green() => {
+    let running = state.phase != Phase::Idle;
+    let started = state.started_at.filter(|_| running);
+    let rollout_started = match started {
+        Some(t) if policy.strategy.is_blue_green() => {
             let before = Time(t.0.saturating_sub(BLUE_GREEN_BASELINE.as_millis() as i64));
             quiet_since(t).map_or(before, |q| before.max(q))
         }
-        Some(t) if state.phase != Phase::Idle => t,
+        Some(t) => t,
         // Not started (or started over after a retry): the last minute, since the last time
         // the canary's traffic went to zero.
-        _ => quiet_since(now).map_or(recent, |q| recent.max(q)),
+        None => quiet_since(now).map_or(recent, |q| recent.max(q)),
     };
-    let running = state.phase != Phase::Idle;
-    let started = state
-        .started_at
-        .filter(|_| running)
-        .unwrap_or(rollout_started);
     Window {
         at: now,
         since: state
@@ -1401,8 +1398,7 @@ fn analysis_window(state: &RolloutState, policy: &Policy, now: Time, capped: boo
             .filter(|_| running)
             .unwrap_or(recent)
             .max(cap)
-            .max(started)
-            .max(rollout_started),
+            .max(started.unwrap_or(rollout_started)),
         rollout_started,
     }
 }

@@ -125,7 +125,6 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
                     .step_started_at
                     .map_or(0, |t| t.millis())
                     .max(cap)
-                    .max(started)
                     .min(now - shortest)
                     .max(started)
             };
