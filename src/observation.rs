@@ -199,3 +199,27 @@ pub enum Input {
         why: String,
     },
 }
+
+/// The time ranges of one analysis.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Window {
+    /// Evaluation time of the queries.
+    pub at: Time,
+    /// Start of the analysis window (the current step's start): values and window counts.
+    pub since: Time,
+    /// Start of the rollout: cumulative counts for count-based judges.
+    pub rollout_started: Time,
+}
+
+impl Window {
+    /// A window ending at `at` that reaches `d` back, for one-off reads such as
+    /// `canaryd check --live`, where no step or rollout has begun.
+    pub fn lookback(at: Time, d: std::time::Duration) -> Window {
+        let start = Time(at.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+        Window {
+            at,
+            since: start,
+            rollout_started: start,
+        }
+    }
+}

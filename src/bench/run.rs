@@ -2,9 +2,9 @@
 
 use super::scenario::Scenario;
 use super::world::{SCRAPE_MS, World, slow_boundary};
-use crate::observation::{Gate, Input, Observation, Reading, RouterStatus};
+use crate::observation::{Gate, Input, Observation, Reading, RouterStatus, Window};
 use crate::policy::{Method, MetricKind, Policy};
-use crate::rollout::{Action, Phase, RolloutState, decide};
+use crate::rollout::{Action, Phase, RolloutState, analysis_window, decide};
 use crate::time::Time;
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -107,36 +107,30 @@ pub fn run_rep(policy: &Policy, sc: &Scenario, rng: &mut rand::rngs::SmallRng) -
         }
         if now == next_eval {
             next_eval += interval_ms;
-            // As the daemon queries it (`controller::analysis_window`, `Ranges`): the window
-            // covers the step but at most a step's worth (`min_step_duration`), and never less
-            // than the shortest range (`DEFAULT_MIN_RANGE`), so a step's first looks see the
-            // last minute rather than nothing; never from before the rollout began.
+            // The daemon's windows (`analysis_window`), as its queries stretch them
+            // (`Ranges`): never shorter than the shortest range (`DEFAULT_MIN_RANGE`) unless
+            // the rollout began less than that ago, so a step's first looks see the last minute
+            // rather than nothing.
             let shortest = crate::source::DEFAULT_MIN_RANGE.as_millis() as i64;
-            let span = policy
-                .strategy
-                .min_step_duration
-                .max(policy.strategy.interval)
-                .as_millis() as i64;
-            // A metric with too few canary events in a step's worth reads the whole step, as
-            // the daemon widens it.
-            let started = state.started_at.map_or(0, |t| t.millis());
-            let since = |cap: i64| {
-                state
-                    .step_started_at
-                    .map_or(0, |t| t.millis())
-                    .max(cap)
-                    .min(now - shortest)
-                    .max(started)
+            let window = |capped| {
+                let w = analysis_window(&state, policy, Time(now), capped);
+                let since = w.since.millis().min(now - shortest);
+                Window {
+                    since: Time(since.max(w.rollout_started.millis())),
+                    ..w
+                }
             };
-            let (step_start, whole_step) = (since(now - span), since(0));
+            let (step, whole_step) = (window(true), window(false));
             let metrics = policy
                 .metrics
                 .iter()
                 .map(|m| {
                     let le = slow.get(&m.name).copied().flatten();
-                    let mut r = world.reading(m, now, step_start, le, series);
-                    if whole_step < step_start && r.canary_thin(m.min_samples) {
-                        r = world.reading(m, now, whole_step, le, series);
+                    let mut r = world.reading(m, &step, le, series);
+                    // A metric with too few canary events in a step's worth reads the whole
+                    // step, as the daemon widens it.
+                    if whole_step.since < step.since && r.canary_thin(m.min_samples) {
+                        r = world.reading(m, &whole_step, le, series);
                     }
                     (m.name.clone(), r)
                 })

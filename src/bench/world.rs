@@ -3,7 +3,7 @@
 //! learns only what it could learn by querying that Prometheus.
 
 use super::scenario::Scenario;
-use crate::observation::{Bucket, Counts, MetricReading, Reading, Sample};
+use crate::observation::{Bucket, Counts, MetricReading, Reading, Sample, Window};
 use crate::policy::{MetricKind, MetricSpec, Policy};
 use rand::rngs::SmallRng;
 use statrs::function::erf::erfc;
@@ -255,19 +255,23 @@ impl<'a> World<'a> {
     }
 
     /// Both versions' readings of one metric, as the shell would build them from Prometheus.
-    /// `step_start_ms` begins the analysis window; `series` asks for per-scrape values.
+    /// `w` is the analysis's window (ending now) and counts since its rollout began; `series`
+    /// asks for per-scrape values.
     pub fn reading(
         &self,
         spec: &MetricSpec,
-        now_ms: i64,
-        step_start_ms: i64,
+        w: &Window,
         slow_le: Option<f64>,
         series: bool,
     ) -> MetricReading {
+        let now_ms = w.at.millis();
         let now = self.last_index(now_ms);
+        let started = self
+            .first_index_from(w.rollout_started.millis())
+            .unwrap_or(now);
         let mut out = [Reading::NoData, Reading::NoData];
         for arm in [STABLE, CANARY] {
-            let mut cum_base = 0usize;
+            let mut cum_base = started.min(now);
             if arm == CANARY && matches!(spec.kind, MetricKind::Latency { .. }) {
                 if self.latency_missing(now_ms) {
                     continue;
@@ -280,14 +284,14 @@ impl<'a> World<'a> {
                     let back = (to * 60_000.0) as i64;
                     if back > 0 {
                         match self.first_index_from(back) {
-                            Some(i) if i <= now => cum_base = i,
+                            Some(i) if i <= now => cum_base = cum_base.max(i),
                             _ => continue,
                         }
                     }
                 }
             }
             let win_base = self
-                .first_index_from(step_start_ms)
+                .first_index_from(w.since.millis())
                 .unwrap_or(now)
                 .clamp(cum_base, now);
             let cur = &self.snapshots[now].arms[arm];
@@ -436,11 +440,21 @@ mod tests {
             world.serve(&mut rng, i * SCRAPE_MS, (i + 1) * SCRAPE_MS, 0.05);
             world.scrape((i + 1) * SCRAPE_MS);
         }
-        let canary_events =
-            |minute: i64| match world.reading(&spec, minute * 60_000, 0, None, false).canary {
-                Reading::Data(s) => Some(s.window_events),
-                _ => None,
-            };
+        let canary_events = |minute: i64| match world
+            .reading(
+                &spec,
+                &Window::lookback(
+                    crate::time::Time(minute * 60_000),
+                    std::time::Duration::from_secs(minute as u64 * 60),
+                ),
+                None,
+                false,
+            )
+            .canary
+        {
+            Reading::Data(s) => Some(s.window_events),
+            _ => None,
+        };
         let before = canary_events(4).expect("there before the gap");
         assert!(before > 0.0);
         assert_eq!(canary_events(7), None, "absent during the gap");

@@ -8,6 +8,9 @@ use crate::text::quoted;
 use std::fmt;
 use std::path::Path;
 
+/// The shortest analysis interval a policy may ask for.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The method used when a policy names none.
 pub const DEFAULT_METHOD: Method = Method::Sequential;
 
@@ -774,6 +777,22 @@ impl Validator {
                     ),
                 );
             }
+        }
+        // Every analysis queries Prometheus (two queries per metric and version, more for
+        // Mann-Whitney); Prometheus resolves time in seconds and scrapes every 15 s or so.
+        if let Some(iv) = &r.interval
+            && interval < MIN_INTERVAL
+            && !interval.is_zero()
+        {
+            self.err(
+                iv,
+                format!(
+                    "expected an interval of at least {} (every analysis queries Prometheus), \
+                     found {}",
+                    humantime::format_duration(MIN_INTERVAL),
+                    quoted(&iv.value)
+                ),
+            );
         }
         if let Some(iv) = &r.interval
             && interval > progress_deadline

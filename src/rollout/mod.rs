@@ -4,6 +4,8 @@
 
 mod decide;
 mod state;
+mod window;
 
 pub use decide::{Action, Decision, decide, fmt_pct};
 pub use state::{Phase, RolloutState, WeightChange};
+pub use window::analysis_window;

@@ -17,35 +17,12 @@ pub use observe::{
 pub use prometheus::{Auth, ClientOptions, PrometheusClient};
 pub use query::DEFAULT_MIN_RANGE;
 
+pub use crate::observation::Window;
+
 use crate::observation::MetricReading;
 use crate::policy::Policy;
 use crate::router::BoxFuture;
-use crate::time::Time;
 use std::collections::BTreeMap;
-
-/// The time ranges of one analysis.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Window {
-    /// Evaluation time of the queries.
-    pub at: Time,
-    /// Start of the analysis window (the current step's start): values and window counts.
-    pub since: Time,
-    /// Start of the rollout: cumulative counts for count-based judges.
-    pub rollout_started: Time,
-}
-
-impl Window {
-    /// A window ending at `at` that reaches `d` back, for one-off reads such as
-    /// `canaryd check --live`, where no step or rollout has begun.
-    pub fn lookback(at: Time, d: std::time::Duration) -> Window {
-        let start = Time(at.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
-        Window {
-            at,
-            since: start,
-            rollout_started: start,
-        }
-    }
-}
 
 /// Where readings come from.
 pub trait MetricSource: Send + Sync {
