@@ -211,7 +211,18 @@ impl Walker {
             Value::Str(s) => s.clone(),
             // Version labels and names such as `2` are text to Prometheus.
             Value::Int(i) => i.to_string(),
-            Value::Float(f) => f.to_string(),
+            // YAML reads `1.10` as the number 1.1: the label would not be the one written.
+            Value::Float(f) => {
+                self.problem(
+                    node.pos,
+                    &path,
+                    format!(
+                        "expected text, found the number {f}; quote it (like \"1.10\") so that \
+                         it stays as written"
+                    ),
+                );
+                return None;
+            }
             other => {
                 let found = other.describe();
                 self.problem(node.pos, &path, format!("expected text, found {found}"));

@@ -152,7 +152,12 @@ impl<'de> Deserialize<'de> for KeyString {
             Value::Str(s) => Ok(KeyString(s)),
             Value::Int(i) => Ok(KeyString(i.to_string())),
             Value::Bool(b) => Ok(KeyString(b.to_string())),
-            Value::Float(f) => Ok(KeyString(f.to_string())),
+            // YAML reads `1.10` as the number 1.1: a version written so would not be the one
+            // meant.
+            Value::Float(f) => Err(de::Error::custom(format!(
+                "expected a plain mapping key, found the number {f}; quote it (like \"1.10\") \
+                 so that it stays as written"
+            ))),
             other => Err(de::Error::custom(format!(
                 "expected a plain mapping key, found {}",
                 other.describe()

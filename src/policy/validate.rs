@@ -8,6 +8,15 @@ use crate::text::quoted;
 use std::fmt;
 use std::path::Path;
 
+/// What a router's `servers` map holds, for its errors.
+struct ServerKind {
+    /// The map's values, in "a mapping of version to …".
+    what: &'static str,
+    /// A usable value, in "expected …".
+    usable: &'static str,
+    unusable: fn(&str) -> bool,
+}
+
 /// The shortest analysis interval a policy may ask for.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -433,6 +442,11 @@ impl Validator {
                      in {}",
                     quoted(&shown)
                 ),
+            );
+        } else if let Err(e) = reqwest::Url::parse(v) {
+            self.err(
+                at,
+                format!("expected a valid URL, found {} ({e})", quoted(&shown)),
             );
         }
     }
@@ -1276,9 +1290,40 @@ impl Validator {
                 &format!("{p}.backend"),
                 "the backend's name",
             );
-            self.not_blank(socket, "a socket path or host:port");
-            self.not_blank(backend, "a backend name");
-            let servers = self.servers(&h.value.servers, h, &versions, "HAProxy server names");
+            if self.not_blank(socket, "a socket path or host:port")
+                && let Some(sock) = socket
+                && crate::router::haproxy::Endpoint::parse(&sock.value).is_err()
+            {
+                self.err(
+                    sock,
+                    format!(
+                        "expected tcp://host:port or a socket path, found {}",
+                        quoted(&sock.value)
+                    ),
+                );
+            }
+            if self.not_blank(backend, "a backend name")
+                && let Some(b) = backend
+                && crate::router::haproxy::unusable_name(&b.value)
+            {
+                self.err(
+                    b,
+                    format!(
+                        "expected a backend name without spaces, / or ;, found {}",
+                        quoted(&b.value)
+                    ),
+                );
+            }
+            let servers = self.servers(
+                &h.value.servers,
+                h,
+                &versions,
+                ServerKind {
+                    what: "HAProxy server names",
+                    usable: "a server name without spaces, / or ;",
+                    unusable: crate::router::haproxy::unusable_name,
+                },
+            );
             return Some(RouterConfig::Haproxy {
                 socket: socket?.value.clone(),
                 backend: backend?.value.clone(),
@@ -1308,9 +1353,30 @@ impl Validator {
                 );
             }
             self.not_blank(file, "a file path");
-            let servers = self.servers(&g.value.servers, g, &versions, "host:port addresses");
+            let servers = self.servers(
+                &g.value.servers,
+                g,
+                &versions,
+                ServerKind {
+                    what: "host:port addresses",
+                    usable: "a host:port address without spaces or any of ;{}#'\"\\$",
+                    unusable: crate::router::nginx::unusable_token,
+                },
+            );
             let upstream = match &g.value.upstream {
-                Some(u) => u.value.clone(),
+                Some(u) => {
+                    if crate::router::nginx::unusable_token(&u.value) {
+                        self.err(
+                            u,
+                            format!(
+                                "expected an upstream name without spaces or any of ;{{}}#'\"\\$, \
+                                 found {}",
+                                quoted(&u.value)
+                            ),
+                        );
+                    }
+                    u.value.clone()
+                }
                 None => name.map(|n| n.value.clone()).unwrap_or_default(),
             };
             return Some(RouterConfig::Nginx {
@@ -1368,8 +1434,9 @@ impl Validator {
         servers: &Option<At<BTreeMap<String, At<String>>>>,
         parent: &At<T>,
         versions: &[&At<String>],
-        what: &str,
+        kind: ServerKind,
     ) -> Option<BTreeMap<String, String>> {
+        let what = kind.what;
         let path = format!("{}.servers", parent.path);
         let s = self.required(
             servers,
@@ -1391,6 +1458,29 @@ impl Validator {
                     format!(
                         "expected an entry for version {}, found {present}",
                         quoted(&v.value)
+                    ),
+                );
+                ok = false;
+            }
+        }
+        // One server cannot carry two versions' weights, and a read could not tell them apart.
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for (version, server) in &s.value {
+            if (kind.unusable)(&server.value) {
+                self.err(
+                    server,
+                    format!("expected {}, found {}", kind.usable, quoted(&server.value)),
+                );
+                ok = false;
+            } else if let Some(other) = seen.insert(&server.value, version) {
+                self.err(
+                    server,
+                    format!(
+                        "expected a server of its own for version {}, found {}, which \
+                         version {} uses too",
+                        quoted(version),
+                        quoted(&server.value),
+                        quoted(other)
                     ),
                 );
                 ok = false;

@@ -87,6 +87,12 @@ fn split_port(s: &str) -> Option<(&str, u16)> {
     (!host.is_empty() && !host.contains('/')).then_some((host, port))
 }
 
+/// Whether a backend or server name cannot be used in a runtime API command: spaces, `/` or
+/// `;` would change the command's meaning.
+pub fn unusable_name(n: &str) -> bool {
+    n.is_empty() || n.contains(|c: char| c.is_whitespace() || c == '/' || c == ';')
+}
+
 /// Sets and reads server weights of one HAProxy backend.
 #[derive(Debug)]
 pub struct HaproxyRouter {
@@ -106,10 +112,7 @@ impl HaproxyRouter {
         backend: &str,
         servers: BTreeMap<String, String>,
     ) -> Result<HaproxyRouter, RouterError> {
-        // Names with spaces, `/` or `;` would change the meaning of the command line.
-        let bad = |n: &str| {
-            n.is_empty() || n.contains(|c: char| c.is_whitespace() || c == '/' || c == ';')
-        };
+        let bad = unusable_name;
         if bad(backend) {
             return Err(RouterError::Config(format!(
                 "haproxy backend name {backend:?} is not usable"

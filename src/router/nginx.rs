@@ -60,6 +60,12 @@ pub struct NginxRouter {
     reloaded: tokio::sync::Mutex<Option<String>>,
 }
 
+/// Whether an upstream name or server address cannot be written into the include file:
+/// characters that would end a directive or start a block or comment in nginx syntax.
+pub fn unusable_token(s: &str) -> bool {
+    s.is_empty() || s.contains(|c: char| c.is_whitespace() || ";{}#'\"\\$".contains(c))
+}
+
 impl NginxRouter {
     pub fn new(
         weights_file: PathBuf,
@@ -67,10 +73,7 @@ impl NginxRouter {
         upstream: &str,
         servers: BTreeMap<String, String>,
     ) -> Result<NginxRouter, RouterError> {
-        // Characters that would end a directive or start a block or comment in nginx syntax.
-        let bad = |s: &str| {
-            s.is_empty() || s.contains(|c: char| c.is_whitespace() || ";{}#'\"\\$".contains(c))
-        };
+        let bad = unusable_token;
         if bad(upstream) {
             return Err(RouterError::Config(format!(
                 "nginx upstream name {upstream:?} is not usable"
