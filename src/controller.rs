@@ -493,15 +493,25 @@ impl Task {
         }
     }
 
+    /// Asks every `confirm-promotion` webhook in turn; the gate is open only when all of them
+    /// answer 2xx, and the first that does not closes it.
     async fn ask_gate(&self) -> Gate {
-        let Some(hook) = self
+        let mut asked = false;
+        for hook in self
             .policy
             .webhooks
             .iter()
-            .find(|w| w.on == WebhookEvent::ConfirmPromotion)
-        else {
-            return Gate::NotAsked;
-        };
+            .filter(|w| w.on == WebhookEvent::ConfirmPromotion)
+        {
+            asked = true;
+            if let closed @ Gate::Closed { .. } = self.ask_one_gate(hook).await {
+                return closed;
+            }
+        }
+        if asked { Gate::Open } else { Gate::NotAsked }
+    }
+
+    async fn ask_one_gate(&self, hook: &policy::Webhook) -> Gate {
         let body = self.event_body("confirm-promotion", "asking to promote");
         let res = self
             .shared

@@ -17,8 +17,6 @@ struct ServerKind {
     unusable: fn(&str) -> bool,
 }
 
-/// The shortest analysis interval a policy may ask for.
-const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The method used when a policy names none.
 pub const DEFAULT_METHOD: Method = Method::Sequential;
@@ -791,22 +789,6 @@ impl Validator {
                     ),
                 );
             }
-        }
-        // Every analysis queries Prometheus (two queries per metric and version, more for
-        // Mann-Whitney); Prometheus resolves time in seconds and scrapes every 15 s or so.
-        if let Some(iv) = &r.interval
-            && interval < MIN_INTERVAL
-            && !interval.is_zero()
-        {
-            self.err(
-                iv,
-                format!(
-                    "expected an interval of at least {} (every analysis queries Prometheus), \
-                     found {}",
-                    humantime::format_duration(MIN_INTERVAL),
-                    quoted(&iv.value)
-                ),
-            );
         }
         if let Some(iv) = &r.interval
             && interval > progress_deadline

@@ -969,6 +969,39 @@ async fn a_closed_promotion_gate_holds_and_event_webhooks_are_called() {
     d.stop().await;
 }
 
+/// Regression (review): with two confirm-promotion gates only the first was asked, so a second
+/// gate's "no" was never heard. Every gate must say yes.
+#[tokio::test]
+async fn every_promotion_gate_must_open() {
+    let (yes, _) = hooks(Arc::new(Mutex::new(200))).await;
+    let second = Arc::new(Mutex::new(503u16));
+    let (no, asked) = hooks(second.clone()).await;
+    let policy = format!(
+        "{POLICY}webhooks:\n  - {{on: confirm-promotion, url: \"{yes}/gate\", timeout: 1s}}\n  - {{on: confirm-promotion, url: \"{no}/gate\", timeout: 1s}}\n"
+    );
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let refused = format!("promotion gate closed: the webhook at {no} answered 503");
+    let v = wait_for(
+        "the second gate to hold the promotion",
+        Duration::from_secs(15),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            v["state"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&refused))
+                .then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["phase"], "progressing", "one closed gate never promotes");
+    assert!(!asked.lock().unwrap().is_empty());
+    *second.lock().unwrap() = 200;
+    d.wait_phase("demo", "promoted").await;
+    d.stop().await;
+}
+
 /// A confirm-promotion gate's URL at `base` with secrets in its path and query, as a service
 /// that authenticates its callers that way (a Slack hook, `?token=`) hands it out.
 fn secret_gate_policy(base: &str) -> String {
