@@ -168,6 +168,14 @@ pub struct BoundTest {
     pub bad: Vec<f64>,
     /// Log values of the promotion components, `GOOD_GRID`.
     pub good: Vec<f64>,
+    /// For a relative latency bound, log values of a second family of promotion components
+    /// (`GOOD_GRID`), on the canary alone: that fewer than 1 − quantile of its requests are
+    /// slower than the highest boundary within twice the tolerance of stable's quantile. Where
+    /// neither version has requests above that boundary (a fast model, coarse buckets), the
+    /// two-sample test has nothing to learn from, and only this one can show the canary good.
+    /// Empty for every other test.
+    #[serde(default)]
+    pub alone: Vec<f64>,
 }
 
 impl BoundTest {
@@ -179,6 +187,7 @@ impl BoundTest {
             for_promotion,
             bad: vec![0.0; LAMBDAS.len() * BAD_GRID.len()],
             good: vec![0.0; GOOD_GRID.len()],
+            alone: Vec::new(),
         }
     }
 
@@ -199,11 +208,15 @@ impl BoundTest {
             .ln()
     }
 
-    /// Log of the promotion mixture's value.
+    /// Log of the promotion mixture's value: the two-sample components, and with a second
+    /// family (`alone`) both families at half weight each.
     pub fn log_good(&self) -> f64 {
         let w = (1.0 / GOOD_GRID.len() as f64).ln();
-        let terms: Vec<f64> = self.good.iter().map(|g| w + g).collect();
-        log_sum_exp(&terms)
+        let family = |v: &[f64]| log_sum_exp(&v.iter().map(|g| w + g).collect::<Vec<_>>());
+        if self.alone.is_empty() {
+            return family(&self.good);
+        }
+        log_sum_exp(&[family(&self.good), family(&self.alone)]) - 2f64.ln()
     }
 }
 
@@ -793,6 +806,25 @@ fn update(
                     }
                     _ => continue,
                 };
+                if !test.alone.is_empty()
+                    && let Some((ch, ct)) = &c_hist
+                    && let Some(q_s) = quantile_of(&stable_hist, stable_hist_total, quantile)
+                {
+                    // The highest boundary a canary twice the tolerance worse than stable
+                    // would exceed more often than 1 − quantile of the time (by stable's
+                    // quantile as histogram_quantile interpolates it before this look).
+                    let bad_latency = match t.kind {
+                        ToleranceKind::Relative => q_s * (1.0 + 2.0 * t.amount),
+                        ToleranceKind::Absolute => q_s + 2.0 * t.amount,
+                    };
+                    if let Some(slow) = ch.iter().rev().find(|b| b.le <= bad_latency) {
+                        let inc = Increment {
+                            bad: (ct - slow.count).max(0.0),
+                            total: *ct,
+                        };
+                        step_alone(test, inc, 1.0 - quantile, phi, cap);
+                    }
+                }
                 if si.total > 0.0 {
                     step_two_sample(test, ci, si, r0, r_bad, phi, cap);
                 } else if p_s.is_finite() {
@@ -950,6 +982,7 @@ fn create_tests(
                 .map(|(i, _)| i);
             if let Some(t) = best.and_then(|i| tests.get_mut(i)) {
                 t.for_promotion = true;
+                t.alone = vec![0.0; GOOD_GRID.len()];
             }
         }
         if absolute {
@@ -1028,6 +1061,41 @@ fn step_two_sample(
     for (gi, g) in GOOD_GRID.iter().enumerate() {
         test.good[gi] += (two_sample_llr(c, s, r_bad, r_bad * g) / phi).min(cap);
     }
+}
+
+/// One look of the `alone` promotion family: the canary's share of requests above a boundary
+/// against the null `p_bad` (its quantile at or beyond that boundary).
+fn step_alone(test: &mut BoundTest, c: Increment, p_bad: f64, phi: f64, cap: f64) {
+    let cap = cap.min(CAP_PER_SQRT * (c.total * p_bad / phi).max(1.0).sqrt());
+    for (gi, g) in GOOD_GRID.iter().enumerate() {
+        if let Some(v) = test.alone.get_mut(gi) {
+            *v += (one_sample_llr(c, p_bad, p_bad * g) / phi).min(cap);
+        }
+    }
+}
+
+/// Stable's `q`-quantile from its cumulative histogram, interpolated linearly within the
+/// bucket as Prometheus' `histogram_quantile` does; `None` when it lies beyond the highest
+/// finite boundary or the histogram is empty.
+fn quantile_of(hist: &[Bucket], total: f64, q: f64) -> Option<f64> {
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for b in hist.iter().filter(|b| b.le.is_finite()) {
+        if b.count >= rank {
+            let within = b.count - below;
+            let f = if within > 0.0 {
+                (rank - below) / within
+            } else {
+                1.0
+            };
+            return Some(lo + (b.le - lo) * f);
+        }
+        (lo, below) = (b.le, b.count);
+    }
+    None
 }
 
 fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi: f64, cap: f64) {
@@ -1589,6 +1657,104 @@ mod tests {
         // Nor is an empty tail among a few hundred of stable's requests taken as empty.
         let few: Vec<Bucket> = stable.iter().map(|x| b(x.le, x.count / 40.0)).collect();
         assert_eq!(tested_boundaries(&canary, None, &few, 250.0).len(), 5);
+    }
+
+    /// Regression (acceptance test): a model whose requests all finish within one bucket
+    /// boundary (here 0.1 s) gives the two-sample test nothing to learn from at the boundary
+    /// nearest its p99, since neither version ever exceeds it. An identical canary then could
+    /// never be shown good and ran into the progress deadline. The canary alone, with none of
+    /// thousands of requests above 0.1 s, shows its p99 below twice the tolerance.
+    #[test]
+    fn a_fast_identical_canary_with_no_slow_requests_becomes_promotable() {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            "name: t\nstable: a\ncanary: b\nstrategy: {steps: [5, 50]}\n\
+             metrics:\n  - {name: p99, builtin: latency, quantile: 0.99, max_increase: 20%}\n\
+             router: {file: {path: /tmp/t.json}}\n",
+        )
+        .expect("valid policy");
+        let spec = policy.metrics[0].clone();
+        let les = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, f64::INFINITY];
+        // 70 % of requests at most 0.05 s, all at most 0.1 s.
+        let sample = |n: f64| {
+            let buckets: Vec<Bucket> = les
+                .iter()
+                .map(|&le| Bucket {
+                    le,
+                    count: if le >= 0.1 {
+                        n
+                    } else if le >= 0.05 {
+                        0.7 * n
+                    } else {
+                        0.0
+                    },
+                })
+                .collect();
+            Reading::Data(Sample {
+                value: Some(0.0985),
+                window_events: n,
+                cumulative: Some(Counts { bad: 0.0, total: n }),
+                buckets,
+                ..Sample::default()
+            })
+        };
+        let mut memory = JudgeMemory::default();
+        let mut promotable_at = None;
+        for look in 1..=200 {
+            let r = MetricReading {
+                stable: sample(450.0 * look as f64),
+                canary: sample(50.0 * look as f64),
+            };
+            let report = judge(&ctx(0.95), &spec, &r, &mut memory);
+            assert_ne!(report.verdict, Verdict::Fail, "look {look}: {}", report.note);
+            if report.promotable {
+                promotable_at = Some(look);
+                break;
+            }
+        }
+        // About 820 canary requests without a slow one are needed (ln 20 + ln 4 + ln 2 nats at
+        // ln(0.997 / 0.99) each); the two-sample test alone never gets there.
+        let look = promotable_at.expect("promotable within 200 looks (10,000 canary requests)");
+        assert!((14..=40).contains(&look), "promotable at look {look}");
+    }
+
+    /// The `alone` family is an e-process under its null: a canary whose p99 really lies
+    /// beyond the boundary (2 % of its requests slower, where 1 % is allowed) is promoted at
+    /// most at the level, however often it is looked at.
+    #[test]
+    fn the_canary_alone_test_does_not_promote_a_slower_canary() {
+        let mut promoted = 0;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+        for _ in 0..400 {
+            let mut t = BoundTest::new(TestKind::Relative, Some(0.1), 1.0, true);
+            t.alone = vec![0.0; GOOD_GRID.len()];
+            for _ in 0..300 {
+                let slow = (0..50).filter(|_| rng.random::<f64>() < 0.01).count() as f64;
+                step_alone(&mut t, Increment { bad: slow, total: 50.0 }, 0.01, 1.0, 3.0);
+                // The two-sample family stays at its start (no slow stable requests).
+                if t.log_good() >= (20f64).ln() {
+                    promoted += 1;
+                    break;
+                }
+            }
+        }
+        // At the boundary of the null (exactly 1 % slower) the bound is 5 %: 20 of 400, with
+        // room for sampling noise.
+        assert!(promoted <= 30, "{promoted} of 400 promoted");
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket_like_prometheus() {
+        let b = |le: f64, count: f64| Bucket { le, count };
+        let h = [b(0.05, 70.0), b(0.1, 100.0), b(f64::INFINITY, 100.0)];
+        // Rank 99 of 100 lies 29/30 of the way through (0.05, 0.1].
+        let q = quantile_of(&h, 100.0, 0.99).expect("within the histogram");
+        assert!((q - (0.05 + 0.05 * 29.0 / 30.0)).abs() < 1e-12, "{q}");
+        // Beyond the highest finite boundary: unknown.
+        let h = [b(0.05, 70.0), b(0.1, 90.0), b(f64::INFINITY, 100.0)];
+        assert_eq!(quantile_of(&h, 100.0, 0.99), None);
+        assert_eq!(quantile_of(&[], 0.0, 0.99), None);
     }
 
     #[test]
