@@ -399,7 +399,7 @@ pub fn judge(
     let rejected = mem.rejected || (!mem.tests.is_empty() && log_bad >= threshold);
     mem.rejected = rejected;
     let promotable = log_good.is_some_and(|g| g >= threshold);
-    report.bounds = bound_checks(spec, rejected, promotable);
+    report.bounds = bound_checks(spec, stable.and_then(|s| s.value), rejected, promotable);
     report.evidence = Some(evidence);
 
     let need = spec.min_samples as f64;
@@ -514,7 +514,16 @@ fn beyond_absolute_bound(spec: &MetricSpec, value: Option<f64>) -> Option<String
         })
 }
 
-fn bound_checks(spec: &MetricSpec, rejected: bool, promotable: bool) -> Vec<BoundCheck> {
+/// The bounds with the test's verdict on them: broken once the rollback test rejected, kept
+/// once the canary is promotable, open until then. A relative bound's limit is stable's
+/// current value moved by the tolerance, as the threshold judge would apply it; the test
+/// itself works on counts since the rollout began, not on that value.
+fn bound_checks(
+    spec: &MetricSpec,
+    stable_value: Option<f64>,
+    rejected: bool,
+    promotable: bool,
+) -> Vec<BoundCheck> {
     let ok = if rejected {
         Some(false)
     } else if promotable {
@@ -544,7 +553,7 @@ fn bound_checks(spec: &MetricSpec, rejected: bool, promotable: bool) -> Vec<Boun
         out.push(BoundCheck {
             kind: BoundKind::MaxIncrease,
             written: t.written.clone(),
-            limit: None,
+            limit: stable_value.map(|v| t.upper(v)),
             ok,
         });
     }
@@ -552,7 +561,7 @@ fn bound_checks(spec: &MetricSpec, rejected: bool, promotable: bool) -> Vec<Boun
         out.push(BoundCheck {
             kind: BoundKind::MaxDecrease,
             written: t.written.clone(),
-            limit: None,
+            limit: stable_value.map(|v| t.lower(v)),
             ok,
         });
     }
@@ -1755,6 +1764,32 @@ mod tests {
         let h = [b(0.05, 70.0), b(0.1, 90.0), b(f64::INFINITY, 100.0)];
         assert_eq!(quantile_of(&h, 100.0, 0.99), None);
         assert_eq!(quantile_of(&[], 0.0, 0.99), None);
+    }
+
+    /// Review: the default judge reported no limit for a relative bound, so neither the API
+    /// nor `canaryd_analysis_bound` showed what "15 % above stable" meant this analysis.
+    #[test]
+    fn a_relative_bound_reports_stables_value_moved_by_the_tolerance() {
+        let mut memory = JudgeMemory::default();
+        let r = reading(
+            Counts {
+                bad: 20.0,
+                total: 1000.0,
+            },
+            Counts {
+                bad: 1.0,
+                total: 100.0,
+            },
+        );
+        let report = judge(&ctx(0.95), &spec(), &r, &mut memory);
+        let bound = report
+            .bounds
+            .iter()
+            .find(|b| b.kind == BoundKind::MaxIncrease)
+            .expect("the max_increase bound");
+        let limit = bound.limit.expect("a limit from stable's value");
+        assert!((limit - 0.02 * 1.15).abs() < 1e-12, "{limit}");
+        assert_eq!(bound.written, "15%");
     }
 
     #[test]
