@@ -4,12 +4,13 @@
 //! phase, bound kind, router kind, error kind, query type (`instant`/`range`) — never a request
 //! id or free-form text.
 
-use crate::judge::{MetricReport, Verdict};
+use crate::judge::{BoundKind, MetricReport, Verdict};
 use crate::rollout::{Action, Decision, Phase};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use std::collections::{BTreeMap, BTreeSet};
 
 impl crate::source::QueryObserver for Metrics {
     fn query_done(&self, record: &crate::source::QueryRecord<'_>) {
@@ -45,6 +46,9 @@ pub struct Metrics {
     store_errors: IntCounterVec,
     invalid_policy_files: prometheus::IntGauge,
     leader: prometheus::IntGauge,
+    /// The metric names each rollout's analyses reported, so that `forget` can drop their
+    /// series (the client library cannot drop series by a partial label match).
+    reported: std::sync::Arc<std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>>,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
@@ -94,6 +98,7 @@ impl Metrics {
     pub fn new(registry: Registry) -> prometheus::Result<Metrics> {
         let r = &registry;
         Ok(Metrics {
+            reported: Default::default(),
             phase: igauge(
                 r,
                 "canaryd_rollout_phase",
@@ -273,11 +278,20 @@ impl Metrics {
                 }
             }
         }
+        if let Ok(mut reported) = self.reported.lock() {
+            reported
+                .entry(rollout.to_owned())
+                .or_default()
+                .insert(m.to_owned());
+        }
         for b in &r.bounds {
-            if let Some(l) = b.limit.filter(|l| l.is_finite()) {
-                self.bound
-                    .with_label_values(&[rollout, m, b.kind.as_str()])
-                    .set(l);
+            let labels = [rollout, m, b.kind.as_str()];
+            match b.limit.filter(|l| l.is_finite()) {
+                Some(l) => self.bound.with_label_values(&labels).set(l),
+                // A limit that could not be computed this time must not keep showing.
+                None => {
+                    let _ = self.bound.remove_label_values(&labels);
+                }
             }
         }
         if let Some(e) = &r.evidence {
@@ -288,13 +302,7 @@ impl Metrics {
                 self.log_threshold.with_label_values(&[rollout, m]).set(v);
             }
         }
-        for v in [
-            Verdict::Pass,
-            Verdict::Fail,
-            Verdict::Hold,
-            Verdict::NoData,
-            Verdict::Unavailable,
-        ] {
+        for v in Verdict::ALL {
             self.verdict
                 .with_label_values(&[rollout, m, v.as_str()])
                 .set(i64::from(v == r.verdict));
@@ -379,6 +387,27 @@ impl Metrics {
             let _ = self.phase.remove_label_values(&[rollout, p.as_str()]);
         }
         let _ = self.policy_invalid.remove_label_values(&[rollout]);
+        let _ = self.failures.remove_label_values(&[rollout]);
+        let metrics = self
+            .reported
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(rollout))
+            .unwrap_or_default();
+        for m in &metrics {
+            let m = m.as_str();
+            for version in ["stable", "canary"] {
+                let _ = self.value.remove_label_values(&[rollout, m, version]);
+            }
+            for kind in BoundKind::ALL {
+                let _ = self.bound.remove_label_values(&[rollout, m, kind.as_str()]);
+            }
+            let _ = self.log_evalue.remove_label_values(&[rollout, m]);
+            let _ = self.log_threshold.remove_label_values(&[rollout, m]);
+            for v in Verdict::ALL {
+                let _ = self.verdict.remove_label_values(&[rollout, m, v.as_str()]);
+            }
+        }
     }
 }
 
@@ -447,6 +476,61 @@ mod tests {
         assert_eq!(
             sample(&m, errors, &[r, ("query", "instant"), timeout]),
             None
+        );
+    }
+
+    /// Review: `forget` dropped the weight, step and phase of a renamed rollout (or one this
+    /// replica stopped leading) but left its analysis series, so two replicas could export a
+    /// verdict for the same rollout. And a limit that could not be computed kept showing the
+    /// last one.
+    #[test]
+    fn forgetting_a_rollout_drops_its_analysis_series_and_stale_limits_go() {
+        let m = Metrics::new(Registry::new()).expect("metrics");
+        let report = |limit: Option<f64>| MetricReport {
+            metric: "errors".into(),
+            method: crate::policy::Method::Sequential,
+            stable: Some(0.01),
+            canary: Some(0.012),
+            stable_events: 1000.0,
+            canary_events: 100.0,
+            bounds: vec![crate::judge::BoundCheck {
+                kind: BoundKind::MaxIncrease,
+                written: "15%".into(),
+                limit,
+                ok: None,
+            }],
+            verdict: Verdict::Pass,
+            promotable: false,
+            evidence: Some(crate::judge::Evidence {
+                log_e_value: Some(0.5),
+                log_threshold: Some(3.0),
+                ..Default::default()
+            }),
+            note: String::new(),
+        };
+        m.report("gone", &report(Some(0.0115)));
+        m.report("kept", &report(Some(0.0115)));
+        m.failures.with_label_values(&["gone"]).set(1);
+        let bound = "canaryd_analysis_bound";
+        assert!(m.render().contains(r#"canaryd_analysis_bound{bound="max_increase",metric="errors",rollout="gone"} 0.0115"#), "{}", m.render());
+        m.report("kept", &report(None));
+        assert!(
+            !m.render().contains(
+                r#"canaryd_analysis_bound{bound="max_increase",metric="errors",rollout="kept"}"#
+            ),
+            "{bound} without a limit this time"
+        );
+        m.forget("gone");
+        let text = m.render();
+        let left: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(r#"rollout="gone""#))
+            .filter(|l| !l.contains("_total") && !l.contains("_seconds"))
+            .collect();
+        assert!(left.is_empty(), "{left:#?}");
+        assert!(
+            text.contains(r#"rollout="kept""#),
+            "the other rollout stays"
         );
     }
 }

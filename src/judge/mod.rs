@@ -29,6 +29,14 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub const ALL: [Verdict; 5] = [
+        Verdict::Pass,
+        Verdict::Fail,
+        Verdict::Hold,
+        Verdict::NoData,
+        Verdict::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Pass => "pass",
@@ -51,6 +59,13 @@ pub enum BoundKind {
 }
 
 impl BoundKind {
+    pub const ALL: [BoundKind; 4] = [
+        BoundKind::Min,
+        BoundKind::Max,
+        BoundKind::MaxIncrease,
+        BoundKind::MaxDecrease,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BoundKind::Min => "min",

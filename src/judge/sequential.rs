@@ -1715,7 +1715,12 @@ mod tests {
                 canary: sample(50.0 * look as f64),
             };
             let report = judge(&ctx(0.95), &spec, &r, &mut memory);
-            assert_ne!(report.verdict, Verdict::Fail, "look {look}: {}", report.note);
+            assert_ne!(
+                report.verdict,
+                Verdict::Fail,
+                "look {look}: {}",
+                report.note
+            );
             if report.promotable {
                 promotable_at = Some(look);
                 break;
@@ -1740,7 +1745,16 @@ mod tests {
             t.alone = vec![0.0; GOOD_GRID.len()];
             for _ in 0..300 {
                 let slow = (0..50).filter(|_| rng.random::<f64>() < 0.01).count() as f64;
-                step_alone(&mut t, Increment { bad: slow, total: 50.0 }, 0.01, 1.0, 3.0);
+                step_alone(
+                    &mut t,
+                    Increment {
+                        bad: slow,
+                        total: 50.0,
+                    },
+                    0.01,
+                    1.0,
+                    3.0,
+                );
                 // The two-sample family stays at its start (no slow stable requests).
                 if t.log_good() >= (20f64).ln() {
                     promoted += 1;

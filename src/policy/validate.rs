@@ -17,7 +17,6 @@ struct ServerKind {
     unusable: fn(&str) -> bool,
 }
 
-
 /// The method used when a policy names none.
 pub const DEFAULT_METHOD: Method = Method::Sequential;
 
