@@ -8,6 +8,13 @@ use crate::text::quoted;
 use std::fmt;
 use std::path::Path;
 
+/// The longest duration a policy may give: longer than any rollout should take, and short
+/// enough that no arithmetic on times can overflow.
+const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+/// The longest webhook timeout: a promotion gate and a webhook router are asked within an
+/// analysis, which an operator's abort waits for (the API gives up after 45 s).
+const MAX_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What a router's `servers` map holds, for its errors.
 struct ServerKind {
     /// The map's values, in "a mapping of version to …".
@@ -340,6 +347,26 @@ impl Validator {
         v.as_ref()
     }
 
+    /// A webhook's timeout: a positive duration of at most `MAX_TIMEOUT`, or the default.
+    fn timeout(&mut self, v: &Option<At<String>>, default: Duration) -> Duration {
+        let d = self.duration(v, default);
+        if let Some(at) = v
+            && d > MAX_TIMEOUT
+        {
+            self.err(
+                at,
+                format!(
+                    "expected a timeout of at most {} (a promotion gate or a router is asked \
+                     within an analysis, and an operator's abort waits for it), found {}",
+                    humantime::format_duration(MAX_TIMEOUT),
+                    quoted(&at.value)
+                ),
+            );
+            return default;
+        }
+        d
+    }
+
     /// A positive duration, or the default when absent.
     fn duration(&mut self, v: &Option<At<String>>, default: Duration) -> Duration {
         let Some(at) = v else { return default };
@@ -349,6 +376,17 @@ impl Validator {
                     at,
                     format!(
                         "expected a duration above zero, found {}",
+                        quoted(&at.value)
+                    ),
+                );
+                default
+            }
+            Some(d) if d > MAX_DURATION => {
+                self.err(
+                    at,
+                    format!(
+                        "expected a duration of at most {}, found {}",
+                        humantime::format_duration(MAX_DURATION),
                         quoted(&at.value)
                     ),
                 );
@@ -1378,7 +1416,7 @@ impl Validator {
                 self.url(u);
                 self.no_credentials(u, WEBHOOK_SECRET);
             }
-            let timeout = self.duration(&wh.value.timeout, Duration::from_secs(5));
+            let timeout = self.timeout(&wh.value.timeout, Duration::from_secs(5));
             return Some(RouterConfig::Webhook {
                 url: url?.value.clone(),
                 timeout,
@@ -1516,7 +1554,7 @@ impl Validator {
                 self.url(u);
                 self.no_credentials(u, WEBHOOK_SECRET);
             }
-            let timeout = self.duration(&h.value.timeout, Duration::from_secs(10));
+            let timeout = self.timeout(&h.value.timeout, Duration::from_secs(10));
             if let (Some(on), Some(url)) = (event, url) {
                 out.push(Webhook {
                     on,

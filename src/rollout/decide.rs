@@ -258,7 +258,11 @@ fn blind(policy: &Policy, state: &RolloutState, reports: &[MetricReport], now: T
 /// How long a step's window may go without a new canary event before the canary counts as
 /// having no data: longer than any sensible scrape interval, and than a few analyses.
 pub fn stall_after(policy: &Policy) -> std::time::Duration {
-    (3 * policy.strategy.interval).max(std::time::Duration::from_secs(120))
+    policy
+        .strategy
+        .interval
+        .saturating_mul(3)
+        .max(std::time::Duration::from_secs(120))
 }
 
 /// An analysis window spans up to a step's worth of time, so it goes on reading as data for
