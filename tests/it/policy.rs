@@ -509,7 +509,7 @@ fn a_huge_duration_is_reported_not_a_crash() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("strategy.min_step_duration: expected steps that fit"),
+        err.contains("strategy.min_step_duration: expected a duration of at most 1year"),
         "{err}"
     );
 }
