@@ -121,6 +121,25 @@ fn num(v: &Value) -> String {
     }
 }
 
+/// A metric's value or limit in its report's unit: latency in milliseconds or seconds
+/// (`97.3ms`, `1.25s`), a share in percent (`1.2%`, `92.34%`); a raw query's value as a number.
+fn measured(v: &Value, unit: &Value) -> String {
+    let trimmed = |x: f64, decimals: usize| {
+        let t = format!("{x:.decimals$}");
+        if t.contains('.') {
+            t.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            t
+        }
+    };
+    match (v.as_f64(), unit.as_str()) {
+        (Some(x), Some("seconds")) if x.abs() < 1.0 => format!("{}ms", trimmed(x * 1000.0, 1)),
+        (Some(x), Some("seconds")) => format!("{}s", trimmed(x, 3)),
+        (Some(x), Some("ratio")) => format!("{}%", trimmed(x * 100.0, 3)),
+        _ => num(v),
+    }
+}
+
 /// A traffic weight, written as every other part of canaryd writes one (`10`, `2.5`).
 fn pct(v: &Value) -> String {
     v.as_f64()
@@ -315,13 +334,12 @@ fn shorten(text: &str, max: usize) -> String {
 }
 
 /// One bound of a metric report: as written, with the limit it set on the canary's value when
-/// the judge computed one. The sequential judge tests a relative bound on counts against
-/// stable's and computes no limit on the value.
-fn bound(b: &Value) -> String {
+/// the judge computed one (for a relative bound, from stable's value; without one, none).
+fn bound(b: &Value, unit: &Value) -> String {
     let kind = b["kind"].as_str().unwrap_or("?");
     let written = b["written"].as_str().unwrap_or("?");
     match (b["limit"].is_number(), kind) {
-        (true, _) => format!("{kind} {written} (limit {})", num(&b["limit"])),
+        (true, _) => format!("{kind} {written} (limit {})", measured(&b["limit"], unit)),
         (false, "max_increase" | "max_decrease") => format!("{kind} {written} vs stable"),
         (false, _) => format!("{kind} {written}"),
     }
@@ -429,7 +447,7 @@ pub fn timeline(view: &Value, log: &Value) -> String {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(bound)
+                .map(|b| bound(b, &r["unit"]))
                 .collect();
             let evidence = evidence(&r["evidence"]);
             let _ = writeln!(
@@ -437,8 +455,8 @@ pub fn timeline(view: &Value, log: &Value) -> String {
                 "      {:<16} {:<11} stable {} canary {}  {}{}",
                 r["metric"].as_str().unwrap_or("?"),
                 r["verdict"].as_str().unwrap_or("?"),
-                num(&r["stable"]),
-                num(&r["canary"]),
+                measured(&r["stable"], &r["unit"]),
+                measured(&r["canary"], &r["unit"]),
                 bounds.join(", "),
                 evidence
             );
@@ -687,6 +705,24 @@ mod table_tests {
         let t = timeline(&body["rollouts"][0], &json!({"decisions": []}));
         assert!(t.contains(&format!("  stopped: {note}\n")), "{t}");
         assert!(!t.contains("policy edit rejected"), "{t}");
+    }
+
+    /// Acceptance test: values and limits showed as bare numbers (`stable 0.0973`, `limit 0.25`)
+    /// beside bounds written as `250ms` and `2%`.
+    #[test]
+    fn values_and_limits_show_in_their_units() {
+        let s = json!("seconds");
+        let r = json!("ratio");
+        assert_eq!(measured(&json!(0.0973), &s), "97.3ms");
+        assert_eq!(measured(&json!(0.25), &s), "250ms");
+        assert_eq!(measured(&json!(1.25), &s), "1.25s");
+        assert_eq!(measured(&json!(0.0123), &r), "1.23%");
+        assert_eq!(measured(&json!(0.0), &r), "0%");
+        assert_eq!(measured(&json!(0.9234), &r), "92.34%");
+        assert_eq!(measured(&json!(12.5), &Value::Null), "12.5");
+        assert_eq!(measured(&Value::Null, &s), "-");
+        let b = json!({"kind": "max", "written": "250ms", "limit": 0.25, "ok": true});
+        assert_eq!(bound(&b, &s), "max 250ms (limit 250ms)");
     }
 
     /// Regression: a relative bound of the sequential judge showed `(limit -)`, and only the

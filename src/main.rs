@@ -561,7 +561,13 @@ async fn live(
             .await;
         println!("{}: live check", file.display());
         print!("{report}");
-        answered &= !report.has_errors();
+        if report.has_errors() {
+            println!(
+                "{}: live check failed: Prometheus could not answer a query (see the errors above)",
+                file.display()
+            );
+            answered = false;
+        }
     }
     Ok(answered)
 }

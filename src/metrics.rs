@@ -507,6 +507,7 @@ mod tests {
                 ..Default::default()
             }),
             note: String::new(),
+            unit: None,
         };
         m.report("gone", &report(Some(0.0115)));
         m.report("kept", &report(Some(0.0115)));

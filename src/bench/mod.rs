@@ -12,7 +12,6 @@ pub mod scenario;
 pub mod world;
 
 use crate::policy::{Method, Policy};
-use anyhow::Context;
 use std::io::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,6 +124,8 @@ pub fn compute(args: &BenchArgs, progress: bool) -> anyhow::Result<Results> {
         .collect();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
+    let runs_done = AtomicUsize::new(0);
+    let runs = scenarios.len() * methods.len() * args.reps as usize;
     let results: Mutex<Vec<Option<Vec<run::RepResult>>>> = Mutex::new(vec![None; units.len()]);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -149,11 +150,11 @@ pub fn compute(args: &BenchArgs, progress: bool) -> anyhow::Result<Results> {
                         r[i] = Some(reps);
                     }
                     let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    let r = runs_done.fetch_add(n as usize, Ordering::Relaxed) + n as usize;
                     if progress && (d.is_multiple_of(10) || d == units.len()) {
                         let _ = writeln!(
                             std::io::stderr(),
-                            "bench: {d} of {} batches of {CHUNK} repetitions",
-                            units.len()
+                            "bench: {r} of {runs} simulated rollouts (scenarios × judges × repetitions)"
                         );
                     }
                 }
@@ -189,8 +190,8 @@ fn stopwatch() -> impl Fn() -> f64 {
 /// Runs the benchmark and prints its results.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let elapsed = stopwatch();
-    let results =
-        compute(args, true).with_context(|| format!("bench {}", args.scenarios.display()))?;
+    // Every error names its own file (the scenarios' or the policy's).
+    let results = compute(args, true)?;
     let wall = elapsed();
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -209,7 +210,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
             writeln!(out, "goals for {judge}:")?;
             for (what, ok) in report::goals(&results.rows, judge, baseline) {
-                writeln!(out, "  [{}] {what}", if ok { "pass" } else { "FAIL" })?;
+                let status = match ok {
+                    Some(true) => "pass",
+                    Some(false) => "FAIL",
+                    None => "too few repetitions to tell",
+                };
+                writeln!(out, "  [{status}] {what}")?;
             }
             for note in report::notes(&results.rows, judge) {
                 writeln!(out, "  [info] {note}")?;

@@ -9,7 +9,7 @@ pub mod sequential;
 pub mod threshold;
 
 use crate::observation::{MetricReading, Reading, Sample};
-use crate::policy::{Method, MetricSpec};
+use crate::policy::{Method, MetricKind, MetricSpec};
 use serde::{Deserialize, Serialize};
 
 /// One metric's verdict in one analysis.
@@ -125,6 +125,30 @@ pub struct MetricReport {
     pub evidence: Option<Evidence>,
     /// One line for people saying why.
     pub note: String,
+    /// What the values and limits measure, for showing them (`97.3ms`, `1.2%`); none for a
+    /// raw query's values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<Unit>,
+}
+
+/// What a metric's values measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unit {
+    /// Latency, in seconds.
+    Seconds,
+    /// A share: error rate, accuracy.
+    Ratio,
+}
+
+impl Unit {
+    pub fn of(spec: &MetricSpec) -> Option<Unit> {
+        match spec.kind {
+            MetricKind::Latency { .. } => Some(Unit::Seconds),
+            MetricKind::ErrorRate | MetricKind::Accuracy => Some(Unit::Ratio),
+            MetricKind::Query { .. } => None,
+        }
+    }
 }
 
 impl MetricReport {
@@ -152,6 +176,7 @@ impl MetricReport {
             promotable: false,
             evidence: None,
             note: String::new(),
+            unit: Unit::of(spec),
         }
     }
 }

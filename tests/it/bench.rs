@@ -135,6 +135,16 @@ fn bench_table_reports_goals_and_wall_time() {
             && text.contains("wall time"),
         "{text}"
     );
+    // Acceptance test: three repetitions cannot show a false-rollback rate within 5 % (the
+    // interval is far too wide), which the goals called a failure.
+    assert!(
+        text.contains("[too few repetitions to tell] aa_high_traffic: false rollbacks 0.0%"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ci95hi: Clopper-Pearson"),
+        "the columns are explained: {text}"
+    );
 }
 
 #[test]
@@ -153,6 +163,9 @@ fn bad_scenario_file_names_every_problem() {
     );
     assert!(err.contains("broken.expeced: unknown field"), "{err}");
     assert!(err.contains("broken.expected: missing"), "{err}");
+    // Each problem names the file once, not once by the loader and again by the command.
+    let path = bad.to_str().expect("utf-8");
+    assert!(err.starts_with(&format!("error: {path}: broken.")), "{err}");
 }
 
 #[test]

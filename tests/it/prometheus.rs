@@ -815,6 +815,10 @@ async fn check_live_authenticates_to_the_default_prometheus_with_the_flags() {
     assert_eq!(without.status.code(), Some(1), "{without:?}");
     let out = String::from_utf8_lossy(&without.stdout);
     assert!(out.contains("401"), "the refusal is shown: {out}");
+    assert!(
+        out.contains("live check failed: Prometheus could not answer a query"),
+        "why it exits 1 is said: {out}"
+    );
     let with = tokio::time::timeout(Duration::from_secs(30), check(true))
         .await
         .expect("check finishes")
