@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -441,16 +441,29 @@ async fn act(
     let parsed: ActionBody = if body.iter().all(u8::is_ascii_whitespace) {
         ActionBody::default()
     } else {
-        match serde_json::from_slice(&body) {
+        let like = "a JSON body like {\"who\": \"alice\", \"reason\": \"...\"}";
+        // Parsed as any JSON first: a body that is not an object gets "found an array", not
+        // serde's words about the struct it was meant for.
+        let parsed = serde_json::from_slice::<Value>(&body)
+            .map_err(|e| format!("expected {like}: {e}"))
+            .and_then(|v| match v {
+                Value::Object(_) => {
+                    serde_json::from_value(v).map_err(|e| format!("expected {like}: {e}"))
+                }
+                other => Err(format!(
+                    "expected {like}, found {}",
+                    match other {
+                        Value::Array(_) => "an array",
+                        Value::String(_) => "a string",
+                        Value::Number(_) => "a number",
+                        Value::Bool(_) => "a boolean",
+                        _ => "null",
+                    }
+                )),
+            });
+        match parsed {
             Ok(b) => b,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "expected a JSON body like {{\"who\": \"alice\", \"reason\": \"...\"}}: {e}"
-                    ),
-                );
-            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         }
     };
     let who = parsed.who.unwrap_or_else(|| "api".into());

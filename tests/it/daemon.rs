@@ -772,6 +772,17 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
         .await;
     assert_eq!(s, 413);
     assert!(v["error"].is_string(), "413 answers JSON: {v}");
+    // Acceptance test: a body that is not a JSON object was answered in serde's words about
+    // an internal type ("invalid length 0, expected struct ActionBody with 2 elements").
+    for (body, found) in [("[]", "an array"), ("\"stop\"", "a string"), ("7", "a number")] {
+        let (s, v) = d
+            .post("/api/v1/rollouts/demo/pause", Some("s3cret"), body)
+            .await;
+        assert_eq!(s, 400, "{body}: {v}");
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.ends_with(&format!("found {found}")), "{body}: {e}");
+        assert!(!e.contains("ActionBody"), "{e}");
+    }
     // The scheme's name is case-insensitive (RFC 7235); a wrong action shows it got past it.
     let r = reqwest::Client::new()
         .post(format!("{}/api/v1/rollouts/demo/explode", d.url))
