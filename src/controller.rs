@@ -1325,7 +1325,15 @@ async fn scan(
             },
             Err(e) => {
                 let msg = e.to_string();
-                tracing::error!(file = %file, "invalid policy; {}:\n{msg}", if previous.is_some() { "the last good version keeps running" } else { "not started" });
+                let outcome = if previous.is_some() {
+                    "the last good version keeps running"
+                } else {
+                    "not started"
+                };
+                // One log line per problem: log shippers read lines.
+                for problem in msg.lines() {
+                    tracing::error!(file = %file, "invalid policy, {outcome}: {problem}");
+                }
                 if let Some(tx) = previous.as_ref().and_then(|n| registry.get(n)) {
                     let _ = tx.send(Command::PolicyError(msg.clone())).await;
                 }

@@ -355,7 +355,13 @@ async fn demo(dir: &Path, rps: f64, keep: bool) -> anyhow::Result<()> {
             s.success, s.error, s.scored
         );
     }
-    println!("where to look:   {api}/api/v1/rollouts/demo (status and evidence), {api}/metrics,");
+    // Everything below stops when the demo ends, unless it was asked to keep running.
+    let where_ = if interrupt.is_some() {
+        "where to look:  "
+    } else {
+        "with --keep, see"
+    };
+    println!("{where_} {api}/api/v1/rollouts/demo (status and evidence), {api}/metrics,");
     println!(
         "                 `canaryd status demo`, Prometheus at http://127.0.0.1:{PROMETHEUS_PORT}, dashboards in grafana/"
     );
@@ -395,6 +401,33 @@ fn say(started: tokio::time::Instant, what: &str) {
     println!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
 }
 
+/// How long the demo stays silent while a rollout's state does not change, before it shows
+/// the evidence behind it.
+const EVIDENCE_EVERY: Duration = Duration::from_secs(10);
+
+/// The last analysis's evidence per metric, briefly: the log e-values against harm and for
+/// promotion, each of its threshold.
+fn evidence_line(decision: &Value) -> Option<String> {
+    let parts: Vec<String> = decision["reports"]
+        .as_array()?
+        .iter()
+        .filter_map(|r| {
+            let e = &r["evidence"];
+            let harm = e["log_e_value"].as_f64()?;
+            let threshold = e["log_threshold"].as_f64()?;
+            let good = e["log_e_value_good"]
+                .as_f64()
+                .map(|g| format!(", good {g:.2}"))
+                .unwrap_or_default();
+            Some(format!(
+                "{} harm {harm:.2}{good} of {threshold:.2}",
+                r["metric"].as_str().unwrap_or("?")
+            ))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| format!("log e-values: {}", parts.join("; ")))
+}
+
 /// Prints the rollout's progress until it reaches one of `ends` for `canary`; returns that phase.
 async fn follow(
     client: &reqwest::Client,
@@ -405,6 +438,7 @@ async fn follow(
 ) -> anyhow::Result<String> {
     let url = format!("{api}/api/v1/rollouts/demo");
     let mut last = String::new();
+    let mut said_at = tokio::time::Instant::now();
     loop {
         if let Ok(resp) = client.get(&url).send().await
             && let Ok(v) = resp.json::<Value>().await
@@ -426,6 +460,13 @@ async fn follow(
             if key != last {
                 say(started, &line);
                 last = key;
+                said_at = tokio::time::Instant::now();
+            } else if said_at.elapsed() >= EVIDENCE_EVERY
+                && let Some(evidence) = evidence_line(&v["last_decision"])
+            {
+                // Nothing changed for a while: show the evidence growing.
+                say(started, &format!("  evidence: {evidence}"));
+                said_at = tokio::time::Instant::now();
             }
             if ends.contains(&phase.as_str()) {
                 return Ok(phase);
@@ -438,4 +479,26 @@ async fn follow(
 /// The path of the demo's temporary directory for a process, for tests that look at it.
 pub fn workdir(pid: u32) -> PathBuf {
     std::env::temp_dir().join(format!("canaryd-demo-{pid}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Acceptance test: the demo went silent for most of a minute while the evidence grew.
+    #[test]
+    fn the_evidence_line_shows_each_metrics_e_values() {
+        let d = serde_json::json!({"reports": [
+            {"metric": "error-rate", "evidence": {"log_e_value": 1.234, "log_threshold": 3.689,
+                                                  "log_e_value_good": 0.5}},
+            {"metric": "p99", "evidence": {"log_e_value": -0.2, "log_threshold": 3.689}},
+            {"metric": "raw", "evidence": null},
+        ]});
+        assert_eq!(
+            evidence_line(&d).as_deref(),
+            Some("log e-values: error-rate harm 1.23, good 0.50 of 3.69; p99 harm -0.20 of 3.69")
+        );
+        assert_eq!(evidence_line(&serde_json::json!({"reports": []})), None);
+        assert_eq!(evidence_line(&Value::Null), None);
+    }
 }

@@ -774,7 +774,11 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
     assert!(v["error"].is_string(), "413 answers JSON: {v}");
     // Acceptance test: a body that is not a JSON object was answered in serde's words about
     // an internal type ("invalid length 0, expected struct ActionBody with 2 elements").
-    for (body, found) in [("[]", "an array"), ("\"stop\"", "a string"), ("7", "a number")] {
+    for (body, found) in [
+        ("[]", "an array"),
+        ("\"stop\"", "a string"),
+        ("7", "a number"),
+    ] {
         let (s, v) = d
             .post("/api/v1/rollouts/demo/pause", Some("s3cret"), body)
             .await;
