@@ -60,7 +60,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub access: PrometheusAccess,
     /// Shortest range a query covers; at least four scrape intervals of your Prometheus.
-    #[arg(long, env = "CANARYD_QUERY_MIN_RANGE", value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, env = "CANARYD_QUERY_MIN_RANGE", value_parser = min_range, default_value = "60s")]
     pub query_min_range: std::time::Duration,
     /// Address of the HTTP API, an IP address or a host name with a port [default:
     /// 127.0.0.1:9850].
@@ -184,4 +184,16 @@ pub struct ActionArgs {
     /// Who, recorded with the decision [default: $USER].
     #[arg(long)]
     pub who: Option<String>,
+}
+
+/// `--query-min-range`: a duration of at least two seconds (a rate over a shorter range
+/// finds fewer than two samples at any scrape interval Prometheus allows) and at most a day.
+fn min_range(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(2) || d > std::time::Duration::from_secs(86_400) {
+        return Err(format!(
+            "expected a duration from 2s to 1day (four scrape intervals of your Prometheus), found {s}"
+        ));
+    }
+    Ok(d)
 }

@@ -67,8 +67,8 @@ impl SimConfig {
             "version: expected a name, found an empty string"
         );
         anyhow::ensure!(
-            self.sleep_scale.is_finite() && self.sleep_scale >= 0.0,
-            "sleep-scale: expected a number of at least 0, found {}",
+            self.sleep_scale.is_finite() && (0.0..=1000.0).contains(&self.sleep_scale),
+            "sleep-scale: expected a number from 0 to 1000, found {}",
             self.sleep_scale
         );
         anyhow::ensure!(
@@ -401,7 +401,10 @@ async fn predict(State(sim): State<Sim>, body: Bytes) -> Response {
     }
     let draw = sim.draw();
     if sim.sleep_scale > 0.0 {
-        tokio::time::sleep(draw.latency.mul_f64(sim.sleep_scale)).await;
+        // Never panics: the scale is at most 1000 and a draw is capped far below overflow.
+        let pause = Duration::try_from_secs_f64(draw.latency.as_secs_f64() * sim.sleep_scale)
+            .unwrap_or(Duration::MAX);
+        tokio::time::sleep(pause).await;
     }
     if draw.fail {
         sim.metrics.request("error", draw.latency);
