@@ -37,6 +37,20 @@ fn api_error(body: &Value) -> String {
         .to_owned()
 }
 
+/// Refuses a NAME no rollout can have (`[a-z0-9-]+`), which would otherwise become part of
+/// the URL's path: `x/decisions` would ask another endpoint.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    anyhow::ensure!(
+        ok,
+        "expected a rollout name of lowercase letters, digits and -, found {name:?}"
+    );
+    Ok(())
+}
+
 /// Sends an operator action; prints the resulting decision.
 pub async fn act(
     server: &str,
@@ -46,6 +60,7 @@ pub async fn act(
     who: &str,
     reason: &str,
 ) -> anyhow::Result<Outcome> {
+    check_name(name)?;
     let url = format!("{}/api/v1/rollouts/{name}/{action}", base_url(server));
     let mut req = client()?
         .post(&url)
@@ -161,6 +176,7 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
             Ok(Outcome::Done)
         }
         Some(n) => {
+            check_name(n)?;
             let (code, view) = get(server, &format!("/api/v1/rollouts/{n}")).await?;
             if code == 404 || code == 503 {
                 // A standby replica runs no rollouts: say so, and who does.
@@ -705,6 +721,16 @@ mod table_tests {
         let t = timeline(&body["rollouts"][0], &json!({"decisions": []}));
         assert!(t.contains(&format!("  stopped: {note}\n")), "{t}");
         assert!(!t.contains("policy edit rejected"), "{t}");
+    }
+
+    /// Review: NAME went into the URL as typed, so `canaryd status 'x/decisions'` asked
+    /// another endpoint.
+    #[test]
+    fn names_no_rollout_can_have_are_refused_before_any_request() {
+        assert!(check_name("fraud-detector-2").is_ok());
+        for bad in ["x/decisions", "X", "a b", "", "../etc", "a?b=c"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     /// Acceptance test: values and limits showed as bare numbers (`stable 0.0973`, `limit 0.25`)
