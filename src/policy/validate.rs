@@ -926,15 +926,7 @@ impl Validator {
             }
         }
         if let Some(c) = &r.value.confidence {
-            let v = match &c.value {
-                Scalar::Num(n) => Some(*n),
-                Scalar::Text(t) => t
-                    .trim()
-                    .strip_suffix('%')
-                    .and_then(|p| p.trim().parse::<f64>().ok())
-                    .map(|p| p / 100.0),
-            };
-            match v {
+            match fraction(&c.value) {
                 Some(v) if (0.5..1.0).contains(&v) => a.confidence = v,
                 _ => self.err(c, format!("expected a confidence from 0.5 up to (not including) 1, like 0.95 or 95%, found {}", found(&c.value))),
             }
@@ -1028,15 +1020,15 @@ impl Validator {
                 "error_rate" => Some(MetricKind::ErrorRate),
                 "accuracy" => Some(MetricKind::Accuracy),
                 "latency" => {
-                    let quantile = match &r.quantile {
+                    let quantile = match r.quantile.as_ref().map(|q| (q, fraction(&q.value))) {
                         None => 0.99,
-                        Some(q) if q.value > 0.0 && q.value < 1.0 => q.value,
-                        Some(q) => {
+                        Some((_, Some(v))) if v > 0.0 && v < 1.0 => v,
+                        Some((q, _)) => {
                             self.err(
                                 q,
                                 format!(
-                                    "expected a quantile between 0 and 1, like 0.99, found {}",
-                                    q.value
+                                    "expected a quantile between 0 and 1, like 0.99 or 99%, found {}",
+                                    found(&q.value)
                                 ),
                             );
                             kind_ok = false;
@@ -1072,7 +1064,7 @@ impl Validator {
                 format!(
                     "expected no quantile on {} metric (quantile is for latency), found {}",
                     article(k.label()),
-                    q.value
+                    found(&q.value)
                 ),
             );
         }
@@ -2013,5 +2005,17 @@ series:
             "p.yaml:13:18: series.version_label: expected a Prometheus label name of \
              [a-zA-Z_][a-zA-Z0-9_]* (colons are for metric names only), found \"app:version\""
         );
+    }
+}
+
+/// A number written as a fraction (`0.95`) or a percentage (`95%`).
+fn fraction(v: &Scalar) -> Option<f64> {
+    match v {
+        Scalar::Num(n) => Some(*n),
+        Scalar::Text(t) => t
+            .trim()
+            .strip_suffix('%')
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .map(|p| p / 100.0),
     }
 }

@@ -690,3 +690,20 @@ fn check_refuses_two_policies_on_one_router_target() {
         }
     }
 }
+
+/// Review: `confidence: 95%` was accepted but `quantile: 99%` refused.
+#[test]
+fn a_quantile_may_be_written_as_a_percentage() {
+    let text = std::fs::read_to_string(root().join("tests/data/valid/minimal.yaml")).unwrap();
+    let text = text.replace(
+        "builtin: error_rate\n    max: 1%",
+        "builtin: latency\n    quantile: 99.9%\n    max: 250ms",
+    );
+    let p = policy::load_str("q.yaml", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    match p.metrics[0].kind {
+        canaryd::policy::MetricKind::Latency { quantile } => {
+            assert!((quantile - 0.999).abs() < 1e-12, "{quantile}")
+        }
+        ref k => panic!("not a latency metric: {k:?}"),
+    }
+}
