@@ -1773,7 +1773,12 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
         ));
     }
     if unit == Unit::Ratio && kind == ToleranceKind::Absolute && amount > 1.0 {
-        return Err(format!("expected at most 100pp, found {found}"));
+        // A bare number on a rate is a difference in its own units: `10` is +1000pp, and
+        // `10%` was probably meant.
+        return Err(format!(
+            "expected at most 100pp (a bare number is a difference of the rate itself: 0.005 \
+             is 0.5pp; for a relative tolerance write 10%), found {found}"
+        ));
     }
     Ok(Tolerance {
         kind,
