@@ -325,13 +325,32 @@ pub fn table(body: &Value) -> String {
             None => {}
         }
     }
+    // A rejected edit of a running rollout is shown under it above; and every problem line
+    // names the file already.
+    let shown_above = |p: &Value| {
+        rollouts
+            .iter()
+            .any(|r| r["name"] == p["name"] && r["policy_error"].is_string())
+    };
     for p in body["invalid_policies"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "! invalid policy {}:\n    {}",
-            p["file"].as_str().unwrap_or("?"),
-            p["error"].as_str().unwrap_or("").replace('\n', "\n    ")
-        );
+        if shown_above(p) {
+            continue;
+        }
+        let error = p["error"].as_str().unwrap_or("");
+        let _ = if error.starts_with(p["file"].as_str().unwrap_or("?")) {
+            writeln!(
+                out,
+                "! invalid policy:\n    {}",
+                error.replace('\n', "\n    ")
+            )
+        } else {
+            writeln!(
+                out,
+                "! invalid policy {}:\n    {}",
+                p["file"].as_str().unwrap_or("?"),
+                error.replace('\n', "\n    ")
+            )
+        };
     }
     out
 }
@@ -612,6 +631,26 @@ mod tests {
 mod table_tests {
     use super::*;
     use serde_json::json;
+
+    /// Acceptance test: an invalid file's path was printed twice (in the heading and in every
+    /// problem), and a rejected edit of a running rollout was listed again as an invalid policy.
+    #[test]
+    fn invalid_policies_are_listed_once_each() {
+        let running = json!({"name": "m1", "phase": "progressing", "steps": [10, 50],
+            "stable": "v1", "canary": "v2", "weight": 10.0, "step": 1, "state": {},
+            "policy_error": "pol/m1.yaml:3:9: stable: expected text"});
+        let body = json!({"rollouts": [running], "invalid_policies": [
+            {"file": "pol/m1.yaml", "name": "m1", "error": "pol/m1.yaml:3:9: stable: expected text"},
+            {"file": "pol/new.yaml", "name": "new", "error": "pol/new.yaml:6:3: strategy.steps: expected a list"},
+        ]});
+        let t = table(&body);
+        assert_eq!(t.matches("pol/m1.yaml").count(), 1, "{t}");
+        assert_eq!(t.matches("pol/new.yaml").count(), 1, "{t}");
+        assert!(
+            t.contains("! invalid policy:\n    pol/new.yaml:6:3:"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn a_router_with_another_split_is_shown_in_the_table_and_the_timeline() {
