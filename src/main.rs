@@ -390,7 +390,51 @@ fn listen_addresses(listen: &str) -> anyhow::Result<Vec<std::net::SocketAddr>> {
 
 /// The config file's settings, or `line:column: message` for people (the file name goes in
 /// front), as policy errors are shown.
+/// The config file's keys, as `ConfigFile` names them.
+const CONFIG_KEYS: [&str; 16] = [
+    "policies",
+    "prometheus",
+    "listen",
+    "state",
+    "api_token_file",
+    "dry_run",
+    "insecure_no_auth",
+    "etcd",
+    "etcd_prefix",
+    "replica",
+    "lease_ttl",
+    "etcd_ca_file",
+    "etcd_cert_file",
+    "etcd_key_file",
+    "etcd_user",
+    "etcd_password_file",
+];
+
 fn config_file(text: &str) -> Result<ConfigFile, String> {
+    use canaryd::policy::tree::{self, Value};
+    // The keys first, from the parsed document: serde names neither the field a wrong value
+    // belongs to nor the key a misspelt one was meant to be.
+    let keys: Vec<tree::Key> = match tree::parse(text) {
+        Ok(tree::Node {
+            value: Value::Map(entries),
+            ..
+        }) => entries.into_iter().map(|(k, _)| k).collect(),
+        _ => Vec::new(),
+    };
+    for k in &keys {
+        if !CONFIG_KEYS.contains(&k.name.as_str()) {
+            let hint = canaryd::policy::raw::closest(&k.name, &CONFIG_KEYS)
+                .map(|c| format!(" (did you mean `{c}`?)"))
+                .unwrap_or_default();
+            return Err(format!(
+                "{}:{}: unknown field `{}`{hint}, expected one of: {}",
+                k.pos.line,
+                k.pos.column,
+                k.name,
+                CONFIG_KEYS.join(", ")
+            ));
+        }
+    }
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
     options.duplicate_keys = serde_saphyr::options::DuplicateKeyPolicy::Error;
@@ -409,7 +453,18 @@ fn config_file(text: &str) -> Result<ConfigFile, String> {
             Some(i) if message[i..].contains(", column ") => &message[..i],
             _ => message,
         };
-        format!("{line}:{column}: {message}")
+        let message = message.replace(
+            "invalid boolean (strict mode expects true/false)",
+            "expected true or false",
+        );
+        // The field whose value it is: the last key at or before the error.
+        let field = keys
+            .iter()
+            .filter(|k| (k.pos.line, k.pos.column) <= (line as u64, column as u64))
+            .next_back()
+            .map(|k| format!("{}: ", k.name))
+            .unwrap_or_default();
+        format!("{line}:{column}: {field}{message}")
     })
 }
 
@@ -671,5 +726,30 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key `CONFIG_KEYS` lets through is one the config file really has: a key missing
+    /// from the list would be refused as unknown.
+    #[test]
+    fn every_config_key_is_read() {
+        let text: String = CONFIG_KEYS
+            .iter()
+            .map(|k| {
+                let v = match *k {
+                    "dry_run" | "insecure_no_auth" => "false",
+                    "lease_ttl" => "10s",
+                    _ => "x",
+                };
+                format!("{k}: {v}\n")
+            })
+            .collect();
+        if let Err(e) = config_file(&text) {
+            panic!("{e}\n{text}");
+        }
     }
 }

@@ -401,7 +401,7 @@ impl Walker {
 
 /// The closest allowed word to a misspelt one, if it is close: at most one edit per three
 /// characters, so that short unrelated words (`id`, `on`) are not offered as corrections.
-pub(crate) fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
+pub fn closest<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
     allowed
         .iter()
         .map(|a| (edit_distance(key, a), *a))

@@ -1422,9 +1422,16 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
     let cases = [
         (
             "polices: x\n",
-            format!("{shown}:1:1: unknown field `polices`"),
+            format!("{shown}:1:1: unknown field `polices` (did you mean `policies`?)"),
         ),
-        ("dry_run: yes\n", format!("{shown}:1:10: invalid boolean")),
+        (
+            "dry_run: yes\n",
+            format!("{shown}:1:10: dry_run: expected true or false"),
+        ),
+        (
+            "state: ./s.db\nlisten: [1, 2]\n",
+            format!("{shown}:2:9: listen: "),
+        ),
         (
             "etcd: http://127.0.0.1:1\nlease_ttl: soon\n",
             format!("lease_ttl in the config file {shown}: expected a duration like 10s"),
