@@ -460,8 +460,7 @@ fn config_file(text: &str) -> Result<ConfigFile, String> {
         // The field whose value it is: the last key at or before the error.
         let field = keys
             .iter()
-            .filter(|k| (k.pos.line, k.pos.column) <= (line as u64, column as u64))
-            .next_back()
+            .rfind(|k| (k.pos.line, k.pos.column) <= (line, column))
             .map(|k| format!("{}: ", k.name))
             .unwrap_or_default();
         format!("{line}:{column}: {field}{message}")

@@ -1787,6 +1787,18 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
     })
 }
 
+/// A number written as a fraction (`0.95`) or a percentage (`95%`).
+fn fraction(v: &Scalar) -> Option<f64> {
+    match v {
+        Scalar::Num(n) => Some(*n),
+        Scalar::Text(t) => t
+            .trim()
+            .strip_suffix('%')
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .map(|p| p / 100.0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2010,17 +2022,5 @@ series:
             "p.yaml:13:18: series.version_label: expected a Prometheus label name of \
              [a-zA-Z_][a-zA-Z0-9_]* (colons are for metric names only), found \"app:version\""
         );
-    }
-}
-
-/// A number written as a fraction (`0.95`) or a percentage (`95%`).
-fn fraction(v: &Scalar) -> Option<f64> {
-    match v {
-        Scalar::Num(n) => Some(*n),
-        Scalar::Text(t) => t
-            .trim()
-            .strip_suffix('%')
-            .and_then(|p| p.trim().parse::<f64>().ok())
-            .map(|p| p / 100.0),
     }
 }
