@@ -299,10 +299,25 @@ impl Walker {
             }),
             other => {
                 let found = other.describe();
+                // `"false"` in quotes is text, and `yes`/`no` are text in YAML 1.2.
+                let hint = match other {
+                    Value::Str(t) if matches!(t.trim(), "true" | "false") => {
+                        " (without the quotes)"
+                    }
+                    Value::Str(t)
+                        if matches!(
+                            t.trim().to_ascii_lowercase().as_str(),
+                            "yes" | "no" | "on" | "off"
+                        ) =>
+                    {
+                        " (YAML reads yes, no, on and off as text here)"
+                    }
+                    _ => "",
+                };
                 self.problem(
                     node.pos,
                     &path,
-                    format!("expected true or false, found {found}"),
+                    format!("expected true or false{hint}, found {found}"),
                 );
                 None
             }
