@@ -1690,6 +1690,17 @@ fn amount(s: &Scalar) -> Option<Amount> {
     }
 }
 
+/// A bare number on a latency is in seconds; from this many on it was almost surely meant in
+/// milliseconds (`max: 250`), and a unit must say so.
+const BARE_SECONDS_SLIP: f64 = 10.0;
+
+fn bare_seconds(expected: &str, found: &str, n: f64) -> String {
+    format!(
+        "expected {expected} (a bare number on latency is in seconds: this would be {n} s), \
+         found {found}"
+    )
+}
+
 fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
     let found = found(s);
     let value = match (amount(s), unit) {
@@ -1715,6 +1726,9 @@ fn absolute(s: &Scalar, unit: Unit) -> Result<f64, String> {
             return Err(format!(
                 "expected a duration like 250ms (a percentage makes no sense for latency), found {found}"
             ));
+        }
+        (Some(Amount::Number(n)), Unit::Seconds) if n >= BARE_SECONDS_SLIP => {
+            return Err(bare_seconds("a duration like 250ms or 30s", &found, n));
         }
         (Some(Amount::Seconds(v)), _) => v,
         (Some(Amount::Percent(p)), _) => p / 100.0,
@@ -1757,6 +1771,13 @@ fn tolerance(s: &Scalar, unit: Unit, decrease: bool) -> Result<Tolerance, String
         (Some(Amount::Seconds(_)), Unit::Ratio) => {
             return Err(format!(
                 "expected 10% or 0.5pp (a duration makes no sense for a rate), found {found}"
+            ));
+        }
+        (Some(Amount::Number(n)), Unit::Seconds) if n >= BARE_SECONDS_SLIP => {
+            return Err(bare_seconds(
+                "a relative bound like 10% or a duration like 20ms",
+                &found,
+                n,
             ));
         }
         (Some(Amount::Seconds(v)), _) => (ToleranceKind::Absolute, v),
