@@ -405,7 +405,7 @@ fn say(started: tokio::time::Instant, what: &str) {
 /// the evidence behind it.
 const EVIDENCE_EVERY: Duration = Duration::from_secs(10);
 
-/// The last analysis's evidence per metric, briefly: the log e-values against harm and for
+/// The last analysis's evidence per metric (the view's newest `recent_analyses`), briefly: the log e-values against harm and for
 /// promotion, each of its threshold.
 fn evidence_line(decision: &Value) -> Option<String> {
     let parts: Vec<String> = decision["reports"]
@@ -462,7 +462,7 @@ async fn follow(
                 last = key;
                 said_at = tokio::time::Instant::now();
             } else if said_at.elapsed() >= EVIDENCE_EVERY
-                && let Some(evidence) = evidence_line(&v["last_decision"])
+                && let Some(evidence) = evidence_line(&v["recent_analyses"][0])
             {
                 // Nothing changed for a while: show the evidence growing.
                 say(started, &format!("  evidence: {evidence}"));
