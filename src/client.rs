@@ -126,27 +126,22 @@ async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
 }
 
 fn num(v: &Value) -> String {
-    match v.as_f64() {
-        Some(f) if f.fract() == 0.0 => format!("{f:.0}"),
-        Some(f) => format!("{f:.4}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_owned(),
-        None => "-".into(),
+    v.as_f64().map_or_else(|| "-".into(), |f| trimmed(f, 4))
+}
+
+/// `x` to at most `decimals` decimals, without trailing zeros (`5`, `2.5`).
+fn trimmed(x: f64, decimals: usize) -> String {
+    let t = format!("{x:.decimals$}");
+    if t.contains('.') {
+        t.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        t
     }
 }
 
 /// A metric's value or limit in its report's unit: latency in milliseconds or seconds
 /// (`97.3ms`, `1.25s`), a share in percent (`1.2%`, `92.34%`); a raw query's value as a number.
 fn measured(v: &Value, unit: &Value) -> String {
-    let trimmed = |x: f64, decimals: usize| {
-        let t = format!("{x:.decimals$}");
-        if t.contains('.') {
-            t.trim_end_matches('0').trim_end_matches('.').to_owned()
-        } else {
-            t
-        }
-    };
     match (v.as_f64(), unit.as_str()) {
         (Some(x), Some("seconds")) if x.abs() < 1.0 => format!("{}ms", trimmed(x * 1000.0, 1)),
         (Some(x), Some("seconds")) => format!("{}s", trimmed(x, 3)),

@@ -822,10 +822,7 @@ fn update(
                     // The highest boundary a canary twice the tolerance worse than stable
                     // would exceed more often than 1 − quantile of the time (by stable's
                     // quantile as histogram_quantile interpolates it before this look).
-                    let bad_latency = match t.kind {
-                        ToleranceKind::Relative => q_s * (1.0 + 2.0 * t.amount),
-                        ToleranceKind::Absolute => q_s + 2.0 * t.amount,
-                    };
+                    let bad_latency = t.upper_by(q_s, 2.0);
                     if let Some(slow) = ch.iter().rev().find(|b| b.le <= bad_latency) {
                         let inc = Increment {
                             bad: (ct - slow.count).max(0.0),

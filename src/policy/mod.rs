@@ -218,9 +218,15 @@ pub enum ToleranceKind {
 impl Tolerance {
     /// The largest canary value allowed for a stable value, for `max_increase`.
     pub fn upper(&self, stable: f64) -> f64 {
+        self.upper_by(stable, 1.0)
+    }
+
+    /// A stable value raised by `times` the tolerance: the sequential judge's "bad" boundary
+    /// is twice it.
+    pub fn upper_by(&self, stable: f64, times: f64) -> f64 {
         match self.kind {
-            ToleranceKind::Relative => stable * (1.0 + self.amount),
-            ToleranceKind::Absolute => stable + self.amount,
+            ToleranceKind::Relative => stable * (1.0 + times * self.amount),
+            ToleranceKind::Absolute => stable + times * self.amount,
         }
     }
 
