@@ -103,6 +103,9 @@ pub enum Command {
     },
     Policy(Box<Policy>, String),
     PolicyError(String),
+    /// Its policy file (this path, as shown) was deleted: stop driving the rollout and leave
+    /// traffic as it is, but keep serving `abort`, so that a rollback stays reachable.
+    Orphan(String),
     Stop,
 }
 
@@ -201,6 +204,9 @@ struct Task {
     unrecorded: Option<String>,
     router_failing_since: Option<Time>,
     view: RolloutView,
+    /// The deleted policy file, once the rollout's file is gone: nothing drives the rollout
+    /// any more, and only `abort` acts on it, with the router the policy last named.
+    orphaned: Option<String>,
 }
 
 /// The step people see: counting from 1, 0 before the start, never past the last step
@@ -278,6 +284,21 @@ impl Task {
         v.state.router = None;
         v.applied = self.applied;
         v.dry_run = self.shared.dry_run;
+        if let Some(file) = &self.orphaned {
+            // Where the router was last seen sending traffic, which is where it stays.
+            let weight = v.router_weight.unwrap_or(v.weight);
+            let abort = if matches!(self.state.phase, Phase::RollingBack | Phase::RolledBack) {
+                ""
+            } else {
+                "; `canaryd abort` still rolls it back"
+            };
+            v.stopped = true;
+            v.policy_error = Some(format!(
+                "policy file {file} deleted: rollout stopped, traffic left at {}% on the \
+                 canary{abort}; restore the file to resume it",
+                crate::rollout::fmt_pct(weight)
+            ));
+        }
         if let Ok(mut views) = self.shared.views.write() {
             views.insert(self.policy.name.clone(), v.clone());
         }
@@ -776,6 +797,17 @@ impl Task {
         who: String,
         why: String,
     ) -> Result<DecisionRecord, OperateError> {
+        if let Some(file) = self
+            .orphaned
+            .as_ref()
+            .filter(|_| action != OperatorAction::Abort)
+        {
+            self.shared.metrics.refused(&self.policy.name);
+            return Err(OperateError::Rejected(format!(
+                "policy file {file} deleted: the rollout is stopped and only abort acts on it; \
+                 restore the file to resume it"
+            )));
+        }
         let now = self.shared.clock.now();
         let input = Input::Operator { action, who, why };
         let d = decide(&self.policy, &self.state, &input, now);
@@ -800,7 +832,11 @@ impl Task {
         self.publish();
         self.release_router_from_before().await;
         loop {
-            self.tick().await;
+            // A stopped rollout (its file deleted) is left alone, except to finish a rollback
+            // an operator asked for: the router must take it, and the phase settle.
+            if self.orphaned.is_none() || self.state.phase == Phase::RollingBack {
+                self.tick().await;
+            }
             let sleep = tokio::time::sleep(self.policy.strategy.interval);
             tokio::pin!(sleep);
             loop {
@@ -828,7 +864,12 @@ impl Task {
                             if p.prometheus != self.policy.prometheus {
                                 self.source = (self.shared.sources)(&p);
                             }
-                            tracing::info!(rollout = %p.name, file = %file, "policy updated");
+                            if self.orphaned.take().is_some() {
+                                tracing::info!(rollout = %p.name, file = %file, "policy file back; rollout resumed");
+                                self.view.stopped = false;
+                            } else {
+                                tracing::info!(rollout = %p.name, file = %file, "policy updated");
+                            }
                             self.policy = *p;
                             self.file = file;
                             self.view.policy_error = None;
@@ -841,6 +882,13 @@ impl Task {
                             self.shared.metrics.policy_invalid(&self.policy.name, true);
                             self.publish();
                         }
+                        Some(Command::Orphan(file)) => {
+                            // Its phase, weight and step series stay, like its view: the router
+                            // may still split traffic for it. No file of it is invalid any more.
+                            self.orphaned = Some(file);
+                            self.shared.metrics.policy_invalid(&self.policy.name, false);
+                            self.publish();
+                        }
                     },
                 }
             }
@@ -848,22 +896,11 @@ impl Task {
     }
 }
 
-/// Why the scan stopped a rollout's task, which decides what is left of its view once the
-/// task has ended. Either way traffic is left as it is.
-#[derive(Clone, Debug)]
-enum Stopped {
-    /// Its policy file names another rollout now: no policy defines this one any more, and
-    /// its view goes away.
-    Renamed,
-    /// Its policy file (this path, as shown) was deleted: the view stays, marked, so that
-    /// people still see the rollout whose traffic the router may still split.
-    Deleted(String),
-}
-
 /// A rollout task as the scan knows it.
 struct Started {
-    /// Tells the task why it was stopped; taken when it is.
-    why: Option<oneshot::Sender<Stopped>>,
+    /// Told when the scan stops the task, whose view then goes once it has ended; taken when
+    /// it is.
+    stopped: Option<oneshot::Sender<()>>,
     /// Closed once the task has ended and settled its view.
     done: oneshot::Receiver<()>,
 }
@@ -877,6 +914,10 @@ struct Tasks {
     /// only once it has ended: two tasks never drive one rollout, and a stopped task never
     /// publishes over its successor's view.
     started: BTreeMap<String, Started>,
+    /// Rollouts whose policy file was deleted, with the router target they last had: their
+    /// tasks stay to serve `abort` until a file defines them again (they resume) or another
+    /// rollout takes their router (they end).
+    orphans: BTreeMap<String, Option<RouterTarget>>,
 }
 
 impl Tasks {
@@ -888,6 +929,7 @@ impl Tasks {
             .is_some_and(|t| matches!(t.done.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
         if !running {
             self.started.remove(name);
+            self.orphans.remove(name);
         }
         running
     }
@@ -897,46 +939,55 @@ impl Tasks {
         while self.set.try_join_next().is_some() {}
         self.started
             .retain(|_, t| matches!(t.done.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        let started = &self.started;
+        self.orphans.retain(|name, _| started.contains_key(name));
     }
 
-    /// Stops a rollout's task after its current tick, without touching traffic; its view is
-    /// settled as `why` says once it has ended.
-    async fn stop(&mut self, registry: &Registry, name: &str, why: Stopped) {
-        if let Some(tell) = self.started.get_mut(name).and_then(|t| t.why.take()) {
-            let _ = tell.send(why);
+    /// Stops a rollout's task after its current tick, without touching traffic; its view goes
+    /// once it has ended. Says whether the task was still reachable.
+    async fn stop(&mut self, registry: &Registry, name: &str) -> bool {
+        if let Some(tell) = self.started.get_mut(name).and_then(|t| t.stopped.take()) {
+            let _ = tell.send(());
         }
-        if let Some(tx) = registry.remove(name) {
-            let _ = tx.send(Command::Stop).await;
+        match registry.remove(name) {
+            Some(tx) => tx.send(Command::Stop).await.is_ok(),
+            None => false,
         }
+    }
+
+    /// Leaves a rollout whose policy file was deleted to serve aborts only.
+    async fn orphan(
+        &mut self,
+        registry: &Registry,
+        name: &str,
+        file: String,
+        router: Option<RouterTarget>,
+    ) {
+        if let Some(tx) = registry.get(name)
+            && tx.send(Command::Orphan(file)).await.is_ok()
+        {
+            self.orphans.insert(name.to_owned(), router);
+        }
+    }
+
+    /// A rollout, other than `name`, whose policy file was deleted and whose router target
+    /// `target` is.
+    fn orphan_on(&self, name: &str, target: &Option<RouterTarget>) -> Option<String> {
+        target.as_ref()?;
+        self.orphans
+            .iter()
+            .find(|(n, t)| n.as_str() != name && *t == target)
+            .map(|(n, _)| n.clone())
     }
 }
 
-/// What is left of a stopped rollout once its task has ended: the task published its last
-/// view before it saw the stop, so this comes after it.
-fn settle(shared: &Shared, name: &str, why: Stopped) {
-    let Ok(mut views) = shared.views.write() else {
-        return;
-    };
-    match why {
-        Stopped::Renamed => {
-            shared.metrics.forget(name);
-            views.remove(name);
-        }
-        Stopped::Deleted(file) => {
-            // Its phase, weight and step series stay, like its view: the router may still
-            // split traffic for it. No file of it is invalid any more.
-            shared.metrics.policy_invalid(name, false);
-            if let Some(v) = views.get_mut(name) {
-                // Where the router was last seen sending traffic, which is where it stays.
-                let weight = v.router_weight.unwrap_or(v.weight);
-                v.stopped = true;
-                v.policy_error = Some(format!(
-                    "policy file {file} deleted: rollout stopped, traffic left at {}% on \
-                     the canary; restore the file to resume it",
-                    crate::rollout::fmt_pct(weight)
-                ));
-            }
-        }
+/// What is left of a rollout the scan stopped, once its task has ended (the task published
+/// its last view before it saw the stop, so this comes after it): no policy defines it any
+/// more, or another drives its router, and its view and series go.
+fn settle(shared: &Shared, name: &str) {
+    shared.metrics.forget(name);
+    if let Ok(mut views) = shared.views.write() {
+        views.remove(name);
     }
 }
 
@@ -1003,10 +1054,11 @@ async fn spawn_rollout(
         router_failing_since: None,
         view,
         policy,
+        orphaned: None,
     };
     let name = task.policy.name.clone();
     let (tx, rx) = mpsc::channel(16);
-    let (why_tx, mut why_rx) = oneshot::channel();
+    let (stopped_tx, mut stopped_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel::<()>();
     registry.insert(name.clone(), tx);
     let shared = shared.clone();
@@ -1014,15 +1066,15 @@ async fn spawn_rollout(
     tasks.set.spawn(async move {
         task.run(rx, shutdown).await;
         // Stopped by the scan, rather than by the shutdown (which clears every view).
-        if let Ok(why) = why_rx.try_recv() {
-            settle(&shared, &ended, why);
+        if stopped_rx.try_recv().is_ok() {
+            settle(&shared, &ended);
         }
         drop(done_tx);
     });
     tasks.started.insert(
         name,
         Started {
-            why: Some(why_tx),
+            stopped: Some(stopped_tx),
             done: done_rx,
         },
     );
@@ -1150,12 +1202,17 @@ pub async fn run(
 fn clash(
     registry: &Registry,
     known: &BTreeMap<PathBuf, Known>,
+    orphans: &BTreeMap<String, Option<RouterTarget>>,
     path: &Path,
     policy: &Policy,
     previous: Option<&str>,
 ) -> Option<policy::PolicyError> {
     let others = || known.iter().filter(|(k, _)| k.as_path() != path);
-    if registry.get(&policy.name).is_some() && previous != Some(policy.name.as_str()) {
+    // A rollout whose file was deleted is this file's to resume.
+    if registry.get(&policy.name).is_some()
+        && previous != Some(policy.name.as_str())
+        && !orphans.contains_key(&policy.name)
+    {
         let other = others()
             .find(|(_, v)| v.name.as_deref() == Some(policy.name.as_str()))
             .map_or_else(
@@ -1193,12 +1250,14 @@ async fn scan(
         .collect();
     for path in gone {
         if let Some(Known {
-            name: Some(name), ..
+            name: Some(name),
+            router,
+            ..
         }) = known.remove(&path)
         {
-            tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is");
+            tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is; abort still rolls it back");
             let file = path.display().to_string();
-            tasks.stop(registry, &name, Stopped::Deleted(file)).await;
+            tasks.orphan(registry, &name, file, router).await;
         }
         if let Ok(mut e) = policy_errors.write() {
             e.remove(&path.display().to_string());
@@ -1243,8 +1302,29 @@ async fn scan(
             // Still failing the same way: nothing new to report.
             continue;
         }
+        if let Ok(p) = &loaded
+            && let Some(orphan) = tasks.orphan_on(&p.name, &p.router.target())
+        {
+            // The router a deleted policy's rollout last drove is this policy's now: that
+            // rollout ends (nothing could act on it without fighting this one), and this one
+            // starts once it has (at a later scan if it is still finishing its tick).
+            if tasks.stop(registry, &orphan).await {
+                tracing::info!(rollout = %orphan, file = %file, by = %p.name, "the router of a rollout whose policy file was deleted is taken by another policy; rollout ended");
+            }
+            if tasks.busy(&orphan) {
+                known.remove(&path);
+                continue;
+            }
+        }
         let (name, router) = match loaded {
-            Ok(p) => match clash(registry, known, &path, &p, previous.as_deref()) {
+            Ok(p) => match clash(
+                registry,
+                known,
+                &tasks.orphans,
+                &path,
+                &p,
+                previous.as_deref(),
+            ) {
                 Some(refused) => {
                     // Like an invalid edit: the file's last good version (if any) keeps
                     // running. Retried at every scan (the other policy may go away), reported
@@ -1274,12 +1354,14 @@ async fn scan(
                         // A renamed rollout is a different rollout: no policy defines the old
                         // one any more.
                         tracing::info!(rollout = %old, file = %file, renamed = %p.name, "policy renamed; rollout stopped, traffic left as it is");
-                        tasks.stop(registry, old, Stopped::Renamed).await;
+                        tasks.stop(registry, old).await;
                     }
                     let name = p.name.clone();
                     let target = p.router.target();
                     match registry.get(&name) {
                         Some(tx) => {
+                            // An orphan (its file deleted) resumes with this file.
+                            tasks.orphans.remove(&name);
                             let _ = tx.send(Command::Policy(Box::new(p), file.clone())).await;
                             (Some(name), target)
                         }

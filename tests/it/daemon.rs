@@ -2044,8 +2044,9 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
             .contains("deleted"),
         "{body}"
     );
-    // The policy comes back: the rollout resumes where it was.
-    std::fs::write(&file, &policy).unwrap();
+    // The policy comes back, under another file name: the rollout resumes where it was.
+    let back = dir.path().join("policies/demo-back.yaml");
+    std::fs::write(&back, &policy).unwrap();
     let v = wait_for("the rollout resumed", Duration::from_secs(10), || async {
         let (s, v) = d.get("/api/v1/rollouts/demo").await;
         (s == 200 && v["stopped"] == false && v["policy_error"].is_null()).then_some(v)
@@ -2053,6 +2054,70 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
     .await;
     assert_eq!(v["phase"], "progressing", "{v}");
     assert_eq!(v["step"], 1, "{v}");
+    assert_eq!(v["file"], back.display().to_string(), "{v}");
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    d.stop().await;
+}
+
+/// Regression (review): a deleted policy's rollout refused `abort` ("nothing runs it"), so the
+/// canary kept its share with no way back but restoring the file, against "rollback stays
+/// reachable from every state". Its task now stays to serve `abort` with the router it last
+/// had, and ends when another policy takes that router.
+#[tokio::test]
+async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_router() {
+    let policy = POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    d.wait_phase("demo", "progressing").await;
+    std::fs::remove_file(dir.path().join("policies/demo.yaml")).unwrap();
+    let v = wait_for("the rollout stopped", Duration::from_secs(10), || async {
+        let (s, v) = d.get("/api/v1/rollouts/demo").await;
+        (s == 200 && v["stopped"] == true).then_some(v)
+    })
+    .await;
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(note.contains("`canaryd abort` still rolls it back"), "{v}");
+    assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
+    let (status, body) = d
+        .post(
+            "/api/v1/rollouts/demo/abort",
+            None,
+            r#"{"who": "ops", "reason": "file gone"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["action"], "rollback", "{body}");
+    assert_eq!(body["who"], "ops", "{body}");
+    let v = d.wait_phase("demo", "rolled-back").await;
+    assert_eq!(
+        *d.router.weight.lock().unwrap(),
+        0.0,
+        "the router took the rollback"
+    );
+    assert_eq!(v["stopped"], true, "{v}");
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("traffic left at 0%") && !note.contains("abort"),
+        "{v}"
+    );
+    // Another rollout on the same router (the file router's path) ends the stopped one.
+    let other = policy
+        .replace("name: demo", "name: other")
+        .replace("canary: v2", "canary: v3");
+    std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
+    d.wait_phase("other", "progressing").await;
+    wait_for(
+        "the stopped rollout gone",
+        Duration::from_secs(10),
+        || async { (d.get("/api/v1/rollouts/demo").await.0 == 404).then_some(()) },
+    )
+    .await;
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
     d.stop().await;
 }
 
