@@ -121,6 +121,9 @@ pub struct Shared {
     pub http: reqwest::Client,
     /// Decide and record, but never touch the router.
     pub dry_run: bool,
+    /// The shortest `strategy.interval` a policy may have (`policy::MIN_INTERVAL`, but for
+    /// tests).
+    pub min_interval: Duration,
 }
 
 /// The running rollouts, by name, and how to reach them.
@@ -1281,7 +1284,7 @@ async fn scan(
                 .map(|(p, _)| (p.clone(), Stamp::of(p)))
                 .collect()
         });
-        let loaded = policy::load_file(&path);
+        let loaded = policy::load_file_with_min_interval(&path, shared.min_interval);
         let secrets: Vec<(PathBuf, Stamp)> = loaded.as_ref().map_or_else(
             |_| Vec::new(),
             |p| {

@@ -28,6 +28,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Decisions kept in the log per rollout; see `Store::open_with_retention`.
     pub decisions_kept: usize,
+    /// The shortest `strategy.interval` a policy may have: `policy::MIN_INTERVAL`, lower only
+    /// in tests that run whole rollouts in a second.
+    pub min_interval: Duration,
 }
 
 impl Default for Limits {
@@ -35,6 +38,7 @@ impl Default for Limits {
         Limits {
             header_read_timeout: HEADER_READ_TIMEOUT,
             decisions_kept: store::DEFAULT_DECISIONS_KEPT,
+            min_interval: crate::policy::MIN_INTERVAL,
         }
     }
 }
@@ -181,6 +185,7 @@ impl Daemon {
             sources: config.sources,
             http,
             dry_run: config.dry_run,
+            min_interval: limits.min_interval,
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // Every task of the daemon lives in this set, so that dropping `serve` (a crash in

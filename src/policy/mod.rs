@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use validate::{
-    PolicyError, SecretFileError, declared_name, load_file, load_file_without_secrets, load_str,
-    name_clash, read_secret_file, router_clash,
+    MIN_INTERVAL, PolicyError, SecretFileError, declared_name, load_file,
+    load_file_with_min_interval, load_file_without_secrets, load_str, name_clash, read_secret_file,
+    router_clash,
 };
 
 /// A validated rollout policy: one model, one candidate version.

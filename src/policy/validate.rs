@@ -115,19 +115,36 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, SecretFileErro
     }
 }
 
+/// The shortest `strategy.interval` a policy may have: every analysis queries Prometheus once
+/// per metric and version and writes to the state store.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Reads and validates a policy file, and reads the credentials files it names (relative
 /// paths are taken from the policy file's directory).
 pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
-    load_path(path, true)
+    load_path(path, true, MIN_INTERVAL)
+}
+
+/// As [`load_file`], with another floor than [`MIN_INTERVAL`] for `strategy.interval`: the
+/// daemon's own tests run whole rollouts in a second.
+pub fn load_file_with_min_interval(
+    path: &Path,
+    min_interval: Duration,
+) -> Result<Policy, PolicyError> {
+    load_path(path, true, min_interval)
 }
 
 /// As [`load_file`], but the credentials files are not read, only their paths checked: for
 /// `canaryd check` where the secrets are not (a CI machine). The policy's secrets are empty.
 pub fn load_file_without_secrets(path: &Path) -> Result<Policy, PolicyError> {
-    load_path(path, false)
+    load_path(path, false, MIN_INTERVAL)
 }
 
-fn load_path(path: &Path, read_secrets: bool) -> Result<Policy, PolicyError> {
+fn load_path(
+    path: &Path,
+    read_secrets: bool,
+    min_interval: Duration,
+) -> Result<Policy, PolicyError> {
     let file = display_path(path);
     match std::fs::read_to_string(path) {
         Ok(text) => load_in(
@@ -135,6 +152,7 @@ fn load_path(path: &Path, read_secrets: bool) -> Result<Policy, PolicyError> {
             &text,
             path.parent().unwrap_or(Path::new("")),
             read_secrets,
+            min_interval,
         ),
         Err(e) => Err(PolicyError {
             file,
@@ -150,7 +168,7 @@ fn load_path(path: &Path, read_secrets: bool) -> Result<Policy, PolicyError> {
 /// Validates a policy's text; `file` names it in messages. Credentials files the policy names
 /// are read, relative paths from the current directory, as the text has no file of its own.
 pub fn load_str(file: &str, text: &str) -> Result<Policy, PolicyError> {
-    load_in(file, text, Path::new(""), true)
+    load_in(file, text, Path::new(""), true, MIN_INTERVAL)
 }
 
 /// The fields of a policy file as written, if it parses as YAML.
@@ -230,7 +248,13 @@ pub fn router_clash(
 }
 
 /// Validates a policy's text whose relative credentials paths start at `dir`.
-fn load_in(file: &str, text: &str, dir: &Path, read_secrets: bool) -> Result<Policy, PolicyError> {
+fn load_in(
+    file: &str,
+    text: &str,
+    dir: &Path,
+    read_secrets: bool,
+    min_interval: Duration,
+) -> Result<Policy, PolicyError> {
     let doc = tree::parse(text).map_err(|e| PolicyError {
         file: file.to_owned(),
         problems: vec![Problem {
@@ -260,6 +284,7 @@ fn load_in(file: &str, text: &str, dir: &Path, read_secrets: bool) -> Result<Pol
         reported: problems.iter().map(|p| p.path.clone()).collect(),
         dir: dir.to_owned(),
         read_secrets,
+        min_interval,
     };
     let policy = v.policy(&raw);
     problems.append(&mut v.problems);
@@ -307,6 +332,8 @@ struct Validator {
     dir: PathBuf,
     /// Whether credentials files are read (else only their paths are checked).
     read_secrets: bool,
+    /// The shortest `strategy.interval` accepted.
+    min_interval: Duration,
 }
 
 /// A parsed duration and whether it was valid.
@@ -828,6 +855,18 @@ impl Validator {
             }
         }
         if let Some(iv) = &r.interval
+            && interval < self.min_interval
+        {
+            self.err(
+                iv,
+                format!(
+                    "expected at least {} (every analysis queries Prometheus for each metric \
+                     and writes to the state store), found {}",
+                    humantime::format_duration(self.min_interval),
+                    quoted(&iv.value)
+                ),
+            );
+        } else if let Some(iv) = &r.interval
             && interval > progress_deadline
         {
             self.err(

@@ -122,6 +122,11 @@ router:
   file: {path: /dev/null}
 ";
 
+/// `POLICY` for a real `canaryd run` process, which holds policies to `policy::MIN_INTERVAL`.
+pub fn process_policy() -> String {
+    POLICY.replace("interval: 50ms", "interval: 1s")
+}
+
 pub struct Daemon {
     pub url: String,
     pub router: FakeRouter,
@@ -158,7 +163,7 @@ impl Daemon {
             None,
             routers,
             sources,
-            Default::default(),
+            test_limits(),
             false,
         )
         .await
@@ -178,7 +183,7 @@ impl Daemon {
             token,
             routers,
             sources,
-            Default::default(),
+            test_limits(),
             false,
         )
         .await
@@ -188,7 +193,7 @@ impl Daemon {
     pub async fn start_sourced(dir: &Path, sources: canaryd::controller::SourceFactory) -> Daemon {
         let (router, source) = fakes(Mode::Good);
         let (routers, _) = factories(&router, &source);
-        let limits = Limits::default();
+        let limits = test_limits();
         Daemon::start_with(dir, router, source, None, routers, sources, limits, false).await
     }
 
@@ -206,7 +211,7 @@ impl Daemon {
     /// `start` with `--dry-run`.
     pub async fn start_dry(dir: &Path, router: FakeRouter, source: FakeSource) -> Daemon {
         let (routers, sources) = factories(&router, &source);
-        let limits = Default::default();
+        let limits = test_limits();
         Daemon::start_with(dir, router, source, None, routers, sources, limits, true).await
     }
 
@@ -305,6 +310,15 @@ impl Daemon {
     }
 }
 
+/// The daemon's limits for tests: policies may analyse every few milliseconds, so that whole
+/// rollouts run in a second (`policy::MIN_INTERVAL` is for production).
+pub fn test_limits() -> Limits {
+    Limits {
+        min_interval: Duration::from_millis(10),
+        ..Limits::default()
+    }
+}
+
 pub fn setup(policy: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
@@ -365,7 +379,7 @@ async fn the_decision_log_keeps_only_the_newest_decisions_the_daemon_is_told_to(
     let (router, source) = fakes(Mode::Good);
     let limits = Limits {
         decisions_kept: 3,
-        ..Limits::default()
+        ..test_limits()
     };
     let d = Daemon::start_limited(dir.path(), router, source, limits).await;
     d.wait_phase("demo", "promoted").await;
@@ -453,7 +467,7 @@ async fn clients_that_never_finish_their_headers_are_disconnected() {
     let (router, source) = fakes(Mode::Good);
     let limits = Limits {
         header_read_timeout: timeout,
-        ..Limits::default()
+        ..test_limits()
     };
     let d = Daemon::start_limited(dir.path(), router, source, limits).await;
     let addr = d.url.trim_start_matches("http://").to_owned();
@@ -1107,7 +1121,7 @@ async fn a_failed_event_webhook_is_logged_by_its_origin_only() {
     let dead = format!("http://127.0.0.1:{}", crate::support::free_port());
     let policy = format!(
         "{}webhooks:\n  - {{on: rollout, url: \"{dead}/hooks/PATHSECRET?token=QUERYSECRET\"}}\n  - {{on: rollout, url: \"{refusing}/hooks/PATHSECRET?token=QUERYSECRET\"}}\n",
-        POLICY.replace("/dev/null", "weights.json")
+        process_policy().replace("/dev/null", "weights.json")
     );
     let dir = setup(&policy);
     let log = dir.path().join("canaryd.log");
@@ -1650,7 +1664,7 @@ fn spawn_logging_daemon(dir: &Path, log: &Path) -> tokio::process::Child {
 /// which needs only the router; Prometheus is a closed port) names nobody.
 #[tokio::test]
 async fn the_log_is_plain_text_and_automatic_decisions_name_nobody() {
-    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
+    let dir = setup(&process_policy().replace("/dev/null", "weights.json"));
     let log = dir.path().join("canaryd.log");
     let mut child = spawn_logging_daemon(dir.path(), &log);
     let text = wait_for("the start decision", Duration::from_secs(15), || async {
@@ -1949,7 +1963,7 @@ async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
         None,
         routers,
         sources,
-        Default::default(),
+        test_limits(),
         false,
     )
     .await;
@@ -2370,7 +2384,7 @@ async fn a_refused_action_is_counted_but_kept_out_of_the_decision_log() {
 /// moves traffic is (Prometheus is a closed port here, so the rollout holds at its first step).
 #[tokio::test]
 async fn a_hold_that_moves_traffic_is_logged() {
-    let dir = setup(&POLICY.replace("/dev/null", "weights.json"));
+    let dir = setup(&process_policy().replace("/dev/null", "weights.json"));
     let log = dir.path().join("canaryd.log");
     let mut child = spawn_logging_daemon(dir.path(), &log);
     wait_for("the start decision", Duration::from_secs(15), || async {
@@ -2380,7 +2394,7 @@ async fn a_hold_that_moves_traffic_is_logged() {
     .await;
     std::fs::write(
         dir.path().join("policies/demo.yaml"),
-        POLICY
+        process_policy()
             .replace("/dev/null", "weights.json")
             .replace("steps: [10, 50]", "steps: [5, 50]"),
     )

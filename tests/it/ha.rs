@@ -4,7 +4,7 @@
 
 use crate::daemon::{FakeRouter, FakeSource, Mode, POLICY};
 use crate::support::{ChildGuard, find_binary, free_port, wait_for, wait_for_port};
-use canaryd::daemon::{DaemonConfig, HaConfig, Limits};
+use canaryd::daemon::{DaemonConfig, HaConfig};
 use canaryd::etcd::{Etcd, EtcdTls, Op};
 use canaryd::ha::{ElectionConfig, Leadership, Role};
 use canaryd::rollout::{Action, Decision, Phase, RolloutState};
@@ -134,7 +134,7 @@ async fn wait_role(l: &Leadership, want: Role) {
 fn state(name: &str, step: usize, weight: f64) -> RolloutState {
     let policy = canaryd::policy::load_str(
         "p.yaml",
-        &POLICY.replace("name: demo", &format!("name: {name}")),
+        &crate::daemon::process_policy().replace("name: demo", &format!("name: {name}")),
     )
     .expect("policy");
     let mut s = RolloutState::new(&policy);
@@ -412,7 +412,7 @@ impl Replica {
         let handle = tokio::spawn(canaryd::daemon::serve_with(
             listener,
             config,
-            Limits::default(),
+            crate::daemon::test_limits(),
             async move {
                 let _ = rx.await;
             },
@@ -558,7 +558,7 @@ async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).expect("mkdir");
     let weights = dir.path().join("weights.json");
-    let policy = POLICY.replace("interval: 50ms", "interval: 200ms").replace(
+    let policy = crate::daemon::process_policy().replace(
         "file: {path: /dev/null}",
         &format!("file: {{path: '{}'}}", weights.display()),
     );
@@ -755,7 +755,11 @@ async fn a_replica_leads_through_an_etcd_that_requires_client_certificates() {
     // The real binary, with the flags.
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
-    std::fs::write(dir.path().join("policies/demo.yaml"), POLICY).expect("policy");
+    std::fs::write(
+        dir.path().join("policies/demo.yaml"),
+        crate::daemon::process_policy(),
+    )
+    .expect("policy");
     let port = free_port();
     let _replica = ChildGuard::spawn(
         Command::new(env!("CARGO_BIN_EXE_canaryd"))
@@ -909,7 +913,11 @@ async fn a_replica_signs_in_to_an_etcd_with_authentication() {
     // The real binary, with the flags; and one with a wrong password.
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
-    std::fs::write(dir.path().join("policies/demo.yaml"), POLICY).expect("policy");
+    std::fs::write(
+        dir.path().join("policies/demo.yaml"),
+        crate::daemon::process_policy(),
+    )
+    .expect("policy");
     std::fs::write(dir.path().join("password"), "s3cret pw\n").expect("password");
     std::fs::write(dir.path().join("wrong"), "wrong\n").expect("password");
     let replica = |name: &str, password: &str, port: u16| {
