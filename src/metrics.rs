@@ -508,6 +508,7 @@ mod tests {
             }),
             note: String::new(),
             unit: None,
+            thin_evidence: false,
         };
         m.report("gone", &report(Some(0.0115)));
         m.report("kept", &report(Some(0.0115)));

@@ -129,6 +129,12 @@ pub struct MetricReport {
     /// raw query's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<Unit>,
+    /// The sequential judge compares a rate with a relative tolerance by its bad events, and
+    /// there are too few of them (a rare error, say) for even a canary identical to stable to
+    /// have been shown within tolerance: at the progress deadline the rollout then waits for an
+    /// operator rather than rolling back a canary nothing speaks against.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub thin_evidence: bool,
 }
 
 /// What a metric's values measure.
@@ -177,6 +183,7 @@ impl MetricReport {
             evidence: None,
             note: String::new(),
             unit: Unit::of(spec),
+            thin_evidence: false,
         }
     }
 }

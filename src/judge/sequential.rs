@@ -173,7 +173,9 @@ pub struct BoundTest {
     /// slower than the highest boundary within twice the tolerance of stable's quantile. Where
     /// neither version has requests above that boundary (a fast model, coarse buckets), the
     /// two-sample test has nothing to learn from, and only this one can show the canary good.
-    /// Empty for every other test.
+    /// A rate with an absolute tolerance (`0.5pp`) has the same family, on the canary's rate
+    /// against stable's plus twice the tolerance: rare (or no) bad events leave the two-sample
+    /// test as little to learn from. Empty for every other test.
     #[serde(default)]
     pub alone: Vec<f64>,
 }
@@ -375,6 +377,17 @@ pub fn judge(
             .collect::<Vec<_>>(),
     );
     let promotion_tests: Vec<&BoundTest> = mem.tests.iter().filter(|t| t.for_promotion).collect();
+    // A rate compared with a relative tolerance learns from bad events only. While neither
+    // version has had any, there is nothing to compare: the canary is as good as stable can
+    // be shown to be, and its relative test does not stand in the way of promotion.
+    let rate = matches!(spec.kind, MetricKind::ErrorRate | MetricKind::Accuracy);
+    let relative_rate =
+        rate && tolerance_of(spec).is_some_and(|t| t.kind == ToleranceKind::Relative);
+    let nothing_to_compare = relative_rate && mem.canary.bad <= 0.0 && mem.stable.bad <= 0.0;
+    let shown_good = |t: &BoundTest| {
+        (nothing_to_compare && t.kind == TestKind::Relative) || t.log_good() >= threshold
+    };
+    let promotable = !promotion_tests.is_empty() && promotion_tests.iter().all(|t| shown_good(t));
     let log_good = if promotion_tests.is_empty() {
         None
     } else {
@@ -398,7 +411,10 @@ pub fn judge(
     };
     let rejected = mem.rejected || (!mem.tests.is_empty() && log_bad >= threshold);
     mem.rejected = rejected;
-    let promotable = log_good.is_some_and(|g| g >= threshold);
+    report.thin_evidence = relative_rate
+        && !nothing_to_compare
+        && !promotable
+        && identical_evidence(spec, mem).is_some_and(|e| e < threshold);
     report.bounds = bound_checks(spec, stable.and_then(|s| s.value), rejected, promotable);
     report.evidence = Some(evidence);
 
@@ -432,6 +448,7 @@ pub fn judge(
         );
         Verdict::Hold
     } else if matches!(spec.kind, MetricKind::Accuracy)
+        && !promotable
         && log_good.is_none_or(|g| g < SUSPICION * threshold)
     {
         // Labels arrive late: what has arrived says little about predictions made since, so
@@ -463,20 +480,68 @@ pub fn judge(
         Verdict::Hold
     } else {
         report.promotable = promotable;
+        let standing = if nothing_to_compare {
+            format!(
+                "no bad events in either version ({} canary, {} stable): nothing to compare, \
+                 good enough to promote",
+                fmt_count(mem.canary.total),
+                fmt_count(mem.stable.total)
+            )
+        } else if promotable {
+            "good enough to promote".to_owned()
+        } else if report.thin_evidence {
+            format!(
+                "not yet proven good, and {} bad events in both versions are too few to show \
+                 it at this tolerance",
+                fmt_count(mem.canary.bad + mem.stable.bad)
+            )
+        } else {
+            "not yet proven good".to_owned()
+        };
         report.note = format!(
-            "no evidence of harm (log e-value {:.2} of {:.2}); {}{}",
+            "no evidence of harm (log e-value {:.2} of {:.2}); {standing}{}",
             log_bad,
             threshold,
-            if promotable {
-                "good enough to promote"
-            } else {
-                "not yet proven good"
-            },
             ratio_note(estimate)
         );
         Verdict::Pass
     };
     report
+}
+
+/// The tolerance the metric's relative bound gives (`max_decrease` for accuracy).
+fn tolerance_of(spec: &MetricSpec) -> Option<&Tolerance> {
+    if matches!(spec.kind, MetricKind::Accuracy) {
+        spec.bounds.max_decrease.as_ref()
+    } else {
+        spec.bounds.max_increase.as_ref()
+    }
+}
+
+/// The log e-value the promotion test of a rate could expect by now for a canary identical to
+/// stable, given both versions' totals and bad events so far: each bad event falls on the
+/// canary with its share of the requests, and the best alternative of the grid is taken, less
+/// the mixture's cost. `None` before both versions served.
+fn identical_evidence(spec: &MetricSpec, mem: &SequentialMemory) -> Option<f64> {
+    let (nc, ns) = (mem.canary.total, mem.stable.total);
+    if nc <= 0.0 || ns <= 0.0 {
+        return None;
+    }
+    let t = tolerance_of(spec)?;
+    let p_s = (mem.stable.bad + 0.5) / (ns + 1.0);
+    let (_, r_bad) = rate_ratios(t, p_s, matches!(spec.kind, MetricKind::Accuracy));
+    let theta = |r: f64| nc * r / (nc * r + ns);
+    let f = theta(1.0);
+    let tb = theta(r_bad);
+    let per_event = GOOD_GRID
+        .iter()
+        .map(|g| {
+            let t1 = theta(r_bad * g);
+            f * (t1 / tb).ln() + (1.0 - f) * ((1.0 - t1) / (1.0 - tb)).ln()
+        })
+        .fold(f64::NEG_INFINITY, f64::max);
+    let events = mem.canary.bad + mem.stable.bad;
+    Some(events * per_event - (GOOD_GRID.len() as f64).ln())
 }
 
 fn ratio_note(estimate: Option<f64>) -> String {
@@ -756,11 +821,7 @@ fn update(
 
     let accuracy = matches!(spec.kind, MetricKind::Accuracy);
     let b = &spec.bounds;
-    let tolerance = if accuracy {
-        b.max_decrease.as_ref()
-    } else {
-        b.max_increase.as_ref()
-    };
+    let tolerance = tolerance_of(spec);
     let abs_bad_rate = match spec.kind {
         MetricKind::Accuracy => b.min.as_ref().map(|m| 1.0 - m.value),
         MetricKind::Latency { .. } => b.max.as_ref().map(|_| 1.0 - quantile),
@@ -829,6 +890,15 @@ fn update(
                             total: *ct,
                         };
                         step_alone(test, inc, 1.0 - quantile, phi, cap);
+                    }
+                }
+                if test.le.is_none() && !test.alone.is_empty() && p_s.is_finite() {
+                    // The canary alone against the rate twice the tolerance above stable's
+                    // (as estimated before this look): with rare bad events the two-sample
+                    // test has little to learn from, and only this can show the canary good.
+                    let p_bad = p_s * r_bad;
+                    if p_bad < MAX_ONE_SAMPLE_NULL {
+                        step_alone(test, ci, p_bad, phi, cap);
                     }
                 }
                 if si.total > 0.0 {
@@ -1002,7 +1072,13 @@ fn create_tests(
         }
     } else {
         if relative {
-            tests.push(BoundTest::new(TestKind::Relative, None, share, true));
+            let mut test = BoundTest::new(TestKind::Relative, None, share, true);
+            if tolerance_of(spec).is_some_and(|t| t.kind == ToleranceKind::Absolute) {
+                // An absolute tolerance (`0.5pp`) puts the "bad" rate at a level the canary
+                // alone can be shown below, even while neither version has bad events.
+                test.alone = vec![0.0; GOOD_GRID.len()];
+            }
+            tests.push(test);
         }
         if absolute {
             tests.push(BoundTest::new(TestKind::Absolute, None, share, true));
@@ -1762,6 +1838,129 @@ mod tests {
         // At the boundary of the null (exactly 1 % slower) the bound is 5 %: 20 of 400, with
         // room for sampling noise.
         assert!(promoted <= 30, "{promoted} of 400 promoted");
+    }
+
+    /// Runs `looks` analyses of one error-rate metric (`tolerance` as written) in which both
+    /// versions serve `per_look` requests (stable nine times the canary's) with the given bad
+    /// events each, and returns the last report.
+    fn run_rate(tolerance: &str, looks: u32, stable_bad: f64, canary_bad: f64) -> MetricReport {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            &ONE_METRIC.replace("max_increase: 15%", &format!("max_increase: {tolerance}")),
+        )
+        .expect("valid policy");
+        let spec = &policy.metrics[0];
+        let mut memory = JudgeMemory::default();
+        let mut last = None;
+        for look in 1..=looks {
+            let n = f64::from(look);
+            let r = reading(
+                Counts {
+                    bad: stable_bad * n,
+                    total: 900.0 * n,
+                },
+                Counts {
+                    bad: canary_bad * n,
+                    total: 100.0 * n,
+                },
+            );
+            let report = judge(&ctx(0.95), spec, &r, &mut memory);
+            assert_ne!(
+                report.verdict,
+                Verdict::Fail,
+                "look {look}: {}",
+                report.note
+            );
+            last = Some(report);
+        }
+        last.expect("at least one look")
+    }
+
+    /// Regression (bench acceptance test): with no errors in either version, a relative
+    /// tolerance had nothing to compare, the canary could never be shown good, and the
+    /// rollout was rolled back at its progress deadline: every healthy canary of a service
+    /// without errors. It is promotable once both versions served their `min_samples`.
+    #[test]
+    fn a_relative_tolerance_with_no_bad_events_in_either_version_is_promotable() {
+        let r = run_rate("15%", 2, 0.0, 0.0);
+        assert_eq!(r.verdict, Verdict::Pass, "{}", r.note);
+        assert!(r.promotable, "{}", r.note);
+        assert!(!r.thin_evidence);
+        assert!(
+            r.note.contains("no bad events in either version"),
+            "{}",
+            r.note
+        );
+        // One error on the canary: there is something to compare again, and far too little.
+        let policy = crate::policy::load_str("t.yaml", ONE_METRIC).expect("valid policy");
+        let mut memory = JudgeMemory::default();
+        let zero = Counts {
+            bad: 0.0,
+            total: 1800.0,
+        };
+        let one = Counts {
+            bad: 1.0,
+            total: 200.0,
+        };
+        let r = judge(
+            &ctx(0.95),
+            &policy.metrics[0],
+            &reading(zero, one),
+            &mut memory,
+        );
+        assert!(!r.promotable, "{}", r.note);
+        assert!(r.thin_evidence, "{}", r.note);
+    }
+
+    /// Regression (bench acceptance test): an absolute tolerance (`0.5pp`) could not show a
+    /// canary good while bad events were rare or absent, for the same reason. The canary alone,
+    /// against stable's rate plus twice the tolerance, can.
+    #[test]
+    fn an_absolute_tolerance_shows_a_canary_without_errors_good() {
+        let r = run_rate("0.5pp", 30, 0.0, 0.0);
+        assert!(r.promotable, "{}", r.note);
+        // 3,000 canary requests without an error: ln 20 + ln 4 + ln 2 nats at about 0.01 each.
+        let early = run_rate("0.5pp", 5, 0.0, 0.0);
+        assert!(!early.promotable, "{}", early.note);
+    }
+
+    /// The rate's `alone` family is an e-process under its null: a canary whose error rate is
+    /// stable's plus twice the tolerance is promoted at most at the level.
+    #[test]
+    fn the_canary_alone_rate_test_does_not_promote_a_canary_twice_the_tolerance_worse() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let mut promoted = 0;
+        // Stable at 0.1 %, tolerance 0.5pp: the null "bad" rate is 1.1 %.
+        let p_bad = 0.011;
+        for _ in 0..400 {
+            let mut t = BoundTest::new(TestKind::Relative, None, 1.0, true);
+            t.alone = vec![0.0; GOOD_GRID.len()];
+            for _ in 0..300 {
+                let bad = (0..100).filter(|_| rng.random::<f64>() < p_bad).count() as f64;
+                step_alone(&mut t, Increment { bad, total: 100.0 }, p_bad, 1.0, 3.0);
+                if t.log_good() >= (20f64).ln() {
+                    promoted += 1;
+                    break;
+                }
+            }
+        }
+        assert!(promoted <= 30, "{promoted} of 400 promoted");
+    }
+
+    /// Thin evidence is about too few bad events, not about a canary in the indifference
+    /// zone: with thousands of errors the deadline's rollback stands.
+    #[test]
+    fn thin_evidence_means_too_few_bad_events_to_show_an_identical_canary_good() {
+        // 1 error per 100,000 requests: 10 looks hold 0.09 stable and 0.01 canary errors each.
+        let rare = run_rate("15%", 10, 0.009, 0.001);
+        assert!(rare.thin_evidence, "{}", rare.note);
+        assert!(rare.note.contains("too few to show it"), "{}", rare.note);
+        // 1 % errors and the canary 20 % worse (between the tolerance and twice it), 2,000
+        // errors in all.
+        let plenty = run_rate("15%", 200, 9.0, 1.2);
+        assert!(!plenty.thin_evidence, "{}", plenty.note);
+        assert!(!plenty.promotable, "{}", plenty.note);
     }
 
     #[test]

@@ -627,30 +627,51 @@ fn fit_to_steps(policy: &Policy, state: &mut RolloutState, now: Time) -> Option<
     Some(why)
 }
 
-/// The accuracy metrics that alone keep the rollout from going on (or, with `to_promote`, from
-/// promoting), for want of labels: no data yet, too few, or not yet proven within tolerance.
-/// `None` when any metric fails or leans towards harm, or another metric holds (or, with
-/// `to_promote`, is not yet good enough to promote).
-fn waiting_only_for_labels(
-    policy: &Policy,
-    reports: &[MetricReport],
-    to_promote: bool,
-) -> Option<Vec<String>> {
+/// Whether a report is an accuracy metric short of labels: no data yet, too few, or not yet
+/// proven within tolerance, and not leaning towards harm.
+fn lacks_labels(policy: &Policy, r: &MetricReport) -> bool {
+    policy
+        .metric(&r.metric)
+        .is_some_and(|m| matches!(m.kind, MetricKind::Accuracy))
+        && matches!(r.verdict, Verdict::Pass | Verdict::Hold | Verdict::NoData)
+        && !r.suspicious()
+}
+
+/// The accuracy metrics that alone keep the rollout from going on, for want of labels. `None`
+/// when any metric fails or leans towards harm, or another metric holds.
+fn waiting_only_for_labels(policy: &Policy, reports: &[MetricReport]) -> Option<Vec<String>> {
     let mut late = Vec::new();
-    for r in reports {
-        let accuracy = policy
-            .metric(&r.metric)
-            .is_some_and(|m| matches!(m.kind, MetricKind::Accuracy));
-        let done = r.verdict == Verdict::Pass && (r.promotable || !to_promote);
-        let lacking =
-            matches!(r.verdict, Verdict::Pass | Verdict::Hold | Verdict::NoData) && !r.suspicious();
-        match (done, accuracy && lacking) {
-            (true, _) => {}
-            (false, true) => late.push(r.metric.clone()),
-            (false, false) => return None,
+    for r in reports.iter().filter(|r| r.verdict != Verdict::Pass) {
+        if !lacks_labels(policy, r) {
+            return None;
         }
+        late.push(r.metric.clone());
     }
     (!late.is_empty()).then_some(late)
+}
+
+/// At the progress deadline: the metrics that alone keep the canary from promotion for want
+/// of evidence that may never come in time, as (accuracy metrics waiting for labels, metrics
+/// whose bad events are too rare to compare, `MetricReport::thin_evidence`). `None` when any
+/// metric fails, leans towards harm, or is not proven good for another reason.
+fn waiting_only_for_evidence(
+    policy: &Policy,
+    reports: &[MetricReport],
+) -> Option<(Vec<String>, Vec<String>)> {
+    let (mut labels, mut thin) = (Vec::new(), Vec::new());
+    for r in reports
+        .iter()
+        .filter(|r| !(r.verdict == Verdict::Pass && r.promotable))
+    {
+        if lacks_labels(policy, r) {
+            labels.push(r.metric.clone());
+        } else if r.thin_evidence && r.verdict == Verdict::Pass && !r.suspicious() {
+            thin.push(r.metric.clone());
+        } else {
+            return None;
+        }
+    }
+    (!labels.is_empty() || !thin.is_empty()).then_some((labels, thin))
 }
 
 fn tick_progressing(
@@ -671,13 +692,20 @@ fn tick_progressing(
         let deadline = humantime::format_duration(policy.strategy.progress_deadline);
         // Labels that did not arrive in time are not evidence against the canary: a person
         // who knows why they are late decides, instead of a rollback nobody asked for.
-        if let Some(late) = waiting_only_for_labels(policy, &reports, true) {
+        // Nor are bad events too rare to compare (a relative tolerance on a rare error).
+        if let Some((late, thin)) = waiting_only_for_evidence(policy, &reports) {
             state.set_phase(Phase::WaitingPromotion, now);
+            let mut lacking = Vec::new();
+            if !late.is_empty() {
+                lacking.push(format!("the labels for {}", late.join(", ")));
+            }
+            if !thin.is_empty() {
+                lacking.push(format!("enough bad events in {}", thin.join(", ")));
+            }
             let why = format!(
-                "progress deadline {deadline} passed before the labels for {} showed the canary \
-                 within tolerance; no metric shows harm: waiting for an operator to promote \
-                 or abort",
-                late.join(", ")
+                "progress deadline {deadline} passed before {} showed the canary within \
+                 tolerance; no metric shows harm: waiting for an operator to promote or abort",
+                lacking.join(" and ")
             );
             return decision(Action::Wait, state, reports, why);
         }
@@ -712,10 +740,7 @@ fn tick_progressing(
             let why = format!("waiting for an operator to promote; {why}");
             return decision(Action::Wait, state, reports, why);
         }
-        let why = match (
-            waiting_only_for_labels(policy, &reports, false),
-            state.started_at,
-        ) {
+        let why = match (waiting_only_for_labels(policy, &reports), state.started_at) {
             (Some(_), Some(started)) if state.phase == Phase::Progressing => {
                 let end = policy.strategy.progress_deadline;
                 let left = end.saturating_sub(now.since(started));

@@ -1511,3 +1511,77 @@ fn a_canary_whose_traffic_stops_mid_step_waits_and_the_quiet_time_does_not_count
         ],
     );
 }
+
+/// Regression (bench acceptance test): a relative tolerance on a rare error (one in 100,000
+/// requests) can never show even an identical canary good: its bad events are too few. The
+/// rollout rolled back at the progress deadline a canary nothing spoke against; it now waits
+/// for an operator, saying why. A canary with plenty of errors that is merely not shown good
+/// (20 % worse, with a 15 % tolerance) is still rolled back by the deadline.
+#[test]
+fn too_few_bad_events_at_the_deadline_ask_an_operator_instead_of_rolling_back() {
+    use canaryd::observation::{
+        Counts, Gate, Input, MetricReading, Observation, Reading, RouterStatus, Sample,
+    };
+    use canaryd::rollout::{Action, RolloutState, decide};
+    let policy = canaryd::policy::load_str(
+        "rare.yaml",
+        "name: rare\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50], interval: 15s, min_step_duration: 1m, progress_deadline: 10m}\nanalysis: {method: sequential}\nmetrics:\n  - {name: errors, builtin: error_rate, max_increase: 15%, min_samples: 10}\nrouter: {file: {path: /tmp/x.json}}\n",
+    )
+    .expect("valid policy");
+    let reading = |errors: f64, total: f64| {
+        Reading::Data(Sample {
+            value: Some(errors / total),
+            window_events: total,
+            cumulative: Some(Counts { bad: errors, total }),
+            ..Default::default()
+        })
+    };
+    // Drives the rollout for 12 minutes with these error rates; the deadline's decision.
+    let at_deadline = |p_s: f64, p_c: f64| {
+        let mut state = RolloutState::new(&policy);
+        for i in 0..48u32 {
+            let n = f64::from(i + 1) * 1000.0;
+            let obs = Observation {
+                metrics: [(
+                    "errors".to_string(),
+                    MetricReading {
+                        stable: reading(n * p_s, n),
+                        canary: reading(n * p_c, n),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+                router: RouterStatus::Ok {
+                    canary_weight: state.weight,
+                },
+                gate: Gate::NotAsked,
+            };
+            let now = canaryd::time::Time(i64::from(i) * 15_000);
+            let d = decide(&policy, &state, &Input::Tick(obs), now);
+            assert!(
+                !matches!(d.action, Action::Rollback | Action::Promote) || i > 40,
+                "tick {i}: {} {}",
+                d.action.as_str(),
+                d.reason
+            );
+            if i > 40 {
+                return d;
+            }
+            state = d.state;
+        }
+        unreachable!("the loop returns past the deadline")
+    };
+    let d = at_deadline(1e-5, 1e-5);
+    assert_eq!(d.action, Action::Wait, "{}", d.reason);
+    assert_eq!(d.state.phase, WaitingPromotion);
+    assert!(
+        d.reason
+            .contains("progress deadline 10m passed before enough bad events in errors"),
+        "{}",
+        d.reason
+    );
+    assert!(d.reports[0].thin_evidence, "{:?}", d.reports[0]);
+    let d = at_deadline(0.01, 0.012);
+    assert_eq!(d.action, Action::Rollback, "{}", d.reason);
+    assert!(d.reason.contains("progress deadline"), "{}", d.reason);
+}
