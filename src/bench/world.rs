@@ -242,16 +242,19 @@ impl<'a> World<'a> {
             .is_some_and(|(from, to)| t >= from && t < to)
     }
 
+    /// The last scrape at or before `at_ms` (the first one if none is). Scrapes are in time
+    /// order, so this and `first_index_from` are binary searches: a linear scan made every
+    /// analysis cost as much as the rollout was old, and long rollouts quadratic.
     fn last_index(&self, at_ms: i64) -> usize {
         self.snapshots
-            .iter()
-            .rposition(|s| s.at_ms <= at_ms)
-            .unwrap_or(0)
+            .partition_point(|s| s.at_ms <= at_ms)
+            .saturating_sub(1)
     }
 
     /// The first scrape at or after `at_ms`, for the start of a window.
     fn first_index_from(&self, at_ms: i64) -> Option<usize> {
-        self.snapshots.iter().position(|s| s.at_ms >= at_ms)
+        let i = self.snapshots.partition_point(|s| s.at_ms < at_ms);
+        (i < self.snapshots.len()).then_some(i)
     }
 
     /// Both versions' readings of one metric, as the shell would build them from Prometheus.
