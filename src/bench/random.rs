@@ -7,13 +7,23 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use statrs::function::gamma::ln_gamma;
 
-/// The generator of one repetition, derived from the run's seed and the repetition's
-/// coordinates so that results do not depend on how work is spread over threads.
-pub fn generator(seed: u64, scenario: usize, rep: u32) -> SmallRng {
+/// The generator of one repetition, derived from the run's seed, the scenario's key
+/// ([`name_key`] of its name) and the repetition's number, so that results depend neither on
+/// how work is spread over threads nor on which other scenarios the file has.
+pub fn generator(seed: u64, scenario: u64, rep: u32) -> SmallRng {
     let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
-    x = splitmix(x ^ (scenario as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    x = splitmix(x ^ scenario.wrapping_mul(0xD1B5_4A32_D192_ED03));
     x = splitmix(x ^ u64::from(rep).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7));
     SmallRng::seed_from_u64(x)
+}
+
+/// A scenario's key for [`generator`]: the 64-bit FNV-1a hash of its name's UTF-8 bytes,
+/// written out here so that it never changes with the Rust version (unlike std's
+/// `DefaultHasher`).
+pub fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -108,6 +118,14 @@ mod tests {
         let m = xs.iter().sum::<f64>() / n as f64;
         let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
         (m, v)
+    }
+
+    #[test]
+    fn name_key_is_fnv1a_64() {
+        // The reference values of the FNV-1a 64-bit hash.
+        assert_eq!(name_key(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(name_key("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(name_key("foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]

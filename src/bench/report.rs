@@ -25,12 +25,15 @@ pub struct Summary {
     pub minutes_to_promote_median: Option<f64>,
     pub canary_requests_to_promote_mean: Option<f64>,
     pub stale_promotions: u32,
+    /// Wald's bound; `None` (null) without a finite, positive divergence to bound by.
     pub oracle_bound: Option<f64>,
     /// The oracle bound when the oracle, too, sees data only once Prometheus has it (missing
     /// series, late labels); not one of the README's figures.
     pub oracle_bound_delayed: Option<f64>,
     pub pipeline_floor: f64,
-    /// Oracle bound over mean canary requests to the right decision (1 is the limit).
+    /// Oracle bound over mean canary requests to the right decision, not capped: above 1 the
+    /// judge served fewer requests than Wald's bound allows a test with its error rates, which
+    /// only luck, also rolling back good canaries, or the progress deadline can do.
     pub efficiency: Option<f64>,
     /// (oracle bound + pipeline floor) over mean canary requests to roll back.
     pub efficiency_with_floor: Option<f64>,
@@ -100,18 +103,23 @@ fn metric_kl(kind: &MetricKind, sc: &Scenario, canary_first: bool) -> f64 {
                 .map(|(x, y)| x * (x / y.max(1e-300)).ln())
                 .sum()
         }
+        // Without labels nothing is learnt, even where a label would be decisive.
         MetricKind::Accuracy => sc
             .accuracy
+            .filter(|acc| acc.coverage > 0.0)
             .map_or(0.0, |acc| acc.coverage * pair(acc.q_c, acc.q_s)),
         MetricKind::Query { .. } => 0.0,
     }
 }
 
-/// Wald's bound on canary requests to the right decision, for α = β = 1 − confidence.
+/// Wald's bound on canary requests to the right decision, for α = β = 1 − confidence. `None`
+/// when the versions do not differ in what the policy measures, and when they differ
+/// infinitely (a rate of 0 against one above 0: one bad event decides, so there is no bound
+/// in requests to compare with).
 pub fn oracle_bound(policy: &Policy, sc: &Scenario) -> Option<f64> {
     let a = 1.0 - policy.analysis.confidence;
     let kl = kl_per_request(policy, sc, sc.expected == Expected::Rollback);
-    (kl > 1e-12).then(|| wald_bound(a, a, kl))
+    (kl.is_finite() && kl > 1e-12).then(|| wald_bound(a, a, kl))
 }
 
 /// Wald's bound for an oracle that, like any judge, can use data only once Prometheus has it:
@@ -138,7 +146,8 @@ pub fn delayed_oracle_bound(policy: &Policy, sc: &Scenario) -> Option<f64> {
             _ => kl_err += kl,
         }
     }
-    if rate <= 0.0 || kl_err + kl_lat + kl_acc <= 1e-12 {
+    let kl = kl_err + kl_lat + kl_acc;
+    if rate <= 0.0 || !kl.is_finite() || kl <= 1e-12 {
         return None;
     }
     let onset = sc.onset();
@@ -225,7 +234,7 @@ pub fn summarise(policy: &Policy, sc: &Scenario, judge: &str, reps: &[RepResult]
         Expected::Promote => mean(&pr_req),
     };
     let efficiency = match (oracle, decided_mean) {
-        (Some(o), Some(m)) if m > 0.0 => Some((o / m).min(1.0)),
+        (Some(o), Some(m)) if m > 0.0 => Some(o / m),
         _ => None,
     };
     let with_floor = |bound: Option<f64>| match (sc.expected, bound, mean(&rb_req)) {
@@ -307,7 +316,10 @@ min_rb, min_pr: median minutes to the rollback / promotion decision
 req_pr: mean canary requests to promotion; stale: promotions while a metric had no canary data
 oracle: Wald's bound on requests for the right decision (alpha = beta = 1 - confidence)
 delayed: the same for an oracle that also waits for missing series and late labels
-floor: canary requests per scrape and analysis interval; eta: oracle / requests
+floor: canary requests per scrape and analysis interval; eta: oracle / requests (not capped:
+  above 1, fewer requests than Wald's bound: luck, good canaries rolled back too, or the deadline)
+oracle, delayed, eta: - where the versions do not differ in what the policy measures, or differ
+  infinitely (a rate of 0 against one above 0)
 ";
 
 /// The goals of the benchmark for one judge, checked on its rows.
@@ -344,16 +356,30 @@ pub fn goals(rows: &[Summary], judge: &str, baseline: Option<&str>) -> Vec<(Stri
     }
     let stale: u32 = mine.iter().map(|r| r.stale_promotions).sum();
     out.push((format!("stale promotions {stale} == 0"), Some(stale == 0)));
+    // Not capped: (oracle + floor) / mean requests as the issue defines it. Scenarios without
+    // an oracle bound (no finite, positive divergence) are left out; one with a bound whose bad
+    // canary was never rolled back has no figure and fails the goal.
     let effs: Vec<f64> = mine
         .iter()
         .filter_map(|r| r.efficiency_with_floor)
         .collect();
     let bad = mine.iter().filter(|r| r.expected == "rollback").count();
+    let bounded = mine
+        .iter()
+        .filter(|r| r.expected == "rollback" && r.oracle_bound.is_some())
+        .count();
     if !effs.is_empty() {
         let g = (effs.iter().map(|e| e.ln()).sum::<f64>() / effs.len() as f64).exp();
+        let left_out = match bad - bounded {
+            0 => String::new(),
+            n => format!(" ({n} without a finite oracle bound left out)"),
+        };
         out.push((
-            format!("geometric mean of (oracle + floor) / requests over {} of {bad} rollback scenarios: {g:.3} >= 0.5", effs.len()),
-            Some(g >= 0.5 && effs.len() == bad),
+            format!(
+                "geometric mean of (oracle + floor) / requests over {} of {bad} rollback scenarios{left_out}: {g:.3} >= 0.5",
+                effs.len()
+            ),
+            Some(g >= 0.5 && effs.len() == bounded),
         ));
     }
     if let Some(base) = baseline {
@@ -477,6 +503,120 @@ mod tests {
         let mut good = scenario(r#""p_c": 0.01"#);
         good.expected = Expected::Promote;
         assert_eq!(delayed_oracle_bound(&bench_policy(&good), &good), None);
+    }
+
+    fn reps(outcome: Outcome, requests: &[f64]) -> Vec<RepResult> {
+        requests
+            .iter()
+            .map(|&r| RepResult {
+                outcome,
+                minutes: 1.0,
+                canary_requests: r,
+                stale_promotion: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn eta_is_not_capped_at_one() {
+        // A judge that rolls back after ~1 request (by luck, or at the deadline) beats Wald's
+        // bound of 677 requests; eta says so rather than "perfect".
+        let sc = scenario(r#""p_s": 0.01, "p_c": 0.02"#);
+        let p = bench_policy(&sc);
+        let s = summarise(
+            &p,
+            &sc,
+            "sequential",
+            &reps(Outcome::RolledBack, &[1.0, 3.0]),
+        );
+        let eta = s.efficiency.expect("a bound and a mean");
+        let oracle = s.oracle_bound.expect("a bound");
+        assert!((eta - oracle / 2.0).abs() < 1e-9, "{eta} vs {oracle}");
+        assert!(eta > 300.0, "{eta}");
+        assert!(table(&[s]).contains("above 1, fewer requests than Wald's bound"));
+    }
+
+    #[test]
+    fn an_infinite_divergence_has_no_oracle_bound() {
+        // Stable never fails: the first canary error decides, and Wald's bound is 0 / ∞.
+        let sc = scenario(r#""p_s": 0.0, "p_c": 0.05"#);
+        let p = bench_policy(&sc);
+        assert!(kl_per_request(&p, &sc, true).is_infinite());
+        assert_eq!(oracle_bound(&p, &sc), None);
+        assert_eq!(delayed_oracle_bound(&p, &sc), None);
+        let s = summarise(&p, &sc, "sequential", &reps(Outcome::RolledBack, &[40.0]));
+        assert_eq!((s.efficiency, s.efficiency_with_floor), (None, None));
+        let json = serde_json::to_value(&s).expect("serialisable");
+        assert!(
+            json["oracle_bound"].is_null() && json["efficiency"].is_null(),
+            "{json}"
+        );
+        let line = table(&[s]).lines().nth(1).unwrap_or_default().to_owned();
+        assert!(line.trim_end().ends_with('-'), "eta is shown as -: {line}");
+        // The same for accuracy that stable never gets wrong.
+        let sc = scenario(
+            r#""accuracy": {"coverage": 0.5, "delay_mean_min": 0, "q_s": 0.0, "q_c": 0.1}"#,
+        );
+        assert_eq!(oracle_bound(&bench_policy(&sc), &sc), None);
+        // Without labels nothing is learnt, and 0 × ∞ is no NaN.
+        let sc = scenario(
+            r#""p_c": 0.02, "accuracy": {"coverage": 0, "delay_mean_min": 0, "q_s": 0.0, "q_c": 0.1}"#,
+        );
+        let p = bench_policy(&sc);
+        let (kl, err_only) = (kl_per_request(&p, &sc, true), bernoulli_kl(0.02, 0.01));
+        assert!((kl - err_only).abs() < 1e-12, "{kl}");
+        assert!(oracle_bound(&p, &sc).is_some());
+    }
+
+    #[test]
+    fn the_efficiency_goal_leaves_out_scenarios_without_a_finite_bound() {
+        let finite = scenario(r#""p_s": 0.01, "p_c": 0.05"#);
+        let infinite = {
+            let mut s = scenario(r#""p_s": 0.0, "p_c": 0.05"#);
+            s.name = "t".into();
+            s
+        };
+        let rows: Vec<Summary> = [&finite, &infinite]
+            .iter()
+            .map(|sc| {
+                summarise(
+                    &bench_policy(sc),
+                    sc,
+                    "sequential",
+                    &reps(Outcome::RolledBack, &[10.0]),
+                )
+            })
+            .collect();
+        let goals = goals(&rows, "sequential", None);
+        let (line, ok) = goals
+            .iter()
+            .find(|(what, _)| what.starts_with("geometric mean"))
+            .expect("an efficiency goal");
+        assert!(
+            line.contains(
+                "over 1 of 2 rollback scenarios (1 without a finite oracle bound left out)"
+            ),
+            "{line}"
+        );
+        // (64 + floor) / 10 requests: well above 0.5, and the left-out one does not fail it.
+        assert_eq!(*ok, Some(true), "{line}");
+        // A bad canary with a bound that is never rolled back still fails it.
+        let mut never = finite.clone();
+        never.name = "never_rolled_back".into();
+        let missed = summarise(
+            &bench_policy(&never),
+            &never,
+            "sequential",
+            &reps(Outcome::Promoted, &[10.0]),
+        );
+        assert_eq!(goals_of(&[rows[0].clone(), missed]), Some(false));
+    }
+
+    fn goals_of(rows: &[Summary]) -> Option<bool> {
+        goals(rows, "sequential", None)
+            .into_iter()
+            .find(|(what, _)| what.starts_with("geometric mean"))
+            .and_then(|(_, ok)| ok)
     }
 
     #[test]

@@ -119,49 +119,233 @@ const KNOWN: [&str; 21] = [
     "name",
 ];
 
+/// A value quoted back in an error: its JSON text, cut to its first 80 characters.
+fn found(v: &Value) -> String {
+    let text = v.to_string();
+    let n = text.chars().count();
+    if n <= 80 {
+        text
+    } else {
+        let head: String = text.chars().take(80).collect();
+        format!("{head}… ({n} characters)")
+    }
+}
+
+/// A JSON value like [`Value`], but an object with a key twice is an error rather than
+/// keeping the last (which is what `serde_json::Value` does).
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some((k, Strict(v))) = map.next_entry::<String, Strict>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!(
+                    "key {k:?} appears twice in one object"
+                )));
+            }
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// The top level of a scenario file, every entry kept (duplicate names included, so that
+/// they can be reported by name).
+enum Top {
+    /// Scenarios by name, in the file's order.
+    Object(Vec<(String, Value)>),
+    Array(Vec<Value>),
+}
+
+impl<'de> serde::Deserialize<'de> for Top {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TopVisitor)
+    }
+}
+
+struct TopVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TopVisitor {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of scenarios by name or an array of scenarios")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Top, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Top::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let mut out = Vec::new();
+        while let Some((k, Strict(v))) = map.next_entry::<String, Strict>()? {
+            out.push((k, v));
+        }
+        Ok(Top::Object(out))
+    }
+}
+
 /// Parses a scenario file's text: an object of scenarios by name (or an array of scenarios
-/// with a `name` each). Every problem is reported, not only the first.
+/// with a `name` each). Every problem is reported, not only the first. Names must be unique
+/// and not empty; scenarios come back in name order for the object form, in the file's order
+/// for the array form.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Scenario>, ScenarioError> {
     let fail = |problems: Vec<String>| ScenarioError {
         file: file.to_owned(),
         problems,
     };
-    let root: Value =
-        serde_json::from_str(text).map_err(|e| fail(vec![format!("invalid JSON: {e}")]))?;
-    let entries: Vec<(String, &Value)> = match &root {
-        Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v)).collect(),
-        Value::Array(a) => a
-            .iter()
+    let top: Top = serde_json::from_str(text).map_err(|e| {
+        // Valid JSON of the wrong shape (or with a key twice) is not "invalid JSON".
+        fail(vec![if e.is_data() {
+            e.to_string()
+        } else {
+            format!("invalid JSON: {e}")
+        }])
+    })?;
+    let mut problems = Vec::new();
+    // (name, where it is for messages, the scenario, whether the name is the object's key)
+    let entries: Vec<(String, String, Value, bool)> = match top {
+        Top::Object(mut pairs) => {
+            // Name order, as a `serde_json::Map` would give (stable: duplicates keep theirs).
+            pairs.sort_by(|a, b| a.0.cmp(&b.0));
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.clone(), k, v, true))
+                .collect()
+        }
+        Top::Array(items) => items
+            .into_iter()
             .enumerate()
             .map(|(i, v)| {
-                let name = v
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .map_or_else(|| format!("#{i}"), str::to_owned);
-                (name, v)
+                let label = format!("#{i}");
+                let name = match v.get("name") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => {
+                        problems.push(format!(
+                            "{label}.name: expected a string, found {}",
+                            found(other)
+                        ));
+                        label.clone()
+                    }
+                    None if v.is_object() => {
+                        problems.push(format!(
+                            "{label}.name: missing; each scenario of an array needs a name"
+                        ));
+                        label.clone()
+                    }
+                    None => label.clone(),
+                };
+                (name, label, v, false)
             })
             .collect(),
-        _ => {
-            return Err(fail(vec![
-                "expected an object of scenarios by name, found another JSON value".into(),
-            ]));
-        }
     };
     if entries.is_empty() {
         return Err(fail(vec![
             "expected at least one scenario, found none".into(),
         ]));
     }
-    let mut problems = Vec::new();
+    for (name, label, _, keyed) in &entries {
+        if name.trim().is_empty() {
+            problems.push(if *keyed {
+                format!("a scenario's name (its key) is blank: {name:?}")
+            } else {
+                format!("{label}.name: blank ({name:?}); a scenario needs a name")
+            });
+        }
+    }
+    let mut seen: Vec<(&str, usize)> = Vec::new();
+    for (name, _, _, _) in &entries {
+        match seen.iter_mut().find(|(n, _)| *n == name.as_str()) {
+            Some((_, count)) => *count += 1,
+            None => seen.push((name, 1)),
+        }
+    }
+    for (name, count) in seen.iter().filter(|(_, c)| *c > 1) {
+        problems.push(format!(
+            "scenario {name:?} is defined {count} times; names must be unique"
+        ));
+    }
     let mut out = Vec::new();
-    for (name, v) in entries {
+    for (name, _, v, keyed) in &entries {
         match v {
             Value::Object(m) => {
-                if let Some(s) = scenario(&name, m, &mut problems) {
+                if *keyed {
+                    match m.get("name") {
+                        None | Some(Value::Null) => {}
+                        Some(Value::String(inner)) if inner == name => {}
+                        Some(other) => problems.push(format!(
+                            "{name}.name: expected the scenario's key {name:?} or nothing, found {}",
+                            found(other)
+                        )),
+                    }
+                }
+                if let Some(s) = scenario(name, m, &mut problems) {
                     out.push(s);
                 }
             }
-            _ => problems.push(format!("{name}: expected an object of scenario fields")),
+            other => problems.push(format!(
+                "{name}: expected an object of scenario fields, found {}",
+                found(other)
+            )),
         }
     }
     if problems.is_empty() {
@@ -243,20 +427,50 @@ fn scenario(name: &str, m: &Map<String, Value>, problems: &mut Vec<String>) -> O
     let overdispersion = f.num("overdispersion", 1.0, 1.0, 1e6);
     let diurnal_amp = f.num("diurnal_amp", 0.0, 0.0, 1.0);
     let load_err_coupling = f.num("load_err_coupling", 0.0, -100.0, 100.0);
+    // Checked on the fields as written, so that an invalid one is reported once, as invalid.
+    let given = |k: &str| m.get(k).is_some_and(|v| !v.is_null());
+    match (given("p_c_late"), given("onset_min")) {
+        (true, false) => problems.push(format!(
+            "{name}.p_c_late: needs onset_min (the minute from which the canary's error \
+             probability is p_c_late)"
+        )),
+        (false, true) => problems.push(format!(
+            "{name}.onset_min: needs p_c_late (the canary's error probability from that minute)"
+        )),
+        _ => {}
+    }
     let lat_missing_c = match m.get("lat_missing_c") {
         None | Some(Value::Null) => None,
-        Some(Value::Array(a)) if a.len() == 2 => match (a[0].as_f64(), a[1].as_f64()) {
-            (Some(x), Some(y)) if x.is_finite() && y.is_finite() && x <= y => Some((x, y)),
-            _ => {
+        Some(v @ Value::Array(a)) if a.len() == 2 => match (a[0].as_f64(), a[1].as_f64()) {
+            (Some(x), Some(_)) if x < 0.0 => {
                 problems.push(format!(
-                    "{name}.lat_missing_c: expected [from, to] minutes with from <= to"
+                    "{name}.lat_missing_c: expected [from, to] minutes with 0 <= from, found {}",
+                    found(v)
+                ));
+                None
+            }
+            (Some(x), Some(y)) if x > y => {
+                problems.push(format!(
+                    "{name}.lat_missing_c: expected [from, to] minutes with from <= to, found {}",
+                    found(v)
+                ));
+                None
+            }
+            (Some(x), Some(y)) => Some((x, y)),
+            _ => {
+                let bad = a.iter().find(|e| !e.is_number()).unwrap_or(v);
+                problems.push(format!(
+                    "{name}.lat_missing_c: expected [from, to] as two numbers of minutes, found {} in {}",
+                    found(bad),
+                    found(v)
                 ));
                 None
             }
         },
         Some(other) => {
             problems.push(format!(
-                "{name}.lat_missing_c: expected [from, to] minutes, found {other}"
+                "{name}.lat_missing_c: expected [from, to] minutes, found {}",
+                found(other)
             ));
             None
         }
@@ -295,12 +509,13 @@ fn scenario(name: &str, m: &Map<String, Value>, problems: &mut Vec<String>) -> O
             None
         }
     };
-    let expected = match m.get("expected").and_then(Value::as_str) {
-        Some("promote") => Some(Expected::Promote),
-        Some("rollback") => Some(Expected::Rollback),
+    let expected = match m.get("expected") {
+        Some(Value::String(s)) if s == "promote" => Some(Expected::Promote),
+        Some(Value::String(s)) if s == "rollback" => Some(Expected::Rollback),
         Some(other) => {
             problems.push(format!(
-                "{name}.expected: expected promote or rollback, found {other:?}"
+                "{name}.expected: expected promote or rollback, found {}",
+                found(other)
             ));
             None
         }
@@ -367,6 +582,131 @@ mod tests {
             text.contains("b.expected: expected promote or rollback, found \"maybe\""),
             "{text}"
         );
+    }
+
+    fn problems(text: &str) -> String {
+        match parse("t.json", text) {
+            Ok(s) => panic!("accepted {text}: {s:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn duplicate_names_are_refused_in_both_forms() {
+        let text = problems(
+            r#"[{"name": "a", "expected": "promote"}, {"name": "a", "expected": "rollback"}]"#,
+        );
+        assert!(
+            text.contains("t.json: scenario \"a\" is defined 2 times"),
+            "{text}"
+        );
+        // serde_json's map would keep only the last of these.
+        let text = problems(
+            r#"{"a": {"expected": "promote"}, "b": {"expected": "promote"}, "a": {"expected": "rollback"}}"#,
+        );
+        assert_eq!(
+            text, "t.json: scenario \"a\" is defined 2 times; names must be unique",
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_field_twice_in_a_scenario_is_refused() {
+        let text = problems(r#"{"a": {"expected": "promote", "p_c": 0.01, "p_c": 0.5}}"#);
+        assert!(
+            text.starts_with("t.json: key \"p_c\" appears twice in one object at line 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn names_must_not_be_blank_and_must_agree_with_the_key() {
+        let text = problems(r#"{"": {"expected": "promote"}}"#);
+        assert!(
+            text.contains("t.json: a scenario's name (its key) is blank: \"\""),
+            "{text}"
+        );
+        let text = problems(r#"[{"name": " ", "expected": "promote"}]"#);
+        assert!(text.contains("t.json: #0.name: blank"), "{text}");
+        let text = problems(r#"[{"expected": "promote"}]"#);
+        assert!(text.contains("t.json: #0.name: missing"), "{text}");
+        let text = problems(r#"[{"name": 7, "expected": "promote"}]"#);
+        assert!(
+            text.contains("#0.name: expected a string, found 7"),
+            "{text}"
+        );
+        let text = problems(r#"{"a": {"name": "b", "expected": "promote"}}"#);
+        assert!(
+            text.contains(
+                "t.json: a.name: expected the scenario's key \"a\" or nothing, found \"b\""
+            ),
+            "{text}"
+        );
+        // The same name as the key is fine, and so is an array with names.
+        let s = parse("t.json", r#"{"a": {"name": "a", "expected": "promote"}}"#).expect("valid");
+        assert_eq!(s[0].name, "a");
+        let s = parse(
+            "t.json",
+            r#"[{"name": "z", "expected": "promote"}, {"name": "y", "expected": "rollback"}]"#,
+        )
+        .expect("valid");
+        assert_eq!((s[0].name.as_str(), s[1].name.as_str()), ("z", "y"));
+    }
+
+    #[test]
+    fn wrong_types_are_reported_as_found() {
+        let text = problems(r#"{"a": {"expected": 1}}"#);
+        assert_eq!(
+            text,
+            "t.json: a.expected: expected promote or rollback, found 1"
+        );
+        let text = problems(r#"{"a": {"expected": "promote", "lat_missing_c": ["0", 5]}}"#);
+        assert_eq!(
+            text,
+            "t.json: a.lat_missing_c: expected [from, to] as two numbers of minutes, found \"0\" in [\"0\",5]"
+        );
+        let text = problems(r#"{"a": {"expected": "promote", "lat_missing_c": [10, 5]}}"#);
+        assert!(text.contains("with from <= to, found [10,5]"), "{text}");
+        let text = problems(r#"{"a": 5}"#);
+        assert!(
+            text.contains("a: expected an object of scenario fields, found 5"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_missing_series_cannot_start_before_minute_zero() {
+        let text = problems(r#"{"a": {"expected": "promote", "lat_missing_c": [-5, 5]}}"#);
+        assert_eq!(
+            text,
+            "t.json: a.lat_missing_c: expected [from, to] minutes with 0 <= from, found [-5,5]"
+        );
+    }
+
+    #[test]
+    fn a_late_error_rate_needs_its_onset_and_back() {
+        let text = problems(r#"{"a": {"expected": "rollback", "p_c_late": 0.05}}"#);
+        assert!(
+            text.starts_with("t.json: a.p_c_late: needs onset_min"),
+            "{text}"
+        );
+        let text = problems(r#"{"a": {"expected": "rollback", "onset_min": 10}}"#);
+        assert!(
+            text.starts_with("t.json: a.onset_min: needs p_c_late"),
+            "{text}"
+        );
+        // An invalid one is reported as invalid, once.
+        let text = problems(r#"{"a": {"expected": "rollback", "p_c_late": 2, "onset_min": 10}}"#);
+        assert_eq!(
+            text,
+            "t.json: a.p_c_late: expected a number from 0 to 1, found 2"
+        );
+        let s = parse(
+            "t.json",
+            r#"{"a": {"expected": "rollback", "p_c_late": 0.05, "onset_min": 10}}"#,
+        )
+        .expect("valid");
+        assert_eq!(s[0].onset(), 10.0);
     }
 
     #[test]
