@@ -90,6 +90,15 @@ fn ptrs(rng: &mut SmallRng, mean: f64) -> f64 {
     }
 }
 
+/// Bursts in one draw above which their sizes are summed by the normal approximation.
+const EXACT_BURSTS: f64 = 1000.0;
+
+/// A standard normal variate (Box–Muller).
+fn normal(rng: &mut SmallRng) -> f64 {
+    let (u, v) = (open01(rng), open01(rng));
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
 /// Events that arrive in bursts: Poisson(`mean / size`) bursts of geometric size with mean
 /// `size` (so the mean count is `mean`); `size` 1 is a plain Poisson count.
 pub fn bursty(rng: &mut SmallRng, mean: f64, size: f64) -> f64 {
@@ -97,6 +106,17 @@ pub fn bursty(rng: &mut SmallRng, mean: f64, size: f64) -> f64 {
         return poisson(rng, mean);
     }
     let bursts = poisson(rng, mean / size);
+    if bursts > EXACT_BURSTS {
+        // The extra events of many bursts are a negative binomial sum, normal to well within
+        // what a scrape's count can show; drawing each burst would make the cost grow with
+        // the error count (minutes per repetition at millions of errors per scrape).
+        let extra_mean = bursts * (size - 1.0);
+        let extra_var = bursts * (size - 1.0) * size;
+        let extra = (extra_mean + extra_var.sqrt() * normal(rng))
+            .round()
+            .max(0.0);
+        return bursts + extra;
+    }
     let ln_q = (1.0 - 1.0 / size).ln();
     let mut total = 0.0;
     let mut i = 0.0;
@@ -118,6 +138,19 @@ mod tests {
         let m = xs.iter().sum::<f64>() / n as f64;
         let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
         (m, v)
+    }
+
+    /// Many bursts at once are summed by the normal approximation, with the same mean and
+    /// variance as the exact sum: a compound Poisson count has variance mean·(2·size − 1).
+    #[test]
+    fn many_bursts_keep_the_compound_mean_and_variance() {
+        for (mean, size) in [(20_000.0, 3.0), (5_000_000.0, 1.5)] {
+            let (m, v) = moments(|r| bursty(r, mean, size));
+            let var = mean * (2.0 * size - 1.0);
+            let se = (var / 200_000.0).sqrt();
+            assert!((m - mean).abs() < 5.0 * se, "mean {m} for {mean}");
+            assert!((v / var - 1.0).abs() < 0.05, "variance {v} against {var}");
+        }
     }
 
     #[test]
