@@ -1805,38 +1805,35 @@ mod tests {
         assert!((14..=40).contains(&look), "promotable at look {look}");
     }
 
-    /// The `alone` family is an e-process under its null: a canary whose p99 really lies
-    /// beyond the boundary (2 % of its requests slower, where 1 % is allowed) is promoted at
-    /// most at the level, however often it is looked at.
-    #[test]
-    fn the_canary_alone_test_does_not_promote_a_slower_canary() {
-        let mut promoted = 0;
+    /// How many of 400 canaries whose bad-event rate is exactly the `alone` family's null `p`
+    /// (`per_look` events a look, at most 300 looks) that family promotes at level 5 %.
+    fn alone_promotions_at_the_null(le: Option<f64>, p: f64, per_look: usize, seed: u64) -> u32 {
         use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut promoted = 0;
         for _ in 0..400 {
-            let mut t = BoundTest::new(TestKind::Relative, Some(0.1), 1.0, true);
+            let mut t = BoundTest::new(TestKind::Relative, le, 1.0, true);
             t.alone = vec![0.0; GOOD_GRID.len()];
             for _ in 0..300 {
-                let slow = (0..50).filter(|_| rng.random::<f64>() < 0.01).count() as f64;
-                step_alone(
-                    &mut t,
-                    Increment {
-                        bad: slow,
-                        total: 50.0,
-                    },
-                    0.01,
-                    1.0,
-                    3.0,
-                );
-                // The two-sample family stays at its start (no slow stable requests).
+                let bad = (0..per_look).filter(|_| rng.random::<f64>() < p).count() as f64;
+                let total = per_look as f64;
+                step_alone(&mut t, Increment { bad, total }, p, 1.0, 3.0);
+                // The two-sample family stays at its start (no bad events of stable's).
                 if t.log_good() >= (20f64).ln() {
                     promoted += 1;
                     break;
                 }
             }
         }
-        // At the boundary of the null (exactly 1 % slower) the bound is 5 %: 20 of 400, with
-        // room for sampling noise.
+        promoted
+    }
+
+    /// The `alone` family is an e-process under its null: a canary whose p99 lies exactly at
+    /// the boundary (1 % of its requests slower) is promoted at most at the level, however
+    /// often it is looked at: 20 of 400, with room for sampling noise.
+    #[test]
+    fn the_canary_alone_test_does_not_promote_a_slower_canary() {
+        let promoted = alone_promotions_at_the_null(Some(0.1), 0.01, 50, 11);
         assert!(promoted <= 30, "{promoted} of 400 promoted");
     }
 
@@ -1928,23 +1925,8 @@ mod tests {
     /// stable's plus twice the tolerance is promoted at most at the level.
     #[test]
     fn the_canary_alone_rate_test_does_not_promote_a_canary_twice_the_tolerance_worse() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
-        let mut promoted = 0;
         // Stable at 0.1 %, tolerance 0.5pp: the null "bad" rate is 1.1 %.
-        let p_bad = 0.011;
-        for _ in 0..400 {
-            let mut t = BoundTest::new(TestKind::Relative, None, 1.0, true);
-            t.alone = vec![0.0; GOOD_GRID.len()];
-            for _ in 0..300 {
-                let bad = (0..100).filter(|_| rng.random::<f64>() < p_bad).count() as f64;
-                step_alone(&mut t, Increment { bad, total: 100.0 }, p_bad, 1.0, 3.0);
-                if t.log_good() >= (20f64).ln() {
-                    promoted += 1;
-                    break;
-                }
-            }
-        }
+        let promoted = alone_promotions_at_the_null(None, 0.011, 100, 5);
         assert!(promoted <= 30, "{promoted} of 400 promoted");
     }
 

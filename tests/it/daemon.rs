@@ -122,6 +122,14 @@ router:
   file: {path: /dev/null}
 ";
 
+/// `POLICY` whose rollout stays at its first step for an hour (and has three to finish): for
+/// tests of what happens to a rollout under way.
+pub fn held_policy() -> String {
+    POLICY
+        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
+        .replace("progress_deadline: 1h", "progress_deadline: 3h")
+}
+
 /// `POLICY` for a real `canaryd run` process, which holds policies to `policy::MIN_INTERVAL`.
 pub fn process_policy() -> String {
     POLICY.replace("interval: 50ms", "interval: 1s")
@@ -585,11 +593,7 @@ async fn unavailable_source_holds_without_failures_then_continues() {
 
 #[tokio::test]
 async fn restart_resumes_at_the_recorded_step() {
-    let dir = setup(
-        &POLICY
-            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
-    );
+    let dir = setup(&held_policy());
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router.clone(), source.clone(), None).await;
     d.wait_phase("demo", "progressing").await;
@@ -728,11 +732,7 @@ async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alo
 
 #[tokio::test]
 async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
-    let dir = setup(
-        &POLICY
-            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
-    );
+    let dir = setup(&held_policy());
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, Some("s3cret")).await;
     d.wait_phase("demo", "progressing").await;
@@ -858,11 +858,7 @@ async fn api_actions_need_the_token_and_bad_requests_change_nothing() {
 
 #[tokio::test]
 async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
-    let dir = setup(
-        &POLICY
-            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
-    );
+    let dir = setup(&held_policy());
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
     d.wait_phase("demo", "progressing").await;
@@ -886,10 +882,7 @@ async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
         "the last good version keeps running"
     );
     // A valid edit with a new canary starts a new rollout of it.
-    let new = POLICY
-        .replace("canary: v2", "canary: v3")
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let new = held_policy().replace("canary: v2", "canary: v3");
     std::fs::write(&file, new).unwrap();
     wait_for("the new canary", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/demo").await;
@@ -1151,11 +1144,7 @@ async fn a_failed_event_webhook_is_logged_by_its_origin_only() {
 // Multi-threaded: the commands block one thread while the daemon answers on another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_actions_from_the_command_line() {
-    let dir = setup(
-        &POLICY
-            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-            .replace("progress_deadline: 1h", "progress_deadline: 3h"),
-    );
+    let dir = setup(&held_policy());
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
     d.wait_phase("demo", "progressing").await;
@@ -1802,13 +1791,10 @@ async fn a_rollout_moved_to_another_router_leaves_the_old_one_on_stable() {
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     let (old, new) = (dir.path().join("old.json"), dir.path().join("new.json"));
     let policy = |path: &Path| {
-        POLICY
-            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-            .replace("progress_deadline: 1h", "progress_deadline: 3h")
-            .replace(
-                "file: {path: /dev/null}",
-                &format!("file: {{path: '{}'}}", path.display()),
-            )
+        held_policy().replace(
+            "file: {path: /dev/null}",
+            &format!("file: {{path: '{}'}}", path.display()),
+        )
     };
     let file = dir.path().join("policies/demo.yaml");
     std::fs::write(&file, policy(&old)).unwrap();
@@ -1867,9 +1853,7 @@ fn sources_of(source: &FakeSource) -> canaryd::controller::SourceFactory {
 /// Every field of the view that comes from the policy follows the edit.
 #[tokio::test]
 async fn the_view_shows_the_router_an_edit_moved_the_rollout_to() {
-    let policy = POLICY
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let policy = held_policy();
     let dir = setup(&policy);
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
@@ -1927,10 +1911,7 @@ impl MetricSource for HeldSource {
 /// had removed it. A rollout whose name no policy file defines any more must go away.
 #[tokio::test]
 async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
-    let policy = POLICY
-        .replace("name: demo", "name: search")
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let policy = held_policy().replace("name: demo", "name: search");
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     let file = dir.path().join("policies/search.yaml");
@@ -2005,9 +1986,7 @@ async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
 /// the policy comes back and it resumes.
 #[tokio::test]
 async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_returns() {
-    let policy = POLICY
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let policy = held_policy();
     let dir = setup(&policy);
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
@@ -2080,9 +2059,7 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
 /// had, and ends when another policy takes that router.
 #[tokio::test]
 async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_router() {
-    let policy = POLICY
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let policy = held_policy();
     let dir = setup(&policy);
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
@@ -2180,11 +2157,9 @@ async fn status_of_a_rollout_whose_policy_is_invalid_shows_the_policy_error() {
 #[tokio::test]
 async fn a_second_policy_on_a_router_target_is_refused_and_the_first_keeps_running() {
     let haproxy = |name: &str, canary: &str, socket: &str, backend: &str| {
-        POLICY
+        held_policy()
             .replace("name: demo", &format!("name: {name}"))
             .replace("canary: v2", &format!("canary: {canary}"))
-            .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-            .replace("progress_deadline: 1h", "progress_deadline: 3h")
             .replace(
                 "  file: {path: /dev/null}",
                 &format!(
@@ -2255,9 +2230,7 @@ async fn metrics_text(d: &Daemon) -> String {
 /// `canaryd_invalid_policy_files` counts every file that list holds.
 #[tokio::test]
 async fn every_invalid_or_refused_policy_file_is_counted_in_the_metrics() {
-    let policy = POLICY
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let policy = held_policy();
     let dir = setup(&policy);
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
@@ -2319,9 +2292,7 @@ async fn every_invalid_or_refused_policy_file_is_counted_in_the_metrics() {
 /// (and keep `CanarydPolicyInvalid`'s old form firing) until the file returns.
 #[tokio::test]
 async fn a_deleted_policy_whose_edit_was_refused_is_not_counted_invalid() {
-    let policy = POLICY
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let policy = held_policy();
     let dir = setup(&policy);
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;
@@ -2353,9 +2324,7 @@ async fn a_deleted_policy_whose_edit_was_refused_is_not_counted_invalid() {
 /// purpose) but is counted.
 #[tokio::test]
 async fn a_refused_action_is_counted_but_kept_out_of_the_decision_log() {
-    let policy = POLICY
-        .replace("min_step_duration: 150ms", "min_step_duration: 1h")
-        .replace("progress_deadline: 1h", "progress_deadline: 3h");
+    let policy = held_policy();
     let dir = setup(&policy);
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router, source, None).await;

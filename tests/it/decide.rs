@@ -1286,19 +1286,18 @@ fn state_round_trips_through_json() {
     assert_eq!(a.state.phase, RollingBack);
 }
 
-/// Regression: a rollout waited for `failure_limit` repeats of a sequential rejection, serving
-/// the bad canary for more intervals although the first rejection was already final.
-#[test]
-fn sequential_rejection_rolls_back_at_once_whatever_the_failure_limit() {
+/// The `i`-th tick (every 15 s) of a sequential rollout judged on one `errors` metric, both
+/// versions having served `(i + 1) × 1,000` requests so far at these error rates.
+fn errors_tick(
+    policy: &canaryd::policy::Policy,
+    state: &RolloutState,
+    i: u32,
+    p_s: f64,
+    p_c: f64,
+) -> Decision {
     use canaryd::observation::{
-        Counts, Gate, Input, MetricReading, Observation, Reading, RouterStatus, Sample,
+        Counts, Input, MetricReading, Observation, Reading, RouterStatus, Sample,
     };
-    use canaryd::rollout::{Action, RolloutState, decide};
-    let policy = canaryd::policy::load_str(
-        "seq.yaml",
-        "name: seq\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50], interval: 15s, min_step_duration: 1h, failure_limit: 5, progress_deadline: 3h}\nanalysis: {method: sequential}\nmetrics:\n  - {name: errors, builtin: error_rate, max_increase: 10%, min_samples: 10}\nrouter: {file: {path: /tmp/x.json}}\n",
-    )
-    .expect("valid policy");
     let reading = |errors: f64, total: f64| {
         Reading::Data(Sample {
             value: Some(errors / total),
@@ -1307,31 +1306,44 @@ fn sequential_rejection_rolls_back_at_once_whatever_the_failure_limit() {
             ..Default::default()
         })
     };
+    let n = f64::from(i + 1) * 1000.0;
+    let obs = Observation {
+        metrics: [(
+            "errors".to_string(),
+            MetricReading {
+                stable: reading(n * p_s, n),
+                canary: reading(n * p_c, n),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        router: RouterStatus::Ok {
+            canary_weight: state.weight,
+        },
+        gate: Gate::NotAsked,
+    };
+    decide(
+        policy,
+        state,
+        &Input::Tick(obs),
+        canaryd::time::Time(i64::from(i) * 15_000),
+    )
+}
+
+/// Regression: a rollout waited for `failure_limit` repeats of a sequential rejection, serving
+/// the bad canary for more intervals although the first rejection was already final.
+#[test]
+fn sequential_rejection_rolls_back_at_once_whatever_the_failure_limit() {
+    use canaryd::rollout::Action;
+    let policy = canaryd::policy::load_str(
+        "seq.yaml",
+        "name: seq\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50], interval: 15s, min_step_duration: 1h, failure_limit: 5, progress_deadline: 3h}\nanalysis: {method: sequential}\nmetrics:\n  - {name: errors, builtin: error_rate, max_increase: 10%, min_samples: 10}\nrouter: {file: {path: /tmp/x.json}}\n",
+    )
+    .expect("valid policy");
     let mut state = RolloutState::new(&policy);
     let mut rejected_at = None;
     for i in 0..60u32 {
-        let n = f64::from(i + 1) * 1000.0;
-        let obs = Observation {
-            metrics: [(
-                "errors".to_string(),
-                MetricReading {
-                    stable: reading(n * 0.01, n),
-                    canary: reading(n * 0.30, n),
-                },
-            )]
-            .into_iter()
-            .collect(),
-            router: RouterStatus::Ok {
-                canary_weight: state.weight,
-            },
-            gate: Gate::NotAsked,
-        };
-        let d = decide(
-            &policy,
-            &state,
-            &Input::Tick(obs),
-            canaryd::time::Time(i64::from(i) * 15_000),
-        );
+        let d = errors_tick(&policy, &state, i, 0.01, 0.30);
         if d.reports
             .iter()
             .any(|r| r.verdict == canaryd::judge::Verdict::Fail)
@@ -1519,45 +1531,17 @@ fn a_canary_whose_traffic_stops_mid_step_waits_and_the_quiet_time_does_not_count
 /// (20 % worse, with a 15 % tolerance) is still rolled back by the deadline.
 #[test]
 fn too_few_bad_events_at_the_deadline_ask_an_operator_instead_of_rolling_back() {
-    use canaryd::observation::{
-        Counts, Gate, Input, MetricReading, Observation, Reading, RouterStatus, Sample,
-    };
-    use canaryd::rollout::{Action, RolloutState, decide};
+    use canaryd::rollout::Action;
     let policy = canaryd::policy::load_str(
         "rare.yaml",
         "name: rare\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50], interval: 15s, min_step_duration: 1m, progress_deadline: 10m}\nanalysis: {method: sequential}\nmetrics:\n  - {name: errors, builtin: error_rate, max_increase: 15%, min_samples: 10}\nrouter: {file: {path: /tmp/x.json}}\n",
     )
     .expect("valid policy");
-    let reading = |errors: f64, total: f64| {
-        Reading::Data(Sample {
-            value: Some(errors / total),
-            window_events: total,
-            cumulative: Some(Counts { bad: errors, total }),
-            ..Default::default()
-        })
-    };
     // Drives the rollout for 12 minutes with these error rates; the deadline's decision.
     let at_deadline = |p_s: f64, p_c: f64| {
         let mut state = RolloutState::new(&policy);
         for i in 0..48u32 {
-            let n = f64::from(i + 1) * 1000.0;
-            let obs = Observation {
-                metrics: [(
-                    "errors".to_string(),
-                    MetricReading {
-                        stable: reading(n * p_s, n),
-                        canary: reading(n * p_c, n),
-                    },
-                )]
-                .into_iter()
-                .collect(),
-                router: RouterStatus::Ok {
-                    canary_weight: state.weight,
-                },
-                gate: Gate::NotAsked,
-            };
-            let now = canaryd::time::Time(i64::from(i) * 15_000);
-            let d = decide(&policy, &state, &Input::Tick(obs), now);
+            let d = errors_tick(&policy, &state, i, p_s, p_c);
             assert!(
                 !matches!(d.action, Action::Rollback | Action::Promote) || i > 40,
                 "tick {i}: {} {}",
