@@ -106,6 +106,10 @@ pub enum Command {
     /// Its policy file (this path, as shown) was deleted: stop driving the rollout and leave
     /// traffic as it is, but keep serving `abort`, so that a rollback stays reachable.
     Orphan(String),
+    /// A rollout whose policy file was deleted hands its router over to the rollout of this
+    /// name, whose policy now names it, and ends: the router's document (file, webhook) then
+    /// names the new rollout, with the split as it was, for it to start from.
+    HandOver(String),
     Stop,
 }
 
@@ -290,15 +294,15 @@ impl Task {
         if let Some(file) = &self.orphaned {
             // Where the router was last seen sending traffic, which is where it stays.
             let weight = v.router_weight.unwrap_or(v.weight);
-            let abort = if matches!(self.state.phase, Phase::RollingBack | Phase::RolledBack) {
-                ""
-            } else {
-                "; `canaryd abort` still rolls it back"
+            let next = match self.state.phase {
+                Phase::RollingBack => "; restore the file to resume it",
+                Phase::RolledBack => "; restore the file and `canaryd retry` to run it again",
+                _ => "; `canaryd abort` still rolls it back; restore the file to resume it",
             };
             v.stopped = true;
             v.policy_error = Some(format!(
                 "policy file {file} deleted: rollout stopped, traffic left at {}% on the \
-                 canary{abort}; restore the file to resume it",
+                 canary{next}",
                 crate::rollout::fmt_pct(weight)
             ));
         }
@@ -373,6 +377,28 @@ impl Task {
     /// canary sends the old router's traffic back to stable, so that traffic no one drives any
     /// more does not stay on an unproven canary. A promotion (the canary now serves all) and a
     /// failed rollout (left to the operator) keep the old router as it is. One attempt.
+    /// Renames the router's owner to the rollout `to`, keeping the split it has: a file or
+    /// webhook router answers only the rollout its document names, and the new rollout is to
+    /// start from where this one left traffic.
+    async fn hand_over(&mut self, to: &str) {
+        let Ok(router) = &self.router else { return };
+        if self.shared.dry_run {
+            return;
+        }
+        let target = Target {
+            rollout: to.to_owned(),
+            ..self.target()
+        };
+        match router.apply(&target).await {
+            Ok(()) => {
+                tracing::info!(rollout = %self.policy.name, to, weight = target.canary_weight, "router handed over to the rollout whose policy now names it")
+            }
+            Err(e) => {
+                tracing::warn!(rollout = %self.policy.name, to, error = %e, "the router could not be handed over; the new rollout may find it owned by this one (`canaryd abort` on the new rollout takes it over)")
+            }
+        }
+    }
+
     async fn release_old_router(&mut self) {
         let judging = matches!(
             self.state.phase,
@@ -805,11 +831,13 @@ impl Task {
             .as_ref()
             .filter(|_| action != OperatorAction::Abort)
         {
-            self.shared.metrics.refused(&self.policy.name);
-            return Err(OperateError::Rejected(format!(
+            let reason = format!(
                 "policy file {file} deleted: the rollout is stopped and only abort acts on it; \
                  restore the file to resume it"
-            )));
+            );
+            tracing::info!(rollout = %self.policy.name, who = %who, action = action.as_str(), reason = %reason, "operator action refused");
+            self.shared.metrics.refused(&self.policy.name);
+            return Err(OperateError::Rejected(reason));
         }
         let now = self.shared.clock.now();
         let input = Input::Operator { action, who, why };
@@ -848,6 +876,10 @@ impl Task {
                     _ = shutdown.changed() => return,
                     cmd = commands.recv() => match cmd {
                         None | Some(Command::Stop) => return,
+                        Some(Command::HandOver(to)) => {
+                            self.hand_over(&to).await;
+                            return;
+                        }
                         Some(Command::Operator { action, who, why, reply }) => {
                             let res = self.operator(action, who, why).await;
                             let moving = res.is_ok()
@@ -868,7 +900,7 @@ impl Task {
                                 self.source = (self.shared.sources)(&p);
                             }
                             if self.orphaned.take().is_some() {
-                                tracing::info!(rollout = %p.name, file = %file, "policy file back; rollout resumed");
+                                tracing::info!(rollout = %p.name, file = %file, phase = self.state.phase.as_str(), "policy file back; the rollout runs again");
                                 self.view.stopped = false;
                             } else {
                                 tracing::info!(rollout = %p.name, file = %file, "policy updated");
@@ -949,11 +981,16 @@ impl Tasks {
     /// Stops a rollout's task after its current tick, without touching traffic; its view goes
     /// once it has ended. Says whether the task was still reachable.
     async fn stop(&mut self, registry: &Registry, name: &str) -> bool {
+        self.end(registry, name, Command::Stop).await
+    }
+
+    /// Ends a rollout's task with `last` (`Stop` or `HandOver`); as `stop`.
+    async fn end(&mut self, registry: &Registry, name: &str, last: Command) -> bool {
         if let Some(tell) = self.started.get_mut(name).and_then(|t| t.stopped.take()) {
             let _ = tell.send(());
         }
         match registry.remove(name) {
-            Some(tx) => tx.send(Command::Stop).await.is_ok(),
+            Some(tx) => tx.send(last).await.is_ok(),
             None => false,
         }
     }
@@ -1309,9 +1346,11 @@ async fn scan(
             && let Some(orphan) = tasks.orphan_on(&p.name, &p.router.target())
         {
             // The router a deleted policy's rollout last drove is this policy's now: that
-            // rollout ends (nothing could act on it without fighting this one), and this one
-            // starts once it has (at a later scan if it is still finishing its tick).
-            if tasks.stop(registry, &orphan).await {
+            // rollout hands it over, with the split it had, and ends (nothing could act on it
+            // without fighting this one), and this one starts once it has (at a later scan if
+            // it is still finishing its tick).
+            let hand_over = Command::HandOver(p.name.clone());
+            if tasks.end(registry, &orphan, hand_over).await {
                 tracing::info!(rollout = %orphan, file = %file, by = %p.name, "the router of a rollout whose policy file was deleted is taken by another policy; rollout ended");
             }
             if tasks.busy(&orphan) {

@@ -2056,15 +2056,28 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
 /// Regression (review): a deleted policy's rollout refused `abort` ("nothing runs it"), so the
 /// canary kept its share with no way back but restoring the file, against "rollback stays
 /// reachable from every state". Its task now stays to serve `abort` with the router it last
-/// had, and ends when another policy takes that router.
+/// had, and hands that router over when another policy takes it (UAT: the file router then
+/// still named the old rollout, and the new one could not read it). Real file router.
 #[tokio::test]
 async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_router() {
-    let policy = held_policy();
-    let dir = setup(&policy);
-    let (router, source) = fakes(Mode::Good);
-    let d = Daemon::start(dir.path(), router, source, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let weights = dir.path().join("weights.json");
+    let policy = held_policy().replace(
+        "file: {path: /dev/null}",
+        &format!("file: {{path: '{}'}}", weights.display()),
+    );
+    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
+    std::fs::write(file("demo"), &policy).unwrap();
+    let (_, source) = fakes(Mode::Good);
+    let (_, sources) = factories(&FakeRouter::default(), &source);
+    let d = Daemon::start_real(dir.path(), sources).await;
+    let read = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(&weights).unwrap_or_default())
+            .unwrap_or(Value::Null)
+    };
     d.wait_phase("demo", "progressing").await;
-    std::fs::remove_file(dir.path().join("policies/demo.yaml")).unwrap();
+    std::fs::remove_file(file("demo")).unwrap();
     let v = wait_for("the rollout stopped", Duration::from_secs(10), || async {
         let (s, v) = d.get("/api/v1/rollouts/demo").await;
         (s == 200 && v["stopped"] == true).then_some(v)
@@ -2072,7 +2085,7 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
     .await;
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(note.contains("`canaryd abort` still rolls it back"), "{v}");
-    assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
+    assert_eq!(read()["weights"]["v2"], 10.0, "traffic untouched");
     let (status, body) = d
         .post(
             "/api/v1/rollouts/demo/abort",
@@ -2084,23 +2097,52 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
     assert_eq!(body["action"], "rollback", "{body}");
     assert_eq!(body["who"], "ops", "{body}");
     let v = d.wait_phase("demo", "rolled-back").await;
-    assert_eq!(
-        *d.router.weight.lock().unwrap(),
-        0.0,
-        "the router took the rollback"
-    );
+    assert_eq!(read()["weights"]["v2"], 0.0, "the router took the rollback");
     assert_eq!(v["stopped"], true, "{v}");
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(
-        note.contains("traffic left at 0%") && !note.contains("abort"),
+        note.contains("traffic left at 0%")
+            && note.contains("`canaryd retry` to run it again")
+            && !note.contains("abort"),
         "{v}"
     );
-    // Another rollout on the same router (the file router's path) ends the stopped one.
+
+    // Another rollout on the same weights file: the stopped one hands the file over and ends,
+    // and the new one starts from it.
+    std::fs::write(file("demo"), &policy).unwrap();
+    wait_for("demo back", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (v["stopped"] == false).then_some(())
+    })
+    .await;
+    let (status, body) = d.post("/api/v1/rollouts/demo/retry", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("demo at 10 % again", Duration::from_secs(10), || async {
+        (read()["weights"]["v2"] == 10.0).then_some(())
+    })
+    .await;
+    std::fs::remove_file(file("demo")).unwrap();
+    wait_for(
+        "the rollout stopped again",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            (v["stopped"] == true).then_some(())
+        },
+    )
+    .await;
     let other = policy
         .replace("name: demo", "name: other")
         .replace("canary: v2", "canary: v3");
-    std::fs::write(dir.path().join("policies/other.yaml"), other).unwrap();
+    std::fs::write(file("other"), other).unwrap();
     d.wait_phase("other", "progressing").await;
+    let doc = read();
+    assert_eq!(doc["rollout"], "other", "{doc}");
+    assert_eq!(doc["weights"]["v3"], 10.0, "{doc}");
+    assert!(
+        doc["weights"].get("v2").is_none(),
+        "the old canary gets nothing: {doc}"
+    );
     wait_for(
         "the stopped rollout gone",
         Duration::from_secs(10),
