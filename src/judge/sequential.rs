@@ -178,6 +178,13 @@ pub struct BoundTest {
     /// test as little to learn from. Empty for every other test.
     #[serde(default)]
     pub alone: Vec<f64>,
+    /// For a rate with an absolute tolerance, log values of rollback components on the canary
+    /// alone (`LAMBDAS × BAD_GRID`), against stable's rate plus the tolerance: where stable has
+    /// (nearly) no bad events, the two-sample test expects every bad event on the canary under
+    /// its null and learns little from them, so a canary far above the tolerance would
+    /// otherwise be caught late. Empty for every other test.
+    #[serde(default)]
+    pub alone_bad: Vec<f64>,
 }
 
 impl BoundTest {
@@ -190,24 +197,27 @@ impl BoundTest {
             bad: vec![0.0; LAMBDAS.len() * BAD_GRID.len()],
             good: vec![0.0; GOOD_GRID.len()],
             alone: Vec::new(),
+            alone_bad: Vec::new(),
         }
     }
 
-    /// Log of the rollback mixture's value.
+    /// Log of the rollback mixture's value: the two-sample components, and with a second
+    /// family (`alone_bad`) both families at half weight each.
     pub fn log_bad(&self) -> f64 {
         let per_grid = (BAD_GRID.len() as f64).ln();
         let log_w: [f64; LAMBDAS.len()] = std::array::from_fn(|i| LAMBDAS[i].1.ln() - per_grid);
-        let term = |k: usize| log_w[k / BAD_GRID.len()] + self.bad[k];
-        let m = (0..self.bad.len())
-            .map(term)
-            .fold(f64::NEG_INFINITY, f64::max);
-        if !m.is_finite() {
-            return m;
+        let family = |v: &[f64]| {
+            log_sum_exp(
+                &v.iter()
+                    .enumerate()
+                    .map(|(k, x)| log_w[k / BAD_GRID.len()] + x)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        if self.alone_bad.is_empty() {
+            return family(&self.bad);
         }
-        m + (0..self.bad.len())
-            .map(|k| (term(k) - m).exp())
-            .sum::<f64>()
-            .ln()
+        log_sum_exp(&[family(&self.bad), family(&self.alone_bad)]) - 2f64.ln()
     }
 
     /// Log of the promotion mixture's value: the two-sample components, and with a second
@@ -892,13 +902,21 @@ fn update(
                         step_alone(test, inc, 1.0 - quantile, phi, cap);
                     }
                 }
-                if test.le.is_none() && !test.alone.is_empty() && p_s.is_finite() {
-                    // The canary alone against the rate twice the tolerance above stable's
-                    // (as estimated before this look): with rare bad events the two-sample
-                    // test has little to learn from, and only this can show the canary good.
+                if test.le.is_none() && !test.alone.is_empty() && p_s.is_finite() && si.total > 0.0
+                {
+                    // The canary alone against stable's rate (as estimated before this look)
+                    // plus the tolerance, and plus twice it: with rare bad events the
+                    // two-sample test has little to learn from, and only this can show the
+                    // canary good, or far beyond the tolerance soon. (After the switch the
+                    // one-sample test below, with stable's drift, takes over.)
                     let p_bad = p_s * r_bad;
                     if p_bad < MAX_ONE_SAMPLE_NULL {
                         step_alone(test, ci, p_bad, phi, cap);
+                    }
+                    let p0 = p_s * r0;
+                    if p0 < MAX_ONE_SAMPLE_NULL {
+                        let cap = cap.min(CAP_PER_SQRT * (ci.total * p0 / phi).max(1.0).sqrt());
+                        step_one_sample_bad(&mut test.alone_bad, ci, p0, phi, cap);
                     }
                 }
                 if si.total > 0.0 {
@@ -1074,9 +1092,10 @@ fn create_tests(
         if relative {
             let mut test = BoundTest::new(TestKind::Relative, None, share, true);
             if tolerance_of(spec).is_some_and(|t| t.kind == ToleranceKind::Absolute) {
-                // An absolute tolerance (`0.5pp`) puts the "bad" rate at a level the canary
-                // alone can be shown below, even while neither version has bad events.
+                // An absolute tolerance (`0.5pp`) puts the null and "bad" rates at levels the
+                // canary alone can be shown above or below, whatever stable's bad events.
                 test.alone = vec![0.0; GOOD_GRID.len()];
+                test.alone_bad = vec![0.0; LAMBDAS.len() * BAD_GRID.len()];
             }
             tests.push(test);
         }
@@ -1181,22 +1200,29 @@ fn quantile_of(hist: &[Bucket], total: f64, q: f64) -> Option<f64> {
 }
 
 fn step_one_sample(test: &mut BoundTest, c: Increment, p0: f64, p_bad: f64, phi: f64, cap: f64) {
-    let clamp = |p: f64| p.min(1.0 - 1e-9);
     let cap = cap.min(CAP_PER_SQRT * (c.total * p0 / phi).max(1.0).sqrt());
+    step_one_sample_bad(&mut test.bad, c, p0, phi, cap);
+    for (gi, g) in GOOD_GRID.iter().enumerate() {
+        let pb = p_bad.min(1.0 - 1e-9);
+        test.good[gi] += (one_sample_llr(c, pb, pb * g) / phi).min(cap);
+    }
+}
+
+/// One look of rollback components (`LAMBDAS × BAD_GRID`) of a one-sample test of the canary's
+/// rate against the null `p0`, one look's log-likelihood ratio capped at `cap`.
+fn step_one_sample_bad(bad: &mut [f64], c: Increment, p0: f64, phi: f64, cap: f64) {
     for (gi, g) in BAD_GRID.iter().enumerate() {
-        let p1 = clamp(p0 * g);
+        let p1 = (p0 * g).min(1.0 - 1e-9);
         let llr = if p1 > p0 {
             (one_sample_llr(c, p0, p1) / phi).min(cap)
         } else {
             0.0
         };
         for (li, (lambda, _)) in LAMBDAS.iter().enumerate() {
-            test.bad[li * BAD_GRID.len() + gi] += log_bet(*lambda, llr);
+            if let Some(v) = bad.get_mut(li * BAD_GRID.len() + gi) {
+                *v += log_bet(*lambda, llr);
+            }
         }
-    }
-    for (gi, g) in GOOD_GRID.iter().enumerate() {
-        let pb = clamp(p_bad);
-        test.good[gi] += (one_sample_llr(c, pb, pb * g) / phi).min(cap);
     }
 }
 
@@ -1921,6 +1947,45 @@ mod tests {
         assert!(!early.promotable, "{}", early.note);
     }
 
+    /// Regression (UAT): with a tolerance in percentage points and no errors on stable, the
+    /// two-sample test expects every error on the canary under its null and learned little
+    /// from them: a canary at 5 % against a 0.5pp tolerance passed its first step and went up
+    /// to the next one. The canary alone, against stable's rate plus the tolerance, catches it
+    /// within a few looks of 100 requests.
+    #[test]
+    fn an_absolute_tolerance_catches_a_canary_far_beyond_it_when_stable_has_no_errors() {
+        let policy = crate::policy::load_str(
+            "t.yaml",
+            &ONE_METRIC.replace(
+                "max_increase: 15%}",
+                "max_increase: 0.5pp, min_samples: 10}",
+            ),
+        )
+        .expect("valid policy");
+        let mut memory = JudgeMemory::default();
+        let mut failed_at = None;
+        for look in 1..=20u32 {
+            let n = f64::from(look);
+            // As much traffic on each version (a router that does not split by weight).
+            let r = reading(
+                Counts {
+                    bad: 0.0,
+                    total: 100.0 * n,
+                },
+                Counts {
+                    bad: 5.0 * n,
+                    total: 100.0 * n,
+                },
+            );
+            if judge(&ctx(0.95), &policy.metrics[0], &r, &mut memory).verdict == Verdict::Fail {
+                failed_at = Some(look);
+                break;
+            }
+        }
+        let look = failed_at.expect("rolled back within 20 looks");
+        assert!(look <= 3, "failed at look {look}");
+    }
+
     /// The rate's `alone` family is an e-process under its null: a canary whose error rate is
     /// stable's plus twice the tolerance is promoted at most at the level.
     #[test]
@@ -1928,6 +1993,31 @@ mod tests {
         // Stable at 0.1 %, tolerance 0.5pp: the null "bad" rate is 1.1 %.
         let promoted = alone_promotions_at_the_null(None, 0.011, 100, 5);
         assert!(promoted <= 30, "{promoted} of 400 promoted");
+    }
+
+    /// The rate's `alone_bad` family is an e-process under its null: a canary whose error rate
+    /// is exactly stable's plus the tolerance is rolled back at most at the level (5 %: 20 of
+    /// 400, with room for sampling noise), however often it is looked at.
+    #[test]
+    fn the_canary_alone_rollback_test_holds_its_level_at_the_tolerance() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+        let p0 = 0.006;
+        let mut rejected = 0;
+        for _ in 0..400 {
+            let mut t = BoundTest::new(TestKind::Relative, None, 1.0, true);
+            t.alone_bad = vec![0.0; LAMBDAS.len() * BAD_GRID.len()];
+            for _ in 0..300 {
+                let bad = (0..100).filter(|_| rng.random::<f64>() < p0).count() as f64;
+                let c = Increment { bad, total: 100.0 };
+                step_one_sample_bad(&mut t.alone_bad, c, p0, 1.0, 3.0);
+                if t.log_bad() >= (20f64).ln() {
+                    rejected += 1;
+                    break;
+                }
+            }
+        }
+        assert!(rejected <= 30, "{rejected} of 400 rolled back");
     }
 
     /// Thin evidence is about too few bad events, not about a canary in the indifference
