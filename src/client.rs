@@ -493,10 +493,19 @@ pub fn timeline(view: &Value, log: &Value) -> String {
             // The decision's reason only names the metrics that hold it or could not be
             // judged; the report's note says why (Prometheus down, a query's error, no series,
             // evidence leaning towards harm, labels still arriving, a rejection).
+            // A pass is explained too where it is not what its evidence shows: promotable
+            // with the promotion test short of its threshold (no bad events in either
+            // version: nothing to compare), or too few bad events ever to show it.
+            let e = &r["evidence"];
+            let short_of_threshold = matches!(
+                (e["log_e_value_good"].as_f64(), e["log_threshold"].as_f64()),
+                (Some(g), Some(t)) if g < t
+            );
             let explained = matches!(
                 r["verdict"].as_str(),
                 Some("unavailable" | "no-data" | "hold" | "fail")
-            );
+            ) || r["thin_evidence"] == true
+                || (r["promotable"] == true && short_of_threshold);
             match r["note"].as_str() {
                 Some(note) if explained && !note.is_empty() => {
                     let _ = writeln!(out, "        why: {}", shorten(note, MAX_NOTE));
@@ -561,6 +570,38 @@ mod tests {
             !text.contains("within bounds"),
             "a passing metric needs no why: {text}"
         );
+    }
+
+    /// Regression (UAT): a promotion on an error rate with no errors in either version showed
+    /// `pass … good 0.00 / 3.00` and then the promotion, with nothing saying why; and a metric
+    /// whose errors are too rare to compare said nothing either. Both notes are shown; a
+    /// metric shown good by its test needs none.
+    #[test]
+    fn a_pass_the_evidence_does_not_explain_says_why() {
+        let view = serde_json::json!({"name": "demo", "state": {"message": ""}});
+        let ev = |good: f64| serde_json::json!({"log_e_value": 0.0, "log_threshold": 3.0, "log_e_value_good": good});
+        let log = serde_json::json!({"decisions": [{
+            "at": 0, "action": "promote", "phase": "promoting", "weight": 100,
+            "reason": "every step passed: promoting",
+            "reports": [
+                {"metric": "errors", "verdict": "pass", "promotable": true, "evidence": ev(0.0),
+                 "note": "no bad events in either version (840 canary, 840 stable): nothing to compare"},
+                {"metric": "rare", "verdict": "pass", "thin_evidence": true, "evidence": ev(0.5),
+                 "note": "not yet proven good, and 3 bad events are too few"},
+                {"metric": "p99", "verdict": "pass", "promotable": true, "evidence": ev(4.0),
+                 "note": "good enough to promote"},
+            ],
+        }]});
+        let text = timeline(&view, &log);
+        assert!(
+            text.contains("why: no bad events in either version"),
+            "{text}"
+        );
+        assert!(
+            text.contains("why: not yet proven good, and 3 bad"),
+            "{text}"
+        );
+        assert!(!text.contains("why: good enough"), "{text}");
     }
 
     /// Regression: `status NAME` said "gathering evidence: accuracy" without the judge's
