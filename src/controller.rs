@@ -107,8 +107,8 @@ pub enum Command {
     /// traffic as it is, but keep serving `abort`, so that a rollback stays reachable.
     Orphan(String),
     /// A rollout whose policy file was deleted hands its router over to the rollout of this
-    /// name, whose policy now names it, and ends: the router's document (file, webhook) then
-    /// names the new rollout, with the split as it was, for it to start from.
+    /// name, whose policy now names it, and ends: a file router's document then names the new
+    /// rollout, with the split as it was, until the new rollout sets its first step.
     HandOver(String),
     Stop,
 }
@@ -373,20 +373,22 @@ impl Task {
         }
     }
 
-    /// Before a policy edit moves the rollout to another router: a rollout still judging its
-    /// canary sends the old router's traffic back to stable, so that traffic no one drives any
-    /// more does not stay on an unproven canary. A promotion (the canary now serves all) and a
-    /// failed rollout (left to the operator) keep the old router as it is. One attempt.
-    /// Renames the router's owner to the rollout `to`, keeping the split it has: a file or
-    /// webhook router answers only the rollout its document names, and the new rollout is to
-    /// start from where this one left traffic.
+    /// Renames the router's owner to the rollout `to`, keeping the split it has (the lower of
+    /// the rollout's weight and the router's last read one, if an advance was not taken): a
+    /// file router answers only the rollout its document names, and the new rollout, which
+    /// then sets its own first step, must be able to read it. One attempt, by a leader only.
     async fn hand_over(&mut self, to: &str) {
         let Ok(router) = &self.router else { return };
-        if self.shared.dry_run {
+        if self.shared.dry_run || !self.shared.store.may_write() {
             return;
         }
+        let weight = self
+            .view
+            .router_weight
+            .map_or(self.state.weight, |w| w.min(self.state.weight));
         let target = Target {
             rollout: to.to_owned(),
+            canary_weight: weight,
             ..self.target()
         };
         match router.apply(&target).await {
@@ -399,6 +401,10 @@ impl Task {
         }
     }
 
+    /// Before a policy edit moves the rollout to another router: a rollout still judging its
+    /// canary sends the old router's traffic back to stable, so that traffic no one drives any
+    /// more does not stay on an unproven canary. A promotion (the canary now serves all) and a
+    /// failed rollout (left to the operator) keep the old router as it is. One attempt.
     async fn release_old_router(&mut self) {
         let judging = matches!(
             self.state.phase,
@@ -1135,6 +1141,9 @@ struct Known {
     /// What that version's router changes (none for a webhook router): no other policy may
     /// route it while this one runs.
     router: Option<RouterTarget>,
+    /// The rollout this file's policy will run once the stopped rollout of a deleted policy
+    /// has handed `router` over to it; no other policy may claim that router meanwhile.
+    claiming: Option<String>,
 }
 
 /// A file's modification time and size, or `None`s for a file that cannot be read.
@@ -1263,7 +1272,7 @@ fn clash(
     }
     let target = policy.router.target()?;
     let (other_file, other) = others().find(|(_, v)| v.router.as_ref() == Some(&target))?;
-    let other_name = other.name.as_deref()?;
+    let other_name = other.claiming.as_deref().or(other.name.as_deref())?;
     Some(policy::router_clash(
         path,
         &target,
@@ -1344,17 +1353,42 @@ async fn scan(
         }
         if let Ok(p) = &loaded
             && let Some(orphan) = tasks.orphan_on(&p.name, &p.router.target())
+            && p.has_candidate()
+            && clash(
+                registry,
+                known,
+                &tasks.orphans,
+                &path,
+                p,
+                previous.as_deref(),
+            )
+            .is_none()
         {
-            // The router a deleted policy's rollout last drove is this policy's now: that
-            // rollout hands it over, with the split it had, and ends (nothing could act on it
-            // without fighting this one), and this one starts once it has (at a later scan if
-            // it is still finishing its tick).
+            // The router a deleted policy's rollout last drove is this policy's now, and this
+            // policy will run: that rollout hands it over, with the split it had, and ends
+            // (nothing could act on it without fighting this one), and this one takes it once
+            // it has. A policy that would be refused, or would never start a rollout, leaves
+            // the stopped rollout (and its abort) alone.
             let hand_over = Command::HandOver(p.name.clone());
             if tasks.end(registry, &orphan, hand_over).await {
                 tracing::info!(rollout = %orphan, file = %file, by = %p.name, "the router of a rollout whose policy file was deleted is taken by another policy; rollout ended");
             }
             if tasks.busy(&orphan) {
-                known.remove(&path);
+                // Still handing over: the file is loaded again at the next scan (its stamp
+                // no longer matches), keeps the rollout it runs, and holds the router
+                // meanwhile, so that no other file claims it.
+                let waiting = Known {
+                    stamp: Stamp {
+                        modified: None,
+                        len: None,
+                    },
+                    secrets: Vec::new(),
+                    error: None,
+                    name: previous.clone(),
+                    router: p.router.target(),
+                    claiming: Some(p.name.clone()),
+                };
+                known.insert(path, waiting);
                 continue;
             }
         }
@@ -1479,6 +1513,7 @@ async fn scan(
                 error,
                 name,
                 router,
+                claiming: None,
             },
         );
     }

@@ -2154,6 +2154,60 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
     d.stop().await;
 }
 
+/// Review: a running policy edited onto the router of a deleted policy's rollout lost its
+/// file's entry while the stopped rollout handed the router over, and was then refused as a
+/// clash with its own rollout, for good. It now takes the router over and runs on.
+#[tokio::test]
+async fn a_running_policy_edited_onto_a_stopped_rollouts_router_takes_it_over() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let policy = |name: &str, canary: &str, weights: &Path| {
+        held_policy()
+            .replace("name: demo", &format!("name: {name}"))
+            .replace("canary: v2", &format!("canary: {canary}"))
+            .replace(
+                "file: {path: /dev/null}",
+                &format!("file: {{path: '{}'}}", weights.display()),
+            )
+    };
+    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
+    std::fs::write(file("x"), policy("x", "v2", &a)).unwrap();
+    std::fs::write(file("y"), policy("y", "v3", &b)).unwrap();
+    let (_, source) = fakes(Mode::Good);
+    let (_, sources) = factories(&FakeRouter::default(), &source);
+    let d = Daemon::start_real(dir.path(), sources).await;
+    d.wait_phase("x", "progressing").await;
+    d.wait_phase("y", "progressing").await;
+    std::fs::remove_file(file("x")).unwrap();
+    wait_for("x stopped", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/x").await;
+        (v["stopped"] == true).then_some(())
+    })
+    .await;
+    std::fs::write(file("y"), policy("y", "v3", &a)).unwrap();
+    let read = |p: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_default()).unwrap_or(Value::Null)
+    };
+    let doc = wait_for("y on a.json", Duration::from_secs(10), || async {
+        let doc = read(&a);
+        (doc["rollout"] == "y" && doc["weights"]["v3"] == 10.0).then_some(doc)
+    })
+    .await;
+    assert!(doc["weights"].get("v2").is_none(), "{doc}");
+    wait_for("x gone", Duration::from_secs(10), || async {
+        (d.get("/api/v1/rollouts/x").await.0 == 404).then_some(())
+    })
+    .await;
+    // v3 at 10 % on a.json is y's own write, after it loaded its edit: refused by nothing.
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    let (_, v) = d.get("/api/v1/rollouts/y").await;
+    assert!(v["policy_error"].is_null(), "{v}");
+    assert_eq!(v["phase"], "progressing", "{v}");
+    d.stop().await;
+}
+
 /// Regression (UAT): `canaryd status nd` answered `no rollout named "nd"` for a policy that was
 /// invalid from the start; it points to the policy's error instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
