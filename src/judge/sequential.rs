@@ -1984,6 +1984,16 @@ mod tests {
         assert!(!early.promotable, "{}", early.note);
     }
 
+    /// The error rate with a tolerance in percentage points, 10 events needed.
+    fn pp_errors() -> MetricSpec {
+        let text = ONE_METRIC.replace(
+            "max_increase: 15%}",
+            "max_increase: 0.5pp, min_samples: 10}",
+        );
+        let policy = crate::policy::load_str("t.yaml", &text).expect("valid policy");
+        policy.metrics[0].clone()
+    }
+
     /// Regression (UAT): with a tolerance in percentage points and no errors on stable, the
     /// two-sample test expects every error on the canary under its null and learned little
     /// from them: a canary at 5 % against a 0.5pp tolerance passed its first step and went up
@@ -1991,14 +2001,7 @@ mod tests {
     /// within a few looks of 100 requests.
     #[test]
     fn an_absolute_tolerance_catches_a_canary_far_beyond_it_when_stable_has_no_errors() {
-        let policy = crate::policy::load_str(
-            "t.yaml",
-            &ONE_METRIC.replace(
-                "max_increase: 15%}",
-                "max_increase: 0.5pp, min_samples: 10}",
-            ),
-        )
-        .expect("valid policy");
+        let spec = pp_errors();
         let mut memory = JudgeMemory::default();
         let mut failed_at = None;
         for look in 1..=20u32 {
@@ -2014,7 +2017,7 @@ mod tests {
                     total: 100.0 * n,
                 },
             );
-            if judge(&ctx(0.95), &policy.metrics[0], &r, &mut memory).verdict == Verdict::Fail {
+            if judge(&ctx(0.95), &spec, &r, &mut memory).verdict == Verdict::Fail {
                 failed_at = Some(look);
                 break;
             }
@@ -2029,14 +2032,7 @@ mod tests {
     /// now compare with stable's rate over its last few looks, this one included.
     #[test]
     fn a_shared_outage_does_not_roll_back_an_identical_canary_under_a_pp_tolerance() {
-        let policy = crate::policy::load_str(
-            "t.yaml",
-            &ONE_METRIC.replace(
-                "max_increase: 15%}",
-                "max_increase: 0.5pp, min_samples: 10}",
-            ),
-        )
-        .expect("valid policy");
+        let spec = pp_errors();
         let mut memory = JudgeMemory::default();
         let (mut stable, mut canary) = (Counts::default(), Counts::default());
         for look in 1..=40u32 {
@@ -2046,12 +2042,7 @@ mod tests {
             stable.total += 1000.0;
             canary.bad += 500.0 * p;
             canary.total += 500.0;
-            let r = judge(
-                &ctx(0.95),
-                &policy.metrics[0],
-                &reading(stable, canary),
-                &mut memory,
-            );
+            let r = judge(&ctx(0.95), &spec, &reading(stable, canary), &mut memory);
             assert_ne!(r.verdict, Verdict::Fail, "look {look}: {}", r.note);
         }
     }
