@@ -119,15 +119,14 @@ const KNOWN: [&str; 21] = [
     "name",
 ];
 
-/// A value quoted back in an error: its JSON text, cut to its first 80 characters.
+/// A value quoted back in an error: its JSON text, cut as policy errors cut theirs.
 fn found(v: &Value) -> String {
     let text = v.to_string();
     let n = text.chars().count();
-    if n <= 80 {
+    if n <= crate::text::MAX_QUOTED {
         text
     } else {
-        let head: String = text.chars().take(80).collect();
-        format!("{head}… ({n} characters)")
+        format!("{} ({n} characters)", crate::text::cut(&text))
     }
 }
 
@@ -312,14 +311,11 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Scenario>, ScenarioError> {
             });
         }
     }
-    let mut seen: Vec<(&str, usize)> = Vec::new();
+    let mut seen: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for (name, _, _, _) in &entries {
-        match seen.iter_mut().find(|(n, _)| *n == name.as_str()) {
-            Some((_, count)) => *count += 1,
-            None => seen.push((name, 1)),
-        }
+        *seen.entry(name).or_default() += 1;
     }
-    for (name, count) in seen.iter().filter(|(_, c)| *c > 1) {
+    for (name, count) in seen.iter().filter(|(_, c)| **c > 1) {
         problems.push(format!(
             "scenario {name:?} is defined {count} times; names must be unique"
         ));

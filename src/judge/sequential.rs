@@ -552,24 +552,31 @@ fn tolerance_of(spec: &MetricSpec) -> Option<&Tolerance> {
 /// towards "enough"). `None` before both versions served.
 fn identical_evidence(spec: &MetricSpec, mem: &SequentialMemory) -> Option<f64> {
     let (nc, ns) = (mem.canary.total, mem.stable.total);
-    if nc <= 0.0 || ns <= 0.0 {
-        return None;
-    }
+    let p_s = stable_rate(mem).filter(|_| nc > 0.0)?;
     let t = tolerance_of(spec)?;
-    let p_s = (mem.stable.bad + 0.5) / (ns + 1.0);
     let (_, r_bad) = rate_ratios(t, p_s, matches!(spec.kind, MetricKind::Accuracy));
-    let theta = |r: f64| nc * r / (nc * r + ns);
-    let f = theta(1.0);
-    let tb = theta(r_bad);
-    let per_event = GOOD_GRID
-        .iter()
-        .map(|g| {
-            let t1 = theta(r_bad * g);
-            f * (t1 / tb).ln() + (1.0 - f) * ((1.0 - t1) / (1.0 - tb)).ln()
-        })
-        .fold(f64::NEG_INFINITY, f64::max);
+    // The bad events so far, split as an identical canary's would be: by share of requests.
     let events = mem.canary.bad + mem.stable.bad;
-    Some(events * per_event / dispersion(mem) - (GOOD_GRID.len() as f64).ln())
+    let share = nc / (nc + ns);
+    let canary = Increment {
+        bad: events * share,
+        total: nc,
+    };
+    let stable = Increment {
+        bad: events * (1.0 - share),
+        total: ns,
+    };
+    let best = GOOD_GRID
+        .iter()
+        .map(|g| two_sample_llr(canary, stable, r_bad, r_bad * g))
+        .fold(f64::NEG_INFINITY, f64::max);
+    Some(best / dispersion(mem) - (GOOD_GRID.len() as f64).ln())
+}
+
+/// Stable's bad-event rate over everything used so far, smoothed by half an event so that no
+/// bad events is not a rate of 0; `None` before stable served.
+fn stable_rate(mem: &SequentialMemory) -> Option<f64> {
+    (mem.stable.total > 0.0).then(|| (mem.stable.bad + 0.5) / (mem.stable.total + 1.0))
 }
 
 fn ratio_note(estimate: Option<f64>) -> String {
@@ -838,11 +845,7 @@ fn update(
     }
 
     // Stable's state before this increment: the tolerances derived from it are predictable.
-    let p_s = if mem.stable.total > 0.0 {
-        (mem.stable.bad + 0.5) / (mem.stable.total + 1.0)
-    } else {
-        f64::NAN
-    };
+    let p_s = stable_rate(mem).unwrap_or(f64::NAN);
     let stable_hist = mem.stable_hist.clone();
     let stable_hist_total = mem.stable_hist_total;
     let drift = mem.stable_drift.max(1.0);

@@ -130,6 +130,19 @@ pub fn held_policy() -> String {
         .replace("progress_deadline: 1h", "progress_deadline: 3h")
 }
 
+/// `policy` routed by the file router to `weights` instead of /dev/null.
+pub fn file_routed(policy: &str, weights: &Path) -> String {
+    policy.replace(
+        "file: {path: /dev/null}",
+        &format!("file: {{path: '{}'}}", weights.display()),
+    )
+}
+
+/// A JSON file's document, or null while it cannot be read or parsed.
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).unwrap_or(Value::Null)
+}
+
 /// `POLICY` for a real `canaryd run` process, which holds policies to `policy::MIN_INTERVAL`.
 pub fn process_policy() -> String {
     POLICY.replace("interval: 50ms", "interval: 1s")
@@ -161,6 +174,13 @@ fn factories(
 
 impl Daemon {
     /// A daemon with real edges: the routers its policies name and the given source.
+    /// A daemon with the real routers (policies name a file router) and a good fake source.
+    pub async fn start_file_routed(dir: &Path) -> Daemon {
+        let (_, source) = fakes(Mode::Good);
+        let (_, sources) = factories(&FakeRouter::default(), &source);
+        Daemon::start_real(dir, sources).await
+    }
+
     pub async fn start_real(dir: &Path, sources: canaryd::controller::SourceFactory) -> Daemon {
         let (router, source) = fakes(Mode::Good);
         let routers: canaryd::controller::RouterFactory = Arc::new(canaryd::router::from_policy);
@@ -306,6 +326,20 @@ impl Daemon {
     pub async fn wait_phase(&self, name: &str, phase: &str) -> Value {
         self.wait_phase_for(name, phase, Duration::from_secs(15))
             .await
+    }
+
+    /// Waits until the rollout is shown stopped (its policy file deleted); its view.
+    pub async fn wait_stopped(&self, name: &str) -> Value {
+        let path = format!("/api/v1/rollouts/{name}");
+        wait_for(
+            &format!("{name} stopped"),
+            Duration::from_secs(10),
+            || async {
+                let (s, v) = self.get(&path).await;
+                (s == 200 && v["stopped"] == true).then_some(v)
+            },
+        )
+        .await
     }
 
     pub async fn wait_phase_for(&self, name: &str, phase: &str, limit: Duration) -> Value {
@@ -892,11 +926,7 @@ async fn policy_edits_apply_bad_edits_are_rejected_and_deletion_stops() {
     .await;
     let weight = *d.router.weight.lock().unwrap();
     std::fs::remove_file(&file).unwrap();
-    wait_for("the rollout to stop", Duration::from_secs(10), || async {
-        let (s, v) = d.get("/api/v1/rollouts/demo").await;
-        (s == 200 && v["stopped"] == true).then_some(())
-    })
-    .await;
+    d.wait_stopped("demo").await;
     assert_eq!(
         *d.router.weight.lock().unwrap(),
         weight,
@@ -1993,15 +2023,7 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
     d.wait_phase("demo", "progressing").await;
     let file = dir.path().join("policies/demo.yaml");
     std::fs::remove_file(&file).unwrap();
-    let v = wait_for(
-        "the rollout marked stopped",
-        Duration::from_secs(10),
-        || async {
-            let (s, v) = d.get("/api/v1/rollouts/demo").await;
-            (s == 200 && v["stopped"] == true).then_some(v)
-        },
-    )
-    .await;
+    let v = d.wait_stopped("demo").await;
     assert_eq!(v["phase"], "progressing", "{v}");
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(
@@ -2063,26 +2085,14 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     let weights = dir.path().join("weights.json");
-    let policy = held_policy().replace(
-        "file: {path: /dev/null}",
-        &format!("file: {{path: '{}'}}", weights.display()),
-    );
+    let policy = file_routed(&held_policy(), &weights);
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
     std::fs::write(file("demo"), &policy).unwrap();
-    let (_, source) = fakes(Mode::Good);
-    let (_, sources) = factories(&FakeRouter::default(), &source);
-    let d = Daemon::start_real(dir.path(), sources).await;
-    let read = || -> Value {
-        serde_json::from_str(&std::fs::read_to_string(&weights).unwrap_or_default())
-            .unwrap_or(Value::Null)
-    };
+    let d = Daemon::start_file_routed(dir.path()).await;
+    let read = || read_json(&weights);
     d.wait_phase("demo", "progressing").await;
     std::fs::remove_file(file("demo")).unwrap();
-    let v = wait_for("the rollout stopped", Duration::from_secs(10), || async {
-        let (s, v) = d.get("/api/v1/rollouts/demo").await;
-        (s == 200 && v["stopped"] == true).then_some(v)
-    })
-    .await;
+    let v = d.wait_stopped("demo").await;
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(note.contains("`canaryd abort` still rolls it back"), "{v}");
     assert_eq!(read()["weights"]["v2"], 10.0, "traffic untouched");
@@ -2122,15 +2132,7 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
     })
     .await;
     std::fs::remove_file(file("demo")).unwrap();
-    wait_for(
-        "the rollout stopped again",
-        Duration::from_secs(10),
-        || async {
-            let (_, v) = d.get("/api/v1/rollouts/demo").await;
-            (v["stopped"] == true).then_some(())
-        },
-    )
-    .await;
+    d.wait_stopped("demo").await;
     let other = policy
         .replace("name: demo", "name: other")
         .replace("canary: v2", "canary: v3");
@@ -2163,34 +2165,22 @@ async fn a_running_policy_edited_onto_a_stopped_rollouts_router_takes_it_over() 
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
     let policy = |name: &str, canary: &str, weights: &Path| {
-        held_policy()
+        let p = held_policy()
             .replace("name: demo", &format!("name: {name}"))
-            .replace("canary: v2", &format!("canary: {canary}"))
-            .replace(
-                "file: {path: /dev/null}",
-                &format!("file: {{path: '{}'}}", weights.display()),
-            )
+            .replace("canary: v2", &format!("canary: {canary}"));
+        file_routed(&p, weights)
     };
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
     std::fs::write(file("x"), policy("x", "v2", &a)).unwrap();
     std::fs::write(file("y"), policy("y", "v3", &b)).unwrap();
-    let (_, source) = fakes(Mode::Good);
-    let (_, sources) = factories(&FakeRouter::default(), &source);
-    let d = Daemon::start_real(dir.path(), sources).await;
+    let d = Daemon::start_file_routed(dir.path()).await;
     d.wait_phase("x", "progressing").await;
     d.wait_phase("y", "progressing").await;
     std::fs::remove_file(file("x")).unwrap();
-    wait_for("x stopped", Duration::from_secs(10), || async {
-        let (_, v) = d.get("/api/v1/rollouts/x").await;
-        (v["stopped"] == true).then_some(())
-    })
-    .await;
+    d.wait_stopped("x").await;
     std::fs::write(file("y"), policy("y", "v3", &a)).unwrap();
-    let read = |p: &Path| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_default()).unwrap_or(Value::Null)
-    };
     let doc = wait_for("y on a.json", Duration::from_secs(10), || async {
-        let doc = read(&a);
+        let doc = read_json(&a);
         (doc["rollout"] == "y" && doc["weights"]["v3"] == 10.0).then_some(doc)
     })
     .await;
@@ -2404,11 +2394,7 @@ async fn a_deleted_policy_whose_edit_was_refused_is_not_counted_invalid() {
     })
     .await;
     std::fs::remove_file(&file).unwrap();
-    wait_for("the rollout stopped", Duration::from_secs(10), || async {
-        let (_, v) = d.get("/api/v1/rollouts/demo").await;
-        (v["stopped"] == true).then_some(())
-    })
-    .await;
+    d.wait_stopped("demo").await;
     let m = metrics_text(&d).await;
     assert!(m.contains(&format!("{invalid} 0")), "{m}");
     assert!(m.contains("\ncanaryd_invalid_policy_files 0\n"), "{m}");
