@@ -103,9 +103,9 @@ pub enum Command {
     },
     Policy(Box<Policy>, String),
     PolicyError(String),
-    /// Its policy file (this path, as shown) was deleted: stop driving the rollout and leave
-    /// traffic as it is, but keep serving `abort`, so that a rollback stays reachable.
-    Orphan(String),
+    /// Its policy file was deleted: stop driving the rollout and leave traffic as it is, but
+    /// keep serving `abort`, so that a rollback stays reachable.
+    Orphan(Orphaned),
     /// A rollout whose policy file was deleted hands its router over to the rollout of this
     /// name, whose policy now names it, and ends: a file router's document then names the new
     /// rollout, with the split as it was, until the new rollout sets its first step.
@@ -211,9 +211,43 @@ struct Task {
     unrecorded: Option<String>,
     router_failing_since: Option<Time>,
     view: RolloutView,
-    /// The deleted policy file, once the rollout's file is gone: nothing drives the rollout
-    /// any more, and only `abort` acts on it, with the router the policy last named.
-    orphaned: Option<String>,
+    /// Why no policy drives the rollout any more, if none does: only `abort` then acts on it,
+    /// with the router the policy last named.
+    orphaned: Option<Orphaned>,
+}
+
+/// Why a rollout's task runs without a policy file to drive it. It only serves `abort`,
+/// through the router its policy last named, until a valid file defines the rollout again.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Orphaned {
+    /// Its policy file (this path, as shown) was deleted while the daemon ran.
+    Deleted(String),
+    /// The daemon started without a policy file for a rollout that had traffic; this was
+    /// its last file.
+    Missing(String),
+    /// The daemon started with this file for the rollout, and the file does not load.
+    Invalid(String),
+}
+
+impl Orphaned {
+    /// What happened, for people.
+    fn what(&self) -> String {
+        match self {
+            Orphaned::Deleted(f) => format!("policy file {f} deleted"),
+            Orphaned::Missing(f) => {
+                format!("no policy file defines this rollout (its last was {f})")
+            }
+            Orphaned::Invalid(f) => format!("policy file {f} has errors"),
+        }
+    }
+
+    /// What brings the rollout back.
+    fn remedy(&self) -> &'static str {
+        match self {
+            Orphaned::Invalid(_) => "fix the file",
+            Orphaned::Deleted(_) | Orphaned::Missing(_) => "restore the file",
+        }
+    }
 }
 
 /// The step people see: counting from 1, 0 before the start, never past the last step
@@ -291,18 +325,20 @@ impl Task {
         v.state.router = None;
         v.applied = self.applied;
         v.dry_run = self.shared.dry_run;
-        if let Some(file) = &self.orphaned {
+        v.state.policy = None;
+        if let Some(orphaned) = &self.orphaned {
             // Where the router was last seen sending traffic, which is where it stays.
             let weight = v.router_weight.unwrap_or(v.weight);
+            let remedy = orphaned.remedy();
             let next = match self.state.phase {
-                Phase::RollingBack => "; restore the file to resume it",
-                Phase::RolledBack => "; restore the file and `canaryd retry` to run it again",
-                _ => "; `canaryd abort` still rolls it back; restore the file to resume it",
+                Phase::RollingBack => format!("; {remedy} to resume it"),
+                Phase::RolledBack => format!("; {remedy} and `canaryd retry` to run it again"),
+                _ => format!("; `canaryd abort` still rolls it back; {remedy} to resume it"),
             };
             v.stopped = true;
             v.policy_error = Some(format!(
-                "policy file {file} deleted: rollout stopped, traffic left at {}% on the \
-                 canary{next}",
+                "{}: rollout stopped, traffic left at {}% on the canary{next}",
+                orphaned.what(),
                 crate::rollout::fmt_pct(weight)
             ));
         }
@@ -393,11 +429,45 @@ impl Task {
         };
         match router.apply(&target).await {
             Ok(()) => {
-                tracing::info!(rollout = %self.policy.name, to, weight = target.canary_weight, "router handed over to the rollout whose policy now names it")
+                tracing::info!(rollout = %self.policy.name, to, weight = target.canary_weight, "router handed over to the rollout whose policy now names it");
+                self.forget_router(to).await;
             }
             Err(e) => {
                 tracing::warn!(rollout = %self.policy.name, to, error = %e, "the router could not be handed over; the new rollout may find it owned by this one (`canaryd abort` on the new rollout takes it over)")
             }
+        }
+    }
+
+    /// Records that the router is another rollout's now: a restarted daemon neither starts this
+    /// rollout stopped on it nor releases it to stable, and a policy that brings the rollout
+    /// back with another router resumes it there.
+    async fn forget_router(&mut self, to: &str) {
+        let mut state = self.state.clone();
+        state.router = None;
+        state.policy = None;
+        state.file = None;
+        state.message = format!("stopped; its router now belongs to rollout {to}");
+        let d = Decision {
+            action: Action::Hold,
+            weight: state.weight,
+            reports: Vec::new(),
+            reason: format!(
+                "policy file deleted; the router was handed over to rollout {to}, whose policy \
+                 names it"
+            ),
+            who: None,
+            why: None,
+            state,
+        };
+        let store = self.shared.store.clone();
+        let now = self.shared.clock.now();
+        // Left unapplied: a policy that brings the rollout back sets its weight again.
+        match tokio::task::spawn_blocking(move || store.record(&d, now)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(rollout = %self.policy.name, error = %e, "cannot record the hand-over of the router; a restarted daemon may set the router to stable for this rollout if its policy returns with another router")
+            }
+            Err(e) => tracing::warn!(rollout = %self.policy.name, error = %e, "store task failed"),
         }
     }
 
@@ -685,6 +755,8 @@ impl Task {
         let prev = self.state.clone();
         if self.state.phase != Phase::Idle || d.state.phase != Phase::Idle {
             d.state.router = Some(self.policy.router.clone());
+            d.state.policy = Some(Box::new(self.policy.clone()));
+            d.state.file = Some(self.file.clone());
         }
         // Final phases tick forever without news; only changes and analyses are logged.
         // After a decision the store refused, the next one is recorded whatever it is, so
@@ -832,14 +904,15 @@ impl Task {
         who: String,
         why: String,
     ) -> Result<DecisionRecord, OperateError> {
-        if let Some(file) = self
+        if let Some(orphaned) = self
             .orphaned
             .as_ref()
             .filter(|_| action != OperatorAction::Abort)
         {
             let reason = format!(
-                "policy file {file} deleted: the rollout is stopped and only abort acts on it; \
-                 restore the file to resume it"
+                "{}: the rollout is stopped and only abort acts on it; {} to resume it",
+                orphaned.what(),
+                orphaned.remedy()
             );
             tracing::info!(rollout = %self.policy.name, who = %who, action = action.as_str(), reason = %reason, "operator action refused");
             self.shared.metrics.refused(&self.policy.name);
@@ -923,10 +996,10 @@ impl Task {
                             self.shared.metrics.policy_invalid(&self.policy.name, true);
                             self.publish();
                         }
-                        Some(Command::Orphan(file)) => {
+                        Some(Command::Orphan(why)) => {
                             // Its phase, weight and step series stay, like its view: the router
                             // may still split traffic for it. No file of it is invalid any more.
-                            self.orphaned = Some(file);
+                            self.orphaned = Some(why);
                             self.shared.metrics.policy_invalid(&self.policy.name, false);
                             self.publish();
                         }
@@ -1006,11 +1079,11 @@ impl Tasks {
         &mut self,
         registry: &Registry,
         name: &str,
-        file: String,
+        why: Orphaned,
         router: Option<RouterTarget>,
     ) {
         if let Some(tx) = registry.get(name)
-            && tx.send(Command::Orphan(file)).await.is_ok()
+            && tx.send(Command::Orphan(why)).await.is_ok()
         {
             self.orphans.insert(name.to_owned(), router);
         }
@@ -1044,6 +1117,7 @@ async fn spawn_rollout(
     registry: &Registry,
     policy: Policy,
     file: String,
+    orphaned: Option<Orphaned>,
     shutdown: watch::Receiver<bool>,
     tasks: &mut Tasks,
 ) -> Result<(), String> {
@@ -1100,7 +1174,7 @@ async fn spawn_rollout(
         router_failing_since: None,
         view,
         policy,
-        orphaned: None,
+        orphaned,
     };
     let name = task.policy.name.clone();
     let (tx, rx) = mpsc::channel(16);
@@ -1209,6 +1283,7 @@ pub async fn run(
 ) {
     let mut tasks = Tasks::default();
     let mut known: BTreeMap<PathBuf, Known> = BTreeMap::new();
+    let mut revived = false;
     loop {
         scan(
             &shared,
@@ -1220,6 +1295,13 @@ pub async fn run(
             &mut tasks,
         )
         .await;
+        if !revived {
+            let files = Files {
+                known: &known,
+                errors: &policy_errors,
+            };
+            revived = revive_stopped(&shared, &registry, files, &shutdown, &mut tasks).await;
+        }
         ready.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -1244,6 +1326,108 @@ pub async fn run(
     }
     shared.metrics.invalid_policy_files(0);
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The policy files as the last scan left them.
+#[derive(Clone, Copy)]
+struct Files<'a> {
+    known: &'a BTreeMap<PathBuf, Known>,
+    errors: &'a PolicyErrors,
+}
+
+/// Phases in which a rollout may have traffic on its canary and is not done.
+fn under_way(phase: Phase) -> bool {
+    !matches!(phase, Phase::Idle | Phase::Promoted | Phase::RolledBack)
+}
+
+/// After the first scan of a leadership term: a stored rollout under way that no policy file
+/// runs (its file was deleted, or has errors, while the daemon was down) starts stopped, as a
+/// file deleted while the daemon runs leaves its rollout: `abort` still rolls it back through
+/// the router its policy last named. Not when another policy runs that router now. Says
+/// whether the store could be listed; if not, the next scan tries again.
+async fn revive_stopped(
+    shared: &Shared,
+    registry: &Registry,
+    files: Files<'_>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Tasks,
+) -> bool {
+    let store = shared.store.clone();
+    let names = match tokio::task::spawn_blocking(move || store.names()).await {
+        Ok(Ok(names)) => names,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot list the stored rollouts to find those no policy file runs; retried at the next scan");
+            return false;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "store task failed");
+            return false;
+        }
+    };
+    for name in names {
+        if registry.get(&name).is_some() || tasks.busy(&name) {
+            continue;
+        }
+        let store = shared.store.clone();
+        let key = name.clone();
+        let stored = match tokio::task::spawn_blocking(move || store.load(&key)).await {
+            Ok(Ok(Some(stored))) => stored,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                tracing::warn!(rollout = %name, error = %e, "cannot read the stored state of a rollout no policy file runs");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(rollout = %name, error = %e, "store task failed");
+                continue;
+            }
+        };
+        let state = stored.state;
+        // Without a router the rollout handed its router over, or never drove one.
+        if !under_way(state.phase) || state.router.is_none() {
+            continue;
+        }
+        let Some(policy) = state.policy.filter(|p| p.name == name) else {
+            tracing::warn!(rollout = %name, phase = state.phase.as_str(), weight = state.weight, "a stored rollout under way has no policy file, and its state predates the policy's record: restore its policy file to act on it");
+            continue;
+        };
+        let target = policy.router.target();
+        if let Some(t) = &target
+            && (files.known.values().any(|k| k.router.as_ref() == Some(t))
+                || tasks.orphan_on(&name, &target).is_some())
+        {
+            tracing::info!(rollout = %name, router = %t, "a stored rollout under way has no policy file, and its router is another rollout's now; left alone");
+            continue;
+        }
+        let invalid = files.errors.read().ok().and_then(|e| {
+            e.iter()
+                .find(|(_, i)| i.name.as_deref() == Some(name.as_str()))
+                .map(|(f, _)| f.clone())
+        });
+        let last = state.file.unwrap_or_else(|| "unknown".to_owned());
+        let (file, why) = match invalid {
+            Some(f) => (f.clone(), Orphaned::Invalid(f)),
+            None => (last.clone(), Orphaned::Missing(last)),
+        };
+        tracing::warn!(rollout = %name, phase = state.phase.as_str(), weight = state.weight, reason = %why.what(), "a rollout under way has no valid policy file: stopped, traffic left as it is; abort still rolls it back");
+        match spawn_rollout(
+            shared,
+            registry,
+            *policy,
+            file,
+            Some(why),
+            shutdown.clone(),
+            tasks,
+        )
+        .await
+        {
+            Ok(()) => {
+                tasks.orphans.insert(name, target);
+            }
+            Err(msg) => tracing::error!(rollout = %name, "{msg}"),
+        }
+    }
+    true
 }
 
 /// Why the daemon refuses a valid policy from `path`: another running policy has its rollout
@@ -1306,10 +1490,19 @@ async fn scan(
         {
             tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is; abort still rolls it back");
             let file = path.display().to_string();
-            tasks.orphan(registry, &name, file, router).await;
+            tasks
+                .orphan(registry, &name, Orphaned::Deleted(file), router)
+                .await;
         }
-        if let Ok(mut e) = policy_errors.write() {
-            e.remove(&path.display().to_string());
+        let file = path.display().to_string();
+        let invalid = policy_errors.write().ok().and_then(|mut e| e.remove(&file));
+        // The file with errors of a rollout that started stopped (see `revive_stopped`).
+        if let Some(name) = invalid.and_then(|i| i.name)
+            && let Some(router) = tasks.orphans.get(&name).cloned()
+        {
+            tasks
+                .orphan(registry, &name, Orphaned::Deleted(file), router)
+                .await;
         }
     }
     for path in files {
@@ -1455,6 +1648,7 @@ async fn scan(
                                 registry,
                                 p,
                                 file.clone(),
+                                None,
                                 shutdown.clone(),
                                 tasks,
                             )

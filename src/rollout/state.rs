@@ -156,6 +156,15 @@ pub struct RolloutState {
     /// a live edit does. Not for people: it may hold a webhook's secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<crate::policy::RouterConfig>,
+    /// The policy that last drove this rollout, and the file it came from, recorded by the
+    /// shell with `router`: a daemon restarted without a valid file for the rollout still
+    /// serves `abort` through that router. Not for people: it may hold webhooks' URLs, whose
+    /// query strings can carry secrets (a policy's Prometheus credentials are never
+    /// serialised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Box<Policy>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 impl RolloutState {
@@ -191,6 +200,8 @@ impl RolloutState {
             },
             failure: None,
             router: None,
+            policy: None,
+            file: None,
         }
     }
 

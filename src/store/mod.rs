@@ -458,6 +458,8 @@ mod tests {
             message: String::new(),
             failure: None,
             router: None,
+            policy: None,
+            file: None,
         };
         s.message = format!("at {weight}");
         s

@@ -2671,3 +2671,158 @@ async fn a_metric_too_thin_for_a_steps_worth_is_read_over_the_whole_step() {
     assert!(longest >= 400, "the longest window was {longest} ms");
     d.stop().await;
 }
+
+/// Review: a daemon restarted after a rollout's policy file was deleted forgot the rollout, so
+/// its canary kept its share and `abort` answered "no such rollout". The stored state now
+/// keeps the policy that last drove the rollout: the rollout starts stopped, through the router
+/// it last had, and `abort` rolls it back. Real file router.
+#[tokio::test]
+async fn a_rollout_whose_file_was_deleted_while_the_daemon_was_down_can_still_be_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let weights = dir.path().join("weights.json");
+    let policy = file_routed(&held_policy(), &weights);
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(&file, &policy).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("demo", "progressing").await;
+    d.stop().await;
+    std::fs::remove_file(&file).unwrap();
+
+    let d = Daemon::start_file_routed(dir.path()).await;
+    let v = d.wait_stopped("demo").await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    assert_eq!(v["file"], file.display().to_string(), "{v}");
+    assert!(v["state"].get("policy").is_none(), "not for people: {v}");
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!(
+            "no policy file defines this rollout (its last was {})",
+            file.display()
+        )) && note.contains("traffic left at 10%")
+            && note.contains("`canaryd abort` still rolls it back; restore the file"),
+        "{v}"
+    );
+    assert_eq!(
+        read_json(&weights)["weights"]["v2"],
+        10.0,
+        "traffic untouched"
+    );
+    let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    d.wait_phase("demo", "rolled-back").await;
+    assert_eq!(read_json(&weights)["weights"]["v2"], 0.0, "rolled back");
+    d.stop().await;
+
+    // Done: a later restart leaves it out, until its file is back.
+    let d = Daemon::start_file_routed(dir.path()).await;
+    let (status, body) = d.get("/api/v1/rollouts/demo").await;
+    assert_eq!(status, 404, "{body}");
+    std::fs::write(&file, &policy).unwrap();
+    let v = d.wait_phase("demo", "rolled-back").await;
+    assert_eq!(v["stopped"], false, "{v}");
+    d.stop().await;
+}
+
+/// A rollout under way whose file has errors when the daemon starts is not run by that file;
+/// it starts stopped, says so, still serves `abort`, and resumes once the file is fixed.
+#[tokio::test]
+async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_when_fixed() {
+    let dir = setup(&held_policy());
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router.clone(), source.clone(), None).await;
+    d.wait_phase("demo", "progressing").await;
+    d.stop().await;
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(
+        &file,
+        held_policy().replace("failure_limit", "failure_limt"),
+    )
+    .unwrap();
+
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let v = d.wait_stopped("demo").await;
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!("policy file {} has errors", file.display()))
+            && note.contains("`canaryd abort` still rolls it back; fix the file to resume it"),
+        "{v}"
+    );
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    assert_eq!(list["invalid_policies"][0]["name"], "demo", "{list}");
+    let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fix the file to resume it"),
+        "{body}"
+    );
+    assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
+
+    std::fs::write(&file, held_policy()).unwrap();
+    let v = wait_for("the rollout resumed", Duration::from_secs(10), || async {
+        let (s, v) = d.get("/api/v1/rollouts/demo").await;
+        (s == 200 && v["stopped"] == false).then_some(v)
+    })
+    .await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    assert_eq!(v["step"], 1, "{v}");
+    assert_eq!(v["state"]["attempt"], 1, "resumed, not started again: {v}");
+    let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    d.stop().await;
+}
+
+/// Review: a stopped rollout that had handed its router over still had it recorded as its
+/// own, so when its policy came back with another router it set the old one, now another
+/// rollout's, to stable. The hand-over is recorded; the router is left to its new owner.
+#[tokio::test]
+async fn a_rollout_that_handed_its_router_over_leaves_it_alone_when_it_returns_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let [a, c] = ["a.json", "c.json"].map(|f| dir.path().join(f));
+    let policy = |name: &str, canary: &str, weights: &Path| {
+        let p = held_policy()
+            .replace("name: demo", &format!("name: {name}"))
+            .replace("canary: v2", &format!("canary: {canary}"));
+        file_routed(&p, weights)
+    };
+    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
+    std::fs::write(file("x"), policy("x", "v2", &a)).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("x", "progressing").await;
+    std::fs::remove_file(file("x")).unwrap();
+    d.wait_stopped("x").await;
+    std::fs::write(file("y"), policy("y", "v3", &a)).unwrap();
+    d.wait_phase("y", "progressing").await;
+    wait_for("x gone", Duration::from_secs(10), || async {
+        (d.get("/api/v1/rollouts/x").await.0 == 404).then_some(())
+    })
+    .await;
+    // y stops too, so that nothing but x could write a.json from here on.
+    std::fs::remove_file(file("y")).unwrap();
+    d.wait_stopped("y").await;
+    let before = read_json(&a);
+    assert_eq!(before["rollout"], "y", "{before}");
+    std::fs::write(file("x"), policy("x", "v2", &c)).unwrap();
+    let v = d.wait_phase("x", "progressing").await;
+    assert_eq!(v["stopped"], false, "{v}");
+    wait_for("x on c.json", Duration::from_secs(10), || async {
+        (read_json(&c)["weights"]["v2"] == 10.0).then_some(())
+    })
+    .await;
+    assert_eq!(read_json(&a), before, "a.json is y's");
+    d.stop().await;
+
+    // After a restart y is back on a.json, stopped, and x stays on c.json.
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("x", "progressing").await;
+    let v = d.wait_stopped("y").await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    assert_eq!(read_json(&a), before, "a.json is y's");
+    d.stop().await;
+}
