@@ -910,8 +910,8 @@ impl Validator {
                 self.err(
                     st,
                     format!(
-                        "expected a percentage above 0 and at most 100, found {}",
-                        st.value
+                        "expected a percentage above 0 and at most 100, found {}%",
+                        crate::rollout::fmt_pct(st.value)
                     ),
                 );
                 ok = false;
@@ -919,8 +919,9 @@ impl Validator {
                 self.err(
                     st,
                     format!(
-                        "expected steps strictly increasing, found {} after {}",
-                        st.value, prev
+                        "expected steps strictly increasing, found {}% after {}%",
+                        crate::rollout::fmt_pct(st.value),
+                        crate::rollout::fmt_pct(prev)
                     ),
                 );
                 ok = false;
