@@ -853,3 +853,95 @@ async fn check_live_runs_every_query_once_and_names_what_fails() {
         "{text}"
     );
 }
+
+/// A rollout's policy file deleted while the daemon lay dead (`kill -9`): the restarted daemon
+/// still shows the rollout, stopped with its traffic on the canary, and `canaryd abort` sends
+/// a real HAProxy's traffic back to stable.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_kill_9_and_a_deleted_policy_the_restarted_daemon_still_aborts_on_haproxy() {
+    let stack = Stack::start(&["v1", "v2"]).await;
+    let port = free_port();
+    let backends = [
+        Backend {
+            name: "v1",
+            addr: &stack.addrs["v1"],
+            weight: 100,
+        },
+        Backend {
+            name: "v2",
+            addr: &stack.addrs["v2"],
+            weight: 0,
+        },
+    ];
+    let (_haproxy, socket) = procs::haproxy(stack.dir.path(), port, MODEL, &backends)
+        .await
+        .expect("haproxy");
+    stack.load(&format!("http://127.0.0.1:{port}"), 40.0);
+    let router = format!(
+        "  haproxy: {{socket: {}, backend: {MODEL}, servers: {{v1: v1, v2: v2}}}}",
+        socket.display()
+    );
+    stack.write_policy(
+        "h.yaml",
+        &policy("h", "v1", "v2", &router, "[20, 50]", "1h", ""),
+    );
+    let names: BTreeMap<String, String> = ["v1", "v2"]
+        .iter()
+        .map(|v| (v.to_string(), v.to_string()))
+        .collect();
+    let reader = HaproxyRouter::new(&socket.display().to_string(), MODEL, names).expect("reader");
+    let weight = || async { reader.read(&target("h", "v1", "v2")).await.ok() };
+    let api_port = free_port();
+    let mut daemon = run_daemon(stack.dir.path(), &stack.prometheus_url(), api_port);
+    wait_for(
+        "the first step on HAProxy",
+        Duration::from_secs(60),
+        || async { (weight().await == Some(20.0)).then_some(()) },
+    )
+    .await;
+    daemon.0.kill().expect("kill -9");
+    let _ = daemon.0.wait();
+    std::fs::remove_file(stack.dir.path().join("policies/h.yaml")).expect("rm policy");
+
+    let _daemon = run_daemon(stack.dir.path(), &stack.prometheus_url(), api_port);
+    let v = wait_for("the stopped rollout", Duration::from_secs(20), || async {
+        let v = api(api_port, "/api/v1/rollouts/h").await?;
+        (v["stopped"] == true).then_some(v)
+    })
+    .await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    let server = format!("http://127.0.0.1:{api_port}");
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .args(args)
+            .args(["--server", &server])
+            .output()
+            .expect("canaryd runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = cli(&["status", "h"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("no policy file defines this rollout")
+            && text.contains("traffic left at 20% on the canary")
+            && text.contains("`canaryd abort` still rolls it back"),
+        "{text}"
+    );
+    assert_eq!(weight().await, Some(20.0), "traffic untouched");
+    let (code, text) = cli(&["abort", "h", "--reason", "policy gone"]);
+    assert_eq!(code, Some(0), "{text}");
+    wait_for(
+        "HAProxy back on stable",
+        Duration::from_secs(20),
+        || async { (weight().await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let v = wait_for("rolled back", Duration::from_secs(20), || async {
+        let v = api(api_port, "/api/v1/rollouts/h").await?;
+        (v["phase"] == "rolled-back").then_some(v)
+    })
+    .await;
+    assert_eq!(v["stopped"], true, "{v}");
+}
