@@ -547,6 +547,69 @@ async fn a_crashed_leaders_rollout_continues_on_the_standby_at_the_same_step() {
     b.stop().await;
 }
 
+/// The leader crashes while a rollout whose policy file was deleted stands stopped at 10 %:
+/// the replica that takes over finds it in etcd with no file, shows it stopped, and its
+/// `abort` still rolls the canary back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_rollout_stays_abortable_on_the_replica_that_takes_over() {
+    let server = start_etcd();
+    etcd_ready(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(&file, crate::daemon::held_policy()).expect("policy");
+    let router = FakeRouter::default();
+    let source = FakeSource {
+        mode: Arc::new(Mutex::new(Mode::Good)),
+    };
+    let a = Replica::start(dir.path(), "a", &server.url, &router, &source).await;
+    wait_for("a leads demo at 10 %", Duration::from_secs(20), || async {
+        let (s, v) = a.get("/api/v1/rollouts/demo").await;
+        (s == 200 && v["applied"] == true && v["weight"] == 10.0).then_some(())
+    })
+    .await;
+    let b = Replica::start(dir.path(), "b", &server.url, &router, &source).await;
+    std::fs::remove_file(&file).expect("rm policy");
+    wait_for("a shows demo stopped", Duration::from_secs(10), || async {
+        let (_, v) = a.get("/api/v1/rollouts/demo").await;
+        (v["stopped"] == true).then_some(())
+    })
+    .await;
+    a.crash().await;
+
+    let v = wait_for("b shows demo stopped", Duration::from_secs(20), || async {
+        let (s, v) = b.get("/api/v1/rollouts/demo").await;
+        (s == 200 && v["stopped"] == true).then_some(v)
+    })
+    .await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(note.contains("no policy file defines this rollout"), "{v}");
+    assert_eq!(
+        *router.weight.lock().unwrap_or_else(|e| e.into_inner()),
+        10.0,
+        "traffic untouched"
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/rollouts/demo/abort", b.url))
+        .body("{}")
+        .send()
+        .await
+        .expect("abort");
+    assert_eq!(r.status().as_u16(), 200);
+    wait_for("b rolled demo back", Duration::from_secs(10), || async {
+        let (_, v) = b.get("/api/v1/rollouts/demo").await;
+        (v["phase"] == "rolled-back").then_some(())
+    })
+    .await;
+    assert_eq!(
+        *router.weight.lock().unwrap_or_else(|e| e.into_inner()),
+        0.0,
+        "rolled back on the router"
+    );
+    b.stop().await;
+}
+
 /// `canaryd run --etcd` as real processes: the standby says who leads and refuses operator
 /// actions; `kill -9` of the leader hands its rollout, at its step, to the standby, which then
 /// drives the router (here, a weights file). No Prometheus: the rollout starts and holds.
