@@ -186,9 +186,30 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
             }
             let (_, log) = get(server, &format!("/api/v1/rollouts/{n}/decisions?limit=30")).await?;
             print!("{}", timeline(&view, &log));
+            if view["stopped"] == true {
+                // Its note says that a file with errors gives its name: the errors themselves.
+                let (_, list) = get(server, "/api/v1/rollouts").await?;
+                print!("{}", invalid_files_of(&list, n));
+            }
             Ok(Outcome::Done)
         }
     }
+}
+
+/// The errors of the policy files that give rollout `name`, from a rollouts list.
+fn invalid_files_of(list: &Value, name: &str) -> String {
+    let mut out = String::new();
+    for p in list["invalid_policies"].as_array().into_iter().flatten() {
+        if p["name"] == name {
+            let _ = writeln!(
+                out,
+                "\n! invalid policy {}:\n    {}",
+                p["file"].as_str().unwrap_or("?"),
+                p["error"].as_str().unwrap_or("").replace('\n', "\n    ")
+            );
+        }
+    }
+    out
 }
 
 /// What a standby replica's rollouts list says of it, or `None` for a leader or a single daemon.
@@ -321,11 +342,11 @@ pub fn table(body: &Value) -> String {
         }
     }
     // A rejected edit of a running rollout is shown under it above; and every problem line
-    // names the file already.
+    // names the file already. A stopped rollout's note only says that its file has errors.
     let shown_above = |p: &Value| {
-        rollouts
-            .iter()
-            .any(|r| r["name"] == p["name"] && r["policy_error"].is_string())
+        rollouts.iter().any(|r| {
+            r["name"] == p["name"] && r["policy_error"].is_string() && r["stopped"] != true
+        })
     };
     for p in body["invalid_policies"].as_array().into_iter().flatten() {
         if shown_above(p) {

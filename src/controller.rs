@@ -110,7 +110,6 @@ pub enum Command {
     /// name, whose policy now names it, and ends: a file router's document then names the new
     /// rollout, with the split as it was, until the new rollout sets its first step.
     HandOver(String),
-    Stop,
 }
 
 /// Everything rollout tasks share.
@@ -222,10 +221,14 @@ struct Task {
 pub enum Orphaned {
     /// Its policy file (this path, as shown) was deleted while the daemon ran.
     Deleted(String),
-    /// The daemon started without a policy file for a rollout that had traffic; this was
-    /// its last file.
+    /// Its policy file (this path) now gives another rollout's name.
+    Renamed { file: String, to: String },
+    /// Read from the store when a term began, before the first scan of the policies: a file
+    /// that defines it resumes it at once. This was its last file.
+    Starting(String),
+    /// No policy file defined it when the daemon started; this was its last file.
     Missing(String),
-    /// The daemon started with this file for the rollout, and the file does not load.
+    /// A policy file that gives its name (this path) has errors, or is refused.
     Invalid(String),
 }
 
@@ -234,7 +237,8 @@ impl Orphaned {
     fn what(&self) -> String {
         match self {
             Orphaned::Deleted(f) => format!("policy file {f} deleted"),
-            Orphaned::Missing(f) => {
+            Orphaned::Renamed { file, to } => format!("policy file {file} renamed it to {to}"),
+            Orphaned::Starting(f) | Orphaned::Missing(f) => {
                 format!("no policy file defines this rollout (its last was {f})")
             }
             Orphaned::Invalid(f) => format!("policy file {f} has errors"),
@@ -245,7 +249,20 @@ impl Orphaned {
     fn remedy(&self) -> &'static str {
         match self {
             Orphaned::Invalid(_) => "fix the file",
-            Orphaned::Deleted(_) | Orphaned::Missing(_) => "restore the file",
+            Orphaned::Deleted(_)
+            | Orphaned::Renamed { .. }
+            | Orphaned::Starting(_)
+            | Orphaned::Missing(_) => "restore the file",
+        }
+    }
+
+    /// Whether `next` says more than this about why the rollout stands stopped: a file with
+    /// errors keeps saying so until that file goes or loads.
+    fn replaced_by(&self, next: &Orphaned) -> bool {
+        match (self, next) {
+            (Orphaned::Invalid(f), Orphaned::Deleted(g)) => f == g,
+            (Orphaned::Invalid(_), Orphaned::Missing(_)) => false,
+            _ => true,
         }
     }
 }
@@ -438,37 +455,15 @@ impl Task {
         }
     }
 
-    /// Records that the router is another rollout's now: a restarted daemon neither starts this
-    /// rollout stopped on it nor releases it to stable, and a policy that brings the rollout
-    /// back with another router resumes it there.
+    /// Records that the router is rollout `to`'s now (see `forget`).
     async fn forget_router(&mut self, to: &str) {
-        let mut state = self.state.clone();
-        state.router = None;
-        state.policy = None;
-        state.file = None;
-        state.message = format!("stopped; its router now belongs to rollout {to}");
-        let d = Decision {
-            action: Action::Hold,
-            weight: state.weight,
-            reports: Vec::new(),
-            reason: format!(
-                "policy file deleted; the router was handed over to rollout {to}, whose policy \
-                 names it"
-            ),
-            who: None,
-            why: None,
-            state,
-        };
-        let store = self.shared.store.clone();
-        let now = self.shared.clock.now();
-        // Left unapplied: a policy that brings the rollout back sets its weight again.
-        match tokio::task::spawn_blocking(move || store.record(&d, now)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(rollout = %self.policy.name, error = %e, "cannot record the hand-over of the router; a restarted daemon may set the router to stable for this rollout if its policy returns with another router")
-            }
-            Err(e) => tracing::warn!(rollout = %self.policy.name, error = %e, "store task failed"),
-        }
+        let why = self
+            .orphaned
+            .as_ref()
+            .map_or_else(|| "policy file deleted".to_owned(), Orphaned::what);
+        let reason =
+            format!("{why}; the router was handed over to rollout {to}, whose policy names it");
+        forget(&self.shared, &self.state, reason).await;
     }
 
     /// Before a policy edit moves the rollout to another router: a rollout still judging its
@@ -939,6 +934,16 @@ impl Task {
         mut commands: mpsc::Receiver<Command>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        if self.orphaned.is_some() {
+            // A rollout started stopped shows where its router sends traffic, not only what
+            // the store says it was told.
+            let now = self.shared.clock.now();
+            self.read_router(now).await;
+            let invalid = matches!(self.orphaned, Some(Orphaned::Invalid(_)));
+            self.shared
+                .metrics
+                .policy_invalid(&self.policy.name, invalid);
+        }
         self.publish();
         self.release_router_from_before().await;
         loop {
@@ -954,7 +959,7 @@ impl Task {
                     _ = &mut sleep => break,
                     _ = shutdown.changed() => return,
                     cmd = commands.recv() => match cmd {
-                        None | Some(Command::Stop) => return,
+                        None => return,
                         Some(Command::HandOver(to)) => {
                             self.hand_over(&to).await;
                             return;
@@ -978,8 +983,13 @@ impl Task {
                             if p.prometheus != self.policy.prometheus {
                                 self.source = (self.shared.sources)(&p);
                             }
-                            if self.orphaned.take().is_some() {
-                                tracing::info!(rollout = %p.name, file = %file, phase = self.state.phase.as_str(), "policy file back; the rollout runs again");
+                            if let Some(was) = self.orphaned.take() {
+                                let s = &self.state;
+                                if matches!(was, Orphaned::Starting(_)) {
+                                    tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), step = s.step + 1, weight = s.weight, applied = self.applied, "resuming rollout from the store");
+                                } else {
+                                    tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), "policy file back; the rollout runs again");
+                                }
                                 self.view.stopped = false;
                             } else {
                                 tracing::info!(rollout = %p.name, file = %file, "policy updated");
@@ -999,6 +1009,11 @@ impl Task {
                         Some(Command::Orphan(why)) => {
                             // Its phase, weight and step series stay, like its view: the router
                             // may still split traffic for it. No file of it is invalid any more.
+                            // A stopped rollout whose file has errors becomes deleted only
+                            // when that file goes.
+                            if self.orphaned.as_ref().is_some_and(|o| !o.replaced_by(&why)) {
+                                continue;
+                            }
                             self.orphaned = Some(why);
                             self.shared.metrics.policy_invalid(&self.policy.name, false);
                             self.publish();
@@ -1057,13 +1072,8 @@ impl Tasks {
         self.orphans.retain(|name, _| started.contains_key(name));
     }
 
-    /// Stops a rollout's task after its current tick, without touching traffic; its view goes
+    /// Ends a rollout's task with `last` (a `HandOver`) after its current tick; its view goes
     /// once it has ended. Says whether the task was still reachable.
-    async fn stop(&mut self, registry: &Registry, name: &str) -> bool {
-        self.end(registry, name, Command::Stop).await
-    }
-
-    /// Ends a rollout's task with `last` (`Stop` or `HandOver`); as `stop`.
     async fn end(&mut self, registry: &Registry, name: &str, last: Command) -> bool {
         if let Some(tell) = self.started.get_mut(name).and_then(|t| t.stopped.take()) {
             let _ = tell.send(());
@@ -1089,6 +1099,15 @@ impl Tasks {
         }
     }
 
+    /// A stopped rollout (if `name` is one) that a policy file with errors, `file`, names:
+    /// it says so, and that fixing the file resumes it.
+    async fn mark_invalid(&mut self, registry: &Registry, name: &str, file: &str) {
+        if let Some(router) = self.orphans.get(name).cloned() {
+            let why = Orphaned::Invalid(file.to_owned());
+            self.orphan(registry, name, why, router).await;
+        }
+    }
+
     /// A rollout, other than `name`, whose policy file was deleted and whose router target
     /// `target` is.
     fn orphan_on(&self, name: &str, target: &Option<RouterTarget>) -> Option<String> {
@@ -1097,6 +1116,42 @@ impl Tasks {
             .iter()
             .find(|(n, t)| n.as_str() != name && *t == target)
             .map(|(n, _)| n.clone())
+    }
+}
+
+/// Records that a stopped rollout no longer owns the router its policy last named (another
+/// rollout took it, or the rollout was renamed): a restarted daemon neither starts the
+/// rollout stopped on that router nor releases the router to stable, and a policy that
+/// brings the rollout back with another router resumes it there. A `hold` whose state has no
+/// router, policy or file; left unapplied, so that a returning policy sets its weight again.
+/// Nothing for a rollout that never drove a router, in a dry run, or off the leader.
+async fn forget(shared: &Shared, state: &RolloutState, reason: String) {
+    if state.router.is_none() || shared.dry_run || !shared.store.may_write() {
+        return;
+    }
+    let mut state = state.clone();
+    state.router = None;
+    state.policy = None;
+    state.file = None;
+    state.message = format!("stopped: {reason}");
+    let name = state.name.clone();
+    let d = Decision {
+        action: Action::Hold,
+        weight: state.weight,
+        reports: Vec::new(),
+        reason,
+        who: None,
+        why: None,
+        state,
+    };
+    let store = shared.store.clone();
+    let now = shared.clock.now();
+    match tokio::task::spawn_blocking(move || store.record(&d, now)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(rollout = %name, error = %e, "cannot record that the rollout no longer owns its router; a restarted daemon may show it stopped on that router")
+        }
+        Err(e) => tracing::warn!(rollout = %name, error = %e, "store task failed"),
     }
 }
 
@@ -1144,7 +1199,9 @@ async fn spawn_rollout(
     };
     let (state, applied) = match stored {
         Some(s) => {
-            tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step = s.state.step + 1, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
+            if orphaned.is_none() {
+                tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step = s.state.step + 1, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
+            }
             (s.state, s.applied)
         }
         None => (RolloutState::new(&policy), true),
@@ -1152,6 +1209,8 @@ async fn spawn_rollout(
     let router = (shared.routers)(&policy);
     let router_kind = router.as_ref().map_or(policy.router.kind(), |r| r.kind());
     shared.metrics.init_rollout(&policy.name, router_kind);
+    let step = shown_step(&state, policy.strategy.steps().len());
+    shared.metrics.position(&state, state.weight, step);
     let mut view = view_of(&policy, &file, &state);
     view.last_decision = last.and_then(|d| {
         Some(DecisionSummary {
@@ -1283,8 +1342,19 @@ pub async fn run(
 ) {
     let mut tasks = Tasks::default();
     let mut known: BTreeMap<PathBuf, Known> = BTreeMap::new();
-    let mut revived = false;
+    let mut revival = Revival::default();
     loop {
+        if !revival.done() {
+            revive_stopped(
+                &shared,
+                &registry,
+                &known,
+                &shutdown,
+                &mut tasks,
+                &mut revival,
+            )
+            .await;
+        }
         scan(
             &shared,
             &registry,
@@ -1295,13 +1365,7 @@ pub async fn run(
             &mut tasks,
         )
         .await;
-        if !revived {
-            let files = Files {
-                known: &known,
-                errors: &policy_errors,
-            };
-            revived = revive_stopped(&shared, &registry, files, &shutdown, &mut tasks).await;
-        }
+        confirm_stopped(&registry, &mut tasks, &mut revival).await;
         ready.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -1328,106 +1392,165 @@ pub async fn run(
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The policy files as the last scan left them.
-#[derive(Clone, Copy)]
-struct Files<'a> {
-    known: &'a BTreeMap<PathBuf, Known>,
-    errors: &'a PolicyErrors,
-}
-
 /// Phases in which a rollout may have traffic on its canary and is not done.
 fn under_way(phase: Phase) -> bool {
     !matches!(phase, Phase::Idle | Phase::Promoted | Phase::RolledBack)
 }
 
-/// After the first scan of a leadership term: a stored rollout under way that no policy file
-/// runs (its file was deleted, or has errors, while the daemon was down) starts stopped, as a
-/// file deleted while the daemon runs leaves its rollout: `abort` still rolls it back through
-/// the router its policy last named. Not when another policy runs that router now. Says
-/// whether the store could be listed; if not, the next scan tries again.
+/// The last time a stored rollout did anything: of two on one router, the later one owns it.
+fn last_active(state: &RolloutState) -> Option<Time> {
+    [
+        state.last_analysis_at,
+        state.phase_since,
+        state.started_at,
+        state.weight_history.last().map(|w| w.at),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+}
+
+/// The stored rollouts a leadership term brings up stopped (see `revive_stopped`).
+#[derive(Default)]
+struct Revival {
+    /// Whether the store's rollouts were listed.
+    listed: bool,
+    /// Rollouts whose state could not be read yet, each with its last error (said once).
+    pending: BTreeMap<String, Option<String>>,
+    /// Brought up stopped before a scan, with their last policy file: the scan resumes those
+    /// a file defines, and `confirm_stopped` says what is left.
+    started: Vec<(String, String)>,
+}
+
+impl Revival {
+    fn done(&self) -> bool {
+        self.listed && self.pending.is_empty()
+    }
+}
+
+/// Before the first scan of a leadership term (and before later ones, for states that could
+/// not be read yet): every stored rollout under way (not idle, promoted or rolled back) with
+/// the router and policy it last had starts stopped (`Orphaned::Starting`) from that policy,
+/// serving only `abort`. The scan then treats it as it treats a rollout whose file was
+/// deleted while the daemon ran: a file that gives its name resumes it, a file with errors
+/// that gives its name says so, and another policy that takes its router takes it over
+/// (`Command::HandOver`), so that a rollback stays reachable across restarts whatever
+/// happened to the files meanwhile. Of two stored rollouts on one router the one that acted
+/// last owns it; the other, and one whose router a running policy has, forget the router.
 async fn revive_stopped(
     shared: &Shared,
     registry: &Registry,
-    files: Files<'_>,
+    known: &BTreeMap<PathBuf, Known>,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
-) -> bool {
-    let store = shared.store.clone();
-    let names = match tokio::task::spawn_blocking(move || store.names()).await {
-        Ok(Ok(names)) => names,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot list the stored rollouts to find those no policy file runs; retried at the next scan");
-            return false;
+    revival: &mut Revival,
+) {
+    if !revival.listed {
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.names()).await {
+            Ok(Ok(names)) => {
+                revival.pending = names.into_iter().map(|n| (n, None)).collect();
+                revival.listed = true;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot list the stored rollouts; retried at the next scan");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store task failed");
+                return;
+            }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "store task failed");
-            return false;
-        }
-    };
-    for name in names {
+    }
+    let mut found = Vec::new();
+    for (name, said) in std::mem::take(&mut revival.pending) {
         if registry.get(&name).is_some() || tasks.busy(&name) {
             continue;
         }
         let store = shared.store.clone();
         let key = name.clone();
-        let stored = match tokio::task::spawn_blocking(move || store.load(&key)).await {
-            Ok(Ok(Some(stored))) => stored,
-            Ok(Ok(None)) => continue,
-            Ok(Err(e)) => {
-                tracing::warn!(rollout = %name, error = %e, "cannot read the stored state of a rollout no policy file runs");
+        let error = match tokio::task::spawn_blocking(move || store.load(&key)).await {
+            Ok(Ok(stored)) => {
+                found.extend(stored.map(|s| s.state));
                 continue;
             }
-            Err(e) => {
-                tracing::warn!(rollout = %name, error = %e, "store task failed");
-                continue;
-            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("store task failed: {e}"),
         };
-        let state = stored.state;
-        // Without a router the rollout handed its router over, or never drove one.
+        if said.as_deref() != Some(error.as_str()) {
+            tracing::warn!(rollout = %name, error = %error, "cannot read a stored rollout's state to see whether it is under way; retried at the next scan");
+        }
+        revival.pending.insert(name, Some(error));
+    }
+    let mut stopped: Vec<(Box<Policy>, RolloutState)> = Vec::new();
+    for state in found {
+        // Without a router it never drove one, or gave it up.
         if !under_way(state.phase) || state.router.is_none() {
             continue;
         }
-        let Some(policy) = state.policy.filter(|p| p.name == name) else {
-            tracing::warn!(rollout = %name, phase = state.phase.as_str(), weight = state.weight, "a stored rollout under way has no policy file, and its state predates the policy's record: restore its policy file to act on it");
-            continue;
-        };
+        match state.policy.clone().filter(|p| p.name == state.name) {
+            Some(policy) => stopped.push((policy, state)),
+            None => {
+                tracing::warn!(rollout = %state.name, phase = state.phase.as_str(), weight = state.weight, "a stored rollout is under way, but its state holds no policy this canaryd can read (an older version stored it): it runs again only when a policy file defines it")
+            }
+        }
+    }
+    stopped.sort_by_key(|(_, state)| std::cmp::Reverse(last_active(state)));
+    for (policy, state) in stopped {
         let target = policy.router.target();
-        if let Some(t) = &target
-            && (files.known.values().any(|k| k.router.as_ref() == Some(t))
-                || tasks.orphan_on(&name, &target).is_some())
-        {
-            tracing::info!(rollout = %name, router = %t, "a stored rollout under way has no policy file, and its router is another rollout's now; left alone");
+        let running = target.as_ref().and_then(|t| {
+            known
+                .values()
+                .find(|k| k.router.as_ref() == Some(t))
+                .and_then(|k| k.claiming.clone().or_else(|| k.name.clone()))
+        });
+        if let Some(owner) = running.or_else(|| tasks.orphan_on(&state.name, &target)) {
+            let why = format!("its router is rollout {owner}'s now");
+            tracing::info!(rollout = %state.name, owner = %owner, "a stored rollout under way has no policy file, and its router is another rollout's now; it gives the router up");
+            forget(shared, &state, why).await;
             continue;
         }
-        let invalid = files.errors.read().ok().and_then(|e| {
-            e.iter()
-                .find(|(_, i)| i.name.as_deref() == Some(name.as_str()))
-                .map(|(f, _)| f.clone())
-        });
-        let last = state.file.unwrap_or_else(|| "unknown".to_owned());
-        let (file, why) = match invalid {
-            Some(f) => (f.clone(), Orphaned::Invalid(f)),
-            None => (last.clone(), Orphaned::Missing(last)),
-        };
-        tracing::warn!(rollout = %name, phase = state.phase.as_str(), weight = state.weight, reason = %why.what(), "a rollout under way has no valid policy file: stopped, traffic left as it is; abort still rolls it back");
+        let name = state.name.clone();
+        let last = state.file.clone().unwrap_or_else(|| "unknown".to_owned());
+        let why = Some(Orphaned::Starting(last.clone()));
         match spawn_rollout(
             shared,
             registry,
             *policy,
-            file,
-            Some(why),
+            last.clone(),
+            why,
             shutdown.clone(),
             tasks,
         )
         .await
         {
             Ok(()) => {
-                tasks.orphans.insert(name, target);
+                tasks.orphans.insert(name.clone(), target);
+                revival.started.push((name, last));
             }
-            Err(msg) => tracing::error!(rollout = %name, "{msg}"),
+            Err(msg) => {
+                tracing::warn!(rollout = %name, "{msg}");
+                revival.pending.insert(name, Some(msg));
+            }
         }
     }
-    true
+}
+
+/// After a scan: the rollouts `revive_stopped` brought up that no file resumed stay stopped,
+/// and say so (unless a file with errors that gives their name said more).
+async fn confirm_stopped(registry: &Registry, tasks: &mut Tasks, revival: &mut Revival) {
+    for (name, last) in std::mem::take(&mut revival.started) {
+        let Some(router) = tasks.orphans.get(&name).cloned() else {
+            continue;
+        };
+        if registry.get(&name).is_none() {
+            continue;
+        }
+        tracing::warn!(rollout = %name, last_file = %last, "a rollout under way has no valid policy file: stopped, traffic left as it is; `canaryd abort` still rolls it back");
+        tasks
+            .orphan(registry, &name, Orphaned::Missing(last), router)
+            .await;
+    }
 }
 
 /// Why the daemon refuses a valid policy from `path`: another running policy has its rollout
@@ -1496,10 +1619,11 @@ async fn scan(
         }
         let file = path.display().to_string();
         let invalid = policy_errors.write().ok().and_then(|mut e| e.remove(&file));
-        // The file with errors of a rollout that started stopped (see `revive_stopped`).
+        // The file with errors of a stopped rollout (see `Orphaned::Invalid`).
         if let Some(name) = invalid.and_then(|i| i.name)
             && let Some(router) = tasks.orphans.get(&name).cloned()
         {
+            tracing::info!(rollout = %name, file = %file, "policy file with errors deleted; the rollout stays stopped; abort still rolls it back");
             tasks
                 .orphan(registry, &name, Orphaned::Deleted(file), router)
                 .await;
@@ -1612,6 +1736,7 @@ async fn scan(
                         };
                         e.insert(file.clone(), invalid);
                     }
+                    tasks.mark_invalid(registry, &p.name, &file).await;
                     error = Some(msg);
                     (previous, previous_router)
                 }
@@ -1622,8 +1747,16 @@ async fn scan(
                     if let Some(old) = previous.as_ref().filter(|o| **o != p.name) {
                         // A renamed rollout is a different rollout: no policy defines the old
                         // one any more.
-                        tracing::info!(rollout = %old, file = %file, renamed = %p.name, "policy renamed; rollout stopped, traffic left as it is");
-                        tasks.stop(registry, old).await;
+                        // It stops as if its file were deleted, and the file is read again at
+                        // the next scan as a new one: a policy on its router takes it over.
+                        tracing::info!(rollout = %old, file = %file, renamed = %p.name, "policy renamed; rollout stopped, traffic left as it is; abort still rolls it back");
+                        let why = Orphaned::Renamed {
+                            file: file.clone(),
+                            to: p.name.clone(),
+                        };
+                        tasks.orphan(registry, old, why, previous_router).await;
+                        known.remove(&path);
+                        continue;
                     }
                     let name = p.name.clone();
                     let target = p.router.target();
@@ -1689,9 +1822,13 @@ async fn scan(
                 if let Some(tx) = previous.as_ref().and_then(|n| registry.get(n)) {
                     let _ = tx.send(Command::PolicyError(msg.clone())).await;
                 }
+                let declared = policy::declared_name(&path);
+                if let Some(name) = &declared {
+                    tasks.mark_invalid(registry, name, &file).await;
+                }
                 if let Ok(mut errs) = policy_errors.write() {
                     let invalid = InvalidPolicy {
-                        name: policy::declared_name(&path),
+                        name: declared,
                         error: msg,
                     };
                     errs.insert(file.clone(), invalid);

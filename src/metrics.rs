@@ -5,7 +5,7 @@
 //! id or free-form text.
 
 use crate::judge::{BoundKind, MetricReport, Verdict};
-use crate::rollout::{Action, Decision, Phase};
+use crate::rollout::{Action, Decision, Phase, RolloutState};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -239,22 +239,29 @@ impl Metrics {
     /// Records a decision: phase, weight, step, counters and each metric's evidence.
     pub fn decision(&self, d: &Decision, step: usize) {
         let name = d.state.name.as_str();
-        for p in Phase::ALL {
-            self.phase
-                .with_label_values(&[name, p.as_str()])
-                .set(i64::from(p == d.state.phase));
-        }
-        self.weight.with_label_values(&[name]).set(d.weight);
-        self.step.with_label_values(&[name]).set(step as i64);
-        self.failures
-            .with_label_values(&[name])
-            .set(i64::from(d.state.consecutive_failures));
+        self.position(&d.state, d.weight, step);
         self.decisions
             .with_label_values(&[name, d.action.as_str()])
             .inc();
         for r in &d.reports {
             self.report(name, r);
         }
+    }
+
+    /// Where a rollout is: its phase, weight, step and consecutive failures. Also for a
+    /// rollout read from the store, before it decides anything.
+    pub fn position(&self, state: &RolloutState, weight: f64, step: usize) {
+        let name = state.name.as_str();
+        for p in Phase::ALL {
+            self.phase
+                .with_label_values(&[name, p.as_str()])
+                .set(i64::from(p == state.phase));
+        }
+        self.weight.with_label_values(&[name]).set(weight);
+        self.step.with_label_values(&[name]).set(step as i64);
+        self.failures
+            .with_label_values(&[name])
+            .set(i64::from(state.consecutive_failures));
     }
 
     /// Counts an operator action `decide` refused (`Action::Reject`): it changes nothing and

@@ -911,7 +911,7 @@ impl Validator {
                     st,
                     format!(
                         "expected a percentage above 0 and at most 100, found {}%",
-                        crate::rollout::fmt_pct(st.value)
+                        st.value
                     ),
                 );
                 ok = false;
@@ -920,8 +920,7 @@ impl Validator {
                     st,
                     format!(
                         "expected steps strictly increasing, found {}% after {}%",
-                        crate::rollout::fmt_pct(st.value),
-                        crate::rollout::fmt_pct(prev)
+                        st.value, prev
                     ),
                 );
                 ok = false;

@@ -154,17 +154,38 @@ pub struct RolloutState {
     /// The router this rollout's traffic was last set on, recorded by the shell: a daemon
     /// restarted with another router in the policy sends the old one's traffic to stable, as
     /// a live edit does. Not for people: it may hold a webhook's secret.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
     pub router: Option<crate::policy::RouterConfig>,
     /// The policy that last drove this rollout, and the file it came from, recorded by the
     /// shell with `router`: a daemon restarted without a valid file for the rollout still
     /// serves `abort` through that router. Not for people: it may hold webhooks' URLs, whose
     /// query strings can carry secrets (a policy's Prometheus credentials are never
     /// serialised).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Read leniently, like `router`: a record another version of canaryd wrote in another
+    /// shape reads as none, rather than making the whole state unreadable.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
     pub policy: Option<Box<Policy>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
+}
+
+/// A value the shell records for itself, or none when it does not read as one: the rest of
+/// the state stays readable whatever shape another version of canaryd gave it.
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(value.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 impl RolloutState {
@@ -261,6 +282,65 @@ impl RolloutState {
                 let excess = self.weight_history.len() - WEIGHT_HISTORY_LIMIT;
                 self.weight_history.drain(..excess);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the shell records for itself never makes a stored state unreadable: a policy or
+    /// router in a shape this version does not know reads as none.
+    #[test]
+    fn a_recorded_policy_or_router_of_another_shape_reads_as_none() {
+        let mut state = serde_json::to_value(RolloutState {
+            router: Some(crate::policy::RouterConfig::File {
+                path: "/tmp/w.json".into(),
+            }),
+            ..blank()
+        })
+        .unwrap_or_default();
+        let back: RolloutState = serde_json::from_value(state.clone()).unwrap_or_else(|_| blank());
+        assert!(back.router.is_some(), "{state}");
+        state["router"] = serde_json::json!({"kind": "envoy", "cluster": "m"});
+        state["policy"] = serde_json::json!({"name": "demo", "strategy": 3});
+        let back: RolloutState = serde_json::from_value(state).unwrap_or_else(|e| {
+            panic!("the state must stay readable: {e}");
+        });
+        assert_eq!((back.router, back.policy), (None, None));
+        assert_eq!(back.name, "demo");
+    }
+
+    fn blank() -> RolloutState {
+        RolloutState {
+            name: "demo".into(),
+            stable: "v1".into(),
+            canary: "v2".into(),
+            phase: Phase::Progressing,
+            paused_from: None,
+            step: 0,
+            weight: 10.0,
+            safe_weight: 10.0,
+            attempt: 1,
+            started_at: None,
+            step_started_at: None,
+            step_blind: Duration::ZERO,
+            last_analysis_at: None,
+            activity: BTreeMap::new(),
+            promoted_at: None,
+            phase_since: None,
+            consecutive_failures: 0,
+            seen_data: BTreeSet::new(),
+            baseline: BTreeMap::new(),
+            memory: BTreeMap::new(),
+            weight_history: Vec::new(),
+            analyses: 0,
+            message: String::new(),
+            failure: None,
+            router: None,
+            policy: None,
+            file: None,
         }
     }
 }

@@ -701,11 +701,14 @@ async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
 #[tokio::test]
 async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alone_but_judges() {
     let (hook, seen) = hooks(Arc::new(Mutex::new(200))).await;
+    // The first step lasts long enough for the router to refuse before the advance (it
+    // advanced before, on a loaded machine, and took 50 %).
     let policy = POLICY
         .replace(
             "progress_deadline: 1h",
             "progress_deadline: 1h\n  router_deadline: 300ms",
         )
+        .replace("min_step_duration: 150ms", "min_step_duration: 2s")
         .replace(
             "router:",
             &format!("webhooks:\n  - {{on: failed, url: '{hook}/failed'}}\nrouter:"),
@@ -1938,7 +1941,7 @@ impl MetricSource for HeldSource {
 /// Regression (UAT): `search` renamed to `search2` and back to `search` left a ghost `search2`
 /// (idle, "the router is failing") in the API and `canaryd status` until a restart. The
 /// `search2` task was stopped in the middle of a tick and published its view after the scan
-/// had removed it. A rollout whose name no policy file defines any more must go away.
+/// had removed it. A renamed rollout whose router the new name takes must go away.
 #[tokio::test]
 async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
     let policy = held_policy().replace("name: demo", "name: search");
@@ -1988,13 +1991,14 @@ async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
     )
     .await;
     std::fs::write(&file, &policy).unwrap();
-    d.wait_phase("search", "progressing").await;
-    // search2's tick ends now; then its task sees that it was stopped, and ends.
+    // search2 stops, and hands the router back to search once its tick ends (now); then its
+    // task ends, and search resumes.
     open_tx.send(true).unwrap();
     wait_for("search2's task to end", Duration::from_secs(10), || async {
         (Arc::strong_count(&alive) == unused).then_some(())
     })
     .await;
+    d.wait_phase("search", "progressing").await;
     let list = wait_for("search2 to be gone", Duration::from_secs(5), || async {
         let (_, list) = d.get("/api/v1/rollouts").await;
         let names: Vec<&str> = list["rollouts"]
@@ -2708,6 +2712,15 @@ async fn a_rollout_whose_file_was_deleted_while_the_daemon_was_down_can_still_be
         10.0,
         "traffic untouched"
     );
+    // Its series are there, as for a file deleted while the daemon runs (UAT: none).
+    let m = metrics_text(&d).await;
+    for series in [
+        "canaryd_rollout_phase{phase=\"progressing\",rollout=\"demo\"} 1",
+        "canaryd_rollout_canary_weight{rollout=\"demo\"} 10",
+        "canaryd_rollout_step{rollout=\"demo\"} 1",
+    ] {
+        assert!(m.contains(series), "{series} missing from\n{m}");
+    }
     let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
@@ -2728,7 +2741,7 @@ async fn a_rollout_whose_file_was_deleted_while_the_daemon_was_down_can_still_be
 
 /// A rollout under way whose file has errors when the daemon starts is not run by that file;
 /// it starts stopped, says so, still serves `abort`, and resumes once the file is fixed.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_when_fixed() {
     let dir = setup(&held_policy());
     let (router, source) = fakes(Mode::Good);
@@ -2762,6 +2775,20 @@ async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_w
         "{body}"
     );
     assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
+    // `canaryd status`, of all rollouts or of this one, shows the file's errors themselves
+    // (UAT: both hid them behind the note).
+    for args in [vec!["status"], vec!["status", "demo"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+            .args(&args)
+            .args(["--server", &d.url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("has errors") && text.contains("failure_limt"),
+            "{args:?}: {text}"
+        );
+    }
 
     std::fs::write(&file, held_policy()).unwrap();
     let v = wait_for("the rollout resumed", Duration::from_secs(10), || async {
@@ -2824,5 +2851,118 @@ async fn a_rollout_that_handed_its_router_over_leaves_it_alone_when_it_returns_e
     let v = d.wait_stopped("y").await;
     assert_eq!(v["phase"], "progressing", "{v}");
     assert_eq!(read_json(&a), before, "a.json is y's");
+    d.stop().await;
+}
+
+/// `policy` for rollout `name` with canary `canary` on the file router at `weights`.
+fn named_on(name: &str, canary: &str, weights: &Path) -> String {
+    let p = held_policy()
+        .replace("name: demo", &format!("name: {name}"))
+        .replace("canary: v2", &format!("canary: {canary}"));
+    file_routed(&p, weights)
+}
+
+/// UAT: a policy written on a stopped rollout's file router while the daemon was down was
+/// stuck ("the weights file belongs to rollout x"), the stopped rollout was not listed, and
+/// after the new policy's file went too, a restart brought back the old rollout on the router
+/// rather than the new one. The new policy now takes the router over at the restart, as it
+/// does live, and the old rollout gives it up for good.
+#[tokio::test]
+async fn a_router_taken_while_the_daemon_was_down_is_handed_over_at_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let w = dir.path().join("w.json");
+    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
+    std::fs::write(file("x"), named_on("x", "v2", &w)).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("x", "progressing").await;
+    d.stop().await;
+    std::fs::remove_file(file("x")).unwrap();
+    std::fs::write(file("b"), named_on("b", "v3", &w)).unwrap();
+
+    let d = Daemon::start_file_routed(dir.path()).await;
+    let doc = wait_for("b on w.json", Duration::from_secs(10), || async {
+        let doc = read_json(&w);
+        (doc["rollout"] == "b" && doc["weights"]["v3"] == 10.0).then_some(doc)
+    })
+    .await;
+    assert!(doc["weights"].get("v2").is_none(), "{doc}");
+    let v = d.wait_phase("b", "progressing").await;
+    assert!(v["router_error"].is_null(), "{v}");
+    wait_for("x gone", Duration::from_secs(10), || async {
+        (d.get("/api/v1/rollouts/x").await.0 == 404).then_some(())
+    })
+    .await;
+    d.stop().await;
+
+    std::fs::remove_file(file("b")).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    let v = d.wait_stopped("b").await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    let (status, body) = d.get("/api/v1/rollouts/x").await;
+    assert_eq!(status, 404, "x gave the router up: {body}");
+    let (status, body) = d.post("/api/v1/rollouts/b/abort", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    d.wait_phase("b", "rolled-back").await;
+    let doc = read_json(&w);
+    assert_eq!(
+        (&doc["rollout"], &doc["weights"]["v3"]),
+        (&"b".into(), &0.0.into()),
+        "{doc}"
+    );
+    d.stop().await;
+}
+
+/// UAT: a rollout renamed in its file (onto another router) vanished from the list while its
+/// canary kept its share, and `abort` answered "no rollout". It stays, stopped, as if its file
+/// were deleted; a file with errors that gives its name says so, until that file goes.
+#[tokio::test]
+async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let [a, b] = ["a.json", "b.json"].map(|f| dir.path().join(f));
+    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
+    std::fs::write(file("p"), named_on("x", "v2", &a)).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("x", "progressing").await;
+    std::fs::write(file("p"), named_on("y", "v3", &b)).unwrap();
+    d.wait_phase("y", "progressing").await;
+    let v = d.wait_stopped("x").await;
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!(
+            "policy file {} renamed it to y",
+            file("p").display()
+        )) && note.contains("`canaryd abort` still rolls it back"),
+        "{v}"
+    );
+    assert_eq!(read_json(&a)["weights"]["v2"], 10.0, "traffic untouched");
+
+    std::fs::write(
+        file("bad"),
+        named_on("x", "v2", &a).replace("failure_limit", "fl"),
+    )
+    .unwrap();
+    wait_for("x's file with errors", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/x").await;
+        let note = v["policy_error"].as_str()?;
+        note.contains(&format!("policy file {} has errors", file("bad").display()))
+            .then_some(())
+    })
+    .await;
+    std::fs::remove_file(file("bad")).unwrap();
+    wait_for("that file deleted", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/x").await;
+        let note = v["policy_error"].as_str()?;
+        note.contains(&format!("policy file {} deleted", file("bad").display()))
+            .then_some(())
+    })
+    .await;
+
+    let (status, body) = d.post("/api/v1/rollouts/x/abort", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    d.wait_phase("x", "rolled-back").await;
+    assert_eq!(read_json(&a)["weights"]["v2"], 0.0, "rolled back");
+    assert_eq!(read_json(&b)["weights"]["v3"], 10.0, "y untouched");
     d.stop().await;
 }
