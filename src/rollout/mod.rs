@@ -7,5 +7,7 @@ mod state;
 mod window;
 
 pub use decide::{Action, Decision, decide, fmt_pct};
+#[cfg(test)]
+pub(crate) use state::sample;
 pub use state::{Phase, RolloutState, WeightChange};
 pub use window::analysis_window;

@@ -191,10 +191,19 @@ where
 impl RolloutState {
     /// A rollout that has not started, for a policy.
     pub fn new(policy: &Policy) -> Self {
+        let message = if policy.has_candidate() {
+            "not started"
+        } else {
+            "no candidate: canary equals stable"
+        };
+        RolloutState::unstarted(&policy.name, &policy.stable, &policy.canary, message)
+    }
+
+    fn unstarted(name: &str, stable: &str, canary: &str, message: &str) -> Self {
         RolloutState {
-            name: policy.name.clone(),
-            stable: policy.stable.clone(),
-            canary: policy.canary.clone(),
+            name: name.to_owned(),
+            stable: stable.to_owned(),
+            canary: canary.to_owned(),
             phase: Phase::Idle,
             paused_from: None,
             step: 0,
@@ -214,11 +223,7 @@ impl RolloutState {
             memory: BTreeMap::new(),
             weight_history: Vec::new(),
             analyses: 0,
-            message: if policy.has_candidate() {
-                "not started".into()
-            } else {
-                "no candidate: canary equals stable".into()
-            },
+            message: message.to_owned(),
             failure: None,
             router: None,
             policy: None,
@@ -286,6 +291,20 @@ impl RolloutState {
     }
 }
 
+/// A rollout of `name` (v1 to v2) in `phase` at `step` and `weight`, for tests.
+#[cfg(test)]
+pub(crate) fn sample(name: &str, phase: Phase, step: usize, weight: f64) -> RolloutState {
+    RolloutState {
+        phase,
+        step,
+        weight,
+        attempt: 1,
+        started_at: Some(Time(1)),
+        step_started_at: Some(Time(1)),
+        ..RolloutState::unstarted(name, "v1", "v2", &format!("at {weight}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +313,7 @@ mod tests {
     /// router in a shape this version does not know reads as none.
     #[test]
     fn a_recorded_policy_or_router_of_another_shape_reads_as_none() {
+        let blank = || sample("demo", Phase::Progressing, 0, 10.0);
         let mut state = serde_json::to_value(RolloutState {
             router: Some(crate::policy::RouterConfig::File {
                 path: "/tmp/w.json".into(),
@@ -310,37 +330,5 @@ mod tests {
         });
         assert_eq!((back.router, back.policy), (None, None));
         assert_eq!(back.name, "demo");
-    }
-
-    fn blank() -> RolloutState {
-        RolloutState {
-            name: "demo".into(),
-            stable: "v1".into(),
-            canary: "v2".into(),
-            phase: Phase::Progressing,
-            paused_from: None,
-            step: 0,
-            weight: 10.0,
-            safe_weight: 10.0,
-            attempt: 1,
-            started_at: None,
-            step_started_at: None,
-            step_blind: Duration::ZERO,
-            last_analysis_at: None,
-            activity: BTreeMap::new(),
-            promoted_at: None,
-            phase_since: None,
-            consecutive_failures: 0,
-            seen_data: BTreeSet::new(),
-            baseline: BTreeMap::new(),
-            memory: BTreeMap::new(),
-            weight_history: Vec::new(),
-            analyses: 0,
-            message: String::new(),
-            failure: None,
-            router: None,
-            policy: None,
-            file: None,
-        }
     }
 }

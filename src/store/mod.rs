@@ -432,37 +432,7 @@ mod tests {
     use crate::rollout::{Action, Phase};
 
     fn state(name: &str, phase: Phase, step: usize, weight: f64) -> RolloutState {
-        let mut s = RolloutState {
-            name: name.into(),
-            stable: "v1".into(),
-            canary: "v2".into(),
-            phase,
-            paused_from: None,
-            step,
-            weight,
-            safe_weight: 0.0,
-            attempt: 1,
-            started_at: Some(Time(1)),
-            step_started_at: Some(Time(1)),
-            step_blind: Default::default(),
-            last_analysis_at: None,
-            activity: Default::default(),
-            promoted_at: None,
-            phase_since: None,
-            consecutive_failures: 0,
-            seen_data: Default::default(),
-            baseline: Default::default(),
-            memory: Default::default(),
-            weight_history: vec![],
-            analyses: 0,
-            message: String::new(),
-            failure: None,
-            router: None,
-            policy: None,
-            file: None,
-        };
-        s.message = format!("at {weight}");
-        s
+        crate::rollout::sample(name, phase, step, weight)
     }
 
     fn decision(s: RolloutState, action: Action) -> Decision {

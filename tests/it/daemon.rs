@@ -2168,21 +2168,15 @@ async fn a_running_policy_edited_onto_a_stopped_rollouts_router_takes_it_over() 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let policy = |name: &str, canary: &str, weights: &Path| {
-        let p = held_policy()
-            .replace("name: demo", &format!("name: {name}"))
-            .replace("canary: v2", &format!("canary: {canary}"));
-        file_routed(&p, weights)
-    };
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("x"), policy("x", "v2", &a)).unwrap();
-    std::fs::write(file("y"), policy("y", "v3", &b)).unwrap();
+    std::fs::write(file("x"), named_on("x", "v2", &a)).unwrap();
+    std::fs::write(file("y"), named_on("y", "v3", &b)).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
     d.wait_phase("x", "progressing").await;
     d.wait_phase("y", "progressing").await;
     std::fs::remove_file(file("x")).unwrap();
     d.wait_stopped("x").await;
-    std::fs::write(file("y"), policy("y", "v3", &a)).unwrap();
+    std::fs::write(file("y"), named_on("y", "v3", &a)).unwrap();
     let doc = wait_for("y on a.json", Duration::from_secs(10), || async {
         let doc = read_json(&a);
         (doc["rollout"] == "y" && doc["weights"]["v3"] == 10.0).then_some(doc)
@@ -2676,20 +2670,36 @@ async fn a_metric_too_thin_for_a_steps_worth_is_read_over_the_whole_step() {
     d.stop().await;
 }
 
+/// `held_policy()` for rollout `name` with canary `canary` on the file router at `weights`.
+fn named_on(name: &str, canary: &str, weights: &Path) -> String {
+    let p = held_policy()
+        .replace("name: demo", &format!("name: {name}"))
+        .replace("canary: v2", &format!("canary: {canary}"));
+    file_routed(&p, weights)
+}
+
+/// A daemon with the real routers whose rollout `name` (v1 to v2, in `policies/{name}.yaml`)
+/// runs at its first step on the file router at `weights` in the daemon's directory.
+async fn on_file_router(name: &str, weights: &str) -> (tempfile::TempDir, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let policy = named_on(name, "v2", &dir.path().join(weights));
+    std::fs::write(dir.path().join(format!("policies/{name}.yaml")), policy).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase(name, "progressing").await;
+    (dir, d)
+}
+
 /// Review: a daemon restarted after a rollout's policy file was deleted forgot the rollout, so
 /// its canary kept its share and `abort` answered "no such rollout". The stored state now
 /// keeps the policy that last drove the rollout: the rollout starts stopped, through the router
 /// it last had, and `abort` rolls it back. Real file router.
 #[tokio::test]
 async fn a_rollout_whose_file_was_deleted_while_the_daemon_was_down_can_still_be_aborted() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let (dir, d) = on_file_router("demo", "weights.json").await;
     let weights = dir.path().join("weights.json");
     let policy = file_routed(&held_policy(), &weights);
     let file = dir.path().join("policies/demo.yaml");
-    std::fs::write(&file, &policy).unwrap();
-    let d = Daemon::start_file_routed(dir.path()).await;
-    d.wait_phase("demo", "progressing").await;
     d.stop().await;
     std::fs::remove_file(&file).unwrap();
 
@@ -2809,22 +2819,12 @@ async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_w
 /// rollout's, to stable. The hand-over is recorded; the router is left to its new owner.
 #[tokio::test]
 async fn a_rollout_that_handed_its_router_over_leaves_it_alone_when_it_returns_elsewhere() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let (dir, d) = on_file_router("x", "a.json").await;
     let [a, c] = ["a.json", "c.json"].map(|f| dir.path().join(f));
-    let policy = |name: &str, canary: &str, weights: &Path| {
-        let p = held_policy()
-            .replace("name: demo", &format!("name: {name}"))
-            .replace("canary: v2", &format!("canary: {canary}"));
-        file_routed(&p, weights)
-    };
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("x"), policy("x", "v2", &a)).unwrap();
-    let d = Daemon::start_file_routed(dir.path()).await;
-    d.wait_phase("x", "progressing").await;
     std::fs::remove_file(file("x")).unwrap();
     d.wait_stopped("x").await;
-    std::fs::write(file("y"), policy("y", "v3", &a)).unwrap();
+    std::fs::write(file("y"), named_on("y", "v3", &a)).unwrap();
     d.wait_phase("y", "progressing").await;
     wait_for("x gone", Duration::from_secs(10), || async {
         (d.get("/api/v1/rollouts/x").await.0 == 404).then_some(())
@@ -2835,7 +2835,7 @@ async fn a_rollout_that_handed_its_router_over_leaves_it_alone_when_it_returns_e
     d.wait_stopped("y").await;
     let before = read_json(&a);
     assert_eq!(before["rollout"], "y", "{before}");
-    std::fs::write(file("x"), policy("x", "v2", &c)).unwrap();
+    std::fs::write(file("x"), named_on("x", "v2", &c)).unwrap();
     let v = d.wait_phase("x", "progressing").await;
     assert_eq!(v["stopped"], false, "{v}");
     wait_for("x on c.json", Duration::from_secs(10), || async {
@@ -2854,14 +2854,6 @@ async fn a_rollout_that_handed_its_router_over_leaves_it_alone_when_it_returns_e
     d.stop().await;
 }
 
-/// `policy` for rollout `name` with canary `canary` on the file router at `weights`.
-fn named_on(name: &str, canary: &str, weights: &Path) -> String {
-    let p = held_policy()
-        .replace("name: demo", &format!("name: {name}"))
-        .replace("canary: v2", &format!("canary: {canary}"));
-    file_routed(&p, weights)
-}
-
 /// UAT: a policy written on a stopped rollout's file router while the daemon was down was
 /// stuck ("the weights file belongs to rollout x"), the stopped rollout was not listed, and
 /// after the new policy's file went too, a restart brought back the old rollout on the router
@@ -2869,13 +2861,9 @@ fn named_on(name: &str, canary: &str, weights: &Path) -> String {
 /// does live, and the old rollout gives it up for good.
 #[tokio::test]
 async fn a_router_taken_while_the_daemon_was_down_is_handed_over_at_the_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let (dir, d) = on_file_router("x", "w.json").await;
     let w = dir.path().join("w.json");
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("x"), named_on("x", "v2", &w)).unwrap();
-    let d = Daemon::start_file_routed(dir.path()).await;
-    d.wait_phase("x", "progressing").await;
     d.stop().await;
     std::fs::remove_file(file("x")).unwrap();
     std::fs::write(file("b"), named_on("b", "v3", &w)).unwrap();
@@ -2918,21 +2906,17 @@ async fn a_router_taken_while_the_daemon_was_down_is_handed_over_at_the_restart(
 /// were deleted; a file with errors that gives its name says so, until that file goes.
 #[tokio::test]
 async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let (dir, d) = on_file_router("x", "a.json").await;
     let [a, b] = ["a.json", "b.json"].map(|f| dir.path().join(f));
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("p"), named_on("x", "v2", &a)).unwrap();
-    let d = Daemon::start_file_routed(dir.path()).await;
-    d.wait_phase("x", "progressing").await;
-    std::fs::write(file("p"), named_on("y", "v3", &b)).unwrap();
+    std::fs::write(file("x"), named_on("y", "v3", &b)).unwrap();
     d.wait_phase("y", "progressing").await;
     let v = d.wait_stopped("x").await;
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(
         note.contains(&format!(
             "policy file {} renamed it to y",
-            file("p").display()
+            file("x").display()
         )) && note.contains("`canaryd abort` still rolls it back"),
         "{v}"
     );

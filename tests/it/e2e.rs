@@ -719,30 +719,30 @@ async fn prometheus_outage_holds_the_step_without_failures_then_the_rollout_cont
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_router_that_keeps_failing_ends_in_failed_with_traffic_left_in_place() {
-    let stack = Stack::start(&["v1", "v2"]).await;
+/// A real HAProxy in front of the stack's v1 (all traffic) and v2 (none), with load at `rps`
+/// through it: the server, its runtime socket, and the policy's `router:` lines for it.
+async fn haproxy_v1_v2(stack: &Stack, rps: f64) -> (procs::Server, PathBuf, String) {
     let port = free_port();
-    let backends = [
-        Backend {
-            name: "v1",
-            addr: &stack.addrs["v1"],
-            weight: 100,
-        },
-        Backend {
-            name: "v2",
-            addr: &stack.addrs["v2"],
-            weight: 0,
-        },
-    ];
+    let backends = [("v1", 100), ("v2", 0)].map(|(name, weight)| Backend {
+        name,
+        addr: &stack.addrs[name],
+        weight,
+    });
     let (haproxy, socket) = procs::haproxy(stack.dir.path(), port, MODEL, &backends)
         .await
         .expect("haproxy");
-    stack.load(&format!("http://127.0.0.1:{port}"), 60.0);
+    stack.load(&format!("http://127.0.0.1:{port}"), rps);
     let router = format!(
         "  haproxy: {{socket: {}, backend: {MODEL}, servers: {{v1: v1, v2: v2}}}}",
         socket.display()
     );
+    (haproxy, socket, router)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_router_that_keeps_failing_ends_in_failed_with_traffic_left_in_place() {
+    let stack = Stack::start(&["v1", "v2"]).await;
+    let (haproxy, _socket, router) = haproxy_v1_v2(&stack, 60.0).await;
     stack.write_policy(
         "f.yaml",
         &policy(
@@ -860,27 +860,7 @@ async fn check_live_runs_every_query_once_and_names_what_fails() {
 #[tokio::test(flavor = "multi_thread")]
 async fn after_kill_9_and_a_deleted_policy_the_restarted_daemon_still_aborts_on_haproxy() {
     let stack = Stack::start(&["v1", "v2"]).await;
-    let port = free_port();
-    let backends = [
-        Backend {
-            name: "v1",
-            addr: &stack.addrs["v1"],
-            weight: 100,
-        },
-        Backend {
-            name: "v2",
-            addr: &stack.addrs["v2"],
-            weight: 0,
-        },
-    ];
-    let (_haproxy, socket) = procs::haproxy(stack.dir.path(), port, MODEL, &backends)
-        .await
-        .expect("haproxy");
-    stack.load(&format!("http://127.0.0.1:{port}"), 40.0);
-    let router = format!(
-        "  haproxy: {{socket: {}, backend: {MODEL}, servers: {{v1: v1, v2: v2}}}}",
-        socket.display()
-    );
+    let (_haproxy, socket, router) = haproxy_v1_v2(&stack, 40.0).await;
     stack.write_policy(
         "h.yaml",
         &policy("h", "v1", "v2", &router, "[20, 50]", "1h", ""),
