@@ -1008,14 +1008,14 @@ impl Task {
                         }
                         Some(Command::Orphan(why)) => {
                             // Its phase, weight and step series stay, like its view: the router
-                            // may still split traffic for it. No file of it is invalid any more.
-                            // A stopped rollout whose file has errors becomes deleted only
-                            // when that file goes.
+                            // may still split traffic for it. A stopped rollout whose file has
+                            // errors becomes deleted only when that file goes.
                             if self.orphaned.as_ref().is_some_and(|o| !o.replaced_by(&why)) {
                                 continue;
                             }
+                            let invalid = matches!(why, Orphaned::Invalid(_));
                             self.orphaned = Some(why);
-                            self.shared.metrics.policy_invalid(&self.policy.name, false);
+                            self.shared.metrics.policy_invalid(&self.policy.name, invalid);
                             self.publish();
                         }
                     },

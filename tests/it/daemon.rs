@@ -2934,6 +2934,8 @@ async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
             .then_some(())
     })
     .await;
+    let invalid = "canaryd_policy_invalid{rollout=\"x\"}";
+    assert!(metrics_text(&d).await.contains(&format!("{invalid} 1")));
     std::fs::remove_file(file("bad")).unwrap();
     wait_for("that file deleted", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/x").await;
@@ -2943,6 +2945,7 @@ async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
     })
     .await;
 
+    assert!(metrics_text(&d).await.contains(&format!("{invalid} 0")));
     let (status, body) = d.post("/api/v1/rollouts/x/abort", None, "{}").await;
     assert_eq!(status, 200, "{body}");
     d.wait_phase("x", "rolled-back").await;
