@@ -230,6 +230,8 @@ pub enum Orphaned {
     Missing(String),
     /// A policy file that gives its name (this path) has errors, or is refused.
     Invalid(String),
+    /// The file with errors that gave its name (this path) no longer does.
+    Unnamed(String),
 }
 
 impl Orphaned {
@@ -242,6 +244,7 @@ impl Orphaned {
                 format!("no policy file defines this rollout (its last was {f})")
             }
             Orphaned::Invalid(f) => format!("policy file {f} has errors"),
+            Orphaned::Unnamed(f) => format!("policy file {f} no longer gives this rollout's name"),
         }
     }
 
@@ -252,7 +255,8 @@ impl Orphaned {
             Orphaned::Deleted(_)
             | Orphaned::Renamed { .. }
             | Orphaned::Starting(_)
-            | Orphaned::Missing(_) => "restore the file",
+            | Orphaned::Missing(_)
+            | Orphaned::Unnamed(_) => "restore the file",
         }
     }
 
@@ -260,8 +264,8 @@ impl Orphaned {
     /// errors keeps saying so until that file goes or loads.
     fn replaced_by(&self, next: &Orphaned) -> bool {
         match (self, next) {
-            (Orphaned::Invalid(f), Orphaned::Deleted(g)) => f == g,
-            (Orphaned::Invalid(_), Orphaned::Missing(_)) => false,
+            (Orphaned::Invalid(f), Orphaned::Deleted(g) | Orphaned::Unnamed(g)) => f == g,
+            (Orphaned::Invalid(_), _) => false,
             _ => true,
         }
     }
@@ -447,23 +451,11 @@ impl Task {
         match router.apply(&target).await {
             Ok(()) => {
                 tracing::info!(rollout = %self.policy.name, to, weight = target.canary_weight, "router handed over to the rollout whose policy now names it");
-                self.forget_router(to).await;
             }
             Err(e) => {
                 tracing::warn!(rollout = %self.policy.name, to, error = %e, "the router could not be handed over; the new rollout may find it owned by this one (`canaryd abort` on the new rollout takes it over)")
             }
         }
-    }
-
-    /// Records that the router is rollout `to`'s now (see `forget`).
-    async fn forget_router(&mut self, to: &str) {
-        let why = self
-            .orphaned
-            .as_ref()
-            .map_or_else(|| "policy file deleted".to_owned(), Orphaned::what);
-        let reason =
-            format!("{why}; the router was handed over to rollout {to}, whose policy names it");
-        forget(&self.shared, &self.state, reason).await;
     }
 
     /// Before a policy edit moves the rollout to another router: a rollout still judging its
@@ -939,12 +931,12 @@ impl Task {
             // the store says it was told.
             let now = self.shared.clock.now();
             self.read_router(now).await;
-            let invalid = matches!(self.orphaned, Some(Orphaned::Invalid(_)));
-            self.shared
-                .metrics
-                .policy_invalid(&self.policy.name, invalid);
         }
-        self.publish();
+        // One brought up from the store shows once the scan has said whether a file runs it:
+        // most do, and a moment as "stopped" at every restart would only mislead.
+        if !matches!(self.orphaned, Some(Orphaned::Starting(_))) {
+            self.publish();
+        }
         self.release_router_from_before().await;
         loop {
             // A stopped rollout (its file deleted) is left alone, except to finish a rollback
@@ -984,6 +976,10 @@ impl Task {
                                 self.source = (self.shared.sources)(&p);
                             }
                             if let Some(was) = self.orphaned.take() {
+                                // What a stopped task read of its router is no failure of the
+                                // rollout's: its deadline starts when it runs again.
+                                self.router_failing_since = None;
+                                self.view.router_error = None;
                                 let s = &self.state;
                                 if matches!(was, Orphaned::Starting(_)) {
                                     tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), step = s.step + 1, weight = s.weight, applied = self.applied, "resuming rollout from the store");
@@ -1108,6 +1104,15 @@ impl Tasks {
         }
     }
 
+    /// A stopped rollout (if `name` is one) that the policy file with errors `file` no longer
+    /// names.
+    async fn unmark_invalid(&mut self, registry: &Registry, name: &str, file: &str) {
+        if let Some(router) = self.orphans.get(name).cloned() {
+            let why = Orphaned::Unnamed(file.to_owned());
+            self.orphan(registry, name, why, router).await;
+        }
+    }
+
     /// A rollout, other than `name`, whose policy file was deleted and whose router target
     /// `target` is.
     fn orphan_on(&self, name: &str, target: &Option<RouterTarget>) -> Option<String> {
@@ -1150,6 +1155,27 @@ async fn forget(shared: &Shared, state: &RolloutState, reason: String) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             tracing::warn!(rollout = %name, error = %e, "cannot record that the rollout no longer owns its router; a restarted daemon may show it stopped on that router")
+        }
+        Err(e) => tracing::warn!(rollout = %name, error = %e, "store task failed"),
+    }
+}
+
+/// `forget` for a stopped rollout that handed its router over to rollout `to`, now that `to`
+/// runs; not if a policy runs the rollout again meanwhile.
+async fn forget_stored(shared: &Shared, registry: &Registry, name: &str, to: &str) {
+    if registry.get(name).is_some() {
+        return;
+    }
+    let store = shared.store.clone();
+    let key = name.to_owned();
+    match tokio::task::spawn_blocking(move || store.load(&key)).await {
+        Ok(Ok(Some(stored))) => {
+            let why = format!("its router was handed over to rollout {to}, whose policy names it");
+            forget(shared, &stored.state, why).await;
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(rollout = %name, error = %e, "cannot read the state of the rollout that handed its router over")
         }
         Err(e) => tracing::warn!(rollout = %name, error = %e, "store task failed"),
     }
@@ -1277,6 +1303,9 @@ struct Known {
     /// The rollout this file's policy will run once the stopped rollout of a deleted policy
     /// has handed `router` over to it; no other policy may claim that router meanwhile.
     claiming: Option<String>,
+    /// The stopped rollout handing the router over to this file's policy: once that policy
+    /// runs, the stopped rollout's record forgets the router (`forget_stored`).
+    handed_by: Option<String>,
 }
 
 /// A file's modification time and size, or `None`s for a file that cannot be read.
@@ -1355,6 +1384,8 @@ pub async fn run(
             )
             .await;
         }
+        let starting = revival.started.iter().map(|(n, _)| n.clone()).collect();
+        let order = Order { first: &starting };
         scan(
             &shared,
             &registry,
@@ -1363,6 +1394,7 @@ pub async fn run(
             &mut known,
             &shutdown,
             &mut tasks,
+            order,
         )
         .await;
         confirm_stopped(&registry, &mut tasks, &mut revival).await;
@@ -1463,7 +1495,13 @@ async fn revive_stopped(
         }
     }
     let mut found = Vec::new();
-    for (name, said) in std::mem::take(&mut revival.pending) {
+    let pending = std::mem::take(&mut revival.pending);
+    // What was said of each, so that a failure is logged once.
+    let said: BTreeMap<String, String> = pending
+        .iter()
+        .filter_map(|(n, e)| Some((n.clone(), e.clone()?)))
+        .collect();
+    for name in pending.into_keys() {
         if registry.get(&name).is_some() || tasks.busy(&name) {
             continue;
         }
@@ -1477,7 +1515,7 @@ async fn revive_stopped(
             Ok(Err(e)) => e.to_string(),
             Err(e) => format!("store task failed: {e}"),
         };
-        if said.as_deref() != Some(error.as_str()) {
+        if said.get(&name) != Some(&error) {
             tracing::warn!(rollout = %name, error = %error, "cannot read a stored rollout's state to see whether it is under way; retried at the next scan");
         }
         revival.pending.insert(name, Some(error));
@@ -1503,6 +1541,7 @@ async fn revive_stopped(
                 .values()
                 .find(|k| k.router.as_ref() == Some(t))
                 .and_then(|k| k.claiming.clone().or_else(|| k.name.clone()))
+                .filter(|owner| *owner != state.name)
         });
         if let Some(owner) = running.or_else(|| tasks.orphan_on(&state.name, &target)) {
             let why = format!("its router is rollout {owner}'s now");
@@ -1529,7 +1568,9 @@ async fn revive_stopped(
                 revival.started.push((name, last));
             }
             Err(msg) => {
-                tracing::warn!(rollout = %name, "{msg}");
+                if said.get(&name) != Some(&msg) {
+                    tracing::warn!(rollout = %name, "{msg}");
+                }
                 revival.pending.insert(name, Some(msg));
             }
         }
@@ -1588,6 +1629,16 @@ fn clash(
     ))
 }
 
+/// In which order a scan reads the policy files.
+#[derive(Clone, Copy)]
+struct Order<'a> {
+    /// Files that give one of these rollout names first (rollouts brought up from the store,
+    /// which their own files resume before another file could take their router over); then
+    /// by path.
+    first: &'a std::collections::BTreeSet<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn scan(
     shared: &Shared,
     registry: &Registry,
@@ -1596,8 +1647,13 @@ async fn scan(
     known: &mut BTreeMap<PathBuf, Known>,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Tasks,
+    order: Order<'_>,
 ) {
-    let files = policy_files(dir);
+    let mut files = policy_files(dir);
+    if !order.first.is_empty() {
+        // A stable sort: the files of those rollouts first, each group by path.
+        files.sort_by_key(|f| !policy::declared_name(f).is_some_and(|n| order.first.contains(&n)));
+    }
     // Deleted files stop their rollouts without touching traffic.
     let gone: Vec<PathBuf> = known
         .keys()
@@ -1648,6 +1704,21 @@ async fn scan(
                 .collect()
         });
         let loaded = policy::load_file_with_min_interval(&path, shared.min_interval);
+        // A stopped rollout whose name this file gave while it had errors: no longer, if the
+        // file now gives another name (or none).
+        let invalid_before = policy_errors
+            .read()
+            .ok()
+            .and_then(|e| e.get(&file).and_then(|i| i.name.clone()));
+        let declared = match &loaded {
+            Ok(p) => Some(p.name.clone()),
+            Err(_) => policy::declared_name(&path),
+        };
+        if let Some(old) = &invalid_before
+            && declared.as_ref() != Some(old)
+        {
+            tasks.unmark_invalid(registry, old, &file).await;
+        }
         let secrets: Vec<(PathBuf, Stamp)> = loaded.as_ref().map_or_else(
             |_| Vec::new(),
             |p| {
@@ -1663,8 +1734,9 @@ async fn scan(
                     .collect()
             },
         );
+        let mut handed_by = last.and_then(|k| k.handed_by.clone());
         let mut error = loaded.as_ref().err().map(ToString::to_string);
-        if error.is_some() && error == last_error {
+        if error.is_some() && error == last_error && declared == invalid_before {
             // Still failing the same way: nothing new to report.
             continue;
         }
@@ -1704,10 +1776,12 @@ async fn scan(
                     name: previous.clone(),
                     router: p.router.target(),
                     claiming: Some(p.name.clone()),
+                    handed_by: Some(orphan),
                 };
                 known.insert(path, waiting);
                 continue;
             }
+            handed_by = Some(orphan);
         }
         let (name, router) = match loaded {
             Ok(p) => match clash(
@@ -1754,8 +1828,24 @@ async fn scan(
                             file: file.clone(),
                             to: p.name.clone(),
                         };
-                        tasks.orphan(registry, old, why, previous_router).await;
-                        known.remove(&path);
+                        tasks
+                            .orphan(registry, old, why, previous_router.clone())
+                            .await;
+                        // The file keeps the router meanwhile: a policy refused for it must
+                        // not take it in between.
+                        let renamed = Known {
+                            stamp: Stamp {
+                                modified: None,
+                                len: None,
+                            },
+                            secrets: Vec::new(),
+                            error: None,
+                            name: None,
+                            router: previous_router,
+                            claiming: Some(p.name.clone()),
+                            handed_by: None,
+                        };
+                        known.insert(path, renamed);
                         continue;
                     }
                     let name = p.name.clone();
@@ -1765,6 +1855,9 @@ async fn scan(
                             // An orphan (its file deleted) resumes with this file.
                             tasks.orphans.remove(&name);
                             let _ = tx.send(Command::Policy(Box::new(p), file.clone())).await;
+                            if let Some(from) = handed_by.take() {
+                                forget_stored(shared, registry, &from, &name).await;
+                            }
                             (Some(name), target)
                         }
                         None if tasks.busy(&name) => {
@@ -1787,7 +1880,12 @@ async fn scan(
                             )
                             .await;
                             match started {
-                                Ok(()) => (Some(name), target),
+                                Ok(()) => {
+                                    if let Some(from) = handed_by.take() {
+                                        forget_stored(shared, registry, &from, &name).await;
+                                    }
+                                    (Some(name), target)
+                                }
                                 Err(msg) => {
                                     // Retried at every scan, said once.
                                     if last_error.as_deref() != Some(msg.as_str()) {
@@ -1822,7 +1920,6 @@ async fn scan(
                 if let Some(tx) = previous.as_ref().and_then(|n| registry.get(n)) {
                     let _ = tx.send(Command::PolicyError(msg.clone())).await;
                 }
-                let declared = policy::declared_name(&path);
                 if let Some(name) = &declared {
                     tasks.mark_invalid(registry, name, &file).await;
                 }
@@ -1845,6 +1942,7 @@ async fn scan(
                 name,
                 router,
                 claiming: None,
+                handed_by: None,
             },
         );
     }

@@ -2756,7 +2756,7 @@ async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_w
     let dir = setup(&held_policy());
     let (router, source) = fakes(Mode::Good);
     let d = Daemon::start(dir.path(), router.clone(), source.clone(), None).await;
-    d.wait_phase("demo", "progressing").await;
+    let before = d.wait_phase("demo", "progressing").await;
     d.stop().await;
     let file = dir.path().join("policies/demo.yaml");
     std::fs::write(
@@ -2808,7 +2808,11 @@ async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_w
     .await;
     assert_eq!(v["phase"], "progressing", "{v}");
     assert_eq!(v["step"], 1, "{v}");
-    assert_eq!(v["state"]["attempt"], 1, "resumed, not started again: {v}");
+    assert_eq!(v["state"]["attempt"], 1, "{v}");
+    assert_eq!(
+        v["state"]["started_at"], before["state"]["started_at"],
+        "resumed, not started again: {v}"
+    );
     let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
     assert_eq!(status, 200, "{body}");
     d.stop().await;
@@ -2936,6 +2940,34 @@ async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
     .await;
     let invalid = "canaryd_policy_invalid{rollout=\"x\"}";
     assert!(metrics_text(&d).await.contains(&format!("{invalid} 1")));
+    // The file now gives another name (review: x kept saying it had errors).
+    let other = named_on("zz", "v2", &a).replace("failure_limit", "fl");
+    std::fs::write(file("bad"), other).unwrap();
+    wait_for("x no longer named", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/x").await;
+        let note = v["policy_error"].as_str()?;
+        let gone = format!("policy file {} no longer gives", file("bad").display());
+        note.contains(&gone).then_some(())
+    })
+    .await;
+    assert!(metrics_text(&d).await.contains(&format!("{invalid} 0")));
+    std::fs::write(
+        file("bad"),
+        named_on("x", "v2", &a).replace("failure_limit", "fl"),
+    )
+    .unwrap();
+    wait_for(
+        "x's file with errors again",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/x").await;
+            v["policy_error"]
+                .as_str()?
+                .contains("has errors")
+                .then_some(())
+        },
+    )
+    .await;
     std::fs::remove_file(file("bad")).unwrap();
     wait_for("that file deleted", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/x").await;
@@ -2951,5 +2983,38 @@ async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
     d.wait_phase("x", "rolled-back").await;
     assert_eq!(read_json(&a)["weights"]["v2"], 0.0, "rolled back");
     assert_eq!(read_json(&b)["weights"]["v3"], 10.0, "y untouched");
+    d.stop().await;
+}
+
+/// Review: a rollout brought up stopped read its router once, and a router that was down then
+/// counted as failing ever since: when the file came back days later, the rollout went to
+/// `failed` at its first tick instead of setting its weight again.
+#[tokio::test]
+async fn a_router_down_at_startup_does_not_fail_the_rollout_when_its_file_returns() {
+    let policy = held_policy().replace(
+        "progress_deadline: 3h",
+        "progress_deadline: 3h\n  router_deadline: 1ms",
+    );
+    let dir = setup(&policy);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router.clone(), source.clone(), None).await;
+    d.wait_phase("demo", "progressing").await;
+    d.stop().await;
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::remove_file(&file).unwrap();
+    *router.failing.lock().unwrap() = true;
+
+    let d = Daemon::start(dir.path(), router.clone(), source, None).await;
+    d.wait_stopped("demo").await;
+    // The router comes back as configured at its start: all traffic on stable.
+    *router.weight.lock().unwrap() = 0.0;
+    *router.failing.lock().unwrap() = false;
+    std::fs::write(&file, &policy).unwrap();
+    wait_for("the weight set again", Duration::from_secs(10), || async {
+        (*router.weight.lock().unwrap() == 10.0).then_some(())
+    })
+    .await;
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert_eq!(v["phase"], "progressing", "{v}");
     d.stop().await;
 }
