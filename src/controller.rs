@@ -261,9 +261,12 @@ impl Orphaned {
     }
 
     /// Whether `next` says more than this about why the rollout stands stopped: a file with
-    /// errors keeps saying so until that file goes or loads.
+    /// errors keeps saying so until that file goes, loads or gives another name, and what the
+    /// scan said stays.
     fn replaced_by(&self, next: &Orphaned) -> bool {
         match (self, next) {
+            // `confirm_stopped` only settles what the scan left unsaid.
+            (_, Orphaned::Missing(_)) => matches!(self, Orphaned::Starting(_)),
             (Orphaned::Invalid(f), Orphaned::Deleted(g) | Orphaned::Unnamed(g)) => f == g,
             (Orphaned::Invalid(_), _) => false,
             _ => true,
@@ -1383,6 +1386,7 @@ pub async fn run(
                 &mut revival,
             )
             .await;
+            hold_own_files(&revival, &tasks, &mut known);
         }
         let starting = revival.started.iter().map(|(n, _)| n.clone()).collect();
         let order = Order { first: &starting };
@@ -1397,7 +1401,7 @@ pub async fn run(
             order,
         )
         .await;
-        confirm_stopped(&registry, &mut tasks, &mut revival).await;
+        confirm_stopped(&registry, &known, &mut tasks, &mut revival).await;
         ready.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -1579,7 +1583,13 @@ async fn revive_stopped(
 
 /// After a scan: the rollouts `revive_stopped` brought up that no file resumed stay stopped,
 /// and say so (unless a file with errors that gives their name said more).
-async fn confirm_stopped(registry: &Registry, tasks: &mut Tasks, revival: &mut Revival) {
+async fn confirm_stopped(
+    registry: &Registry,
+    known: &BTreeMap<PathBuf, Known>,
+    tasks: &mut Tasks,
+    revival: &mut Revival,
+) {
+    let mut waiting = Vec::new();
     for (name, last) in std::mem::take(&mut revival.started) {
         let Some(router) = tasks.orphans.get(&name).cloned() else {
             continue;
@@ -1587,10 +1597,49 @@ async fn confirm_stopped(registry: &Registry, tasks: &mut Tasks, revival: &mut R
         if registry.get(&name).is_none() {
             continue;
         }
+        if known
+            .values()
+            .any(|k| k.claiming.as_deref() == Some(name.as_str()))
+        {
+            // A file runs it once the router it now names has been handed over to it.
+            waiting.push((name, last));
+            continue;
+        }
         tracing::warn!(rollout = %name, last_file = %last, "a rollout under way has no valid policy file: stopped, traffic left as it is; `canaryd abort` still rolls it back");
         tasks
             .orphan(registry, &name, Orphaned::Missing(last), router)
             .await;
+    }
+    revival.started = waiting;
+}
+
+/// Before the first scan after `revive_stopped`: the file each rollout it brought up last ran
+/// from, if that file still gives the rollout's name, holds the rollout's name and router as
+/// if it ran it, as it did before the restart. Another file that gives that name, or names
+/// that router, is then refused as it was before (rather than win by coming first in the
+/// directory), and the file itself, read again at the scan, resumes the rollout, or renames
+/// it, or keeps it stopped with its errors.
+fn hold_own_files(revival: &Revival, tasks: &Tasks, known: &mut BTreeMap<PathBuf, Known>) {
+    for (name, last) in &revival.started {
+        let path = PathBuf::from(last);
+        if known.contains_key(&path)
+            || policy::declared_name(&path).as_deref() != Some(name.as_str())
+        {
+            continue;
+        }
+        let held = Known {
+            stamp: Stamp {
+                modified: None,
+                len: None,
+            },
+            secrets: Vec::new(),
+            error: None,
+            name: Some(name.clone()),
+            router: tasks.orphans.get(name).cloned().flatten(),
+            claiming: None,
+            handed_by: None,
+        };
+        known.insert(path, held);
     }
 }
 
@@ -1605,10 +1654,12 @@ fn clash(
     previous: Option<&str>,
 ) -> Option<policy::PolicyError> {
     let others = || known.iter().filter(|(k, _)| k.as_path() != path);
-    // A rollout whose file was deleted is this file's to resume.
+    // A rollout whose file was deleted is this file's to resume; not one whose own file is
+    // still there (see `hold_own_files`).
+    let held = || others().any(|(_, v)| v.name.as_deref() == Some(policy.name.as_str()));
     if registry.get(&policy.name).is_some()
         && previous != Some(policy.name.as_str())
-        && !orphans.contains_key(&policy.name)
+        && (!orphans.contains_key(&policy.name) || held())
     {
         let other = others()
             .find(|(_, v)| v.name.as_deref() == Some(policy.name.as_str()))

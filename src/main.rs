@@ -6,6 +6,7 @@ mod cli;
 
 use anyhow::Context;
 use canaryd::client::Outcome;
+use canaryd::text::out;
 use clap::Parser;
 use cli::{ActionArgs, Cli, Command, RunArgs};
 use serde::Deserialize;
@@ -613,13 +614,12 @@ async fn live(
         let report = source
             .check_live(policy, Window::lookback(now, Duration::from_secs(300)))
             .await;
-        println!("{}: live check", file.display());
-        print!("{report}");
+        out(&format!("{}: live check\n{report}", file.display()));
         if report.has_errors() {
-            println!(
-                "{}: live check failed: Prometheus could not answer a query (see the errors above)",
+            out(&format!(
+                "{}: live check failed: Prometheus could not answer a query (see the errors above)\n",
                 file.display()
-            );
+            ));
             answered = false;
         }
     }
@@ -695,16 +695,16 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
             Ok(p) => match clash(&file, &p, &valid) {
                 Some(e) => {
                     ok = false;
-                    println!("{e}");
+                    out(&format!("{e}\n"));
                 }
                 None => {
-                    println!("{}: ok", file.display());
+                    out(&format!("{}: ok\n", file.display()));
                     valid.push((file, p));
                 }
             },
             Err(e) => {
                 ok = false;
-                println!("{e}");
+                out(&format!("{e}\n"));
             }
         }
     }

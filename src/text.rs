@@ -29,6 +29,16 @@ pub fn cut(value: &str) -> String {
     }
 }
 
+/// Writes `text` to standard output. A reader that went away (`canaryd status | head -1`) is
+/// not an error worth a panic: the rest is dropped, as other command-line tools do.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

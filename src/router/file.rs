@@ -75,6 +75,12 @@ impl Router for FileRouter {
                     self.path.display()
                 ))
             })?;
+            if doc.rollout != target.rollout && doc.released() {
+                // Another rollout left it with all traffic on its stable (it moved to another
+                // router, or rolled back): nothing of it to protect, and no traffic on this
+                // rollout's canary. Its next apply takes the file over.
+                return Ok(0.0);
+            }
             doc.canary_share(target, &format!("weights file {}", self.path.display()))
         })
     }

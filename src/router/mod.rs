@@ -184,6 +184,18 @@ impl WeightsDoc {
         }
     }
 
+    /// Whether it sends everything to its stable version (and is well formed): its rollout
+    /// no longer holds any traffic on it.
+    pub fn released(&self) -> bool {
+        self.weights
+            .get(&self.stable)
+            .is_some_and(|w| *w > 0.0 && w.is_finite())
+            && self
+                .weights
+                .iter()
+                .all(|(v, w)| *v == self.stable || *w == 0.0)
+    }
+
     /// The canary's share of traffic this document describes, checked against the rollout it
     /// is read for. `source` names where it came from, for messages. A canary the document does
     /// not mention gets no traffic, which is what a router still set up for the previous canary

@@ -3018,3 +3018,64 @@ async fn a_router_down_at_startup_does_not_fail_the_rollout_when_its_file_return
     assert_eq!(v["phase"], "progressing", "{v}");
     d.stop().await;
 }
+
+/// UAT: a restart let files that were refused while the daemon ran win by coming first in the
+/// directory: a second file giving a running rollout's name took the rollout over (to its own
+/// router), and an edit onto another rollout's router took that router. Each rollout's own
+/// file keeps its name and router across the restart; the refused files stay refused.
+#[tokio::test]
+async fn files_refused_before_a_restart_stay_refused_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let [w1, w2, w3] = ["w1.json", "w2.json", "w3.json"].map(|f| dir.path().join(f));
+    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
+    std::fs::write(file("z-alpha"), named_on("alpha", "v2", &w1)).unwrap();
+    std::fs::write(file("beta"), named_on("beta", "v3", &w2)).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("alpha", "progressing").await;
+    d.wait_phase("beta", "progressing").await;
+    // Both refused: alpha's name is z-alpha.yaml's, w1 is alpha's.
+    std::fs::write(file("a-dup"), named_on("alpha", "v2", &w3)).unwrap();
+    std::fs::write(file("beta"), named_on("beta", "v3", &w1)).unwrap();
+    let refused = || async {
+        let (_, list) = d.get("/api/v1/rollouts").await;
+        (list["invalid_policies"].as_array()?.len() == 2).then_some(())
+    };
+    wait_for("both refused", Duration::from_secs(10), refused).await;
+    d.stop().await;
+
+    let d = Daemon::start_file_routed(dir.path()).await;
+    let v = d.wait_phase("alpha", "progressing").await;
+    assert_eq!(v["file"], file("z-alpha").display().to_string(), "{v}");
+    assert_eq!(v["stopped"], false, "{v}");
+    let v = d.wait_stopped("beta").await;
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!(
+            "policy file {} has errors",
+            file("beta").display()
+        )),
+        "{v}"
+    );
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    let mut files: Vec<&str> = list["invalid_policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["file"].as_str())
+        .collect();
+    files.sort_unstable();
+    let want = [file("a-dup"), file("beta")].map(|f| f.display().to_string());
+    assert_eq!(files, want, "{list}");
+    let (doc1, doc2) = (read_json(&w1), read_json(&w2));
+    assert_eq!(
+        (&doc1["rollout"], &doc1["weights"]["v2"]),
+        (&"alpha".into(), &10.0.into())
+    );
+    assert_eq!(
+        (&doc2["rollout"], &doc2["weights"]["v3"]),
+        (&"beta".into(), &10.0.into())
+    );
+    assert!(!w3.exists(), "nothing ran on w3");
+    d.stop().await;
+}

@@ -71,7 +71,7 @@ async fn file_errors_are_classified() {
     }
     std::fs::write(
         &path,
-        r#"{"rollout": "other", "stable": "v1", "canary": "v2", "weights": {"v1": 100}}"#,
+        r#"{"rollout": "other", "stable": "v1", "canary": "v2", "weights": {"v1": 95, "v2": 5}}"#,
     )
     .expect("write");
     let err = r
@@ -130,4 +130,32 @@ fn from_policy_builds_every_router() {
         let r = from_policy(&p).unwrap_or_else(|e| panic!("{yaml}: {e}"));
         assert_eq!(r.kind(), kind);
     }
+}
+
+/// UAT: a file another rollout left with all traffic on its stable (it moved to another
+/// router) could never be taken by a new policy ("belongs to rollout …"). Such a file is free;
+/// one that still sends the other rollout's canary traffic is not.
+#[tokio::test]
+async fn a_file_another_rollout_left_on_stable_is_free_and_one_with_its_canary_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.json");
+    let r = FileRouter::new(path.clone(), Arc::new(ManualClock::new(Time(0))));
+    let other = |canary_weight: f64| canaryd::router::Target {
+        rollout: "alpha".into(),
+        canary: "v9".into(),
+        ..target(canary_weight)
+    };
+    r.apply(&other(10.0)).await.expect("apply");
+    let err = r
+        .read(&target(0.0))
+        .await
+        .expect_err("alpha's canary has traffic");
+    assert!(
+        err.to_string().contains("belongs to rollout \"alpha\""),
+        "{err}"
+    );
+    r.apply(&other(0.0)).await.expect("apply");
+    assert_eq!(r.read(&target(0.0)).await.expect("free"), 0.0);
+    r.apply(&target(10.0)).await.expect("taken over");
+    assert_eq!(r.read(&target(10.0)).await.expect("read"), 10.0);
 }
