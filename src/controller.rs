@@ -61,9 +61,9 @@ pub struct RolloutView {
     /// Validation errors of the policy file's latest edit, while the last good version runs;
     /// for a stopped rollout, why it stopped and where traffic was left.
     pub policy_error: Option<String>,
-    /// Its policy file was deleted: nothing drives the rollout any more, and the router keeps
-    /// the split it had. Shown until the policy comes back (the rollout then resumes) or the
-    /// daemon stops.
+    /// No valid policy file drives the rollout (deleted, renamed, with errors; `Orphaned`),
+    /// and the router keeps the split it had; only `abort` acts on it. Shown until a file
+    /// gives the rollout again (it then resumes) or another rollout takes its router.
     pub stopped: bool,
     /// The daemon runs with `--dry-run`: it never changes the router and keeps its state in
     /// memory only, so the weights and steps shown are what it would have set.
@@ -103,12 +103,13 @@ pub enum Command {
     },
     Policy(Box<Policy>, String),
     PolicyError(String),
-    /// Its policy file was deleted: stop driving the rollout and leave traffic as it is, but
-    /// keep serving `abort`, so that a rollback stays reachable.
+    /// No valid policy file drives the rollout any more (or why that is changed): stop
+    /// driving it and leave traffic as it is, but keep serving `abort`, so that a rollback
+    /// stays reachable.
     Orphan(Orphaned),
-    /// A rollout whose policy file was deleted hands its router over to the rollout of this
-    /// name, whose policy now names it, and ends: a file router's document then names the new
-    /// rollout, with the split as it was, until the new rollout sets its first step.
+    /// A stopped rollout hands its router over to the rollout of this name, whose policy now
+    /// names it, and ends: a file router's document then names the new rollout, with the
+    /// split as it was, until the new rollout sets its first step.
     HandOver(String),
 }
 
@@ -191,6 +192,10 @@ pub enum OperateError {
     Unrecorded(String),
 }
 
+/// How long a scan waits for a stopped rollout to hand its router over before it leaves the
+/// new rollout's start to the next scan.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
+
 /// Deliveries of one alert webhook event before it is given up.
 const WEBHOOK_ATTEMPTS: u32 = 3;
 
@@ -244,7 +249,9 @@ impl Orphaned {
                 format!("no policy file defines this rollout (its last was {f})")
             }
             Orphaned::Invalid(f) => format!("policy file {f} has errors"),
-            Orphaned::Unnamed(f) => format!("policy file {f} no longer gives this rollout's name"),
+            Orphaned::Unnamed(f) => {
+                format!("policy file {f}, which had errors, no longer gives this rollout's name")
+            }
         }
     }
 
@@ -268,7 +275,7 @@ impl Orphaned {
             // `confirm_stopped` only settles what the scan left unsaid.
             (_, Orphaned::Missing(_)) => matches!(self, Orphaned::Starting(_)),
             (Orphaned::Invalid(f), Orphaned::Deleted(g) | Orphaned::Unnamed(g)) => f == g,
-            (Orphaned::Invalid(_), _) => false,
+            (Orphaned::Invalid(_), _) | (_, Orphaned::Unnamed(_)) => false,
             _ => true,
         }
     }
@@ -1071,6 +1078,14 @@ impl Tasks {
         self.orphans.retain(|name, _| started.contains_key(name));
     }
 
+    /// Whether the rollout's task has ended, waiting at most `limit` for it.
+    async fn ended_within(&mut self, name: &str, limit: Duration) -> bool {
+        if let Some(t) = self.started.get_mut(name) {
+            let _ = tokio::time::timeout(limit, &mut t.done).await;
+        }
+        !self.busy(name)
+    }
+
     /// Ends a rollout's task with `last` (a `HandOver`) after its current tick; its view goes
     /// once it has ended. Says whether the task was still reachable.
     async fn end(&mut self, registry: &Registry, name: &str, last: Command) -> bool {
@@ -1095,6 +1110,23 @@ impl Tasks {
             && tx.send(Command::Orphan(why)).await.is_ok()
         {
             self.orphans.insert(name.to_owned(), router);
+        }
+    }
+
+    /// What a file whose latest version is refused or has errors keeps holding (see `scan`):
+    /// the rollout it ran and its router, unless that rollout is stopped and the file no
+    /// longer gives its name.
+    fn held(
+        &self,
+        previous: Option<String>,
+        router: Option<RouterTarget>,
+        declared: Option<&str>,
+    ) -> (Option<String>, Option<RouterTarget>) {
+        match previous {
+            Some(n) if self.orphans.contains_key(&n) && declared != Some(n.as_str()) => {
+                (None, None)
+            }
+            previous => (previous, router),
         }
     }
 
@@ -1386,10 +1418,18 @@ pub async fn run(
                 &mut revival,
             )
             .await;
-            hold_own_files(&revival, &tasks, &mut known);
+            hold_own_files(&revival, &tasks, &dir, &mut known);
         }
         let starting = revival.started.iter().map(|(n, _)| n.clone()).collect();
-        let order = Order { first: &starting };
+        let own = revival
+            .started
+            .iter()
+            .map(|(_, f)| PathBuf::from(f))
+            .collect();
+        let order = Order {
+            own: &own,
+            first: &starting,
+        };
         scan(
             &shared,
             &registry,
@@ -1606,9 +1646,12 @@ async fn confirm_stopped(
             continue;
         }
         tracing::warn!(rollout = %name, last_file = %last, "a rollout under way has no valid policy file: stopped, traffic left as it is; `canaryd abort` still rolls it back");
-        tasks
-            .orphan(registry, &name, Orphaned::Missing(last), router)
-            .await;
+        // Its last file runs another rollout now: renamed while the daemon was down.
+        let why = match known.get(Path::new(&last)).and_then(|k| k.name.clone()) {
+            Some(to) if to != name => Orphaned::Renamed { file: last, to },
+            _ => Orphaned::Missing(last),
+        };
+        tasks.orphan(registry, &name, why, router).await;
     }
     revival.started = waiting;
 }
@@ -1619,10 +1662,17 @@ async fn confirm_stopped(
 /// that router, is then refused as it was before (rather than win by coming first in the
 /// directory), and the file itself, read again at the scan, resumes the rollout, or renames
 /// it, or keeps it stopped with its errors.
-fn hold_own_files(revival: &Revival, tasks: &Tasks, known: &mut BTreeMap<PathBuf, Known>) {
+fn hold_own_files(
+    revival: &Revival,
+    tasks: &Tasks,
+    dir: &Path,
+    known: &mut BTreeMap<PathBuf, Known>,
+) {
+    let files = policy_files(dir);
     for (name, last) in &revival.started {
         let path = PathBuf::from(last);
         if known.contains_key(&path)
+            || !files.contains(&path)
             || policy::declared_name(&path).as_deref() != Some(name.as_str())
         {
             continue;
@@ -1683,8 +1733,10 @@ fn clash(
 /// In which order a scan reads the policy files.
 #[derive(Clone, Copy)]
 struct Order<'a> {
-    /// Files that give one of these rollout names first (rollouts brought up from the store,
-    /// which their own files resume before another file could take their router over); then
+    /// These files first: the files rollouts brought up from the store last ran from.
+    own: &'a std::collections::BTreeSet<PathBuf>,
+    /// Then files that give one of these rollout names (those rollouts, which their files
+    /// resume before another file could take their router over); then the rest, each group
     /// by path.
     first: &'a std::collections::BTreeSet<String>,
 }
@@ -1702,8 +1754,16 @@ async fn scan(
 ) {
     let mut files = policy_files(dir);
     if !order.first.is_empty() {
-        // A stable sort: the files of those rollouts first, each group by path.
-        files.sort_by_key(|f| !policy::declared_name(f).is_some_and(|n| order.first.contains(&n)));
+        // A stable sort keeps each group by path.
+        files.sort_by_cached_key(|f| {
+            if order.own.contains(f) {
+                0
+            } else if policy::declared_name(f).is_some_and(|n| order.first.contains(&n)) {
+                1
+            } else {
+                2
+            }
+        });
     }
     // Deleted files stop their rollouts without touching traffic.
     let gone: Vec<PathBuf> = known
@@ -1712,28 +1772,37 @@ async fn scan(
         .cloned()
         .collect();
     for path in gone {
-        if let Some(Known {
-            name: Some(name),
-            router,
-            ..
-        }) = known.remove(&path)
-        {
-            tracing::info!(rollout = %name, file = %path.display(), "policy file deleted; rollout stopped, traffic left as it is; abort still rolls it back");
-            let file = path.display().to_string();
-            tasks
-                .orphan(registry, &name, Orphaned::Deleted(file), router)
-                .await;
-        }
         let file = path.display().to_string();
+        let ran = match known.remove(&path) {
+            Some(Known {
+                name: Some(name),
+                router,
+                ..
+            }) => {
+                tracing::info!(rollout = %name, file = %file, "policy file deleted; rollout stopped, traffic left as it is; abort still rolls it back");
+                let why = Orphaned::Deleted(file.clone());
+                tasks.orphan(registry, &name, why, router).await;
+                // A file with errors that gives its name says so now (its error, unchanged,
+                // is not read again).
+                let errors = policy_errors.read().map(|e| e.clone()).unwrap_or_default();
+                for (other, invalid) in errors {
+                    if other != file && invalid.name.as_deref() == Some(name.as_str()) {
+                        tasks.mark_invalid(registry, &name, &other).await;
+                    }
+                }
+                Some(name)
+            }
+            _ => None,
+        };
         let invalid = policy_errors.write().ok().and_then(|mut e| e.remove(&file));
         // The file with errors of a stopped rollout (see `Orphaned::Invalid`).
-        if let Some(name) = invalid.and_then(|i| i.name)
+        if let Some(name) = invalid
+            .and_then(|i| i.name)
+            .filter(|n| Some(n) != ran.as_ref())
             && let Some(router) = tasks.orphans.get(&name).cloned()
         {
-            tracing::info!(rollout = %name, file = %file, "policy file with errors deleted; the rollout stays stopped; abort still rolls it back");
-            tasks
-                .orphan(registry, &name, Orphaned::Deleted(file), router)
-                .await;
+            let why = Orphaned::Unnamed(file);
+            tasks.orphan(registry, &name, why, router).await;
         }
     }
     for path in files {
@@ -1745,6 +1814,9 @@ async fn scan(
         let file = path.display().to_string();
         let previous = last.and_then(|k| k.name.clone());
         let previous_router = last.and_then(|k| k.router.clone());
+        // What the file keeps holding while its latest version is refused or has errors: the
+        // rollout it runs, and its router; for a stopped rollout (see `hold_own_files`) only
+        // while the file still gives its name, since nothing runs from it.
         let last_error = last.and_then(|k| k.error.clone());
         // Stamps of the credentials files taken before they are read, so that a rotation
         // during the read shows as a change at the next scan.
@@ -1811,9 +1883,11 @@ async fn scan(
             // the stopped rollout (and its abort) alone.
             let hand_over = Command::HandOver(p.name.clone());
             if tasks.end(registry, &orphan, hand_over).await {
-                tracing::info!(rollout = %orphan, file = %file, by = %p.name, "the router of a rollout whose policy file was deleted is taken by another policy; rollout ended");
+                tracing::info!(rollout = %orphan, by = %p.name, by_file = %file, "the router of a stopped rollout is taken by another policy; rollout ended");
             }
-            if tasks.busy(&orphan) {
+            // A hand-over is one router call: waited for a moment, so that the new rollout
+            // starts in this scan rather than the next.
+            if !tasks.ended_within(&orphan, HAND_OVER_WAIT).await {
                 // Still handing over: the file is loaded again at the next scan (its stamp
                 // no longer matches), keeps the rollout it runs, and holds the router
                 // meanwhile, so that no other file claims it.
@@ -1861,9 +1935,16 @@ async fn scan(
                         };
                         e.insert(file.clone(), invalid);
                     }
-                    tasks.mark_invalid(registry, &p.name, &file).await;
+                    // A file refused because another holds the name cannot resume that
+                    // rollout: its note does not point here.
+                    let name_held = known
+                        .iter()
+                        .any(|(k, v)| *k != path && v.name.as_deref() == Some(p.name.as_str()));
+                    if !name_held {
+                        tasks.mark_invalid(registry, &p.name, &file).await;
+                    }
                     error = Some(msg);
-                    (previous, previous_router)
+                    tasks.held(previous, previous_router, declared.as_deref())
                 }
                 None => {
                     if let Ok(mut e) = policy_errors.write() {
@@ -1959,7 +2040,10 @@ async fn scan(
             },
             Err(e) => {
                 let msg = e.to_string();
-                let outcome = if previous.is_some() {
+                let runs = previous
+                    .as_ref()
+                    .is_some_and(|n| !tasks.orphans.contains_key(n));
+                let outcome = if runs {
                     "the last good version keeps running"
                 } else {
                     "not started"
@@ -1976,12 +2060,12 @@ async fn scan(
                 }
                 if let Ok(mut errs) = policy_errors.write() {
                     let invalid = InvalidPolicy {
-                        name: declared,
+                        name: declared.clone(),
                         error: msg,
                     };
                     errs.insert(file.clone(), invalid);
                 }
-                (previous, previous_router)
+                tasks.held(previous, previous_router, declared.as_deref())
             }
         };
         known.insert(
@@ -1993,7 +2077,7 @@ async fn scan(
                 name,
                 router,
                 claiming: None,
-                handed_by: None,
+                handed_by,
             },
         );
     }

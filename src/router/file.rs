@@ -77,9 +77,11 @@ impl Router for FileRouter {
             })?;
             if doc.rollout != target.rollout && doc.released() {
                 // Another rollout left it with all traffic on its stable (it moved to another
-                // router, or rolled back): nothing of it to protect, and no traffic on this
-                // rollout's canary. Its next apply takes the file over.
-                return Ok(0.0);
+                // router, or rolled back): nothing of it to protect. This rollout's canary
+                // gets what the file sends it (nothing, unless it is that stable), and its
+                // next apply takes the file over.
+                let canary = doc.weights.get(&target.canary).copied().unwrap_or(0.0);
+                return Ok(super::canary_share(canary, doc.weights.values()).unwrap_or(0.0));
             }
             doc.canary_share(target, &format!("weights file {}", self.path.display()))
         })

@@ -2946,7 +2946,10 @@ async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
     wait_for("x no longer named", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/x").await;
         let note = v["policy_error"].as_str()?;
-        let gone = format!("policy file {} no longer gives", file("bad").display());
+        let gone = format!(
+            "policy file {}, which had errors, no longer gives",
+            file("bad").display()
+        );
         note.contains(&gone).then_some(())
     })
     .await;
@@ -2972,8 +2975,11 @@ async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
     wait_for("that file deleted", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/x").await;
         let note = v["policy_error"].as_str()?;
-        note.contains(&format!("policy file {} deleted", file("bad").display()))
-            .then_some(())
+        let gone = format!(
+            "{}, which had errors, no longer gives",
+            file("bad").display()
+        );
+        note.contains(&gone).then_some(())
     })
     .await;
 
@@ -3077,5 +3083,60 @@ async fn files_refused_before_a_restart_stay_refused_after_it() {
         (&"beta".into(), &10.0.into())
     );
     assert!(!w3.exists(), "nothing ran on w3");
+    d.stop().await;
+}
+
+/// Review: at a restart with a rollout's own file broken and a second file giving its name,
+/// the note pointed to the second file (which could never resume it), and the broken file
+/// kept the name after it stopped giving it, so the second file stayed refused.
+#[tokio::test]
+async fn a_broken_own_file_holds_the_name_only_while_it_gives_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let [w1, w3] = ["w1.json", "w3.json"].map(|f| dir.path().join(f));
+    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
+    std::fs::write(file("z-alpha"), named_on("alpha", "v2", &w1)).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("alpha", "progressing").await;
+    d.stop().await;
+    let broken = |name: &str| named_on(name, "v2", &w1).replace("failure_limit", "fl");
+    std::fs::write(file("z-alpha"), broken("alpha")).unwrap();
+    std::fs::write(file("a-dup"), named_on("alpha", "v2", &w3)).unwrap();
+
+    let d = Daemon::start_file_routed(dir.path()).await;
+    let v = d.wait_stopped("alpha").await;
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    let own = format!("policy file {} has errors", file("z-alpha").display());
+    assert!(note.contains(&own), "{v}");
+    assert!(!w3.exists(), "a-dup.yaml is refused");
+    // The broken file gives another name now: a-dup.yaml is alpha's file.
+    std::fs::write(file("z-alpha"), broken("other")).unwrap();
+    let v = wait_for("alpha from a-dup.yaml", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/alpha").await;
+        (v["stopped"] == false).then_some(v)
+    })
+    .await;
+    assert_eq!(v["file"], file("a-dup").display().to_string(), "{v}");
+    wait_for("alpha on w3", Duration::from_secs(10), || async {
+        (read_json(&w3)["weights"]["v2"] == 10.0).then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
+/// UAT: a rollout renamed (onto another router) while the daemon was down came back as "no
+/// policy file defines this rollout"; its last file says what became of it.
+#[tokio::test]
+async fn a_rollout_renamed_while_the_daemon_was_down_says_so() {
+    let (dir, d) = on_file_router("alpha", "a.json").await;
+    d.stop().await;
+    let file = dir.path().join("policies/alpha.yaml");
+    std::fs::write(&file, named_on("beta", "v3", &dir.path().join("b.json"))).unwrap();
+    let d = Daemon::start_file_routed(dir.path()).await;
+    d.wait_phase("beta", "progressing").await;
+    let v = d.wait_stopped("alpha").await;
+    let note = v["policy_error"].as_str().unwrap_or_default();
+    let renamed = format!("policy file {} renamed it to beta", file.display());
+    assert!(note.contains(&renamed), "{v}");
     d.stop().await;
 }
