@@ -76,7 +76,7 @@ pub async fn act(
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     match status.as_u16() {
         200 => {
-            crate::text::out(&format!("{}\n", action_line(name, &body)));
+            crate::text::out(&format!("{}\n", action_line(name, &body)))?;
             Ok(Outcome::Done)
         }
         // 503: a standby replica (it names the leader), or an action the state store could
@@ -167,7 +167,7 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
     match name {
         None => {
             let (_, body) = get(server, "/api/v1/rollouts").await?;
-            crate::text::out(&table(&body));
+            crate::text::out(&table(&body))?;
             Ok(Outcome::Done)
         }
         Some(n) => {
@@ -185,11 +185,11 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
                 return Ok(Outcome::Refused);
             }
             let (_, log) = get(server, &format!("/api/v1/rollouts/{n}/decisions?limit=30")).await?;
-            crate::text::out(&timeline(&view, &log));
+            crate::text::out(&timeline(&view, &log))?;
             if view["stopped"] == true {
                 // Its note says that a file with errors gives its name: the errors themselves.
                 let (_, list) = get(server, "/api/v1/rollouts").await?;
-                crate::text::out(&invalid_files_of(&list, n));
+                crate::text::out(&invalid_files_of(&list, n))?;
             }
             Ok(Outcome::Done)
         }

@@ -614,16 +614,24 @@ async fn live(
         let report = source
             .check_live(policy, Window::lookback(now, Duration::from_secs(300)))
             .await;
-        out(&format!("{}: live check\n{report}", file.display()));
+        out(&format!("{}: live check\n{report}", file.display()))?;
         if report.has_errors() {
             out(&format!(
                 "{}: live check failed: Prometheus could not answer a query (see the errors above)\n",
                 file.display()
-            ));
+            ))?;
             answered = false;
         }
     }
     Ok(answered)
+}
+
+/// `out`, and a failure to write said on stderr and counted as a failed check.
+fn say(text: &str, ok: &mut bool) {
+    if let Err(e) = out(text) {
+        eprintln!("error: cannot write the output: {e}");
+        *ok = false;
+    }
 }
 
 fn prometheus_registry() -> prometheus::Registry {
@@ -695,16 +703,16 @@ fn check(args: &cli::CheckArgs) -> ExitCode {
             Ok(p) => match clash(&file, &p, &valid) {
                 Some(e) => {
                     ok = false;
-                    out(&format!("{e}\n"));
+                    say(&format!("{e}\n"), &mut ok);
                 }
                 None => {
-                    out(&format!("{}: ok\n", file.display()));
+                    say(&format!("{}: ok\n", file.display()), &mut ok);
                     valid.push((file, p));
                 }
             },
             Err(e) => {
                 ok = false;
-                out(&format!("{e}\n"));
+                say(&format!("{e}\n"), &mut ok);
             }
         }
     }

@@ -30,13 +30,18 @@ pub fn cut(value: &str) -> String {
 }
 
 /// Writes `text` to standard output. A reader that went away (`canaryd status | head -1`) is
-/// not an error worth a panic: the rest is dropped, as other command-line tools do.
-pub fn out(text: &str) {
+/// not an error: the rest is dropped, as other command-line tools do. Any other failure (a
+/// full disk) is.
+pub fn out(text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout
+    match stdout
         .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush());
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]

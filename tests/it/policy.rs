@@ -727,3 +727,21 @@ fn a_closed_stdout_is_no_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+/// UAT: `canaryd check … > /dev/full` exited 0 with nothing written. An output that cannot be
+/// written, other than a reader that went away, fails the command and says why.
+#[test]
+fn an_unwritable_stdout_fails_the_check() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        panic!("/dev/full is missing on this machine");
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .args(["check", "--no-secrets", "policies/fraud-detector.yaml"])
+        .current_dir(root())
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
+}
