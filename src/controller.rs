@@ -13,7 +13,7 @@ use crate::rollout::{Action, Decision, Phase, RolloutState, analysis_window, dec
 use crate::router::{Router, RouterError, Target};
 use crate::source::MetricSource;
 use crate::source::prometheus::error_chain;
-use crate::store::{DecisionRecord, Store};
+use crate::store::{DecisionRecord, Store, StoredRollout};
 use crate::time::{Clock, Time};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -1226,6 +1226,14 @@ fn settle(shared: &Shared, name: &str) {
     }
 }
 
+/// How a rollout task starts.
+enum Start {
+    /// From a policy file, with the rollout's stored state if it has one.
+    File,
+    /// Stopped, from the state `revive_stopped` read, for this reason.
+    Stopped(Box<StoredRollout>, Orphaned),
+}
+
 /// Starts a rollout task for a valid policy; or says why it cannot, to be retried at the next
 /// scan (the store may be unreachable for a moment, etcd in particular).
 async fn spawn_rollout(
@@ -1233,14 +1241,21 @@ async fn spawn_rollout(
     registry: &Registry,
     policy: Policy,
     file: String,
-    orphaned: Option<Orphaned>,
+    start: Start,
     shutdown: watch::Receiver<bool>,
     tasks: &mut Tasks,
 ) -> Result<(), String> {
+    let (orphaned, read) = match start {
+        Start::File => (None, None),
+        Start::Stopped(stored, why) => (Some(why), Some(*stored)),
+    };
     let store = shared.store.clone();
     let name = policy.name.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        let state = store.load(&name)?;
+        let state = match read {
+            Some(stored) => Some(stored),
+            None => store.load(&name)?,
+        };
         // The newest decision, so the API shows it before the task decides anything (after a
         // restart, or on the replica that took over).
         let last = store.decisions(&name, 1, None)?.into_iter().next();
@@ -1323,7 +1338,10 @@ async fn spawn_rollout(
 
 /// What the watcher knows of one policy file.
 struct Known {
-    stamp: Stamp,
+    /// The file's stamp at the last load; none for an entry the scan made up (a file waiting
+    /// for a hand-over, a renamed file, a rollout's own file at startup), which is read again
+    /// at the next scan whatever its stamp.
+    stamp: Option<Stamp>,
     /// The files the last valid version read besides the policy file (its credentials), as
     /// they were then: a rotated secret reloads the policy.
     secrets: Vec<(PathBuf, Stamp)>,
@@ -1363,7 +1381,26 @@ impl Stamp {
 impl Known {
     /// Whether the policy file and the files it read are as they were at the last load.
     fn unchanged(&self, stamp: Stamp) -> bool {
-        self.stamp == stamp && self.secrets.iter().all(|(p, s)| Stamp::of(p) == *s)
+        self.stamp == Some(stamp) && self.secrets.iter().all(|(p, s)| Stamp::of(p) == *s)
+    }
+
+    /// An entry that holds a rollout's name, a router, or a router claimed for a rollout,
+    /// until the scan reads the file again.
+    fn placeholder(
+        name: Option<String>,
+        router: Option<RouterTarget>,
+        claiming: Option<String>,
+        handed_by: Option<String>,
+    ) -> Known {
+        Known {
+            stamp: None,
+            secrets: Vec::new(),
+            error: None,
+            name,
+            router,
+            claiming,
+            handed_by,
+        }
     }
 }
 
@@ -1553,7 +1590,7 @@ async fn revive_stopped(
         let key = name.clone();
         let error = match tokio::task::spawn_blocking(move || store.load(&key)).await {
             Ok(Ok(stored)) => {
-                found.extend(stored.map(|s| s.state));
+                found.extend(stored);
                 continue;
             }
             Ok(Err(e)) => e.to_string(),
@@ -1564,21 +1601,23 @@ async fn revive_stopped(
         }
         revival.pending.insert(name, Some(error));
     }
-    let mut stopped: Vec<(Box<Policy>, RolloutState)> = Vec::new();
-    for state in found {
+    let mut stopped: Vec<(Box<Policy>, StoredRollout)> = Vec::new();
+    for stored in found {
+        let state = &stored.state;
         // Without a router it never drove one, or gave it up.
         if !under_way(state.phase) || state.router.is_none() {
             continue;
         }
         match state.policy.clone().filter(|p| p.name == state.name) {
-            Some(policy) => stopped.push((policy, state)),
+            Some(policy) => stopped.push((policy, stored)),
             None => {
                 tracing::warn!(rollout = %state.name, phase = state.phase.as_str(), weight = state.weight, "a stored rollout is under way, but its state holds no policy this canaryd can read (an older version stored it): it runs again only when a policy file defines it")
             }
         }
     }
-    stopped.sort_by_key(|(_, state)| std::cmp::Reverse(last_active(state)));
-    for (policy, state) in stopped {
+    stopped.sort_by_key(|(_, stored)| std::cmp::Reverse(last_active(&stored.state)));
+    for (policy, stored) in stopped {
+        let state = &stored.state;
         let target = policy.router.target();
         let running = target.as_ref().and_then(|t| {
             known
@@ -1590,18 +1629,18 @@ async fn revive_stopped(
         if let Some(owner) = running.or_else(|| tasks.orphan_on(&state.name, &target)) {
             let why = format!("its router is rollout {owner}'s now");
             tracing::info!(rollout = %state.name, owner = %owner, "a stored rollout under way has no policy file, and its router is another rollout's now; it gives the router up");
-            forget(shared, &state, why).await;
+            forget(shared, state, why).await;
             continue;
         }
         let name = state.name.clone();
         let last = state.file.clone().unwrap_or_else(|| "unknown".to_owned());
-        let why = Some(Orphaned::Starting(last.clone()));
+        let start = Start::Stopped(Box::new(stored), Orphaned::Starting(last.clone()));
         match spawn_rollout(
             shared,
             registry,
             *policy,
             last.clone(),
-            why,
+            start,
             shutdown.clone(),
             tasks,
         )
@@ -1677,19 +1716,11 @@ fn hold_own_files(
         {
             continue;
         }
-        let held = Known {
-            stamp: Stamp {
-                modified: None,
-                len: None,
-            },
-            secrets: Vec::new(),
-            error: None,
-            name: Some(name.clone()),
-            router: tasks.orphans.get(name).cloned().flatten(),
-            claiming: None,
-            handed_by: None,
-        };
-        known.insert(path, held);
+        let router = tasks.orphans.get(name).cloned().flatten();
+        known.insert(
+            path,
+            Known::placeholder(Some(name.clone()), router, None, None),
+        );
     }
 }
 
@@ -1888,21 +1919,15 @@ async fn scan(
             // A hand-over is one router call: waited for a moment, so that the new rollout
             // starts in this scan rather than the next.
             if !tasks.ended_within(&orphan, HAND_OVER_WAIT).await {
-                // Still handing over: the file is loaded again at the next scan (its stamp
-                // no longer matches), keeps the rollout it runs, and holds the router
-                // meanwhile, so that no other file claims it.
-                let waiting = Known {
-                    stamp: Stamp {
-                        modified: None,
-                        len: None,
-                    },
-                    secrets: Vec::new(),
-                    error: None,
-                    name: previous.clone(),
-                    router: p.router.target(),
-                    claiming: Some(p.name.clone()),
-                    handed_by: Some(orphan),
-                };
+                // Still handing over: the file is loaded again at the next scan, keeps the
+                // rollout it runs, and holds the router meanwhile, so that no other file
+                // claims it.
+                let waiting = Known::placeholder(
+                    previous.clone(),
+                    p.router.target(),
+                    Some(p.name.clone()),
+                    Some(orphan),
+                );
                 known.insert(path, waiting);
                 continue;
             }
@@ -1965,18 +1990,8 @@ async fn scan(
                             .await;
                         // The file keeps the router meanwhile: a policy refused for it must
                         // not take it in between.
-                        let renamed = Known {
-                            stamp: Stamp {
-                                modified: None,
-                                len: None,
-                            },
-                            secrets: Vec::new(),
-                            error: None,
-                            name: None,
-                            router: previous_router,
-                            claiming: Some(p.name.clone()),
-                            handed_by: None,
-                        };
+                        let claiming = Some(p.name.clone());
+                        let renamed = Known::placeholder(None, previous_router, claiming, None);
                         known.insert(path, renamed);
                         continue;
                     }
@@ -2006,7 +2021,7 @@ async fn scan(
                                 registry,
                                 p,
                                 file.clone(),
-                                None,
+                                Start::File,
                                 shutdown.clone(),
                                 tasks,
                             )
@@ -2071,7 +2086,7 @@ async fn scan(
         known.insert(
             path,
             Known {
-                stamp,
+                stamp: Some(stamp),
                 secrets,
                 error,
                 name,

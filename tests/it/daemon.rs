@@ -328,6 +328,12 @@ impl Daemon {
             .await
     }
 
+    /// Asserts that the API lists no invalid or refused policy file.
+    pub async fn assert_no_invalid_policies(&self) {
+        let (_, list) = self.get("/api/v1/rollouts").await;
+        assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    }
+
     /// Waits until the rollout is shown stopped (its policy file deleted); its view.
     pub async fn wait_stopped(&self, name: &str) -> Value {
         let path = format!("/api/v1/rollouts/{name}");
@@ -362,9 +368,15 @@ pub fn test_limits() -> Limits {
 }
 
 pub fn setup(policy: &str) -> tempfile::TempDir {
+    let dir = policies_dir();
+    std::fs::write(dir.path().join("policies/demo.yaml"), policy).unwrap();
+    dir
+}
+
+/// A daemon's directory with an empty `policies` directory in it.
+pub fn policies_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/demo.yaml"), policy).unwrap();
     dir
 }
 
@@ -1323,8 +1335,7 @@ fn a_listen_name_is_judged_by_every_address_it_resolves_to() {
 /// not touch the traffic, says so and how to take the file over, and `abort` does that.
 #[tokio::test]
 async fn a_renamed_policy_explains_the_owned_router_and_abort_takes_it_over() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let weights = dir.path().join("weights.json");
     // The old rollout's last split: 10 % on the canary.
     std::fs::write(
@@ -1793,8 +1804,7 @@ async fn an_unreadable_stored_state_is_reported_and_retried() {
     .unwrap();
     let v = d.wait_phase("demo", "promoted").await;
     assert_eq!(v["phase"], "promoted");
-    let (_, list) = d.get("/api/v1/rollouts").await;
-    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    d.assert_no_invalid_policies().await;
     d.stop().await;
 }
 
@@ -1820,8 +1830,7 @@ async fn retry_right_after_an_abort_is_accepted() {
 /// (nobody drives it any more), and the new one takes the rollout's weight.
 #[tokio::test]
 async fn a_rollout_moved_to_another_router_leaves_the_old_one_on_stable() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let (old, new) = (dir.path().join("old.json"), dir.path().join("new.json"));
     let policy = |path: &Path| {
         held_policy().replace(
@@ -1945,8 +1954,7 @@ impl MetricSource for HeldSource {
 #[tokio::test]
 async fn a_policy_renamed_and_renamed_back_leaves_no_ghost_of_the_other_name() {
     let policy = held_policy().replace("name: demo", "name: search");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let file = dir.path().join("policies/search.yaml");
     std::fs::write(&file, &policy).unwrap();
     let (router, source) = fakes(Mode::Good);
@@ -2074,8 +2082,7 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
     assert_eq!(v["phase"], "progressing", "{v}");
     assert_eq!(v["step"], 1, "{v}");
     assert_eq!(v["file"], back.display().to_string(), "{v}");
-    let (_, list) = d.get("/api/v1/rollouts").await;
-    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    d.assert_no_invalid_policies().await;
     d.stop().await;
 }
 
@@ -2086,8 +2093,7 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
 /// still named the old rollout, and the new one could not read it). Real file router.
 #[tokio::test]
 async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_router() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let weights = dir.path().join("weights.json");
     let policy = file_routed(&held_policy(), &weights);
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
@@ -2155,8 +2161,7 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
         || async { (d.get("/api/v1/rollouts/demo").await.0 == 404).then_some(()) },
     )
     .await;
-    let (_, list) = d.get("/api/v1/rollouts").await;
-    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    d.assert_no_invalid_policies().await;
     d.stop().await;
 }
 
@@ -2165,8 +2170,7 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
 /// clash with its own rollout, for good. It now takes the router over and runs on.
 #[tokio::test]
 async fn a_running_policy_edited_onto_a_stopped_rollouts_router_takes_it_over() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
     std::fs::write(file("x"), named_on("x", "v2", &a)).unwrap();
@@ -2188,8 +2192,7 @@ async fn a_running_policy_edited_onto_a_stopped_rollouts_router_takes_it_over() 
     })
     .await;
     // v3 at 10 % on a.json is y's own write, after it loaded its edit: refused by nothing.
-    let (_, list) = d.get("/api/v1/rollouts").await;
-    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    d.assert_no_invalid_policies().await;
     let (_, v) = d.get("/api/v1/rollouts/y").await;
     assert!(v["policy_error"].is_null(), "{v}");
     assert_eq!(v["phase"], "progressing", "{v}");
@@ -2200,8 +2203,7 @@ async fn a_running_policy_edited_onto_a_stopped_rollouts_router_takes_it_over() 
 /// invalid from the start; it points to the policy's error instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_of_a_rollout_whose_policy_is_invalid_shows_the_policy_error() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let file = dir.path().join("policies/nd.yaml");
     std::fs::write(
         &file,
@@ -2280,8 +2282,7 @@ async fn a_second_policy_on_a_router_target_is_refused_and_the_first_keeps_runni
     let own = b.replace("backend: fraud", "backend: fraud-b");
     std::fs::write(policies.join("fraud-b.yaml"), &own).unwrap();
     d.wait_phase("fraud-b", "progressing").await;
-    let (_, list) = d.get("/api/v1/rollouts").await;
-    assert_eq!(list["invalid_policies"], serde_json::json!([]), "{list}");
+    d.assert_no_invalid_policies().await;
     // An edit onto fraud-a's backend is refused; the last good version keeps running.
     std::fs::write(policies.join("fraud-b.yaml"), &b).unwrap();
     let v = wait_for("the edit refused", Duration::from_secs(10), || async {
@@ -2681,8 +2682,7 @@ fn named_on(name: &str, canary: &str, weights: &Path) -> String {
 /// A daemon with the real routers whose rollout `name` (v1 to v2, in `policies/{name}.yaml`)
 /// runs at its first step on the file router at `weights` in the daemon's directory.
 async fn on_file_router(name: &str, weights: &str) -> (tempfile::TempDir, Daemon) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let policy = named_on(name, "v2", &dir.path().join(weights));
     std::fs::write(dir.path().join(format!("policies/{name}.yaml")), policy).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
@@ -3031,8 +3031,7 @@ async fn a_router_down_at_startup_does_not_fail_the_rollout_when_its_file_return
 /// file keeps its name and router across the restart; the refused files stay refused.
 #[tokio::test]
 async fn files_refused_before_a_restart_stay_refused_after_it() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let [w1, w2, w3] = ["w1.json", "w2.json", "w3.json"].map(|f| dir.path().join(f));
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
     std::fs::write(file("z-alpha"), named_on("alpha", "v2", &w1)).unwrap();
@@ -3091,8 +3090,7 @@ async fn files_refused_before_a_restart_stay_refused_after_it() {
 /// kept the name after it stopped giving it, so the second file stayed refused.
 #[tokio::test]
 async fn a_broken_own_file_holds_the_name_only_while_it_gives_it() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let dir = policies_dir();
     let [w1, w3] = ["w1.json", "w3.json"].map(|f| dir.path().join(f));
     let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
     std::fs::write(file("z-alpha"), named_on("alpha", "v2", &w1)).unwrap();

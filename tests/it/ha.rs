@@ -470,8 +470,7 @@ impl Replica {
 async fn a_crashed_leaders_rollout_continues_on_the_standby_at_the_same_step() {
     let server = start_etcd();
     etcd_ready(&server).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    let dir = crate::daemon::policies_dir();
     // Long enough steps that the rollout is mid-way when the leader crashes.
     let policy = POLICY
         .replace("steps: [10, 50]", "steps: [10, 20, 30, 40, 50]")
@@ -554,8 +553,7 @@ async fn a_crashed_leaders_rollout_continues_on_the_standby_at_the_same_step() {
 async fn a_stopped_rollout_stays_abortable_on_the_replica_that_takes_over() {
     let server = start_etcd();
     etcd_ready(&server).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    let dir = crate::daemon::policies_dir();
     let file = dir.path().join("policies/demo.yaml");
     std::fs::write(&file, crate::daemon::held_policy()).expect("policy");
     let router = FakeRouter::default();
@@ -816,8 +814,7 @@ async fn a_replica_leads_through_an_etcd_that_requires_client_certificates() {
     assert!(Etcd::with_tls(&server.url, Duration::from_secs(2), &bad).is_err());
 
     // The real binary, with the flags.
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    let dir = crate::daemon::policies_dir();
     std::fs::write(
         dir.path().join("policies/demo.yaml"),
         crate::daemon::process_policy(),
@@ -974,8 +971,7 @@ async fn a_replica_signs_in_to_an_etcd_with_authentication() {
     assert_eq!(value.value, b"1");
 
     // The real binary, with the flags; and one with a wrong password.
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    let dir = crate::daemon::policies_dir();
     std::fs::write(
         dir.path().join("policies/demo.yaml"),
         crate::daemon::process_policy(),
