@@ -181,12 +181,8 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         Ok(Value::Null)
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut out = Vec::new();
-        while let Some(Strict(v)) = seq.next_element()? {
-            out.push(v);
-        }
-        Ok(Value::Array(out))
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        strict_elements(seq).map(Value::Array)
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
@@ -201,6 +197,15 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         }
         Ok(Value::Object(out))
     }
+}
+
+/// A sequence's elements, each read as `Strict` does.
+fn strict_elements<'de, A: serde::de::SeqAccess<'de>>(mut seq: A) -> Result<Vec<Value>, A::Error> {
+    let mut out = Vec::new();
+    while let Some(Strict(v)) = seq.next_element()? {
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// The top level of a scenario file, every entry kept (duplicate names included, so that
@@ -226,12 +231,8 @@ impl<'de> serde::de::Visitor<'de> for TopVisitor {
         f.write_str("an object of scenarios by name or an array of scenarios")
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Top, A::Error> {
-        let mut out = Vec::new();
-        while let Some(Strict(v)) = seq.next_element()? {
-            out.push(v);
-        }
-        Ok(Top::Array(out))
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Top, A::Error> {
+        strict_elements(seq).map(Top::Array)
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
