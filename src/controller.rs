@@ -1086,14 +1086,14 @@ impl Tasks {
         !self.busy(name)
     }
 
-    /// Ends a rollout's task with `last` (a `HandOver`) after its current tick; its view goes
-    /// once it has ended. Says whether the task was still reachable.
-    async fn end(&mut self, registry: &Registry, name: &str, last: Command) -> bool {
+    /// Ends a stopped rollout's task after it has handed its router over to rollout `to`; its
+    /// view goes once it has ended. Says whether the task was still reachable.
+    async fn hand_over(&mut self, registry: &Registry, name: &str, to: String) -> bool {
         if let Some(tell) = self.started.get_mut(name).and_then(|t| t.stopped.take()) {
             let _ = tell.send(());
         }
         match registry.remove(name) {
-            Some(tx) => tx.send(last).await.is_ok(),
+            Some(tx) => tx.send(Command::HandOver(to)).await.is_ok(),
             None => false,
         }
     }
@@ -1912,8 +1912,7 @@ async fn scan(
             // (nothing could act on it without fighting this one), and this one takes it once
             // it has. A policy that would be refused, or would never start a rollout, leaves
             // the stopped rollout (and its abort) alone.
-            let hand_over = Command::HandOver(p.name.clone());
-            if tasks.end(registry, &orphan, hand_over).await {
+            if tasks.hand_over(registry, &orphan, p.name.clone()).await {
                 tracing::info!(rollout = %orphan, by = %p.name, by_file = %file, "the router of a stopped rollout is taken by another policy; rollout ended");
             }
             // A hand-over is one router call: waited for a moment, so that the new rollout
