@@ -505,7 +505,7 @@ impl Task {
         let Some(old) = self.state.router.clone() else {
             return;
         };
-        if old == self.policy.router || !self.state.matches(&self.policy) {
+        if old.drives_same_traffic(&self.policy.router) || !self.state.matches(&self.policy) {
             return;
         }
         tracing::info!(rollout = %self.policy.name, old = old.kind(), new = self.policy.router.kind(), "the policy names another router than the one this rollout's traffic was last set on");
@@ -979,7 +979,9 @@ impl Task {
                         }
                         Some(Command::Policy(p, file)) => {
                             if p.router != self.policy.router {
-                                self.release_old_router().await;
+                                if !p.router.drives_same_traffic(&self.policy.router) {
+                                    self.release_old_router().await;
+                                }
                                 self.router = (self.shared.routers)(&p);
                             }
                             if p.prometheus != self.policy.prometheus {

@@ -309,6 +309,21 @@ impl RouterConfig {
         }
     }
 
+    /// Whether `other` moves the same traffic as this router: the same target (for HAProxy
+    /// also the same servers in it), or the same webhook URL. An edit between two such
+    /// routers (an nginx reload command, a webhook timeout) is not a move to another router,
+    /// so the rollout's traffic is not sent to stable on the way.
+    pub fn drives_same_traffic(&self, other: &RouterConfig) -> bool {
+        match (self, other) {
+            (RouterConfig::Webhook { url: a, .. }, RouterConfig::Webhook { url: b, .. }) => a == b,
+            (
+                RouterConfig::Haproxy { servers: a, .. },
+                RouterConfig::Haproxy { servers: b, .. },
+            ) => a == b && self.target() == other.target(),
+            _ => self.target().is_some() && self.target() == other.target(),
+        }
+    }
+
     /// The traffic this router changes, for refusing a second policy on it; `None` for a
     /// webhook router, whose payload names the rollout, so one service can split many.
     pub fn target(&self) -> Option<RouterTarget> {
@@ -655,6 +670,58 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         assert_eq!(webhook.target(), None);
+    }
+
+    #[test]
+    fn an_edit_of_a_routers_settings_keeps_its_traffic() {
+        let nginx = |file: &str, reload: &str| RouterConfig::Nginx {
+            weights_file: file.into(),
+            reload: vec![reload.into()],
+            upstream: "u".into(),
+            servers: BTreeMap::from([("v1".into(), "127.0.0.1:1".into())]),
+        };
+        let haproxy = |backend: &str, canary: &str| RouterConfig::Haproxy {
+            socket: "127.0.0.1:9999".into(),
+            backend: backend.into(),
+            servers: BTreeMap::from([("v1".into(), "a".into()), ("v2".into(), canary.into())]),
+        };
+        let webhook = |url: &str, ms: u64| RouterConfig::Webhook {
+            url: url.into(),
+            timeout: Duration::from_millis(ms),
+        };
+        let file = |p: &str| RouterConfig::File { path: p.into() };
+        let same = [
+            (
+                nginx("/w.conf", "true"),
+                nginx("/./w.conf", "nginx -s reload"),
+            ),
+            (haproxy("m", "b"), haproxy("m", "b")),
+            (
+                webhook("http://r/split", 1),
+                webhook("http://r/split", 5000),
+            ),
+            (file("w.json"), file("./w.json")),
+        ];
+        let moved = [
+            (nginx("/w.conf", "true"), nginx("/v.conf", "true")),
+            // Another server for the canary in the same backend: the old one must go to 0.
+            (haproxy("m", "b"), haproxy("m", "c")),
+            (haproxy("m", "b"), haproxy("n", "b")),
+            (webhook("http://r/split", 1), webhook("http://r/other", 1)),
+            (file("w.json"), webhook("http://r/split", 1)),
+        ];
+        for (a, b) in same {
+            assert!(
+                a.drives_same_traffic(&b) && b.drives_same_traffic(&a),
+                "{a:?} {b:?}"
+            );
+        }
+        for (a, b) in moved {
+            assert!(
+                !a.drives_same_traffic(&b) && !b.drives_same_traffic(&a),
+                "{a:?} {b:?}"
+            );
+        }
     }
 
     #[test]

@@ -1886,6 +1886,67 @@ async fn a_rollout_moved_to_another_router_leaves_the_old_one_on_stable() {
     d.stop().await;
 }
 
+/// An edit of a router's settings that keeps its traffic where it is (here a webhook's
+/// timeout) is no move to another router: the rollout's canary never drops to 0 % on the way,
+/// neither live nor when the daemon restarts after the edit.
+#[tokio::test]
+async fn a_router_settings_edit_keeps_the_canary_weight() {
+    let posts = crate::router_webhook::Posts::default();
+    let hook = crate::router_webhook::serve(posts.clone()).await;
+    let dir = policies_dir();
+    let policy = |timeout: &str| {
+        held_policy().replace(
+            "file: {path: /dev/null}",
+            &format!("webhook: {{url: '{hook}/weights', timeout: {timeout}}}"),
+        )
+    };
+    let file = dir.path().join("policies/demo.yaml");
+    std::fs::write(&file, policy("2s")).unwrap();
+    let (_, source) = fakes(Mode::Good);
+    let canary = |p: &Value| p["weights"]["v2"].as_f64();
+    let posted = || posts.lock().unwrap().iter().map(canary).collect::<Vec<_>>();
+    // A few analyses after the edit was taken: a release of the router would come before them.
+    let analysed_after_edit = async |d: &Daemon, steps: Value| {
+        let v = wait_for("the edit taken", Duration::from_secs(10), || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            (v["steps"] == steps).then_some(v)
+        })
+        .await;
+        let n = v["state"]["analyses"].as_u64().unwrap();
+        wait_for(
+            "analyses after the edit",
+            Duration::from_secs(10),
+            || async {
+                let (_, v) = d.get("/api/v1/rollouts/demo").await;
+                (v["state"]["analyses"].as_u64() >= Some(n + 3)).then_some(())
+            },
+        )
+        .await;
+    };
+    let d = Daemon::start_real(dir.path(), sources_of(&source)).await;
+    wait_for("10% posted", Duration::from_secs(10), || async {
+        posted().contains(&Some(10.0)).then_some(())
+    })
+    .await;
+    for (timeout, last) in [("3s", 60), ("1500us", 70)] {
+        let edited = policy(timeout).replace("steps: [10, 50]", &format!("steps: [10, {last}]"));
+        std::fs::write(&file, edited).unwrap();
+        analysed_after_edit(&d, serde_json::json!([10.0, f64::from(last)])).await;
+    }
+    d.stop().await;
+    std::fs::write(&file, policy("4s")).unwrap();
+    let d = Daemon::start_real(dir.path(), sources_of(&source)).await;
+    analysed_after_edit(&d, serde_json::json!([10.0, 50.0])).await;
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert_eq!(v["phase"], "progressing", "{v}");
+    d.stop().await;
+    let all = posted();
+    assert!(
+        all.contains(&Some(10.0)) && !all.contains(&Some(0.0)),
+        "{all:?}"
+    );
+}
+
 fn sources_of(source: &FakeSource) -> canaryd::controller::SourceFactory {
     factories(&FakeRouter::default(), source).1
 }
