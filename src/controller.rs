@@ -1530,6 +1530,8 @@ fn last_active(state: &RolloutState) -> Option<Time> {
 struct Revival {
     /// Whether the store's rollouts were listed.
     listed: bool,
+    /// Why they could not be listed the last time (said once, not at every scan).
+    list_error: Option<String>,
     /// Rollouts whose state could not be read yet, each with its last error (said once).
     pending: BTreeMap<String, Option<String>>,
     /// Brought up stopped before a scan, with their last policy file: the scan resumes those
@@ -1562,17 +1564,23 @@ async fn revive_stopped(
 ) {
     if !revival.listed {
         let store = shared.store.clone();
-        match tokio::task::spawn_blocking(move || store.names()).await {
-            Ok(Ok(names)) => {
+        let listed = match tokio::task::spawn_blocking(move || store.names()).await {
+            Ok(names) => names.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("store task failed: {e}")),
+        };
+        match listed {
+            Ok(names) => {
                 revival.pending = names.into_iter().map(|n| (n, None)).collect();
                 revival.listed = true;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot list the stored rollouts; retried at the next scan");
-                return;
+                if revival.list_error.take().is_some() {
+                    tracing::info!("the stored rollouts are listed again");
+                }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "store task failed");
+                if revival.list_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "cannot list the stored rollouts; retried at every scan (said again only if the error changes)");
+                    revival.list_error = Some(e);
+                }
                 return;
             }
         }
