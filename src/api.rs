@@ -497,10 +497,9 @@ async fn act(
             }
         }
         Err(OperateError::Rejected(reason)) => error(StatusCode::CONFLICT, reason),
-        Err(OperateError::Unavailable) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the rollout did not answer in time",
-        ),
+        Err(e @ OperateError::Busy) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        // Taken, but whether it was recorded is unknown: not "refused".
+        Err(e @ OperateError::Unconfirmed) => error(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
         Err(OperateError::Unrecorded(why)) => error(StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }

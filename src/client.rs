@@ -13,8 +13,9 @@ pub enum Outcome {
 }
 
 fn client() -> anyhow::Result<reqwest::Client> {
+    // Longer than the API's own request timeout, so that its answer is the one shown.
     Ok(reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(40))
+        .timeout(std::time::Duration::from_secs(50))
         .user_agent(crate::USER_AGENT)
         .build()?)
 }
@@ -85,6 +86,7 @@ pub async fn act(
             eprintln!("{name}: {action} refused: {}", api_error(&body));
             Ok(Outcome::Refused)
         }
+        504 => anyhow::bail!("{action} not confirmed: {}", api_error(&body)),
         401 | 403 => anyhow::bail!(
             "{action} not allowed: {} (give --api-token-file or CANARYD_API_TOKEN)",
             api_error(&body)

@@ -18,6 +18,7 @@ use crate::time::{Clock, Time};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -100,6 +101,9 @@ pub enum Command {
         who: String,
         why: String,
         reply: oneshot::Sender<Result<DecisionRecord, OperateError>>,
+        /// Set by whichever comes first: the rollout taking the action, or its caller giving
+        /// up waiting for that. An action its caller was told was not taken is never taken.
+        taken: Arc<AtomicBool>,
     },
     Policy(Box<Policy>, String),
     PolicyError(String),
@@ -164,20 +168,35 @@ pub async fn operate(
     why: String,
 ) -> Result<DecisionRecord, OperateError> {
     let tx = registry.get(name).ok_or(OperateError::NotFound)?;
-    let (reply, rx) = oneshot::channel();
+    let (reply, mut rx) = oneshot::channel();
+    let taken = Arc::new(AtomicBool::new(false));
     tx.send(Command::Operator {
         action,
         who,
         why,
         reply,
+        taken: taken.clone(),
     })
     .await
-    .map_err(|_| OperateError::Unavailable)?;
-    match tokio::time::timeout(Duration::from_secs(30), rx).await {
-        Ok(Ok(res)) => res,
-        _ => Err(OperateError::Unavailable),
+    .map_err(|_| OperateError::Busy)?;
+    match tokio::time::timeout(OPERATE_QUEUE_WAIT, &mut rx).await {
+        Ok(res) => res.unwrap_or(Err(OperateError::Busy)),
+        // The rollout is still busy with an analysis (a slow router or Prometheus): the
+        // action is withdrawn, so that "not taken" stays true.
+        Err(_) if !taken.swap(true, Ordering::SeqCst) => Err(OperateError::Busy),
+        // Taken just now: recording it is quick.
+        Err(_) => match tokio::time::timeout(OPERATE_RECORD_WAIT, rx).await {
+            Ok(Ok(res)) => res,
+            _ => Err(OperateError::Unconfirmed),
+        },
     }
 }
+
+/// How long an operator action waits for its rollout to take it (the rollout takes commands
+/// between analyses), and then for the decision to be recorded. Together below the API's
+/// request timeout.
+const OPERATE_QUEUE_WAIT: Duration = Duration::from_secs(30);
+const OPERATE_RECORD_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperateError {
@@ -185,8 +204,19 @@ pub enum OperateError {
     NotFound,
     #[error("{0}")]
     Rejected(String),
-    #[error("the rollout did not answer in time")]
-    Unavailable,
+    /// The rollout did not take the action in time; it never will.
+    #[error(
+        "the rollout is busy with an analysis that has not finished in {}s (a slow router or \
+         Prometheus?); nothing was done, try again",
+        OPERATE_QUEUE_WAIT.as_secs()
+    )]
+    Busy,
+    /// The rollout took the action but did not say what it decided in time.
+    #[error(
+        "the rollout took the action but did not confirm it in time; `canaryd status NAME` \
+         shows whether it was recorded"
+    )]
+    Unconfirmed,
     /// The state store could not record the action's decision.
     #[error("{0}")]
     Unrecorded(String),
@@ -966,7 +996,11 @@ impl Task {
                             self.hand_over(&to).await;
                             return;
                         }
-                        Some(Command::Operator { action, who, why, reply }) => {
+                        Some(Command::Operator { action, who, why, reply, taken }) => {
+                            if taken.swap(true, Ordering::SeqCst) {
+                                tracing::warn!(rollout = %self.policy.name, who = %who, action = action.as_str(), "operator action withdrawn: its caller stopped waiting while the rollout was busy; nothing was done");
+                                continue;
+                            }
                             let res = self.operator(action, who, why).await;
                             let moving = res.is_ok()
                                 && matches!(self.state.phase, Phase::RollingBack | Phase::Promoting);
@@ -1481,7 +1515,7 @@ pub async fn run(
         )
         .await;
         confirm_stopped(&registry, &known, &mut tasks, &mut revival).await;
-        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        ready.store(true, Ordering::SeqCst);
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
             _ = shutdown.changed() => break,
@@ -1504,7 +1538,7 @@ pub async fn run(
         e.clear();
     }
     shared.metrics.invalid_policy_files(0);
-    ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    ready.store(false, Ordering::SeqCst);
 }
 
 /// Phases in which a rollout may have traffic on its canary and is not done.
@@ -2107,5 +2141,54 @@ async fn scan(
     }
     if let Ok(e) = policy_errors.read() {
         shared.metrics.invalid_policy_files(e.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registry with one rollout, `r`, whose commands the test receives itself.
+    fn registry() -> (Registry, mpsc::Receiver<Command>) {
+        let registry = Registry::default();
+        let (tx, rx) = mpsc::channel(4);
+        registry.insert("r".into(), tx);
+        (registry, rx)
+    }
+
+    fn abort(registry: &Registry) -> impl Future<Output = Result<DecisionRecord, OperateError>> {
+        operate(registry, "r", OperatorAction::Abort, "op".into(), "test".into())
+    }
+
+    /// A rollout busy for longer than an operator waits never takes the action afterwards:
+    /// the operator was told nothing was done.
+    #[tokio::test(start_paused = true)]
+    async fn an_action_its_caller_gave_up_on_is_never_taken() {
+        let (registry, mut rx) = registry();
+        let res = abort(&registry).await;
+        assert!(matches!(res, Err(OperateError::Busy)), "{res:?}");
+        let Some(Command::Operator { taken, .. }) = rx.recv().await else {
+            panic!("no command queued");
+        };
+        assert!(taken.swap(true, Ordering::SeqCst), "the rollout would take it");
+    }
+
+    /// An action the rollout took just as its caller's wait ran out is waited for, not
+    /// reported as not taken.
+    #[tokio::test(start_paused = true)]
+    async fn an_action_taken_at_the_last_moment_is_answered() {
+        let (registry, mut rx) = registry();
+        let task = tokio::spawn(async move {
+            let Some(Command::Operator { taken, reply, .. }) = rx.recv().await else {
+                panic!("no command queued");
+            };
+            tokio::time::sleep(OPERATE_QUEUE_WAIT - Duration::from_millis(1)).await;
+            assert!(!taken.swap(true, Ordering::SeqCst), "withdrawn too early");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let _ = reply.send(Err(OperateError::Rejected("decided".into())));
+        });
+        let res = abort(&registry).await;
+        assert!(matches!(&res, Err(OperateError::Rejected(r)) if r == "decided"), "{res:?}");
+        task.await.unwrap();
     }
 }
