@@ -151,9 +151,13 @@ async fn list(State(s): State<ApiState>) -> Response {
                         "method": r.method,
                         "last_decision": r.last_decision,
                         "applied": r.applied,
+                        "router": r.router,
+                        "router_weight": r.router_weight,
                         "router_error": r.router_error,
                         "policy_error": r.policy_error,
                         "stopped": r.stopped,
+                        "dry_run": r.dry_run,
+                        "store_error": r.store_error,
                     })
                 })
                 .collect()
@@ -569,6 +573,25 @@ mod tests {
             call(state(false, None), "GET", "/healthz", None).await.0,
             StatusCode::OK
         );
+    }
+
+    /// `canaryd status` (the table) reads the list: what it shows of each rollout beyond its
+    /// phase (the router's real weight, a dry run, a failing store) must be in it.
+    #[tokio::test]
+    async fn the_list_holds_what_the_status_table_shows() {
+        let s = state(true, None);
+        if let Ok(mut views) = s.views.write()
+            && let Some(r) = views.get_mut("r")
+        {
+            r.router_weight = Some(30.0);
+            r.dry_run = true;
+            r.store_error = Some("disk full".into());
+        }
+        let (_, body) = call(s, "GET", "/api/v1/rollouts", None).await;
+        let table = crate::client::table(&serde_json::from_str(&body).expect("json"));
+        for shown in ["10% (router: 30%)", "dry run", "disk full"] {
+            assert!(table.contains(shown), "{shown} in {table}");
+        }
     }
 
     #[tokio::test]
