@@ -136,6 +136,7 @@ fn start(policy: &Policy, mut state: RolloutState, now: Time) -> RolloutState {
     state.attempt += 1;
     state.step = 0;
     state.started_at = Some(now);
+    state.paused_for = std::time::Duration::ZERO;
     state.restart_step_clock(Some(now));
     state.promoted_at = None;
     state.consecutive_failures = 0;
@@ -686,8 +687,9 @@ fn tick_progressing(
     // the target, which must never be the choice for a canary that is known to be bad or out
     // of time. Rolling back keeps 0 as the target until the router takes it.
     if state.phase == Phase::Progressing
-        && let Some(started) = state.started_at
-        && now.since(started) > policy.strategy.progress_deadline
+        && state
+            .progress_time(now)
+            .is_some_and(|t| t > policy.strategy.progress_deadline)
     {
         let deadline = humantime::format_duration(policy.strategy.progress_deadline);
         // Labels that did not arrive in time are not evidence against the canary: a person
@@ -740,10 +742,10 @@ fn tick_progressing(
             let why = format!("waiting for an operator to promote; {why}");
             return decision(Action::Wait, state, reports, why);
         }
-        let why = match (waiting_only_for_labels(policy, &reports), state.started_at) {
-            (Some(_), Some(started)) if state.phase == Phase::Progressing => {
+        let why = match (waiting_only_for_labels(policy, &reports), state.progress_time(now)) {
+            (Some(_), Some(spent)) if state.phase == Phase::Progressing => {
                 let end = policy.strategy.progress_deadline;
-                let left = end.saturating_sub(now.since(started));
+                let left = end.saturating_sub(spent);
                 format!(
                     "{why}; labels can arrive until the progress deadline in {}",
                     humantime::format_duration(whole_secs_up(left))
@@ -976,6 +978,9 @@ fn operator(
         }
         (OperatorAction::Resume, Paused) => {
             let back = state.paused_from.take().unwrap_or(Progressing);
+            if let Some(since) = state.phase_since {
+                state.paused_for += now.since(since);
+            }
             state.set_phase(back, now);
             decision(
                 Action::Resume,

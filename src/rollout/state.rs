@@ -123,6 +123,10 @@ pub struct RolloutState {
     /// no canary data or could not ask the source (see `decide`'s blind holds).
     #[serde(default, with = "crate::policy::duration_ms")]
     pub step_blind: Duration,
+    /// Time this attempt spent paused by an operator: it does not count towards the
+    /// progress deadline (a pause is an operator's "wait", which the deadline must not undo).
+    #[serde(default, with = "crate::policy::duration_ms")]
+    pub paused_for: Duration,
     /// When the canary was last analysed.
     #[serde(default)]
     pub last_analysis_at: Option<Time>,
@@ -213,6 +217,7 @@ impl RolloutState {
             started_at: None,
             step_started_at: None,
             step_blind: Duration::ZERO,
+            paused_for: Duration::ZERO,
             last_analysis_at: None,
             activity: BTreeMap::new(),
             promoted_at: None,
@@ -253,6 +258,12 @@ impl RolloutState {
         self.phase.analyses()
             && (self.phase != Phase::Idle || policy.has_candidate())
             && self.matches(policy)
+    }
+
+    /// How long this attempt has been under way towards its progress deadline: since it
+    /// started, less the time it spent paused.
+    pub(crate) fn progress_time(&self, now: Time) -> Option<Duration> {
+        Some(now.since(self.started_at?).saturating_sub(self.paused_for))
     }
 
     pub(crate) fn set_phase(&mut self, phase: Phase, now: Time) {

@@ -382,6 +382,32 @@ fn the_progress_deadline_rolls_back_a_rollout_that_does_not_finish() {
     );
 }
 
+/// Time paused by an operator does not count towards the progress deadline: a resume after
+/// a long pause does not roll back at once (the pause was the operator's "wait").
+#[test]
+fn time_paused_does_not_count_towards_the_progress_deadline() {
+    let mut p = base();
+    p.strategy.progress_deadline = 5 * MIN;
+    let quiet = good().all(no_data());
+    check(
+        "paused past the deadline",
+        &p,
+        fresh(&p),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, op(Pause), expect(Paused_, Paused, 10.0)),
+            (600, op(Resume), expect(Resume_, Progressing, 10.0)),
+            // 60 s before the pause and 240 s since: 300 s, not past the deadline yet.
+            (840, tick(quiet.clone()), expect(Hold, Progressing, 10.0)),
+            (
+                870,
+                tick(quiet),
+                expect(Rollback, RollingBack, 0.0).reason("progress deadline"),
+            ),
+        ],
+    );
+}
+
 #[test]
 fn labels_late_at_the_deadline_ask_an_operator_instead_of_rolling_back() {
     let mut p = load(&BASE.replace(
