@@ -344,16 +344,19 @@ async fn assign(
     let Some(view) = s.views.read().ok().and_then(|v| v.get(&name).cloned()) else {
         return no_rollout(&s, &name);
     };
+    // A dry run changes no traffic, this assignment included: everyone stays on stable.
+    let weight = if view.dry_run { 0.0 } else { view.weight };
     let b = bucket(&name, &key);
-    let canary = on_canary(b, view.weight);
+    let canary = on_canary(b, weight);
     let version = if canary { &view.canary } else { &view.stable };
     Json(json!({
         "rollout": name,
         "key": key,
         "version": version,
         "bucket": b,
-        "weight": view.weight,
+        "weight": weight,
         "phase": view.phase,
+        "dry_run": view.dry_run,
     }))
     .into_response()
 }
@@ -789,6 +792,25 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// A dry run changes no traffic: the assignment, which is a router to whoever asks it,
+    /// sends every key to stable while the rollout shows the weight it would have set.
+    #[tokio::test]
+    async fn a_dry_run_assigns_every_key_to_stable() {
+        let s = state(true, None);
+        if let Ok(mut views) = s.views.write()
+            && let Some(r) = views.get_mut("r")
+        {
+            r.weight = 100.0;
+            r.dry_run = true;
+        }
+        for key in ["a", "b", "c", "d", "e"] {
+            let uri = format!("/api/v1/rollouts/r/assign?key={key}");
+            let (_, body) = call(s.clone(), "GET", &uri, None).await;
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            assert_eq!((&v["version"], &v["dry_run"]), (&json!("v1"), &json!(true)), "{v}");
+        }
     }
 
     #[tokio::test]
