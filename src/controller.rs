@@ -410,11 +410,6 @@ impl Task {
 
     /// Reads the router's weight, tracking since when it has been failing.
     async fn read_router(&mut self, now: Time) -> RouterStatus {
-        if self.shared.dry_run {
-            return RouterStatus::Ok {
-                canary_weight: self.state.weight,
-            };
-        }
         let target = self.target();
         let result = match &self.router {
             Ok(r) => {
@@ -431,6 +426,18 @@ impl Task {
             }
             Err(e) => Err(RouterError::Config(e.to_string())),
         };
+        if self.shared.dry_run {
+            // The view shows where the router really sends traffic, and whether it can be
+            // read at all (a dry run is how a router's setup is tried out), while the
+            // decisions go on as if it had taken every weight they chose.
+            (self.view.router_weight, self.view.router_error) = match result {
+                Ok(w) => (Some(w), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            return RouterStatus::Ok {
+                canary_weight: self.state.weight,
+            };
+        }
         match result {
             Ok(w) => {
                 self.view.router_weight = Some(w);

@@ -2567,10 +2567,21 @@ async fn a_dry_run_leaves_the_router_and_the_state_file_alone() {
     // real daemon resumed it and sent the dry run's 100% to the router at once.
     let dir = setup(POLICY);
     let (router, source) = fakes(Mode::Good);
+    *router.weight.lock().unwrap() = 30.0;
     let d = Daemon::start_dry(dir.path(), router.clone(), source.clone()).await;
     let v = d.wait_phase("demo", "promoted").await;
     assert_eq!(v["dry_run"], true, "{v}");
     assert_eq!(v["weight"], 100.0, "{v}");
+    // The router is read, so the view shows where traffic really is, and that the router
+    // cannot be read once it fails.
+    assert_eq!(v["router_weight"], 30.0, "{v}");
+    *router.failing.lock().unwrap() = true;
+    wait_for("the router's error shown", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        v["router_error"].as_str()?.contains("fake router is down").then_some(())
+    })
+    .await;
+    *router.failing.lock().unwrap() = false;
     d.stop().await;
     assert!(
         router.applied.lock().unwrap().is_empty(),
