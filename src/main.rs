@@ -588,6 +588,9 @@ fn client_options(
                 .map(|p| read_token("Prometheus password", p))
                 .transpose()?,
         }),
+        (None, None) if access.prometheus_password_file.is_some() => {
+            anyhow::bail!("--prometheus-password-file needs --prometheus-user (the password's user)")
+        }
         (None, None) => None,
     };
     Ok(canaryd::source::ClientOptions {

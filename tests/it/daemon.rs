@@ -1496,10 +1496,14 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         assert_eq!(err.matches(&shown).count(), 1, "said once: {err}");
         assert!(!err.contains("<input>"), "{err}");
     }
-    let flags: [(&[&str], &str); 6] = [
+    let flags: [(&[&str], &str); 7] = [
         (
             &["--etcd", "127.0.0.1:2379"],
             "--etcd: expected etcd's client URL",
+        ),
+        (
+            &["--prometheus-password-file", "/nonexistent/password"],
+            "--prometheus-password-file needs --prometheus-user",
         ),
         (
             &["--etcd", "http://127.0.0.1:1", "--etcd-user", "cd"],
