@@ -809,7 +809,11 @@ mod tests {
             let uri = format!("/api/v1/rollouts/r/assign?key={key}");
             let (_, body) = call(s.clone(), "GET", &uri, None).await;
             let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-            assert_eq!((&v["version"], &v["dry_run"]), (&json!("v1"), &json!(true)), "{v}");
+            assert_eq!(
+                (&v["version"], &v["dry_run"]),
+                (&json!("v1"), &json!(true)),
+                "{v}"
+            );
         }
     }
 

@@ -2164,7 +2164,13 @@ mod tests {
     }
 
     fn abort(registry: &Registry) -> impl Future<Output = Result<DecisionRecord, OperateError>> {
-        operate(registry, "r", OperatorAction::Abort, "op".into(), "test".into())
+        operate(
+            registry,
+            "r",
+            OperatorAction::Abort,
+            "op".into(),
+            "test".into(),
+        )
     }
 
     /// A rollout busy for longer than an operator waits never takes the action afterwards:
@@ -2177,7 +2183,10 @@ mod tests {
         let Some(Command::Operator { taken, .. }) = rx.recv().await else {
             panic!("no command queued");
         };
-        assert!(taken.swap(true, Ordering::SeqCst), "the rollout would take it");
+        assert!(
+            taken.swap(true, Ordering::SeqCst),
+            "the rollout would take it"
+        );
     }
 
     /// An action the rollout took just as its caller's wait ran out is waited for, not
@@ -2195,7 +2204,10 @@ mod tests {
             let _ = reply.send(Err(OperateError::Rejected("decided".into())));
         });
         let res = abort(&registry).await;
-        assert!(matches!(&res, Err(OperateError::Rejected(r)) if r == "decided"), "{res:?}");
+        assert!(
+            matches!(&res, Err(OperateError::Rejected(r)) if r == "decided"),
+            "{res:?}"
+        );
         task.await.unwrap();
     }
 }

@@ -28,6 +28,9 @@ pub enum EtcdError {
         status: u16,
         message: String,
     },
+    /// The client cannot be set up: not a URL, or TLS files that cannot be read or used.
+    #[error("etcd at {url}: {reason}")]
+    Config { url: String, reason: String },
     /// The answer was not the gateway's JSON.
     #[error("etcd at {url} sent an answer that cannot be read: {reason}")]
     BadResponse { url: String, reason: String },
@@ -158,17 +161,17 @@ impl Etcd {
     /// `new`, with TLS settings for an https etcd.
     pub fn with_tls(url: &str, timeout: Duration, tls: &EtcdTls) -> Result<Etcd, EtcdError> {
         let url = url.trim_end_matches('/').to_owned();
-        let parsed = reqwest::Url::parse(&url).map_err(|e| EtcdError::Unreachable {
+        let parsed = reqwest::Url::parse(&url).map_err(|e| EtcdError::Config {
             url: url.clone(),
             reason: format!("not a URL: {e}"),
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(EtcdError::Unreachable {
+            return Err(EtcdError::Config {
                 url,
                 reason: "expected an http:// or https:// URL".into(),
             });
         }
-        let config = |reason: String| EtcdError::Unreachable {
+        let config = |reason: String| EtcdError::Config {
             url: url.clone(),
             reason,
         };

@@ -230,10 +230,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         (None, None) => "http://127.0.0.1:9090".into(),
     };
-    let listen = args
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| "127.0.0.1:9850".into());
+    let (listen, listen_from) = setting(args.listen, file.listen, "--listen", "listen", config);
+    let listen = listen.unwrap_or_else(|| "127.0.0.1:9850".into());
     let (state, state_from) = setting(args.state, file.state, "--state", "state", config);
     let state_given = state.is_some();
     let state = state.unwrap_or_else(|| "canaryd.db".into());
@@ -265,30 +263,69 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         })?,
         (None, None) => Duration::from_secs(10),
     };
+    // Each file is read once here, so that an error names where it was given.
+    let readable = |(path, from): (Option<PathBuf>, Origin)| -> anyhow::Result<Option<PathBuf>> {
+        if let Some(p) = &path {
+            std::fs::read(p).with_context(|| format!("{from}: cannot read {}", p.display()))?;
+        }
+        Ok(path)
+    };
     let tls = canaryd::etcd::EtcdTls {
-        ca_file: args.etcd_ca_file.or(file.etcd_ca_file),
-        cert_file: args.etcd_cert_file.or(file.etcd_cert_file),
-        key_file: args.etcd_key_file.or(file.etcd_key_file),
+        ca_file: readable(setting(
+            args.etcd_ca_file,
+            file.etcd_ca_file,
+            "--etcd-ca-file",
+            "etcd_ca_file",
+            config,
+        ))?,
+        cert_file: readable(setting(
+            args.etcd_cert_file,
+            file.etcd_cert_file,
+            "--etcd-cert-file",
+            "etcd_cert_file",
+            config,
+        ))?,
+        key_file: readable(setting(
+            args.etcd_key_file,
+            file.etcd_key_file,
+            "--etcd-key-file",
+            "etcd_key_file",
+            config,
+        ))?,
     };
     let auth = match (
-        args.etcd_user.or(file.etcd_user),
-        args.etcd_password_file.or(file.etcd_password_file),
+        setting(
+            args.etcd_user,
+            file.etcd_user,
+            "--etcd-user",
+            "etcd_user",
+            config,
+        ),
+        setting(
+            args.etcd_password_file,
+            file.etcd_password_file,
+            "--etcd-password-file",
+            "etcd_password_file",
+            config,
+        ),
     ) {
-        (None, None) => None,
-        (Some(user), Some(path)) => {
+        ((None, _), (None, _)) => None,
+        ((Some(user), user_from), (Some(path), path_from)) => {
             anyhow::ensure!(
                 !user.trim().is_empty(),
-                "--etcd-user: expected a user name, found an empty one"
+                "{user_from}: expected a user name, found an empty one"
             );
             Some(canaryd::etcd::EtcdAuth {
                 user,
-                password: read_token("etcd password", &path)?,
+                password: read_token("etcd password", &path)
+                    .with_context(|| path_from.to_string())?,
             })
         }
         _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
     };
+    let (etcd, etcd_from) = setting(args.etcd, file.etcd, "--etcd", "etcd", config);
     let ha = ha_config(
-        args.etcd.or(file.etcd),
+        etcd.map(|url| (url, etcd_from)),
         args.etcd_prefix.or(file.etcd_prefix),
         args.replica.or(file.replica),
         lease_ttl,
@@ -321,7 +358,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             ),
         }
     }
-    let addrs = listen_addresses(&listen)?;
+    let addrs = listen_addresses(&listen).with_context(|| listen_from.to_string())?;
     canaryd::daemon::check_listen(&listen, &addrs, token.is_some(), insecure)?;
     with_runtime(async move {
         // The first address of a name that can be bound, as a client connecting to the name
@@ -380,11 +417,11 @@ fn listen_addresses(listen: &str) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     let quoted = canaryd::text::quoted(listen);
     let addrs: Vec<_> = listen
         .to_socket_addrs()
-        .with_context(|| format!("--listen {quoted} {expected}"))?
+        .with_context(|| format!("{quoted} {expected}"))?
         .collect();
     anyhow::ensure!(
         !addrs.is_empty(),
-        "--listen {quoted} {expected}: the name resolves to no address"
+        "{quoted} {expected}: the name resolves to no address"
     );
     Ok(addrs)
 }
@@ -470,14 +507,14 @@ fn config_file(text: &str) -> Result<ConfigFile, String> {
 
 /// The highly available daemon's settings, when an etcd is given.
 fn ha_config(
-    etcd: Option<String>,
+    etcd: Option<(String, Origin)>,
     prefix: Option<String>,
     replica: Option<String>,
     ttl: Duration,
     tls: canaryd::etcd::EtcdTls,
     auth: Option<canaryd::etcd::EtcdAuth>,
 ) -> anyhow::Result<Option<canaryd::daemon::HaConfig>> {
-    let Some(etcd) = etcd else {
+    let Some((etcd, etcd_from)) = etcd else {
         anyhow::ensure!(
             prefix.is_none()
                 && replica.is_none()
@@ -493,7 +530,7 @@ fn ha_config(
     );
     http_url(
         &etcd,
-        "--etcd: expected etcd's client URL like http://127.0.0.1:2379",
+        &format!("{etcd_from}: expected etcd's client URL like http://127.0.0.1:2379"),
     )?;
     let prefix = prefix.unwrap_or_else(|| "/canaryd".into());
     anyhow::ensure!(
@@ -589,7 +626,9 @@ fn client_options(
                 .transpose()?,
         }),
         (None, None) if access.prometheus_password_file.is_some() => {
-            anyhow::bail!("--prometheus-password-file needs --prometheus-user (the password's user)")
+            anyhow::bail!(
+                "--prometheus-password-file needs --prometheus-user (the password's user)"
+            )
         }
         (None, None) => None,
     };

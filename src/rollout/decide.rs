@@ -742,7 +742,10 @@ fn tick_progressing(
             let why = format!("waiting for an operator to promote; {why}");
             return decision(Action::Wait, state, reports, why);
         }
-        let why = match (waiting_only_for_labels(policy, &reports), state.progress_time(now)) {
+        let why = match (
+            waiting_only_for_labels(policy, &reports),
+            state.progress_time(now),
+        ) {
             (Some(_), Some(spent)) if state.phase == Phase::Progressing => {
                 let end = policy.strategy.progress_deadline;
                 let left = end.saturating_sub(spent);

@@ -1392,11 +1392,17 @@ async fn run_daemon_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>
     run_expecting_failure(dir, &all).await
 }
 
-/// `canaryd run --listen 127.0.0.1:0` with `args`, from `dir`, no config, state or Prometheus
-/// from the environment; as `run_daemon_expecting_failure`.
+/// `canaryd run --listen 127.0.0.1:0` (unless `args` has a `--listen`) with `args`, from `dir`,
+/// no config, state or Prometheus from the environment; as `run_daemon_expecting_failure`.
 async fn run_expecting_failure(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let listen: &[&str] = if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
-        .args(["run", "--listen", "127.0.0.1:0"])
+        .arg("run")
+        .args(listen)
         .args(args)
         .current_dir(dir)
         .env_remove("CANARYD_POLICIES")
@@ -1483,6 +1489,18 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
             "etcd: http://127.0.0.1:1\nlease_ttl: soon\n",
             format!("lease_ttl in the config file {shown}: expected a duration like 10s"),
         ),
+        (
+            "etcd: 127.0.0.1:2379\n",
+            format!("etcd in the config file {shown}: expected etcd's client URL"),
+        ),
+        (
+            "etcd: http://127.0.0.1:1\netcd_ca_file: /nonexistent/ca.pem\n",
+            format!("etcd_ca_file in the config file {shown}: cannot read /nonexistent/ca.pem"),
+        ),
+        (
+            "etcd: http://127.0.0.1:1\netcd_user: u\netcd_password_file: /nonexistent/pw\n",
+            format!("etcd_password_file in the config file {shown}: "),
+        ),
     ];
     for (text, want) in cases {
         std::fs::write(&config, text).unwrap();
@@ -1496,10 +1514,14 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         assert_eq!(err.matches(&shown).count(), 1, "said once: {err}");
         assert!(!err.contains("<input>"), "{err}");
     }
-    let flags: [(&[&str], &str); 7] = [
+    let flags: [(&[&str], &str); 8] = [
+        (
+            &["--listen", "nonsense"],
+            "--listen (or CANARYD_LISTEN): \"nonsense\" is not an address",
+        ),
         (
             &["--etcd", "127.0.0.1:2379"],
-            "--etcd: expected etcd's client URL",
+            "--etcd (or CANARYD_ETCD): expected etcd's client URL",
         ),
         (
             &["--prometheus-password-file", "/nonexistent/password"],
@@ -2580,10 +2602,17 @@ async fn a_dry_run_leaves_the_router_and_the_state_file_alone() {
     // cannot be read once it fails.
     assert_eq!(v["router_weight"], 30.0, "{v}");
     *router.failing.lock().unwrap() = true;
-    wait_for("the router's error shown", Duration::from_secs(10), || async {
-        let (_, v) = d.get("/api/v1/rollouts/demo").await;
-        v["router_error"].as_str()?.contains("fake router is down").then_some(())
-    })
+    wait_for(
+        "the router's error shown",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            v["router_error"]
+                .as_str()?
+                .contains("fake router is down")
+                .then_some(())
+        },
+    )
     .await;
     *router.failing.lock().unwrap() = false;
     d.stop().await;

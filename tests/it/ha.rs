@@ -811,7 +811,12 @@ async fn a_replica_leads_through_an_etcd_that_requires_client_certificates() {
         key_file: None,
         ..tls.clone()
     };
-    assert!(Etcd::with_tls(&server.url, Duration::from_secs(2), &bad).is_err());
+    // A mistake in the settings is no unreachable etcd.
+    let e = Etcd::with_tls(&server.url, Duration::from_secs(2), &bad).expect_err("no key");
+    assert!(
+        e.to_string().contains("needs its key") && !e.to_string().contains("cannot reach"),
+        "{e}"
+    );
 
     // The real binary, with the flags.
     let dir = crate::daemon::policies_dir();
