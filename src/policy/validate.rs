@@ -791,7 +791,33 @@ impl Validator {
                 }
                 None
             }
-        }?;
+        };
+        // Said whether or not the steps or the kind are right, so that one run of `check`
+        // lists every mistake.
+        if let Some(iv) = &r.interval
+            && interval < self.min_interval
+        {
+            self.err(
+                iv,
+                format!(
+                    "expected at least {} (every analysis queries Prometheus for each metric \
+                     and writes to the state store), found {}",
+                    humantime::format_duration(self.min_interval),
+                    quoted(&iv.value)
+                ),
+            );
+        } else if let Some(iv) = &r.interval
+            && interval > progress_deadline
+        {
+            self.err(
+                iv,
+                format!(
+                    "expected an interval shorter than progress_deadline, found {}",
+                    quoted(&iv.value)
+                ),
+            );
+        }
+        let kind = kind?;
         let strategy = Strategy {
             kind,
             interval,
@@ -853,29 +879,6 @@ impl Validator {
                     ),
                 );
             }
-        }
-        if let Some(iv) = &r.interval
-            && interval < self.min_interval
-        {
-            self.err(
-                iv,
-                format!(
-                    "expected at least {} (every analysis queries Prometheus for each metric \
-                     and writes to the state store), found {}",
-                    humantime::format_duration(self.min_interval),
-                    quoted(&iv.value)
-                ),
-            );
-        } else if let Some(iv) = &r.interval
-            && interval > progress_deadline
-        {
-            self.err(
-                iv,
-                format!(
-                    "expected an interval shorter than progress_deadline, found {}",
-                    quoted(&iv.value)
-                ),
-            );
         }
         Some(strategy)
     }
