@@ -206,6 +206,19 @@ impl Walker {
         true
     }
 
+    /// A duration's text. A number there is a duration without its unit, which the
+    /// validator says (`expected a duration with a unit`), not a label to quote.
+    fn duration(&mut self, node: &Node, path: String) -> Option<At<String>> {
+        match &node.value {
+            Value::Float(f) => Some(At {
+                value: f.to_string(),
+                pos: node.pos,
+                path,
+            }),
+            _ => self.string(node, path),
+        }
+    }
+
     fn string(&mut self, node: &Node, path: String) -> Option<At<String>> {
         let value = match &node.value {
             Value::Str(s) => s.clone(),
@@ -217,8 +230,9 @@ impl Walker {
                     node.pos,
                     &path,
                     format!(
-                        "expected text, found the number {f}; quote it (like \"1.10\") so that \
-                         it stays as written"
+                        "expected text, found the number {}; quote it (like \"1.10\") so that \
+                         it stays as written",
+                        crate::text::cut(&f.to_string())
                     ),
                 );
                 return None;
@@ -508,7 +522,7 @@ pub fn read(doc: &Node) -> (RawPolicy, Vec<Problem>) {
                     |w, h: &mut RawWebhook, k, n, p| match k {
                         "on" => h.on = w.string(n, p),
                         "url" => h.url = w.string(n, p),
-                        _ => h.timeout = w.string(n, p),
+                        _ => h.timeout = w.duration(n, p),
                     },
                 )
             })
@@ -550,15 +564,15 @@ fn strategy(w: &mut Walker, n: &Node, p: String) -> Option<At<RawStrategy>> {
     w.at(n, p, &KEYS, |w, s: &mut RawStrategy, k, n, p| match k {
         "kind" => s.kind = w.string(n, p),
         "steps" => s.steps = w.seq(n, p, |w, n, p| w.percent(n, p)),
-        "interval" => s.interval = w.string(n, p),
-        "min_step_duration" => s.min_step_duration = w.string(n, p),
+        "interval" => s.interval = w.duration(n, p),
+        "min_step_duration" => s.min_step_duration = w.duration(n, p),
         "failure_limit" => s.failure_limit = w.integer(n, p),
-        "progress_deadline" => s.progress_deadline = w.string(n, p),
+        "progress_deadline" => s.progress_deadline = w.duration(n, p),
         "on_no_data" => s.on_no_data = w.string(n, p),
         "manual_promotion" => s.manual_promotion = w.boolean(n, p),
-        "post_promotion_watch" => s.post_promotion_watch = w.string(n, p),
-        "bake" => s.bake = w.string(n, p),
-        _ => s.router_deadline = w.string(n, p),
+        "post_promotion_watch" => s.post_promotion_watch = w.duration(n, p),
+        "bake" => s.bake = w.duration(n, p),
+        _ => s.router_deadline = w.duration(n, p),
     })
 }
 
@@ -623,7 +637,7 @@ fn router(w: &mut Walker, n: &Node, p: String) -> Option<At<RawRouter>> {
                     &["url", "timeout"],
                     |w, h: &mut RawWebhookRouter, k, n, p| match k {
                         "url" => h.url = w.string(n, p),
-                        _ => h.timeout = w.string(n, p),
+                        _ => h.timeout = w.duration(n, p),
                     },
                 )
             }

@@ -54,7 +54,7 @@ impl Value {
             Value::Null => "nothing".into(),
             Value::Bool(b) => format!("{b}"),
             Value::Int(i) => format!("{i}"),
-            Value::Float(f) => format!("{f}"),
+            Value::Float(f) => crate::text::cut(&f.to_string()),
             Value::Str(s) => crate::text::quoted(s),
             Value::Seq(_) => "a list".into(),
             Value::Map(_) => "a mapping".into(),

@@ -426,7 +426,7 @@ impl Validator {
                     at,
                     format!(
                         "expected a duration with a unit, like 30s or 1m30s, found {}",
-                        at.value.trim()
+                        crate::text::cut(at.value.trim())
                     ),
                 );
                 default
@@ -1172,7 +1172,7 @@ impl Validator {
                 "version" => has_version = true,
                 "model" | "window" => {}
                 other => {
-                    self.err(q, format!("expected template variables {{{{version}}}}, {{{{model}}}} or {{{{window}}}}, found {{{{{other}}}}}"));
+                    self.err(q, format!("expected template variables {{{{version}}}}, {{{{model}}}} or {{{{window}}}}, found {{{{{}}}}}", crate::text::cut(other)));
                     ok = false;
                 }
             }
