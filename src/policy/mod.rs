@@ -335,9 +335,9 @@ impl RouterConfig {
                 backend: backend.clone(),
             }),
             RouterConfig::Nginx { weights_file, .. } => {
-                Some(RouterTarget::File(lexical(weights_file)))
+                Some(RouterTarget::File(resolved(weights_file)))
             }
-            RouterConfig::File { path } => Some(RouterTarget::File(lexical(path))),
+            RouterConfig::File { path } => Some(RouterTarget::File(resolved(path))),
             RouterConfig::Webhook { .. } => None,
         }
     }
@@ -346,9 +346,11 @@ impl RouterConfig {
 /// What a router changes. Two rollouts on one target would each set their own weights on it at
 /// every interval, undoing the other's, so the daemon runs one rollout per target.
 ///
-/// Targets are compared as written, without touching the filesystem or DNS: `tcp://` and
-/// `unix://` prefixes and `.` path components are dropped, but a symbolic link, `..`, or a host
-/// written another way (`localhost`, `127.0.0.1`) is not seen through.
+/// Targets are compared as the routers reach them: paths resolved (relative to the working
+/// directory, `.`, `..` and symbolic links seen through as far as they exist), `tcp://` and
+/// `unix://` prefixes dropped, IP addresses in one spelling and `localhost` as 127.0.0.1. Other
+/// host names are compared as written (in lower case): no DNS lookup decides a router's
+/// identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouterTarget {
     /// One backend of one HAProxy, known by its runtime API's address.
@@ -368,15 +370,16 @@ impl std::fmt::Display for RouterTarget {
     }
 }
 
-/// An HAProxy runtime API address in one spelling: `tcp://host:port` for TCP, the path for a
-/// unix socket, read as `router::haproxy::Endpoint::parse` reads it.
+/// An HAProxy runtime API address in one spelling: `tcp://host:port` for TCP (an IP address
+/// as `IpAddr` writes it, `localhost` as 127.0.0.1, other host names in lower case), the
+/// resolved path for a unix socket; read as `router::haproxy::Endpoint::parse` reads it.
 fn haproxy_address(socket: &str) -> String {
-    let tcp = |hostport: &str| format!("tcp://{hostport}");
+    let tcp = |hostport: &str| format!("tcp://{}", host_port(hostport));
     if let Some(rest) = socket.strip_prefix("tcp://") {
         return tcp(rest);
     }
     if let Some(rest) = socket.strip_prefix("unix://") {
-        return lexical(Path::new(rest)).display().to_string();
+        return resolved(Path::new(rest)).display().to_string();
     }
     let has_port = socket.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok()
@@ -384,15 +387,79 @@ fn haproxy_address(socket: &str) -> String {
     if !socket.starts_with('/') && !socket.starts_with('.') && has_port {
         tcp(socket)
     } else {
-        lexical(Path::new(socket)).display().to_string()
+        resolved(Path::new(socket)).display().to_string()
     }
 }
 
-/// A path without its `.` components (`./w.conf` is `w.conf`); nothing else is resolved.
+/// `host:port` in one spelling. No name is looked up (that would make a router's identity
+/// depend on DNS at the moment of a scan), except `localhost`, which is the loopback address.
+fn host_port(hostport: &str) -> String {
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return hostport.to_ascii_lowercase();
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let host = match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) if bare.eq_ignore_ascii_case("localhost") => "127.0.0.1".to_owned(),
+        Err(_) => bare.to_ascii_lowercase(),
+    };
+    let port = port
+        .parse::<u16>()
+        .map_or_else(|_| port.to_owned(), |p| p.to_string());
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The file a path names, as the routers open it: relative to the working directory, with
+/// `.` and `..` and symbolic links resolved as far as the path exists (a weights file often
+/// does not exist yet, its directory does).
+pub fn resolved(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map_or_else(|_| path.to_path_buf(), |d| d.join(path))
+    };
+    // The longest part that exists is resolved by the filesystem; the rest lexically.
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return rest.iter().rev().fold(real, |mut p: PathBuf, c| {
+                match c {
+                    std::path::Component::ParentDir => {
+                        p.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    c => p.push(c),
+                }
+                p
+            });
+        }
+        let (Some(parent), Some(last)) = (existing.parent(), existing.components().next_back())
+        else {
+            return lexical(&absolute);
+        };
+        rest.push(last);
+        existing = parent;
+    }
+}
+
+/// A path without its `.` components and with `..` taken back lexically.
 fn lexical(path: &Path) -> PathBuf {
-    path.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect()
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir if out.file_name().is_some() => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// When a webhook is called.
@@ -639,8 +706,8 @@ mod tests {
         // The same address exactly when the router would reach the same endpoint (unix paths
         // without their `.` components).
         let endpoint = |s: &str| match Endpoint::parse(s) {
-            Ok(Endpoint::Unix(p)) => format!("unix {}", lexical(Path::new(&p)).display()),
-            Ok(Endpoint::Tcp(a)) => format!("tcp {a}"),
+            Ok(Endpoint::Unix(p)) => format!("unix {}", resolved(Path::new(&p)).display()),
+            Ok(Endpoint::Tcp(a)) => format!("tcp {}", host_port(&a)),
             Err(e) => panic!("{s}: {e}"),
         };
         for a in sockets {
@@ -670,6 +737,47 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         assert_eq!(webhook.target(), None);
+    }
+
+    /// UAT: two policies on one weights file or one HAProxy, written two ways, both ran and
+    /// undid each other's split at every interval.
+    #[test]
+    fn one_target_written_two_ways_is_one_target() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("mkdir");
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).expect("symlink");
+        let cwd = std::env::current_dir().expect("cwd");
+        let file = |p: PathBuf| RouterConfig::File { path: p }.target();
+        let same = [
+            (real.join("w.json"), dir.path().join("link/w.json")),
+            (real.join("w.json"), real.join("sub/../w.json")),
+            (real.join("w.json"), real.join("./w.json")),
+            (cwd.join("w.json"), PathBuf::from("w.json")),
+            (cwd.join("a/b/w.json"), PathBuf::from("./a/x/../b/w.json")),
+        ];
+        for (a, b) in same {
+            assert_eq!(file(a.clone()), file(b.clone()), "{a:?} {b:?}");
+        }
+        assert_ne!(file(real.join("w.json")), file(real.join("v.json")));
+        let haproxy = |socket: &str| {
+            RouterConfig::Haproxy {
+                socket: socket.into(),
+                backend: "m".into(),
+                servers: BTreeMap::new(),
+            }
+            .target()
+        };
+        for (a, b) in [
+            ("localhost:9999", "127.0.0.1:9999"),
+            ("tcp://LB.internal:9999", "lb.internal:9999"),
+            ("[::1]:9999", "tcp://[0:0::1]:9999"),
+            ("127.0.0.1:09999", "127.0.0.1:9999"),
+        ] {
+            assert_eq!(haproxy(a), haproxy(b), "{a} {b}");
+        }
+        assert_ne!(haproxy("127.0.0.1:9999"), haproxy("127.0.0.2:9999"));
+        assert_ne!(haproxy("lb-a.internal:9999"), haproxy("lb-b.internal:9999"));
     }
 
     #[test]

@@ -647,6 +647,22 @@ fn check_refuses_two_policies_on_one_router_target() {
             Some(("router.file.path", 11)),
         ),
         (file("/tmp/fraud.json"), file("/tmp/fraud-b.json"), None),
+        // UAT: the same target written another way ran twice, each undoing the other.
+        (
+            haproxy("localhost:9999", "fraud"),
+            haproxy("127.0.0.1:9999", "fraud"),
+            Some(("router.haproxy.backend", 14)),
+        ),
+        (
+            file("/tmp/fraud.json"),
+            file("/tmp/nowhere/../fraud.json"),
+            Some(("router.file.path", 11)),
+        ),
+        (
+            nginx("weights/fraud.conf"),
+            file(&root().join("weights/fraud.conf").display().to_string()),
+            Some(("router.file.path", 11)),
+        ),
         (
             webhook("https://router.internal/split"),
             webhook("https://router.internal/split"),
