@@ -36,7 +36,7 @@ use std::time::Duration;
 /// Totals the stable and canary weights may sum to; see the module comment.
 const TOTALS: [u32; 3] = [100, 1000, 10000];
 /// How long the reload command may run.
-const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the reload command's stderr an error carries, in characters: enough for nginx's
 /// few lines of `nginx -t`, short enough for one log line.
 const MAX_STDERR: usize = 600;
@@ -58,6 +58,10 @@ pub struct NginxRouter {
     /// and lets an unchanged split skip the reload, which would otherwise restart nginx's
     /// workers on every tick.
     reloaded: tokio::sync::Mutex<Option<String>>,
+    /// A split that sends nothing to the canary, left in the file although nginx could not
+    /// reload it, and why: reads fail while the file still holds it, so that the rollback is
+    /// not taken as done until nginx has loaded it.
+    unloaded: std::sync::Mutex<Option<(String, String)>>,
 }
 
 /// Whether an upstream name or server address cannot be written into the include file:
@@ -104,10 +108,11 @@ impl NginxRouter {
             servers,
             reload_timeout: DEFAULT_RELOAD_TIMEOUT,
             reloaded: tokio::sync::Mutex::new(None),
+            unloaded: std::sync::Mutex::new(None),
         })
     }
 
-    /// Changes the bound on the reload command (30 s by default).
+    /// Changes the bound on the reload command (10 s by default).
     pub fn with_reload_timeout(mut self, timeout: Duration) -> NginxRouter {
         self.reload_timeout = timeout;
         self
@@ -170,12 +175,16 @@ impl NginxRouter {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            // Its own process group, so that a command that hangs goes with everything it
+            // started (`sh -c "nginx -t && nginx -s reload"` leaves children behind).
+            .process_group(0)
             .kill_on_drop(true);
         let child = cmd.spawn().map_err(|e| {
             RouterError::Config(format!(
                 "cannot run the nginx reload command {shown:?}: {e}"
             ))
         })?;
+        let group = child.id();
         let output = match tokio::time::timeout(self.reload_timeout, child.wait_with_output()).await
         {
             Ok(Ok(o)) => o,
@@ -184,11 +193,18 @@ impl NginxRouter {
                     "nginx reload command {shown:?} failed to run: {e}"
                 )));
             }
-            // Dropping the future kills the command (kill_on_drop).
+            // Dropping the future kills the command (kill_on_drop); its children too.
             Err(_) => {
+                if let Some(pgid) = group.and_then(|g| libc::pid_t::try_from(g).ok()) {
+                    // SAFETY: kill(2) with a negative pid signals the process group the
+                    // command was started in above; it touches no memory of this process.
+                    unsafe {
+                        libc::kill(-pgid, libc::SIGKILL);
+                    }
+                }
                 return Err(RouterError::Unreachable(format!(
-                    "nginx reload command {shown:?} did not finish within {:?}",
-                    self.reload_timeout
+                    "nginx reload command {shown:?} did not finish within {}",
+                    humantime::format_duration(self.reload_timeout)
                 )));
             }
         };
@@ -271,6 +287,15 @@ impl Router for NginxRouter {
                 .await
                 .map_err(|e| write_error(path, e))?;
             if let Err(e) = self.run_reload().await {
+                if target.canary_weight == 0.0 {
+                    // A rollback stays on disk: a stopped nginx that starts again, or a reload
+                    // by anyone, then sends nothing to the canary. Reads fail until a reload
+                    // of it succeeds, so the rollback is not taken as done before that.
+                    if let Ok(mut u) = self.unloaded.lock() {
+                        *u = Some((content, e.to_string()));
+                    }
+                    return Err(e);
+                }
                 let restored = match previous {
                     Some(bytes) => write_atomic(path, bytes).await,
                     None => remove_durably(path).await,
@@ -282,6 +307,9 @@ impl Router for NginxRouter {
                         path.display()
                     )),
                 });
+            }
+            if let Ok(mut u) = self.unloaded.lock() {
+                *u = None;
             }
             *reloaded = Some(content);
             Ok(())
@@ -304,6 +332,13 @@ impl Router for NginxRouter {
                 RouterError::BadResponse(format!("nginx weights file {}: {why}", path.display()))
             };
             let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+            let unloaded = self.unloaded.lock().ok().and_then(|u| u.clone());
+            if let Some((_, why)) = unloaded.filter(|(c, _)| *c == text) {
+                return Err(RouterError::Unreachable(format!(
+                    "{} sends nothing to the canary, but nginx has not loaded it: {why}",
+                    path.display()
+                )));
+            }
             let mut lines = text
                 .lines()
                 .enumerate()

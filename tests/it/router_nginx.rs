@@ -38,6 +38,8 @@ pub struct Nginx {
     /// The command that reloads this nginx.
     pub reload: Vec<String>,
     pub port: u16,
+    /// The command that starts it.
+    start: Vec<String>,
 }
 
 impl Nginx {
@@ -89,15 +91,8 @@ impl Nginx {
             .apply(&target(initial))
             .await
             .expect("initial weights");
-        // nginx logs to its error log; its workers must not hold the test's stdout open.
-        let child = ChildGuard::spawn(
-            Command::new(&base[0])
-                .args(&base[1..])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        wait_for_port(port, Duration::from_secs(10)).await;
-        let mut reload = base;
+        let child = Nginx::spawn(&base, port).await;
+        let mut reload = base.clone();
         reload.extend(["-s".to_string(), "reload".to_string()]);
         Nginx {
             child,
@@ -105,7 +100,30 @@ impl Nginx {
             weights,
             reload,
             port,
+            start: base,
         }
+    }
+
+    async fn spawn(start: &[String], port: u16) -> ChildGuard {
+        // nginx logs to its error log; its workers must not hold the test's stdout open.
+        let child = ChildGuard::spawn(
+            Command::new(&start[0])
+                .args(&start[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_for_port(port, Duration::from_secs(10)).await;
+        child
+    }
+
+    /// Stops nginx, as a crash or an operator would.
+    fn stop(&mut self) {
+        terminate(&mut self.child);
+    }
+
+    /// Starts it again with the same configuration: it reads the weights file as it is now.
+    async fn restart(&mut self) {
+        self.child = Nginx::spawn(&self.start, self.port).await;
     }
 
     fn router(&self, servers: &BTreeMap<String, String>) -> NginxRouter {
@@ -255,6 +273,64 @@ async fn nginx_failed_reload_is_rejected_with_stderr_and_the_file_is_put_back() 
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, ["fraud.conf"], "no temporary files are left behind");
+}
+
+/// UAT: a rollback while nginx was down put the canary's split back in the file, so the
+/// nginx that came back served the canary until the next retry. A split that sends nothing to
+/// the canary stays in the file; reads fail until nginx has loaded it, so the rollback is not
+/// taken as done before.
+#[tokio::test]
+async fn a_rollback_nginx_could_not_reload_stays_for_its_next_start() {
+    let servers = servers().await;
+    let mut nginx = Nginx::start(&servers, 20.0).await;
+    let router = nginx.router(&servers);
+    router.apply(&target(20.0)).await.expect("apply 20 %");
+    nginx.stop();
+    let err = router.apply(&target(0.0)).await.expect_err("nginx is down");
+    assert!(matches!(err, RouterError::Rejected(_)), "{err}");
+    let err = router.read(&target(0.0)).await.expect_err("not loaded");
+    assert!(err.to_string().contains("nginx has not loaded it"), "{err}");
+    nginx.restart().await;
+    nginx
+        .wait_for_traffic(
+            "the restarted nginx to send all 40 requests to stable",
+            40,
+            |c| c.get("stable") == Some(&40),
+        )
+        .await;
+    router
+        .apply(&target(0.0))
+        .await
+        .expect("nginx reloads again");
+    assert_eq!(router.read(&target(0.0)).await.expect("read"), 0.0);
+}
+
+/// UAT: a reload command that hung was killed after its timeout, but what it had started
+/// (`sh -c "sleep …; nginx -s reload"`) went on running.
+#[tokio::test]
+async fn a_hung_reload_command_is_killed_with_its_children() {
+    let servers = servers().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pid_file = dir.path().join("child.pid");
+    let script = format!("sleep 60 & echo $! > {}; wait", pid_file.display());
+    let slow = router(dir.path().join("w.conf"), &["sh", "-c", &script], &servers)
+        .with_reload_timeout(Duration::from_millis(500));
+    let err = slow.apply(&target(5.0)).await.expect_err("hung reload");
+    assert!(
+        matches!(&err, RouterError::Unreachable(m) if m.contains("did not finish")),
+        "{err}"
+    );
+    let pid = std::fs::read_to_string(&pid_file).expect("the child's pid");
+    let stat = format!("/proc/{}/stat", pid.trim());
+    // Gone, or a zombie waiting for a reaper: not running either way.
+    wait_for("the child killed", Duration::from_secs(10), || async {
+        let state = std::fs::read_to_string(&stat).ok().and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+        });
+        matches!(state.as_deref(), None | Some("Z" | "X")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
