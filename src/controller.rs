@@ -244,6 +244,9 @@ struct Task {
     /// the decision was applied all the same.
     unrecorded: Option<String>,
     router_failing_since: Option<Time>,
+    /// Whether the last read of the router failed: a write that works then does not make the
+    /// router a working one, as canaryd still cannot see where traffic goes.
+    router_unreadable: bool,
     view: RolloutView,
     /// Why no policy drives the rollout any more, if none does: only `abort` then acts on it,
     /// with the router the policy last named.
@@ -426,6 +429,7 @@ impl Task {
             }
             Err(e) => Err(RouterError::Config(e.to_string())),
         };
+        self.router_unreadable = result.is_err();
         if self.shared.dry_run {
             // The view shows where the router really sends traffic, and whether it can be
             // read at all (a dry run is how a router's setup is tried out), while the
@@ -585,9 +589,11 @@ impl Task {
             );
             match res {
                 Ok(()) => {
-                    self.router_failing_since = None;
                     self.view.router_weight = Some(target.canary_weight);
-                    self.view.router_error = None;
+                    if !self.router_unreadable {
+                        self.router_failing_since = None;
+                        self.view.router_error = None;
+                    }
                     return true;
                 }
                 Err(e) => {
@@ -1350,6 +1356,7 @@ async fn spawn_rollout(
         last_id: None,
         unrecorded: None,
         router_failing_since: None,
+        router_unreadable: false,
         view,
         policy,
         orphaned,

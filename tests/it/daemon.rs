@@ -20,6 +20,8 @@ pub struct FakeRouter {
     pub failing: Arc<Mutex<bool>>,
     /// Reads work, applies fail.
     pub refusing: Arc<Mutex<bool>>,
+    /// Reads fail, applies work.
+    pub unreadable: Arc<Mutex<bool>>,
     pub applied: Arc<Mutex<Vec<f64>>>,
 }
 
@@ -44,6 +46,9 @@ impl Router for FakeRouter {
         Box::pin(async move {
             if *self.failing.lock().unwrap() {
                 return Err(RouterError::Unreachable("fake router is down".into()));
+            }
+            if *self.unreadable.lock().unwrap() {
+                return Err(RouterError::BadResponse("fake router reads garbage".into()));
             }
             Ok(*self.weight.lock().unwrap())
         })
@@ -703,6 +708,28 @@ async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
     assert_eq!(s, 200);
     d.wait_phase("demo", "rolled-back").await;
     assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
+    d.stop().await;
+}
+
+/// UAT: a webhook router whose GET was broken but whose POST worked held the rollout as
+/// "router failing" for ever, while the API showed no router error and the table no warning:
+/// each working write wiped the read's error and its deadline. A router canaryd cannot read is
+/// failing, whatever its writes do.
+#[tokio::test]
+async fn a_router_that_takes_writes_but_cannot_be_read_is_failing() {
+    let policy = POLICY.replace(
+        "progress_deadline: 1h",
+        "progress_deadline: 1h\n  router_deadline: 300ms",
+    );
+    let dir = setup(&policy);
+    let d = started_at_ten_percent(dir.path()).await;
+    *d.router.unreadable.lock().unwrap() = true;
+    let v = d.wait_phase("demo", "failed").await;
+    let error = v["router_error"].as_str().unwrap_or_default();
+    assert!(error.contains("reads garbage"), "{v}");
+    let (_, list) = d.get("/api/v1/rollouts").await;
+    let table = canaryd::client::table(&list);
+    assert!(table.contains("reads garbage"), "{table}");
     d.stop().await;
 }
 
