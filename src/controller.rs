@@ -181,8 +181,8 @@ pub async fn operate(
     .map_err(|_| OperateError::Busy)?;
     match tokio::time::timeout(OPERATE_QUEUE_WAIT, &mut rx).await {
         Ok(res) => res.unwrap_or(Err(OperateError::Busy)),
-        // The rollout is still busy with an analysis (a slow router or Prometheus): the
-        // action is withdrawn, so that "not taken" stays true.
+        // The rollout is still busy with a router call (an analysis waiting on Prometheus
+        // gives way at once): the action is withdrawn, so that "not taken" stays true.
         Err(_) if !taken.swap(true, Ordering::SeqCst) => Err(OperateError::Busy),
         // Taken just now: recording it is quick.
         Err(_) => match tokio::time::timeout(OPERATE_RECORD_WAIT, rx).await {
@@ -193,8 +193,8 @@ pub async fn operate(
 }
 
 /// How long an operator action waits for its rollout to take it (the rollout takes commands
-/// between analyses), and then for the decision to be recorded. Together below the API's
-/// request timeout.
+/// between ticks, and while a tick is asking Prometheus), and then for the decision to be
+/// recorded. Together below the API's request timeout.
 const OPERATE_QUEUE_WAIT: Duration = Duration::from_secs(30);
 const OPERATE_RECORD_WAIT: Duration = Duration::from_secs(10);
 
@@ -206,8 +206,8 @@ pub enum OperateError {
     Rejected(String),
     /// The rollout did not take the action in time; it never will.
     #[error(
-        "the rollout is busy with an analysis that has not finished in {}s (a slow router or \
-         Prometheus?); nothing was done, try again",
+        "the rollout is busy with a router call or a state store write that has not finished in \
+         {}s; nothing was done, try again",
         OPERATE_QUEUE_WAIT.as_secs()
     )]
     Busy,
@@ -926,16 +926,26 @@ impl Task {
         record
     }
 
-    async fn tick(&mut self) {
+    /// One analysis and its decision. A command that arrives while Prometheus (or a gate) is
+    /// being asked interrupts the tick, which has changed nothing yet, and is returned to be
+    /// handled at once: an operator's abort never waits behind a slow or hung Prometheus.
+    async fn tick(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), Option<Command>> {
         let now = self.shared.clock.now();
         let router = self.read_router(now).await;
         let router_weight = match router {
             RouterStatus::Ok { canary_weight } => Some(canary_weight),
             RouterStatus::Failing { .. } => None,
         };
-        let obs = self.observe(now, router).await;
+        let obs = tokio::select! {
+            obs = self.observe(now, router) => obs,
+            cmd = commands.recv() => return Err(cmd),
+        };
         let d = decide(&self.policy, &self.state, &Input::Tick(obs), now);
         self.commit(d, now, router_weight).await;
+        Ok(())
     }
 
     async fn operator(
@@ -995,7 +1005,13 @@ impl Task {
             // A stopped rollout (its file deleted) is left alone, except to finish a rollback
             // an operator asked for: the router must take it, and the phase settle.
             if self.orphaned.is_none() || self.state.phase == Phase::RollingBack {
-                self.tick().await;
+                if let Err(cmd) = self.tick(&mut commands).await {
+                    // The analysis was cut short: it runs again right after the command.
+                    match self.handle(cmd).await {
+                        Flow::End => return,
+                        Flow::Wait | Flow::TickNow => continue,
+                    }
+                }
             }
             let sleep = tokio::time::sleep(self.policy.strategy.interval);
             tokio::pin!(sleep);
@@ -1003,81 +1019,108 @@ impl Task {
                 tokio::select! {
                     _ = &mut sleep => break,
                     _ = shutdown.changed() => return,
-                    cmd = commands.recv() => match cmd {
-                        None => return,
-                        Some(Command::HandOver(to)) => {
-                            self.hand_over(&to).await;
-                            return;
-                        }
-                        Some(Command::Operator { action, who, why, reply, taken }) => {
-                            if taken.swap(true, Ordering::SeqCst) {
-                                tracing::warn!(rollout = %self.policy.name, who = %who, action = action.as_str(), "operator action withdrawn: its caller stopped waiting while the rollout was busy; nothing was done");
-                                continue;
-                            }
-                            let res = self.operator(action, who, why).await;
-                            let moving = res.is_ok()
-                                && matches!(self.state.phase, Phase::RollingBack | Phase::Promoting);
-                            let _ = reply.send(res);
-                            if moving {
-                                // Tick now: once the router confirms the weight the rollout
-                                // settles, so a `retry` need not wait a whole interval.
-                                break;
-                            }
-                        }
-                        Some(Command::Policy(p, file)) => {
-                            if p.router != self.policy.router {
-                                if !p.router.drives_same_traffic(&self.policy.router) {
-                                    self.release_old_router().await;
-                                }
-                                self.router = (self.shared.routers)(&p);
-                            }
-                            if p.prometheus != self.policy.prometheus {
-                                self.source = (self.shared.sources)(&p);
-                            }
-                            if let Some(was) = self.orphaned.take() {
-                                // What a stopped task read of its router is no failure of the
-                                // rollout's: its deadline starts when it runs again.
-                                self.router_failing_since = None;
-                                self.view.router_error = None;
-                                let s = &self.state;
-                                if matches!(was, Orphaned::Starting(_)) {
-                                    tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), step = s.step + 1, weight = s.weight, applied = self.applied, "resuming rollout from the store");
-                                } else {
-                                    tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), "policy file back; the rollout runs again");
-                                }
-                                self.view.stopped = false;
-                            } else {
-                                tracing::info!(rollout = %p.name, file = %file, "policy updated");
-                            }
-                            self.policy = *p;
-                            self.file = file;
-                            self.view.policy_error = None;
-                            self.shared.metrics.policy_invalid(&self.policy.name, false);
-                            self.publish();
-                            break;
-                        }
-                        Some(Command::PolicyError(e)) => {
-                            self.view.policy_error = Some(e);
-                            self.shared.metrics.policy_invalid(&self.policy.name, true);
-                            self.publish();
-                        }
-                        Some(Command::Orphan(why)) => {
-                            // Its phase, weight and step series stay, like its view: the router
-                            // may still split traffic for it. A stopped rollout whose file has
-                            // errors becomes deleted only when that file goes.
-                            if self.orphaned.as_ref().is_some_and(|o| !o.replaced_by(&why)) {
-                                continue;
-                            }
-                            let invalid = matches!(why, Orphaned::Invalid(_));
-                            self.orphaned = Some(why);
-                            self.shared.metrics.policy_invalid(&self.policy.name, invalid);
-                            self.publish();
-                        }
+                    cmd = commands.recv() => match self.handle(cmd).await {
+                        Flow::End => return,
+                        Flow::TickNow => break,
+                        Flow::Wait => {}
                     },
                 }
             }
         }
     }
+
+    /// What a command does to the task; `None` is the scan gone.
+    async fn handle(&mut self, cmd: Option<Command>) -> Flow {
+        match cmd {
+            None => Flow::End,
+            Some(Command::HandOver(to)) => {
+                self.hand_over(&to).await;
+                Flow::End
+            }
+            Some(Command::Operator {
+                action,
+                who,
+                why,
+                reply,
+                taken,
+            }) => {
+                if taken.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(rollout = %self.policy.name, who = %who, action = action.as_str(), "operator action withdrawn: its caller stopped waiting while the rollout was busy; nothing was done");
+                    return Flow::Wait;
+                }
+                let res = self.operator(action, who, why).await;
+                let moving = res.is_ok()
+                    && matches!(self.state.phase, Phase::RollingBack | Phase::Promoting);
+                let _ = reply.send(res);
+                // Tick now when the router has a weight to take: once it confirms the weight
+                // the rollout settles, so a `retry` need not wait a whole interval.
+                if moving { Flow::TickNow } else { Flow::Wait }
+            }
+            Some(Command::Policy(p, file)) => {
+                if p.router != self.policy.router {
+                    if !p.router.drives_same_traffic(&self.policy.router) {
+                        self.release_old_router().await;
+                    }
+                    self.router = (self.shared.routers)(&p);
+                }
+                if p.prometheus != self.policy.prometheus {
+                    self.source = (self.shared.sources)(&p);
+                }
+                if let Some(was) = self.orphaned.take() {
+                    // What a stopped task read of its router is no failure of the rollout's:
+                    // its deadline starts when it runs again.
+                    self.router_failing_since = None;
+                    self.view.router_error = None;
+                    let s = &self.state;
+                    if matches!(was, Orphaned::Starting(_)) {
+                        tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), step = s.step + 1, weight = s.weight, applied = self.applied, "resuming rollout from the store");
+                    } else {
+                        tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), "policy file back; the rollout runs again");
+                    }
+                    self.view.stopped = false;
+                } else {
+                    tracing::info!(rollout = %p.name, file = %file, "policy updated");
+                }
+                self.policy = *p;
+                self.file = file;
+                self.view.policy_error = None;
+                self.shared.metrics.policy_invalid(&self.policy.name, false);
+                self.publish();
+                Flow::TickNow
+            }
+            Some(Command::PolicyError(e)) => {
+                self.view.policy_error = Some(e);
+                self.shared.metrics.policy_invalid(&self.policy.name, true);
+                self.publish();
+                Flow::Wait
+            }
+            Some(Command::Orphan(why)) => {
+                // Its phase, weight and step series stay, like its view: the router may still
+                // split traffic for it. A stopped rollout whose file has errors becomes
+                // deleted only when that file goes.
+                if self.orphaned.as_ref().is_some_and(|o| !o.replaced_by(&why)) {
+                    return Flow::Wait;
+                }
+                let invalid = matches!(why, Orphaned::Invalid(_));
+                self.orphaned = Some(why);
+                self.shared
+                    .metrics
+                    .policy_invalid(&self.policy.name, invalid);
+                self.publish();
+                Flow::Wait
+            }
+        }
+    }
+}
+
+/// What a task does after a command.
+enum Flow {
+    /// Waits for the rest of its interval.
+    Wait,
+    /// Analyses again now.
+    TickNow,
+    /// Ends.
+    End,
 }
 
 /// A rollout task as the scan knows it.

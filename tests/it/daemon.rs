@@ -2061,6 +2061,52 @@ impl MetricSource for HeldSource {
     }
 }
 
+/// UAT: with Prometheus hung, an operator's abort waited for the analysis under way (20 s;
+/// up to the 30 s an action waits). A command interrupts an analysis that is still asking its
+/// source, which has changed nothing yet.
+#[tokio::test]
+async fn an_abort_does_not_wait_for_an_analysis_stuck_on_its_source() {
+    let dir = setup(&held_policy());
+    let (router, source) = fakes(Mode::Good);
+    let (open_tx, open) = tokio::sync::watch::channel(true);
+    let held = HeldSource {
+        inner: source.clone(),
+        open,
+        entered: Arc::default(),
+        _alive: Arc::new(()),
+    };
+    let entered = held.entered.clone();
+    let sources: canaryd::controller::SourceFactory =
+        Arc::new(move |_| Arc::new(held.clone()) as Arc<dyn MetricSource>);
+    let (routers, _) = factories(&router, &source);
+    let d = Daemon::start_with(
+        dir.path(),
+        router.clone(),
+        source,
+        None,
+        routers,
+        sources,
+        test_limits(),
+        false,
+    )
+    .await;
+    d.wait_phase("demo", "progressing").await;
+    open_tx.send(false).unwrap();
+    let before = entered.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for(
+        "an analysis stuck on its source",
+        Duration::from_secs(10),
+        || async { (entered.load(std::sync::atomic::Ordering::SeqCst) > before).then_some(()) },
+    )
+    .await;
+    let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(*router.weight.lock().unwrap(), 0.0);
+    d.wait_phase("demo", "rolled-back").await;
+    let _ = open_tx.send(true);
+    d.stop().await;
+}
+
 /// Regression (UAT): `search` renamed to `search2` and back to `search` left a ghost `search2`
 /// (idle, "the router is failing") in the API and `canaryd status` until a restart. The
 /// `search2` task was stopped in the middle of a tick and published its view after the scan
