@@ -1004,13 +1004,13 @@ impl Task {
         loop {
             // A stopped rollout (its file deleted) is left alone, except to finish a rollback
             // an operator asked for: the router must take it, and the phase settle.
-            if self.orphaned.is_none() || self.state.phase == Phase::RollingBack {
-                if let Err(cmd) = self.tick(&mut commands).await {
-                    // The analysis was cut short: it runs again right after the command.
-                    match self.handle(cmd).await {
-                        Flow::End => return,
-                        Flow::Wait | Flow::TickNow => continue,
-                    }
+            if (self.orphaned.is_none() || self.state.phase == Phase::RollingBack)
+                && let Err(cmd) = self.tick(&mut commands).await
+            {
+                // The analysis was cut short: it runs again right after the command.
+                match self.handle(cmd).await {
+                    Flow::End => return,
+                    Flow::Wait | Flow::TickNow => continue,
                 }
             }
             let sleep = tokio::time::sleep(self.policy.strategy.interval);
