@@ -181,7 +181,7 @@ pub struct ActionArgs {
     /// Why, recorded with the decision.
     #[arg(long, short = 'm', default_value = "")]
     pub reason: String,
-    /// Who, recorded with the decision [default: $USER].
+    /// Who, recorded with the decision [default: $USER, or `cli` when it is unset].
     #[arg(long)]
     pub who: Option<String>,
 }

@@ -1073,7 +1073,8 @@ impl Task {
                     self.view.router_error = None;
                     let s = &self.state;
                     if matches!(was, Orphaned::Starting(_)) {
-                        tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), step = s.step + 1, weight = s.weight, applied = self.applied, "resuming rollout from the store");
+                        let step = shown_step(s, p.strategy.steps().len());
+                        tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), step, weight = s.weight, applied = self.applied, "resuming rollout from the store");
                     } else {
                         tracing::info!(rollout = %p.name, file = %file, phase = s.phase.as_str(), "policy file back; the rollout runs again");
                     }
