@@ -892,6 +892,12 @@ impl Task {
                 // Someone or something (a router restart) changed the split behind our back.
                 tracing::warn!(rollout = %self.policy.name, router_weight = w, weight = d.weight, "the router sends another split than the rollout's; applying the rollout's again");
             }
+            if d.weight != prev.weight || d.state.phase != prev.phase {
+                // Shown at once, as not yet applied: a router that takes its time (retries of
+                // a hung reload) must not leave the API showing the phase from before.
+                self.applied = false;
+                self.publish();
+            }
             self.applied = self.apply(now).await;
         } else if self.state.phase == Phase::Failed {
             self.applied = router_weight.is_some_and(|w| (w - d.weight).abs() < 0.01);

@@ -22,6 +22,8 @@ pub struct FakeRouter {
     pub refusing: Arc<Mutex<bool>>,
     /// Reads fail, applies work.
     pub unreadable: Arc<Mutex<bool>>,
+    /// Applies wait while this is true, as a router that takes its time.
+    pub stalled: Arc<Mutex<bool>>,
     pub applied: Arc<Mutex<Vec<f64>>>,
 }
 
@@ -31,6 +33,9 @@ impl Router for FakeRouter {
     }
     fn apply<'a>(&'a self, t: &'a Target) -> BoxFuture<'a, Result<(), RouterError>> {
         Box::pin(async move {
+            while *self.stalled.lock().unwrap() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             if *self.failing.lock().unwrap() {
                 return Err(RouterError::Unreachable("fake router is down".into()));
             }
@@ -708,6 +713,40 @@ async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
     assert_eq!(s, 200);
     d.wait_phase("demo", "rolled-back").await;
     assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
+    d.stop().await;
+}
+
+/// UAT: while a router took its time over an abort (a hung reload, retried), the API went on
+/// showing the phase from before the abort for a minute and more. A decision shows at once,
+/// as not yet applied, while the router is being told.
+#[tokio::test]
+async fn a_decision_shows_while_the_router_takes_its_time() {
+    let dir = setup(&held_policy());
+    let d = started_at_ten_percent(dir.path()).await;
+    *d.router.stalled.lock().unwrap() = true;
+    let url = d.url.clone();
+    let abort = tokio::spawn(async move {
+        crate::support::http_client()
+            .post(format!("{url}/api/v1/rollouts/demo/abort"))
+            .body("{}")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    let v = wait_for("the rollback shown", Duration::from_secs(10), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        (v["phase"] == "rolling-back").then_some(v)
+    })
+    .await;
+    assert_eq!(v["applied"], false, "{v}");
+    assert_eq!(
+        *d.router.weight.lock().unwrap(),
+        10.0,
+        "the router has not taken it yet"
+    );
+    *d.router.stalled.lock().unwrap() = false;
+    assert_eq!(abort.await.unwrap().unwrap(), 200);
+    d.wait_phase("demo", "rolled-back").await;
     d.stop().await;
 }
 
