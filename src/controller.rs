@@ -438,9 +438,13 @@ impl Task {
                 Ok(w) => (Some(w), None),
                 Err(e) => (None, Some(e.to_string())),
             };
-            return RouterStatus::Ok {
-                canary_weight: self.state.weight,
+            // A rollout that has not started sees the real split, so that its start says
+            // when the router already sent the canary traffic, as a real one would.
+            let canary_weight = match self.view.router_weight {
+                Some(w) if self.state.phase == Phase::Idle => w,
+                _ => self.state.weight,
             };
+            return RouterStatus::Ok { canary_weight };
         }
         match result {
             Ok(w) => {

@@ -2713,6 +2713,17 @@ async fn a_dry_run_leaves_the_router_and_the_state_file_alone() {
     // The router is read, so the view shows where traffic really is, and that the router
     // cannot be read once it fails.
     assert_eq!(v["router_weight"], 30.0, "{v}");
+    // Its start said where the router already sent traffic, as a real start would.
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=500").await;
+    let start = log["decisions"]
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["action"] == "start"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        start["reason"].as_str().unwrap_or_default().contains("30%"),
+        "{start}"
+    );
     *router.failing.lock().unwrap() = true;
     wait_for(
         "the router's error shown",
