@@ -170,17 +170,24 @@ pub async fn operate(
     let tx = registry.get(name).ok_or(OperateError::NotFound)?;
     let (reply, mut rx) = oneshot::channel();
     let taken = Arc::new(AtomicBool::new(false));
-    tx.send(Command::Operator {
+    // A caller that goes away (a client that disconnects, the API's own timeout) withdraws
+    // the action if the rollout has not taken it yet.
+    let _withdraw = Withdraw(taken.clone());
+    // A full queue is a rollout that has been busy for a while: said at once.
+    tx.try_send(Command::Operator {
         action,
         who,
         why,
         reply,
         taken: taken.clone(),
     })
-    .await
     .map_err(|_| OperateError::Busy)?;
     match tokio::time::timeout(OPERATE_QUEUE_WAIT, &mut rx).await {
-        Ok(res) => res.unwrap_or(Err(OperateError::Busy)),
+        Ok(Ok(res)) => res,
+        // The task ended without answering: it stopped before taking the action, or failed
+        // while recording it.
+        Ok(Err(_)) if taken.swap(true, Ordering::SeqCst) => Err(OperateError::Unconfirmed),
+        Ok(Err(_)) => Err(OperateError::Busy),
         // The rollout is still busy with a router call (an analysis waiting on Prometheus
         // gives way at once): the action is withdrawn, so that "not taken" stays true.
         Err(_) if !taken.swap(true, Ordering::SeqCst) => Err(OperateError::Busy),
@@ -189,6 +196,15 @@ pub async fn operate(
             Ok(Ok(res)) => res,
             _ => Err(OperateError::Unconfirmed),
         },
+    }
+}
+
+/// Withdraws an operator action when its caller stops waiting, unless the rollout took it.
+struct Withdraw(Arc<AtomicBool>);
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -614,7 +630,7 @@ impl Task {
         false
     }
 
-    async fn observe(&mut self, now: Time, router: RouterStatus) -> Observation {
+    async fn observe(&self, now: Time, router: RouterStatus) -> Observation {
         let mut metrics = BTreeMap::new();
         // A state for another candidate is about to be replaced by a fresh rollout.
         let fresh;
@@ -939,23 +955,43 @@ impl Task {
     /// One analysis and its decision. A command that arrives while Prometheus (or a gate) is
     /// being asked interrupts the tick, which has changed nothing yet, and is returned to be
     /// handled at once: an operator's abort never waits behind a slow or hung Prometheus.
-    async fn tick(
-        &mut self,
-        commands: &mut mpsc::Receiver<Command>,
-    ) -> Result<(), Option<Command>> {
+    async fn tick(&mut self, commands: &mut mpsc::Receiver<Command>) -> Tick {
         let now = self.shared.clock.now();
         let router = self.read_router(now).await;
         let router_weight = match router {
             RouterStatus::Ok { canary_weight } => Some(canary_weight),
             RouterStatus::Failing { .. } => None,
         };
-        let obs = tokio::select! {
-            obs = self.observe(now, router) => obs,
-            cmd = commands.recv() => return Err(cmd),
+        // Commands that change nothing the analysis depends on wait for it, so that no
+        // stream of them (a script retrying, a file touched over and over) starves it.
+        let mut later = Vec::new();
+        let obs = {
+            let observing = self.observe(now, router);
+            tokio::pin!(observing);
+            loop {
+                tokio::select! {
+                    obs = &mut observing => break obs,
+                    cmd = commands.recv() => match cmd {
+                        Some(c) if !self.interrupts(&c) => later.push(c),
+                        cmd => return Tick::Interrupted(cmd, later),
+                    },
+                }
+            }
         };
         let d = decide(&self.policy, &self.state, &Input::Tick(obs), now);
         self.commit(d, now, router_weight).await;
-        Ok(())
+        Tick::Done(later)
+    }
+
+    /// Whether a command that arrives during an analysis cuts it short: an operator action
+    /// still to take, a policy other than the one being analysed, a hand-over.
+    fn interrupts(&self, cmd: &Command) -> bool {
+        match cmd {
+            Command::Operator { taken, .. } => !taken.load(Ordering::SeqCst),
+            Command::Policy(p, file) => **p != self.policy || *file != self.file,
+            Command::HandOver(_) => true,
+            Command::PolicyError(_) | Command::Orphan(_) => false,
+        }
     }
 
     async fn operator(
@@ -1014,13 +1050,23 @@ impl Task {
         loop {
             // A stopped rollout (its file deleted) is left alone, except to finish a rollback
             // an operator asked for: the router must take it, and the phase settle.
-            if (self.orphaned.is_none() || self.state.phase == Phase::RollingBack)
-                && let Err(cmd) = self.tick(&mut commands).await
-            {
-                // The analysis was cut short: it runs again right after the command.
-                match self.handle(cmd).await {
-                    Flow::End => return,
-                    Flow::Wait | Flow::TickNow => continue,
+            if self.orphaned.is_none() || self.state.phase == Phase::RollingBack {
+                let (cut, later) = match self.tick(&mut commands).await {
+                    Tick::Done(later) => (None, later),
+                    Tick::Interrupted(cmd, later) => (Some(cmd), later),
+                };
+                // In the order they came: those that waited for the analysis, then the one
+                // that cut it short, after which the analysis runs again at once.
+                let mut again = cut.is_some();
+                for cmd in later.into_iter().map(Some).chain(cut) {
+                    match self.handle(cmd).await {
+                        Flow::End => return,
+                        Flow::TickNow => again = true,
+                        Flow::Wait => {}
+                    }
+                }
+                if again {
+                    continue;
                 }
             }
             let sleep = tokio::time::sleep(self.policy.strategy.interval);
@@ -1067,9 +1113,14 @@ impl Task {
                 if moving { Flow::TickNow } else { Flow::Wait }
             }
             Some(Command::Policy(p, file)) => {
+                let changed = *p != self.policy || file != self.file || self.orphaned.is_some();
                 if p.router != self.policy.router {
                     if !p.router.drives_same_traffic(&self.policy.router) {
                         self.release_old_router().await;
+                        // Another router: how the old one failed says nothing of it.
+                        self.router_failing_since = None;
+                        self.router_unreadable = false;
+                        self.view.router_error = None;
                     }
                     self.router = (self.shared.routers)(&p);
                 }
@@ -1097,7 +1148,9 @@ impl Task {
                 self.view.policy_error = None;
                 self.shared.metrics.policy_invalid(&self.policy.name, false);
                 self.publish();
-                Flow::TickNow
+                // A file read again unchanged (touched, or fixed back to what runs) needs no
+                // analysis before the interval's.
+                if changed { Flow::TickNow } else { Flow::Wait }
             }
             Some(Command::PolicyError(e)) => {
                 self.view.policy_error = Some(e);
@@ -1122,6 +1175,13 @@ impl Task {
             }
         }
     }
+}
+
+/// How a tick ended, with the commands that came meanwhile and waited for it.
+enum Tick {
+    Done(Vec<Command>),
+    /// Cut short by this command (`None`: the scan is gone) before anything changed.
+    Interrupted(Option<Command>, Vec<Command>),
 }
 
 /// What a task does after a command.
@@ -2248,6 +2308,19 @@ mod tests {
             taken.swap(true, Ordering::SeqCst),
             "the rollout would take it"
         );
+    }
+
+    /// A caller that goes away before its wait runs out (a client that disconnects, the
+    /// API's own timeout) withdraws its action as well.
+    #[tokio::test(start_paused = true)]
+    async fn an_action_whose_caller_went_away_is_never_taken() {
+        let (registry, mut rx) = registry();
+        let gone = tokio::time::timeout(Duration::from_secs(1), abort(&registry)).await;
+        assert!(gone.is_err(), "the caller gave up first");
+        let Some(Command::Operator { taken, .. }) = rx.recv().await else {
+            panic!("no command queued");
+        };
+        assert!(taken.swap(true, Ordering::SeqCst), "the rollout would take it");
     }
 
     /// An action the rollout took just as its caller's wait ran out is waited for, not
