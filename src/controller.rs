@@ -2320,7 +2320,10 @@ mod tests {
         let Some(Command::Operator { taken, .. }) = rx.recv().await else {
             panic!("no command queued");
         };
-        assert!(taken.swap(true, Ordering::SeqCst), "the rollout would take it");
+        assert!(
+            taken.swap(true, Ordering::SeqCst),
+            "the rollout would take it"
+        );
     }
 
     /// An action the rollout took just as its caller's wait ran out is waited for, not

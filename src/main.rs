@@ -263,9 +263,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         })?,
         (None, None) => Duration::from_secs(10),
     };
-    // Each file is read once here, so that an error names where it was given.
+    let (etcd, etcd_from) = setting(args.etcd, file.etcd, "--etcd", "etcd", config);
+    // Each file is read once here, so that an error names where it was given; without
+    // --etcd, `ha_config` says that instead.
+    let ha_wanted = etcd.is_some();
     let readable = |(path, from): (Option<PathBuf>, Origin)| -> anyhow::Result<Option<PathBuf>> {
-        if let Some(p) = &path {
+        if ha_wanted && let Some(p) = &path {
             std::fs::read(p).with_context(|| format!("{from}: cannot read {}", p.display()))?;
         }
         Ok(path)
@@ -317,13 +320,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             );
             Some(canaryd::etcd::EtcdAuth {
                 user,
-                password: read_token("etcd password", &path)
-                    .with_context(|| path_from.to_string())?,
+                password: if ha_wanted {
+                    read_token("etcd password", &path).with_context(|| path_from.to_string())?
+                } else {
+                    String::new()
+                },
             })
         }
         _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
     };
-    let (etcd, etcd_from) = setting(args.etcd, file.etcd, "--etcd", "etcd", config);
     let ha = ha_config(
         etcd.map(|url| (url, etcd_from)),
         args.etcd_prefix.or(file.etcd_prefix),

@@ -320,7 +320,13 @@ impl RouterConfig {
                 RouterConfig::Haproxy { servers: a, .. },
                 RouterConfig::Haproxy { servers: b, .. },
             ) => a == b && self.target() == other.target(),
-            _ => self.target().is_some() && self.target() == other.target(),
+            // The same kind too: an nginx weights file turned file-router document would
+            // leave nginx with a file it cannot read, so that is a move.
+            _ => {
+                self.kind() == other.kind()
+                    && self.target().is_some()
+                    && self.target() == other.target()
+            }
         }
     }
 
@@ -335,9 +341,9 @@ impl RouterConfig {
                 backend: backend.clone(),
             }),
             RouterConfig::Nginx { weights_file, .. } => {
-                Some(RouterTarget::File(resolved(weights_file)))
+                Some(RouterTarget::File(resolved_file(weights_file)))
             }
-            RouterConfig::File { path } => Some(RouterTarget::File(resolved(path))),
+            RouterConfig::File { path } => Some(RouterTarget::File(resolved_file(path))),
             RouterConfig::Webhook { .. } => None,
         }
     }
@@ -347,7 +353,8 @@ impl RouterConfig {
 /// every interval, undoing the other's, so the daemon runs one rollout per target.
 ///
 /// Targets are compared as the routers reach them: paths resolved (relative to the working
-/// directory, `.`, `..` and symbolic links seen through as far as they exist), `tcp://` and
+/// directory, `.`, `..` and symbolic links seen through as far as they exist; for a file the
+/// routers replace whole, only its directory's), `tcp://` and
 /// `unix://` prefixes dropped, IP addresses in one spelling and `localhost` as 127.0.0.1. Other
 /// host names are compared as written (in lower case): no DNS lookup decides a router's
 /// identity.
@@ -410,6 +417,23 @@ fn host_port(hostport: &str) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+/// A file the routers write whole (a temporary file renamed over it): its directory resolved,
+/// its name as written, since the rename replaces a symbolic link there instead of writing
+/// through it.
+fn resolved_file(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            resolved(dir).join(name)
+        }
+        _ => resolved(path),
     }
 }
 
@@ -753,6 +777,7 @@ mod tests {
             (real.join("w.json"), dir.path().join("link/w.json")),
             (real.join("w.json"), real.join("sub/../w.json")),
             (real.join("w.json"), real.join("./w.json")),
+            (PathBuf::from("w.json"), PathBuf::from("./w.json")),
             (cwd.join("w.json"), PathBuf::from("w.json")),
             (cwd.join("a/b/w.json"), PathBuf::from("./a/x/../b/w.json")),
         ];
@@ -760,6 +785,10 @@ mod tests {
             assert_eq!(file(a.clone()), file(b.clone()), "{a:?} {b:?}");
         }
         assert_ne!(file(real.join("w.json")), file(real.join("v.json")));
+        // A link at the file itself is replaced by the first write (a rename over it), so it
+        // is a file of its own.
+        std::os::unix::fs::symlink(real.join("w.json"), real.join("l.json")).expect("symlink");
+        assert_ne!(file(real.join("w.json")), file(real.join("l.json")));
         let haproxy = |socket: &str| {
             RouterConfig::Haproxy {
                 socket: socket.into(),
@@ -817,6 +846,7 @@ mod tests {
             (haproxy("m", "b"), haproxy("n", "b")),
             (webhook("http://r/split", 1), webhook("http://r/other", 1)),
             (file("w.json"), webhook("http://r/split", 1)),
+            (nginx("/w.conf", "true"), file("/w.conf")),
         ];
         for (a, b) in same {
             assert!(

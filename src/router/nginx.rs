@@ -20,7 +20,9 @@
 //!
 //! The file is replaced atomically, then the reload command runs and must exit 0. If it fails
 //! the previous file is put back, so that the file, which is what `read` reports, never claims
-//! a split that nginx did not take. `read` therefore reflects the configuration canaryd last
+//! a split that nginx did not take; except a split that sends nothing to the canary (a
+//! rollback), which stays for nginx's next start, marked `NOT_LOADED` until a reload of it
+//! works (`read` tries one). `read` therefore reflects the configuration canaryd last
 //! had accepted, not nginx's live state: `nginx -s reload` only signals the master process and
 //! exits 0 even when the new configuration is invalid, so reload with
 //! `[sh, -c, "nginx -t && nginx -s reload"]` to have a bad configuration reported.
@@ -58,11 +60,13 @@ pub struct NginxRouter {
     /// and lets an unchanged split skip the reload, which would otherwise restart nginx's
     /// workers on every tick.
     reloaded: tokio::sync::Mutex<Option<String>>,
-    /// A split that sends nothing to the canary, left in the file although nginx could not
-    /// reload it, and why: reads fail while the file still holds it, so that the rollback is
-    /// not taken as done until nginx has loaded it.
-    unloaded: std::sync::Mutex<Option<(String, String)>>,
 }
+
+/// First line of a file that holds a split nginx could not be made to load (a rollback, left
+/// for nginx's next start): nginx ignores it as a comment; `read` tries the reload again and
+/// reports the split not taken until one works. In the file, so that a restarted daemon or an
+/// edited router knows it too.
+const NOT_LOADED: &str = "# canaryd: nginx has not loaded this file yet: ";
 
 /// Whether an upstream name or server address cannot be written into the include file:
 /// characters that would end a directive or start a block or comment in nginx syntax.
@@ -108,7 +112,6 @@ impl NginxRouter {
             servers,
             reload_timeout: DEFAULT_RELOAD_TIMEOUT,
             reloaded: tokio::sync::Mutex::new(None),
-            unloaded: std::sync::Mutex::new(None),
         })
     }
 
@@ -289,12 +292,20 @@ impl Router for NginxRouter {
             if let Err(e) = self.run_reload().await {
                 if target.canary_weight == 0.0 {
                     // A rollback stays on disk: a stopped nginx that starts again, or a reload
-                    // by anyone, then sends nothing to the canary. Reads fail until a reload
-                    // of it succeeds, so the rollback is not taken as done before that.
-                    if let Ok(mut u) = self.unloaded.lock() {
-                        *u = Some((content, e.to_string()));
-                    }
-                    return Err(e);
+                    // by anyone, then sends nothing to the canary. Marked, so that reads fail
+                    // until a reload of it succeeds and the rollback is not taken as done
+                    // before that.
+                    let marked = format!(
+                        "{NOT_LOADED}{}\n{content}",
+                        one_line(&e.to_string(), MAX_STDERR)
+                    );
+                    return Err(match write_atomic(path, marked.into_bytes()).await {
+                        Ok(()) => e,
+                        Err(we) => RouterError::Unreachable(format!(
+                            "{e}; and marking {} as not loaded failed: {we}",
+                            path.display()
+                        )),
+                    });
                 }
                 let restored = match previous {
                     Some(bytes) => write_atomic(path, bytes).await,
@@ -307,9 +318,6 @@ impl Router for NginxRouter {
                         path.display()
                     )),
                 });
-            }
-            if let Ok(mut u) = self.unloaded.lock() {
-                *u = None;
             }
             *reloaded = Some(content);
             Ok(())
@@ -331,13 +339,23 @@ impl Router for NginxRouter {
             let bad = |why: String| {
                 RouterError::BadResponse(format!("nginx weights file {}: {why}", path.display()))
             };
-            let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
-            let unloaded = self.unloaded.lock().ok().and_then(|u| u.clone());
-            if let Some((_, why)) = unloaded.filter(|(c, _)| *c == text) {
-                return Err(RouterError::Unreachable(format!(
-                    "{} sends nothing to the canary, but nginx has not loaded it: {why}",
-                    path.display()
-                )));
+            let mut text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+            if let Some(marked) = text.strip_prefix(NOT_LOADED) {
+                // A rollback nginx could not load: tried again, as a failed rollout does not
+                // apply it again, and nginx may be back.
+                let content = marked.split_once('\n').map_or("", |(_, c)| c).to_owned();
+                let mut reloaded = self.reloaded.lock().await;
+                if let Err(e) = self.run_reload().await {
+                    return Err(RouterError::Unreachable(format!(
+                        "{} sends nothing to the canary, but nginx has not loaded it: {e}",
+                        path.display()
+                    )));
+                }
+                write_atomic(path, content.clone().into_bytes())
+                    .await
+                    .map_err(|e| write_error(path, e))?;
+                *reloaded = Some(content.clone());
+                text = content;
             }
             let mut lines = text
                 .lines()

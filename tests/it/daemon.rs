@@ -1580,7 +1580,7 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         assert_eq!(err.matches(&shown).count(), 1, "said once: {err}");
         assert!(!err.contains("<input>"), "{err}");
     }
-    let flags: [(&[&str], &str); 8] = [
+    let flags: [(&[&str], &str); 9] = [
         (
             &["--listen", "nonsense"],
             "--listen (or CANARYD_LISTEN): \"nonsense\" is not an address",
@@ -1609,6 +1609,10 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
             "cannot read the etcd password file /nonexistent/password",
         ),
         (&["--replica", "a"], "give --etcd too"),
+        (
+            &["--etcd-ca-file", "/nonexistent/ca.pem"],
+            "give --etcd too",
+        ),
         (
             &["--etcd", "http://127.0.0.1:1", "--lease-ttl", "1s"],
             "--lease-ttl: expected at least 2s",
@@ -2020,7 +2024,8 @@ async fn a_router_settings_edit_keeps_the_canary_weight() {
         posted().contains(&Some(10.0)).then_some(())
     })
     .await;
-    for (timeout, last) in [("3s", 60), ("1500us", 70)] {
+    // The last live edit is a sane timeout: the router stored before the restart must work.
+    for (timeout, last) in [("1500us", 60), ("3s", 70)] {
         let edited = policy(timeout).replace("steps: [10, 50]", &format!("steps: [10, {last}]"));
         std::fs::write(&file, edited).unwrap();
         analysed_after_edit(&d, serde_json::json!([10.0, f64::from(last)])).await;

@@ -290,6 +290,10 @@ async fn a_rollback_nginx_could_not_reload_stays_for_its_next_start() {
     assert!(matches!(err, RouterError::Rejected(_)), "{err}");
     let err = router.read(&target(0.0)).await.expect_err("not loaded");
     assert!(err.to_string().contains("nginx has not loaded it"), "{err}");
+    // The file says so: a restarted daemon's router knows it too.
+    let restarted = nginx.router(&servers);
+    let err = restarted.read(&target(0.0)).await.expect_err("not loaded");
+    assert!(err.to_string().contains("nginx has not loaded it"), "{err}");
     nginx.restart().await;
     nginx
         .wait_for_traffic(
@@ -298,6 +302,11 @@ async fn a_rollback_nginx_could_not_reload_stays_for_its_next_start() {
             |c| c.get("stable") == Some(&40),
         )
         .await;
+    // A read tries the reload again (a failed rollout applies nothing more), and with nginx
+    // back it works: the split reads as taken, and the mark is gone.
+    assert_eq!(restarted.read(&target(0.0)).await.expect("read"), 0.0);
+    let text = std::fs::read_to_string(&nginx.weights).expect("weights file");
+    assert!(!text.contains("not loaded"), "{text}");
     router
         .apply(&target(0.0))
         .await
@@ -314,7 +323,7 @@ async fn a_hung_reload_command_is_killed_with_its_children() {
     let pid_file = dir.path().join("child.pid");
     let script = format!("sleep 60 & echo $! > {}; wait", pid_file.display());
     let slow = router(dir.path().join("w.conf"), &["sh", "-c", &script], &servers)
-        .with_reload_timeout(Duration::from_millis(500));
+        .with_reload_timeout(Duration::from_secs(3));
     let err = slow.apply(&target(5.0)).await.expect_err("hung reload");
     assert!(
         matches!(&err, RouterError::Unreachable(m) if m.contains("did not finish")),
