@@ -2294,13 +2294,8 @@ mod tests {
         )
     }
 
-    /// A rollout busy for longer than an operator waits never takes the action afterwards:
-    /// the operator was told nothing was done.
-    #[tokio::test(start_paused = true)]
-    async fn an_action_its_caller_gave_up_on_is_never_taken() {
-        let (registry, mut rx) = registry();
-        let res = abort(&registry).await;
-        assert!(matches!(res, Err(OperateError::Busy)), "{res:?}");
+    /// The rollout finds the queued action withdrawn: it would not take it.
+    async fn assert_withdrawn(rx: &mut mpsc::Receiver<Command>) {
         let Some(Command::Operator { taken, .. }) = rx.recv().await else {
             panic!("no command queued");
         };
@@ -2310,6 +2305,16 @@ mod tests {
         );
     }
 
+    /// A rollout busy for longer than an operator waits never takes the action afterwards:
+    /// the operator was told nothing was done.
+    #[tokio::test(start_paused = true)]
+    async fn an_action_its_caller_gave_up_on_is_never_taken() {
+        let (registry, mut rx) = registry();
+        let res = abort(&registry).await;
+        assert!(matches!(res, Err(OperateError::Busy)), "{res:?}");
+        assert_withdrawn(&mut rx).await;
+    }
+
     /// A caller that goes away before its wait runs out (a client that disconnects, the
     /// API's own timeout) withdraws its action as well.
     #[tokio::test(start_paused = true)]
@@ -2317,13 +2322,7 @@ mod tests {
         let (registry, mut rx) = registry();
         let gone = tokio::time::timeout(Duration::from_secs(1), abort(&registry)).await;
         assert!(gone.is_err(), "the caller gave up first");
-        let Some(Command::Operator { taken, .. }) = rx.recv().await else {
-            panic!("no command queued");
-        };
-        assert!(
-            taken.swap(true, Ordering::SeqCst),
-            "the rollout would take it"
-        );
+        assert_withdrawn(&mut rx).await;
     }
 
     /// An action the rollout took just as its caller's wait ran out is waited for, not
