@@ -860,7 +860,7 @@ impl Task {
                     }
                     tracing::error!(rollout = %self.policy.name, error = %e, action = d.action.as_str(), weight = d.weight, "cannot record the decision; applying it all the same, as it sends the canary no more traffic");
                     self.unrecorded = Some(format!(
-                        "the state store could not record the decision ({e}); it was applied all the same, as it sends the canary no more traffic, but a restart before the store works again resumes from the last recorded decision"
+                        "the state store could not record the decision ({e}); it was applied all the same, as it sends the canary no more traffic, but a restart (or another replica taking over) before the store works again resumes from the last recorded decision and sends its weight again: repeat the action once the store answers"
                     ));
                 }
                 Err(e) => {
@@ -919,6 +919,22 @@ impl Task {
                 self.publish();
             }
             self.applied = self.apply(now).await;
+            if !self.applied
+                && let Some(why) = self.unrecorded.as_mut()
+            {
+                // Neither recorded nor applied: saying "applied" would send the operator away
+                // from a canary that still has its traffic. The decision lives in this task
+                // only, which goes on telling the router.
+                let router = match &self.view.router_error {
+                    Some(e) if self.shared.store.may_write() => e.as_str(),
+                    _ => {
+                        "this replica cannot confirm that it still leads, so it leaves the router alone"
+                    }
+                };
+                *why = format!(
+                    "the state store could not record the decision, and the router has not taken it yet ({router}): this replica keeps trying the router, but if it restarts or another replica takes over first, the action is lost; check `canaryd status` and repeat it once the store answers"
+                );
+            }
         } else if self.state.phase == Phase::Failed {
             self.applied = router_weight.is_some_and(|w| (w - d.weight).abs() < 0.01);
         } else if self.state.phase != Phase::Idle {

@@ -2764,6 +2764,33 @@ async fn a_dry_run_leaves_the_router_and_the_state_file_alone() {
     d.stop().await;
 }
 
+/// UAT: an abort that neither the state store recorded nor the router took was answered
+/// "applied all the same". It says the router has not taken it yet, and the rollout goes on
+/// telling the router until it does.
+#[tokio::test]
+async fn an_abort_neither_recorded_nor_taken_says_so_and_keeps_trying() {
+    let dir = setup(&held_policy());
+    let d = started_at_ten_percent(dir.path()).await;
+    // Another process holds the database's write lock: every write fails once the store's
+    // busy timeout (5 s) runs out.
+    let lock = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    *d.router.failing.lock().unwrap() = true;
+    let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
+    assert_eq!(status, 503, "{body}");
+    let said = body["error"].as_str().unwrap_or("");
+    assert!(
+        said.contains("has not taken it yet") && !said.contains("applied all the same"),
+        "{body}"
+    );
+    assert_eq!(*d.router.weight.lock().unwrap(), 10.0);
+    *d.router.failing.lock().unwrap() = false;
+    d.wait_phase("demo", "rolled-back").await;
+    assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
+    lock.execute_batch("COMMIT").unwrap();
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn a_state_store_that_refuses_writes_blocks_more_traffic_but_not_an_abort() {
     // Regression: with the state store failing, nothing showed it, and neither a rollback
