@@ -577,6 +577,21 @@ fn tick_idle(
                 ),
             );
         }
+        // A retried switch sees the canary's traffic from the attempt before: all traffic
+        // never goes to a canary whose recent numbers fail (it waits until they age out of
+        // the window, or for an operator's abort).
+        let failing: Vec<String> = reports
+            .iter()
+            .filter(|r| r.verdict == Verdict::Fail)
+            .map(|r| r.metric.clone())
+            .collect();
+        if !failing.is_empty() {
+            let why = format!(
+                "pre-check: the canary's recent traffic fails {}; not switching all traffic to it",
+                failing.join(", ")
+            );
+            return decision(Action::Hold, state, reports, why);
+        }
     }
     let state = start(policy, state, now);
     let mut reason = format!(

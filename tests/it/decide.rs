@@ -668,7 +668,13 @@ fn blue_green_compares_with_the_baseline_from_before_the_switch_and_switches_bac
                 tick(good().failing(140)),
                 expect(Hold, Idle, 0.0).reason("not started: router failing"),
             ),
-            (180, tick(good()), expect(Start, Progressing, 100.0)),
+            // UAT: nor while the canary's numbers from the attempt before still fail.
+            (
+                180,
+                tick(bad()),
+                expect(Hold, Idle, 0.0).reason("the canary's recent traffic fails"),
+            ),
+            (210, tick(good()), expect(Start, Progressing, 100.0)),
         ],
     );
 }
