@@ -667,7 +667,18 @@ impl Task {
                 }
             }
         }
-        let gate = if state.wants_gate(&self.policy) {
+        // The gate is asked only when its answer decides: when everything else would
+        // promote. A slow gate then never delays an analysis that rolls back or holds, and
+        // is not asked for a promotion that is not yet possible.
+        let would_promote = || {
+            let trial = Observation {
+                metrics: metrics.clone(),
+                router: router.clone(),
+                gate: Gate::Open,
+            };
+            decide(&self.policy, state, &Input::Tick(trial), now).action == Action::Promote
+        };
+        let gate = if state.wants_gate(&self.policy) && would_promote() {
             self.ask_gate().await
         } else {
             Gate::NotAsked

@@ -1102,6 +1102,34 @@ async fn a_closed_promotion_gate_holds_and_event_webhooks_are_called() {
     d.stop().await;
 }
 
+/// UAT: the confirm-promotion gate was asked at every analysis of the last step, before its
+/// time was up, and a gate slow to answer held back every analysis, a rollback's too. It is
+/// asked only when everything else would promote.
+#[tokio::test]
+async fn the_promotion_gate_is_asked_only_when_it_decides() {
+    let (url, seen) = hooks(Arc::new(Mutex::new(200))).await;
+    let policy = format!(
+        "{}webhooks:\n  - {{on: confirm-promotion, url: \"{url}/gate\", timeout: 1s}}\n",
+        held_policy().replace("steps: [10, 50]", "steps: [10]")
+    );
+    let dir = setup(&policy);
+    let d = started_at_ten_percent(dir.path()).await;
+    let analyses = |v: &Value| v["state"]["analyses"].as_u64().unwrap_or_default();
+    let before = analyses(&d.get("/api/v1/rollouts/demo").await.1);
+    wait_for(
+        "five analyses at the last step",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = d.get("/api/v1/rollouts/demo").await;
+            (analyses(&v) >= before + 5).then_some(())
+        },
+    )
+    .await;
+    let asked = seen.lock().unwrap().len();
+    assert_eq!(asked, 0, "asked before the step's time was up");
+    d.stop().await;
+}
+
 /// Regression (review): with two confirm-promotion gates only the first was asked, so a second
 /// gate's "no" was never heard. Every gate must say yes.
 #[tokio::test]
