@@ -393,6 +393,12 @@ impl Router for NginxRouter {
                     ))
                 })?;
                 if !self.servers.values().any(|a| a == addr) {
+                    // A server the policy no longer names (the version before the last
+                    // promotion, now neither stable nor canary) that gets nothing is harmless;
+                    // the next apply leaves it out.
+                    if w == 0 {
+                        continue;
+                    }
                     return Err(bad(format!(
                         "line {n}: server {} is not one of the configured {:?}",
                         quoted(addr),

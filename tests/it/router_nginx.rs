@@ -342,6 +342,42 @@ async fn a_hung_reload_command_is_killed_with_its_children() {
     .await;
 }
 
+/// UAT: after a promotion of v2 over v1, the next rollout (v2 to v3, `servers` naming v2 and
+/// v3 only) could not start: the file's `down` line for v1 was "not one of the configured"
+/// servers. A server that gets nothing is harmless; one that gets traffic is still refused.
+#[tokio::test]
+async fn the_next_rollout_reads_the_file_the_last_one_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("fraud.conf");
+    let first = BTreeMap::from([
+        ("v1".to_string(), "127.0.0.1:1".to_string()),
+        ("v2".to_string(), "127.0.0.1:2".to_string()),
+    ]);
+    router(file.clone(), &["true"], &first)
+        .apply(&target(100.0))
+        .await
+        .expect("promote v2");
+    let next = BTreeMap::from([
+        ("v2".to_string(), "127.0.0.1:2".to_string()),
+        ("v3".to_string(), "127.0.0.1:3".to_string()),
+    ]);
+    let t = canaryd::router::Target {
+        rollout: "fraud".into(),
+        stable: "v2".into(),
+        canary: "v3".into(),
+        canary_weight: 0.0,
+    };
+    let r = router(file.clone(), &["true"], &next);
+    assert_eq!(r.read(&t).await.expect("the file v2's promotion left"), 0.0);
+    // v1 with traffic is another matter: nothing would take it away.
+    router(file.clone(), &["true"], &first)
+        .apply(&target(50.0))
+        .await
+        .expect("v1 at 50 %");
+    let err = r.read(&t).await.expect_err("v1 still serves");
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}
+
 #[tokio::test]
 async fn nginx_read_reports_the_file_and_refuses_files_it_did_not_write() {
     let servers = servers().await;
