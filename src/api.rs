@@ -421,10 +421,15 @@ async fn act(
     }
     if let Some(leader) = standby(&s) {
         // Only the leader runs rollouts: a standby would answer "no rollout named ...".
+        let next = if leader.is_some() {
+            "send operator actions there"
+        } else {
+            "no replica acts on a rollout until one leads; traffic stays where it is"
+        };
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "this replica is on standby and runs no rollouts; {}: send operator actions there",
+                "this replica is on standby and runs no rollouts; {}: {next}",
                 leader_text(&s, &leader)
             ),
         );

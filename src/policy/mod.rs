@@ -406,7 +406,8 @@ fn host_port(hostport: &str) -> String {
     };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let host = match bare.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.to_string(),
+        // An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is that IPv4 address.
+        Ok(ip) => ip.to_canonical().to_string(),
         Err(_) if bare.eq_ignore_ascii_case("localhost") => "127.0.0.1".to_owned(),
         Err(_) => bare.to_ascii_lowercase(),
     };
@@ -802,6 +803,7 @@ mod tests {
             ("tcp://LB.internal:9999", "lb.internal:9999"),
             ("[::1]:9999", "tcp://[0:0::1]:9999"),
             ("127.0.0.1:09999", "127.0.0.1:9999"),
+            ("[::ffff:127.0.0.1]:9999", "localhost:9999"),
         ] {
             assert_eq!(haproxy(a), haproxy(b), "{a} {b}");
         }

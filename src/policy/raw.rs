@@ -219,6 +219,21 @@ impl Walker {
         }
     }
 
+    /// A command-line word: text, or a bare `true`, `false` or number as written.
+    fn word(&mut self, node: &Node, path: String) -> Option<At<String>> {
+        let value = match &node.value {
+            Value::Bool(b) => b.to_string(),
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) => f.to_string(),
+            _ => return self.string(node, path),
+        };
+        Some(At {
+            value,
+            pos: node.pos,
+            path,
+        })
+    }
+
     fn string(&mut self, node: &Node, path: String) -> Option<At<String>> {
         let value = match &node.value {
             Value::Str(s) => s.clone(),
@@ -625,7 +640,8 @@ fn router(w: &mut Walker, n: &Node, p: String) -> Option<At<RawRouter>> {
                 const KEYS: [&str; 4] = ["weights_file", "reload", "upstream", "servers"];
                 r.nginx = w.at(n, p, &KEYS, |w, g: &mut RawNginx, k, n, p| match k {
                     "weights_file" => g.weights_file = w.string(n, p),
-                    "reload" => g.reload = w.seq(n, p, |w, n, p| w.string(n, p)),
+                    // `[true]` is the `true` command, not a boolean.
+                    "reload" => g.reload = w.seq(n, p, |w, n, p| w.word(n, p)),
                     "upstream" => g.upstream = w.string(n, p),
                     _ => g.servers = w.string_map(n, p),
                 })

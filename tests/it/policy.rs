@@ -761,3 +761,15 @@ fn an_unwritable_stdout_fails_the_check() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot write the output"), "{stderr}");
 }
+
+/// UAT: `reload: [true]` (the `true` command, read by YAML as a boolean) was refused as "an
+/// empty list".
+#[test]
+fn a_reload_command_may_be_a_bare_word_yaml_reads_otherwise() {
+    let text = "name: m\nstable: v1\ncanary: v2\nstrategy: {steps: [10, 50]}\nmetrics:\n  - {name: errors, builtin: error_rate, max: 1%}\nrouter:\n  nginx:\n    weights_file: /tmp/w.conf\n    reload: [true]\n    servers: {v1: '127.0.0.1:1', v2: '127.0.0.1:2'}\n";
+    let p = policy::load_str("r.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    match p.router {
+        policy::RouterConfig::Nginx { reload, .. } => assert_eq!(reload, ["true"]),
+        other => panic!("{other:?}"),
+    }
+}
