@@ -222,8 +222,8 @@ pub enum OperateError {
     Rejected(String),
     /// The rollout did not take the action in time; it never will.
     #[error(
-        "the rollout is busy with a router call or a state store write that has not finished in \
-         {}s; nothing was done, try again",
+        "the rollout is busy (a router call or a state store write not finished in {}s, or \
+         actions queued before this one); nothing was done, try again",
         OPERATE_QUEUE_WAIT.as_secs()
     )]
     Busy,
@@ -998,9 +998,11 @@ impl Task {
             loop {
                 tokio::select! {
                     obs = &mut observing => break obs,
-                    cmd = commands.recv() => match cmd {
-                        Some(c) if !self.interrupts(&c) => later.push(c),
-                        cmd => return Tick::Interrupted(cmd, later),
+                    cmd = commands.recv() => match cmd.map(|c| self.triage(c)) {
+                        Some(Triage::Answered) => {}
+                        Some(Triage::Later(c)) => later.push(c),
+                        Some(Triage::Cut(c)) => return Tick::Interrupted(Some(c), later),
+                        None => return Tick::Interrupted(None, later),
                     },
                 }
             }
@@ -1010,14 +1012,37 @@ impl Task {
         Tick::Done(later)
     }
 
-    /// Whether a command that arrives during an analysis cuts it short: an operator action
-    /// still to take, a policy other than the one being analysed, a hand-over.
-    fn interrupts(&self, cmd: &Command) -> bool {
-        match cmd {
-            Command::Operator { taken, .. } => !taken.load(Ordering::SeqCst),
+    /// What a command that arrives during an analysis does to it. It is cut short by a
+    /// command that changes something: an operator action that applies, a policy other than
+    /// the one being analysed, a hand-over, the rollout's stop. An action that does not apply
+    /// is answered at once, and the rest wait for the analysis, so that no stream of them (a
+    /// script retrying, a file touched over and over) starves it.
+    fn triage(&self, cmd: Command) -> Triage {
+        let cut = match &cmd {
+            Command::Operator { taken, .. } if taken.load(Ordering::SeqCst) => false,
+            Command::Operator {
+                action, who, why, ..
+            } => {
+                let Some(reason) = self.refusal(*action, who, why, self.shared.clock.now()) else {
+                    return Triage::Cut(cmd);
+                };
+                self.refused(*action, who, &reason);
+                if let Command::Operator { reply, taken, .. } = cmd
+                    && !taken.swap(true, Ordering::SeqCst)
+                {
+                    let _ = reply.send(Err(OperateError::Rejected(reason)));
+                }
+                return Triage::Answered;
+            }
             Command::Policy(p, file) => **p != self.policy || *file != self.file,
             Command::HandOver(_) => true,
-            Command::PolicyError(_) | Command::Orphan(_) => false,
+            Command::Orphan(_) => self.orphaned.is_none(),
+            Command::PolicyError(_) => false,
+        };
+        if cut {
+            Triage::Cut(cmd)
+        } else {
+            Triage::Later(cmd)
         }
     }
 
@@ -1027,34 +1052,50 @@ impl Task {
         who: String,
         why: String,
     ) -> Result<DecisionRecord, OperateError> {
+        let now = self.shared.clock.now();
+        if let Some(reason) = self.refusal(action, &who, &why, now) {
+            self.refused(action, &who, &reason);
+            return Err(OperateError::Rejected(reason));
+        }
+        let input = Input::Operator { action, who, why };
+        let d = decide(&self.policy, &self.state, &input, now);
+        let rec = self.commit(d, now, None).await;
+        match (rec, self.unrecorded.take()) {
+            (_, Some(why)) => Err(OperateError::Unrecorded(why)),
+            (Some(rec), None) => Ok(rec),
+            // A replica whose term ended, or a store task that failed: see the log.
+            (None, None) => Err(OperateError::Unrecorded(
+                "the decision could not be recorded; see the daemon's log".into(),
+            )),
+        }
+    }
+
+    /// Why an operator action does not apply now, if it does not: a stopped rollout takes
+    /// only `abort`, and `decide` rejects what its phase does not take. Changes nothing.
+    fn refusal(&self, action: OperatorAction, who: &str, why: &str, now: Time) -> Option<String> {
         if let Some(orphaned) = self
             .orphaned
             .as_ref()
             .filter(|_| action != OperatorAction::Abort)
         {
-            let reason = format!(
+            return Some(format!(
                 "{}: the rollout is stopped and only abort acts on it; {} to resume it",
                 orphaned.what(),
                 orphaned.remedy()
-            );
-            tracing::info!(rollout = %self.policy.name, who = %who, action = action.as_str(), reason = %reason, "operator action refused");
-            self.shared.metrics.refused(&self.policy.name);
-            return Err(OperateError::Rejected(reason));
+            ));
         }
-        let now = self.shared.clock.now();
-        let input = Input::Operator { action, who, why };
+        let input = Input::Operator {
+            action,
+            who: who.to_owned(),
+            why: why.to_owned(),
+        };
         let d = decide(&self.policy, &self.state, &input, now);
-        let rejected = (d.action == Action::Reject).then(|| d.reason.clone());
-        let rec = self.commit(d, now, None).await;
-        match (rejected, rec, self.unrecorded.take()) {
-            (Some(reason), _, _) => Err(OperateError::Rejected(reason)),
-            (None, _, Some(why)) => Err(OperateError::Unrecorded(why)),
-            (None, Some(rec), None) => Ok(rec),
-            // A replica whose term ended, or a store task that failed: see the log.
-            (None, None, None) => Err(OperateError::Unrecorded(
-                "the decision could not be recorded; see the daemon's log".into(),
-            )),
-        }
+        (d.action == Action::Reject).then_some(d.reason)
+    }
+
+    fn refused(&self, action: OperatorAction, who: &str, reason: &str) {
+        tracing::info!(rollout = %self.policy.name, who, action = action.as_str(), reason, "operator action refused");
+        self.shared.metrics.refused(&self.policy.name);
     }
 
     async fn run(
@@ -1144,10 +1185,12 @@ impl Task {
                 if p.router != self.policy.router {
                     if !p.router.drives_same_traffic(&self.policy.router) {
                         self.release_old_router().await;
-                        // Another router: how the old one failed says nothing of it.
+                        // Another router: how the old one failed, and what it sent, say
+                        // nothing of it.
                         self.router_failing_since = None;
                         self.router_unreadable = false;
                         self.view.router_error = None;
+                        self.view.router_weight = None;
                     }
                     self.router = (self.shared.routers)(&p);
                 }
@@ -1209,6 +1252,16 @@ enum Tick {
     Done(Vec<Command>),
     /// Cut short by this command (`None`: the scan is gone) before anything changed.
     Interrupted(Option<Command>, Vec<Command>),
+}
+
+/// What a command that arrives during an analysis does to it (`Task::triage`).
+enum Triage {
+    /// An operator action that does not apply, refused at once.
+    Answered,
+    /// Handled once the analysis is done.
+    Later(Command),
+    /// Handled now; the analysis runs again after it.
+    Cut(Command),
 }
 
 /// What a task does after a command.

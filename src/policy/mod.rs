@@ -309,8 +309,8 @@ impl RouterConfig {
         }
     }
 
-    /// Whether `other` moves the same traffic as this router: the same target (for HAProxy
-    /// also the same servers in it), or the same webhook URL. An edit between two such
+    /// Whether `other` moves the same traffic as this router: the same kind and target (for
+    /// HAProxy also the same servers in it), or the same webhook URL. An edit between two such
     /// routers (an nginx reload command, a webhook timeout) is not a move to another router,
     /// so the rollout's traffic is not sent to stable on the way.
     pub fn drives_same_traffic(&self, other: &RouterConfig) -> bool {

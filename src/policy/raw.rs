@@ -219,12 +219,12 @@ impl Walker {
         }
     }
 
-    /// A command-line word: text, or a bare `true`, `false` or number as written.
+    /// A command-line word: text, or a bare `true`, `false` or whole number (a fraction
+    /// would not stay as written, so it must be quoted, as `string` says).
     fn word(&mut self, node: &Node, path: String) -> Option<At<String>> {
         let value = match &node.value {
             Value::Bool(b) => b.to_string(),
             Value::Int(i) => i.to_string(),
-            Value::Float(f) => f.to_string(),
             _ => return self.string(node, path),
         };
         Some(At {

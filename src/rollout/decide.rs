@@ -555,6 +555,8 @@ fn tick_idle(
     if policy.strategy.is_blue_green() {
         state.baseline.clear();
     }
+    // Nor does an earlier attempt's evidence: this analysis is of the data as it is now.
+    state.memory.clear();
     let reports = analyse(policy, &mut state, obs, now);
     state.analyses = 0;
     state.seen_data.clear();
@@ -579,10 +581,16 @@ fn tick_idle(
         }
         // A retried switch sees the canary's traffic from the attempt before: all traffic
         // never goes to a canary whose recent numbers fail (it waits until they age out of
-        // the window, or for an operator's abort).
+        // the window, or for an operator's abort). Builtins only: a `query:` metric has a
+        // value without any traffic (a rate of 0), which says nothing of the canary.
         let failing: Vec<String> = reports
             .iter()
-            .filter(|r| r.verdict == Verdict::Fail)
+            .filter(|r| state.attempt > 0 && r.verdict == Verdict::Fail)
+            .filter(|r| {
+                policy
+                    .metric(&r.metric)
+                    .is_some_and(|m| !matches!(m.kind, MetricKind::Query { .. }))
+            })
             .map(|r| r.metric.clone())
             .collect();
         if !failing.is_empty() {

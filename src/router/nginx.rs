@@ -21,8 +21,8 @@
 //! The file is replaced atomically, then the reload command runs and must exit 0. If it fails
 //! the previous file is put back, so that the file, which is what `read` reports, never claims
 //! a split that nginx did not take; except a split that sends nothing to the canary (a
-//! rollback), which stays for nginx's next start, marked `NOT_LOADED` until a reload of it
-//! works (`read` tries one). `read` therefore reflects the configuration canaryd last
+//! rollback), which stays for nginx's next start, marked `NOT_LOADED` until an apply of it
+//! reloads nginx. `read` therefore reflects the configuration canaryd last
 //! had accepted, not nginx's live state: `nginx -s reload` only signals the master process and
 //! exits 0 even when the new configuration is invalid, so reload with
 //! `[sh, -c, "nginx -t && nginx -s reload"]` to have a bad configuration reported.
@@ -63,9 +63,9 @@ pub struct NginxRouter {
 }
 
 /// First line of a file that holds a split nginx could not be made to load (a rollback, left
-/// for nginx's next start): nginx ignores it as a comment; `read` tries the reload again and
-/// reports the split not taken until one works. In the file, so that a restarted daemon or an
-/// edited router knows it too.
+/// for nginx's next start): nginx ignores it as a comment; `read` reports the split not taken
+/// until an apply of it reloads nginx. In the file, so that a restarted daemon or an edited
+/// router knows it too.
 const NOT_LOADED: &str = "# canaryd: nginx has not loaded this file yet: ";
 
 /// Whether an upstream name or server address cannot be written into the include file:
@@ -339,23 +339,16 @@ impl Router for NginxRouter {
             let bad = |why: String| {
                 RouterError::BadResponse(format!("nginx weights file {}: {why}", path.display()))
             };
-            let mut text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+            let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
             if let Some(marked) = text.strip_prefix(NOT_LOADED) {
-                // A rollback nginx could not load: tried again, as a failed rollout does not
-                // apply it again, and nginx may be back.
-                let content = marked.split_once('\n').map_or("", |(_, c)| c).to_owned();
-                let mut reloaded = self.reloaded.lock().await;
-                if let Err(e) = self.run_reload().await {
-                    return Err(RouterError::Unreachable(format!(
-                        "{} sends nothing to the canary, but nginx has not loaded it: {e}",
-                        path.display()
-                    )));
-                }
-                write_atomic(path, content.clone().into_bytes())
-                    .await
-                    .map_err(|e| write_error(path, e))?;
-                *reloaded = Some(content.clone());
-                text = content;
+                // A rollback nginx could not load: not taken until an apply of it reloads
+                // nginx (a rollout rolling back applies again at every analysis). Reads
+                // change nothing: a dry run or a replica no longer leading reads too.
+                let why = marked.lines().next().unwrap_or_default();
+                return Err(RouterError::Unreachable(format!(
+                    "{} sends nothing to the canary, but nginx has not loaded it: {why}",
+                    path.display()
+                )));
             }
             let mut lines = text
                 .lines()

@@ -2139,6 +2139,33 @@ impl MetricSource for HeldSource {
 #[tokio::test]
 async fn an_abort_does_not_wait_for_an_analysis_stuck_on_its_source() {
     let dir = setup(&held_policy());
+    let (d, open) = stuck_in_an_analysis(dir.path()).await;
+    let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
+    d.wait_phase("demo", "rolled-back").await;
+    let _ = open.send(true);
+    d.stop().await;
+}
+
+/// Review: a policy file deleted while an analysis waited on Prometheus stopped the rollout
+/// only after that analysis, which could still advance it. The deletion cuts it short.
+#[tokio::test]
+async fn a_deleted_policy_stops_an_analysis_stuck_on_its_source() {
+    let dir = setup(POLICY);
+    let (d, open) = stuck_in_an_analysis(dir.path()).await;
+    std::fs::remove_file(dir.path().join("policies/demo.yaml")).unwrap();
+    d.wait_stopped("demo").await;
+    let _ = open.send(true);
+    let (_, v) = d.get("/api/v1/rollouts/demo").await;
+    assert_eq!(v["weight"], 10.0, "{v}");
+    assert_eq!(*d.router.weight.lock().unwrap(), 10.0);
+    d.stop().await;
+}
+
+/// A daemon whose rollout `demo` is progressing at its first step and in the middle of an
+/// analysis that waits on its source until the sender says `true`.
+async fn stuck_in_an_analysis(dir: &Path) -> (Daemon, tokio::sync::watch::Sender<bool>) {
     let (router, source) = fakes(Mode::Good);
     let (open_tx, open) = tokio::sync::watch::channel(true);
     let held = HeldSource {
@@ -2152,8 +2179,8 @@ async fn an_abort_does_not_wait_for_an_analysis_stuck_on_its_source() {
         Arc::new(move |_| Arc::new(held.clone()) as Arc<dyn MetricSource>);
     let (routers, _) = factories(&router, &source);
     let d = Daemon::start_with(
-        dir.path(),
-        router.clone(),
+        dir,
+        router,
         source,
         None,
         routers,
@@ -2163,6 +2190,10 @@ async fn an_abort_does_not_wait_for_an_analysis_stuck_on_its_source() {
     )
     .await;
     d.wait_phase("demo", "progressing").await;
+    wait_for("10% applied", Duration::from_secs(10), || async {
+        (*d.router.weight.lock().unwrap() == 10.0).then_some(())
+    })
+    .await;
     open_tx.send(false).unwrap();
     let before = entered.load(std::sync::atomic::Ordering::SeqCst);
     wait_for(
@@ -2171,12 +2202,7 @@ async fn an_abort_does_not_wait_for_an_analysis_stuck_on_its_source() {
         || async { (entered.load(std::sync::atomic::Ordering::SeqCst) > before).then_some(()) },
     )
     .await;
-    let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(*router.weight.lock().unwrap(), 0.0);
-    d.wait_phase("demo", "rolled-back").await;
-    let _ = open_tx.send(true);
-    d.stop().await;
+    (d, open_tx)
 }
 
 /// Regression (UAT): `search` renamed to `search2` and back to `search` left a ghost `search2`
@@ -2813,7 +2839,9 @@ async fn an_abort_neither_recorded_nor_taken_says_so_and_keeps_trying() {
     );
     assert_eq!(*d.router.weight.lock().unwrap(), 10.0);
     *d.router.failing.lock().unwrap() = false;
-    d.wait_phase("demo", "rolled-back").await;
+    // Each record waits out the store's 5 s busy timeout first.
+    d.wait_phase_for("demo", "rolled-back", Duration::from_secs(40))
+        .await;
     assert_eq!(*d.router.weight.lock().unwrap(), 0.0);
     lock.execute_batch("COMMIT").unwrap();
     d.stop().await;

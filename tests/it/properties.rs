@@ -268,17 +268,8 @@ fn observation(
 /// Every metric bad on the canary (over 1000 events, at least any generated `min_samples`),
 /// healthy stable, a router that applied the last decision.
 fn all_bad(s: &RolloutState) -> Input {
-    all(s, R::Bad)
-}
-
-fn all_good(s: &RolloutState) -> Input {
-    all(s, R::Good)
-}
-
-/// Both metrics with a good stable and a canary as `canary` says.
-fn all(s: &RolloutState, canary: R) -> Input {
     Input::Tick(observation(
-        &[(R::Good, canary), (R::Good, canary)],
+        &[(R::Good, R::Bad), (R::Good, R::Bad)],
         &RouterSays::Echo,
         &Gate::NotAsked,
         s,
@@ -449,17 +440,10 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
         s = d.state;
         check_rollback_reachable(&p, &s, t)?;
 
-        // A new candidate always starts a fresh rollout, whatever this one's phase (and,
-        // but for a blue-green switch, which never sends all traffic to a canary whose
-        // numbers fail, whatever its data).
+        // A new candidate always starts a fresh rollout, whatever this one's phase.
         let mut next = p.clone();
         next.canary = "v9".into();
-        let input = if next.strategy.is_blue_green() {
-            all_good(&RolloutState::new(&next))
-        } else {
-            all_bad(&RolloutState::new(&next))
-        };
-        let fresh = decide(&next, &s, &input, t);
+        let fresh = decide(&next, &s, &all_bad(&RolloutState::new(&next)), t);
         prop_assert_eq!(fresh.state.canary.as_str(), "v9");
         prop_assert_eq!(fresh.state.attempt, 1);
         prop_assert_eq!(fresh.action, Action::Start);

@@ -302,16 +302,15 @@ async fn a_rollback_nginx_could_not_reload_stays_for_its_next_start() {
             |c| c.get("stable") == Some(&40),
         )
         .await;
-    // A read tries the reload again (a failed rollout applies nothing more), and with nginx
-    // back it works: the split reads as taken, and the mark is gone.
-    assert_eq!(restarted.read(&target(0.0)).await.expect("read"), 0.0);
-    let text = std::fs::read_to_string(&nginx.weights).expect("weights file");
-    assert!(!text.contains("not loaded"), "{text}");
-    router
+    // Reads change nothing: still not taken until an apply reloads nginx.
+    assert!(restarted.read(&target(0.0)).await.is_err());
+    restarted
         .apply(&target(0.0))
         .await
         .expect("nginx reloads again");
-    assert_eq!(router.read(&target(0.0)).await.expect("read"), 0.0);
+    assert_eq!(restarted.read(&target(0.0)).await.expect("read"), 0.0);
+    let text = std::fs::read_to_string(&nginx.weights).expect("weights file");
+    assert!(!text.contains("not loaded"), "{text}");
 }
 
 /// UAT: a reload command that hung was killed after its timeout, but what it had started
