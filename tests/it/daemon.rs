@@ -366,6 +366,17 @@ impl Daemon {
         })
         .await
     }
+
+    /// Waits until a text field of rollout `name`'s view contains `text`.
+    pub async fn wait_text(&self, name: &str, field: &str, text: &str) -> Value {
+        let path = format!("/api/v1/rollouts/{name}");
+        let what = format!("{name}'s {field} to say {text:?}");
+        wait_for(&what, Duration::from_secs(10), || async {
+            let (_, v) = self.get(&path).await;
+            v[field].as_str()?.contains(text).then_some(v)
+        })
+        .await
+    }
 }
 
 /// The daemon's limits for tests: policies may analyse every few milliseconds, so that whole
@@ -687,13 +698,17 @@ async fn started_at_ten_percent(dir: &Path) -> Daemon {
     d
 }
 
-#[tokio::test]
-async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
-    let policy = POLICY.replace(
+/// `POLICY` with a router that may fail for 300 ms before the rollout fails.
+fn short_router_deadline() -> String {
+    POLICY.replace(
         "progress_deadline: 1h",
         "progress_deadline: 1h\n  router_deadline: 300ms",
-    );
-    let dir = setup(&policy);
+    )
+}
+
+#[tokio::test]
+async fn failing_router_ends_in_failed_after_its_deadline_leaving_traffic() {
+    let dir = setup(&short_router_deadline());
     let d = started_at_ten_percent(dir.path()).await;
     *d.router.failing.lock().unwrap() = true;
     let v = d.wait_phase("demo", "failed").await;
@@ -756,11 +771,7 @@ async fn a_decision_shows_while_the_router_takes_its_time() {
 /// failing, whatever its writes do.
 #[tokio::test]
 async fn a_router_that_takes_writes_but_cannot_be_read_is_failing() {
-    let policy = POLICY.replace(
-        "progress_deadline: 1h",
-        "progress_deadline: 1h\n  router_deadline: 300ms",
-    );
-    let dir = setup(&policy);
+    let dir = setup(&short_router_deadline());
     let d = started_at_ten_percent(dir.path()).await;
     *d.router.unreadable.lock().unwrap() = true;
     let v = d.wait_phase("demo", "failed").await;
@@ -781,11 +792,7 @@ async fn a_router_that_refuses_writes_fails_the_rollout_which_then_leaves_it_alo
     let (hook, seen) = hooks(Arc::new(Mutex::new(200))).await;
     // The first step lasts long enough for the router to refuse before the advance (it
     // advanced before, on a loaded machine, and took 50 %).
-    let policy = POLICY
-        .replace(
-            "progress_deadline: 1h",
-            "progress_deadline: 1h\n  router_deadline: 300ms",
-        )
+    let policy = short_router_deadline()
         .replace("min_step_duration: 150ms", "min_step_duration: 2s")
         .replace(
             "router:",
@@ -2166,27 +2173,17 @@ async fn a_deleted_policy_stops_an_analysis_stuck_on_its_source() {
 /// A daemon whose rollout `demo` is progressing at its first step and in the middle of an
 /// analysis that waits on its source until the sender says `true`.
 async fn stuck_in_an_analysis(dir: &Path) -> (Daemon, tokio::sync::watch::Sender<bool>) {
-    let (router, source) = fakes(Mode::Good);
     let (open_tx, open) = tokio::sync::watch::channel(true);
     let held = HeldSource {
-        inner: source.clone(),
+        inner: fakes(Mode::Good).1,
         open,
         entered: Arc::default(),
         _alive: Arc::new(()),
     };
     let entered = held.entered.clone();
-    let sources: canaryd::controller::SourceFactory =
-        Arc::new(move |_| Arc::new(held.clone()) as Arc<dyn MetricSource>);
-    let (routers, _) = factories(&router, &source);
-    let d = Daemon::start_with(
+    let d = Daemon::start_sourced(
         dir,
-        router,
-        source,
-        None,
-        routers,
-        sources,
-        test_limits(),
-        false,
+        Arc::new(move |_| Arc::new(held.clone()) as Arc<dyn MetricSource>),
     )
     .await;
     d.wait_phase("demo", "progressing").await;
@@ -2784,18 +2781,8 @@ async fn a_dry_run_leaves_the_router_and_the_state_file_alone() {
         "{start}"
     );
     *router.failing.lock().unwrap() = true;
-    wait_for(
-        "the router's error shown",
-        Duration::from_secs(10),
-        || async {
-            let (_, v) = d.get("/api/v1/rollouts/demo").await;
-            v["router_error"]
-                .as_str()?
-                .contains("fake router is down")
-                .then_some(())
-        },
-    )
-    .await;
+    d.wait_text("demo", "router_error", "fake router is down")
+        .await;
     *router.failing.lock().unwrap() = false;
     d.stop().await;
     assert!(
@@ -3275,18 +3262,7 @@ async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
         named_on("x", "v2", &a).replace("failure_limit", "fl"),
     )
     .unwrap();
-    wait_for(
-        "x's file with errors again",
-        Duration::from_secs(10),
-        || async {
-            let (_, v) = d.get("/api/v1/rollouts/x").await;
-            v["policy_error"]
-                .as_str()?
-                .contains("has errors")
-                .then_some(())
-        },
-    )
-    .await;
+    d.wait_text("x", "policy_error", "has errors").await;
     std::fs::remove_file(file("bad")).unwrap();
     wait_for("that file deleted", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/x").await;
