@@ -367,6 +367,15 @@ impl Daemon {
         .await
     }
 
+    /// Asks for operator `action` on rollout `name`, which must be refused (409): the reason.
+    pub async fn refused(&self, name: &str, action: &str) -> String {
+        let (status, body) = self
+            .post(&format!("/api/v1/rollouts/{name}/{action}"), None, "{}")
+            .await;
+        assert_eq!(status, 409, "{body}");
+        body["error"].as_str().unwrap_or_default().to_owned()
+    }
+
     /// Waits until a text field of rollout `name`'s view contains `text`.
     pub async fn wait_text(&self, name: &str, field: &str, text: &str) -> Value {
         let path = format!("/api/v1/rollouts/{name}");
@@ -2300,14 +2309,7 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
     );
     assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
     // Its series stay too, as the API keeps it (regression, UAT: they were dropped).
-    let m = metrics_text(&d).await;
-    for series in [
-        "canaryd_rollout_phase{phase=\"progressing\",rollout=\"demo\"} 1",
-        "canaryd_rollout_canary_weight{rollout=\"demo\"} 10",
-        "canaryd_rollout_step{rollout=\"demo\"} 1",
-    ] {
-        assert!(m.contains(series), "{series} missing from\n{m}");
-    }
+    assert_series_at_first_step(&d).await;
     // `canaryd status` shows it, as a stopped rollout rather than a rejected edit.
     let (_, list) = d.get("/api/v1/rollouts").await;
     let table = canaryd::client::table(&list);
@@ -2317,15 +2319,8 @@ async fn a_deleted_policy_stays_listed_as_stopped_with_its_traffic_until_it_retu
         "{table}"
     );
     // Nothing drives it: operator actions are refused with the reason.
-    let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("deleted"),
-        "{body}"
-    );
+    let refused = d.refused("demo", "pause").await;
+    assert!(refused.contains("deleted"), "{refused}");
     // The policy comes back, under another file name: the rollout resumes where it was.
     let back = dir.path().join("policies/demo-back.yaml");
     std::fs::write(&back, &policy).unwrap();
@@ -2351,12 +2346,11 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
     let dir = policies_dir();
     let weights = dir.path().join("weights.json");
     let policy = file_routed(&held_policy(), &weights);
-    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("demo"), &policy).unwrap();
+    std::fs::write(policy_file(&dir, "demo"), &policy).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
     let read = || read_json(&weights);
     d.wait_phase("demo", "progressing").await;
-    std::fs::remove_file(file("demo")).unwrap();
+    std::fs::remove_file(policy_file(&dir, "demo")).unwrap();
     let v = d.wait_stopped("demo").await;
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(note.contains("`canaryd abort` still rolls it back"), "{v}");
@@ -2384,7 +2378,7 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
 
     // Another rollout on the same weights file: the stopped one hands the file over and ends,
     // and the new one starts from it.
-    std::fs::write(file("demo"), &policy).unwrap();
+    std::fs::write(policy_file(&dir, "demo"), &policy).unwrap();
     wait_for("demo back", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/demo").await;
         (v["stopped"] == false).then_some(())
@@ -2396,12 +2390,12 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
         (read()["weights"]["v2"] == 10.0).then_some(())
     })
     .await;
-    std::fs::remove_file(file("demo")).unwrap();
+    std::fs::remove_file(policy_file(&dir, "demo")).unwrap();
     d.wait_stopped("demo").await;
     let other = policy
         .replace("name: demo", "name: other")
         .replace("canary: v2", "canary: v3");
-    std::fs::write(file("other"), other).unwrap();
+    std::fs::write(policy_file(&dir, "other"), other).unwrap();
     d.wait_phase("other", "progressing").await;
     let doc = read();
     assert_eq!(doc["rollout"], "other", "{doc}");
@@ -2427,15 +2421,14 @@ async fn a_deleted_policys_rollout_can_still_be_aborted_until_another_takes_its_
 async fn a_running_policy_edited_onto_a_stopped_rollouts_router_takes_it_over() {
     let dir = policies_dir();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("x"), named_on("x", "v2", &a)).unwrap();
-    std::fs::write(file("y"), named_on("y", "v3", &b)).unwrap();
+    std::fs::write(policy_file(&dir, "x"), named_on("x", "v2", &a)).unwrap();
+    std::fs::write(policy_file(&dir, "y"), named_on("y", "v3", &b)).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
     d.wait_phase("x", "progressing").await;
     d.wait_phase("y", "progressing").await;
-    std::fs::remove_file(file("x")).unwrap();
+    std::fs::remove_file(policy_file(&dir, "x")).unwrap();
     d.wait_stopped("x").await;
-    std::fs::write(file("y"), named_on("y", "v3", &a)).unwrap();
+    std::fs::write(policy_file(&dir, "y"), named_on("y", "v3", &a)).unwrap();
     let doc = wait_for("y on a.json", Duration::from_secs(10), || async {
         let doc = read_json(&a);
         (doc["rollout"] == "y" && doc["weights"]["v3"] == 10.0).then_some(doc)
@@ -2984,10 +2977,27 @@ fn named_on(name: &str, canary: &str, weights: &Path) -> String {
 
 /// A daemon with the real routers whose rollout `name` (v1 to v2, in `policies/{name}.yaml`)
 /// runs at its first step on the file router at `weights` in the daemon's directory.
+/// `demo`'s gauges in /metrics say it is progressing at its first step, at 10 %.
+async fn assert_series_at_first_step(d: &Daemon) {
+    let m = metrics_text(d).await;
+    for series in [
+        "canaryd_rollout_phase{phase=\"progressing\",rollout=\"demo\"} 1",
+        "canaryd_rollout_canary_weight{rollout=\"demo\"} 10",
+        "canaryd_rollout_step{rollout=\"demo\"} 1",
+    ] {
+        assert!(m.contains(series), "{series} missing from\n{m}");
+    }
+}
+
+/// The policy file of rollout `name` in a `policies_dir`.
+fn policy_file(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
+    dir.path().join(format!("policies/{name}.yaml"))
+}
+
 async fn on_file_router(name: &str, weights: &str) -> (tempfile::TempDir, Daemon) {
     let dir = policies_dir();
     let policy = named_on(name, "v2", &dir.path().join(weights));
-    std::fs::write(dir.path().join(format!("policies/{name}.yaml")), policy).unwrap();
+    std::fs::write(policy_file(&dir, name), policy).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
     d.wait_phase(name, "progressing").await;
     (dir, d)
@@ -3026,14 +3036,7 @@ async fn a_rollout_whose_file_was_deleted_while_the_daemon_was_down_can_still_be
         "traffic untouched"
     );
     // Its series are there, as for a file deleted while the daemon runs (UAT: none).
-    let m = metrics_text(&d).await;
-    for series in [
-        "canaryd_rollout_phase{phase=\"progressing\",rollout=\"demo\"} 1",
-        "canaryd_rollout_canary_weight{rollout=\"demo\"} 10",
-        "canaryd_rollout_step{rollout=\"demo\"} 1",
-    ] {
-        assert!(m.contains(series), "{series} missing from\n{m}");
-    }
+    assert_series_at_first_step(&d).await;
     let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = d.post("/api/v1/rollouts/demo/abort", None, "{}").await;
@@ -3078,15 +3081,8 @@ async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_w
     );
     let (_, list) = d.get("/api/v1/rollouts").await;
     assert_eq!(list["invalid_policies"][0]["name"], "demo", "{list}");
-    let (status, body) = d.post("/api/v1/rollouts/demo/pause", None, "{}").await;
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("fix the file to resume it"),
-        "{body}"
-    );
+    let refused = d.refused("demo", "pause").await;
+    assert!(refused.contains("fix the file to resume it"), "{refused}");
     assert_eq!(*d.router.weight.lock().unwrap(), 10.0, "traffic untouched");
     // `canaryd status`, of all rollouts or of this one, shows the file's errors themselves
     // (UAT: both hid them behind the note).
@@ -3128,21 +3124,20 @@ async fn a_rollout_whose_file_has_errors_at_startup_starts_stopped_and_resumes_w
 async fn a_rollout_that_handed_its_router_over_leaves_it_alone_when_it_returns_elsewhere() {
     let (dir, d) = on_file_router("x", "a.json").await;
     let [a, c] = ["a.json", "c.json"].map(|f| dir.path().join(f));
-    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::remove_file(file("x")).unwrap();
+    std::fs::remove_file(policy_file(&dir, "x")).unwrap();
     d.wait_stopped("x").await;
-    std::fs::write(file("y"), named_on("y", "v3", &a)).unwrap();
+    std::fs::write(policy_file(&dir, "y"), named_on("y", "v3", &a)).unwrap();
     d.wait_phase("y", "progressing").await;
     wait_for("x gone", Duration::from_secs(10), || async {
         (d.get("/api/v1/rollouts/x").await.0 == 404).then_some(())
     })
     .await;
     // y stops too, so that nothing but x could write a.json from here on.
-    std::fs::remove_file(file("y")).unwrap();
+    std::fs::remove_file(policy_file(&dir, "y")).unwrap();
     d.wait_stopped("y").await;
     let before = read_json(&a);
     assert_eq!(before["rollout"], "y", "{before}");
-    std::fs::write(file("x"), named_on("x", "v2", &c)).unwrap();
+    std::fs::write(policy_file(&dir, "x"), named_on("x", "v2", &c)).unwrap();
     let v = d.wait_phase("x", "progressing").await;
     assert_eq!(v["stopped"], false, "{v}");
     wait_for("x on c.json", Duration::from_secs(10), || async {
@@ -3170,10 +3165,9 @@ async fn a_rollout_that_handed_its_router_over_leaves_it_alone_when_it_returns_e
 async fn a_router_taken_while_the_daemon_was_down_is_handed_over_at_the_restart() {
     let (dir, d) = on_file_router("x", "w.json").await;
     let w = dir.path().join("w.json");
-    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
     d.stop().await;
-    std::fs::remove_file(file("x")).unwrap();
-    std::fs::write(file("b"), named_on("b", "v3", &w)).unwrap();
+    std::fs::remove_file(policy_file(&dir, "x")).unwrap();
+    std::fs::write(policy_file(&dir, "b"), named_on("b", "v3", &w)).unwrap();
 
     let d = Daemon::start_file_routed(dir.path()).await;
     let doc = wait_for("b on w.json", Duration::from_secs(10), || async {
@@ -3190,7 +3184,7 @@ async fn a_router_taken_while_the_daemon_was_down_is_handed_over_at_the_restart(
     .await;
     d.stop().await;
 
-    std::fs::remove_file(file("b")).unwrap();
+    std::fs::remove_file(policy_file(&dir, "b")).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
     let v = d.wait_stopped("b").await;
     assert_eq!(v["phase"], "progressing", "{v}");
@@ -3215,65 +3209,54 @@ async fn a_router_taken_while_the_daemon_was_down_is_handed_over_at_the_restart(
 async fn a_renamed_rollout_stays_stopped_and_abortable_and_says_why() {
     let (dir, d) = on_file_router("x", "a.json").await;
     let [a, b] = ["a.json", "b.json"].map(|f| dir.path().join(f));
-    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("x"), named_on("y", "v3", &b)).unwrap();
+    std::fs::write(policy_file(&dir, "x"), named_on("y", "v3", &b)).unwrap();
     d.wait_phase("y", "progressing").await;
     let v = d.wait_stopped("x").await;
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(
         note.contains(&format!(
             "policy file {} renamed it to y",
-            file("x").display()
+            policy_file(&dir, "x").display()
         )) && note.contains("`canaryd abort` still rolls it back"),
         "{v}"
     );
     assert_eq!(read_json(&a)["weights"]["v2"], 10.0, "traffic untouched");
 
     std::fs::write(
-        file("bad"),
+        policy_file(&dir, "bad"),
         named_on("x", "v2", &a).replace("failure_limit", "fl"),
     )
     .unwrap();
     wait_for("x's file with errors", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/x").await;
         let note = v["policy_error"].as_str()?;
-        note.contains(&format!("policy file {} has errors", file("bad").display()))
-            .then_some(())
+        note.contains(&format!(
+            "policy file {} has errors",
+            policy_file(&dir, "bad").display()
+        ))
+        .then_some(())
     })
     .await;
     let invalid = "canaryd_policy_invalid{rollout=\"x\"}";
     assert!(metrics_text(&d).await.contains(&format!("{invalid} 1")));
     // The file now gives another name (review: x kept saying it had errors).
     let other = named_on("zz", "v2", &a).replace("failure_limit", "fl");
-    std::fs::write(file("bad"), other).unwrap();
-    wait_for("x no longer named", Duration::from_secs(10), || async {
-        let (_, v) = d.get("/api/v1/rollouts/x").await;
-        let note = v["policy_error"].as_str()?;
-        let gone = format!(
-            "policy file {}, which had errors, no longer gives",
-            file("bad").display()
-        );
-        note.contains(&gone).then_some(())
-    })
-    .await;
+    std::fs::write(policy_file(&dir, "bad"), other).unwrap();
+    let gone = format!(
+        "{}, which had errors, no longer gives",
+        policy_file(&dir, "bad").display()
+    );
+    d.wait_text("x", "policy_error", &format!("policy file {gone}"))
+        .await;
     assert!(metrics_text(&d).await.contains(&format!("{invalid} 0")));
     std::fs::write(
-        file("bad"),
+        policy_file(&dir, "bad"),
         named_on("x", "v2", &a).replace("failure_limit", "fl"),
     )
     .unwrap();
     d.wait_text("x", "policy_error", "has errors").await;
-    std::fs::remove_file(file("bad")).unwrap();
-    wait_for("that file deleted", Duration::from_secs(10), || async {
-        let (_, v) = d.get("/api/v1/rollouts/x").await;
-        let note = v["policy_error"].as_str()?;
-        let gone = format!(
-            "{}, which had errors, no longer gives",
-            file("bad").display()
-        );
-        note.contains(&gone).then_some(())
-    })
-    .await;
+    std::fs::remove_file(policy_file(&dir, "bad")).unwrap();
+    d.wait_text("x", "policy_error", &gone).await;
 
     assert!(metrics_text(&d).await.contains(&format!("{invalid} 0")));
     let (status, body) = d.post("/api/v1/rollouts/x/abort", None, "{}").await;
@@ -3325,15 +3308,14 @@ async fn a_router_down_at_startup_does_not_fail_the_rollout_when_its_file_return
 async fn files_refused_before_a_restart_stay_refused_after_it() {
     let dir = policies_dir();
     let [w1, w2, w3] = ["w1.json", "w2.json", "w3.json"].map(|f| dir.path().join(f));
-    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("z-alpha"), named_on("alpha", "v2", &w1)).unwrap();
-    std::fs::write(file("beta"), named_on("beta", "v3", &w2)).unwrap();
+    std::fs::write(policy_file(&dir, "z-alpha"), named_on("alpha", "v2", &w1)).unwrap();
+    std::fs::write(policy_file(&dir, "beta"), named_on("beta", "v3", &w2)).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
     d.wait_phase("alpha", "progressing").await;
     d.wait_phase("beta", "progressing").await;
     // Both refused: alpha's name is z-alpha.yaml's, w1 is alpha's.
-    std::fs::write(file("a-dup"), named_on("alpha", "v2", &w3)).unwrap();
-    std::fs::write(file("beta"), named_on("beta", "v3", &w1)).unwrap();
+    std::fs::write(policy_file(&dir, "a-dup"), named_on("alpha", "v2", &w3)).unwrap();
+    std::fs::write(policy_file(&dir, "beta"), named_on("beta", "v3", &w1)).unwrap();
     let refused = || async {
         let (_, list) = d.get("/api/v1/rollouts").await;
         (list["invalid_policies"].as_array()?.len() == 2).then_some(())
@@ -3343,14 +3325,18 @@ async fn files_refused_before_a_restart_stay_refused_after_it() {
 
     let d = Daemon::start_file_routed(dir.path()).await;
     let v = d.wait_phase("alpha", "progressing").await;
-    assert_eq!(v["file"], file("z-alpha").display().to_string(), "{v}");
+    assert_eq!(
+        v["file"],
+        policy_file(&dir, "z-alpha").display().to_string(),
+        "{v}"
+    );
     assert_eq!(v["stopped"], false, "{v}");
     let v = d.wait_stopped("beta").await;
     let note = v["policy_error"].as_str().unwrap_or_default();
     assert!(
         note.contains(&format!(
             "policy file {} has errors",
-            file("beta").display()
+            policy_file(&dir, "beta").display()
         )),
         "{v}"
     );
@@ -3362,7 +3348,8 @@ async fn files_refused_before_a_restart_stay_refused_after_it() {
         .filter_map(|p| p["file"].as_str())
         .collect();
     files.sort_unstable();
-    let want = [file("a-dup"), file("beta")].map(|f| f.display().to_string());
+    let want =
+        [policy_file(&dir, "a-dup"), policy_file(&dir, "beta")].map(|f| f.display().to_string());
     assert_eq!(files, want, "{list}");
     let (doc1, doc2) = (read_json(&w1), read_json(&w2));
     assert_eq!(
@@ -3384,29 +3371,35 @@ async fn files_refused_before_a_restart_stay_refused_after_it() {
 async fn a_broken_own_file_holds_the_name_only_while_it_gives_it() {
     let dir = policies_dir();
     let [w1, w3] = ["w1.json", "w3.json"].map(|f| dir.path().join(f));
-    let file = |name: &str| dir.path().join(format!("policies/{name}.yaml"));
-    std::fs::write(file("z-alpha"), named_on("alpha", "v2", &w1)).unwrap();
+    std::fs::write(policy_file(&dir, "z-alpha"), named_on("alpha", "v2", &w1)).unwrap();
     let d = Daemon::start_file_routed(dir.path()).await;
     d.wait_phase("alpha", "progressing").await;
     d.stop().await;
     let broken = |name: &str| named_on(name, "v2", &w1).replace("failure_limit", "fl");
-    std::fs::write(file("z-alpha"), broken("alpha")).unwrap();
-    std::fs::write(file("a-dup"), named_on("alpha", "v2", &w3)).unwrap();
+    std::fs::write(policy_file(&dir, "z-alpha"), broken("alpha")).unwrap();
+    std::fs::write(policy_file(&dir, "a-dup"), named_on("alpha", "v2", &w3)).unwrap();
 
     let d = Daemon::start_file_routed(dir.path()).await;
     let v = d.wait_stopped("alpha").await;
     let note = v["policy_error"].as_str().unwrap_or_default();
-    let own = format!("policy file {} has errors", file("z-alpha").display());
+    let own = format!(
+        "policy file {} has errors",
+        policy_file(&dir, "z-alpha").display()
+    );
     assert!(note.contains(&own), "{v}");
     assert!(!w3.exists(), "a-dup.yaml is refused");
     // The broken file gives another name now: a-dup.yaml is alpha's file.
-    std::fs::write(file("z-alpha"), broken("other")).unwrap();
+    std::fs::write(policy_file(&dir, "z-alpha"), broken("other")).unwrap();
     let v = wait_for("alpha from a-dup.yaml", Duration::from_secs(10), || async {
         let (_, v) = d.get("/api/v1/rollouts/alpha").await;
         (v["stopped"] == false).then_some(v)
     })
     .await;
-    assert_eq!(v["file"], file("a-dup").display().to_string(), "{v}");
+    assert_eq!(
+        v["file"],
+        policy_file(&dir, "a-dup").display().to_string(),
+        "{v}"
+    );
     wait_for("alpha on w3", Duration::from_secs(10), || async {
         (read_json(&w3)["weights"]["v2"] == 10.0).then_some(())
     })
