@@ -815,14 +815,6 @@ impl Task {
         now: Time,
         router_weight: Option<f64>,
     ) -> Option<DecisionRecord> {
-        if d.action == Action::Reject {
-            // A refused action changes nothing: the operator gets the reason in the answer,
-            // and the decision log keeps the rollout's own history rather than a flood of
-            // refusals. The metric counts it, as a number cannot crowd anything out.
-            tracing::info!(rollout = %self.policy.name, who = d.who.as_deref(), reason = %d.reason, "operator action refused");
-            self.shared.metrics.refused(&self.policy.name);
-            return None;
-        }
         let prev = self.state.clone();
         if self.state.phase != Phase::Idle || d.state.phase != Phase::Idle {
             d.state.router = Some(self.policy.router.clone());
@@ -1052,13 +1044,17 @@ impl Task {
         who: String,
         why: String,
     ) -> Result<DecisionRecord, OperateError> {
-        let now = self.shared.clock.now();
-        if let Some(reason) = self.refusal(action, &who, &why, now) {
+        if let Some(reason) = self.stopped_refusal(action) {
             self.refused(action, &who, &reason);
             return Err(OperateError::Rejected(reason));
         }
+        let now = self.shared.clock.now();
         let input = Input::Operator { action, who, why };
         let d = decide(&self.policy, &self.state, &input, now);
+        if d.action == Action::Reject {
+            self.refused(action, d.who.as_deref().unwrap_or_default(), &d.reason);
+            return Err(OperateError::Rejected(d.reason));
+        }
         let rec = self.commit(d, now, None).await;
         match (rec, self.unrecorded.take()) {
             (_, Some(why)) => Err(OperateError::Unrecorded(why)),
@@ -1073,16 +1069,8 @@ impl Task {
     /// Why an operator action does not apply now, if it does not: a stopped rollout takes
     /// only `abort`, and `decide` rejects what its phase does not take. Changes nothing.
     fn refusal(&self, action: OperatorAction, who: &str, why: &str, now: Time) -> Option<String> {
-        if let Some(orphaned) = self
-            .orphaned
-            .as_ref()
-            .filter(|_| action != OperatorAction::Abort)
-        {
-            return Some(format!(
-                "{}: the rollout is stopped and only abort acts on it; {} to resume it",
-                orphaned.what(),
-                orphaned.remedy()
-            ));
+        if let Some(reason) = self.stopped_refusal(action) {
+            return Some(reason);
         }
         let input = Input::Operator {
             action,
@@ -1093,6 +1081,22 @@ impl Task {
         (d.action == Action::Reject).then_some(d.reason)
     }
 
+    /// Why a stopped rollout refuses an action: it takes only `abort`.
+    fn stopped_refusal(&self, action: OperatorAction) -> Option<String> {
+        let orphaned = self
+            .orphaned
+            .as_ref()
+            .filter(|_| action != OperatorAction::Abort)?;
+        Some(format!(
+            "{}: the rollout is stopped and only abort acts on it; {} to resume it",
+            orphaned.what(),
+            orphaned.remedy()
+        ))
+    }
+
+    /// A refused action changes nothing and is recorded nowhere: the operator gets the reason
+    /// in the answer, and the decision log keeps the rollout's own history rather than a flood
+    /// of refusals. The metric counts it, as a number cannot crowd anything out.
     fn refused(&self, action: OperatorAction, who: &str, reason: &str) {
         tracing::info!(rollout = %self.policy.name, who, action = action.as_str(), reason, "operator action refused");
         self.shared.metrics.refused(&self.policy.name);
@@ -1519,7 +1523,8 @@ async fn spawn_rollout(
     let (state, applied) = match stored {
         Some(s) => {
             if orphaned.is_none() {
-                tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step = s.state.step + 1, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
+                let step = shown_step(&s.state, policy.strategy.steps().len());
+                tracing::info!(rollout = %policy.name, phase = s.state.phase.as_str(), step, weight = s.state.weight, applied = s.applied, "resuming rollout from the store");
             }
             (s.state, s.applied)
         }

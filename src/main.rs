@@ -264,12 +264,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, None) => Duration::from_secs(10),
     };
     let (etcd, etcd_from) = setting(args.etcd, file.etcd, "--etcd", "etcd", config);
-    // Each file is read once here, so that an error names where it was given; without
-    // --etcd, `ha_config` says that instead.
+    // Each file is opened once here, so that an error names where it was given (the etcd
+    // client reads them); without --etcd, `ha_config` says that instead.
     let ha_wanted = etcd.is_some();
     let readable = |(path, from): (Option<PathBuf>, Origin)| -> anyhow::Result<Option<PathBuf>> {
         if ha_wanted && let Some(p) = &path {
-            std::fs::read(p).with_context(|| format!("{from}: cannot read {}", p.display()))?;
+            std::fs::File::open(p)
+                .with_context(|| format!("{from}: cannot read {}", p.display()))?;
         }
         Ok(path)
     };

@@ -441,7 +441,7 @@ fn resolved_file(path: &Path) -> PathBuf {
 /// The file a path names, as the routers open it: relative to the working directory, with
 /// `.` and `..` and symbolic links resolved as far as the path exists (a weights file often
 /// does not exist yet, its directory does).
-pub fn resolved(path: &Path) -> PathBuf {
+fn resolved(path: &Path) -> PathBuf {
     let absolute = if path.is_absolute() {
         path.to_path_buf()
     } else {
