@@ -566,7 +566,10 @@ impl Task {
         let Some(old) = self.state.router.clone() else {
             return;
         };
-        if old.drives_same_traffic(&self.policy.router) || !self.state.matches(&self.policy) {
+        let versions = [self.policy.stable.as_str(), self.policy.canary.as_str()];
+        if old.drives_same_traffic(&self.policy.router, versions)
+            || !self.state.matches(&self.policy)
+        {
             return;
         }
         tracing::info!(rollout = %self.policy.name, old = old.kind(), new = self.policy.router.kind(), "the policy names another router than the one this rollout's traffic was last set on");
@@ -1187,7 +1190,8 @@ impl Task {
             Some(Command::Policy(p, file)) => {
                 let changed = *p != self.policy || file != self.file || self.orphaned.is_some();
                 if p.router != self.policy.router {
-                    if !p.router.drives_same_traffic(&self.policy.router) {
+                    let versions = [self.policy.stable.as_str(), self.policy.canary.as_str()];
+                    if !p.router.drives_same_traffic(&self.policy.router, versions) {
                         self.release_old_router().await;
                         // Another router: how the old one failed, and what it sent, say
                         // nothing of it.

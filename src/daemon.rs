@@ -270,8 +270,9 @@ pub fn check_listen(
         format!("{listen} ({})", public.join(", "))
     };
     anyhow::bail!(
-        "refusing to listen on {shown} without an API token: give --api-token-file, or \
-         --insecure-no-auth if the network is trusted"
+        "refusing to listen on {shown} without an API token: give --api-token-file (or \
+         api_token_file in the config file), or --insecure-no-auth (insecure_no_auth) if the \
+         network is trusted"
     )
 }
 

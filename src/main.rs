@@ -249,99 +249,78 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // The flag or its variable, when given, wins over the file either way.
     let dry_run = args.dry_run.or(file.dry_run).unwrap_or(false);
     // The flag's default applies unless the flag, its variable or the file gives one.
-    let lease_ttl = match (args.lease_ttl, file.lease_ttl) {
-        (Some(t), _) => t,
-        (None, Some(text)) => humantime::parse_duration(&text).map_err(|e| {
-            let config = args
-                .config
-                .as_deref()
-                .map_or_else(String::new, |p| format!(" {}", p.display()));
-            anyhow::anyhow!(
-                "lease_ttl in the config file{config}: expected a duration like 10s, found {} ({e})",
-                canaryd::text::quoted(&text)
-            )
-        })?,
-        (None, None) => Duration::from_secs(10),
+    let (lease_ttl, lease_from) = match (args.lease_ttl, file.lease_ttl, config) {
+        (Some(t), _, _) => (t, Origin::Flag("--lease-ttl")),
+        (None, Some(text), Some(config)) => (
+            humantime::parse_duration(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "lease_ttl in the config file {}: expected a duration like 10s, found {} ({e})",
+                    config.display(),
+                    canaryd::text::quoted(&text)
+                )
+            })?,
+            Origin::File("lease_ttl", config),
+        ),
+        _ => (Duration::from_secs(10), Origin::Default),
     };
     let (etcd, etcd_from) = setting(args.etcd, file.etcd, "--etcd", "etcd", config);
-    // Each file is opened once here, so that an error names where it was given (the etcd
-    // client reads them); without --etcd, `ha_config` says that instead.
-    let ha_wanted = etcd.is_some();
-    let readable = |(path, from): (Option<PathBuf>, Origin)| -> anyhow::Result<Option<PathBuf>> {
-        if ha_wanted && let Some(p) = &path {
-            std::fs::File::open(p)
-                .with_context(|| format!("{from}: cannot read {}", p.display()))?;
-        }
-        Ok(path)
-    };
-    let tls = canaryd::etcd::EtcdTls {
-        ca_file: readable(setting(
+    let ha_settings = HaSettings {
+        prefix: setting(
+            args.etcd_prefix,
+            file.etcd_prefix,
+            "--etcd-prefix",
+            "etcd_prefix",
+            config,
+        ),
+        replica: setting(args.replica, file.replica, "--replica", "replica", config),
+        lease_ttl: (lease_ttl, lease_from),
+        ca_file: setting(
             args.etcd_ca_file,
             file.etcd_ca_file,
             "--etcd-ca-file",
             "etcd_ca_file",
             config,
-        ))?,
-        cert_file: readable(setting(
+        ),
+        cert_file: setting(
             args.etcd_cert_file,
             file.etcd_cert_file,
             "--etcd-cert-file",
             "etcd_cert_file",
             config,
-        ))?,
-        key_file: readable(setting(
+        ),
+        key_file: setting(
             args.etcd_key_file,
             file.etcd_key_file,
             "--etcd-key-file",
             "etcd_key_file",
             config,
-        ))?,
-    };
-    let auth = match (
-        setting(
+        ),
+        user: setting(
             args.etcd_user,
             file.etcd_user,
             "--etcd-user",
             "etcd_user",
             config,
         ),
-        setting(
+        password_file: setting(
             args.etcd_password_file,
             file.etcd_password_file,
             "--etcd-password-file",
             "etcd_password_file",
             config,
         ),
-    ) {
-        ((None, _), (None, _)) => None,
-        ((Some(user), user_from), (Some(path), path_from)) => {
-            anyhow::ensure!(
-                !user.trim().is_empty(),
-                "{user_from}: expected a user name, found an empty one"
-            );
-            Some(canaryd::etcd::EtcdAuth {
-                user,
-                password: if ha_wanted {
-                    read_token("etcd password", &path).with_context(|| path_from.to_string())?
-                } else {
-                    String::new()
-                },
-            })
-        }
-        _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
+        config,
     };
-    let ha = ha_config(
-        etcd.map(|url| (url, etcd_from)),
-        args.etcd_prefix.or(file.etcd_prefix),
-        args.replica.or(file.replica),
-        lease_ttl,
-        tls,
-        auth,
-    )?;
-    anyhow::ensure!(
-        !(ha.is_some() && state_given),
-        "--state and --etcd exclude each other: a highly available daemon keeps its state in etcd"
-    );
+    let ha = ha_config(etcd.map(|url| (url, etcd_from)), ha_settings)?;
+    if let Some((_, etcd_from)) = &ha
+        && state_given
+    {
+        anyhow::bail!(
+            "{state_from} and {etcd_from} exclude each other: a highly available daemon keeps \
+             its state in etcd"
+        );
+    }
+    let ha = ha.map(|(ha, _)| ha);
     let options = client_options(&args.access)?;
     let insecure = args
         .insecure_no_auth
@@ -365,7 +344,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let addrs = listen_addresses(&listen).with_context(|| listen_from.to_string())?;
-    canaryd::daemon::check_listen(&listen, &addrs, token.is_some(), insecure)?;
+    canaryd::daemon::check_listen(&listen, &addrs, token.is_some(), insecure).map_err(|e| {
+        match listen_from {
+            Origin::Default => e,
+            from => e.context(from.to_string()),
+        }
+    })?;
     with_runtime(async move {
         // The first address of a name that can be bound, as a client connecting to the name
         // tries them in turn.
@@ -511,39 +495,130 @@ fn config_file(text: &str) -> Result<ConfigFile, String> {
     })
 }
 
-/// The highly available daemon's settings, when an etcd is given.
-fn ha_config(
-    etcd: Option<(String, Origin)>,
-    prefix: Option<String>,
-    replica: Option<String>,
-    ttl: Duration,
-    tls: canaryd::etcd::EtcdTls,
-    auth: Option<canaryd::etcd::EtcdAuth>,
-) -> anyhow::Result<Option<canaryd::daemon::HaConfig>> {
+/// The settings only a highly available daemon reads, each with where it was given.
+struct HaSettings<'a> {
+    prefix: (Option<String>, Origin<'a>),
+    replica: (Option<String>, Origin<'a>),
+    lease_ttl: (Duration, Origin<'a>),
+    ca_file: (Option<PathBuf>, Origin<'a>),
+    cert_file: (Option<PathBuf>, Origin<'a>),
+    key_file: (Option<PathBuf>, Origin<'a>),
+    user: (Option<String>, Origin<'a>),
+    password_file: (Option<PathBuf>, Origin<'a>),
+    /// The config file, if one is read: a setting that is missing is named as its flag and
+    /// its key there.
+    config: Option<&'a Path>,
+}
+
+impl HaSettings<'_> {
+    /// How to give a setting that is missing.
+    fn to_give(&self, flag: &str, key: &str) -> String {
+        match self.config {
+            Some(_) => format!("{flag} (or {key} in the config file)"),
+            None => flag.to_owned(),
+        }
+    }
+}
+
+/// The highly available daemon's settings, when an etcd is given, with where the etcd was
+/// given. Every mistake names where the setting came from: a flag, its variable, or the
+/// config file's key.
+fn ha_config<'a>(
+    etcd: Option<(String, Origin<'a>)>,
+    s: HaSettings<'a>,
+) -> anyhow::Result<Option<(canaryd::daemon::HaConfig, Origin<'a>)>> {
     let Some((etcd, etcd_from)) = etcd else {
+        let given: Vec<String> = [
+            &s.prefix.1,
+            &s.replica.1,
+            &s.lease_ttl.1,
+            &s.ca_file.1,
+            &s.cert_file.1,
+            &s.key_file.1,
+            &s.user.1,
+            &s.password_file.1,
+        ]
+        .into_iter()
+        .filter(|from| !matches!(from, Origin::Default))
+        .map(ToString::to_string)
+        .collect();
         anyhow::ensure!(
-            prefix.is_none()
-                && replica.is_none()
-                && tls == canaryd::etcd::EtcdTls::default()
-                && auth.is_none(),
-            "--etcd-prefix, --replica, --etcd-user and the --etcd-*-file flags are for a highly available daemon: give --etcd too"
+            given.is_empty(),
+            "{}: for a highly available daemon only: give {} too",
+            given.join(", "),
+            s.to_give("--etcd", "etcd")
         );
         return Ok(None);
     };
-    anyhow::ensure!(
-        tls.cert_file.is_some() == tls.key_file.is_some(),
-        "--etcd-cert-file and --etcd-key-file go together"
-    );
+    // Each file is opened once here, so that an error names where it was given (the etcd
+    // client reads them).
+    let readable = |(path, from): &(Option<PathBuf>, Origin)| -> anyhow::Result<Option<PathBuf>> {
+        if let Some(p) = path {
+            std::fs::File::open(p)
+                .with_context(|| format!("{from}: cannot read {}", p.display()))?;
+        }
+        Ok(path.clone())
+    };
+    let tls = canaryd::etcd::EtcdTls {
+        ca_file: readable(&s.ca_file)?,
+        cert_file: readable(&s.cert_file)?,
+        key_file: readable(&s.key_file)?,
+    };
+    let pair = |(a, a_from): (bool, &Origin),
+                (b, b_from): (bool, &Origin),
+                (flag, key),
+                (other_flag, other_key)| {
+        match (a, b) {
+            (true, false) => Err(anyhow::anyhow!(
+                "{a_from} needs {}: the two go together",
+                s.to_give(other_flag, other_key)
+            )),
+            (false, true) => Err(anyhow::anyhow!(
+                "{b_from} needs {}: the two go together",
+                s.to_give(flag, key)
+            )),
+            _ => Ok(()),
+        }
+    };
+    pair(
+        (s.cert_file.0.is_some(), &s.cert_file.1),
+        (s.key_file.0.is_some(), &s.key_file.1),
+        ("--etcd-cert-file", "etcd_cert_file"),
+        ("--etcd-key-file", "etcd_key_file"),
+    )?;
+    pair(
+        (s.user.0.is_some(), &s.user.1),
+        (s.password_file.0.is_some(), &s.password_file.1),
+        ("--etcd-user", "etcd_user"),
+        ("--etcd-password-file", "etcd_password_file"),
+    )?;
+    let auth = match (&s.user, &s.password_file) {
+        ((Some(user), user_from), (Some(path), path_from)) => {
+            anyhow::ensure!(
+                !user.trim().is_empty(),
+                "{user_from}: expected a user name, found an empty one"
+            );
+            Some(canaryd::etcd::EtcdAuth {
+                user: user.clone(),
+                password: read_token("etcd password", path)
+                    .with_context(|| path_from.to_string())?,
+            })
+        }
+        _ => None,
+    };
     http_url(
         &etcd,
         &format!("{etcd_from}: expected etcd's client URL like http://127.0.0.1:2379"),
     )?;
+    let (prefix, prefix_from) = s.prefix;
     let prefix = prefix.unwrap_or_else(|| "/canaryd".into());
     anyhow::ensure!(
         prefix.starts_with('/') && prefix.len() > 1 && prefix.bytes().all(|b| b.is_ascii_graphic()),
-        "--etcd-prefix: expected a key prefix like /canaryd (a slash, then printable ASCII), found {}",
+        "{prefix_from}: expected a key prefix like /canaryd (a slash, then printable ASCII), \
+         found {}",
         canaryd::text::quoted(&prefix)
     );
+    let (replica, replica_from) = s.replica;
     let replica = match replica {
         Some(r) => r,
         None => {
@@ -557,23 +632,27 @@ fn ha_config(
     };
     anyhow::ensure!(
         !replica.trim().is_empty(),
-        "--replica: expected a name, found an empty one"
+        "{replica_from}: expected a name, found an empty one"
     );
+    let (ttl, ttl_from) = s.lease_ttl;
     anyhow::ensure!(
         ttl >= Duration::from_secs(2),
-        "--lease-ttl: expected at least 2s, found {}",
+        "{ttl_from}: expected at least 2s, found {}",
         humantime::format_duration(ttl)
     );
-    Ok(Some(canaryd::daemon::HaConfig {
-        etcd,
-        tls,
-        auth,
-        election: canaryd::ha::ElectionConfig {
-            prefix: prefix.trim_end_matches('/').to_owned(),
-            replica,
-            ttl,
+    Ok(Some((
+        canaryd::daemon::HaConfig {
+            etcd,
+            tls,
+            auth,
+            election: canaryd::ha::ElectionConfig {
+                prefix: prefix.trim_end_matches('/').to_owned(),
+                replica,
+                ttl,
+            },
         },
-    }))
+        etcd_from,
+    )))
 }
 
 /// Refuses a default Prometheus URL that no query could use, at startup and naming where it

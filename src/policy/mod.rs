@@ -309,17 +309,19 @@ impl RouterConfig {
         }
     }
 
-    /// Whether `other` moves the same traffic as this router: the same kind and target (for
-    /// HAProxy also the same servers in it), or the same webhook URL. An edit between two such
-    /// routers (an nginx reload command, a webhook timeout) is not a move to another router,
-    /// so the rollout's traffic is not sent to stable on the way.
-    pub fn drives_same_traffic(&self, other: &RouterConfig) -> bool {
+    /// Whether `other` moves the same traffic as this router for a rollout between the
+    /// `versions` (stable and canary): the same kind and target (for HAProxy also the same
+    /// servers for those two versions), or the same webhook URL. An edit between two such
+    /// routers (an nginx reload command, a webhook timeout, a HAProxy server for a third
+    /// version) is not a move to another router, so the rollout's traffic is not sent to
+    /// stable on the way.
+    pub fn drives_same_traffic(&self, other: &RouterConfig, versions: [&str; 2]) -> bool {
         match (self, other) {
             (RouterConfig::Webhook { url: a, .. }, RouterConfig::Webhook { url: b, .. }) => a == b,
             (
                 RouterConfig::Haproxy { servers: a, .. },
                 RouterConfig::Haproxy { servers: b, .. },
-            ) => a == b && self.target() == other.target(),
+            ) => versions.iter().all(|v| a.get(*v) == b.get(*v)) && self.target() == other.target(),
             // The same kind too: an nginx weights file turned file-router document would
             // leave nginx with a file it cannot read, so that is a move.
             _ => {
@@ -824,17 +826,24 @@ mod tests {
             backend: backend.into(),
             servers: BTreeMap::from([("v1".into(), "a".into()), ("v2".into(), canary.into())]),
         };
+        // A third version's server added to the backend's map.
+        let mut with_v3 = haproxy("b", "b");
+        if let RouterConfig::Haproxy { servers, .. } = &mut with_v3 {
+            servers.insert("v3".into(), "c".into());
+        }
         let webhook = |url: &str, ms: u64| RouterConfig::Webhook {
             url: url.into(),
             timeout: Duration::from_millis(ms),
         };
         let file = |p: &str| RouterConfig::File { path: p.into() };
+        const VERSIONS: [&str; 2] = ["v1", "v2"];
         let same = [
             (
                 nginx("/w.conf", "true"),
                 nginx("/./w.conf", "nginx -s reload"),
             ),
             (haproxy("m", "b"), haproxy("m", "b")),
+            (haproxy("b", "b"), with_v3),
             (
                 webhook("http://r/split", 1),
                 webhook("http://r/split", 5000),
@@ -852,13 +861,13 @@ mod tests {
         ];
         for (a, b) in same {
             assert!(
-                a.drives_same_traffic(&b) && b.drives_same_traffic(&a),
+                a.drives_same_traffic(&b, VERSIONS) && b.drives_same_traffic(&a, VERSIONS),
                 "{a:?} {b:?}"
             );
         }
         for (a, b) in moved {
             assert!(
-                !a.drives_same_traffic(&b) && !b.drives_same_traffic(&a),
+                !a.drives_same_traffic(&b, VERSIONS) && !b.drives_same_traffic(&a, VERSIONS),
                 "{a:?} {b:?}"
             );
         }

@@ -1611,6 +1611,25 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
             "etcd: http://127.0.0.1:1\netcd_user: u\netcd_password_file: /nonexistent/pw\n",
             format!("etcd_password_file in the config file {shown}: "),
         ),
+        (
+            "etcd: http://127.0.0.1:1\nlease_ttl: 1s\n",
+            format!("lease_ttl in the config file {shown}: expected at least 2s"),
+        ),
+        (
+            "etcd: http://127.0.0.1:1\netcd_prefix: canaryd\n",
+            format!("etcd_prefix in the config file {shown}: expected a key prefix"),
+        ),
+        (
+            "replica: a\n",
+            format!("replica in the config file {shown}: for a highly available daemon only"),
+        ),
+        (
+            "etcd: http://127.0.0.1:1\netcd_user: u\n",
+            format!(
+                "etcd_user in the config file {shown} needs --etcd-password-file (or \
+                 etcd_password_file in the config file)"
+            ),
+        ),
     ];
     for (text, want) in cases {
         std::fs::write(&config, text).unwrap();
@@ -1624,7 +1643,11 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         assert_eq!(err.matches(&shown).count(), 1, "said once: {err}");
         assert!(!err.contains("<input>"), "{err}");
     }
-    let flags: [(&[&str], &str); 9] = [
+    let flags: [(&[&str], &str); 10] = [
+        (
+            &["--listen", "0.0.0.0:0"],
+            "--listen (or CANARYD_LISTEN): refusing to listen on 0.0.0.0:0 without an API token",
+        ),
         (
             &["--listen", "nonsense"],
             "--listen (or CANARYD_LISTEN): \"nonsense\" is not an address",
@@ -1639,7 +1662,7 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
         ),
         (
             &["--etcd", "http://127.0.0.1:1", "--etcd-user", "cd"],
-            "--etcd-user and --etcd-password-file go together",
+            "--etcd-user (or CANARYD_ETCD_USER) needs --etcd-password-file: the two go together",
         ),
         (
             &[
@@ -1652,18 +1675,22 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
             ],
             "cannot read the etcd password file /nonexistent/password",
         ),
-        (&["--replica", "a"], "give --etcd too"),
+        (
+            &["--replica", "a", "--lease-ttl", "5s"],
+            "--replica (or CANARYD_REPLICA), --lease-ttl (or CANARYD_LEASE_TTL): for a highly \
+             available daemon only: give --etcd too",
+        ),
         (
             &["--etcd-ca-file", "/nonexistent/ca.pem"],
             "give --etcd too",
         ),
         (
             &["--etcd", "http://127.0.0.1:1", "--lease-ttl", "1s"],
-            "--lease-ttl: expected at least 2s",
+            "--lease-ttl (or CANARYD_LEASE_TTL): expected at least 2s",
         ),
         (
             &["--etcd", "http://127.0.0.1:1"],
-            "--state and --etcd exclude each other",
+            "--state (or CANARYD_STATE) and --etcd (or CANARYD_ETCD) exclude each other",
         ),
     ];
     for (args, want) in flags {
