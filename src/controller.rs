@@ -2404,6 +2404,154 @@ mod tests {
         assert_withdrawn(&mut rx).await;
     }
 
+    struct NoSource;
+
+    impl MetricSource for NoSource {
+        fn observe<'a>(
+            &'a self,
+            _: &'a Policy,
+            _: crate::source::Window,
+        ) -> crate::router::BoxFuture<'a, BTreeMap<String, crate::observation::MetricReading>>
+        {
+            Box::pin(async { BTreeMap::new() })
+        }
+    }
+
+    const TRIAGED: &str = "name: t\nstable: a\ncanary: b\nstrategy: {steps: [5, 50]}\n\
+        metrics:\n  - {name: q, query: 'sum(up{version=\"{{version}}\"})', max: 1}\n\
+        router: {file: {path: /tmp/t.json}}\n";
+
+    /// A rollout task at its start, with a store in `dir`, no router and no metrics.
+    fn idle_task(dir: &Path) -> Task {
+        let policy = policy::load_str("t.yaml", TRIAGED).unwrap_or_else(|e| panic!("{e}"));
+        let no_router = || Err(RouterError::Config("none".into()));
+        let shared = Shared {
+            store: Store::open(&dir.join("s.db")).expect("a store"),
+            metrics: Metrics::new(prometheus::Registry::new()).expect("metrics"),
+            clock: Arc::new(crate::time::SystemClock),
+            views: Views::default(),
+            routers: Arc::new(move |_| no_router()),
+            sources: Arc::new(|_| Arc::new(NoSource)),
+            http: reqwest::Client::new(),
+            dry_run: false,
+            min_interval: policy::MIN_INTERVAL,
+        };
+        let state = RolloutState::new(&policy);
+        Task {
+            view: view_of(&policy, "t.yaml", &state),
+            router: no_router(),
+            source: Arc::new(NoSource),
+            shared,
+            file: "t.yaml".into(),
+            state,
+            applied: true,
+            last_id: None,
+            unrecorded: None,
+            router_failing_since: None,
+            router_unreadable: false,
+            policy,
+            orphaned: None,
+        }
+    }
+
+    fn operator(
+        action: OperatorAction,
+        taken: bool,
+    ) -> (
+        Command,
+        oneshot::Receiver<Result<DecisionRecord, OperateError>>,
+    ) {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Operator {
+            action,
+            who: "op".into(),
+            why: "test".into(),
+            reply,
+            taken: Arc::new(AtomicBool::new(taken)),
+        };
+        (cmd, rx)
+    }
+
+    fn triaged(task: &Task, cmd: Command) -> &'static str {
+        match task.triage(cmd) {
+            Triage::Answered => "answered",
+            Triage::Later(_) => "later",
+            Triage::Cut(_) => "cut",
+        }
+    }
+
+    /// Only what changes something cuts an analysis short; what does not waits for it, so
+    /// that a stream of such commands (a file touched over and over, a script retrying an
+    /// action) cannot keep an analysis from ever finishing; a refused action is answered at
+    /// once.
+    #[tokio::test]
+    async fn an_analysis_is_cut_short_only_by_what_changes_something() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut task = idle_task(dir.path());
+        let same = Box::new(task.policy.clone());
+        assert_eq!(
+            triaged(&task, Command::Policy(same.clone(), "t.yaml".into())),
+            "later"
+        );
+        assert_eq!(triaged(&task, Command::PolicyError("bad".into())), "later");
+        let mut edited = same.clone();
+        edited.strategy.interval *= 2;
+        assert_eq!(
+            triaged(&task, Command::Policy(edited, "t.yaml".into())),
+            "cut"
+        );
+        assert_eq!(
+            triaged(&task, Command::Policy(same, "u.yaml".into())),
+            "cut"
+        );
+        assert_eq!(triaged(&task, Command::HandOver("u".into())), "cut");
+        let deleted = || Orphaned::Deleted("t.yaml".into());
+        assert_eq!(triaged(&task, Command::Orphan(deleted())), "cut");
+
+        // An action its caller gave up on is never taken, so it changes nothing now.
+        let (gone, _) = operator(OperatorAction::Abort, true);
+        assert_eq!(triaged(&task, gone), "later");
+        let (abort, _) = operator(OperatorAction::Abort, false);
+        assert_eq!(triaged(&task, abort), "cut");
+        // Nothing is paused: refused, and told so without waiting.
+        let (resume, mut answer) = operator(OperatorAction::Resume, false);
+        assert_eq!(triaged(&task, resume), "answered");
+        let answer = answer.try_recv().expect("answered at once");
+        assert!(
+            matches!(answer, Err(OperateError::Rejected(_))),
+            "{answer:?}"
+        );
+
+        // A stopped rollout: stopping it again changes nothing, and only abort acts on it.
+        task.orphaned = Some(deleted());
+        assert_eq!(triaged(&task, Command::Orphan(deleted())), "later");
+        let (pause, _) = operator(OperatorAction::Pause, false);
+        assert_eq!(triaged(&task, pause), "answered");
+        let (abort, _) = operator(OperatorAction::Abort, false);
+        assert_eq!(triaged(&task, abort), "cut");
+    }
+
+    /// A rollout whose queue is full has been busy for a while: an action is answered busy
+    /// at once, without waiting for a place, and is never queued.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_answers_busy_at_once() {
+        let registry = Registry::default();
+        let (tx, mut rx) = mpsc::channel(1);
+        registry.insert("r".into(), tx.clone());
+        tx.try_send(Command::PolicyError("queued before".into()))
+            .expect("a place in the queue");
+        let started = tokio::time::Instant::now();
+        let res = abort(&registry).await;
+        assert!(matches!(res, Err(OperateError::Busy)), "{res:?}");
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "answered without waiting"
+        );
+        assert!(matches!(rx.try_recv(), Ok(Command::PolicyError(_))));
+        assert!(rx.try_recv().is_err(), "the action was not queued");
+    }
+
     /// A caller that goes away before its wait runs out (a client that disconnects, the
     /// API's own timeout) withdraws its action as well.
     #[tokio::test(start_paused = true)]
