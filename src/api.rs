@@ -480,7 +480,7 @@ async fn act(
     };
     let who = parsed.who.unwrap_or_else(|| "api".into());
     let why = parsed.reason.unwrap_or_default();
-    if who.len() > 200 || why.len() > 2000 {
+    if who.chars().count() > 200 || why.chars().count() > 2000 {
         return error(
             StatusCode::BAD_REQUEST,
             "who is limited to 200 and reason to 2000 characters",

@@ -112,6 +112,18 @@ fn action_line(name: &str, decision: &Value) -> String {
     line
 }
 
+/// `get` for an answer that must succeed: a JSON error (a proxy's 502, a daemon that
+/// refuses the request) is an error naming the daemon's reason, not an empty table.
+async fn get_ok(server: &str, path: &str) -> anyhow::Result<Value> {
+    let (code, body) = get(server, path).await?;
+    anyhow::ensure!(
+        (200..300).contains(&code),
+        "canaryd at {server} answered http {code} to {path}: {}",
+        api_error(&body)
+    );
+    Ok(body)
+}
+
 async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
     let url = format!("{}{path}", base_url(server));
     let resp = client()?
@@ -168,7 +180,7 @@ fn time(v: &Value) -> String {
 pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome> {
     match name {
         None => {
-            let (_, body) = get(server, "/api/v1/rollouts").await?;
+            let body = get_ok(server, "/api/v1/rollouts").await?;
             crate::text::out(&table(&body))?;
             Ok(Outcome::Done)
         }
@@ -186,7 +198,7 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
                 }
                 return Ok(Outcome::Refused);
             }
-            let (_, log) = get(server, &format!("/api/v1/rollouts/{n}/decisions?limit=30")).await?;
+            let log = get_ok(server, &format!("/api/v1/rollouts/{n}/decisions?limit=30")).await?;
             crate::text::out(&timeline(&view, &log))?;
             if view["stopped"] == true {
                 // Its note says that a file with errors gives its name: the errors themselves.

@@ -21,6 +21,12 @@ impl crate::source::QueryObserver for Metrics {
             record.error.map(crate::source::SourceError::kind),
         );
     }
+
+    fn unreadable(&self, rollout: &str, _metric: &str, error: &crate::source::SourceError) {
+        self.query_errors
+            .with_label_values(&[rollout, "instant", error.kind()])
+            .inc();
+    }
 }
 
 /// Every metric the daemon exports.
@@ -86,7 +92,7 @@ fn histogram(
     labels: &[&str],
 ) -> prometheus::Result<HistogramVec> {
     let buckets = vec![
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ];
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
     r.register(Box::new(h.clone()))?;
@@ -174,7 +180,8 @@ impl Metrics {
             query_errors: counter(
                 r,
                 "canaryd_prometheus_query_errors_total",
-                "Failed Prometheus queries, by query type (instant or range) and error kind",
+                "Failed Prometheus queries, by query type (instant or range) and error kind: no answer, an \
+                 error answer, or one that cannot be read as the metric",
                 &["rollout", "query", "kind"],
             )?,
             router_seconds: histogram(
@@ -301,12 +308,18 @@ impl Metrics {
                 }
             }
         }
-        if let Some(e) = &r.evidence {
-            if let Some(v) = e.log_e_value.filter(|v| v.is_finite()) {
-                self.log_evalue.with_label_values(&[rollout, m]).set(v);
-            }
-            if let Some(v) = e.log_threshold.filter(|v| v.is_finite()) {
-                self.log_threshold.with_label_values(&[rollout, m]).set(v);
+        // Evidence that is absent this time (another judge after a policy edit, an analysis
+        // without data) must not keep showing the last e-value.
+        let evidence = r.evidence.as_ref();
+        for (gauge, v) in [
+            (&self.log_evalue, evidence.and_then(|e| e.log_e_value)),
+            (&self.log_threshold, evidence.and_then(|e| e.log_threshold)),
+        ] {
+            match v.filter(|v| v.is_finite()) {
+                Some(v) => gauge.with_label_values(&[rollout, m]).set(v),
+                None => {
+                    let _ = gauge.remove_label_values(&[rollout, m]);
+                }
             }
         }
         for v in Verdict::ALL {
@@ -522,7 +535,23 @@ mod tests {
         m.failures.with_label_values(&["gone"]).set(1);
         let bound = "canaryd_analysis_bound";
         assert!(m.render().contains(r#"canaryd_analysis_bound{bound="max_increase",metric="errors",rollout="gone"} 0.0115"#), "{}", m.render());
-        m.report("kept", &report(None));
+        let mut without_evidence = report(None);
+        without_evidence.evidence = None;
+        m.report("kept", &without_evidence);
+        // Regression (review): an analysis without evidence (another judge after an edit)
+        // kept showing the last e-value and its threshold.
+        let kept = m.render();
+        assert!(
+            !kept.contains(r#"canaryd_analysis_log_evalue{metric="errors",rollout="kept"}"#)
+                && !kept.contains(
+                    r#"canaryd_analysis_log_evalue_threshold{metric="errors",rollout="kept"}"#
+                ),
+            "{kept}"
+        );
+        assert!(
+            kept.contains(r#"canaryd_analysis_log_evalue{metric="errors",rollout="gone"} 0.5"#),
+            "{kept}"
+        );
         assert!(
             !m.render().contains(
                 r#"canaryd_analysis_bound{bound="max_increase",metric="errors",rollout="kept"}"#

@@ -39,7 +39,13 @@ impl Time {
 
     /// RFC 3339 text, for people.
     pub fn to_rfc3339(self) -> String {
+        // RFC 3339 ends with the year 9999; a time after it (a clock far off, a corrupt
+        // record) is shown as the number it is.
+        const YEAR_10000: u64 = 253_402_300_800;
         let secs = u64::try_from(self.0.div_euclid(1000)).unwrap_or(0);
+        if secs >= YEAR_10000 {
+            return format!("{} ms after 1970", self.0);
+        }
         let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
         humantime::format_rfc3339_seconds(t).to_string()
     }
@@ -81,5 +87,28 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Time {
         Time(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Time;
+
+    /// Regression (review): a time after the year 9999 made `canaryd status` panic.
+    #[test]
+    fn times_beyond_rfc3339_are_shown_not_panicked_on() {
+        assert_eq!(Time(1_700_000_000_000).to_rfc3339(), "2023-11-14T22:13:20Z");
+        assert_eq!(
+            Time(253_402_300_799_000).to_rfc3339(),
+            "9999-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            Time(253_402_300_800_000).to_rfc3339(),
+            "253402300800000 ms after 1970"
+        );
+        assert_eq!(
+            Time(i64::MAX).to_rfc3339(),
+            format!("{} ms after 1970", i64::MAX)
+        );
     }
 }

@@ -25,6 +25,14 @@ pub enum SourceError {
     /// metric: the policy (or its convention overrides) is wrong, not the canary.
     #[error("the policy's query is wrong: {message}; query: {query}")]
     BadQuery { query: String, message: String },
+    /// Prometheus parsed the query but could not run it (`execution`): the query may be wrong
+    /// (many-to-many matching) or too heavy for Prometheus's limits (too many samples, a
+    /// range grown over a long rollout).
+    #[error(
+        "prometheus could not run the query: {message} (a query error, or one too heavy for \
+         prometheus's limits); query: {query}"
+    )]
+    Execution { query: String, message: String },
     /// The answer was not the query API's JSON (a proxy's error page, a wrong URL).
     #[error("prometheus at {url} sent an answer that is not query API JSON: {reason}")]
     BadResponse { url: String, reason: String },
@@ -37,6 +45,10 @@ pub enum SourceError {
         value: f64,
         query: String,
     },
+    /// Prometheus answered, but warned that the answer may lack data: a remote-read endpoint
+    /// or a store (Thanos, Mimir) failed. Counts from it could undercount either version.
+    #[error("prometheus at {url} answered in part only, so the answer is not used: {warning}")]
+    Partial { url: String, warning: String },
     /// The client could not be built (unreadable CA file, bad header value).
     #[error("cannot set up the prometheus client: {0}")]
     Config(String),
@@ -50,8 +62,10 @@ impl SourceError {
             SourceError::Timeout { .. } => "timeout",
             SourceError::Http { .. } => "http",
             SourceError::BadQuery { .. } => "bad-query",
+            SourceError::Execution { .. } => "execution",
             SourceError::BadResponse { .. } => "bad-response",
             SourceError::NotANumber { .. } => "nan",
+            SourceError::Partial { .. } => "partial",
             SourceError::Config(_) => "config",
         }
     }

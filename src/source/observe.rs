@@ -53,6 +53,10 @@ pub struct QueryRecord<'a> {
 /// Called on the querying task; implementations should only update counters.
 pub trait QueryObserver: Send + Sync {
     fn query_done(&self, record: &QueryRecord<'_>);
+    /// An answer that came back but cannot be read as the metric (NaN counts, several series
+    /// where one number was expected, series without the convention's label): a failed
+    /// query as much as one that got no answer, told once per metric and observation.
+    fn unreadable(&self, _rollout: &str, _metric: &str, _error: &SourceError) {}
 }
 
 /// Reads policies' metrics from Prometheus's HTTP API.
@@ -131,6 +135,9 @@ impl PrometheusSource {
             Method::Sequential | Method::Threshold => None,
         };
         let mut down: Option<SourceError> = None;
+        // Prometheus answered a probe after a query timed out: later timeouts are slow
+        // queries too, and are not probed again.
+        let mut up = false;
         let mut out = Vec::with_capacity(policy.metrics.len());
         for spec in &policy.metrics {
             let plan = query::plan(policy, spec, ranges);
@@ -163,10 +170,19 @@ impl PrometheusSource {
                     (versions, lengths)
                 }
             };
-            if down.is_none() {
-                down = versions
+            if down.is_none()
+                && let Some(e) = versions
                     .iter()
-                    .find_map(|v| v.as_ref().err().filter(|e| e.is_prometheus_down()).cloned());
+                    .find_map(|v| v.as_ref().err().filter(|e| e.is_prometheus_down()))
+            {
+                // A timed-out query may be one heavy query of a Prometheus that is up: the
+                // metrics after it are still asked if Prometheus answers a trivial query.
+                let timed_out = matches!(e, SourceError::Timeout { .. });
+                if !timed_out || !(up || self.client.answers(policy.prometheus.as_ref()).await) {
+                    down = Some(e.clone());
+                } else {
+                    up = true;
+                }
             }
             out.push((
                 spec,
@@ -205,9 +221,11 @@ impl PrometheusSource {
                 self.ask(policy, spec, window, at),
                 self.ask(policy, spec, cumulative, at)
             ) {
-                Ok((w, c)) => {
-                    read::split(&v, label, value, *marked_is_bad, &w, window, &c, cumulative)
-                }
+                Ok((w, c)) => self.read(
+                    policy,
+                    spec,
+                    read::split(&v, label, value, *marked_is_bad, &w, window, &c, cumulative),
+                ),
                 Err(e) => both(e),
             },
             Plan::Latency {
@@ -222,16 +240,20 @@ impl PrometheusSource {
                     self.ask(policy, spec, window_total, at),
                     self.ask(policy, spec, buckets, at)
                 ) {
-                    Ok((q, n, b)) => read::latency(
-                        &v,
-                        *quantile,
-                        max,
-                        &q,
-                        quantile_query,
-                        &n,
-                        window_total,
-                        &b,
-                        buckets,
+                    Ok((q, n, b)) => self.read(
+                        policy,
+                        spec,
+                        read::latency(
+                            &v,
+                            *quantile,
+                            max,
+                            &q,
+                            quantile_query,
+                            &n,
+                            window_total,
+                            &b,
+                            buckets,
+                        ),
                     ),
                     Err(e) => both(e),
                 }
@@ -241,12 +263,37 @@ impl PrometheusSource {
                     self.ask(policy, spec, stable, at),
                     self.ask(policy, spec, canary, at)
                 );
-                [
-                    s.and_then(|a| read::template(&a, stable, &policy.stable)),
-                    c.and_then(|a| read::template(&a, canary, &policy.canary)),
-                ]
+                match (s, c) {
+                    (Ok(s), Ok(c)) => self.read(
+                        policy,
+                        spec,
+                        [
+                            read::template(&s, stable, &policy.stable),
+                            read::template(&c, canary, &policy.canary),
+                        ],
+                    ),
+                    // A failed query was told already; the other's answer is still read.
+                    (s, c) => [
+                        s.and_then(|a| read::template(&a, stable, &policy.stable)),
+                        c.and_then(|a| read::template(&a, canary, &policy.canary)),
+                    ],
+                }
             }
         }
+    }
+
+    /// Tells the observer about answers that could not be read (once per metric).
+    fn read(
+        &self,
+        policy: &Policy,
+        spec: &MetricSpec,
+        r: [VersionResult; 2],
+    ) -> [VersionResult; 2] {
+        if let (Some(observer), Some(e)) = (&self.observer, r.iter().find_map(|v| v.as_ref().err()))
+        {
+            observer.unreadable(&policy.name, &spec.name, e);
+        }
+        r
     }
 
     /// Both versions' per-interval series of a metric; `None` without a plan, an error when
@@ -369,8 +416,8 @@ impl PrometheusSource {
     }
 
     /// Runs every query of `policy` once over `window` and reports, per metric and version,
-    /// whether it returned data, no data, or an error. For `canaryd check --live`; a good
-    /// window is [`Window::lookback`] from now over the policy's interval.
+    /// whether it returned data, no data, or an error. For `canaryd check --live`, which
+    /// reads the last five minutes ([`Window::lookback`] from now).
     pub async fn check_live(&self, policy: &Policy, window: Window) -> LiveReport {
         let outcomes = self.read_all(policy, window).await;
         let metrics = outcomes

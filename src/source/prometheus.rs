@@ -193,6 +193,25 @@ impl PrometheusClient {
         &self.options
     }
 
+    /// Whether the Prometheus a policy reads (`own`, or the default) answers a trivial query
+    /// within [`PROBE_TIMEOUT`], once: tells one slow query from a Prometheus that is down or
+    /// hung, after which every other query would wait out its timeout too.
+    pub async fn answers(&self, own: Option<&PrometheusConfig>) -> bool {
+        let base = own.map_or_else(|| self.default_url.clone(), |p| trim_url(&p.url));
+        let credentials = self.credentials(&base, own.and_then(|p| p.auth.as_ref()));
+        let mut req = self
+            .http
+            .get(format!("{base}/api/v1/query"))
+            .query(&[("query", "vector(1)")])
+            .timeout(PROBE_TIMEOUT.min(self.options.timeout));
+        req = match credentials {
+            Some(Credentials::Bearer(token)) => req.bearer_auth(token),
+            Some(Credentials::Basic(user, password)) => req.basic_auth(user, password.as_ref()),
+            None => req,
+        };
+        matches!(req.send().await, Ok(r) if r.status().is_success())
+    }
+
     /// Evaluates `promql` at `at` on a policy's own Prometheus, with its credentials, or on
     /// the default one when `None`; retries transient failures.
     pub async fn query(&self, own: Option<&PrometheusConfig>, promql: &str, at: Time) -> Asked {
@@ -409,9 +428,9 @@ struct RawRangeSeries {
 
 /// Reads an answer of the instant-query API, given its HTTP status and body.
 ///
-/// Prometheus answers 400 (`bad_data`) for a query it cannot parse and 422 (`execution`) for
-/// one it cannot run; both mean the policy is wrong and are reported with Prometheus's own
-/// message and the query.
+/// Prometheus answers 400 (`bad_data`) for a query it cannot parse, which means the policy is
+/// wrong, and 422 (`execution`) for one it cannot run, which may also be a limit the query
+/// outgrew; both are reported with Prometheus's own message and the query.
 pub fn parse_answer(
     url: &str,
     status: u16,
@@ -507,6 +526,14 @@ fn parse_envelope(url: &str, status: u16, body: &[u8], query: &str) -> Result<Da
                 error_type: Some(t),
                 error: Some(message),
                 ..
+            }) if status == 422 && t == "execution" => SourceError::Execution {
+                query: query.to_owned(),
+                message,
+            },
+            Ok(Envelope {
+                error_type: Some(t),
+                error: Some(message),
+                ..
             }) if status == 400 || status == 422 => SourceError::BadQuery {
                 query: query.to_owned(),
                 message: format!("prometheus says {t}: {message}"),
@@ -540,7 +567,18 @@ fn parse_envelope(url: &str, status: u16, body: &[u8], query: &str) -> Result<Da
         )));
     }
     for w in &envelope.warnings {
-        tracing::debug!(url, query, warning = %w, "prometheus warned about a query");
+        // PromQL's own notes on the query ("PromQL warning: ...", "PromQL info: ...": a
+        // metric that may not be a counter, say) leave the answer whole. Any other warning
+        // is a data source that failed (remote read, a store behind Thanos or Mimir): the
+        // answer may lack series or samples of either version, so it is not read as data.
+        if w.starts_with("PromQL ") {
+            tracing::debug!(url, query, warning = %w, "prometheus warned about a query");
+        } else {
+            return Err(SourceError::Partial {
+                url: url.to_owned(),
+                warning: w.clone(),
+            });
+        }
     }
     envelope
         .data
@@ -556,6 +594,9 @@ pub fn parse_value(s: &str) -> Option<f64> {
         _ => s.parse::<f64>().ok(),
     }
 }
+
+/// How long [`PrometheusClient::answers`] waits for a trivial query.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The start of a body, for an error message.
 fn quote(body: &[u8]) -> String {
@@ -615,11 +656,27 @@ mod tests {
             r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#,
         );
         assert_eq!(empty, Ok(Answer::Vector(vec![])));
-        let warned = parse(
+        let noted = parse(
             200,
-            r#"{"status":"success","warnings":["x"],"data":{"resultType":"vector","result":[]}}"#,
+            r#"{"status":"success","warnings":["PromQL info: metric might not be a counter, name does not end in _total/_sum/_count/_bucket: \"x\""],"data":{"resultType":"vector","result":[]}}"#,
         );
-        assert_eq!(warned, Ok(Answer::Vector(vec![])));
+        assert_eq!(noted, Ok(Answer::Vector(vec![])));
+        // Regression (review): a remote-read failure's answer lacks data, and was read whole.
+        let partial = parse(
+            200,
+            r#"{"status":"success","warnings":["remote_read: context deadline exceeded"],"data":{"resultType":"vector","result":[]}}"#,
+        );
+        match partial {
+            Err(e) => {
+                assert_eq!(e.kind(), "partial");
+                assert!(
+                    e.to_string()
+                        .contains("remote_read: context deadline exceeded"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -646,9 +703,9 @@ mod tests {
             ),
             (
                 422,
-                r#"{"status":"error","errorType":"execution","error":"many-to-many matching not allowed"}"#,
-                "bad-query",
-                "many-to-many",
+                r#"{"status":"error","errorType":"execution","error":"query processing would load too many samples into memory in query execution"}"#,
+                "execution",
+                "prometheus could not run the query: query processing would load too many samples into memory in query execution (a query error, or one too heavy",
             ),
             (
                 503,

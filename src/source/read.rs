@@ -63,24 +63,44 @@ fn count(value: f64, version: &str, query: &str) -> Result<f64, SourceError> {
     }
 }
 
-/// Marked and total events of one version in a split answer; `None` without series.
+/// Marked and total events of one version in a split answer; `None` without series. Series
+/// that all lack the split's label are a convention that does not fit the model server (it
+/// names its outcome otherwise): an error rather than no marked events, which would read as a
+/// perfect canary.
 fn split_counts(
     answer: &Answer,
     query: &str,
     v: &Versions<'_>,
     version: &str,
-    label: &str,
+    (label, key): (&str, &str),
     marked_value: &str,
 ) -> Result<Option<(f64, f64)>, SourceError> {
-    let mut found = false;
+    let (mut found, mut labelled) = (false, false);
     let (mut marked, mut total) = (0.0, 0.0);
     for s in of_version(answer, v.label, version) {
         found = true;
         let n = count(s.value, version, query)?;
         total += n;
-        if s.labels.get(label).is_some_and(|l| l == marked_value) {
+        let value = s.labels.get(label);
+        labelled |= value.is_some();
+        if value.is_some_and(|l| l == marked_value) {
             marked += n;
         }
+    }
+    if found && !labelled {
+        return Err(SourceError::BadQuery {
+            query: query.to_owned(),
+            message: format!(
+                "no series of version {version:?} has the label {label:?}, so its {} cannot be \
+                 told from the rest; set the policy's series.{key} to the label the model server \
+                 uses",
+                if key == "outcome_label" {
+                    "errors"
+                } else {
+                    "correct predictions"
+                }
+            ),
+        });
     }
     // `increase()` extrapolates each series on its own, so a series created later than the
     // others can come out a little larger than their sum; a share stays within [0, 1].
@@ -99,14 +119,20 @@ pub fn split(
     cumulative: &Answer,
     cumulative_query: &str,
 ) -> [VersionResult; 2] {
+    // The convention's key for the label, to name in an error.
+    let key = if marked_is_bad {
+        "outcome_label"
+    } else {
+        "correct_label"
+    };
     v.both().map(|version| {
-        let w = split_counts(window, window_query, v, version, label, marked_value)?;
+        let w = split_counts(window, window_query, v, version, (label, key), marked_value)?;
         let c = split_counts(
             cumulative,
             cumulative_query,
             v,
             version,
-            label,
+            (label, key),
             marked_value,
         )?;
         let (w_marked, w_total) = w.unwrap_or((0.0, 0.0));
@@ -547,6 +573,26 @@ mod tests {
             assert_eq!(stable, Ok(None));
             assert_eq!(canary, Ok(None));
         }
+    }
+
+    /// Regression (review): a model server that names its outcome label otherwise (`status`)
+    /// gave series without `outcome`, which read as no errors at all: a perfect canary.
+    #[test]
+    fn series_without_the_split_label_are_an_error_not_a_perfect_canary() {
+        let unlabelled =
+            |version: &str, n: f64| row(&[("version", version), ("status", "error")], n);
+        let w = Answer::Vector(vec![unlabelled("v1", 100.0), unlabelled("v2", 50.0)]);
+        for r in split(&V, "outcome", "error", true, &w, "w", &w, "c") {
+            let e = r.expect_err("the label is missing");
+            assert!(
+                e.to_string().contains("has the label \"outcome\"")
+                    && e.to_string().contains("series.outcome_label"),
+                "{e}"
+            );
+        }
+        let [stable, _] = split(&V, "correct", "true", false, &w, "w", &w, "c");
+        let e = stable.expect_err("the label is missing");
+        assert!(e.to_string().contains("series.correct_label"), "{e}");
     }
 
     #[test]

@@ -166,6 +166,9 @@ enum Script {
     },
     /// Never answers.
     Hang,
+    /// Never answers a query that contains this; answers as `FailFirst` past its failures
+    /// anything else (a Prometheus that is up, with one query too heavy to finish).
+    HangOn(&'static str),
     /// 401 unless the request's Authorization header is exactly this, like a Prometheus
     /// behind an authenticating proxy; a vector as `FailFirst` gives once past it.
     RequireAuth(String),
@@ -212,6 +215,18 @@ async fn fake_query(
         ),
         Script::FailFirst { .. } => (StatusCode::OK, OK_BODY.to_owned()),
         Script::Hang => std::future::pending().await,
+        Script::HangOn(slow)
+            if fake
+                .seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last()
+                .and_then(|(q, _)| q.get("query"))
+                .is_some_and(|q| q.contains(slow)) =>
+        {
+            std::future::pending().await
+        }
+        Script::HangOn(_) => (StatusCode::OK, OK_BODY.to_owned()),
         Script::RequireAuth(want) => {
             let given = headers.get("authorization").and_then(|v| v.to_str().ok());
             if given == Some(want.as_str()) {
@@ -351,10 +366,11 @@ async fn fake_faults_are_classified_and_never_no_data() {
         }
         let seen = fake.seen.lock().unwrap_or_else(|e| e.into_inner()).len();
         // Two versions of the template, each retried while the failure is transient. The
-        // accuracy metric is asked too unless Prometheus timed out (it would time out again);
-        // its second query may be cancelled once the first one failed.
+        // accuracy metric is asked too unless Prometheus timed out and does not answer a
+        // trivial query either (the probe: one request); its second query may be cancelled
+        // once the first one failed.
         if kind == "timeout" {
-            assert_eq!(seen, 2 * requests, "{kind}");
+            assert_eq!(seen, 2 * requests + 1, "{kind}");
         } else {
             assert!(
                 seen > 2 * requests && seen <= 4 * requests,
@@ -362,6 +378,81 @@ async fn fake_faults_are_classified_and_never_no_data() {
             );
         }
     }
+}
+
+/// Regression (review): one query that timed out made every later metric of the policy
+/// unavailable without asking, so an error rate listed after a heavy query was never judged.
+/// A Prometheus that answers a trivial query is up: the later metrics are asked.
+#[tokio::test]
+async fn one_slow_query_does_not_blind_the_metrics_after_it() {
+    let (url, fake) = start_fake(Script::HangOn("heavy")).await;
+    let client = PrometheusClient::new(&url, options(300, 0)).expect("client");
+    let p = policy_with(
+        "v1",
+        "v2",
+        &[
+            "{name: first, query: 'sum(heavy{version=\"{{version}}\"})', max: 1}",
+            ERROR_RATE,
+        ],
+        "",
+    );
+    let got = PrometheusSource::new(client)
+        .observe(&p, window_ending(Time(1_700_000_000_000), 60))
+        .await;
+    assert!(unavailable(&got["first"].canary).starts_with("timeout"));
+    assert_eq!(data(&got["errors"].stable).value, Some(0.01));
+    assert_eq!(data(&got["errors"].canary).value, Some(0.02));
+    let probes = fake
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(q, _)| q.get("query").map(String::as_str) == Some("vector(1)"))
+        .count();
+    assert_eq!(probes, 1, "probed once per observation");
+}
+
+/// Regression (review): an answer that came back but could not be read as the metric (here
+/// a template query that returns four series, where one number was expected) left the metric
+/// unavailable at every analysis while `canaryd_prometheus_query_errors_total` stayed flat.
+#[tokio::test]
+async fn an_unreadable_answer_counts_as_a_failed_query() {
+    let (url, _fake) = start_fake(Script::FailFirst {
+        n: 0,
+        status: 200,
+        body: "",
+    })
+    .await;
+    let metrics =
+        Arc::new(canaryd::metrics::Metrics::new(prometheus::Registry::new()).expect("metrics"));
+    let client = PrometheusClient::new(&url, options(2000, 0)).expect("client");
+    let source = PrometheusSource::new(client).with_observer(metrics.clone());
+    let p = policy_with(
+        "v1",
+        "v2",
+        &[
+            "{name: ungrouped, query: 'x{version=\"{{version}}\"}', max: 1}",
+            ERROR_RATE,
+        ],
+        "",
+    );
+    let got = source
+        .observe(&p, window_ending(Time(1_700_000_000_000), 60))
+        .await;
+    assert!(unavailable(&got["ungrouped"].canary).contains("returned 4 series"));
+    assert_eq!(data(&got["errors"].canary).value, Some(0.02));
+    let text = metrics.render();
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("canaryd_prometheus_query_errors_total{"))
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            r#"canaryd_prometheus_query_errors_total{kind="bad-query",query="instant",rollout="m"} 1"#
+        ],
+        "{text}"
+    );
 }
 
 /// A Mann–Whitney policy's range query that fails or answers nonsense leaves the instant
