@@ -308,6 +308,13 @@ pub fn table(body: &Value) -> String {
     }
     for r in rollouts {
         let steps = r["steps"].as_array().map_or(0, Vec::len);
+        let step_of = |r: &Value, steps| {
+            if r["strategy"] == "blue-green" {
+                "-".to_owned()
+            } else {
+                format!("{}/{steps}", r["step"])
+            }
+        };
         let last = &r["last_decision"];
         let _ = writeln!(
             out,
@@ -317,7 +324,7 @@ pub fn table(body: &Value) -> String {
             r["stable"].as_str().unwrap_or("?"),
             r["canary"].as_str().unwrap_or("?"),
             weight(r),
-            format!("{}/{}", r["step"], steps),
+            step_of(r, steps),
             if last.is_null() {
                 String::new()
             } else {
@@ -447,14 +454,22 @@ pub fn timeline(view: &Value, log: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} ({} → {}): {} at {}, step {}/{} [{} strategy, {} judge, {} router]",
+        "{} ({} → {}): {} at {}{} [{} strategy, {} judge, {} router]",
         view["name"].as_str().unwrap_or("?"),
         view["stable"].as_str().unwrap_or("?"),
         view["canary"].as_str().unwrap_or("?"),
         view["phase"].as_str().unwrap_or("?"),
         weight(view),
-        view["step"],
-        view["steps"].as_array().map_or(0, Vec::len),
+        // A blue-green rollout has one switch, not steps.
+        if view["strategy"] == "blue-green" {
+            String::new()
+        } else {
+            format!(
+                ", step {}/{}",
+                view["step"],
+                view["steps"].as_array().map_or(0, Vec::len)
+            )
+        },
         view["strategy"].as_str().unwrap_or("?"),
         view["method"].as_str().unwrap_or("?"),
         view["router"].as_str().unwrap_or("?"),
@@ -831,6 +846,29 @@ mod table_tests {
         let t = timeline(&body["rollouts"][0], &json!({"decisions": []}));
         assert!(t.contains(&format!("  stopped: {note}\n")), "{t}");
         assert!(!t.contains("policy edit rejected"), "{t}");
+    }
+
+    /// A blue-green rollout has one switch, not steps: "step 1/1" said nothing.
+    #[test]
+    fn a_blue_green_rollout_shows_no_steps() {
+        let rollout = |strategy: &str| {
+            json!({
+                "name": "m1", "phase": "baking", "stable": "v1", "canary": "v2",
+                "weight": 100.0, "step": 1, "steps": [100], "strategy": strategy,
+                "method": "sequential", "router": "file", "state": {},
+            })
+        };
+        let blue_green = json!({"rollouts": [rollout("blue-green")], "invalid_policies": []});
+        let t = table(&blue_green);
+        let row = t.lines().find(|l| l.starts_with("m1")).expect("a row");
+        assert!(!row.contains("1/1") && row.contains(" - "), "{t}");
+        let t = timeline(&rollout("blue-green"), &json!({"decisions": []}));
+        assert!(
+            t.starts_with("m1 (v1 → v2): baking at 100% [blue-green strategy"),
+            "{t}"
+        );
+        let t = timeline(&rollout("canary"), &json!({"decisions": []}));
+        assert!(t.contains("at 100%, step 1/1 [canary strategy"), "{t}");
     }
 
     /// Review: NAME went into the URL as typed, so `canaryd status 'x/decisions'` asked
