@@ -21,7 +21,7 @@ use super::read::{self, VersionResult, Versions};
 use super::{MetricSource, Window};
 use crate::judge::{fmt_count, fmt_value};
 use crate::observation::{MetricReading, Reading};
-use crate::policy::{Method, MetricSpec, Policy};
+use crate::policy::{Method, MetricKind, MetricSpec, Policy};
 use crate::router::BoxFuture;
 use crate::time::Time;
 use serde::Serialize;
@@ -415,6 +415,47 @@ impl PrometheusSource {
         }
     }
 
+    /// For `check --live`: an error rate or accuracy whose marking value no series has now,
+    /// with the values they have. The model server may mark events otherwise (`failure`
+    /// instead of `error`): every event would then read as unmarked, a canary without errors.
+    /// Only a note, as a server that creates its error series at the first error has none yet.
+    async fn marked_value_note(
+        &self,
+        policy: &Policy,
+        spec: &MetricSpec,
+        at: Time,
+    ) -> Option<String> {
+        let (label, value, promql) = query::marked_values(policy, spec)?;
+        let Ok(Answer::Vector(series)) = self.ask(policy, spec, &promql, at).await else {
+            return None;
+        };
+        let seen: std::collections::BTreeSet<&str> = series
+            .iter()
+            .filter_map(|s| s.labels.get(&label).map(String::as_str))
+            .collect();
+        if series.is_empty() || seen.contains(&value.as_str()) {
+            return None;
+        }
+        let key = if spec.kind == MetricKind::ErrorRate {
+            "error_value"
+        } else {
+            "correct_value"
+        };
+        let seen = if seen.is_empty() {
+            "none".to_owned()
+        } else {
+            seen.iter()
+                .map(|v| format!("{v:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Some(format!(
+            "no series has {label}={value:?} now (values: {seen}): if the model server marks \
+             them with another value, set the policy's series.{key}; otherwise export the \
+             {label}={value:?} series at 0 from startup"
+        ))
+    }
+
     /// Runs every query of `policy` once over `window` and reports, per metric and version,
     /// whether it returned data, no data, or an error. For `canaryd check --live`, which
     /// reads the last five minutes ([`Window::lookback`] from now).
@@ -439,9 +480,14 @@ impl PrometheusSource {
                         LiveVersion::new("stable", &policy.stable, s),
                         LiveVersion::new("canary", &policy.canary, c),
                     ],
+                    note: None,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut metrics = metrics;
+        for (m, spec) in metrics.iter_mut().zip(&policy.metrics) {
+            m.note = self.marked_value_note(policy, spec, window.at).await;
+        }
         LiveReport {
             policy: policy.name.clone(),
             prometheus: self.url_for(policy).to_owned(),
@@ -553,6 +599,10 @@ pub struct LiveMetric {
     /// absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub series: Option<LiveSeries>,
+    /// Something the user should look at although every query worked: an error rate whose
+    /// series have no `outcome="error"`, say (errors marked otherwise read as none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// How the range query for a metric's per-interval series went in a [`LiveReport`].
@@ -667,6 +717,9 @@ impl fmt::Display for LiveReport {
                         writeln!(f, "error ({kind}): {message}")?
                     }
                 }
+            }
+            if let Some(note) = &m.note {
+                writeln!(f, "    note: {note}")?;
             }
             match &m.series {
                 None => {}

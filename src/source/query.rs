@@ -203,6 +203,21 @@ pub fn plan(policy: &Policy, spec: &MetricSpec, ranges: Ranges) -> Plan {
     }
 }
 
+/// For an error rate or accuracy: the label that marks events, the value that marks them, and
+/// a query for every value that label has on the model's series of both versions now (one
+/// series per value). `None` for other metrics.
+pub fn marked_values(policy: &Policy, spec: &MetricSpec) -> Option<(String, String, String)> {
+    let c = &policy.convention;
+    let (series, label, value) = match spec.kind {
+        MetricKind::ErrorRate => (&c.requests, &c.outcome_label, &c.error_value),
+        MetricKind::Accuracy => (&c.scored, &c.correct_label, &c.correct_value),
+        _ => return None,
+    };
+    let m = matchers(c, &policy.model, &[&policy.stable, &policy.canary]);
+    let query = format!("count by ({label}) ({series}{{{m}}})");
+    Some((label.clone(), value.clone(), query))
+}
+
 /// The most evaluation times Prometheus allows in one range query (per series); it refuses a
 /// query that asks for more.
 pub const MAX_RANGE_POINTS: i64 = 11_000;

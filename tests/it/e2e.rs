@@ -845,11 +845,30 @@ async fn check_live_runs_every_query_once_and_names_what_fails() {
     let text = String::from_utf8_lossy(&ok.stdout);
     assert_eq!(ok.status.code(), Some(0), "{text}");
     assert!(text.contains("stable v1: data"), "{text}");
+    assert!(!text.contains("note:"), "{text}");
     let bad = run(&broken);
     let text = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(1), "{text}");
     assert!(
         text.contains("broken") && text.contains("bad-query"),
+        "{text}"
+    );
+    // Review: errors marked with a value the policy does not expect read as no errors at
+    // all. Every query works, so the check passes, but it says what it found.
+    let misnamed = stack.dir.path().join("misnamed.yaml");
+    let extra = "series: {error_value: failure}\n";
+    std::fs::write(
+        &misnamed,
+        policy("live", "v1", "v2", &router, "[20, 50]", "3s", extra),
+    )
+    .expect("write");
+    let noted = run(&misnamed);
+    let text = String::from_utf8_lossy(&noted.stdout);
+    assert_eq!(noted.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(
+            "note: no series has outcome=\"failure\" now (values: \"error\", \"success\")"
+        ) && text.contains("series.error_value"),
         "{text}"
     );
 }
