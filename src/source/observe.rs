@@ -771,6 +771,7 @@ mod tests {
                 },
             ],
             series: None,
+            note: None,
         }
     }
 
