@@ -103,6 +103,8 @@ pub struct Daemon {
     store: Store,
     /// The election of a highly available daemon.
     leadership: Option<Arc<crate::ha::Leadership>>,
+    /// The lock on a SQLite state, held until the daemon ends.
+    state_lock: Option<std::fs::File>,
 }
 
 impl Daemon {
@@ -115,6 +117,7 @@ impl Daemon {
             !(config.dry_run && config.ha.is_some()),
             "--dry-run and --etcd exclude each other: a dry run keeps its state in memory, and a replica's is shared with the others"
         );
+        let mut state_lock = None;
         let (store, leadership) = match &config.ha {
             Some(ha) => {
                 // Every etcd call must give up well within a third of the lease, so that a
@@ -141,13 +144,17 @@ impl Daemon {
                 Store::open_with_retention(Path::new(":memory:"), limits.decisions_kept)?,
                 None,
             ),
-            None => (open_store(&config.state, limits.decisions_kept)?, None),
+            None => {
+                state_lock = Some(lock_state(&config.state)?);
+                (open_store(&config.state, limits.decisions_kept)?, None)
+            }
         };
         Ok(Daemon {
             config,
             limits,
             store,
             leadership,
+            state_lock,
         })
     }
 
@@ -162,6 +169,7 @@ impl Daemon {
             limits,
             store,
             leadership,
+            state_lock: _held_until_the_daemon_ends,
         } = self;
         let metrics = match config.metrics {
             Some(m) => m,
@@ -274,6 +282,45 @@ pub fn check_listen(
          api_token_file in the config file), or --insecure-no-auth (insecure_no_auth) if the \
          network is trusted"
     )
+}
+
+/// Locks the SQLite state for this daemon alone (`<state>.lock`, an exclusive `flock`, let go
+/// when the process ends however it ends). Two daemons on one state would each drive the same
+/// routers from their own memory: one rolls back, the other puts its weight back.
+fn lock_state(path: &Path) -> anyhow::Result<std::fs::File> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock = path.with_file_name(name);
+    // A missing directory is reported by `open_store`, with its reasons.
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return open_store_error(path),
+        Err(e) => anyhow::bail!("cannot open the state's lock file {}: {e}", lock.display()),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another canaryd uses the state {} (it holds {}): stop it first, or give this one \
+             another state; two daemons on one state would undo each other's traffic changes",
+            path.display(),
+            lock.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("cannot lock the state's lock file {}: {e}", lock.display())
+        }
+    }
+}
+
+/// `open_store`'s error for a state it cannot open.
+fn open_store_error<T>(path: &Path) -> anyhow::Result<T> {
+    open_store(path, 1).and_then(|_| {
+        anyhow::bail!("cannot open the state store {}", path.display())
+    })
 }
 
 /// Opens the store with one error naming the path and the reason. SQLite's own message repeats

@@ -1703,6 +1703,30 @@ async fn run_reports_config_file_and_etcd_mistakes_with_their_place() {
     }
 }
 
+/// Review: two daemons on one SQLite state each drove the same routers from their own
+/// memory, so one's rollback was undone by the other's weight. The second is refused, and
+/// the state is free again once the first has stopped.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_state_is_refused() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router, source, None).await;
+    let state = dir.path().join("state.db");
+    let state = state.to_str().unwrap();
+    let (code, err) = run_daemon_expecting_failure(dir.path(), &["--state", state]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("another canaryd uses the state {state}")),
+        "{err}"
+    );
+    assert!(!err.contains("canaryd running"), "{err}");
+    d.stop().await;
+    let (router, source) = fakes(Mode::Good);
+    let again = Daemon::start(dir.path(), router, source, None).await;
+    again.wait_phase("demo", "progressing").await;
+    again.stop().await;
+}
+
 #[tokio::test]
 async fn run_with_a_missing_state_directory_fails_once_naming_it() {
     let dir = setup(POLICY);
