@@ -856,7 +856,13 @@ impl Task {
                     // goes ahead: rollback stays reachable even on a broken disk. It lives in
                     // memory only, so a restart before the store works again resumes from the
                     // last recorded decision.
-                    if d.weight > prev.weight || d.state.phase == Phase::Promoting {
+                    // A new candidate's traffic is all new: its first step is compared with
+                    // none, not with the weight the last candidate ended at (a promoted one's
+                    // 100 %).
+                    let same_versions =
+                        prev.canary == d.state.canary && prev.stable == d.state.stable;
+                    let before = if same_versions { prev.weight } else { 0.0 };
+                    if d.weight > before || d.state.phase == Phase::Promoting {
                         tracing::error!(rollout = %self.policy.name, error = %e, "cannot record the decision; not applying it");
                         self.unrecorded = Some(format!(
                             "the state store could not record the decision, so nothing was changed: {e}"

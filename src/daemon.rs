@@ -318,9 +318,8 @@ fn lock_state(path: &Path) -> anyhow::Result<std::fs::File> {
 
 /// `open_store`'s error for a state it cannot open.
 fn open_store_error<T>(path: &Path) -> anyhow::Result<T> {
-    open_store(path, 1).and_then(|_| {
-        anyhow::bail!("cannot open the state store {}", path.display())
-    })
+    open_store(path, 1)
+        .and_then(|_| anyhow::bail!("cannot open the state store {}", path.display()))
 }
 
 /// Opens the store with one error naming the path and the reason. SQLite's own message repeats

@@ -2878,6 +2878,39 @@ async fn an_abort_neither_recorded_nor_taken_says_so_and_keeps_trying() {
     d.stop().await;
 }
 
+/// Review: with the store failing, a new candidate's first step was compared with the
+/// weight the last candidate ended at (100 % once promoted), so it reached the router without
+/// a record. A new candidate's traffic is all new.
+#[tokio::test]
+async fn a_new_candidate_the_store_cannot_record_gets_no_traffic() {
+    let dir = setup(POLICY);
+    let (router, source) = fakes(Mode::Good);
+    let d = Daemon::start(dir.path(), router.clone(), source, None).await;
+    d.wait_phase("demo", "promoted").await;
+    assert_eq!(*router.weight.lock().unwrap(), 100.0);
+    let lock = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let next = POLICY
+        .replace("stable: v1", "stable: v2")
+        .replace("canary: v2", "canary: v3");
+    std::fs::write(policy_file(&dir, "demo"), next).unwrap();
+    let v = wait_for("the store error shown", Duration::from_secs(30), || async {
+        let (_, v) = d.get("/api/v1/rollouts/demo").await;
+        v["store_error"].is_string().then_some(v)
+    })
+    .await;
+    assert!(v["store_error"].as_str().unwrap().contains("locked"), "{v}");
+    assert_eq!(*router.weight.lock().unwrap(), 100.0, "{v}");
+    lock.execute_batch("COMMIT").unwrap();
+    wait_for(
+        "the new candidate's first step",
+        Duration::from_secs(30),
+        || async { (*router.weight.lock().unwrap() == 10.0).then_some(()) },
+    )
+    .await;
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn a_state_store_that_refuses_writes_blocks_more_traffic_but_not_an_abort() {
     // Regression: with the state store failing, nothing showed it, and neither a rollback
