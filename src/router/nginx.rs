@@ -18,12 +18,14 @@
 //! balancing method and which sends that server nothing; stable and canary never both end up
 //! `down`, so the upstream always has a server.
 //!
-//! The file is replaced atomically, then the reload command runs and must exit 0. If it fails
-//! the previous file is put back, so that the file, which is what `read` reports, never claims
-//! a split that nginx did not take; except a split that sends nothing to the canary (a
-//! rollback), which stays for nginx's next start, marked `NOT_LOADED` until an apply of it
-//! reloads nginx. `read` therefore reflects the configuration canaryd last
-//! had accepted, not nginx's live state: `nginx -s reload` only signals the master process and
+//! The file is replaced atomically with its first line marking it `NOT_LOADED`, then the reload
+//! command runs and must exit 0, and then the mark is taken off (another atomic replace). So a
+//! file whose reload never ran (the daemon killed in between, a write that failed after its
+//! rename) or failed reads as not taken. If the reload fails the previous file is put back, so
+//! that the file, which is what `read` reports, never claims a split that nginx did not take;
+//! except a split that sends nothing to the canary (a rollback), which stays for nginx's next
+//! start, marked until an apply of it reloads nginx. `read` therefore reflects the
+//! configuration canaryd last had accepted, not nginx's live state: `nginx -s reload` only signals the master process and
 //! exits 0 even when the new configuration is invalid, so reload with
 //! `[sh, -c, "nginx -t && nginx -s reload"]` to have a bad configuration reported.
 
@@ -62,10 +64,11 @@ pub struct NginxRouter {
     reloaded: tokio::sync::Mutex<Option<String>>,
 }
 
-/// First line of a file that holds a split nginx could not be made to load (a rollback, left
-/// for nginx's next start): nginx ignores it as a comment; `read` reports the split not taken
-/// until an apply of it reloads nginx. In the file, so that a restarted daemon or an edited
-/// router knows it too.
+/// First line of a file that holds a split nginx has not been made to load: written before
+/// the reload and taken off after it, and kept on a rollback whose reload failed (left for
+/// nginx's next start). nginx ignores it as a comment; `read` reports the split not taken until
+/// an apply of it reloads nginx. In the file, so that a restarted daemon or an edited router
+/// knows it too.
 const NOT_LOADED: &str = "# canaryd: nginx has not loaded this file yet: ";
 
 /// Whether an upstream name or server address cannot be written into the include file:
@@ -286,7 +289,8 @@ impl Router for NginxRouter {
                 return Ok(());
             }
             *reloaded = None;
-            write_atomic(path, content.clone().into_bytes())
+            let pending = format!("{NOT_LOADED}its reload has not finished\n{content}");
+            write_atomic(path, pending.into_bytes())
                 .await
                 .map_err(|e| write_error(path, e))?;
             if let Err(e) = self.run_reload().await {
@@ -319,6 +323,11 @@ impl Router for NginxRouter {
                     )),
                 });
             }
+            // Loaded: the mark comes off. If that write fails, the file still reads as not
+            // taken, and the next apply writes and reloads it again.
+            write_atomic(path, content.clone().into_bytes())
+                .await
+                .map_err(|e| write_error(path, e))?;
             *reloaded = Some(content);
             Ok(())
         })
@@ -341,12 +350,13 @@ impl Router for NginxRouter {
             };
             let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
             if let Some(marked) = text.strip_prefix(NOT_LOADED) {
-                // A rollback nginx could not load: not taken until an apply of it reloads
-                // nginx (a rollout rolling back applies again at every analysis). Reads
-                // change nothing: a dry run or a replica no longer leading reads too.
+                // A split nginx has not loaded (a rollback it could not load, or a file whose
+                // reload never finished): not taken until an apply of it reloads nginx (a
+                // rollout applies again at every analysis). Reads change nothing: a dry run or
+                // a replica no longer leading reads too.
                 let why = marked.lines().next().unwrap_or_default();
                 return Err(RouterError::Unreachable(format!(
-                    "{} sends nothing to the canary, but nginx has not loaded it: {why}",
+                    "nginx has not loaded {}: {why}",
                     path.display()
                 )));
             }
