@@ -199,6 +199,36 @@ pub async fn operate(
     }
 }
 
+/// A router call that changes traffic, given up when this replica's leadership term ends: by
+/// then another replica may lead and set the traffic itself, and a call that arrived after
+/// its would undo it (a slow webhook, an nginx reload, HAProxy's commands one by one). A
+/// call already received by the router can still land after the term; this bounds how late.
+async fn within_term<T>(
+    store: &Store,
+    call: impl Future<Output = Result<T, RouterError>>,
+) -> Result<T, RouterError> {
+    within(store.writes_until(), call).await
+}
+
+/// `call`, given up at `until` if that comes first.
+async fn within<T>(
+    until: Option<tokio::time::Instant>,
+    call: impl Future<Output = Result<T, RouterError>>,
+) -> Result<T, RouterError> {
+    let Some(until) = until else {
+        return call.await;
+    };
+    tokio::time::timeout_at(until, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(RouterError::Unreachable(
+                "the call was given up as this replica's leadership term ended; the next leader \
+             sets the traffic"
+                    .into(),
+            ))
+        })
+}
+
 /// Withdraws an operator action when its caller stops waiting, unless the rollout took it.
 struct Withdraw(Arc<AtomicBool>);
 
@@ -519,7 +549,7 @@ impl Task {
             canary_weight: weight,
             ..self.target()
         };
-        match router.apply(&target).await {
+        match within_term(&self.shared.store, router.apply(&target)).await {
             Ok(()) => {
                 tracing::info!(rollout = %self.policy.name, to, weight = target.canary_weight, "router handed over to the rollout whose policy now names it");
             }
@@ -549,7 +579,7 @@ impl Task {
             canary_weight: 0.0,
             ..self.target()
         };
-        match router.apply(&target).await {
+        match within_term(&self.shared.store, router.apply(&target)).await {
             Ok(()) => {
                 tracing::info!(rollout = %self.policy.name, "the policy names another router: the old one now sends all traffic to stable")
             }
@@ -602,7 +632,7 @@ impl Task {
                 return false;
             }
             let started = tokio::time::Instant::now();
-            let res = router.apply(&target).await;
+            let res = within_term(&self.shared.store, router.apply(&target)).await;
             self.shared.metrics.router_call(
                 &self.policy.name,
                 router.kind(),
@@ -2535,6 +2565,38 @@ mod tests {
         assert_eq!(triaged(&task, pause), "answered");
         let (abort, _) = operator(OperatorAction::Abort, false);
         assert_eq!(triaged(&task, abort), "cut");
+    }
+
+    /// Review: a router call still running when the leadership term ended could land after
+    /// the next leader had set the traffic. It is given up when the term ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_router_call_is_given_up_when_the_term_ends() {
+        let until = tokio::time::Instant::now() + Duration::from_secs(8);
+        let hung = std::future::pending::<Result<(), RouterError>>();
+        let res = within(Some(until), hung).await;
+        assert!(
+            matches!(&res, Err(RouterError::Unreachable(m)) if m.contains("leadership term ended")),
+            "{res:?}"
+        );
+        assert_eq!(tokio::time::Instant::now(), until);
+        let quick = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(())
+        };
+        assert!(
+            within(
+                Some(tokio::time::Instant::now() + Duration::from_secs(8)),
+                quick
+            )
+            .await
+            .is_ok()
+        );
+        // Without terms (one daemon), a call runs as long as the router's own timeout.
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        };
+        assert!(within(None, slow).await.is_ok());
     }
 
     /// A rollout whose queue is full has been busy for a while: an action is answered busy

@@ -36,6 +36,14 @@ pub struct Term {
     valid_until: Instant,
 }
 
+impl Term {
+    /// Until when the lease is certainly alive by this replica's clock: no other replica can
+    /// lead before then.
+    pub fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+}
+
 /// Settings of the election.
 #[derive(Clone, Debug)]
 pub struct ElectionConfig {

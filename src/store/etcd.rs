@@ -102,6 +102,19 @@ impl EtcdStore {
         self.fence().is_ok()
     }
 
+    /// Until when this store's writes are certainly this replica's alone: the end of its
+    /// leadership term, or now when it does not lead.
+    pub fn writes_until(&self) -> tokio::time::Instant {
+        match self.fence() {
+            Ok(_) => self
+                .inner
+                .leadership
+                .term()
+                .map_or_else(tokio::time::Instant::now, |t| t.valid_until()),
+            Err(_) => tokio::time::Instant::now(),
+        }
+    }
+
     /// The fencing compare of the term this store writes for, or why it may not write: no
     /// term, or not the one it is bound to.
     fn fence(&self) -> Result<Compare, StoreError> {

@@ -150,6 +150,16 @@ impl Store {
         }
     }
 
+    /// Until when a write (or a router call, which changes what the store records) is
+    /// certainly this daemon's alone: the end of a replica's leadership term; `None` for a
+    /// store without terms.
+    pub fn writes_until(&self) -> Option<tokio::time::Instant> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Etcd(e) => Some(e.writes_until()),
+        }
+    }
+
     /// Records a decision and the state it leads to, atomically, as not yet applied, and
     /// trims the rollout's log to the retention limit in the same transaction.
     /// Returns the decision's id.
