@@ -150,6 +150,13 @@ fn write_atomic_blocking(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .create_new(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
+        // The file it replaces keeps its permissions: a reader running as another user (the
+        // file router's consumer) must still be able to read it after canaryd's first write.
+        match std::fs::metadata(path) {
+            Ok(old) => f.set_permissions(old.permissions())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)?;

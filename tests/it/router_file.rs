@@ -51,6 +51,26 @@ async fn file_round_trip_is_atomic_and_stamped() {
     );
 }
 
+/// Review: the atomic replace gave the file the temporary file's mode (0666 less the umask),
+/// so a consumer allowed in by the file's own mode lost it at canaryd's first write.
+#[tokio::test]
+async fn a_rewritten_file_keeps_its_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fraud.json");
+    let r = FileRouter::new(path.clone(), Arc::new(ManualClock::new(Time(0))));
+    r.apply(&target(10.0)).await.expect("apply");
+    let mode = 0o604;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    r.apply(&target(25.0)).await.expect("apply");
+    let kept = std::fs::metadata(&path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(kept, mode, "{kept:o}");
+}
+
 #[tokio::test]
 async fn file_errors_are_classified() {
     let dir = tempfile::tempdir().expect("tempdir");
