@@ -181,9 +181,10 @@ impl HaproxyRouter {
         tokio::time::timeout(self.timeout, work)
             .await
             .unwrap_or_else(|_| {
+                let (Endpoint::Unix(at) | Endpoint::Tcp(at)) = &self.endpoint;
                 Err(RouterError::Unreachable(format!(
-                    "haproxy socket {:?}: no answer to {cmd:?} within {:?}",
-                    self.endpoint, self.timeout
+                    "haproxy socket {at}: no answer to {cmd:?} within {}",
+                    humantime::format_duration(self.timeout)
                 )))
             })
     }

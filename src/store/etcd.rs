@@ -61,7 +61,12 @@ impl EtcdStore {
         decisions_kept: usize,
     ) -> Result<EtcdStore, StoreError> {
         let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| StoreError::NotLeader(format!("no async runtime for etcd: {e}")))?;
+            .map_err(|e| {
+                StoreError::Etcd(crate::etcd::EtcdError::Config {
+                    url: etcd.url().to_owned(),
+                    reason: format!("no async runtime for the etcd client: {e}"),
+                })
+            })?;
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 etcd,
