@@ -201,19 +201,22 @@ impl HaproxyRouter {
         parse_get_answer(&cmd, &answer)
     }
 
-    /// The backend's servers that no version names and that could take traffic now: active
-    /// (not `backup`), not in maintenance, with a weight above 0; with their weights.
-    async fn unmanaged_servers(&self) -> Result<Vec<(String, u32)>, RouterError> {
+    /// The backend's servers as `show stat` lists them.
+    async fn stat(&self) -> Result<Vec<StatServer>, RouterError> {
         // Type 4: servers only, not the backend's own line.
         let cmd = format!("show stat {} 4 -1", self.backend);
         let answer = self.command(&cmd).await?;
-        let servers = parse_stat_answer(&cmd, &answer, &self.backend)?;
-        Ok(servers
-            .into_iter()
+        parse_stat_answer(&cmd, &answer, &self.backend)
+    }
+
+    /// The servers in `stat` that no version names and that could take traffic now: active
+    /// (not `backup`), not in maintenance, with a weight above 0; with their weights.
+    fn unmanaged_servers(&self, stat: &[StatServer]) -> Vec<(String, u32)> {
+        stat.iter()
             .filter(|s| !s.backup && !s.maintenance && s.weight > 0)
             .filter(|s| !self.servers.values().any(|m| *m == s.name))
-            .map(|s| (s.name, s.weight))
-            .collect())
+            .map(|s| (s.name.clone(), s.weight))
+            .collect()
     }
 }
 
@@ -226,6 +229,9 @@ struct StatServer {
     backup: bool,
     /// In maintenance (`MAINT`, `MAINT (via …)`, `MAINT (resolution)`): gets no traffic.
     maintenance: bool,
+    /// Takes new requests now: not in maintenance, not draining (`DRAIN`, `NOLB`), not down
+    /// by its health check (`DOWN`, `DOWN 1/2`). `UP`, `UP 1/3` and `no check` serve.
+    serving: bool,
 }
 
 /// `show stat` answers CSV: a header line `# pxname,svname,...` naming the columns (their
@@ -274,11 +280,17 @@ fn parse_stat_answer(
                 quoted(line)
             ))
         })?;
+        let status = field(status);
+        let maintenance = status.starts_with("MAINT");
         servers.push(StatServer {
             name: field(sv).to_owned(),
             weight,
             backup: field(bck) == "1",
-            maintenance: field(status).starts_with("MAINT"),
+            maintenance,
+            serving: !maintenance
+                && !["DRAIN", "NOLB", "DOWN"]
+                    .iter()
+                    .any(|s| status.starts_with(s)),
         });
     }
     Ok(servers)
@@ -439,15 +451,26 @@ impl Router for HaproxyRouter {
             for server in self.servers.values() {
                 weights.insert(server.as_str(), self.get_weight(server).await?);
             }
-            let unmanaged = self.unmanaged_servers().await?;
+            let stat = self.stat().await?;
+            let unmanaged = self.unmanaged_servers(&stat);
             if !unmanaged.is_empty() {
                 return Err(self.unmanaged_error(&unmanaged, &weights, canary_server));
+            }
+            // A server put in maintenance or drain, or down by its health check, takes no
+            // new requests whatever its weight: stable in maintenance sends all to the canary.
+            let resting: Vec<&str> = stat
+                .iter()
+                .filter(|s| !s.serving && weights.contains_key(s.name.as_str()))
+                .map(|s| s.name.as_str())
+                .collect();
+            for server in &resting {
+                weights.insert(server, 0);
             }
             // Integer weights cannot hold every percentage. When the backend has exactly the
             // weights `apply` sets for this target, report the target itself, so that a 0.3 %
             // step held as 1/256 does not look like a drifted split and get re-applied on every
             // tick.
-            if check_target(target).is_ok() {
+            if check_target(target).is_ok() && resting.is_empty() {
                 let (s, c) = integer_split(target.canary_weight, &TOTALS);
                 let exact = weights.iter().all(|(server, w)| {
                     *w == if *server == canary_server {
@@ -465,8 +488,17 @@ impl Router for HaproxyRouter {
             let canary = f64::from(weights.get(canary_server).copied().unwrap_or(0));
             let all: Vec<f64> = weights.values().map(|w| f64::from(*w)).collect();
             canary_share(canary, &all).ok_or_else(|| {
+                let why = if resting.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " or takes no requests (in maintenance, draining or down: {})",
+                        resting.join(", ")
+                    )
+                };
                 RouterError::BadResponse(format!(
-                    "every server of haproxy backend {} has weight 0, so no version gets traffic",
+                    "every server of haproxy backend {} has weight 0{why}, so no version gets \
+                     traffic",
                     self.backend
                 ))
             })
@@ -515,22 +547,29 @@ mod tests {
                       be,canary,0,no check,50,1,0,\n\
                       be,spare,0,UP,10,0,1,\n\
                       be,off,0,MAINT,10,1,0,\n\
+                      be,draining,0,DRAIN,10,1,0,\n\
+                      be,failing,0,DOWN 1/2,10,1,0,\n\
+                      be,going,0,UP 1/3,10,1,0,\n\
                       be,BACKEND,0,UP,90,2,1,\n\
                       other,x,0,UP,5,1,0,\n\n";
         let servers = parse_stat_answer("c", answer, "be").expect("parsed");
-        let server = |name: &str, weight, backup, maintenance| StatServer {
+        let server = |name: &str, weight, backup, maintenance, serving| StatServer {
             name: name.into(),
             weight,
             backup,
             maintenance,
+            serving,
         };
         assert_eq!(
             servers,
             vec![
-                server("stable", 30, false, false),
-                server("canary", 50, false, false),
-                server("spare", 10, true, false),
-                server("off", 10, false, true),
+                server("stable", 30, false, false, true),
+                server("canary", 50, false, false, true),
+                server("spare", 10, true, false, true),
+                server("off", 10, false, true, false),
+                server("draining", 10, false, false, false),
+                server("failing", 10, false, false, false),
+                server("going", 10, false, false, true),
             ]
         );
         assert!(matches!(

@@ -60,13 +60,12 @@ impl EtcdStore {
         leadership: Arc<Leadership>,
         decisions_kept: usize,
     ) -> Result<EtcdStore, StoreError> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| {
-                StoreError::Etcd(crate::etcd::EtcdError::Config {
-                    url: etcd.url().to_owned(),
-                    reason: format!("no async runtime for the etcd client: {e}"),
-                })
-            })?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            StoreError::Etcd(crate::etcd::EtcdError::Config {
+                url: etcd.url().to_owned(),
+                reason: format!("no async runtime for the etcd client: {e}"),
+            })
+        })?;
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 etcd,

@@ -370,6 +370,58 @@ async fn haproxy_read_fails_while_a_server_no_version_names_takes_traffic() {
     assert_eq!(router.read(&target(60.0)).await.expect("read"), 60.0);
 }
 
+/// Review: a server in maintenance or draining takes no requests whatever its weight, but
+/// was read by its weight: with stable in maintenance HAProxy sent everything to the canary
+/// while canaryd read the step's 20 %.
+#[tokio::test]
+async fn haproxy_read_counts_a_server_in_maintenance_or_drain_as_taking_nothing() {
+    let h = Haproxy::start().await;
+    let router = h.unix_router();
+    router.apply(&target(20.0)).await.expect("apply 20 %");
+    assert_eq!(router.read(&target(20.0)).await.expect("read"), 20.0);
+    for state in ["maint", "drain"] {
+        let cmd = format!("set server be/stable state {state}");
+        assert_eq!(runtime(&h.sock, &cmd).await.trim(), "");
+        assert_eq!(
+            router.read(&target(20.0)).await.expect("read"),
+            100.0,
+            "{state}"
+        );
+        assert_eq!(
+            runtime(&h.sock, "set server be/stable state ready")
+                .await
+                .trim(),
+            ""
+        );
+        assert_eq!(router.read(&target(20.0)).await.expect("read"), 20.0);
+    }
+    assert_eq!(
+        runtime(&h.sock, "set server be/canary state maint")
+            .await
+            .trim(),
+        ""
+    );
+    assert_eq!(router.read(&target(20.0)).await.expect("read"), 0.0);
+    assert_eq!(
+        runtime(&h.sock, "set server be/stable state maint")
+            .await
+            .trim(),
+        ""
+    );
+    let err = router
+        .read(&target(20.0))
+        .await
+        .expect_err("no server takes requests");
+    assert!(
+        err.to_string()
+            .contains("in maintenance, draining or down: canary, stable")
+            || err
+                .to_string()
+                .contains("in maintenance, draining or down: stable, canary"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn haproxy_silent_socket_times_out() {
     // A listener that accepts and never answers stands in for a hung haproxy.
