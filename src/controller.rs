@@ -297,6 +297,9 @@ struct Task {
     /// Why no policy drives the rollout any more, if none does: only `abort` then acts on it,
     /// with the router the policy last named.
     orphaned: Option<Orphaned>,
+    /// Read back from the store, and the router not yet read since: the first read that works
+    /// is checked against the stored weight (`Input::Resumed`).
+    resumed: bool,
 }
 
 /// Why a rollout's task runs without a policy file to drive it. It only serves `abort`,
@@ -1020,6 +1023,27 @@ impl Task {
             RouterStatus::Ok { canary_weight } => Some(canary_weight),
             RouterStatus::Failing { .. } => None,
         };
+        if self.resumed
+            && let Some(w) = router_weight
+        {
+            // Read back from the store: a router that sends the canary less than the stored,
+            // applied decision set is not raised again on its own (an abort the store could
+            // not record may be why).
+            self.resumed = false;
+            if self.applied && self.state.matches(&self.policy) {
+                let d = decide(
+                    &self.policy,
+                    &self.state,
+                    &Input::Resumed { router_weight: w },
+                    now,
+                );
+                if d.action == Action::Pause {
+                    tracing::warn!(rollout = %self.policy.name, router_weight = w, weight = self.state.weight, "the router sends the canary less than the last recorded decision set; paused rather than raising it again");
+                    self.commit(d, now, router_weight).await;
+                    return Tick::Done(Vec::new());
+                }
+            }
+        }
         // Commands that change nothing the analysis depends on wait for it, so that no
         // stream of them (a script retrying, a file touched over and over) starves it.
         let mut later = Vec::new();
@@ -1560,6 +1584,7 @@ async fn spawn_rollout(
         }
         Err(e) => return Err(format!("rollout {} not started: {e}", policy.name)),
     };
+    let resumed = stored.is_some();
     let (state, applied) = match stored {
         Some(s) => {
             if orphaned.is_none() {
@@ -1599,6 +1624,7 @@ async fn spawn_rollout(
         view,
         policy,
         orphaned,
+        resumed,
     };
     let name = task.policy.name.clone();
     let (tx, rx) = mpsc::channel(16);
@@ -2487,6 +2513,7 @@ mod tests {
             router_unreadable: false,
             policy,
             orphaned: None,
+            resumed: false,
         }
     }
 

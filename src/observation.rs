@@ -198,6 +198,9 @@ pub enum Input {
         who: String,
         why: String,
     },
+    /// Read back from the store (a restart, a new leadership term) as applied, the rollout
+    /// finds the router sending the canary less than that: `router_weight`.
+    Resumed { router_weight: f64 },
 }
 
 /// The time ranges of one analysis.

@@ -106,7 +106,48 @@ pub fn decide(policy: &Policy, state: &RolloutState, input: &Input, now: Time) -
             d.why = Some(why.clone());
             d
         }
+        Input::Resumed { router_weight } => resumed(policy, state, *router_weight, now, ours),
     }
+}
+
+/// A rollout read back from the store as applied finds the router sending the canary less
+/// than its last decision set: an action the store could not record (an abort while etcd was
+/// down, taken by the router all the same) or a router reset. Nothing raises the canary's
+/// traffic again on its own: a judging rollout pauses at the router's weight, for an operator
+/// to resume (back to its step's weight) or abort. Otherwise nothing changes (a hold).
+fn resumed(
+    policy: &Policy,
+    mut state: RolloutState,
+    router_weight: f64,
+    now: Time,
+    ours: bool,
+) -> Decision {
+    let lower = ours && router_weight + 0.01 < state.weight;
+    let judging = matches!(
+        state.phase,
+        Phase::Progressing | Phase::WaitingPromotion | Phase::Paused
+    );
+    if !lower || !judging || policy.strategy.is_blue_green() {
+        let reason = state.message.clone();
+        return decision(Action::Hold, state, Vec::new(), reason);
+    }
+    let recorded = state.weight;
+    if state.phase != Phase::Paused {
+        state.paused_from = Some(state.phase);
+        state.set_phase(Phase::Paused, now);
+    }
+    state.set_weight(router_weight, now);
+    let reason = format!(
+        "the router sends {}% to the canary, where the last recorded decision set {}%: an action \
+         the state store could not record (an abort during its outage) or a router reset; \
+         paused at {}% rather than raising it again: resume to go on at step {}'s {}%, or abort",
+        fmt_pct(router_weight),
+        fmt_pct(recorded),
+        fmt_pct(router_weight),
+        state.step + 1,
+        fmt_pct(step_weight(policy, state.step))
+    );
+    decision(Action::Pause, state, Vec::new(), reason)
 }
 
 fn decision(
@@ -791,7 +832,13 @@ fn tick_progressing(
     }
     match state.phase {
         Phase::Paused => {
-            return decision(Action::Hold, state, reports, "paused by an operator".into());
+            // Why it was paused (by an operator, or found lower at a resume) stays shown.
+            let why = if state.message.is_empty() {
+                "paused by an operator".to_owned()
+            } else {
+                state.message.clone()
+            };
+            return decision(Action::Hold, state, reports, why);
         }
         Phase::WaitingPromotion => {
             return decision(
@@ -1008,12 +1055,16 @@ fn operator(
                 state.paused_for += now.since(since);
             }
             state.set_phase(back, now);
-            decision(
-                Action::Resume,
-                state,
-                Vec::new(),
-                "resumed by an operator".into(),
-            )
+            // Paused below its step's weight (found so at a resume from the store): back to
+            // the step's weight, whose time starts again.
+            let step = step_weight(policy, state.step);
+            let mut reason = "resumed by an operator".to_owned();
+            if !policy.strategy.is_blue_green() && state.weight + 0.01 < step {
+                state.set_weight(step, now);
+                state.restart_step_clock(Some(now));
+                reason.push_str(&format!(" at step {}'s {}%", state.step + 1, fmt_pct(step)));
+            }
+            decision(Action::Resume, state, Vec::new(), reason)
         }
         (OperatorAction::Retry, RolledBack | Failed)
             if policy.has_candidate() && policy.strategy.is_blue_green() && state.weight == 0.0 =>

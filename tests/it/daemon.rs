@@ -695,6 +695,56 @@ async fn restart_resumes_at_the_recorded_step() {
     d.stop().await;
 }
 
+/// UAT: an abort the state store could not record (etcd down) but the router took was undone
+/// by the next leader, or the same replica leading again, which resumed from the store and
+/// raised the canary back to its step. A rollout read back from the store that finds the
+/// router sending the canary less than recorded pauses there; resume brings the step back.
+#[tokio::test]
+async fn a_resumed_rollout_never_raises_a_router_found_lower_on_its_own() {
+    let dir = setup(&held_policy());
+    let d = started_at_ten_percent(dir.path()).await;
+    let (router, source) = (d.router.clone(), d.source.clone());
+    d.stop().await;
+    // Taken by the router, never recorded.
+    *router.weight.lock().unwrap() = 0.0;
+    let d = Daemon::start(dir.path(), router.clone(), source, None).await;
+    let v = d.wait_phase("demo", "paused").await;
+    assert_eq!(v["weight"], 0.0, "{v}");
+    let said = v["state"]["message"].as_str().unwrap_or("");
+    assert!(
+        said.contains(
+            "the router sends 0% to the canary, where the last recorded decision set 10%"
+        ),
+        "{v}"
+    );
+    assert!(
+        router
+            .applied
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|w| *w == 0.0 || *w == 10.0)
+    );
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=50").await;
+    let paused = log["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["action"] == "pause")
+        .count();
+    assert_eq!(paused, 1, "{log}");
+    assert_eq!(*router.weight.lock().unwrap(), 0.0);
+    let (status, body) = d.post("/api/v1/rollouts/demo/resume", None, "{}").await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("the step's 10 % again", Duration::from_secs(5), || async {
+        (*router.weight.lock().unwrap() == 10.0).then_some(())
+    })
+    .await;
+    let v = d.wait_phase("demo", "progressing").await;
+    assert_eq!(v["weight"], 10.0, "{v}");
+    d.stop().await;
+}
+
 /// A daemon with fakes (a good canary) whose rollout runs at 10 % on the router.
 async fn started_at_ten_percent(dir: &Path) -> Daemon {
     let (router, source) = fakes(Mode::Good);

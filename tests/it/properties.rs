@@ -187,6 +187,11 @@ enum Ev {
         dt: u64,
         action: OperatorAction,
     },
+    /// Read back from the store, the router found at this weight.
+    Resumed {
+        dt: u64,
+        router_weight: f64,
+    },
 }
 
 fn event() -> impl Strategy<Value = Ev> {
@@ -224,6 +229,8 @@ fn event() -> impl Strategy<Value = Ev> {
                 gate,
             }),
         1 => (0u64..=60, action).prop_map(|(dt, action)| Ev::Op { dt, action }),
+        1 => (0u64..=60, prop_oneof![Just(0.0), 0.0..=100.0f64])
+            .prop_map(|(dt, router_weight)| Ev::Resumed { dt, router_weight }),
     ]
 }
 
@@ -386,6 +393,13 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
                 )
             }
             Ev::Op { dt, action } => (*dt, operator(*action), BTreeSet::new()),
+            Ev::Resumed { dt, router_weight } => (
+                *dt,
+                Input::Resumed {
+                    router_weight: *router_weight,
+                },
+                BTreeSet::new(),
+            ),
         };
         now += dt as i64 * 1000;
         let t = Time(now);
@@ -393,6 +407,14 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
         let what = format!("event {i} {ev:?} from {:?}: {}", s.phase, d.reason);
         prop_assert_eq!(d.weight, d.state.weight, "{}", what);
         check_weight(&p, &d.state, &what)?;
+        // A rollout read back from the store never raises its traffic on what it finds.
+        if let Input::Resumed { router_weight } = input {
+            prop_assert!(d.weight <= s.weight, "{}", what);
+            if router_weight + 0.01 >= s.weight {
+                prop_assert_eq!(&d.state.phase, &s.phase, "{}", what);
+                prop_assert_eq!(d.weight, s.weight, "{}", what);
+            }
+        }
 
         // Never promoted blind: every metric had data in the step that is being left.
         if matches!(input, Input::Tick(_)) && d.action == Action::Promote {
@@ -414,6 +436,10 @@ fn run(k: &Knobs, events: &[Ev]) -> Result<(), TestCaseError> {
                     prop_assert_eq!(d.weight, 0.0, "{}", what);
                 }
                 Input::Tick(_) => {
+                    prop_assert_eq!(d.state.phase, s.phase, "{}", what);
+                    prop_assert_eq!(d.weight, s.weight, "{}", what);
+                }
+                Input::Resumed { .. } => {
                     prop_assert_eq!(d.state.phase, s.phase, "{}", what);
                     prop_assert_eq!(d.weight, s.weight, "{}", what);
                 }
@@ -491,6 +517,7 @@ proptest! {
                 Input::Tick(observation(readings, router, gate, &s, at(600)))
             }
             Ev::Op { action, .. } => operator(*action),
+            Ev::Resumed { router_weight, .. } => Input::Resumed { router_weight: *router_weight },
         };
         let d = decide(&p, &s, &input, at(600));
         prop_assert_eq!(d.weight.to_bits(), d.state.weight.to_bits());
