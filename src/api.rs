@@ -512,7 +512,12 @@ async fn act(
         Err(e @ OperateError::Busy) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         // Taken, but whether it was recorded is unknown: not "refused".
         Err(e @ OperateError::Unconfirmed) => error(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
-        Err(OperateError::Unrecorded(why)) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+        // Not recorded: `taken` says whether the router has the action all the same.
+        Err(OperateError::Unrecorded { why, taken }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": why, "recorded": false, "taken": taken})),
+        )
+            .into_response(),
     }
 }
 

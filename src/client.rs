@@ -80,6 +80,12 @@ pub async fn act(
             crate::text::out(&format!("{}\n", action_line(name, &body)))?;
             Ok(Outcome::Done)
         }
+        // An action the state store could not record, but the router took: not refused, and
+        // not confirmed either.
+        503 if body["recorded"] == false && body["taken"] == true => anyhow::bail!(
+            "{action} taken by the router but not recorded: {}",
+            api_error(&body)
+        ),
         // 503: a standby replica (it names the leader), or an action the state store could
         // not record (it says what the router was told).
         404 | 409 | 503 => {

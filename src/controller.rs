@@ -263,10 +263,14 @@ pub enum OperateError {
          shows whether it was recorded"
     )]
     Unconfirmed,
-    /// The state store could not record the action's decision.
-    #[error("{0}")]
-    Unrecorded(String),
+    /// The state store could not record the action's decision; `taken` whether the router
+    /// took it all the same.
+    #[error("{why}")]
+    Unrecorded { why: String, taken: bool },
 }
+
+/// Decisions kept in memory while the store cannot record them (`Task::unlogged`).
+const UNLOGGED_KEPT: usize = 16;
 
 /// How long a scan waits for a stopped rollout to hand its router over before it leaves the
 /// new rollout's start to the next scan.
@@ -288,7 +292,11 @@ struct Task {
     last_id: Option<i64>,
     /// What the last commit could not record, if anything: the store's error and whether
     /// the decision was applied all the same.
-    unrecorded: Option<String>,
+    unrecorded: Option<Unrecorded>,
+    /// Decisions taken while the store could not record them (an abort during an etcd
+    /// outage), oldest first: recorded, with their times, before the next decision the store
+    /// takes, so that the log keeps who acted and why.
+    unlogged: Vec<(Decision, Time)>,
     router_failing_since: Option<Time>,
     /// Whether the last read of the router failed: a write that works then does not make the
     /// router a working one, as canaryd still cannot see where traffic goes.
@@ -300,6 +308,13 @@ struct Task {
     /// Read back from the store, and the router not yet read since: the first read that works
     /// is checked against the stored weight (`Input::Resumed`).
     resumed: bool,
+}
+
+/// A decision the state store could not record: why, for the operator, and whether the router
+/// took it all the same.
+struct Unrecorded {
+    why: String,
+    taken: bool,
 }
 
 /// Why a rollout's task runs without a policy file to drive it. It only serves `abort`,
@@ -870,7 +885,25 @@ impl Task {
         if worth_logging {
             let store = self.shared.store.clone();
             let dd = d.clone();
-            match tokio::task::spawn_blocking(move || store.record(&dd, now)).await {
+            let unlogged = std::mem::take(&mut self.unlogged);
+            let recorded = tokio::task::spawn_blocking(move || {
+                let mut left = unlogged.into_iter();
+                while let Some((old, at)) = left.next() {
+                    if let Err(e) = store.record(&old, at) {
+                        return (Err(e), std::iter::once((old, at)).chain(left).collect());
+                    }
+                }
+                (store.record(&dd, now), Vec::new())
+            })
+            .await;
+            let recorded = match recorded {
+                Ok((res, unlogged)) => {
+                    self.unlogged = unlogged;
+                    Ok(res)
+                }
+                Err(e) => Err(e),
+            };
+            match recorded {
                 Ok(Ok(id)) => {
                     self.last_id = Some(id);
                     self.view.store_error = None;
@@ -879,6 +912,7 @@ impl Task {
                 Ok(Err(crate::store::StoreError::NotLeader(why))) => {
                     // Fencing at work: this replica's term is over; the next leader decides.
                     tracing::warn!(rollout = %self.policy.name, why, "not leading any more: decision dropped");
+                    self.unlogged.clear();
                     return None;
                 }
                 Ok(Err(e)) => {
@@ -897,16 +931,30 @@ impl Task {
                     let before = if same_versions { prev.weight } else { 0.0 };
                     if d.weight > before || d.state.phase == Phase::Promoting {
                         tracing::error!(rollout = %self.policy.name, error = %e, "cannot record the decision; not applying it");
-                        self.unrecorded = Some(format!(
-                            "the state store could not record the decision, so nothing was changed: {e}"
-                        ));
+                        self.unrecorded = Some(Unrecorded {
+                            why: format!(
+                                "the state store could not record the decision, so nothing was changed: {e}"
+                            ),
+                            taken: false,
+                        });
                         self.publish();
                         return None;
                     }
                     tracing::error!(rollout = %self.policy.name, error = %e, action = d.action.as_str(), weight = d.weight, "cannot record the decision; applying it all the same, as it sends the canary no more traffic");
-                    self.unrecorded = Some(format!(
-                        "the state store could not record the decision ({e}); it was applied all the same, as it sends the canary no more traffic, but a restart (or another replica taking over) before the store works again resumes from the last recorded decision and sends its weight again: repeat the action once the store answers"
-                    ));
+                    // Kept for the log: actions and operators' decisions, not the holds in
+                    // between, and no more than a screenful.
+                    if d.action != Action::Hold || d.who.is_some() {
+                        if self.unlogged.len() >= UNLOGGED_KEPT {
+                            self.unlogged.remove(0);
+                        }
+                        self.unlogged.push((d.clone(), now));
+                    }
+                    self.unrecorded = Some(Unrecorded {
+                        why: format!(
+                            "the state store could not record the decision ({e}); it was taken all the same, as it sends the canary no more traffic, and is recorded once the store answers. A restart, or another replica taking over, before then resumes from the last recorded decision (pausing where the router sends the canary less than that): check `canaryd status`"
+                        ),
+                        taken: true,
+                    });
                 }
                 Err(e) => {
                     tracing::error!(rollout = %self.policy.name, error = %e, "store task failed");
@@ -965,20 +1013,21 @@ impl Task {
             }
             self.applied = self.apply(now).await;
             if !self.applied
-                && let Some(why) = self.unrecorded.as_mut()
+                && let Some(unrecorded) = self.unrecorded.as_mut()
             {
                 // Neither recorded nor applied: saying "applied" would send the operator away
                 // from a canary that still has its traffic. The decision lives in this task
                 // only, which goes on telling the router.
-                let router = match &self.view.router_error {
-                    Some(e) if self.shared.store.may_write() => e.as_str(),
-                    _ => {
-                        "this replica cannot confirm that it still leads, so it leaves the router alone"
-                    }
+                let next = match &self.view.router_error {
+                    Some(e) if self.shared.store.may_write() => format!(
+                        "({e}): this replica keeps trying the router, but if it restarts or another replica takes over first, the action is lost"
+                    ),
+                    _ => "(this replica cannot confirm that it still leads, so it leaves the router alone): the action is lost, and the next leader decides".to_owned(),
                 };
-                *why = format!(
-                    "the state store could not record the decision, and the router has not taken it yet ({router}): this replica keeps trying the router, but if it restarts or another replica takes over first, the action is lost; check `canaryd status` and repeat it once the store answers"
+                unrecorded.why = format!(
+                    "the state store could not record the decision, and the router has not taken it yet {next}; check `canaryd status` and repeat it once the store answers"
                 );
+                unrecorded.taken = false;
             }
         } else if self.state.phase == Phase::Failed {
             self.applied = router_weight.is_some_and(|w| (w - d.weight).abs() < 0.01);
@@ -1120,12 +1169,13 @@ impl Task {
         }
         let rec = self.commit(d, now, None).await;
         match (rec, self.unrecorded.take()) {
-            (_, Some(why)) => Err(OperateError::Unrecorded(why)),
+            (_, Some(Unrecorded { why, taken })) => Err(OperateError::Unrecorded { why, taken }),
             (Some(rec), None) => Ok(rec),
             // A replica whose term ended, or a store task that failed: see the log.
-            (None, None) => Err(OperateError::Unrecorded(
-                "the decision could not be recorded; see the daemon's log".into(),
-            )),
+            (None, None) => Err(OperateError::Unrecorded {
+                why: "the decision could not be recorded, and nothing was changed; see the daemon's log".into(),
+                taken: false,
+            }),
         }
     }
 
@@ -1619,6 +1669,7 @@ async fn spawn_rollout(
         applied,
         last_id: None,
         unrecorded: None,
+        unlogged: Vec::new(),
         router_failing_since: None,
         router_unreadable: false,
         view,
@@ -2509,6 +2560,7 @@ mod tests {
             applied: true,
             last_id: None,
             unrecorded: None,
+            unlogged: Vec::new(),
             router_failing_since: None,
             router_unreadable: false,
             policy,

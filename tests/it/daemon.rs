@@ -2998,9 +2998,11 @@ async fn a_state_store_that_refuses_writes_blocks_more_traffic_but_not_an_abort(
         body["error"]
             .as_str()
             .unwrap_or("")
-            .contains("applied all the same"),
+            .contains("taken all the same"),
         "{body}"
     );
+    assert_eq!(body["taken"], true, "{body}");
+    assert_eq!(body["recorded"], false, "{body}");
     assert_eq!(
         *router.weight.lock().unwrap(),
         0.0,
@@ -3024,6 +3026,15 @@ async fn a_state_store_that_refuses_writes_blocks_more_traffic_but_not_an_abort(
         v["store_error"].is_null().then_some(())
     })
     .await;
+    // UAT: the abort itself, with who gave it and why, was missing from the log.
+    let (_, log) = d.get("/api/v1/rollouts/demo/decisions?limit=50").await;
+    let aborts: Vec<&Value> = log["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["action"] == "rollback" && d["why"] == "disk trouble")
+        .collect();
+    assert_eq!(aborts.len(), 1, "{log}");
     d.stop().await;
     let store = canaryd::store::Store::open(&dir.path().join("state.db")).unwrap();
     let stored = store.load("demo").unwrap().unwrap();
