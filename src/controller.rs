@@ -308,6 +308,10 @@ struct Task {
     /// Read back from the store, and the router not yet read since: the first read that works
     /// is checked against the stored weight (`Input::Resumed`).
     resumed: bool,
+    /// True once the daemon shuts down: the tick under way finishes its router call but
+    /// tries no other, so that a replica hands its leadership over without waiting out
+    /// retries of a router that hangs.
+    stopping: watch::Receiver<bool>,
 }
 
 /// A decision the state store could not record: why, for the operator, and whether the router
@@ -643,6 +647,10 @@ impl Task {
         };
         let mut delay = Duration::from_millis(200);
         for attempt in 1..=ROUTER_ATTEMPTS {
+            if attempt > 1 && *self.stopping.borrow() {
+                tracing::warn!(rollout = %self.policy.name, "shutting down: the router is not tried again");
+                break;
+            }
             if !self.shared.store.may_write() {
                 // A replica whose leadership term may have ended leaves traffic to the next
                 // leader: checked before every attempt, as retries take time.
@@ -1676,6 +1684,7 @@ async fn spawn_rollout(
         policy,
         orphaned,
         resumed,
+        stopping: shutdown.clone(),
     };
     let name = task.policy.name.clone();
     let (tx, rx) = mpsc::channel(16);
@@ -2566,6 +2575,7 @@ mod tests {
             policy,
             orphaned: None,
             resumed: false,
+            stopping: watch::channel(false).1,
         }
     }
 
