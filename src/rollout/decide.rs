@@ -260,7 +260,14 @@ fn analyse(
         if stepping {
             check_activity(policy, state, spec, &reading, &mut report, now);
         }
-        if report.canary.is_some() && report.verdict != Verdict::NoData {
+        // Data of this step: for a count of events, one that grew since the step's first
+        // analysis. A window that reaches back into the step before (a step shorter than
+        // the shortest query range) otherwise holds a canary that died at this step's start.
+        let fresh = !stepping
+            || matches!(spec.kind, MetricKind::Query { .. })
+            || state.step_started_at.is_none()
+            || state.activity.get(&spec.name).is_none_or(|a| a.grown);
+        if report.canary.is_some() && report.verdict != Verdict::NoData && fresh {
             state.seen_data.insert(spec.name.clone());
         }
         if !use_baseline {
@@ -338,12 +345,24 @@ fn check_activity(
     let activity = state.activity.entry(spec.name.clone()).or_insert(Activity {
         most: events,
         grew_at: now,
+        // The metric's first count: any is new.
+        grown: events > 0.5,
+        step_began: false,
     });
+    if std::mem::take(&mut activity.step_began) {
+        // The step's first analysis: grown if the count passed the last one of the step
+        // before, and the step's own count from here (a window's count may be lower).
+        activity.grown = events > activity.most + 0.5;
+        activity.most = events;
+        activity.grew_at = now;
+        return;
+    }
     // Half an event: `increase()` extrapolates, so counts are fractional, and with no traffic
     // they only shrink as the window grows.
     if events > activity.most + 0.5 {
         activity.most = events;
         activity.grew_at = now;
+        activity.grown = true;
         return;
     }
     let quiet = now.since(activity.grew_at);
@@ -893,7 +912,10 @@ fn tick_progressing(
         .map(|m| m.name.as_str())
         .collect();
     if !blind.is_empty() {
-        let reason = format!("not promoting without data for {}", blind.join(", "));
+        let reason = format!(
+            "not promoting without canary data from this step for {}",
+            blind.join(", ")
+        );
         return decision(Action::Hold, state, reports, reason);
     }
     let unproven: Vec<&str> = reports

@@ -86,6 +86,14 @@ pub struct Activity {
     pub most: f64,
     /// When `most` last grew.
     pub grew_at: Time,
+    /// Whether the count grew in this step: the canary served events in it, rather than a
+    /// window that reaches back into the step before.
+    #[serde(default)]
+    pub grown: bool,
+    /// Set when a step starts: `most` is the last count of the step before, and the step's
+    /// first analysis takes its own count from there.
+    #[serde(default)]
+    pub step_began: bool,
 }
 
 /// A change of the desired canary weight.
@@ -281,7 +289,15 @@ impl RolloutState {
     pub(crate) fn restart_step_clock(&mut self, at: Option<Time>) {
         self.step_started_at = at;
         self.step_blind = Duration::ZERO;
-        self.activity.clear();
+        // The canary's counts so far are where this step's own start from: a count must
+        // grow past them to be this step's data, and the stall clock starts again.
+        for a in self.activity.values_mut() {
+            a.grown = false;
+            a.step_began = true;
+            if let Some(t) = at {
+                a.grew_at = t;
+            }
+        }
     }
 
     /// How long the current step has counted at `now`: its time less its blind time.

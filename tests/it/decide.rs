@@ -215,7 +215,7 @@ fn no_data_holds_fails_or_passes_as_on_no_data_says() {
             (
                 120,
                 tick(quiet.clone()),
-                expect(Hold, Progressing, 50.0).reason("without data for latency"),
+                expect(Hold, Progressing, 50.0).reason("from this step for latency"),
             ),
             (150, tick(good()), expect(Promote_, Promoting, 100.0)),
         ],
@@ -1453,6 +1453,32 @@ fn edited_steps_bring_the_weight_down_to_the_new_schedule_never_up() {
         &larger,
         at_60,
         &[(150, tick(good()), expect(Hold, Progressing, 60.0))],
+    );
+}
+
+/// UAT: with steps shorter than the shortest query range, the last step's window reached
+/// back into the step before, so a canary that died as its last step began still read as
+/// data, and was promoted. Promotion needs canary events from the last step itself.
+#[test]
+fn a_canary_that_serves_nothing_in_its_last_step_is_not_promoted() {
+    let dead = good().stalled();
+    check(
+        "dead at the last step",
+        &base(),
+        fresh(&base()),
+        &[
+            (0, tick(good()), expect(Start, Progressing, 10.0)),
+            (60, tick(good()), expect(Advance, Progressing, 50.0)),
+            (90, tick(dead.clone()), expect(Hold, Progressing, 50.0)),
+            (
+                120,
+                tick(dead.clone()),
+                expect(Hold, Progressing, 50.0)
+                    .reason("not promoting without canary data from this step for errors, latency"),
+            ),
+            // Traffic again: this step's own events.
+            (130, tick(good()), expect(Promote_, Promoting, 100.0)),
+        ],
     );
 }
 
