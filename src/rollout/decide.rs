@@ -293,15 +293,19 @@ fn analyse(
 fn blind(policy: &Policy, state: &RolloutState, reports: &[MetricReport], now: Time) -> bool {
     reports.iter().any(|r| match r.verdict {
         Verdict::Unavailable => true,
-        Verdict::NoData => {
-            r.canary_events <= 0.0
-                || state
-                    .activity
-                    .get(&r.metric)
-                    .is_some_and(|a| now.since(a.grew_at) >= stall_after(policy))
-        }
+        Verdict::NoData => empty(policy, state, r, now),
         _ => false,
     })
+}
+
+/// Whether a no-data report saw nothing of the canary: no events in its window, or none new
+/// for [`stall_after`]. Thin data (fewer events than `min_samples`) is not empty.
+fn empty(policy: &Policy, state: &RolloutState, r: &MetricReport, now: Time) -> bool {
+    r.canary_events <= 0.0
+        || state
+            .activity
+            .get(&r.metric)
+            .is_some_and(|a| now.since(a.grew_at) >= stall_after(policy))
 }
 
 /// How long a step's window may go without a new canary event before the canary counts as
@@ -390,7 +394,12 @@ enum Outcome {
     Pass,
 }
 
-fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) -> Outcome {
+fn outcome(
+    policy: &Policy,
+    state: &mut RolloutState,
+    reports: &[MetricReport],
+    now: Time,
+) -> Outcome {
     let names = |pred: &dyn Fn(&MetricReport) -> bool| -> Vec<String> {
         reports
             .iter()
@@ -417,13 +426,25 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
         ));
     }
     let unavailable = names(&|r| r.verdict == Verdict::Unavailable);
-    let no_data = names(&|r| r.verdict == Verdict::NoData);
-    let no_data_fails = policy.strategy.on_no_data == OnNoData::Fail;
+    // `on_no_data: fail` counts a metric that saw nothing of the canary, once the attempt has
+    // run long enough for data to exist (the first analyses of a rollout find no counts yet,
+    // by design): not thin data, which is data, and not the attempt's first moments.
+    let settled = state
+        .started_at
+        .is_none_or(|t| now.since(t) >= stall_after(policy));
+    let no_data_fails = |r: &MetricReport| {
+        policy.strategy.on_no_data == OnNoData::Fail
+            && r.verdict == Verdict::NoData
+            && settled
+            && empty(policy, state, r, now)
+    };
+    let failing_no_data = names(&|r| no_data_fails(r));
+    let no_data = names(&|r| r.verdict == Verdict::NoData && !no_data_fails(r));
     let failed: Vec<String> = reports
         .iter()
         .filter_map(|r| match r.verdict {
             Verdict::Fail => Some(r.metric.clone()),
-            Verdict::NoData if no_data_fails => {
+            _ if failing_no_data.contains(&r.metric) => {
                 Some(format!("{} (no data, on_no_data: fail)", r.metric))
             }
             _ => None,
@@ -451,7 +472,7 @@ fn outcome(policy: &Policy, state: &mut RolloutState, reports: &[MetricReport]) 
     if !unavailable.is_empty() {
         return Outcome::Hold(format!("metrics unavailable: {}", unavailable.join(", ")));
     }
-    if !no_data.is_empty() && policy.strategy.on_no_data == OnNoData::Hold {
+    if !no_data.is_empty() && policy.strategy.on_no_data != OnNoData::Pass {
         return Outcome::Hold(format!("waiting for data: {}", no_data.join(", ")));
     }
     let holding = names(&|r| r.verdict == Verdict::Hold);
@@ -565,7 +586,7 @@ fn fail(mut state: RolloutState, reason: String, now: Time) -> Decision {
 /// judged: one that turns out bad is rolled back, which is always allowed.
 fn tick_failed(policy: &Policy, mut state: RolloutState, obs: &Observation, now: Time) -> Decision {
     let reports = analyse(policy, &mut state, obs, now);
-    if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports) {
+    if let Outcome::Rollback(why) = outcome(policy, &mut state, &reports, now) {
         return rollback(state, reports, format!("failed rollout: {why}"), now);
     }
     // Why it failed stays; what the router does now is news (a state from before `failure`
@@ -797,7 +818,7 @@ fn tick_progressing(
         let why = format!("progress deadline {deadline} passed without promotion");
         return rollback(state, reports, why, now);
     }
-    let not_passed = match outcome(policy, &mut state, &reports) {
+    let not_passed = match outcome(policy, &mut state, &reports, now) {
         Outcome::Rollback(why) => return rollback(state, reports, why, now),
         Outcome::Hold(why) => {
             // Time in which the canary served nothing measurable, or could not be looked at,
@@ -985,7 +1006,7 @@ fn tick_promoting(
     // Only within the watch: once it is over the promotion stands, whatever comes after.
     if watching {
         reports = analyse(policy, &mut state, obs, now);
-        match outcome(policy, &mut state, &reports) {
+        match outcome(policy, &mut state, &reports, now) {
             Outcome::Rollback(why) => {
                 return rollback(state, reports, format!("post-promotion watch: {why}"), now);
             }

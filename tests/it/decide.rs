@@ -189,16 +189,36 @@ fn no_data_holds_fails_or_passes_as_on_no_data_says() {
         fresh(&fail),
         &[
             (0, tick(good()), expect(Start, Progressing, 10.0)),
+            // UAT: the first analyses of a rollout find no counts yet by design, and thin
+            // data is data: neither counts as a failure (a slow canary was rolled back within
+            // two intervals, and every start with `failure_limit: 1`).
             (
                 60,
                 tick(quiet.clone()),
-                expect(Hold, Progressing, 10.0).failures(1),
+                expect(Hold, Progressing, 10.0)
+                    .failures(0)
+                    .reason("waiting for data: latency"),
             ),
             (
                 90,
                 tick(thin_data.clone()),
-                expect(Rollback, RollingBack, 0.0),
+                expect(Hold, Progressing, 10.0).failures(0),
             ),
+            // Past max(2 minutes, 3 intervals) after the start, a metric without canary
+            // events fails.
+            (
+                150,
+                tick(quiet.clone()),
+                expect(Hold, Progressing, 10.0)
+                    .failures(1)
+                    .reason("latency (no data, on_no_data: fail)"),
+            ),
+            (
+                170,
+                tick(thin_data.clone()),
+                expect(Hold, Progressing, 10.0).failures(1),
+            ),
+            (180, tick(quiet.clone()), expect(Rollback, RollingBack, 0.0)),
         ],
     );
 
