@@ -115,6 +115,13 @@ fn action_line(name: &str, decision: &Value) -> String {
     if !reason.is_empty() {
         let _ = write!(line, ": {reason}");
     }
+    // Recorded, but the router has not taken it (yet): said, as the traffic is not there.
+    if decision["applied"] == false {
+        line.push_str(
+            " (not yet applied: the router has not taken it; the rollout keeps telling it, and \
+             `canaryd status` shows where traffic is)",
+        );
+    }
     line
 }
 
@@ -708,6 +715,16 @@ mod tests {
         assert_eq!(
             action_line("fraud", &decision),
             "fraud: retry -> progressing at 33.33%"
+        );
+        // UAT: an abort the router had not taken printed as done.
+        let decision = serde_json::json!({
+            "action": "rollback", "phase": "rolling-back", "weight": 0.0,
+            "reason": "aborted by an operator", "applied": false,
+        });
+        let line = action_line("fraud", &decision);
+        assert!(
+            line.starts_with("fraud: rollback -> rolling-back at 0%: aborted by an operator (not yet applied: the router has not taken it;"),
+            "{line}"
         );
     }
 
