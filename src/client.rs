@@ -169,10 +169,13 @@ fn trimmed(x: f64, decimals: usize) -> String {
 /// A metric's value or limit in its report's unit: latency in milliseconds or seconds
 /// (`97.3ms`, `1.25s`), a share in percent (`1.2%`, `92.34%`); a raw query's value as a number.
 fn measured(v: &Value, unit: &Value) -> String {
-    match (v.as_f64(), unit.as_str()) {
-        (Some(x), Some("seconds")) if x.abs() < 1.0 => format!("{}ms", trimmed(x * 1000.0, 1)),
-        (Some(x), Some("seconds")) => format!("{}s", trimmed(x, 3)),
-        (Some(x), Some("ratio")) => format!("{}%", trimmed(x * 100.0, 3)),
+    let unit = match unit.as_str() {
+        Some("seconds") => Some(crate::judge::Unit::Seconds),
+        Some("ratio") => Some(crate::judge::Unit::Ratio),
+        _ => None,
+    };
+    match (v.as_f64(), unit) {
+        (Some(x), Some(unit)) => unit.show(x),
         _ => num(v),
     }
 }

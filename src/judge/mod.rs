@@ -148,6 +148,27 @@ pub enum Unit {
 }
 
 impl Unit {
+    /// `v` as people read this unit: latency in milliseconds or seconds (`97.3ms`, `1.25s`),
+    /// a share in percent (`10.285%`).
+    pub fn show(self, v: f64) -> String {
+        if !v.is_finite() {
+            return v.to_string();
+        }
+        let trimmed = |x: f64, decimals: usize| {
+            let t = format!("{x:.decimals$}");
+            if t.contains('.') {
+                t.trim_end_matches('0').trim_end_matches('.').to_owned()
+            } else {
+                t
+            }
+        };
+        match self {
+            Unit::Seconds if v.abs() < 1.0 => format!("{}ms", trimmed(v * 1000.0, 1)),
+            Unit::Seconds => format!("{}s", trimmed(v, 3)),
+            Unit::Ratio => format!("{}%", trimmed(v * 100.0, 3)),
+        }
+    }
+
     pub fn of(spec: &MetricSpec) -> Option<Unit> {
         match spec.kind {
             MetricKind::Latency { .. } => Some(Unit::Seconds),

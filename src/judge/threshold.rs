@@ -1,7 +1,9 @@
 //! The threshold judge: Flagger's and Argo Rollouts' fixed bounds, checked on the values over
 //! the analysis window, with canary-vs-stable comparison built in.
 
-use super::{BoundCheck, BoundKind, JudgeContext, MetricReport, Verdict, fmt_count, fmt_value};
+use super::{
+    BoundCheck, BoundKind, JudgeContext, MetricReport, Unit, Verdict, fmt_count, fmt_value,
+};
 use crate::observation::{MetricReading, Reading};
 use crate::policy::MetricSpec;
 
@@ -13,6 +15,8 @@ enum Reference {
 }
 
 pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> MetricReport {
+    // In the metric's unit, as its bounds are written (`10.285%` beside `max 2%`).
+    let shown = |v: f64| Unit::of(spec).map_or_else(|| fmt_value(v), |u| u.show(v));
     let mut report = MetricReport::blank(ctx, spec, reading);
     let min = spec.min_samples as f64;
     let canary = match &reading.canary {
@@ -82,7 +86,7 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
         .collect();
     if !broken.is_empty() {
         report.verdict = Verdict::Fail;
-        report.note = format!("canary {} breaks {}", fmt_value(canary), broken.join(", "));
+        report.note = format!("canary {} breaks {}", shown(canary), broken.join(", "));
     } else if report.bounds.iter().any(|c| c.ok.is_none()) {
         match reference {
             Reference::Unavailable => {
@@ -97,7 +101,7 @@ pub fn judge(ctx: &JudgeContext, spec: &MetricSpec, reading: &MetricReading) -> 
     } else {
         report.verdict = Verdict::Pass;
         report.promotable = true;
-        report.note = format!("canary {} within bounds", fmt_value(canary));
+        report.note = format!("canary {} within bounds", shown(canary));
     }
     report
 }
@@ -167,5 +171,19 @@ mod tests {
         let r = judge(&ctx, &policy.metrics[0], &reading);
         assert_eq!(r.verdict, Verdict::NoData);
         assert_eq!(r.note, "canary has 29.9 events, needs 30");
+        // UAT: the note read "canary 0.10285 breaks max 5%", a ratio beside a percentage.
+        let bad = MetricReading {
+            stable: sample(1000.0),
+            canary: Reading::Data(Sample {
+                value: Some(0.10285),
+                window_events: 1000.0,
+                ..Sample::default()
+            }),
+        };
+        let r = judge(&ctx, &policy.metrics[0], &bad);
+        assert_eq!(r.verdict, Verdict::Fail);
+        assert_eq!(r.note, "canary 10.285% breaks max 5%");
+        assert_eq!(super::Unit::Seconds.show(0.0973), "97.3ms");
+        assert_eq!(super::Unit::Seconds.show(1.25), "1.25s");
     }
 }
