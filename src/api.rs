@@ -208,7 +208,7 @@ fn no_rollout(s: &ApiState, name: &str) -> Response {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "this replica is on standby and runs no rollouts; {}: ask it for {name:?}",
+                "this replica is on standby and runs no rollouts, {name:?} included; {}",
                 leader_text(s, &leader)
             ),
         );

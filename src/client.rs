@@ -209,7 +209,7 @@ pub async fn status(server: &str, name: Option<&str>) -> anyhow::Result<Outcome>
                 // Otherwise the daemon's own answer: it points to an invalid policy of that
                 // name, if there is one.
                 match standby_note(&list) {
-                    Some(note) => eprintln!("{note}: ask it for {n:?}"),
+                    Some(note) => eprintln!("{note} (for {n:?})"),
                     None => eprintln!("{}", api_error(&view)),
                 }
                 return Ok(Outcome::Refused);

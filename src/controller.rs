@@ -1087,7 +1087,15 @@ impl Task {
             // applied decision set is not raised again on its own (an abort the store could
             // not record may be why).
             self.resumed = false;
-            if self.applied && self.state.matches(&self.policy) {
+            // Only on the router the stored weight was set on: a policy moved to another
+            // router while the daemon was down finds that one at its own weight.
+            let versions = [self.policy.stable.as_str(), self.policy.canary.as_str()];
+            let same_router = self
+                .state
+                .router
+                .as_ref()
+                .is_none_or(|r| r.drives_same_traffic(&self.policy.router, versions));
+            if self.applied && same_router && self.state.matches(&self.policy) {
                 let d = decide(
                     &self.policy,
                     &self.state,

@@ -299,8 +299,12 @@ fn lock_state(path: &Path) -> anyhow::Result<std::fs::File> {
         .open(&lock)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return open_store_error(path),
-        Err(e) => anyhow::bail!("cannot open the state's lock file {}: {e}", lock.display()),
+        // The state's own path is wrong (a missing directory, a file where one should be):
+        // `open_store` says how.
+        Err(e) => {
+            open_store(path, 1)?;
+            anyhow::bail!("cannot open the state's lock file {}: {e}", lock.display())
+        }
     };
     match file.try_lock() {
         Ok(()) => Ok(file),
@@ -314,12 +318,6 @@ fn lock_state(path: &Path) -> anyhow::Result<std::fs::File> {
             anyhow::bail!("cannot lock the state's lock file {}: {e}", lock.display())
         }
     }
-}
-
-/// `open_store`'s error for a state it cannot open.
-fn open_store_error<T>(path: &Path) -> anyhow::Result<T> {
-    open_store(path, 1)
-        .and_then(|_| anyhow::bail!("cannot open the state store {}", path.display()))
 }
 
 /// Opens the store with one error naming the path and the reason. SQLite's own message repeats

@@ -273,7 +273,7 @@ impl Leadership {
                         leader: leader.clone(),
                     })
             {
-                tracing::warn!(replica = %self.config.replica, "another replica leads under this replica's name: give every replica its own --replica");
+                tracing::warn!(replica = %self.config.replica, "another replica leads under this replica's name (or, right after a restart, this replica's previous process, until its lease runs out): give every replica its own --replica");
             }
             self.set_role(Role::Standby { leader });
         }

@@ -701,7 +701,9 @@ async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("replica b is on standby and runs no rollouts; ask the leader, a"),
+        err.contains(
+            "replica b is on standby and runs no rollouts; ask the leader, a (for \"demo\")"
+        ) && !err.contains("ask it for"),
         "{err}"
     );
     // Asked for the rollout itself, the standby says who runs it rather than "no rollout".
@@ -710,7 +712,7 @@ async fn kill_9_of_the_leader_process_hands_the_rollout_to_the_standby() {
         .expect("rollout");
     assert_eq!(status, 503, "{text}");
     assert!(
-        text.contains("on standby and runs no rollouts; the leader is a"),
+        text.contains("on standby and runs no rollouts, \\\"demo\\\" included; the leader is a"),
         "{text}"
     );
     // An operator action from the command line is refused (exit 1), naming the leader.
