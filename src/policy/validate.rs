@@ -958,13 +958,16 @@ impl Validator {
                         m.value
                     ),
                 ),
-                None => self.err(
-                    m,
-                    format!(
-                        "expected sequential, threshold or mann-whitney, found {}",
-                        quoted(&m.value)
-                    ),
-                ),
+                None => {
+                    let hint = did_you_mean(&m.value, &["sequential", "threshold", "mann-whitney"]);
+                    self.err(
+                        m,
+                        format!(
+                            "expected sequential, threshold or mann-whitney, found {}{hint}",
+                            quoted(&m.value)
+                        ),
+                    )
+                }
             }
         }
         if let Some(c) = &r.value.confidence {

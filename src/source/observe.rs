@@ -733,6 +733,21 @@ impl fmt::Display for LiveReport {
                 )?,
             }
         }
+        // Every query worked, yet stable, which serves now, has no data anywhere: the policy
+        // most likely names what Prometheus does not have.
+        let stable_silent = self.metrics.iter().all(|m| {
+            m.versions
+                .iter()
+                .filter(|v| v.role == "stable")
+                .all(|v| matches!(v.outcome, LiveOutcome::NoData))
+        });
+        if !self.metrics.is_empty() && stable_silent {
+            writeln!(
+                f,
+                "  note: no metric has data for stable either: check the policy's model, stable \
+                 and canary versions and series names against what Prometheus has"
+            )?;
+        }
         Ok(())
     }
 }
@@ -818,5 +833,31 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");
         }
+        assert!(!text.contains("note:"), "{text}");
+    }
+
+    /// UAT: a policy whose model was misspelt passed `check --live` with "no data" for every
+    /// metric and version, and nothing more.
+    #[test]
+    fn check_live_notes_a_stable_without_data_anywhere() {
+        let report = LiveReport {
+            policy: "p".into(),
+            prometheus: "http://127.0.0.1:9090".into(),
+            at: Time(0),
+            metrics: vec![
+                metric(
+                    "errors",
+                    "error_rate",
+                    LiveOutcome::NoData,
+                    LiveOutcome::NoData,
+                ),
+                metric("p99", "latency", LiveOutcome::NoData, LiveOutcome::NoData),
+            ],
+        };
+        let text = report.to_string();
+        assert!(
+            text.contains("note: no metric has data for stable either: check the policy's model"),
+            "{text}"
+        );
     }
 }
