@@ -153,17 +153,8 @@ async fn get(server: &str, path: &str) -> anyhow::Result<(u16, Value)> {
 }
 
 fn num(v: &Value) -> String {
-    v.as_f64().map_or_else(|| "-".into(), |f| trimmed(f, 4))
-}
-
-/// `x` to at most `decimals` decimals, without trailing zeros (`5`, `2.5`).
-fn trimmed(x: f64, decimals: usize) -> String {
-    let t = format!("{x:.decimals$}");
-    if t.contains('.') {
-        t.trim_end_matches('0').trim_end_matches('.').to_owned()
-    } else {
-        t
-    }
+    v.as_f64()
+        .map_or_else(|| "-".into(), |f| crate::judge::fmt_decimals(f, 4))
 }
 
 /// A metric's value or limit in its report's unit: latency in milliseconds or seconds

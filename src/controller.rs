@@ -618,10 +618,7 @@ impl Task {
         let Some(old) = self.state.router.clone() else {
             return;
         };
-        let versions = [self.policy.stable.as_str(), self.policy.canary.as_str()];
-        if old.drives_same_traffic(&self.policy.router, versions)
-            || !self.state.matches(&self.policy)
-        {
+        if self.drives_this_traffic(&old) || !self.state.matches(&self.policy) {
             return;
         }
         tracing::info!(rollout = %self.policy.name, old = old.kind(), new = self.policy.router.kind(), "the policy names another router than the one this rollout's traffic was last set on");
@@ -1080,34 +1077,10 @@ impl Task {
             RouterStatus::Ok { canary_weight } => Some(canary_weight),
             RouterStatus::Failing { .. } => None,
         };
-        if self.resumed
-            && let Some(w) = router_weight
+        if let Some(w) = router_weight
+            && self.paused_on_resume(w, now).await
         {
-            // Read back from the store: a router that sends the canary less than the stored,
-            // applied decision set is not raised again on its own (an abort the store could
-            // not record may be why).
-            self.resumed = false;
-            // Only on the router the stored weight was set on: a policy moved to another
-            // router while the daemon was down finds that one at its own weight.
-            let versions = [self.policy.stable.as_str(), self.policy.canary.as_str()];
-            let same_router = self
-                .state
-                .router
-                .as_ref()
-                .is_none_or(|r| r.drives_same_traffic(&self.policy.router, versions));
-            if self.applied && same_router && self.state.matches(&self.policy) {
-                let d = decide(
-                    &self.policy,
-                    &self.state,
-                    &Input::Resumed { router_weight: w },
-                    now,
-                );
-                if d.action == Action::Pause {
-                    tracing::warn!(rollout = %self.policy.name, router_weight = w, weight = self.state.weight, "the router sends the canary less than the last recorded decision set; paused rather than raising it again");
-                    self.commit(d, now, router_weight).await;
-                    return Tick::Done(Vec::new());
-                }
-            }
+            return Tick::Done(Vec::new());
         }
         // Commands that change nothing the analysis depends on wait for it, so that no
         // stream of them (a script retrying, a file touched over and over) starves it.
@@ -1130,6 +1103,41 @@ impl Task {
         let d = decide(&self.policy, &self.state, &Input::Tick(obs), now);
         self.commit(d, now, router_weight).await;
         Tick::Done(later)
+    }
+
+    /// Whether `router` moves the traffic this rollout's policy's router moves, for its
+    /// versions (`RouterConfig::drives_same_traffic`).
+    fn drives_this_traffic(&self, router: &policy::RouterConfig) -> bool {
+        let versions = [self.policy.stable.as_str(), self.policy.canary.as_str()];
+        router.drives_same_traffic(&self.policy.router, versions)
+    }
+
+    /// At the first router read that works after the task started from a stored, applied
+    /// state: a router that sends the canary less (`router_weight`) is not raised again on
+    /// its own (an abort the store could not record may be why), and the core pauses the
+    /// rollout there. Only on the router the stored weight was set on: a policy moved to
+    /// another router while the daemon was down finds that one at its own weight. Whether it
+    /// paused.
+    async fn paused_on_resume(&mut self, router_weight: f64, now: Time) -> bool {
+        if !std::mem::take(&mut self.resumed) {
+            return false;
+        }
+        let same_router = self
+            .state
+            .router
+            .as_ref()
+            .is_none_or(|r| self.drives_this_traffic(r));
+        if !self.applied || !same_router || !self.state.matches(&self.policy) {
+            return false;
+        }
+        let input = Input::Resumed { router_weight };
+        let d = decide(&self.policy, &self.state, &input, now);
+        if d.action != Action::Pause {
+            return false;
+        }
+        tracing::warn!(rollout = %self.policy.name, router_weight, weight = self.state.weight, "the router sends the canary less than the last recorded decision set; paused rather than raising it again");
+        self.commit(d, now, Some(router_weight)).await;
+        true
     }
 
     /// What a command that arrives during an analysis does to it. It is cut short by a
@@ -1316,8 +1324,7 @@ impl Task {
             Some(Command::Policy(p, file)) => {
                 let changed = *p != self.policy || file != self.file || self.orphaned.is_some();
                 if p.router != self.policy.router {
-                    let versions = [self.policy.stable.as_str(), self.policy.canary.as_str()];
-                    if !p.router.drives_same_traffic(&self.policy.router, versions) {
+                    if !self.drives_this_traffic(&p.router) {
                         self.release_old_router().await;
                         // Another router: how the old one failed, and what it sent, say
                         // nothing of it.

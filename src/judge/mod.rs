@@ -154,18 +154,10 @@ impl Unit {
         if !v.is_finite() {
             return v.to_string();
         }
-        let trimmed = |x: f64, decimals: usize| {
-            let t = format!("{x:.decimals$}");
-            if t.contains('.') {
-                t.trim_end_matches('0').trim_end_matches('.').to_owned()
-            } else {
-                t
-            }
-        };
         match self {
-            Unit::Seconds if v.abs() < 1.0 => format!("{}ms", trimmed(v * 1000.0, 1)),
-            Unit::Seconds => format!("{}s", trimmed(v, 3)),
-            Unit::Ratio => format!("{}%", trimmed(v * 100.0, 3)),
+            Unit::Seconds if v.abs() < 1.0 => format!("{}ms", fmt_decimals(v * 1000.0, 1)),
+            Unit::Seconds => format!("{}s", fmt_decimals(v, 3)),
+            Unit::Ratio => format!("{}%", fmt_decimals(v * 100.0, 3)),
         }
     }
 
@@ -276,6 +268,11 @@ pub fn fmt_value(v: f64) -> String {
     } else {
         shown
     }
+}
+
+/// `x` to at most `decimals` decimals, without trailing zeros (`5`, `2.5`).
+pub fn fmt_decimals(x: f64, decimals: usize) -> String {
+    trim_zeros(format!("{x:.decimals$}"))
 }
 
 fn trim_zeros(s: String) -> String {

@@ -221,7 +221,7 @@ impl PrometheusSource {
                 self.ask(policy, spec, window, at),
                 self.ask(policy, spec, cumulative, at)
             ) {
-                Ok((w, c)) => self.read(
+                Ok((w, c)) => self.told_if_unreadable(
                     policy,
                     spec,
                     read::split(&v, label, value, *marked_is_bad, &w, window, &c, cumulative),
@@ -240,7 +240,7 @@ impl PrometheusSource {
                     self.ask(policy, spec, window_total, at),
                     self.ask(policy, spec, buckets, at)
                 ) {
-                    Ok((q, n, b)) => self.read(
+                    Ok((q, n, b)) => self.told_if_unreadable(
                         policy,
                         spec,
                         read::latency(
@@ -264,7 +264,7 @@ impl PrometheusSource {
                     self.ask(policy, spec, canary, at)
                 );
                 match (s, c) {
-                    (Ok(s), Ok(c)) => self.read(
+                    (Ok(s), Ok(c)) => self.told_if_unreadable(
                         policy,
                         spec,
                         [
@@ -283,7 +283,7 @@ impl PrometheusSource {
     }
 
     /// Tells the observer about answers that could not be read (once per metric).
-    fn read(
+    fn told_if_unreadable(
         &self,
         policy: &Policy,
         spec: &MetricSpec,
@@ -461,7 +461,7 @@ impl PrometheusSource {
     /// reads the last five minutes ([`Window::lookback`] from now).
     pub async fn check_live(&self, policy: &Policy, window: Window) -> LiveReport {
         let outcomes = self.read_all(policy, window).await;
-        let metrics = outcomes
+        let mut metrics: Vec<LiveMetric> = outcomes
             .into_iter()
             .map(|(spec, o)| {
                 let [s, c] = o.versions;
@@ -483,8 +483,7 @@ impl PrometheusSource {
                     note: None,
                 }
             })
-            .collect::<Vec<_>>();
-        let mut metrics = metrics;
+            .collect();
         for (m, spec) in metrics.iter_mut().zip(&policy.metrics) {
             m.note = self.marked_value_note(policy, spec, window.at).await;
         }
@@ -790,6 +789,15 @@ mod tests {
         }
     }
 
+    fn report(metrics: Vec<LiveMetric>) -> LiveReport {
+        LiveReport {
+            policy: "p".into(),
+            prometheus: "http://127.0.0.1:9090".into(),
+            at: Time(0),
+            metrics,
+        }
+    }
+
     #[test]
     fn the_raw_query_kind_is_the_policys_label() {
         let policy = crate::policy::load_str(
@@ -805,25 +813,20 @@ mod tests {
     /// Regression: a raw query printed "data: 30 over 1 events", though it has no events.
     #[test]
     fn check_live_shows_a_raw_querys_value_alone_and_counts_rounded() {
-        let report = LiveReport {
-            policy: "p".into(),
-            prometheus: "http://127.0.0.1:9090".into(),
-            at: Time(0),
-            metrics: vec![
-                metric(
-                    "conversion",
-                    QUERY_KIND,
-                    data(30.0, 1.0),
-                    data(0.1 + 0.2, 1.0),
-                ),
-                metric(
-                    "errors",
-                    "error_rate",
-                    data(0.01, 1234.5),
-                    data(0.02, 29.900000000000002),
-                ),
-            ],
-        };
+        let report = report(vec![
+            metric(
+                "conversion",
+                QUERY_KIND,
+                data(30.0, 1.0),
+                data(0.1 + 0.2, 1.0),
+            ),
+            metric(
+                "errors",
+                "error_rate",
+                data(0.01, 1234.5),
+                data(0.02, 29.900000000000002),
+            ),
+        ]);
         let text = report.to_string();
         for want in [
             "    stable v1: data: 30\n",
@@ -840,20 +843,15 @@ mod tests {
     /// metric and version, and nothing more.
     #[test]
     fn check_live_notes_a_stable_without_data_anywhere() {
-        let report = LiveReport {
-            policy: "p".into(),
-            prometheus: "http://127.0.0.1:9090".into(),
-            at: Time(0),
-            metrics: vec![
-                metric(
-                    "errors",
-                    "error_rate",
-                    LiveOutcome::NoData,
-                    LiveOutcome::NoData,
-                ),
-                metric("p99", "latency", LiveOutcome::NoData, LiveOutcome::NoData),
-            ],
-        };
+        let report = report(vec![
+            metric(
+                "errors",
+                "error_rate",
+                LiveOutcome::NoData,
+                LiveOutcome::NoData,
+            ),
+            metric("p99", "latency", LiveOutcome::NoData, LiveOutcome::NoData),
+        ]);
         let text = report.to_string();
         assert!(
             text.contains("note: no metric has data for stable either: check the policy's model"),
